@@ -24,10 +24,12 @@ from headstart.keras import hub, keras, tf
 BUNDLED_HANDLE = "bundled:mobilenet_v2"
 CHECKPOINT_SHA256_PREFIX = "b0353104"
 # Bump when the conversion changes, so that exports cached by an older version are not reused.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_DIM = 1280
+# The exported signature at the module's own size: free of resize ops, so LiteRT can convert it.
+NATIVE_SIZE_SIGNATURE = "native_size"
 # torchvision's inverted-residual settings: expansion t, output channels c, repeats n, stride s.
 INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 BATCH_NORM_EPSILON = 1e-5  # torch's default; Keras' default of 1e-3 would shift every feature.
@@ -118,11 +120,20 @@ def build_hub_module(network: keras.Model, image_size: int):
     mean = tf.constant(IMAGENET_MEAN, tf.float32)
     std = tf.constant(IMAGENET_STD, tf.float32)
 
-    @tf.function
-    def call(images, training=False):
-        normalized = (resize_images(images, image_size) - mean) / std
+    def features(images):
+        normalized = (images - mean) / std
         # BatchNorm keeps its ImageNet statistics even when fine-tuning: a small new dataset would wreck them.
         return network(normalized, training=False)
+
+    @tf.function
+    def call(images, training=False):
+        return features(resize_images(images, image_size))
+
+    # A separate function at the native size: it has no resize op at all, so LiteRT can convert it.
+    # (Tracing `call` at this shape would reuse its general trace, resize op included.)
+    @tf.function
+    def call_at_native_size(images):
+        return features(images)
 
     images_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
     for training in (False, True):
@@ -132,7 +143,10 @@ def build_hub_module(network: keras.Model, image_size: int):
     module.variables = list(network.variables)
     module.trainable_variables = list(network.trainable_variables)
     module.regularization_losses = []
-    module.serving_signature = call.get_concrete_function(images_spec, False)
+    module.signatures_to_export = {
+        "serving_default": call.get_concrete_function(images_spec, False),
+        NATIVE_SIZE_SIGNATURE: call_at_native_size.get_concrete_function(tf.TensorSpec([None, image_size, image_size, 3], tf.float32)),
+    }
     return module
 
 
@@ -143,7 +157,7 @@ def export_hub_module(network: keras.Model, image_size: int, destination: Path) 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination.parent))
     try:
         module = build_hub_module(network, image_size)
-        tf.saved_model.save(module, str(staging), signatures={"serving_default": module.serving_signature})
+        tf.saved_model.save(module, str(staging), signatures=module.signatures_to_export)
         if destination.exists():
             shutil.rmtree(staging)
         else:

@@ -1,0 +1,43 @@
+"""Atomic writes: a crash leaves either the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextmanager
+def atomic_path(destination: Path):
+    """Yields a temporary path beside `destination`; renames it into place only on success."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(destination: Path, data: bytes) -> Path:
+    with atomic_path(destination) as temporary:
+        temporary.write_bytes(data)
+    return Path(destination)
+
+
+def write_json_atomic(destination: Path, value) -> Path:
+    return write_bytes_atomic(destination, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_parquet_atomic(destination: Path, table: pa.Table) -> Path:
+    with atomic_path(destination) as temporary:
+        pq.write_table(table, temporary)
+    return Path(destination)
