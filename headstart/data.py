@@ -229,16 +229,22 @@ def list_image_folder(root: Path, classes: tuple[str, ...] | None, report: DataR
         class_names = list(classes)
     if len(class_names) < 2:
         raise HeadstartError(f"{root} needs at least two class sub-folders of images, found {len(class_names)}")
+    return list_class_files(root, class_names, report), class_names
+
+
+def list_class_files(root: Path, class_names: list[str], report: DataReport) -> list[tuple[Path, int, None]]:
+    """(path, label, None) for every image under root/CLASS; labels index class_names; absent classes have none."""
     files = []
     for label, name in enumerate(class_names):
-        for path in sorted((root / name).rglob("*")):
+        class_dir = Path(root) / name
+        for path in sorted(class_dir.rglob("*")) if class_dir.is_dir() else []:
             if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
                 continue
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 report.skipped.append({"path": str(path), "reason": "not an image file"})
                 continue
             files.append((path, label, None))
-    return files, class_names
+    return files
 
 
 # --- CIFAR-10 -------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""The `headstart` command: train, evaluate, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _quiet_libraries() -> None:
+    # TensorFlow's C++ start-up chatter and a deprecation warning from tensorflow-hub's import
+    # would bury the few lines a user needs.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs failed runs with tracebacks; a user's mistake deserves one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from headstart.errors import HeadstartError
+
+        if record.exc_info and isinstance(record.exc_info[1], HeadstartError):
+            record.exc_info, record.exc_text = None, None
+            record.msg, record.args = f"{record.getMessage().splitlines()[0]}", ()
+        return True
+
+
+def _install_log_filter() -> None:
+    user_errors = _NoTracebackForUserErrors()
+    for name in [None, *logging.root.manager.loggerDict]:
+        logger = logging.getLogger(name)
+        for handler in getattr(logger, "handlers", []):
+            handler.addFilter(user_errors)
+
+
+def _train(args) -> int:
+    from headstart.config import TrainConfig
+
+    values = {
+        "data": args.data, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
+        "dropout": args.dropout, "learning_rate": args.learning_rate, "seed": args.seed, "backbone": args.backbone,
+        "artifacts_root": args.artifacts_root, "cache_dir": args.cache_dir, "engine": args.engine, "threads": args.threads,
+        "max_images_per_class": args.max_images_per_class, "cifar10_source": args.cifar10_source,
+        "classes": tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
+    }
+    config = TrainConfig(**{key: value for key, value in values.items() if value is not None})
+    if config.data != "cifar10" and not Path(config.data).is_dir():
+        from headstart.errors import HeadstartError
+
+        raise HeadstartError(f"data folder not found: {config.data} (give a folder of class sub-folders, or 'cifar10')")
+    from flows.train import train
+
+    _install_log_filter()
+    run_dir = train(config)
+    print(run_dir, flush=True)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from headstart.evaluation import format_metrics
+    from headstart.inference import evaluate_folder
+
+    metrics = evaluate_folder(Path(args.model), Path(args.data), args.batch_size)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_metrics(metrics))
+        if metrics["skipped"]:
+            print(f"\n{len(metrics['skipped'])} files skipped (unreadable or not images)")
+    return 0
+
+
+def _predict(args) -> int:
+    from headstart.inference import predict_files, split_usable
+
+    usable, skipped = split_usable([Path(p) for p in args.paths])
+    for entry in skipped:
+        print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    if usable:
+        probabilities, class_names = predict_files(Path(args.model), usable, args.batch_size)
+        for path, probs in zip(usable, probabilities):
+            best = int(probs.argmax())
+            if args.json:
+                print(json.dumps({"path": str(path), "label": class_names[best], "probability": float(probs[best]),
+                                  "probabilities": dict(zip(class_names, map(float, probs)))}))
+            else:
+                print(f"{path}\t{class_names[best]}\t{probs[best]:.4f}")
+    return 0 if usable else EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headstart", description="Transfer learning for image classification: a frozen ImageNet MobileNetV2 and a new head, as a Prefect flow.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a classifier; prints the run directory last")
+    train.add_argument("--data", required=True, help="'cifar10' or a folder with one sub-folder of images per class")
+    train.add_argument("--classes", help="comma-separated classes (default: cat,dog for cifar10; all sub-folders otherwise)")
+    train.add_argument("--image-size", type=int, help="side in pixels the backbone sees (default 96)")
+    train.add_argument("--epochs", type=int, help="maximum epochs of head training (default 20, early stopping on validation loss)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--backbone", help="'bundled:mobilenet_v2' (default), a TF Hub handle, a SavedModel folder or a URL of a .tar.gz module")
+    train.add_argument("--engine", choices=["auto", "litert", "keras"], help="what runs the frozen forward pass (default auto)")
+    train.add_argument("--threads", type=int, help="threads for feature extraction (default: all cores)")
+    train.add_argument("--max-images-per-class", type=int, help="use at most this many training images per class")
+    train.add_argument("--cifar10-source", help="URL or path of the CIFAR-10 python archive")
+    train.add_argument("--artifacts-root", help="where run directories go (default ./artifacts)")
+    train.add_argument("--cache-dir", help="where downloads, backbones and features are cached (default ./.cache/headstart)")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="measure a trained run on a labelled folder")
+    evaluate.add_argument("--model", required=True, help="a run directory written by 'headstart train'")
+    evaluate.add_argument("--data", required=True, help="a folder with sub-folders named like the model's classes")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = commands.add_parser("predict", help="label image files with a trained run")
+    predict.add_argument("--model", required=True, help="a run directory written by 'headstart train'")
+    predict.add_argument("paths", nargs="+", help="image files")
+    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.set_defaults(handler=_predict)
+    return parser
+
+
+def _one_line(error: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from pydantic import ValidationError
+
+    from headstart.errors import HeadstartError
+
+    try:
+        return args.handler(args)
+    except (HeadstartError, ValidationError) as error:
+        print(f"headstart: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("headstart: interrupted; finished cache shards are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Using a finished run: predict labels for image files, evaluate on a labelled folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from headstart.data import DataReport, check_image, list_class_files
+from headstart.errors import HeadstartError
+from headstart.evaluation import classification_metrics
+from headstart.features import image_batches
+from headstart.runs import CONFIG_FILE, load_serving_model, read_class_names
+
+
+def _run_image_size(run_dir: Path) -> int:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise HeadstartError(f"{run_dir} is not a headstart run directory (no {CONFIG_FILE})")
+    return int(json.loads(path.read_text())["image_size"])
+
+
+def predict_files(run_dir: Path, paths: list[Path], batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """Probabilities [n, classes] for image files that decode; the caller checks them first."""
+    predict, class_names = load_serving_model(run_dir)
+    image_size = _run_image_size(run_dir)
+    outputs = [predict(batch * 255.0) for batch in image_batches([str(p) for p in paths], image_size, batch_size)]
+    probabilities = np.concatenate(outputs) if outputs else np.zeros((0, len(class_names)), np.float32)
+    return probabilities, class_names
+
+
+def split_usable(paths: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    usable, skipped = [], []
+    for path in paths:
+        reason = "file not found" if not Path(path).is_file() else check_image(Path(path))
+        if reason:
+            skipped.append({"path": str(path), "reason": reason})
+        else:
+            usable.append(Path(path))
+    return usable, skipped
+
+
+def evaluate_folder(run_dir: Path, folder: Path, batch_size: int = 64) -> dict:
+    """Metrics of a run on a folder whose sub-folders are named like (some of) the run's classes."""
+    folder = Path(folder)
+    class_names = read_class_names(run_dir)
+    if not folder.is_dir():
+        raise HeadstartError(f"data folder not found: {folder}")
+    if not any((folder / name).is_dir() for name in class_names):
+        raise HeadstartError(f"{folder} has none of the model's class folders ({', '.join(class_names)})")
+    report = DataReport(source=str(folder), class_names=class_names)
+    files = list_class_files(folder, class_names, report)
+    usable, skipped = split_usable([path for path, _, _ in files])
+    if not usable:
+        raise HeadstartError(f"no readable images in {folder}")
+    usable_set = set(usable)
+    labels = np.array([label for path, label, _ in files if path in usable_set], np.int64)
+    probabilities, _ = predict_files(run_dir, usable, batch_size)
+    metrics = classification_metrics(labels, probabilities, class_names)
+    metrics["skipped"] = report.skipped + skipped
+    return metrics

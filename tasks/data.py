@@ -1,0 +1,32 @@
+"""Prefect tasks around headstart.data and headstart.features: download and preprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from headstart.backbone import Backbone, resolve_backbone
+from headstart.config import TrainConfig
+from headstart.data import DataReport, Manifest, prepare_source
+from headstart.features import FeatureSet, extract_features
+
+
+# Caching is by content, inside headstart itself (hashes of every image, of the backbone's
+# weights): Prefect's input-keyed cache would replay a stale result after the folder changed.
+@task(name="download", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def download(config: TrainConfig) -> tuple[Manifest, DataReport]:
+    """Fetches the source (archive or folder) and lists its usable images with their splits."""
+    return prepare_source(config, show_progress=True)
+
+
+@task(name="preprocess", cache_policy=NO_CACHE)
+def preprocess(config: TrainConfig, manifest: Manifest) -> tuple[Backbone, FeatureSet]:
+    """Decodes, resizes and runs the frozen backbone once per image never seen before."""
+    backbone = resolve_backbone(config.backbone, config.image_size, Path(config.cache_dir))
+    features = extract_features(
+        manifest, backbone, Path(config.cache_dir), engine=config.engine, threads=config.threads,
+        batch_size=config.extraction_batch_size, show_progress=True,
+    )
+    return backbone, features
