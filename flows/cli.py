@@ -17,6 +17,9 @@ def _quiet_libraries() -> None:
     # TensorFlow's C++ start-up chatter and a deprecation warning from tensorflow-hub's import
     # would bury the few lines a user needs.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # An offline tool sends no usage statistics; the temporary server's heartbeat also races
+    # its own SQLite start-up and logs a spurious traceback.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 
@@ -102,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a classifier; prints the run directory last")
     train.add_argument("--data", required=True, help="'cifar10' or a folder with one sub-folder of images per class")
     train.add_argument("--classes", help="comma-separated classes (default: cat,dog for cifar10; all sub-folders otherwise)")
-    train.add_argument("--image-size", type=int, help="side in pixels the backbone sees (default 96)")
-    train.add_argument("--epochs", type=int, help="maximum epochs of head training (default 20, early stopping on validation loss)")
+    train.add_argument("--image-size", type=int, help="side in pixels the backbone sees (default 160)")
+    train.add_argument("--epochs", type=int, help="maximum epochs of head training (default 30, early stopping on validation loss)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--dropout", type=float)
     train.add_argument("--learning-rate", type=float)

@@ -1,0 +1,110 @@
+"""The bundled MobileNetV2 against torch's own outputs, and every way of naming a backbone."""
+
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from headstart.backbone import (
+    BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path, build_mobilenet_v2,
+    imagenet_classifier, resize_images, resolve_backbone,
+)
+from headstart.checkpoint import read_legacy_checkpoint
+from headstart.errors import HeadstartError
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dict(np.load(FIXTURES / "mobilenet_v2_torchvision_reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def state():
+    return read_legacy_checkpoint(bundled_checkpoint_path(), CHECKPOINT_SHA256_PREFIX)
+
+
+@pytest.fixture(scope="module")
+def bundled_224(tmp_path_factory):
+    return resolve_backbone(BUNDLED_HANDLE, 224, tmp_path_factory.mktemp("cache"))
+
+
+def test_keras_conversion_matches_torchvision(reference, state):
+    network = build_mobilenet_v2(state)
+    features = network(reference["inputs_normalized"], training=False).numpy()
+    assert np.abs(features - reference["features"]).max() <= TOLERANCE
+    kernel, bias = imagenet_classifier(state)
+    assert np.abs(features @ kernel + bias - reference["logits"]).max() <= TOLERANCE
+
+
+def test_hub_module_matches_torchvision_features_and_logits(reference, state, bundled_224):
+    layer = bundled_224.keras_layer()
+    features = layer(reference["inputs_0_1"]).numpy()
+    assert features.shape == (2, 1280)
+    assert np.abs(features - reference["features"]).max() <= TOLERANCE
+    kernel, bias = imagenet_classifier(state)
+    logits = features @ kernel + bias
+    assert np.abs(logits - reference["logits"]).max() <= TOLERANCE
+    np.testing.assert_array_equal(np.argsort(-logits, axis=1)[:, :5], np.argsort(-reference["logits"], axis=1)[:, :5])
+
+
+def test_hub_module_resizes_any_size_inside(reference, bundled_224):
+    layer = bundled_224.keras_layer()
+    small = reference["images_uint8_32"].astype(np.float32) / 255.0
+    direct = layer(resize_images(small, 224)).numpy()
+    assert np.abs(layer(small).numpy() - direct).max() <= 1e-5
+
+
+def test_hub_module_exposes_variables_for_fine_tuning(bundled_224):
+    from headstart.keras import tf
+
+    module = tf.saved_model.load(str(bundled_224.module_path))
+    assert len(module.trainable_variables) > 100
+    assert len(module.variables) >= len(module.trainable_variables)
+    assert bundled_224.keras_layer(trainable=True).trainable_weights
+    assert not bundled_224.keras_layer(trainable=False).trainable_weights
+
+
+def test_export_is_cached_and_fingerprinted(tmp_path, bundled_224):
+    again = resolve_backbone(BUNDLED_HANDLE, 224, bundled_224.module_path.parents[1])
+    assert again.module_path == bundled_224.module_path
+    assert again.fingerprint == bundled_224.fingerprint
+
+
+def test_remote_compressed_module_loads_by_url(tmp_path, bundled_224, serve_directory, reference, monkeypatch):
+    archive = tmp_path / "site" / "mobilenet_v2.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        for item in bundled_224.module_path.iterdir():
+            tar.add(item, arcname=item.name)
+    url = serve_directory(archive.parent) + "/mobilenet_v2.tar.gz"
+    monkeypatch.delenv("TFHUB_CACHE_DIR", raising=False)
+    remote = resolve_backbone(url, 224, tmp_path / "cache")
+    assert str(remote.module_path).startswith(str(tmp_path / "cache"))
+    assert remote.fingerprint == bundled_224.fingerprint
+    features = remote.keras_layer()(reference["inputs_0_1"]).numpy()
+    assert np.abs(features - reference["features"]).max() <= TOLERANCE
+
+
+def test_local_savedmodel_directory_is_a_handle(tiny_backbone_dir, tmp_path):
+    backbone = resolve_backbone(str(tiny_backbone_dir), 32, tmp_path)
+    assert backbone.module_path == tiny_backbone_dir
+    assert backbone.keras_layer()(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 16)
+
+
+@pytest.mark.parametrize("handle, message", [
+    ("no/such/dir", "neither"),
+    ("http://127.0.0.1:9/missing.tar.gz", "could not load backbone"),
+])
+def test_bad_handles_are_one_line_errors(handle, message, tmp_path, monkeypatch):
+    monkeypatch.delenv("TFHUB_CACHE_DIR", raising=False)
+    with pytest.raises(HeadstartError, match=message) as raised:
+        resolve_backbone(handle, 32, tmp_path)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_folder_that_is_not_a_savedmodel_is_refused(tmp_path):
+    with pytest.raises(HeadstartError, match="not a SavedModel"):
+        resolve_backbone(str(tmp_path), 32, tmp_path)
