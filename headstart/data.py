@@ -280,15 +280,19 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
     }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
-            return _numpy_global(name)
+            return _allowed_global(name)
         raise HeadstartError(f"CIFAR-10 batch refers to {module}.{name}; refusing to unpickle it")
 
 
-def _numpy_global(name: str):
+def _allowed_global(name: str):
+    if name == "encode":
+        import codecs
+        return codecs.encode
     if name in ("_reconstruct", "scalar"):
         from numpy._core import multiarray
         return getattr(multiarray, name)
