@@ -1,0 +1,95 @@
+"""Feature extraction: the same numbers eagerly and streamed, from every engine, and from the cache."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_class_images
+from headstart.backbone import resize_images, resolve_backbone
+from headstart.config import TrainConfig
+from headstart.data import load_image, prepare_source
+from headstart.errors import HeadstartError
+from headstart.features import FeatureCache, KerasEngine, choose_engine, extract_features, image_batches
+
+
+@pytest.fixture
+def tiny(tiny_backbone_dir, tmp_path):
+    return resolve_backbone(str(tiny_backbone_dir), 32, tmp_path / "cache")
+
+
+def _manifest(folder, tmp_path):
+    return prepare_source(TrainConfig(data=str(folder), cache_dir=tmp_path / "cache"))[0]
+
+
+def test_streamed_batches_equal_eager_preprocessing(tmp_path):
+    write_class_images(tmp_path, {"a": (100, 100, 100)}, per_class=5, size=48)
+    paths = sorted(str(p) for p in (tmp_path / "a").glob("*.png"))
+    streamed = np.concatenate(list(image_batches(paths, 32, batch_size=2)))
+    eager = np.concatenate([resize_images(load_image(p)[None].astype(np.float32) / 255.0, 32).numpy() for p in paths])
+    assert streamed.shape == (5, 32, 32, 3)
+    np.testing.assert_allclose(streamed, eager, atol=1e-6)
+
+
+def test_litert_engine_agrees_with_tensorflow(tiny, tmp_path):
+    choice = choose_engine(tiny, "litert", tmp_path / "cache", threads=2, batch_size=4)
+    assert choice.engine.name == "litert"
+    images = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    assert np.abs(choice.engine(images) - KerasEngine(tiny)(images)).max() <= 1e-4
+
+
+def test_cache_is_reused_and_only_new_images_are_extracted(colour_folder, tiny, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = extract_features(_manifest(colour_folder, tmp_path), tiny, cache_dir, engine="keras", batch_size=8, shard_size=16)
+    assert (first.extracted, first.reused) == (48, 0)
+    assert len(FeatureCache(cache_dir, tiny).shard_paths()) == 3
+    again = extract_features(_manifest(colour_folder, tmp_path), tiny, cache_dir, engine="keras")
+    assert (again.extracted, again.reused) == (0, 48)
+    write_class_images(tmp_path / "more", {"red": (210, 30, 30)}, per_class=5, seed=3)
+    for path in (tmp_path / "more" / "red").iterdir():
+        path.rename(colour_folder / "red" / f"new-{path.name}")
+    grown = extract_features(_manifest(colour_folder, tmp_path), tiny, cache_dir, engine="keras")
+    assert (grown.extracted, grown.reused) == (5, 48)
+    features, labels, paths = grown.load()
+    assert features.shape == (53, 16) and len(labels) == 53
+
+
+def test_cached_features_equal_a_fresh_forward_pass(colour_folder, tiny, tmp_path):
+    features_set = extract_features(_manifest(colour_folder, tmp_path), tiny, tmp_path / "cache", engine="litert", batch_size=7)
+    features, _, paths = features_set.load()
+    images = np.concatenate(list(image_batches(paths, 32, batch_size=64)))
+    np.testing.assert_allclose(features, KerasEngine(tiny)(images), atol=1e-4)
+
+
+def test_an_interrupted_run_keeps_finished_shards(colour_folder, tiny, tmp_path, monkeypatch):
+    import headstart.features as features_module
+
+    calls = {"n": 0}
+    real_batches = features_module.image_batches
+
+    def failing_after_two_shards(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_batches(*args, **kwargs)
+
+    monkeypatch.setattr(features_module, "image_batches", failing_after_two_shards)
+    manifest = _manifest(colour_folder, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(manifest, tiny, tmp_path / "cache", engine="keras", shard_size=16)
+    shards = FeatureCache(tmp_path / "cache", tiny).shard_paths()
+    assert len(shards) == 2 and sum(pq.read_metadata(s).num_rows for s in shards) == 32
+    monkeypatch.setattr(features_module, "image_batches", real_batches)
+    resumed = extract_features(manifest, tiny, tmp_path / "cache", engine="keras", shard_size=16)
+    assert (resumed.extracted, resumed.reused) == (16, 32)
+
+
+def test_litert_failure_is_an_error_when_asked_for_and_a_fallback_otherwise(tiny, tmp_path, monkeypatch):
+    import headstart.features as features_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("converter exploded")
+
+    monkeypatch.setattr(features_module, "convert_to_litert", broken)
+    assert choose_engine(tiny, "auto", tmp_path, None, 4).engine.name == "keras"
+    with pytest.raises(HeadstartError, match="converter exploded"):
+        choose_engine(tiny, "litert", tmp_path, None, 4)

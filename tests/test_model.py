@@ -1,0 +1,56 @@
+"""The classifier: a frozen backbone, a trainable head, trained on features ≡ trained on images."""
+
+import numpy as np
+import pytest
+
+from headstart.backbone import resolve_backbone
+from headstart.config import TrainConfig
+from headstart.data import prepare_source
+from headstart.features import extract_features, image_batches
+from headstart.model import build_classifier, predict_from_features, train_head
+
+
+@pytest.fixture
+def setup(colour_folder, tiny_backbone_dir, tmp_path):
+    config = TrainConfig.smoke(data=str(colour_folder), cache_dir=tmp_path / "cache", backbone=str(tiny_backbone_dir))
+    manifest, _ = prepare_source(config)
+    backbone = resolve_backbone(config.backbone, 32, config.cache_dir)
+    features = extract_features(manifest, backbone, config.cache_dir, engine="keras")
+    return config, backbone, features
+
+
+def _classifier(backbone, seed=0):
+    return build_classifier(backbone.keras_layer(), 2, 32, dropout=0.2, seed=seed)
+
+
+def test_only_the_head_is_trainable(setup):
+    _, backbone, _ = setup
+    classifier = _classifier(backbone)
+    assert [w.name.split("/")[0] for w in classifier.trainable_weights] == ["head_dense", "head_dense"]
+    assert len(classifier.non_trainable_weights) > 0
+
+
+def test_head_on_features_equals_classifier_on_raw_images(setup):
+    config, backbone, features = setup
+    classifier = _classifier(backbone)
+    train_head(classifier, features.load("train")[:2], features.load("validation")[:2], 3, 16, 1e-2, 3, 0)
+    cached, _, paths = features.load()
+    from headstart.data import load_image
+
+    raw = np.stack([load_image(p) for p in paths]).astype(np.float32)
+    np.testing.assert_allclose(classifier.predict(raw, verbose=0), predict_from_features(classifier, cached), atol=1e-5)
+
+
+def test_training_learns_and_is_deterministic(setup):
+    _, backbone, features = setup
+    results = []
+    for _ in range(2):
+        classifier = _classifier(backbone)
+        history = train_head(classifier, features.load("train")[:2], None, 15, 8, 3e-2, 3, seed=5)
+        test_features, labels, _ = features.load()
+        probabilities = predict_from_features(classifier, test_features)
+        results.append((history["loss"], probabilities))
+    assert results[0][0] == results[1][0]
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert results[0][0][-1] < results[0][0][0]
+    assert (results[0][1].argmax(1) == labels).mean() >= 0.9
