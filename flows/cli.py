@@ -48,7 +48,7 @@ def _train(args) -> int:
 
     values = {
         "data": args.data, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-        "dropout": args.dropout, "learning_rate": args.learning_rate, "seed": args.seed, "backbone": args.backbone,
+        "dropout": args.dropout, "learning_rate": args.learning_rate, "patience": args.patience, "seed": args.seed, "backbone": args.backbone,
         "artifacts_root": args.artifacts_root, "cache_dir": args.cache_dir, "engine": args.engine, "threads": args.threads,
         "max_images_per_class": args.max_images_per_class, "cifar10_source": args.cifar10_source,
         "classes": tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--dropout", type=float)
     train.add_argument("--learning-rate", type=float)
+    train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping (default 5)")
     train.add_argument("--seed", type=int)
     train.add_argument("--backbone", help="'bundled:mobilenet_v2' (default), a TF Hub handle, a SavedModel folder or a URL of a .tar.gz module")
     train.add_argument("--engine", choices=["auto", "litert", "keras"], help="what runs the frozen forward pass (default auto)")

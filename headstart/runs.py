@@ -151,10 +151,12 @@ def load_keras_model(run_dir: Path) -> keras.Model:
     """Loads the run's .keras model with its backbone taken from the run directory itself."""
     run_dir = Path(run_dir)
 
-    def keras_layer(**layer_config):
-        return hub.KerasLayer(**{**layer_config, "handle": str(run_dir / BACKBONE_DIR)})
+    class RunBackbone(hub.KerasLayer):
+        @classmethod
+        def from_config(cls, layer_config):
+            return hub.KerasLayer(**{**layer_config, "handle": str(run_dir / BACKBONE_DIR)})
 
     return keras.models.load_model(
         run_dir / MODEL_FILE,
-        custom_objects={"KerasLayer": keras_layer, "ImagePreprocessing": ImagePreprocessing},
+        custom_objects={"KerasLayer": RunBackbone, "ImagePreprocessing": ImagePreprocessing},
     )

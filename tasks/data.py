@@ -10,12 +10,24 @@ from prefect.cache_policies import NO_CACHE
 from headstart.backbone import Backbone, resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data import DataReport, Manifest, prepare_source
+from headstart.errors import HeadstartError
 from headstart.features import FeatureSet, extract_features
 
 
 # Caching is by content, inside headstart itself (hashes of every image, of the backbone's
 # weights): Prefect's input-keyed cache would replay a stale result after the folder changed.
-@task(name="download", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _is_transient(task, task_run, state) -> bool:
+    """Retry network hiccups, not a user's mistake: bad data stays bad on the next try."""
+    try:
+        state.result()
+    except HeadstartError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="download", retries=2, retry_delay_seconds=2, retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
 def download(config: TrainConfig) -> tuple[Manifest, DataReport]:
     """Fetches the source (archive or folder) and lists its usable images with their splits."""
     return prepare_source(config, show_progress=True)

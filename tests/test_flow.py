@@ -1,0 +1,144 @@
+"""The train flow under a Prefect test harness, and the command line around it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from headstart.config import TrainConfig
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _smoke_config(folder, backbone_dir, tmp_path, **overrides):
+    # Few images: a high learning rate and patience let 29 training images converge in 40 epochs.
+    values = dict(epochs=40, learning_rate=0.1, batch_size=8, patience=40, test_fraction=0.25)
+    values.update(overrides)
+    return TrainConfig.smoke(
+        data=str(folder), backbone=str(backbone_dir), artifacts_root=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache", **values,
+    )
+
+
+def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.train import train
+
+    run_dir = Path(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
+    assert run_dir.parent == (tmp_path / "artifacts").resolve()
+    expected = {"model.keras", "saved_model", "backbone", "class_names.json", "metrics.json", "history.json",
+                "data_report.json", "config.json", "MODEL_CARD.md", "plots"}
+    assert expected <= {p.name for p in run_dir.iterdir()}
+    assert {p.name for p in (run_dir / "plots").iterdir()} == {
+        "training_curves.png", "confusion_matrix.png", "sample_predictions.png", "confident_mistakes.png"}
+    assert all((run_dir / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in os.listdir(run_dir / "plots"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.9 and metrics["n"] > 0
+    assert json.loads((run_dir / "class_names.json").read_text()) == ["blue", "red"]
+    assert not list((tmp_path / "artifacts").glob(".*"))  # no staging leftovers
+
+    report = Artifact.get("headstart-report")
+    assert report is not None and "data:image/png;base64," in report.data
+    table = Artifact.get("headstart-metrics")
+    assert table is not None and "blue" in table.data
+
+
+def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    import numpy as np
+
+    from flows.train import train
+    from headstart.data import load_image
+    from headstart.runs import load_keras_model, load_serving_model
+
+    run_dir = Path(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
+    images = np.stack([load_image(p) for p in sorted((colour_folder / "red").glob("*.png"))[:4]]).astype(np.float32)
+    predict, class_names = load_serving_model(run_dir)
+    keras_model = load_keras_model(run_dir)
+    np.testing.assert_allclose(predict(images), keras_model.predict(images, verbose=0), atol=1e-5)
+    assert [class_names[i] for i in predict(images).argmax(1)] == ["red"] * 4
+
+
+def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
+    from flows.train import train
+    from headstart import runs
+
+    def crash(self, classifier, backbone):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runs.RunWriter, "save_classifier", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path))
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+# --- the command line -------------------------------------------------------------------------------
+
+def _headstart(*args, tmp_path, check=True):
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+def test_cli_train_evaluate_predict(colour_folder, tiny_backbone_dir, tmp_path):
+    trained = _headstart(
+        "train", "--data", str(colour_folder), "--backbone", str(tiny_backbone_dir), "--image-size", "32",
+        "--epochs", "40", "--learning-rate", "0.1", "--batch-size", "8", "--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "cache"),
+        tmp_path=tmp_path)
+    run_dir = trained.stdout.strip().splitlines()[-1]
+    assert Path(run_dir, "metrics.json").is_file()
+
+    evaluated = _headstart("evaluate", "--model", run_dir, "--data", str(colour_folder), "--json", tmp_path=tmp_path)
+    result = json.loads(evaluated.stdout)
+    assert result["n"] == 48 and result["accuracy"] >= 0.9
+
+    red = sorted((colour_folder / "red").glob("*.png"))[0]
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    predicted = _headstart("predict", "--model", run_dir, str(red), str(tmp_path / "bad.jpg"), tmp_path=tmp_path)
+    path, label, probability = predicted.stdout.strip().split("\t")
+    assert path == str(red) and label == "red" and 0.5 < float(probability) <= 1.0
+    assert "bad.jpg" in predicted.stderr and "Traceback" not in predicted.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "/no/such/folder"], "data folder not found"),
+    (["train", "--data", "x", "--image-size", "7"], "image_size"),
+    (["train", "--data", "x", "--dropout", "1.5"], "dropout"),
+    (["train", "--data", "x", "--classes", "cat"], "at least two classes"),
+    (["evaluate", "--model", "/no/such/run", "--data", "/tmp"], "not a headstart run directory"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
+    result = _headstart(*args, tmp_path=tmp_path, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("headstart: error")]) == 1
+
+
+def test_cli_bad_data_inside_the_flow_is_one_line(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "x.jpg").write_bytes(b"garbage")
+    result = _headstart("train", "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "no usable images" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_core_package_never_imports_prefect():
+    code = "import sys, headstart.data, headstart.features, headstart.model, headstart.runs, headstart.inference; print('prefect' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT).stdout.strip() == "False"
