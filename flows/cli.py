@@ -50,7 +50,7 @@ def _train(args) -> int:
         "data": args.data, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
         "dropout": args.dropout, "learning_rate": args.learning_rate, "patience": args.patience, "seed": args.seed, "backbone": args.backbone,
         "artifacts_root": args.artifacts_root, "cache_dir": args.cache_dir, "engine": args.engine, "threads": args.threads,
-        "max_images_per_class": args.max_images_per_class, "cifar10_source": args.cifar10_source,
+        "max_images_per_class": args.max_images_per_class, "reuse_identical_runs": args.reuse_identical_runs, "cifar10_source": args.cifar10_source,
         "classes": tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
     }
     config = TrainConfig(**{key: value for key, value in values.items() if value is not None})
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="threads for feature extraction (default: all cores)")
     train.add_argument("--max-images-per-class", type=int, help="use at most this many training images per class")
     train.add_argument("--cifar10-source", help="URL or path of the CIFAR-10 python archive")
+    train.add_argument("--no-reuse", dest="reuse_identical_runs", action="store_const", const=False,
+                       help="retrain even when an earlier run had identical inputs (by default that run is copied)")
     train.add_argument("--artifacts-root", help="where run directories go (default ./artifacts)")
     train.add_argument("--cache-dir", help="where downloads, backbones and features are cached (default ./.cache/headstart)")
     train.set_defaults(handler=_train)

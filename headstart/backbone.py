@@ -1,38 +1,26 @@
-"""The frozen feature extractor: the bundled ImageNet MobileNetV2 and any TF Hub handle.
+"""Backbone handles: the bundled ImageNet MobileNetV2 and any TF Hub handle, resolved to a SavedModel.
 
-The bundled backbone is torchvision's ImageNet MobileNetV2 checkpoint, rebuilt here layer for
-layer in Keras so that it computes exactly what torchvision computes, then exported once as a
-TF Hub reusable SavedModel. Every backbone, bundled or not, is then loaded the same way: through
-`hub.KerasLayer`, so the rest of headstart never knows where the weights came from.
+The bundled backbone is torchvision's ImageNet MobileNetV2 checkpoint, converted once by
+`headstart.mobilenet` and exported as a TF Hub reusable SavedModel. Every backbone, bundled or
+not, is then loaded the same way: through `hub.KerasLayer`, so the rest of headstart never knows
+where the weights came from. TensorFlow is imported only when a backbone is built or loaded, so
+that finding a cached one stays cheap.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from headstart.checkpoint import read_legacy_checkpoint
 from headstart.errors import HeadstartError
-from headstart.keras import hub, keras, tf
 
 BUNDLED_HANDLE = "bundled:mobilenet_v2"
 CHECKPOINT_SHA256_PREFIX = "b0353104"
 # Bump when the conversion changes, so that exports cached by an older version are not reused.
 CONVERTER_VERSION = "2"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FEATURE_DIM = 1280
-# The exported signature at the module's own size: free of resize ops, so LiteRT can convert it.
-NATIVE_SIZE_SIGNATURE = "native_size"
-# torchvision's inverted-residual settings: expansion t, output channels c, repeats n, stride s.
-INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-BATCH_NORM_EPSILON = 1e-5  # torch's default; Keras' default of 1e-3 would shift every feature.
 
 
 def bundled_checkpoint_path() -> Path:
@@ -43,135 +31,12 @@ def bundled_checkpoint_path() -> Path:
     return Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
 
 
-def resize_images(images, image_size: int):
-    """Resizes a float batch to image_size × image_size, the same way everywhere in headstart.
-
-    Antialiasing matters when photos are shrunk; at scale 1 it is the identity, so resizing an
-    already-resized batch again changes nothing.
-    """
-    return tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
-
-
-def _conv_bn(x, state, prefix, filters, kernel_size, stride, depthwise, relu6, name):
-    if kernel_size > 1:
-        # torch pads (k-1)//2 on every side; Keras 'same' pads asymmetrically at stride 2.
-        x = keras.layers.ZeroPadding2D((kernel_size - 1) // 2, name=f"{name}_pad")(x)
-    if depthwise:
-        conv = keras.layers.DepthwiseConv2D(kernel_size, strides=stride, use_bias=False, name=f"{name}_dw")
-        x = conv(x)
-        conv.set_weights([state[f"{prefix}.0.weight"].transpose(2, 3, 0, 1)])
-    else:
-        conv = keras.layers.Conv2D(filters, kernel_size, strides=stride, use_bias=False, name=f"{name}_conv")
-        x = conv(x)
-        conv.set_weights([state[f"{prefix}.0.weight"].transpose(2, 3, 1, 0)])
-    x = _batch_norm(x, state, f"{prefix}.1", f"{name}_bn")
-    if relu6:
-        x = keras.layers.ReLU(6.0, name=f"{name}_relu6")(x)
-    return x
-
-
-def _batch_norm(x, state, prefix, name):
-    bn = keras.layers.BatchNormalization(epsilon=BATCH_NORM_EPSILON, momentum=0.9, name=name)
-    x = bn(x)
-    bn.set_weights([state[f"{prefix}.{key}"] for key in ("weight", "bias", "running_mean", "running_var")])
-    return x
-
-
-def build_mobilenet_v2(state: dict[str, np.ndarray]) -> keras.Model:
-    """Builds torchvision's MobileNetV2 feature extractor in Keras: normalised images → 1280 features."""
-    inputs = keras.Input((None, None, 3), name="normalized_images")
-    x = _conv_bn(inputs, state, "features.0", 32, 3, 2, False, True, "stem")
-    in_channels, index = 32, 1
-    for expansion, channels, repeats, first_stride in INVERTED_RESIDUAL_SETTINGS:
-        for repeat in range(repeats):
-            stride = first_stride if repeat == 0 else 1
-            block_input, prefix, name = x, f"features.{index}.conv", f"block{index}"
-            layer = 0
-            if expansion != 1:
-                x = _conv_bn(x, state, f"{prefix}.0", in_channels * expansion, 1, 1, False, True, f"{name}_expand")
-                layer = 1
-            x = _conv_bn(x, state, f"{prefix}.{layer}", None, 3, stride, True, True, f"{name}_depthwise")
-            project = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{name}_project_conv")
-            x = project(x)
-            project.set_weights([state[f"{prefix}.{layer + 1}.weight"].transpose(2, 3, 1, 0)])
-            x = _batch_norm(x, state, f"{prefix}.{layer + 2}", f"{name}_project_bn")
-            if stride == 1 and in_channels == channels:
-                x = keras.layers.Add(name=f"{name}_add")([block_input, x])
-            in_channels, index = channels, index + 1
-    x = _conv_bn(x, state, "features.18", FEATURE_DIM, 1, 1, False, True, "head")
-    features = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
-    return keras.Model(inputs, features, name="mobilenet_v2_torchvision")
-
-
-def imagenet_classifier(state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The checkpoint's 1000-class ImageNet classifier as (kernel [1280, 1000], bias [1000])."""
-    return state["classifier.1.weight"].T.copy(), state["classifier.1.bias"].copy()
-
-
-def build_hub_module(network: keras.Model, image_size: int):
-    """Wraps the network as a TF Hub image feature-vector module.
-
-    The reusable-SavedModel convention: `__call__(images, training)` takes float32 images in
-    [0, 1] of any size and returns [batch, 1280]; `variables`, `trainable_variables` and
-    `regularization_losses` let `hub.KerasLayer(..., trainable=True)` fine-tune it later.
-    """
-    module = tf.__internal__.tracking.AutoTrackable()
-    module.network = network
-    mean = tf.constant(IMAGENET_MEAN, tf.float32)
-    std = tf.constant(IMAGENET_STD, tf.float32)
-
-    def features(images):
-        normalized = (images - mean) / std
-        # BatchNorm keeps its ImageNet statistics even when fine-tuning: a small new dataset would wreck them.
-        return network(normalized, training=False)
-
-    @tf.function
-    def call(images, training=False):
-        return features(resize_images(images, image_size))
-
-    # A separate function at the native size: it has no resize op at all, so LiteRT can convert it.
-    # (Tracing `call` at this shape would reuse its general trace, resize op included.)
-    @tf.function
-    def call_at_native_size(images):
-        return features(images)
-
-    images_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-    for training in (False, True):
-        call.get_concrete_function(images_spec, training)
-    module.__call__ = call
-    module.image_size = tf.Variable(image_size, trainable=False, name="image_size")
-    module.variables = list(network.variables)
-    module.trainable_variables = list(network.trainable_variables)
-    module.regularization_losses = []
-    module.signatures_to_export = {
-        "serving_default": call.get_concrete_function(images_spec, False),
-        NATIVE_SIZE_SIGNATURE: call_at_native_size.get_concrete_function(tf.TensorSpec([None, image_size, image_size, 3], tf.float32)),
-    }
-    return module
-
-
-def export_hub_module(network: keras.Model, image_size: int, destination: Path) -> Path:
-    """Writes the network as a TF Hub reusable SavedModel, atomically (temp dir + rename)."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination.parent))
-    try:
-        module = build_hub_module(network, image_size)
-        tf.saved_model.save(module, str(staging), signatures=module.signatures_to_export)
-        if destination.exists():
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination
-
-
 def bundled_module_path(cache_dir: Path, image_size: int) -> Path:
     """Converts and exports the bundled checkpoint on first use; afterwards only returns the path."""
     path = Path(cache_dir) / "backbones" / f"mobilenet_v2_torchvision_v{CONVERTER_VERSION}_{image_size}px"
     if not (path / "saved_model.pb").exists():
+        from headstart.mobilenet import build_mobilenet_v2, export_hub_module
+
         state = read_legacy_checkpoint(bundled_checkpoint_path(), CHECKPOINT_SHA256_PREFIX)
         export_hub_module(build_mobilenet_v2(state), image_size, path)
     return path
@@ -186,7 +51,9 @@ class Backbone:
     fingerprint: str
     image_size: int
 
-    def keras_layer(self, trainable: bool = False) -> keras.layers.Layer:
+    def keras_layer(self, trainable: bool = False):
+        from headstart.keras import hub
+
         return hub.KerasLayer(str(self.module_path), trainable=trainable, name="backbone")
 
 
@@ -213,6 +80,8 @@ def resolve_backbone(handle: str, image_size: int, cache_dir: Path) -> Backbone:
                 raise HeadstartError(f"backbone {handle} is a path but not a SavedModel directory (no saved_model.pb)")
             module_path = local
         elif "://" in handle:
+            from headstart.keras import hub
+
             os.environ.setdefault("TFHUB_CACHE_DIR", str(Path(cache_dir) / "tfhub"))
             try:
                 module_path = Path(hub.resolve(handle))

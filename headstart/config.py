@@ -35,6 +35,7 @@ class TrainConfig(BaseModel):
     engine: Literal["auto", "litert", "keras"] = Field("auto", description="what runs the frozen forward pass; auto = LiteRT where it passes its parity check")
     threads: Optional[int] = Field(None, ge=1, description="threads for feature extraction; default: all cores")
     extraction_batch_size: int = Field(64, ge=1, le=1024)
+    reuse_identical_runs: bool = Field(True, description="copy an earlier run whose inputs were all identical instead of retraining")
     artifacts_root: Path = Path("artifacts")
     cache_dir: Path = Path(".cache/headstart")
 

@@ -10,7 +10,7 @@ import numpy as np
 from headstart.data import DataReport, check_image, list_class_files
 from headstart.errors import HeadstartError
 from headstart.evaluation import classification_metrics
-from headstart.features import image_batches
+from headstart.engines import image_batches
 from headstart.runs import CONFIG_FILE, load_serving_model, read_class_names
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from headstart.backbone import resize_images
+from headstart.mobilenet import resize_images
 from headstart.keras import keras, tf
 
 HEAD_DROPOUT = "head_dropout"

@@ -2,12 +2,18 @@
 
 A run is assembled in a hidden staging directory and renamed into place at the very end, so a
 crash never leaves a half-written run: either the whole directory is there or none of it.
+
+Training is deterministic, so a run whose every input is identical to an earlier run's (same
+images, labels and splits, same backbone weights, same settings, same headstart version) would
+reproduce it exactly; such a run is copied instead of recomputed. TensorFlow is imported only
+where a model is saved or loaded, so that this path stays cheap.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
@@ -16,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart import __version__
 from headstart.backbone import Backbone
 from headstart.errors import HeadstartError
-from headstart.keras import hub, keras, tf
-from headstart.model import ImagePreprocessing
 from headstart.storage import write_bytes_atomic, write_json_atomic
 
 MODEL_FILE = "model.keras"
@@ -56,8 +61,10 @@ class RunWriter:
         write_bytes_atomic(self.staging / relative, data)
         return self.final / relative
 
-    def save_classifier(self, classifier: keras.Model, backbone: Backbone) -> None:
+    def save_classifier(self, classifier, backbone: Backbone) -> None:
         """Saves the end-to-end model as .keras and as a self-contained serving SavedModel."""
+        from headstart.keras import tf
+
         shutil.copytree(backbone.module_path, self.staging / BACKBONE_DIR)
         classifier.save(self.staging / MODEL_FILE)
 
@@ -67,12 +74,57 @@ class RunWriter:
 
         tf.saved_model.save(classifier, str(self.staging / SERVING_DIR), signatures={"serving_default": serve})
 
+    def copy_run(self, previous: Path) -> None:
+        """Fills the staging directory with an earlier run's files (hard links where possible)."""
+        def link_or_copy(source, destination):
+            try:
+                os.link(source, destination)
+            except OSError:
+                shutil.copy2(source, destination)
+
+        shutil.rmtree(self.staging)
+        shutil.copytree(previous, self.staging, copy_function=link_or_copy)
+        config = json.loads((self.staging / CONFIG_FILE).read_text())
+        (self.staging / CONFIG_FILE).unlink()  # a link: rewrite it without touching the earlier run
+        self.write_json(CONFIG_FILE, {**config, "reused_from": str(previous)})
+
     def commit(self) -> Path:
         os.replace(self.staging, self.final)
         return self.final
 
     def abandon(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def training_key(config, manifest_fingerprint: str, backbone: Backbone) -> str:
+    """Hashes everything that decides a run's model and metrics."""
+    decisive = {
+        "manifest": manifest_fingerprint, "backbone": backbone.fingerprint, "headstart": __version__,
+        **{name: getattr(config, name) for name in ("image_size", "epochs", "batch_size", "dropout", "learning_rate", "patience", "seed")},
+    }
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _run_index(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / "runs" / f"{key}.json"
+
+
+def record_run(cache_dir: Path, key: str, run_dir: Path) -> None:
+    write_json_atomic(_run_index(cache_dir, key), {"run_dir": str(run_dir)})
+
+
+def find_identical_run(cache_dir: Path, key: str) -> Path | None:
+    """An earlier, complete run with the same training key, if one is still on disk."""
+    index = _run_index(cache_dir, key)
+    if not index.is_file():
+        return None
+    run_dir = Path(json.loads(index.read_text())["run_dir"])
+    required = (MODEL_FILE, SERVING_DIR, BACKBONE_DIR, CLASS_NAMES_FILE, METRICS_FILE, HISTORY_FILE, CONFIG_FILE, MODEL_CARD_FILE, PLOTS_DIR)
+    if not all((run_dir / name).exists() for name in required):
+        return None
+    if json.loads((run_dir / CONFIG_FILE).read_text()).get("training_key") != key:
+        return None
+    return run_dir
 
 
 def png_data_uri(png: bytes) -> str:
@@ -138,6 +190,8 @@ def load_serving_model(run_dir: Path):
     serving = run_dir / SERVING_DIR
     if not (serving / "saved_model.pb").is_file():
         raise HeadstartError(f"{run_dir} has no serving model ({SERVING_DIR}/saved_model.pb)")
+    from headstart.keras import tf
+
     loaded = tf.saved_model.load(str(serving))
     signature = loaded.signatures["serving_default"]
 
@@ -147,8 +201,11 @@ def load_serving_model(run_dir: Path):
     return predict, class_names
 
 
-def load_keras_model(run_dir: Path) -> keras.Model:
+def load_keras_model(run_dir: Path):
     """Loads the run's .keras model with its backbone taken from the run directory itself."""
+    from headstart.keras import hub, keras
+    from headstart.model import ImagePreprocessing
+
     run_dir = Path(run_dir)
 
     class RunBackbone(hub.KerasLayer):

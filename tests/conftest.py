@@ -38,7 +38,7 @@ def colour_folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A small convolutional feature extractor exported exactly like the bundled backbone."""
-    from headstart.backbone import export_hub_module
+    from headstart.mobilenet import export_hub_module
     from headstart.keras import keras
 
     inputs = keras.Input((None, None, 3))

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from headstart.backbone import (
-    BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path, build_mobilenet_v2,
-    imagenet_classifier, resize_images, resolve_backbone,
-)
+from headstart.backbone import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path, resolve_backbone
 from headstart.checkpoint import read_legacy_checkpoint
 from headstart.errors import HeadstartError
+from headstart.mobilenet import build_mobilenet_v2, imagenet_classifier, resize_images
 
 TOLERANCE = 1e-4
 

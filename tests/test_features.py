@@ -5,11 +5,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_class_images
-from headstart.backbone import resize_images, resolve_backbone
+from headstart.backbone import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data import load_image, prepare_source
 from headstart.errors import HeadstartError
-from headstart.features import FeatureCache, KerasEngine, choose_engine, extract_features, image_batches
+from headstart.engines import KerasEngine, choose_engine, image_batches
+from headstart.features import FeatureCache, extract_features
+from headstart.mobilenet import resize_images
 
 
 @pytest.fixture
@@ -61,10 +63,10 @@ def test_cached_features_equal_a_fresh_forward_pass(colour_folder, tiny, tmp_pat
 
 
 def test_an_interrupted_run_keeps_finished_shards(colour_folder, tiny, tmp_path, monkeypatch):
-    import headstart.features as features_module
+    import headstart.engines as engines_module
 
     calls = {"n": 0}
-    real_batches = features_module.image_batches
+    real_batches = engines_module.image_batches
 
     def failing_after_two_shards(*args, **kwargs):
         calls["n"] += 1
@@ -72,24 +74,24 @@ def test_an_interrupted_run_keeps_finished_shards(colour_folder, tiny, tmp_path,
             raise KeyboardInterrupt
         return real_batches(*args, **kwargs)
 
-    monkeypatch.setattr(features_module, "image_batches", failing_after_two_shards)
+    monkeypatch.setattr(engines_module, "image_batches", failing_after_two_shards)
     manifest = _manifest(colour_folder, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         extract_features(manifest, tiny, tmp_path / "cache", engine="keras", shard_size=16)
     shards = FeatureCache(tmp_path / "cache", tiny).shard_paths()
     assert len(shards) == 2 and sum(pq.read_metadata(s).num_rows for s in shards) == 32
-    monkeypatch.setattr(features_module, "image_batches", real_batches)
+    monkeypatch.setattr(engines_module, "image_batches", real_batches)
     resumed = extract_features(manifest, tiny, tmp_path / "cache", engine="keras", shard_size=16)
     assert (resumed.extracted, resumed.reused) == (16, 32)
 
 
 def test_litert_failure_is_an_error_when_asked_for_and_a_fallback_otherwise(tiny, tmp_path, monkeypatch):
-    import headstart.features as features_module
+    import headstart.engines as engines_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("converter exploded")
 
-    monkeypatch.setattr(features_module, "convert_to_litert", broken)
+    monkeypatch.setattr(engines_module, "convert_to_litert", broken)
     assert choose_engine(tiny, "auto", tmp_path, None, 4).engine.name == "keras"
     with pytest.raises(HeadstartError, match="converter exploded"):
         choose_engine(tiny, "litert", tmp_path, None, 4)

@@ -55,6 +55,24 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert table is not None and "blue" in table.data
 
 
+def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    from flows.train import train
+
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
+    first = Path(train(config))
+    reused = Path(train(config))
+    retrained = Path(train(config.model_copy(update={"reuse_identical_runs": False})))
+    assert len({first, reused, retrained}) == 3
+    assert json.loads((reused / "config.json").read_text())["reused_from"] == str(first)
+    assert "reused_from" not in json.loads((retrained / "config.json").read_text())
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (first, reused, retrained)]
+    assert metrics[0] == metrics[1]
+    assert {k: v for k, v in metrics[0].items() if not k.startswith(("features_", "engine"))} == \
+        {k: v for k, v in metrics[2].items() if not k.startswith(("features_", "engine"))}
+    assert json.loads((first / "history.json").read_text()) == json.loads((retrained / "history.json").read_text())
+    assert "reused_from" not in json.loads((first / "config.json").read_text())  # the copy did not write through its link
+
+
 def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
     import numpy as np
 

@@ -6,7 +6,8 @@ import pytest
 from headstart.backbone import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data import prepare_source
-from headstart.features import extract_features, image_batches
+from headstart.engines import image_batches
+from headstart.features import extract_features
 from headstart.model import build_classifier, predict_from_features, train_head
 
 
