@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -34,18 +33,28 @@ class FeatureCache:
     def shard_paths(self) -> list[Path]:
         return sorted(self.directory.glob("shard-*.parquet")) if self.directory.exists() else []
 
-    def lookup(self, wanted: set[str]) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
+    def cached_hashes(self) -> set[str]:
+        """Every image hash with cached features (reads only the hash column of each shard)."""
+        return {sha for shard in self.shard_paths() for sha in pq.read_table(shard, columns=["sha256"]).column("sha256").to_pylist()}
+
+    def gather(self, hashes: list[str]) -> np.ndarray:
+        """The features of `hashes`, in order, read one shard at a time into one preallocated matrix."""
+        row_of = {sha: row for row, sha in enumerate(hashes)}
+        matrix, filled = None, 0
         for shard in self.shard_paths():
             table = pq.read_table(shard)
-            hashes = table.column("sha256").to_pylist()
-            if not wanted.intersection(hashes):
+            rows = [(row_of[sha], index) for index, sha in enumerate(table.column("sha256").to_pylist()) if sha in row_of]
+            if not rows:
                 continue
-            matrix = _features_matrix(table)
-            for row, sha256 in enumerate(hashes):
-                if sha256 in wanted:
-                    found[sha256] = matrix[row]
-        return found
+            features = _features_matrix(table)
+            if matrix is None:
+                matrix = np.empty((len(hashes), features.shape[1]), np.float32)
+            targets, sources = zip(*rows)
+            matrix[list(targets)] = features[list(sources)]
+            filled += len(rows)
+        if matrix is None or filled < len(hashes):
+            raise RuntimeError(f"feature cache {self.directory} lacks {len(hashes) - filled} of {len(hashes)} images")
+        return matrix
 
     def write_shard(self, hashes: list[str], features: np.ndarray) -> Path:
         name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
@@ -73,9 +82,7 @@ class FeatureSet:
     engine: str
 
     def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        table = pq.read_table(self.path)
-        if split is not None:
-            table = table.filter(pc.equal(table.column("split"), split))
+        table = pq.read_table(self.path, filters=None if split is None else [("split", "=", split)])
         return _features_matrix(table), table.column("label").to_numpy(), table.column("path").to_pylist()
 
 
@@ -96,8 +103,8 @@ def extract_features(
     if destination.exists():
         return FeatureSet(destination, extracted=0, reused=len(hashes), engine="cache")
     cache = FeatureCache(cache_dir, backbone)
-    found = cache.lookup(set(hashes))
-    missing = [(sha, path) for sha, path in zip(hashes, table.column("path").to_pylist()) if sha not in found]
+    cached = cache.cached_hashes()
+    missing = [(sha, path) for sha, path in zip(hashes, table.column("path").to_pylist()) if sha not in cached]
     engine_name = "cache"
     if missing:
         from headstart.engines import choose_engine, image_batches
@@ -111,11 +118,8 @@ def extract_features(
             for batch in image_batches([path for _, path in chunk], backbone.image_size, batch_size, threads):
                 outputs.append(choice.engine(batch))
                 progress.update(len(batch))
-            features = np.concatenate(outputs)
-            cache.write_shard([sha for sha, _ in chunk], features)
-            found.update(zip((sha for sha, _ in chunk), features))
+            cache.write_shard([sha for sha, _ in chunk], np.concatenate(outputs))
         progress.close()
-    matrix = np.stack([found[sha] for sha in hashes])
-    dataset = table.append_column("features", _features_column(matrix))
+    dataset = table.append_column("features", _features_column(cache.gather(hashes)))
     write_parquet_atomic(destination, dataset)
     return FeatureSet(destination, extracted=len(missing), reused=len(hashes) - len(missing), engine=engine_name)
