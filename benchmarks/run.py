@@ -9,6 +9,8 @@ one run of this script, one after the other, because absolute times on a shared 
    and calls `model.fit` on the Functional model with the frozen `hub.KerasLayer`, so the
    backbone runs on every image in every epoch. headstart: a cold `headstart train` (empty cache)
    on the same images, split, image size and epochs. Wall time and test accuracy of each.
+Every `headstart train` reports to one Prefect server started here, as in a deployment.
+
 2. Extraction throughput of each engine at several image sizes.
 3. A warm re-run (identical inputs) and a +10 %-data re-run, as fractions of the cold run.
 4. Peak RSS of a cold `headstart train` against dataset size (larger sets are made by
@@ -34,15 +36,41 @@ PROJECT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT / "benchmarks" / "results"
 
 
+def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
+    """A Prefect server for every run, as deployments and scheduled retraining have one."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(180):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return server, url
+        except OSError:
+            time.sleep(1)
+    server.kill()
+    raise RuntimeError("the Prefect server did not start")
+
+
+PREFECT_API_URL = ""
+
+
 def run_train(data: Path, work: Path, image_size: int, epochs: int, extra: tuple[str, ...] = ()) -> dict:
     """Runs `headstart train` as a user would; returns wall time, peak RSS and the run's metrics."""
-    env = {**os.environ, "PREFECT_HOME": str(work / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL}
     command = [
         "/usr/bin/time", "-f", "%M", "-o", str(work / "rss.txt"), sys.executable, "-m", "flows.cli", "train",
         "--data", str(data), "--image-size", str(image_size), "--epochs", str(epochs),
         "--artifacts-root", str(work / "artifacts"), "--cache-dir", str(work / "cache"), *extra,
     ]
+    work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -144,6 +172,8 @@ def main() -> None:
     if args.quick:
         args.rss_sizes, args.throughput_sizes, args.image_size, args.epochs = "200,400", "96", 96, 2
     work = Path(tempfile.mkdtemp(prefix="headstart-bench-"))
+    global PREFECT_API_URL
+    server, PREFECT_API_URL = start_prefect_server(work / "prefect-home")
     results: dict = {"machine": {"cores": os.cpu_count()}, "image_size": args.image_size, "epochs": args.epochs}
     total = sum(1 for _ in args.data.rglob("*") if _.is_file())
     data = args.data if not args.quick else make_folder(args.data, work / "quick-data", 400)
@@ -192,6 +222,7 @@ def main() -> None:
             shutil.rmtree(work / f"rss-{size}" / "cache", ignore_errors=True)
         results["peak_rss"] = rss_rows
     finally:
+        server.terminate()
         shutil.rmtree(work, ignore_errors=True)
     report(results)
 

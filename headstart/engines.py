@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from headstart.data import load_image
 from headstart.errors import HeadstartError
 from headstart.keras import tf
 from headstart.mobilenet import NATIVE_SIZE_SIGNATURE, resize_images
-from headstart.storage import atomic_path
+from headstart.storage import atomic_path, write_json_atomic
 
 PARITY_TOLERANCE = 1e-4
 
@@ -94,24 +95,33 @@ class EngineChoice:
     reason: str
 
 
+def litert_parity(backbone: Backbone, litert_engine: "LiteRTEngine", cache_dir: Path) -> float:
+    """Max |LiteRT − TensorFlow| on a probe batch, measured once per converted model and remembered."""
+    record = convert_to_litert(backbone, cache_dir).with_suffix(".parity.json")
+    if record.exists():
+        return float(json.loads(record.read_text())["max_difference"])
+    probe = parity_images(backbone.image_size)
+    difference = float(np.abs(litert_engine(probe) - KerasEngine(backbone)(probe)).max())
+    write_json_atomic(record, {"max_difference": difference, "tensorflow": tf.__version__})
+    return difference
+
+
 def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: int | None, batch_size: int) -> EngineChoice:
     """Picks the engine: LiteRT where it converts and agrees with TensorFlow within 1e-4."""
     threads = threads or os.cpu_count() or 1
-    keras_engine = KerasEngine(backbone)
     if requested == "keras":
-        return EngineChoice(keras_engine, "requested")
+        return EngineChoice(KerasEngine(backbone), "requested")
     try:
         litert_engine = LiteRTEngine(backbone, cache_dir, threads, batch_size)
-        probe = parity_images(backbone.image_size)
-        difference = float(np.abs(litert_engine(probe) - keras_engine(probe)).max())
+        difference = litert_parity(backbone, litert_engine, cache_dir)
     except Exception as error:  # Conversion failures come from deep inside the converter, in many types.
         if requested == "litert":
             raise HeadstartError(f"the LiteRT engine is unavailable for backbone {backbone.handle}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-        return EngineChoice(keras_engine, f"LiteRT unavailable ({type(error).__name__}), using TensorFlow")
+        return EngineChoice(KerasEngine(backbone), f"LiteRT unavailable ({type(error).__name__}), using TensorFlow")
     if difference > PARITY_TOLERANCE:
         if requested == "litert":
             raise HeadstartError(f"LiteRT differs from TensorFlow by {difference:.2e} (> {PARITY_TOLERANCE}) for backbone {backbone.handle}")
-        return EngineChoice(keras_engine, f"LiteRT parity {difference:.2e} > {PARITY_TOLERANCE}, using TensorFlow")
+        return EngineChoice(KerasEngine(backbone), f"LiteRT parity {difference:.2e} > {PARITY_TOLERANCE}, using TensorFlow")
     return EngineChoice(litert_engine, f"parity with TensorFlow {difference:.1e}")
 
 
