@@ -50,7 +50,8 @@ def _train(args) -> int:
         "data": args.data, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
         "dropout": args.dropout, "learning_rate": args.learning_rate, "patience": args.patience, "seed": args.seed, "backbone": args.backbone,
         "artifacts_root": args.artifacts_root, "cache_dir": args.cache_dir, "engine": args.engine, "threads": args.threads,
-        "max_images_per_class": args.max_images_per_class, "reuse_identical_runs": args.reuse_identical_runs, "cifar10_source": args.cifar10_source,
+        "max_images_per_class": args.max_images_per_class, "task_runner": args.task_runner,
+        "dask_address": args.dask_address, "dask_workers": args.dask_workers, "reuse_identical_runs": args.reuse_identical_runs, "cifar10_source": args.cifar10_source,
         "classes": tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
     }
     config = TrainConfig(**{key: value for key, value in values.items() if value is not None})
@@ -58,10 +59,10 @@ def _train(args) -> int:
         from headstart.errors import HeadstartError
 
         raise HeadstartError(f"data folder not found: {config.data} (give a folder of class sub-folders, or 'cifar10')")
-    from flows.train import train
+    from flows.train import run_train
 
     _install_log_filter()
-    run_dir = train(config)
+    run_dir = run_train(config)
     print(run_dir, flush=True)
     return 0
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone", help="'bundled:mobilenet_v2' (default), a TF Hub handle, a SavedModel folder or a URL of a .tar.gz module")
     train.add_argument("--engine", choices=["auto", "litert", "keras"], help="what runs the frozen forward pass (default auto)")
     train.add_argument("--threads", type=int, help="threads for feature extraction (default: all cores)")
+    train.add_argument("--task-runner", choices=["local", "dask"], help="run feature extraction here (default) or on a Dask cluster")
+    train.add_argument("--dask-address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
+    train.add_argument("--dask-workers", type=int, help="workers of the local Dask cluster (default 2)")
     train.add_argument("--max-images-per-class", type=int, help="use at most this many training images per class")
     train.add_argument("--cifar10-source", help="URL or path of the CIFAR-10 python archive")
     train.add_argument("--no-reuse", dest="reuse_identical_runs", action="store_const", const=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,22 @@ def litert_parity(backbone: Backbone, litert_engine: "LiteRTEngine", cache_dir: 
     difference = float(np.abs(litert_engine(probe) - KerasEngine(backbone)(probe)).max())
     write_json_atomic(record, {"max_difference": difference, "tensorflow": tf.__version__})
     return difference
+
+
+_engines: dict[tuple, EngineChoice] = {}
+_engines_lock = threading.Lock()
+
+
+def engine_for(backbone: Backbone, requested: str, cache_dir: Path, threads: int | None, batch_size: int):
+    """The engine for these settings, built on first use in this thread and kept for later shards.
+
+    Per thread, because a LiteRT interpreter must not be shared between threads.
+    """
+    key = (backbone, requested, str(cache_dir), threads, batch_size, threading.get_ident())
+    with _engines_lock:
+        if key not in _engines:
+            _engines[key] = choose_engine(backbone, requested, cache_dir, threads, batch_size)
+        return _engines[key].engine
 
 
 def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: int | None, batch_size: int) -> EngineChoice:

@@ -86,6 +86,60 @@ class FeatureSet:
         return _features_matrix(table), table.column("label").to_numpy(), table.column("path").to_pylist()
 
 
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How the forward pass runs: engine, threads, batch size. Small, so it travels to workers."""
+
+    engine: str = "auto"
+    threads: int | None = None
+    batch_size: int = 64
+
+
+def dataset_features_path(manifest: Manifest, backbone: Backbone, cache_dir: Path) -> Path:
+    return Path(cache_dir) / "datasets" / f"{manifest.fingerprint}-{backbone.fingerprint}-{backbone.image_size}px.parquet"
+
+
+def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, shard_size: int = 1024) -> list[list[tuple[str, str]]]:
+    """The images without cached features, as shards of (sha256, path) to extract independently."""
+    if dataset_features_path(manifest, backbone, cache_dir).exists():
+        return []
+    table = manifest.read()
+    cached = FeatureCache(cache_dir, backbone).cached_hashes()
+    missing, seen = [], set()
+    for sha, path in zip(table.column("sha256").to_pylist(), table.column("path").to_pylist()):
+        if sha not in cached and sha not in seen:
+            seen.add(sha)
+            missing.append((sha, path))
+    return [missing[start:start + shard_size] for start in range(0, len(missing), shard_size)]
+
+
+def extract_shard(shard: list[tuple[str, str]], backbone: Backbone, cache_dir: Path, settings: ExtractionSettings, progress=None) -> str:
+    """Runs the backbone over one shard's images and caches their features; returns the engine's name.
+
+    The engine is built once per process and reused for every later shard (see headstart.engines).
+    """
+    from headstart.engines import engine_for, image_batches
+
+    engine = engine_for(backbone, settings.engine, Path(cache_dir), settings.threads, settings.batch_size)
+    outputs = []
+    for batch in image_batches([path for _, path in shard], backbone.image_size, settings.batch_size, settings.threads):
+        outputs.append(engine(batch))
+        if progress is not None:
+            progress.update(len(batch))
+    FeatureCache(cache_dir, backbone).write_shard([sha for sha, _ in shard], np.concatenate(outputs))
+    return engine.name
+
+
+def assemble_features(manifest: Manifest, backbone: Backbone, cache_dir: Path, extracted: int = 0, engine: str = "cache") -> FeatureSet:
+    """Writes the dataset's features file (manifest columns + features) from the cache."""
+    destination = dataset_features_path(manifest, backbone, cache_dir)
+    table = manifest.read()
+    if not destination.exists():
+        features = FeatureCache(cache_dir, backbone).gather(table.column("sha256").to_pylist())
+        write_parquet_atomic(destination, table.append_column("features", _features_column(features)))
+    return FeatureSet(destination, extracted=extracted, reused=table.num_rows - extracted, engine=engine)
+
+
 def extract_features(
     manifest: Manifest,
     backbone: Backbone,
@@ -96,30 +150,11 @@ def extract_features(
     shard_size: int = 1024,
     show_progress: bool = False,
 ) -> FeatureSet:
-    """Makes sure every image of the manifest has cached features; writes the dataset's features file."""
-    destination = Path(cache_dir) / "datasets" / f"{manifest.fingerprint}-{backbone.fingerprint}-{backbone.image_size}px.parquet"
-    table = manifest.read()
-    hashes = table.column("sha256").to_pylist()
-    if destination.exists():
-        return FeatureSet(destination, extracted=0, reused=len(hashes), engine="cache")
-    cache = FeatureCache(cache_dir, backbone)
-    cached = cache.cached_hashes()
-    missing = [(sha, path) for sha, path in zip(hashes, table.column("path").to_pylist()) if sha not in cached]
+    """Makes sure every image of the manifest has cached features, in this process; returns the dataset's features."""
+    shards = plan_extraction(manifest, backbone, cache_dir, shard_size)
+    settings = ExtractionSettings(engine, threads, batch_size)
     engine_name = "cache"
-    if missing:
-        from headstart.engines import choose_engine, image_batches
-
-        choice = choose_engine(backbone, engine, cache_dir, threads, batch_size)
-        engine_name = choice.engine.name
-        progress = tqdm(total=len(missing), desc=f"extract features ({engine_name})", unit="img", disable=not show_progress)
-        for start in range(0, len(missing), shard_size):
-            chunk = missing[start:start + shard_size]
-            outputs = []
-            for batch in image_batches([path for _, path in chunk], backbone.image_size, batch_size, threads):
-                outputs.append(choice.engine(batch))
-                progress.update(len(batch))
-            cache.write_shard([sha for sha, _ in chunk], np.concatenate(outputs))
-        progress.close()
-    dataset = table.append_column("features", _features_column(cache.gather(hashes)))
-    write_parquet_atomic(destination, dataset)
-    return FeatureSet(destination, extracted=len(missing), reused=len(hashes) - len(missing), engine=engine_name)
+    with tqdm(total=sum(map(len, shards)), desc="extract features", unit="img", disable=not show_progress or not shards) as progress:
+        for shard in shards:
+            engine_name = extract_shard(shard, backbone, cache_dir, settings, progress)
+    return assemble_features(manifest, backbone, cache_dir, sum(map(len, shards)), engine_name)
