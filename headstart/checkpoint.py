@@ -10,7 +10,6 @@ state dict needs and refuses everything else.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import pickle
 import struct
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.errors import HeadstartError
+from headstart.storage import file_sha256
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 
@@ -91,21 +91,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_legacy_checkpoint(path: Path, expected_sha256_prefix: str | None = None) -> dict[str, np.ndarray]:
     """Returns the state dict of a legacy PyTorch checkpoint as name → numpy array."""
     path = Path(path)
     if not path.is_file():
         raise HeadstartError(f"checkpoint not found: {path}")
     if expected_sha256_prefix is not None:
-        actual = sha256_of_file(path)
+        actual = file_sha256(path)
         if not actual.startswith(expected_sha256_prefix):
             raise HeadstartError(
                 f"checkpoint {path} has sha256 {actual[:16]}…, expected one starting with {expected_sha256_prefix}"

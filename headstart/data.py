@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from headstart.errors import HeadstartError
-from headstart.storage import atomic_path, write_parquet_atomic
+from headstart.storage import atomic_path, file_sha256, write_parquet_atomic
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -67,14 +67,6 @@ def load_image(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_image(path: Path) -> str | None:

@@ -1,7 +1,8 @@
-"""Atomic writes: a crash leaves either the old file or the new one, never half of one."""
+"""Files: atomic writes (a crash leaves either the old file or the new one, never half of one) and content hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -41,3 +42,11 @@ def write_parquet_atomic(destination: Path, table: pa.Table) -> Path:
     with atomic_path(destination) as temporary:
         pq.write_table(table, temporary)
     return Path(destination)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
