@@ -46,15 +46,10 @@ def _install_log_filter() -> None:
 def _train(args) -> int:
     from headstart.config import TrainConfig
 
-    values = {
-        "data": args.data, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-        "dropout": args.dropout, "learning_rate": args.learning_rate, "patience": args.patience, "seed": args.seed, "backbone": args.backbone,
-        "artifacts_root": args.artifacts_root, "cache_dir": args.cache_dir, "engine": args.engine, "threads": args.threads,
-        "max_images_per_class": args.max_images_per_class, "task_runner": args.task_runner,
-        "dask_address": args.dask_address, "dask_workers": args.dask_workers, "reuse_identical_runs": args.reuse_identical_runs, "cifar10_source": args.cifar10_source,
-        "classes": tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None,
-    }
-    config = TrainConfig(**{key: value for key, value in values.items() if value is not None})
+    # Options left out on the command line are absent from args (SUPPRESS), so the config's
+    # own defaults apply; argparse dest names are the config's field names.
+    values = {name: value for name, value in vars(args).items() if name in TrainConfig.model_fields}
+    config = TrainConfig(**values)
     if config.data != "cifar10" and not Path(config.data).is_dir():
         from headstart.errors import HeadstartError
 
@@ -99,13 +94,17 @@ def _predict(args) -> int:
     return 0 if usable else EXIT_USAGE
 
 
+def _comma_separated(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headstart", description="Transfer learning for image classification: a frozen ImageNet MobileNetV2 and a new head, as a Prefect flow.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a classifier; prints the run directory last")
+    train = commands.add_parser("train", help="train a classifier; prints the run directory last", argument_default=argparse.SUPPRESS)
     train.add_argument("--data", required=True, help="'cifar10' or a folder with one sub-folder of images per class")
-    train.add_argument("--classes", help="comma-separated classes (default: cat,dog for cifar10; all sub-folders otherwise)")
+    train.add_argument("--classes", type=_comma_separated, help="comma-separated classes (default: cat,dog for cifar10; all sub-folders otherwise)")
     train.add_argument("--image-size", type=int, help="side in pixels the backbone sees (default 160)")
     train.add_argument("--epochs", type=int, help="maximum epochs of head training (default 30, early stopping on validation loss)")
     train.add_argument("--batch-size", type=int)
@@ -119,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task-runner", choices=["local", "dask"], help="run feature extraction here (default) or on a Dask cluster")
     train.add_argument("--dask-address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
     train.add_argument("--dask-workers", type=int, help="workers of the local Dask cluster (default 2)")
+    train.add_argument("--extraction-batch-size", type=int, help="images per forward pass (default 64)")
+    train.add_argument("--extraction-shard-size", type=int, help="images per cache shard and extraction task (default 1024)")
+    train.add_argument("--validation-fraction", type=float, help="share of images for validation (default 0.1)")
+    train.add_argument("--test-fraction", type=float, help="share of a folder's images held out for testing (default 0.1)")
     train.add_argument("--max-images-per-class", type=int, help="use at most this many training images per class")
     train.add_argument("--cifar10-source", help="URL or path of the CIFAR-10 python archive")
     train.add_argument("--no-reuse", dest="reuse_identical_runs", action="store_const", const=False,
