@@ -172,10 +172,12 @@ def build_manifest(
             reason = "duplicate of" if other_label == label else f"same image as (class {class_names[other_label]})"
             report.skipped.append({"path": str(path), "reason": f"{reason} {other_path}"})
             continue
-        if max_images_per_class is not None and per_class[label] >= max_images_per_class and fixed_split != "test":
+        capped = fixed_split != "test"  # an official test set is never cut
+        if capped and max_images_per_class is not None and per_class[label] >= max_images_per_class:
             continue
         first_seen[sha256] = (path, label)
-        per_class[label] += fixed_split != "test"
+        if capped:
+            per_class[label] += 1
         if fixed_split == "test":
             split = "test"
         elif fixed_split == "train":
@@ -198,8 +200,9 @@ def build_manifest(
         if report.counts["train"][name] == 0:
             raise HeadstartError(f"class {name!r} has no usable training images in {report.source}")
     digest = hashlib.sha256()
-    for sha256, label, split in zip(rows["sha256"], rows["label"], rows["split"]):
-        digest.update(f"{sha256}:{label}:{split};".encode())
+    # Paths count too: the plots of a run read its images back from them.
+    for sha256, label, split, path in zip(rows["sha256"], rows["label"], rows["split"], rows["path"]):
+        digest.update(f"{sha256}:{label}:{split}:{path};".encode())
     digest.update("|".join(class_names).encode())
     fingerprint = digest.hexdigest()[:16]
     path = write_parquet_atomic(Path(cache_dir) / "manifests" / f"{fingerprint}.parquet", table)
