@@ -53,14 +53,16 @@ class LiteRTEngine:
         self._output = self.interpreter.get_output_details()[0]["index"]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        count = len(images)
-        if count != self.batch_size:
-            padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
-            padded[:count] = images
-            images = padded
-        self.interpreter.set_tensor(self._input, np.ascontiguousarray(images, np.float32))
-        self.interpreter.invoke()
-        return self.interpreter.get_tensor(self._output)[:count].copy()
+        """Runs any number of images through the fixed-batch interpreter, padding the last batch."""
+        outputs = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            batch = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
+            batch[:len(chunk)] = chunk
+            self.interpreter.set_tensor(self._input, batch)
+            self.interpreter.invoke()
+            outputs.append(self.interpreter.get_tensor(self._output)[:len(chunk)].copy())
+        return np.concatenate(outputs)
 
 
 def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
