@@ -88,7 +88,7 @@ def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int,
 
     from headstart.backbone import BUNDLED_HANDLE, resolve_backbone
     from headstart.data import load_image
-    from headstart.keras import hub, keras, tf
+    from headstart.keras import hub, keras
     from headstart.mobilenet import resize_images
 
     start = time.perf_counter()
@@ -109,7 +109,6 @@ def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int,
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
     model.fit(*train, validation_data=validation, epochs=epochs, batch_size=batch_size, verbose=0)
     accuracy = float(model.evaluate(*test, verbose=0)[1])
-    del tf
     return {"seconds": time.perf_counter() - start, "accuracy": accuracy, "train_images": int(len(train[1]))}
 
 

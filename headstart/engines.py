@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from headstart.mobilenet import NATIVE_SIZE_SIGNATURE, resize_images
 from headstart.storage import atomic_path, write_json_atomic
 
 PARITY_TOLERANCE = 1e-4
+logger = logging.getLogger(__name__)
 
 
 # --- engines ----------------------------------------------------------------------------------
@@ -121,7 +123,9 @@ def engine_for(backbone: Backbone, requested: str, cache_dir: Path, threads: int
     key = (backbone, requested, str(cache_dir), threads, batch_size, threading.get_ident())
     with _engines_lock:
         if key not in _engines:
-            _engines[key] = choose_engine(backbone, requested, cache_dir, threads, batch_size)
+            choice = _engines[key] = choose_engine(backbone, requested, cache_dir, threads, batch_size)
+            fell_back = requested == "auto" and choice.engine.name != "litert"
+            (logger.warning if fell_back else logger.info)("feature extraction engine: %s (%s)", choice.engine.name, choice.reason)
         return _engines[key].engine
 
 
