@@ -13,13 +13,16 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
-def _quiet_libraries() -> None:
+def _set_library_defaults() -> None:
     # TensorFlow's C++ start-up chatter and a deprecation warning from tensorflow-hub's import
     # would bury the few lines a user needs.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # An offline tool sends no usage statistics; the temporary server's heartbeat also races
     # its own SQLite start-up and logs a spurious traceback.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server's first start creates its database; Prefect's 20 s default is too
+    # short for that on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 
@@ -156,7 +159,7 @@ def _one_line(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    _set_library_defaults()
     from pydantic import ValidationError
 
     from headstart.errors import HeadstartError
