@@ -105,11 +105,8 @@ def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, sha
         return []
     table = manifest.read()
     cached = FeatureCache(cache_dir, backbone).cached_hashes()
-    missing, seen = [], set()
-    for sha, path in zip(table.column("sha256").to_pylist(), table.column("path").to_pylist()):
-        if sha not in cached and sha not in seen:
-            seen.add(sha)
-            missing.append((sha, path))
+    # A manifest holds each content hash once (duplicates are skipped when it is built).
+    missing = [(sha, path) for sha, path in zip(table.column("sha256").to_pylist(), table.column("path").to_pylist()) if sha not in cached]
     return [missing[start:start + shard_size] for start in range(0, len(missing), shard_size)]
 
 
