@@ -100,7 +100,9 @@ def build_hub_module(network: keras.Model, image_size: int):
     `regularization_losses` let `hub.KerasLayer(..., trainable=True)` fine-tune it later.
     """
     module = tf.__internal__.tracking.AutoTrackable()
-    module.network = network
+    # The Keras network itself is not attached: saving it would serialise (and trace) every layer,
+    # which made export, every load and hub.KerasLayer several times slower. The functions and the
+    # variable lists below are all a hub module needs.
     mean = tf.constant(IMAGENET_MEAN, tf.float32)
     std = tf.constant(IMAGENET_STD, tf.float32)
 
