@@ -121,7 +121,7 @@ def throughput(image_sizes: list[int], images: int, cache_dir: Path) -> list[dic
     for size in image_sizes:
         backbone = resolve_backbone(BUNDLED_HANDLE, size, cache_dir)
         batch = generator.random((64, size, size, 3), dtype=np.float32)
-        for engine in (KerasEngine(backbone), LiteRTEngine(backbone, cache_dir, os.cpu_count() or 1, 64)):
+        for engine in (KerasEngine(backbone), LiteRTEngine(backbone, cache_dir, os.cpu_count() or 1)):
             engine(batch)  # warm-up: tracing, allocation
             start = time.perf_counter()
             for _ in range(max(1, images // 64)):

@@ -117,9 +117,9 @@ def extract_shard(shard: list[tuple[str, str]], backbone: Backbone, cache_dir: P
     """
     from headstart.engines import engine_for, image_batches
 
-    engine = engine_for(backbone, settings.engine, Path(cache_dir), settings.threads, settings.batch_size)
+    engine = engine_for(backbone, settings.engine, Path(cache_dir), settings.threads)
     outputs = []
-    for batch in image_batches([path for _, path in shard], backbone.image_size, settings.batch_size, settings.threads):
+    for batch in image_batches([path for _, path in shard], backbone.image_size, settings.batch_size):
         outputs.append(engine(batch))
         if progress is not None:
             progress.update(len(batch))

@@ -32,11 +32,22 @@ def test_streamed_batches_equal_eager_preprocessing(tmp_path):
     np.testing.assert_allclose(streamed, eager, atol=1e-6)
 
 
+def test_enlarging_skips_antialiasing_without_changing_pixels(tmp_path):
+    write_class_images(tmp_path, {"a": (100, 100, 100)}, per_class=3, size=20)
+    write_class_images(tmp_path, {"b": (10, 200, 100)}, per_class=2, size=32)  # scale 1 in the same batch: resized one by one
+    paths = sorted(str(p) for p in tmp_path.glob("*/*.png"))
+    streamed = np.concatenate(list(image_batches(paths, 32, batch_size=4)))
+    eager = np.concatenate([resize_images(load_image(p)[None].astype(np.float32) / 255.0, 32).numpy() for p in paths])
+    assert streamed.shape == (5, 32, 32, 3)
+    np.testing.assert_allclose(streamed, eager, atol=1e-6)
+
+
 def test_litert_engine_agrees_with_tensorflow(tiny, tmp_path):
-    choice = choose_engine(tiny, "litert", tmp_path / "cache", threads=2, batch_size=2)
+    choice = choose_engine(tiny, "litert", tmp_path / "cache", threads=2)
     assert choice.engine.name == "litert"
-    images = np.random.default_rng(0).random((5, 32, 32, 3), dtype=np.float32)  # two full batches and a padded one
+    images = np.random.default_rng(0).random((5, 32, 32, 3), dtype=np.float32)
     assert np.abs(choice.engine(images) - KerasEngine(tiny)(images)).max() <= 1e-4
+    assert 0 <= choice.engine.parity <= 1e-4
 
 
 def test_cache_is_reused_and_only_new_images_are_extracted(colour_folder, tiny, tmp_path):
@@ -92,6 +103,6 @@ def test_litert_failure_is_an_error_when_asked_for_and_a_fallback_otherwise(tiny
         raise RuntimeError("converter exploded")
 
     monkeypatch.setattr(engines_module, "convert_to_litert", broken)
-    assert choose_engine(tiny, "auto", tmp_path, None, 4).engine.name == "keras"
+    assert choose_engine(tiny, "auto", tmp_path, None).engine.name == "keras"
     with pytest.raises(HeadstartError, match="converter exploded"):
-        choose_engine(tiny, "litert", tmp_path, None, 4)
+        choose_engine(tiny, "litert", tmp_path, None)
