@@ -9,6 +9,7 @@ is interrupted keeps every shard it finished.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,13 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from headstart.backbone import Backbone
-from headstart.data import Manifest
-from headstart.storage import write_parquet_atomic
+from headstart.data import SPLITS, Manifest
+from headstart.storage import atomic_path, write_parquet_atomic
+
+
+# Features are dense floats: dictionary encoding and compression gain nothing on them and made
+# reading a row group 2.8× slower (measured: 101 ms vs 37 ms for 4096 × 1280).
+FEATURES_PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none"}
 
 
 # --- the content-addressed cache -----------------------------------------------------------------
@@ -37,29 +43,10 @@ class FeatureCache:
         """Every image hash with cached features (reads only the hash column of each shard)."""
         return {sha for shard in self.shard_paths() for sha in pq.read_table(shard, columns=["sha256"]).column("sha256").to_pylist()}
 
-    def gather(self, hashes: list[str]) -> np.ndarray:
-        """The features of `hashes`, in order, read one shard at a time into one preallocated matrix."""
-        row_of = {sha: row for row, sha in enumerate(hashes)}
-        matrix, filled = None, 0
-        for shard in self.shard_paths():
-            table = pq.read_table(shard)
-            rows = [(row_of[sha], index) for index, sha in enumerate(table.column("sha256").to_pylist()) if sha in row_of]
-            if not rows:
-                continue
-            features = _features_matrix(table)
-            if matrix is None:
-                matrix = np.empty((len(hashes), features.shape[1]), np.float32)
-            targets, sources = zip(*rows)
-            matrix[list(targets)] = features[list(sources)]
-            filled += len(rows)
-        if matrix is None or filled < len(hashes):
-            raise RuntimeError(f"feature cache {self.directory} lacks {len(hashes) - filled} of {len(hashes)} images")
-        return matrix
-
     def write_shard(self, hashes: list[str], features: np.ndarray) -> Path:
         name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
         table = pa.table({"sha256": hashes, "features": _features_column(features)})
-        return write_parquet_atomic(self.directory / f"shard-{name}.parquet", table)
+        return write_parquet_atomic(self.directory / f"shard-{name}.parquet", table, **FEATURES_PARQUET_OPTIONS)
 
 
 def _features_column(features: np.ndarray) -> pa.Array:
@@ -74,16 +61,71 @@ def _features_matrix(table: pa.Table) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """A handle to one dataset's features file, what the training and evaluation tasks read."""
+    """A handle to one dataset's features file, what the training and evaluation tasks read.
+
+    Each row group of the file holds one split's rows of one hash bucket (see
+    `assemble_features`), so a split is read, or streamed, without touching the others.
+    """
 
     path: Path
     extracted: int
     reused: int
     engine: str
 
+    def row_groups(self, split: str | None = None) -> list[int]:
+        metadata = pq.read_metadata(self.path)
+        column = metadata.schema.to_arrow_schema().get_field_index("split")
+        return [group for group in range(metadata.num_row_groups)
+                if split is None or metadata.row_group(group).column(column).statistics.max == split]
+
     def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        table = pq.read_table(self.path, filters=None if split is None else [("split", "=", split)])
+        """Features, labels and paths of one split (or of all rows), in memory: for the small splits."""
+        table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["features", "label", "path"])
         return _features_matrix(table), table.column("label").to_numpy(), table.column("path").to_pylist()
+
+    def stream(self, split: str) -> "FeatureStream":
+        """The split as shuffled batches read one row group at a time: for the train split, whatever its size."""
+        metadata = pq.read_metadata(self.path)
+        groups = self.row_groups(split)
+        return FeatureStream(self.path, tuple(groups), sum(metadata.row_group(group).num_rows for group in groups))
+
+
+@dataclass(frozen=True)
+class FeatureStream:
+    """Shuffled (features, labels) batches of some row groups; memory holds one row group at a time.
+
+    Each row group is a uniform random sample of its split (rows are grouped by content hash),
+    so shuffling the order of the groups and the rows inside each one shuffles the split.
+    """
+
+    path: Path
+    groups: tuple[int, ...]
+    num_rows: int
+
+    def shuffled_chunks(self, seed: int, epoch: int):
+        """One epoch: the row groups in a seeded random order, each with its rows permuted."""
+        generator = np.random.default_rng([seed, epoch])
+        parquet = pq.ParquetFile(self.path)
+        for group in generator.permutation(np.array(self.groups, dtype=np.int64)):
+            table = parquet.read_row_group(int(group), columns=["features", "label"])
+            order = generator.permutation(table.num_rows)
+            yield _features_matrix(table)[order], table.column("label").to_numpy().astype(np.int64)[order]
+
+
+@dataclass(frozen=True)
+class InMemoryFeatures:
+    """The FeatureStream interface over arrays already in memory."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.labels)
+
+    def shuffled_chunks(self, seed: int, epoch: int):
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.labels))
+        yield self.features[order], self.labels[order].astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -127,14 +169,70 @@ def extract_shard(shard: list[tuple[str, str]], backbone: Backbone, cache_dir: P
     return engine.name
 
 
+# Rows per row group of a dataset's features file: about 20 MB of features, what training holds in memory.
+ROWS_PER_GROUP = 4096
+
+
 def assemble_features(manifest: Manifest, backbone: Backbone, cache_dir: Path, extracted: int = 0, engine: str = "cache") -> FeatureSet:
-    """Writes the dataset's features file (manifest columns + features) from the cache."""
+    """Writes the dataset's features file (manifest columns + features) from the cache, in bounded memory."""
     destination = dataset_features_path(manifest, backbone, cache_dir)
     table = manifest.read()
     if not destination.exists():
-        features = FeatureCache(cache_dir, backbone).gather(table.column("sha256").to_pylist())
-        write_parquet_atomic(destination, table.append_column("features", _features_column(features)))
+        _write_dataset_features(table, FeatureCache(cache_dir, backbone), destination)
     return FeatureSet(destination, extracted=extracted, reused=table.num_rows - extracted, engine=engine)
+
+
+def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, destination: Path) -> None:
+    """One row group per split and hash bucket of ≤ ~ROWS_PER_GROUP rows, each sorted by content hash.
+
+    The layout depends only on the images, never on which shards the cache happens to hold, so
+    training streams the same batches from it on every machine. Features move from the cache
+    shards to per-bucket scratch files in one pass, then bucket by bucket into the file.
+    """
+    hashes = manifest_table.column("sha256").to_pylist()
+    splits = manifest_table.column("split").to_pylist()
+    row_of = {sha: row for row, sha in enumerate(hashes)}
+    buckets = {split: -(-splits.count(split) // ROWS_PER_GROUP) for split in set(splits)}
+    bucket_of = [(split, int(sha[:12], 16) % buckets[split]) for sha, split in zip(hashes, splits)]
+    found = np.zeros(len(hashes), bool)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".assemble-", dir=destination.parent) as scratch:
+        writers: dict[tuple[str, int], pa.ipc.RecordBatchFileWriter] = {}
+        try:
+            for shard in cache.shard_paths():
+                table = pq.read_table(shard)
+                by_bucket: dict[tuple[str, int], list[tuple[int, int]]] = {}
+                for index, sha in enumerate(table.column("sha256").to_pylist()):
+                    row = row_of.get(sha)
+                    if row is not None and not found[row]:
+                        found[row] = True
+                        by_bucket.setdefault(bucket_of[row], []).append((row, index))
+                for key, pairs in by_bucket.items():
+                    rows, indices = zip(*pairs)
+                    batch = pa.record_batch({"row": pa.array(rows, pa.int64()), "features": table.column("features").combine_chunks().take(list(indices))})
+                    if key not in writers:
+                        writers[key] = pa.ipc.new_file(Path(scratch) / f"{key[0]}-{key[1]}.arrow", batch.schema)
+                    writers[key].write_batch(batch)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        if not found.all():
+            raise RuntimeError(f"feature cache {cache.directory} lacks {int((~found).sum())} of {len(hashes)} images")
+        with atomic_path(destination) as temporary:
+            output = None
+            try:
+                for key in sorted(writers, key=lambda key: (SPLITS.index(key[0]), key[1])):
+                    with pa.OSFile(str(Path(scratch) / f"{key[0]}-{key[1]}.arrow")) as source:
+                        part = pa.ipc.open_file(source).read_all()
+                    rows = part.column("row").to_numpy()
+                    order = np.argsort([hashes[row] for row in rows], kind="stable")
+                    group = manifest_table.take(rows[order]).append_column("features", part.column("features").combine_chunks().take(order))
+                    if output is None:
+                        output = pq.ParquetWriter(temporary, group.schema, **FEATURES_PARQUET_OPTIONS)
+                    output.write_table(group, row_group_size=group.num_rows)
+            finally:
+                if output is not None:
+                    output.close()
 
 
 def extract_features(

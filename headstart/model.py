@@ -6,13 +6,17 @@ Training never runs it, though: see `train_head`.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
+from headstart.features import InMemoryFeatures, FeatureStream
 from headstart.mobilenet import resize_images
 from headstart.keras import keras, tf
 
 HEAD_DROPOUT = "head_dropout"
 HEAD_DENSE = "head_dense"
+STEPS_PER_EXECUTION = 32
 
 
 @keras.utils.register_keras_serializable(package="headstart")
@@ -53,7 +57,7 @@ def head_model(classifier: keras.Model, feature_dim: int) -> keras.Model:
 
 def train_head(
     classifier: keras.Model,
-    train: tuple[np.ndarray, np.ndarray],
+    train: "FeatureStream | InMemoryFeatures | tuple[np.ndarray, np.ndarray]",
     validation: tuple[np.ndarray, np.ndarray] | None,
     epochs: int,
     batch_size: int,
@@ -67,23 +71,37 @@ def train_head(
     inference mode (BatchNorm uses its stored statistics), so it maps each image to the same
     features every epoch. Computing them once and fitting the shared Dropout + Dense layers on
     them gives the same gradients without running MobileNetV2 epochs × images times.
+
+    The train split streams in shuffled batches (a FeatureStream reads one row group at a time),
+    so memory does not grow with the dataset; the validation split is held in memory.
     """
+    if isinstance(train, tuple):
+        train = InMemoryFeatures(*train)
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    head = head_model(classifier, train[0].shape[1])
+    feature_dim = int(classifier.get_layer(HEAD_DENSE).input_shape[-1])
+    head = head_model(classifier, feature_dim)
     head.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        # Many small steps per call: a linear head's step is cheaper than the call itself.
+        steps_per_execution=STEPS_PER_EXECUTION,
     )
+    epochs_started = itertools.count()
+
+    def one_epoch():
+        yield from train.shuffled_chunks(seed, next(epochs_started))
+
+    chunks = tf.data.Dataset.from_generator(one_epoch, output_signature=(
+        tf.TensorSpec([None, feature_dim], tf.float32), tf.TensorSpec([None], tf.int64)))
+    steps = -(-train.num_rows // batch_size)
+    batches = chunks.rebatch(batch_size).apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
     callbacks, validation_data = [], None
     if validation is not None and len(validation[1]) > 0:
         validation_data = validation
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True))
-    history = head.fit(
-        train[0], train[1], validation_data=validation_data, epochs=epochs, batch_size=batch_size,
-        shuffle=True, callbacks=callbacks, verbose=0,
-    )
+    history = head.fit(batches, validation_data=validation_data, epochs=epochs, callbacks=callbacks, verbose=0)
     return {name: [float(value) for value in values] for name, values in history.history.items()}
 
 

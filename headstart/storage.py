@@ -38,9 +38,9 @@ def write_json_atomic(destination: Path, value) -> Path:
     return write_bytes_atomic(destination, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
-def write_parquet_atomic(destination: Path, table: pa.Table) -> Path:
+def write_parquet_atomic(destination: Path, table: pa.Table, **options) -> Path:
     with atomic_path(destination) as temporary:
-        pq.write_table(table, temporary)
+        pq.write_table(table, temporary, **options)
     return Path(destination)
 
 

@@ -106,3 +106,30 @@ def test_litert_failure_is_an_error_when_asked_for_and_a_fallback_otherwise(tiny
     assert choose_engine(tiny, "auto", tmp_path, None).engine.name == "keras"
     with pytest.raises(HeadstartError, match="converter exploded"):
         choose_engine(tiny, "litert", tmp_path, None)
+
+
+def test_dataset_file_is_independent_of_the_cache_layout_and_streams_each_train_row_once(colour_folder, tiny, tmp_path, monkeypatch):
+    import headstart.features as features_module
+
+    monkeypatch.setattr(features_module, "ROWS_PER_GROUP", 8)  # several row groups per split
+    manifest = _manifest(colour_folder, tmp_path)
+    fine = extract_features(manifest, tiny, tmp_path / "fine", engine="keras", shard_size=7)
+    coarse = extract_features(manifest, tiny, tmp_path / "coarse", engine="keras", shard_size=48)
+    assert pq.read_metadata(fine.path).num_row_groups >= 5
+    for split in ("train", "validation", "test"):
+        assert fine.load(split)[2] == coarse.load(split)[2]
+        np.testing.assert_allclose(fine.load(split)[0], coarse.load(split)[0], atol=1e-5)
+
+    train_features, train_labels, _ = fine.load("train")
+    stream = fine.stream("train")
+    assert stream.num_rows == len(train_labels)
+    epoch = list(stream.shuffled_chunks(seed=1, epoch=0))
+    assert len(epoch) >= 3
+    streamed = np.concatenate([features for features, _ in epoch])
+    by_rows = lambda matrix: matrix[np.lexsort(matrix.T)]
+    np.testing.assert_array_equal(by_rows(streamed), by_rows(train_features))
+    assert np.concatenate([labels for _, labels in epoch]).sum() == train_labels.sum()
+    again = np.concatenate([features for features, _ in stream.shuffled_chunks(seed=1, epoch=0)])
+    next_epoch = np.concatenate([features for features, _ in stream.shuffled_chunks(seed=1, epoch=1)])
+    np.testing.assert_array_equal(streamed, again)
+    assert not np.array_equal(streamed, next_epoch)
