@@ -6,8 +6,6 @@ Training never runs it, though: see `train_head`.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from headstart.features import InMemoryFeatures, FeatureStream
@@ -16,7 +14,6 @@ from headstart.keras import keras, tf
 
 HEAD_DROPOUT = "head_dropout"
 HEAD_DENSE = "head_dense"
-STEPS_PER_EXECUTION = 32
 
 
 @keras.utils.register_keras_serializable(package="headstart")
@@ -72,8 +69,12 @@ def train_head(
     features every epoch. Computing them once and fitting the shared Dropout + Dense layers on
     them gives the same gradients without running MobileNetV2 epochs × images times.
 
-    The train split streams in shuffled batches (a FeatureStream reads one row group at a time),
-    so memory does not grow with the dataset; the validation split is held in memory.
+    The train split streams in shuffled chunks (a FeatureStream reads one row group at a time),
+    so memory does not grow with the dataset; the validation split is held in memory. Each chunk
+    is one graph call that steps through its mini-batches: the head's step is so cheap that
+    `fit`'s per-step and per-epoch machinery cost more than the training (4–5 s vs ~1 s here).
+    Early stopping as in Keras: after `patience` epochs without a lower validation loss, keeping
+    the weights of the best epoch.
     """
     if isinstance(train, tuple):
         train = InMemoryFeatures(*train)
@@ -81,28 +82,78 @@ def train_head(
     tf.config.experimental.enable_op_determinism()
     feature_dim = int(classifier.get_layer(HEAD_DENSE).input_shape[-1])
     head = head_model(classifier, feature_dim)
-    head.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        # Many small steps per call: a linear head's step is cheaper than the call itself.
-        steps_per_execution=STEPS_PER_EXECUTION,
-    )
-    epochs_started = itertools.count()
+    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer.build(head.trainable_variables)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy()
+    chunk_spec = (tf.TensorSpec([None, feature_dim], tf.float32), tf.TensorSpec([None], tf.int64))
 
-    def one_epoch():
-        yield from train.shuffled_chunks(seed, next(epochs_started))
+    @tf.function(input_signature=chunk_spec)
+    def fit_chunk(features, labels):
+        """One optimiser step per mini-batch of the chunk; returns (summed loss, correct predictions)."""
+        count = tf.shape(labels)[0]
+        loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+        for start in tf.range(0, count, batch_size):
+            end = tf.minimum(start + batch_size, count)
+            batch_labels = labels[start:end]
+            with tf.GradientTape() as tape:
+                probabilities = head(features[start:end], training=True)
+                loss = cross_entropy(batch_labels, probabilities)
+            gradients = tape.gradient(loss, head.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, head.trainable_variables))
+            loss_sum += loss * tf.cast(end - start, tf.float32)
+            correct += _correct(batch_labels, probabilities)
+        return loss_sum, correct
 
-    chunks = tf.data.Dataset.from_generator(one_epoch, output_signature=(
-        tf.TensorSpec([None, feature_dim], tf.float32), tf.TensorSpec([None], tf.int64)))
-    steps = -(-train.num_rows // batch_size)
-    batches = chunks.rebatch(batch_size).apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
-    callbacks, validation_data = [], None
-    if validation is not None and len(validation[1]) > 0:
-        validation_data = validation
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True))
-    history = head.fit(batches, validation_data=validation_data, epochs=epochs, callbacks=callbacks, verbose=0)
-    return {name: [float(value) for value in values] for name, values in history.history.items()}
+    @tf.function(input_signature=chunk_spec)
+    def score(features, labels):
+        probabilities = head(features, training=False)
+        return cross_entropy(labels, probabilities), _correct(labels, probabilities) / tf.cast(tf.shape(labels)[0], tf.float32)
+
+    has_validation = validation is not None and len(validation[1]) > 0
+    if has_validation:
+        validation_features = tf.constant(validation[0], tf.float32)
+        validation_labels = tf.constant(np.asarray(validation[1], np.int64))
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []} | ({"val_loss": [], "val_accuracy": []} if has_validation else {})
+    best_loss, best_weights, epochs_without_improvement = np.inf, None, 0
+    for epoch in range(epochs):
+        loss_sum = correct = 0.0
+        for features, labels in _whole_batches(train.shuffled_chunks(seed, epoch), batch_size):
+            chunk_loss, chunk_correct = fit_chunk(features, labels)
+            loss_sum, correct = loss_sum + float(chunk_loss), correct + float(chunk_correct)
+        history["loss"].append(loss_sum / train.num_rows)
+        history["accuracy"].append(correct / train.num_rows)
+        if not has_validation:
+            continue
+        validation_loss, validation_accuracy = (float(value) for value in score(validation_features, validation_labels))
+        history["val_loss"].append(validation_loss)
+        history["val_accuracy"].append(validation_accuracy)
+        if validation_loss < best_loss:
+            best_loss, best_weights, epochs_without_improvement = validation_loss, head.get_weights(), 0
+        else:
+            epochs_without_improvement += 1
+            if epochs_without_improvement >= patience:
+                break
+    if best_weights is not None:
+        head.set_weights(best_weights)
+    return history
+
+
+def _correct(labels, probabilities):
+    return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, axis=-1), labels), tf.float32))
+
+
+def _whole_batches(chunks, batch_size: int):
+    """Re-cuts chunks so that each one holds whole mini-batches; the remainder joins the next chunk."""
+    leftover = None
+    for features, labels in chunks:
+        if leftover is not None:
+            features, labels = np.concatenate([leftover[0], features]), np.concatenate([leftover[1], labels])
+        whole = len(labels) - len(labels) % batch_size
+        if whole:
+            yield features[:whole], labels[:whole]
+        leftover = (features[whole:], labels[whole:])
+    if leftover is not None and len(leftover[1]):
+        yield leftover
 
 
 def predict_from_features(classifier: keras.Model, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:

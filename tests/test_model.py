@@ -55,3 +55,25 @@ def test_training_learns_and_is_deterministic(setup):
     np.testing.assert_array_equal(results[0][1], results[1][1])
     assert results[0][0][-1] < results[0][0][0]
     assert (results[0][1].argmax(1) == labels).mean() >= 0.9
+
+
+def test_early_stopping_keeps_the_best_epoch(setup):
+    _, backbone, features = setup
+    train_features, train_labels, _ = features.load("train")
+    contrary = (train_features, 1 - train_labels)  # validation that only gets worse as training improves
+    classifier = _classifier(backbone)
+    history = train_head(classifier, (train_features, train_labels), contrary, 20, 8, 3e-2, 2, seed=1)
+    best = int(np.argmin(history["val_loss"]))
+    assert len(history["val_loss"]) == best + 3 < 20
+    probabilities = predict_from_features(classifier, train_features)
+    restored_loss = -np.mean(np.log(probabilities[np.arange(len(train_labels)), 1 - train_labels]))
+    assert abs(restored_loss - history["val_loss"][best]) < 1e-4
+
+
+def test_whole_batches_carry_the_remainder_across_chunks():
+    from headstart.model import _whole_batches
+
+    chunks = [(np.arange(n, dtype=np.float32)[:, None] + offset, np.arange(n) + offset) for n, offset in ((5, 0), (7, 5), (2, 12))]
+    sizes = [len(labels) for _, labels in _whole_batches(iter(chunks), 4)]
+    assert sizes == [4, 8, 2]
+    assert np.concatenate([labels for _, labels in _whole_batches(iter(chunks), 4)]).tolist() == list(range(14))
