@@ -113,22 +113,35 @@ def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int,
 
 
 def throughput(image_sizes: list[int], images: int, cache_dir: Path) -> list[dict]:
+    """Forward passes per second on the same random batch: Keras `predict` (the reference),
+    headstart's TensorFlow engine and its LiteRT engine."""
     from headstart.backbone import BUNDLED_HANDLE, resolve_backbone
     from headstart.engines import KerasEngine, LiteRTEngine
+    from headstart.keras import keras
 
     rows = []
     generator = np.random.default_rng(0)
     for size in image_sizes:
         backbone = resolve_backbone(BUNDLED_HANDLE, size, cache_dir)
         batch = generator.random((64, size, size, 3), dtype=np.float32)
-        for engine in (KerasEngine(backbone), LiteRTEngine(backbone, cache_dir, os.cpu_count() or 1)):
+        inputs = keras.Input((size, size, 3))
+        predict_model = keras.Model(inputs, backbone.keras_layer()(inputs))
+        engines = {
+            "keras predict": lambda images: predict_model.predict(images, verbose=0),
+            "keras engine": KerasEngine(backbone),
+            "litert": LiteRTEngine(backbone, cache_dir, os.cpu_count() or 1),
+        }
+        for name, engine in engines.items():
             engine(batch)  # warm-up: tracing, allocation
             start = time.perf_counter()
             for _ in range(max(1, images // 64)):
                 engine(batch)
             rate = max(1, images // 64) * 64 / (time.perf_counter() - start)
-            rows.append({"engine": engine.name, "image_size": size, "images_per_second": rate})
-            print(f"  {engine.name:7s} {size:4d} px  {rate:7.1f} img/s", flush=True)
+            row = {"engine": name, "image_size": size, "images_per_second": rate}
+            if isinstance(engine, LiteRTEngine):
+                row["max_difference_from_tensorflow"] = engine.parity
+            rows.append(row)
+            print(f"  {name:13s} {size:4d} px  {rate:7.1f} img/s", flush=True)
     return rows
 
 
@@ -148,7 +161,7 @@ def make_folder(source: Path, destination: Path, count: int, per_class_offset: i
             if target.exists():
                 continue
             if index < len(originals):
-                os.symlink(original, target)
+                os.symlink(original.resolve(), target)
             else:
                 pixels = np.asarray(Image.open(original).convert("RGB")).copy()
                 pixels[index % pixels.shape[0], (index // pixels.shape[0]) % pixels.shape[1], index % 3] ^= 1 + (index // len(originals)) % 255
@@ -242,10 +255,12 @@ def report(results: dict) -> None:
     ]
     for row in results["throughput"]:
         lines.append(f"| extraction, {row['engine']}, {row['image_size']} px | {row['images_per_second']:.0f} img/s |")
+        if "max_difference_from_tensorflow" in row:
+            lines.append(f"| LiteRT parity with TensorFlow (max abs difference), {row['image_size']} px | {row['max_difference_from_tensorflow']:.1e} |")
     by_size = {(r["engine"], r["image_size"]): r["images_per_second"] for r in results["throughput"]}
     for size in sorted({r["image_size"] for r in results["throughput"]}):
-        if ("litert", size) in by_size and ("keras", size) in by_size:
-            lines.append(f"| LiteRT / Keras at {size} px | {by_size[('litert', size)] / by_size[('keras', size)]:.2f}× |")
+        if ("litert", size) in by_size and ("keras predict", size) in by_size:
+            lines.append(f"| LiteRT / Keras predict at {size} px | {by_size[('litert', size)] / by_size[('keras predict', size)]:.2f}× |")
     for row in results["peak_rss"]:
         lines.append(f"| peak RSS, cold `train` on {row['images']} images | {row['peak_rss_mb']:.0f} MB |")
     table = "\n".join(lines)

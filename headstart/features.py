@@ -83,6 +83,10 @@ class FeatureSet:
         table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["features", "label", "path"])
         return _features_matrix(table), table.column("label").to_numpy(), table.column("path").to_pylist()
 
+    def labels_and_paths(self, split: str) -> tuple[np.ndarray, list[str]]:
+        table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["label", "path"])
+        return table.column("label").to_numpy(), table.column("path").to_pylist()
+
     def stream(self, split: str) -> "FeatureStream":
         """The split as shuffled batches read one row group at a time: for the train split, whatever its size."""
         metadata = pq.read_metadata(self.path)
@@ -102,14 +106,19 @@ class FeatureStream:
     groups: tuple[int, ...]
     num_rows: int
 
+    def chunks(self, order: np.ndarray | None = None):
+        """(features, labels) of each row group, in file order or in `order`."""
+        parquet = pq.ParquetFile(self.path)
+        for group in self.groups if order is None else order:
+            table = parquet.read_row_group(int(group), columns=["features", "label"])
+            yield _features_matrix(table), table.column("label").to_numpy().astype(np.int64)
+
     def shuffled_chunks(self, seed: int, epoch: int):
         """One epoch: the row groups in a seeded random order, each with its rows permuted."""
         generator = np.random.default_rng([seed, epoch])
-        parquet = pq.ParquetFile(self.path)
-        for group in generator.permutation(np.array(self.groups, dtype=np.int64)):
-            table = parquet.read_row_group(int(group), columns=["features", "label"])
-            order = generator.permutation(table.num_rows)
-            yield _features_matrix(table)[order], table.column("label").to_numpy().astype(np.int64)[order]
+        for features, labels in self.chunks(generator.permutation(np.array(self.groups, dtype=np.int64))):
+            order = generator.permutation(len(labels))
+            yield features[order], labels[order]
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,9 @@ class InMemoryFeatures:
     @property
     def num_rows(self) -> int:
         return len(self.labels)
+
+    def chunks(self):
+        yield self.features, self.labels.astype(np.int64)
 
     def shuffled_chunks(self, seed: int, epoch: int):
         order = np.random.default_rng([seed, epoch]).permutation(len(self.labels))
@@ -201,6 +213,7 @@ def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, desti
         try:
             for shard in cache.shard_paths():
                 table = pq.read_table(shard)
+                shard_features = table.column("features").combine_chunks()
                 by_bucket: dict[tuple[str, int], list[tuple[int, int]]] = {}
                 for index, sha in enumerate(table.column("sha256").to_pylist()):
                     row = row_of.get(sha)
@@ -209,7 +222,7 @@ def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, desti
                         by_bucket.setdefault(bucket_of[row], []).append((row, index))
                 for key, pairs in by_bucket.items():
                     rows, indices = zip(*pairs)
-                    batch = pa.record_batch({"row": pa.array(rows, pa.int64()), "features": table.column("features").combine_chunks().take(list(indices))})
+                    batch = pa.record_batch({"row": pa.array(rows, pa.int64()), "features": shard_features.take(list(indices))})
                     if key not in writers:
                         writers[key] = pa.ipc.new_file(Path(scratch) / f"{key[0]}-{key[1]}.arrow", batch.schema)
                     writers[key].write_batch(batch)

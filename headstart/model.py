@@ -55,7 +55,7 @@ def head_model(classifier: keras.Model, feature_dim: int) -> keras.Model:
 def train_head(
     classifier: keras.Model,
     train: "FeatureStream | InMemoryFeatures | tuple[np.ndarray, np.ndarray]",
-    validation: tuple[np.ndarray, np.ndarray] | None,
+    validation: "FeatureStream | InMemoryFeatures | tuple[np.ndarray, np.ndarray] | None",
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -69,15 +69,15 @@ def train_head(
     features every epoch. Computing them once and fitting the shared Dropout + Dense layers on
     them gives the same gradients without running MobileNetV2 epochs × images times.
 
-    The train split streams in shuffled chunks (a FeatureStream reads one row group at a time),
-    so memory does not grow with the dataset; the validation split is held in memory. Each chunk
+    Both splits stream in chunks (a FeatureStream reads one row group at a time, the train split
+    shuffled), so memory does not grow with the dataset. Each training chunk
     is one graph call that steps through its mini-batches: the head's step is so cheap that
     `fit`'s per-step and per-epoch machinery cost more than the training (4–5 s vs ~1 s here).
     Early stopping as in Keras: after `patience` epochs without a lower validation loss, keeping
     the weights of the best epoch.
     """
-    if isinstance(train, tuple):
-        train = InMemoryFeatures(*train)
+    train = InMemoryFeatures(*train) if isinstance(train, tuple) else train
+    validation = InMemoryFeatures(*validation) if isinstance(validation, tuple) else validation
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     feature_dim = int(classifier.get_layer(HEAD_DENSE).input_shape[-1])
@@ -105,14 +105,15 @@ def train_head(
         return loss_sum, correct
 
     @tf.function(input_signature=chunk_spec)
-    def score(features, labels):
+    def score_chunk(features, labels):
         probabilities = head(features, training=False)
-        return cross_entropy(labels, probabilities), _correct(labels, probabilities) / tf.cast(tf.shape(labels)[0], tf.float32)
+        return cross_entropy(labels, probabilities) * tf.cast(tf.shape(labels)[0], tf.float32), _correct(labels, probabilities)
 
-    has_validation = validation is not None and len(validation[1]) > 0
-    if has_validation:
-        validation_features = tf.constant(validation[0], tf.float32)
-        validation_labels = tf.constant(np.asarray(validation[1], np.int64))
+    def score() -> tuple[float, float]:
+        sums = np.array([[float(value) for value in score_chunk(features, labels)] for features, labels in validation.chunks()]).sum(0)
+        return float(sums[0] / validation.num_rows), float(sums[1] / validation.num_rows)
+
+    has_validation = validation is not None and validation.num_rows > 0
     history: dict[str, list[float]] = {"loss": [], "accuracy": []} | ({"val_loss": [], "val_accuracy": []} if has_validation else {})
     best_loss, best_weights, epochs_without_improvement = np.inf, None, 0
     for epoch in range(epochs):
@@ -124,7 +125,7 @@ def train_head(
         history["accuracy"].append(correct / train.num_rows)
         if not has_validation:
             continue
-        validation_loss, validation_accuracy = (float(value) for value in score(validation_features, validation_labels))
+        validation_loss, validation_accuracy = score()
         history["val_loss"].append(validation_loss)
         history["val_accuracy"].append(validation_accuracy)
         if validation_loss < best_loss:

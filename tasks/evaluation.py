@@ -16,8 +16,11 @@ def evaluate(classifier, features: FeatureSet, class_names: tuple[str, ...]) -> 
     """Metrics on the test split; also returns the test probabilities for the plots."""
     from headstart.model import predict_from_features
 
-    test_features, labels, _ = features.load("test")
-    probabilities = predict_from_features(classifier, test_features)
+    probabilities, labels = [], []
+    for chunk_features, chunk_labels in features.stream("test").chunks():  # one row group at a time
+        probabilities.append(predict_from_features(classifier, chunk_features))
+        labels.append(chunk_labels)
+    probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
     return classification_metrics(labels, probabilities, list(class_names)), probabilities
 
 
@@ -26,7 +29,7 @@ def visualize(config: TrainConfig, history: dict, metrics: dict, probabilities: 
     """Renders the run's plots as PNG bytes, by file name."""
     from headstart import plots
 
-    _, labels, paths = features.load("test")
+    labels, paths = features.labels_and_paths("test")
     samples = plots.sample_indices(len(paths), 12, config.seed)
     mistakes = plots.confident_mistake_indices(labels, probabilities, 12)
     names = metrics["class_names"]

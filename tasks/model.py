@@ -24,6 +24,6 @@ def train_head(config: TrainConfig, classifier, features: FeatureSet) -> dict[st
     from headstart.model import train_head as fit_head
 
     return fit_head(
-        classifier, features.stream("train"), features.load("validation")[:2], epochs=config.epochs,
+        classifier, features.stream("train"), features.stream("validation"), epochs=config.epochs,
         batch_size=config.batch_size, learning_rate=config.learning_rate, patience=config.patience, seed=config.seed,
     )
