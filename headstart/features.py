@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from headstart.backbone import Backbone
 from headstart.data import SPLITS, Manifest
-from headstart.storage import atomic_path, write_parquet_atomic
+from headstart.storage import atomic_path, release_freed_memory, write_parquet_atomic
 
 
 # Features are dense floats: dictionary encoding and compression gain nothing on them and made
@@ -178,11 +178,13 @@ def extract_shard(shard: list[tuple[str, str]], backbone: Backbone, cache_dir: P
         if progress is not None:
             progress.update(len(batch))
     FeatureCache(cache_dir, backbone).write_shard([sha for sha, _ in shard], np.concatenate(outputs))
+    del outputs
+    release_freed_memory()
     return engine.name
 
 
-# Rows per row group of a dataset's features file: about 20 MB of features, what training holds in memory.
-ROWS_PER_GROUP = 4096
+# Rows per row group of a dataset's features file: about 10 MB of features, what training holds in memory.
+ROWS_PER_GROUP = 2048
 
 
 def assemble_features(manifest: Manifest, backbone: Backbone, cache_dir: Path, extracted: int = 0, engine: str = "cache") -> FeatureSet:
@@ -239,7 +241,8 @@ def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, desti
                         part = pa.ipc.open_file(source).read_all()
                     rows = part.column("row").to_numpy()
                     order = np.argsort([hashes[row] for row in rows], kind="stable")
-                    group = manifest_table.take(rows[order]).append_column("features", part.column("features").combine_chunks().take(order))
+                    group = manifest_table.take(rows[order]).append_column("features", part.column("features").take(order))
+                    del part
                     if output is None:
                         output = pq.ParquetWriter(temporary, group.schema, **FEATURES_PARQUET_OPTIONS)
                     output.write_table(group, row_group_size=group.num_rows)
