@@ -149,8 +149,13 @@ class ExtractionSettings:
     batch_size: int = 64
 
 
+# Bump when the layout of a dataset's features file changes, so that older files are not read.
+DATASET_LAYOUT_VERSION = 2
+
+
 def dataset_features_path(manifest: Manifest, backbone: Backbone, cache_dir: Path) -> Path:
-    return Path(cache_dir) / "datasets" / f"{manifest.fingerprint}-{backbone.fingerprint}-{backbone.image_size}px.parquet"
+    name = f"{manifest.fingerprint}-{backbone.fingerprint}-{backbone.image_size}px-v{DATASET_LAYOUT_VERSION}.parquet"
+    return Path(cache_dir) / "datasets" / name
 
 
 def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, shard_size: int = 1024) -> list[list[tuple[str, str]]]:
