@@ -174,14 +174,14 @@ def extract_shard(shard: list[tuple[str, str]], backbone: Backbone, cache_dir: P
 
     The engine is built once per process and reused for every later shard (see headstart.engines).
     """
-    from headstart.engines import engine_for, image_batches
+    from headstart.engines import decoded_batches, engine_for
 
     engine = engine_for(backbone, settings.engine, Path(cache_dir), settings.threads)
     outputs = []
-    for batch in image_batches([path for _, path in shard], backbone.image_size, settings.batch_size):
-        outputs.append(engine(batch))
+    for images in decoded_batches([path for _, path in shard], settings.batch_size):
+        outputs.append(engine(images))
         if progress is not None:
-            progress.update(len(batch))
+            progress.update(len(images))
     FeatureCache(cache_dir, backbone).write_shard([sha for sha, _ in shard], np.concatenate(outputs))
     del outputs
     release_freed_memory()

@@ -45,9 +45,14 @@ def test_enlarging_skips_antialiasing_without_changing_pixels(tmp_path):
 def test_litert_engine_agrees_with_tensorflow(tiny, tmp_path):
     choice = choose_engine(tiny, "litert", tmp_path / "cache", threads=2)
     assert choice.engine.name == "litert"
-    images = np.random.default_rng(0).random((5, 32, 32, 3), dtype=np.float32)
+    generator = np.random.default_rng(0)
+    images = generator.random((5, 32, 32, 3), dtype=np.float32)
     assert np.abs(choice.engine(images) - KerasEngine(tiny)(images)).max() <= 1e-4
     assert 0 <= choice.engine.parity <= 1e-4
+    # Enlarged inside the LiteRT model, shrunk with antialiasing before it, or neither; in any order.
+    mixed = [generator.random(shape, dtype=np.float32) for shape in ((12, 20, 3), (32, 32, 3), (48, 40, 3), (12, 20, 3), (7, 90, 3))]
+    expected = np.concatenate([KerasEngine(tiny)(image[np.newaxis]) for image in mixed])
+    assert np.abs(choice.engine(mixed) - expected).max() <= 1e-4
 
 
 def test_cache_is_reused_and_only_new_images_are_extracted(colour_folder, tiny, tmp_path):
@@ -77,7 +82,7 @@ def test_an_interrupted_run_keeps_finished_shards(colour_folder, tiny, tmp_path,
     import headstart.engines as engines_module
 
     calls = {"n": 0}
-    real_batches = engines_module.image_batches
+    real_batches = engines_module.decoded_batches
 
     def failing_after_two_shards(*args, **kwargs):
         calls["n"] += 1
@@ -85,13 +90,13 @@ def test_an_interrupted_run_keeps_finished_shards(colour_folder, tiny, tmp_path,
             raise KeyboardInterrupt
         return real_batches(*args, **kwargs)
 
-    monkeypatch.setattr(engines_module, "image_batches", failing_after_two_shards)
+    monkeypatch.setattr(engines_module, "decoded_batches", failing_after_two_shards)
     manifest = _manifest(colour_folder, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         extract_features(manifest, tiny, tmp_path / "cache", engine="keras", shard_size=16)
     shards = FeatureCache(tmp_path / "cache", tiny).shard_paths()
     assert len(shards) == 2 and sum(pq.read_metadata(s).num_rows for s in shards) == 32
-    monkeypatch.setattr(engines_module, "image_batches", real_batches)
+    monkeypatch.setattr(engines_module, "decoded_batches", real_batches)
     resumed = extract_features(manifest, tiny, tmp_path / "cache", engine="keras", shard_size=16)
     assert (resumed.extracted, resumed.reused) == (16, 32)
 
