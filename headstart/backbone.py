@@ -20,7 +20,7 @@ from headstart.errors import HeadstartError
 BUNDLED_HANDLE = "bundled:mobilenet_v2"
 CHECKPOINT_SHA256_PREFIX = "b0353104"
 # Bump when the conversion changes, so that exports cached by an older version are not reused.
-CONVERTER_VERSION = "3"
+CONVERTER_VERSION = "4"
 
 
 def bundled_checkpoint_path() -> Path:

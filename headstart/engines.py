@@ -17,7 +17,7 @@ from headstart.backbone import Backbone
 from headstart.data import load_image
 from headstart.errors import HeadstartError
 from headstart.keras import tf
-from headstart.mobilenet import NATIVE_SIZE_SIGNATURE, resize_images
+from headstart.mobilenet import LITERT_SIGNATURE, resize_images
 from headstart.storage import atomic_path, write_json_atomic
 
 PARITY_TOLERANCE = 1e-4
@@ -103,8 +103,8 @@ LITERT_MODEL_VERSION = 2
 def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
     """Converts the backbone to a float32 .tflite file, once per fingerprint and image size.
 
-    The model is the native-size signature behind a plain bilinear resize, which equals the hub
-    module's antialiased resize wherever no side shrinks. The conversion also measures parity
+    The model enlarges its input with a plain bilinear resize, which equals the hub module's
+    antialiased resize wherever no side shrinks. The conversion also measures parity
     with TensorFlow on probe images, enlarged and at the native size, while the SavedModel is
     loaded anyway, and records it beside the .tflite file.
     """
@@ -115,14 +115,7 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
     if path.exists() and _parity_record(path).exists():
         return path
     module = tf.saved_model.load(str(backbone.module_path))
-    native = _native_size_function(module, size)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-    def resize_and_extract(images):
-        outputs = native(tf.image.resize(images, (size, size), method="bilinear"))
-        return outputs if isinstance(outputs, tf.Tensor) else next(iter(outputs.values()))
-
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([resize_and_extract.get_concrete_function()], module)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([_litert_function(module, size)], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     flatbuffer = converter.convert()
 
@@ -142,9 +135,18 @@ def _parity_record(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".parity.json")
 
 
-def _native_size_function(module, size: int):
-    """The module's signature at exactly size × size where it exports one, else its serving signature."""
-    return module.signatures.get(NATIVE_SIZE_SIGNATURE) or module.signatures["serving_default"]
+def _litert_function(module, size: int):
+    """The module's LiteRT signature where it exports one (headstart's own modules do); otherwise
+    its serving signature behind a plain bilinear resize to exactly its size."""
+    if LITERT_SIGNATURE in module.signatures:
+        return module.signatures[LITERT_SIGNATURE]
+    serving = module.signatures["serving_default"]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def resize_and_extract(images):
+        return serving(tf.image.resize(images, (size, size), method="bilinear"))
+
+    return resize_and_extract.get_concrete_function()
 
 
 def parity_images(image_size: int, count: int = 4, seed: int = 1234) -> np.ndarray:

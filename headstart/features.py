@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,13 +105,30 @@ class FeatureStream:
     path: Path
     groups: tuple[int, ...]
     num_rows: int
+    # Row groups already read, by index, when the stream is `kept_in_memory`.
+    resident: dict | None = field(default=None, compare=False, repr=False)
+
+    def kept_in_memory(self, max_bytes: int) -> "FeatureStream":
+        """The same stream, each row group read from disk once and then served from memory, where
+        the split fits in max_bytes; else unchanged. Either way it yields the same chunks."""
+        metadata = pq.read_metadata(self.path)
+        column = metadata.schema.to_arrow_schema().get_field_index("features")
+        size = sum(metadata.row_group(group).column(column).total_uncompressed_size for group in self.groups)
+        return replace(self, resident={}) if size <= max_bytes else self
 
     def chunks(self, order: np.ndarray | None = None):
         """(features, labels) of each row group, in file order or in `order`."""
-        parquet = pq.ParquetFile(self.path)
+        parquet = None
         for group in self.groups if order is None else order:
+            if self.resident is not None and int(group) in self.resident:
+                yield self.resident[int(group)]
+                continue
+            parquet = parquet or pq.ParquetFile(self.path)
             table = parquet.read_row_group(int(group), columns=["features", "label"])
-            yield _features_matrix(table), table.column("label").to_numpy().astype(np.int64)
+            chunk = _features_matrix(table), table.column("label").to_numpy().astype(np.int64)
+            if self.resident is not None:
+                self.resident[int(group)] = chunk
+            yield chunk
 
     def shuffled_chunks(self, seed: int, epoch: int):
         """One epoch: the row groups in a seeded random order, each with its rows permuted."""

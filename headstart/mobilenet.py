@@ -20,8 +20,9 @@ from headstart.keras import keras, tf
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_DIM = 1280
-# The exported signature at the module's own size: free of resize ops, so LiteRT can convert it.
-NATIVE_SIZE_SIGNATURE = "native_size"
+# The exported signature LiteRT converts: images no larger than the module's size, enlarged with a
+# plain bilinear resize (all that antialiasing amounts to when no side shrinks), which LiteRT has.
+LITERT_SIGNATURE = "litert"
 # torchvision's inverted-residual settings: expansion t, output channels c, repeats n, stride s.
 INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 BATCH_NORM_EPSILON = 1e-5  # torch's default; Keras' default of 1e-3 would shift every feature.
@@ -115,11 +116,10 @@ def build_hub_module(network: keras.Model, image_size: int):
     def call(images, training=False):
         return features(resize_images(images, image_size))
 
-    # A separate function at the native size: it has no resize op at all, so LiteRT can convert it.
-    # (Tracing `call` at this shape would reuse its general trace, resize op included.)
+    # A separate function for LiteRT: the antialiased resize in `call` has no LiteRT counterpart.
     @tf.function
-    def call_at_native_size(images):
-        return features(images)
+    def call_for_litert(images):
+        return features(tf.image.resize(images, (image_size, image_size), method="bilinear"))
 
     images_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
     for training in (False, True):
@@ -131,7 +131,7 @@ def build_hub_module(network: keras.Model, image_size: int):
     module.regularization_losses = []
     module.signatures_to_export = {
         "serving_default": call.get_concrete_function(images_spec, False),
-        NATIVE_SIZE_SIGNATURE: call_at_native_size.get_concrete_function(tf.TensorSpec([None, image_size, image_size, 3], tf.float32)),
+        LITERT_SIGNATURE: call_for_litert.get_concrete_function(images_spec),
     }
     return module
 

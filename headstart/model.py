@@ -76,8 +76,7 @@ def train_head(
     Early stopping as in Keras: after `patience` epochs without a lower validation loss, keeping
     the weights of the best epoch.
     """
-    train = InMemoryFeatures(*train) if isinstance(train, tuple) else train
-    validation = InMemoryFeatures(*validation) if isinstance(validation, tuple) else validation
+    train, validation = (_in_memory_where_small(split) for split in (train, validation))
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     feature_dim = int(classifier.get_layer(HEAD_DENSE).input_shape[-1])
@@ -137,6 +136,18 @@ def train_head(
     if best_weights is not None:
         head.set_weights(best_weights)
     return history
+
+
+# Features a split may keep in memory across epochs, rather than reading them again each epoch:
+# 10 000 images' worth (51 MB at 1280 floats each) saves ~1 s of training, and peak memory stays
+# bounded whatever the dataset size.
+RESIDENT_FEATURE_BYTES = 64 * 2**20
+
+
+def _in_memory_where_small(split):
+    if isinstance(split, tuple):
+        return InMemoryFeatures(*split)
+    return split.kept_in_memory(RESIDENT_FEATURE_BYTES) if isinstance(split, FeatureStream) else split
 
 
 def _correct(labels, probabilities):
