@@ -195,7 +195,7 @@ def extract_shard(shard: list[tuple[str, str]], backbone: Backbone, cache_dir: P
 
     engine = engine_for(backbone, settings.engine, Path(cache_dir), settings.threads)
     outputs = []
-    for images in decoded_batches([path for _, path in shard], settings.batch_size):
+    for images in decoded_batches([path for _, path in shard], backbone.image_size, settings.batch_size):
         outputs.append(engine(images))
         if progress is not None:
             progress.update(len(images))

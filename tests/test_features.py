@@ -9,7 +9,7 @@ from headstart.backbone import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data import load_image, prepare_source
 from headstart.errors import HeadstartError
-from headstart.engines import KerasEngine, choose_engine, image_batches
+from headstart.engines import KerasEngine, choose_engine, decoded_batches, image_batches
 from headstart.features import FeatureCache, extract_features
 from headstart.mobilenet import resize_images
 
@@ -40,6 +40,16 @@ def test_enlarging_skips_antialiasing_without_changing_pixels(tmp_path):
     eager = np.concatenate([resize_images(load_image(p)[None].astype(np.float32) / 255.0, 32).numpy() for p in paths])
     assert streamed.shape == (5, 32, 32, 3)
     np.testing.assert_allclose(streamed, eager, atol=1e-6)
+
+
+def test_decoded_batches_shrink_large_images_at_once_and_leave_small_ones(tmp_path):
+    write_class_images(tmp_path, {"a": (100, 100, 100)}, per_class=2, size=48)
+    write_class_images(tmp_path, {"b": (10, 200, 100)}, per_class=2, size=20)
+    paths = sorted(str(p) for p in tmp_path.glob("*/*.png"))
+    images = [image for batch in decoded_batches(paths, 32, batch_size=3) for image in batch]
+    assert [image.shape for image in images] == [(32, 32, 3)] * 2 + [(20, 20, 3)] * 2
+    np.testing.assert_allclose(images[0], resize_images(load_image(paths[0])[None].astype(np.float32) / 255.0, 32).numpy()[0], atol=1e-6)
+    np.testing.assert_allclose(images[2], load_image(paths[2]).astype(np.float32) / 255.0)
 
 
 def test_litert_engine_agrees_with_tensorflow(tiny, tmp_path):
