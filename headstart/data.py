@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import shutil
 import tarfile
@@ -129,18 +130,18 @@ def _save_scan_cache(cache_dir: Path, entries: dict[tuple[str, int, int], tuple[
     write_parquet_atomic(_scan_cache_path(cache_dir), table)
 
 
-def scan_files(paths: list[Path], cache_dir: Path, show_progress: bool = False) -> list[tuple[str, str]]:
+def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool = False) -> list[tuple[str, str]]:
     """Hashes and test-decodes files, reusing results for files whose size and mtime are unchanged.
 
-    Returns (sha256, error) per path; error is '' for a usable image.
+    Takes resolved paths (the cache's keys); returns (sha256, error) per path, error '' for a usable image.
     """
     cache = _load_scan_cache(cache_dir)
     results, changed = [], False
-    for path in tqdm(paths, desc="scan images", unit="img", disable=not show_progress):
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    for path in tqdm(resolved_paths, desc="scan images", unit="img", disable=not show_progress):
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns)
         if key not in cache:
-            cache[key] = (file_sha256(path), check_image(path) or "")
+            cache[key] = (file_sha256(Path(path)), check_image(Path(path)) or "")
             changed = True
         results.append(cache[key])
     if changed:
@@ -159,11 +160,12 @@ def build_manifest(
     show_progress: bool = False,
 ) -> Manifest:
     """Hashes, checks and splits files into a manifest; `fixed_split` (third item) overrides the hash split."""
-    scanned = scan_files([path for path, _, _ in labelled_files], cache_dir, show_progress)
+    resolved = [str(path.resolve()) for path, _, _ in labelled_files]  # symlinked datasets point at their files
+    scanned = scan_files(resolved, cache_dir, show_progress)
     rows = {"path": [], "label": [], "class_name": [], "sha256": [], "split": []}
     first_seen: dict[str, tuple[Path, int]] = {}
     per_class = [0] * len(class_names)
-    for (path, label, fixed_split), (sha256, error) in zip(labelled_files, scanned):
+    for (path, label, fixed_split), resolved_path, (sha256, error) in zip(labelled_files, resolved, scanned):
         if error:
             report.skipped.append({"path": str(path), "reason": error})
             continue
@@ -184,7 +186,7 @@ def build_manifest(
             split = assign_split(sha256, validation_fraction, 0.0)
         else:
             split = assign_split(sha256, validation_fraction, test_fraction)
-        rows["path"].append(str(path.resolve()))
+        rows["path"].append(resolved_path)
         rows["label"].append(label)
         rows["class_name"].append(class_names[label])
         rows["sha256"].append(sha256)
