@@ -23,20 +23,15 @@ def _manifest(folder, tmp_path):
     return prepare_source(TrainConfig(data=str(folder), cache_dir=tmp_path / "cache"))[0]
 
 
-def test_streamed_batches_equal_eager_preprocessing(tmp_path):
-    write_class_images(tmp_path, {"a": (100, 100, 100)}, per_class=5, size=48)
-    paths = sorted(str(p) for p in (tmp_path / "a").glob("*.png"))
-    streamed = np.concatenate(list(image_batches(paths, 32, batch_size=2)))
-    eager = np.concatenate([resize_images(load_image(p)[None].astype(np.float32) / 255.0, 32).numpy() for p in paths])
-    assert streamed.shape == (5, 32, 32, 3)
-    np.testing.assert_allclose(streamed, eager, atol=1e-6)
-
-
-def test_enlarging_skips_antialiasing_without_changing_pixels(tmp_path):
-    write_class_images(tmp_path, {"a": (100, 100, 100)}, per_class=3, size=20)
-    write_class_images(tmp_path, {"b": (10, 200, 100)}, per_class=2, size=32)  # scale 1 in the same batch: resized one by one
-    paths = sorted(str(p) for p in tmp_path.glob("*/*.png"))
-    streamed = np.concatenate(list(image_batches(paths, 32, batch_size=4)))
+@pytest.mark.parametrize("sizes, batch_size", [
+    ((48,) * 5, 2),  # shrunk, with antialiasing
+    ((20, 20, 20, 32, 32), 4),  # enlarged without antialiasing, and scale 1 in the same batch (resized one by one)
+])
+def test_streamed_batches_equal_eager_preprocessing(tmp_path, sizes, batch_size):
+    for index, size in enumerate(sizes):
+        write_class_images(tmp_path / str(index), {"a": (100, 10 * index, 100)}, per_class=1, size=size, seed=index)
+    paths = sorted(str(p) for p in tmp_path.glob("*/a/*.png"))
+    streamed = np.concatenate(list(image_batches(paths, 32, batch_size=batch_size)))
     eager = np.concatenate([resize_images(load_image(p)[None].astype(np.float32) / 255.0, 32).numpy() for p in paths])
     assert streamed.shape == (5, 32, 32, 3)
     np.testing.assert_allclose(streamed, eager, atol=1e-6)
