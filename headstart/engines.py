@@ -84,9 +84,7 @@ class _LiteRTRunner:
     def __call__(self, images) -> np.ndarray:
         outputs = []
         for image in images:
-            if max(image.shape[:2]) > self.image_size:
-                image = resize_images(image[np.newaxis], self.image_size).numpy()[0]
-            image = np.ascontiguousarray(image[np.newaxis], np.float32)
+            image = np.ascontiguousarray(shrunk_to_fit(image, self.image_size)[np.newaxis], np.float32)
             if image.shape != self._shape:
                 self.interpreter.resize_tensor_input(self._input, list(image.shape), strict=False)
                 self.interpreter.allocate_tensors()
@@ -227,13 +225,14 @@ def decoded_batches(paths: list[str], image_size: int, batch_size: int):
 
 
 def _decode(paths: list[str], image_size: int) -> list[np.ndarray]:
-    images = []
-    for path in paths:
-        image = load_image(Path(path)).astype(np.float32) / 255.0
-        if max(image.shape[:2]) > image_size:
-            image = resize_images(image[np.newaxis], image_size).numpy()[0]
-        images.append(image)
-    return images
+    return [shrunk_to_fit(load_image(Path(path)).astype(np.float32) / 255.0, image_size) for path in paths]
+
+
+def shrunk_to_fit(image: np.ndarray, image_size: int) -> np.ndarray:
+    """The image resized (with antialiasing) to image_size × image_size where any side is larger; else itself."""
+    if max(image.shape[:2]) > image_size:
+        return resize_images(image[np.newaxis], image_size).numpy()[0]
+    return image
 
 
 def image_batches(paths: list[str], image_size: int, batch_size: int):
