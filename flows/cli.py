@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -174,5 +175,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `headstart` command: `main`, then an exit that skips tearing down the interpreter.
+
+    Once every exit handler has run (Prefect sends its last logs and events, files are closed),
+    freeing TensorFlow's and LiteRT's objects one by one still took 1.4 s of every command.
+    """
+    status = 1  # an exception escaping main() exits with 1, as Python would
+
+    def exit_without_teardown() -> None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    # Handlers run last-registered first: registered before anything else, this one runs last.
+    atexit.register(exit_without_teardown)
+    try:
+        status = main()
+    except SystemExit as request:  # argparse's usage errors and --help
+        status = request.code if isinstance(request.code, int) else int(request.code is not None)
+        raise
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

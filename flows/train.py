@@ -21,6 +21,8 @@ def train(config: TrainConfig) -> str:
     manifest, report = download(config)
     backbone, shards = preprocess(config, manifest)
     settings = ExtractionSettings(config.engine, config.threads, config.extraction_batch_size)
+    if shards:
+        backbone.load_keras_layer_in_background()  # for build_model, while the extraction runs
     engines = extract_features.map(
         shards, unmapped(backbone), unmapped(config.cache_dir), unmapped(settings), [f"{i + 1}/{len(shards)}" for i in range(len(shards))],
     ).result()

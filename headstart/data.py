@@ -149,6 +149,28 @@ def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool =
     return results
 
 
+def real_paths(paths: list[Path]) -> list[str]:
+    """Each file's path with every symlink resolved, as Path.resolve() gives it.
+
+    Each directory is resolved once; after that a file costs a system call, or three where it
+    is a symlink. Resolving each path whole took one per path component (0.45 s for 10 000 files).
+    """
+    real_directories: dict[str, str] = {}
+
+    def real_path(path: str) -> str:
+        for _ in range(40):  # the limit of symlinks the kernel follows in one path
+            directory, name = os.path.split(path)
+            if directory not in real_directories:
+                real_directories[directory] = os.path.realpath(directory)
+            path = os.path.join(real_directories[directory], name)
+            if not os.path.islink(path):
+                return path
+            path = os.path.join(real_directories[directory], os.readlink(path))
+        return os.path.realpath(path)  # a symlink loop: as Path.resolve() reports it
+
+    return [real_path(str(path)) for path in paths]
+
+
 def build_manifest(
     labelled_files: list[tuple[Path, int, str | None]],
     class_names: list[str],
@@ -160,7 +182,7 @@ def build_manifest(
     show_progress: bool = False,
 ) -> Manifest:
     """Hashes, checks and splits files into a manifest; `fixed_split` (third item) overrides the hash split."""
-    resolved = [str(path.resolve()) for path, _, _ in labelled_files]  # symlinked datasets point at their files
+    resolved = real_paths([path for path, _, _ in labelled_files])  # symlinked datasets point at their files
     scanned = scan_files(resolved, cache_dir, show_progress)
     rows = {"path": [], "label": [], "class_name": [], "sha256": [], "split": []}
     first_seen: dict[str, tuple[Path, int]] = {}
@@ -233,15 +255,34 @@ def list_class_files(root: Path, class_names: list[str], report: DataReport) -> 
     """(path, label, None) for every image under root/CLASS; labels index class_names; absent classes have none."""
     files = []
     for label, name in enumerate(class_names):
-        class_dir = Path(root) / name
-        for path in sorted(class_dir.rglob("*")) if class_dir.is_dir() else []:
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
-                continue
+        for path in _visible_files(Path(root) / name):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 report.skipped.append({"path": str(path), "reason": "not an image file"})
                 continue
             files.append((path, label, None))
     return files
+
+
+def _visible_files(directory: Path) -> list[Path]:
+    """Files under directory, hidden ones and hidden folders left out, in sorted(rglob) order.
+
+    Symlinked folders are not entered (as rglob does not); symlinked files count. Each entry's
+    type comes from the directory listing, where rglob + is_file made a system call per file.
+    """
+    found, pending = [], [str(directory)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:  # a missing or unreadable folder holds no images
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            elif entry.is_file():
+                found.append(entry.path)
+    return [Path(path) for path in sorted(found, key=lambda path: path.split(os.sep))]
 
 
 # --- CIFAR-10 -------------------------------------------------------------------------------

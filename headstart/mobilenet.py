@@ -15,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.backbone import LITERT_SIGNATURE
 from headstart.keras import keras, tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_DIM = 1280
-# The exported signature LiteRT converts: images no larger than the module's size, enlarged with a
-# plain bilinear resize (all that antialiasing amounts to when no side shrinks), which LiteRT has.
-LITERT_SIGNATURE = "litert"
 # torchvision's inverted-residual settings: expansion t, output channels c, repeats n, stride s.
 INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 BATCH_NORM_EPSILON = 1e-5  # torch's default; Keras' default of 1e-3 would shift every feature.
@@ -96,9 +94,12 @@ def imagenet_classifier(state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nd
 def build_hub_module(network: keras.Model, image_size: int):
     """Wraps the network as a TF Hub image feature-vector module.
 
-    The reusable-SavedModel convention: `__call__(images, training)` takes float32 images in
-    [0, 1] of any size and returns [batch, 1280]; `variables`, `trainable_variables` and
+    The reusable-SavedModel convention: `__call__(images)` takes float32 images in [0, 1] of
+    any size and returns [batch, 1280]; `variables`, `trainable_variables` and
     `regularization_losses` let `hub.KerasLayer(..., trainable=True)` fine-tune it later.
+    `__call__` takes no `training` argument, which the convention allows: BatchNorm runs in
+    inference mode either way, and each traced variant would be one more copy of the network
+    for every load to restore (three copies took 0.8 s to load, two take 0.5 s).
     """
     module = tf.__internal__.tracking.AutoTrackable()
     # The Keras network itself is not attached: saving it would serialise (and trace) every layer,
@@ -113,7 +114,7 @@ def build_hub_module(network: keras.Model, image_size: int):
         return network(normalized, training=False)
 
     @tf.function
-    def call(images, training=False):
+    def call(images):
         return features(resize_images(images, image_size))
 
     # A separate function for LiteRT: the antialiased resize in `call` has no LiteRT counterpart.
@@ -122,15 +123,14 @@ def build_hub_module(network: keras.Model, image_size: int):
         return features(tf.image.resize(images, (image_size, image_size), method="bilinear"))
 
     images_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-    for training in (False, True):
-        call.get_concrete_function(images_spec, training)
+    call.get_concrete_function(images_spec)
     module.__call__ = call
     module.image_size = tf.Variable(image_size, trainable=False, name="image_size")
     module.variables = list(network.variables)
     module.trainable_variables = list(network.trainable_variables)
     module.regularization_losses = []
     module.signatures_to_export = {
-        "serving_default": call.get_concrete_function(images_spec, False),
+        "serving_default": call.get_concrete_function(images_spec),
         LITERT_SIGNATURE: call_for_litert.get_concrete_function(images_spec),
     }
     return module

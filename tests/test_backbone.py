@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from headstart.backbone import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path, resolve_backbone
+from headstart.backbone import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path, loading_in_background, resolve_backbone
 from headstart.checkpoint import read_legacy_checkpoint
 from headstart.errors import HeadstartError
 from headstart.mobilenet import build_mobilenet_v2, imagenet_classifier, resize_images
@@ -90,6 +90,27 @@ def test_local_savedmodel_directory_is_a_handle(tiny_backbone_dir, tmp_path):
     backbone = resolve_backbone(str(tiny_backbone_dir), 32, tmp_path)
     assert backbone.module_path == tiny_backbone_dir
     assert backbone.keras_layer()(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 16)
+
+
+def test_a_layer_loaded_in_the_background_serves_the_next_keras_layer_call(tiny_backbone_dir, tmp_path):
+    backbone = resolve_backbone(str(tiny_backbone_dir), 32, tmp_path)
+    backbone.load_keras_layer_in_background()
+    layer = backbone.keras_layer()
+    assert not loading_in_background()
+    fresh = backbone.keras_layer()  # the background layer is handed out once
+    assert fresh is not layer
+    images = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    np.testing.assert_array_equal(layer(images).numpy(), fresh(images).numpy())
+
+
+def test_a_failed_background_load_fails_where_the_layer_is_needed(tmp_path):
+    (tmp_path / "module").mkdir()
+    (tmp_path / "module" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    backbone = Backbone("broken", tmp_path / "module", "0" * 16, 32)
+    backbone.load_keras_layer_in_background()
+    with pytest.raises(Exception):
+        backbone.keras_layer()
+    assert not loading_in_background()
 
 
 @pytest.mark.parametrize("handle, message", [

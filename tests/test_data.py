@@ -5,6 +5,7 @@ import http.server
 import io
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 
 from conftest import write_class_images
 from headstart.config import TrainConfig
-from headstart.data import CIFAR10_CLASSES, assign_split, download, load_image, prepare_source
+from headstart.data import CIFAR10_CLASSES, DataReport, assign_split, download, list_class_files, load_image, prepare_source, real_paths
 from headstart.errors import HeadstartError
 
 
@@ -42,6 +43,29 @@ def test_bad_files_are_skipped_and_reported(colour_folder, tmp_path):
     assert reasons["copy.png"].startswith("duplicate of")
     assert reasons["broken.jpg"].startswith("cannot decode")
     assert manifest.read().num_rows == 48
+
+
+def test_listing_and_resolving_agree_with_rglob_and_path_resolve(tmp_path):
+    root = tmp_path / "data"
+    for relative in ("red/a.png", "red/A.PNG", "red/b/y.png", "red/b-c/x.png", "red/b.c/w.png", "red/.hidden/z.png", "red/.h.png",
+                     "elsewhere/t.png", "elsewhere/deep/u.png"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(b"")
+    (root / "red" / "linked-folder").symlink_to(root / "elsewhere")
+    (root / "red" / "absolute.png").symlink_to(root / "elsewhere" / "t.png")
+    (root / "red" / "relative.png").symlink_to(Path("..") / "elsewhere" / "deep" / "u.png")
+    (root / "red" / "chained.png").symlink_to(root / "red" / "relative.png")
+    (root / "red" / "broken.png").symlink_to(root / "nowhere.png")
+    (root / "via-link").symlink_to(root / "red")
+
+    listed = [path for path, _, _ in list_class_files(root, ["red"], DataReport(source=str(root), class_names=["red"]))]
+    by_rglob = [path for path in sorted((root / "red").rglob("*"))
+                if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    assert listed == by_rglob
+    assert {str(path.relative_to(root / "red")) for path in listed} == {
+        "a.png", "A.PNG", "b/y.png", "b-c/x.png", "b.c/w.png", "absolute.png", "relative.png", "chained.png"}
+    through_links = [*listed, root / "via-link" / "chained.png", root / "via-link" / "b" / "y.png", root / "red" / "linked-folder" / "deep" / "u.png"]
+    assert real_paths(through_links) == [str(path.resolve()) for path in through_links]
 
 
 def test_splits_depend_on_content_only(colour_folder, tmp_path):

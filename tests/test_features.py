@@ -60,6 +60,19 @@ def test_litert_engine_agrees_with_tensorflow(tiny, tmp_path):
     assert np.abs(choice.engine(mixed) - expected).max() <= 1e-4
 
 
+def test_litert_features_are_the_same_on_one_thread_while_the_backbone_loads(tiny, tmp_path, monkeypatch):
+    from headstart import engines
+
+    engine = choose_engine(tiny, "litert", tmp_path / "cache", threads=2).engine
+    generator = np.random.default_rng(1)
+    images = [generator.random(shape, dtype=np.float32) for shape in [(32, 32, 3)] * 6 + [(20, 24, 3), (32, 32, 3)]]
+    alone = engine(images)
+    monkeypatch.setattr(engines, "loading_in_background", lambda: True)
+    beside = engine(images)
+    assert sorted(engine._runners) == [1, 2]
+    np.testing.assert_array_equal(alone, beside)
+
+
 def test_cache_is_reused_and_only_new_images_are_extracted(colour_folder, tiny, tmp_path):
     cache_dir = tmp_path / "cache"
     first = extract_features(_manifest(colour_folder, tmp_path), tiny, cache_dir, engine="keras", batch_size=8, shard_size=16)
