@@ -22,7 +22,7 @@ from headstart.errors import HeadstartError
 BUNDLED_HANDLE = "bundled:mobilenet_v2"
 CHECKPOINT_SHA256_PREFIX = "b0353104"
 # Bump when the conversion changes, so that exports cached by an older version are not reused.
-CONVERTER_VERSION = "5"
+CONVERTER_VERSION = "6"
 # The signature of headstart's modules that LiteRT converts: images no larger than the module's
 # size, enlarged with a plain bilinear resize (all that antialiasing amounts to when no side
 # shrinks), which LiteRT has.
