@@ -68,9 +68,10 @@ class Backbone:
     def load_keras_layer_in_background(self) -> None:
         """Starts importing TensorFlow and loading the module into a Keras layer, on a thread of its own.
 
-        For while the LiteRT engine extracts features: it holds the GIL only between images,
-        so the import (2–3 s) and the load (~1.6 s) run beside it instead of after it.
-        The next `keras_layer()` call in this process takes that layer.
+        For while the LiteRT engine extracts features, which holds the GIL only between images:
+        the import (2–3 s) and the load (~1 s) then run beside it rather than after it. On 910
+        new images at 224 px, extraction and load took 8.9 s one after the other, 7.8–8.3 s side
+        by side. The next `keras_layer()` call in this process takes that layer.
         """
         with _background_lock:
             if self not in _loading_in_background:
