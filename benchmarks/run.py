@@ -2,7 +2,8 @@
 
     uv run python benchmarks/run.py [--data ../shared/datasets/cifar10-catdog] [--quick]
 
-Prints a markdown table and writes benchmarks/results/latest.json. Ratios are measured inside
+Prints a markdown table and writes benchmarks/results/latest.json (quick.json with --quick, so
+that checking the script never replaces a real measurement). Ratios are measured inside
 one run of this script, one after the other, because absolute times on a shared machine drift.
 
 1. Seed-style baseline vs headstart: the baseline decodes and resizes every image into memory
@@ -260,10 +261,10 @@ def main() -> None:
     finally:
         server.terminate()
         shutil.rmtree(work, ignore_errors=True)
-    report(results)
+    report(results, "quick.json" if args.quick else "latest.json")
 
 
-def report(results: dict) -> None:
+def report(results: dict, file_name: str) -> None:
     cold, warm, added = results["headstart_cold"], results["headstart_warm"], results["headstart_plus_10_percent"]
     lines = [f"| measurement ({results['image_size']} px, {results['epochs']} epochs, {results['machine']['cores']} cores) | value |", "|---|---|"]
     if "baseline" in results:
@@ -293,7 +294,7 @@ def report(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     from headstart.storage import write_json_atomic
 
-    write_json_atomic(RESULTS / "latest.json", {**results, "table": table})
+    write_json_atomic(RESULTS / file_name, {**results, "table": table})
 
 
 if __name__ == "__main__":
