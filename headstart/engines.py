@@ -42,7 +42,7 @@ class KerasEngine:
 
     def __call__(self, images) -> np.ndarray:
         """Features [n, dim] of float32 images in [0, 1]: a batch, or a list of images of any sizes."""
-        return self._forward(np.asarray(resize_batch(images, self.image_size), np.float32)).numpy()
+        return self._forward(resize_batch(images, self.image_size)).numpy()
 
 
 class LiteRTEngine:
