@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,30 +105,26 @@ class FeatureStream:
     path: Path
     groups: tuple[int, ...]
     num_rows: int
-    # Row groups already read, by index, when the stream is `kept_in_memory`.
-    resident: dict | None = field(default=None, compare=False, repr=False)
 
-    def kept_in_memory(self, max_bytes: int) -> "FeatureStream":
-        """The same stream, each row group read from disk once and then served from memory, where
-        the split fits in max_bytes; else unchanged. Either way it yields the same chunks."""
+    def kept_in_memory(self, max_bytes: int) -> "FeatureStream | InMemoryFeatures":
+        """The split read into memory once, where it fits in max_bytes; else this stream.
+        Either way an epoch visits the same rows in the same order."""
         metadata = pq.read_metadata(self.path)
         column = metadata.schema.to_arrow_schema().get_field_index("features")
-        size = sum(metadata.row_group(group).column(column).total_uncompressed_size for group in self.groups)
-        return replace(self, resident={}) if size <= max_bytes else self
+        if sum(metadata.row_group(group).column(column).total_uncompressed_size for group in self.groups) > max_bytes:
+            return self
+        chunks = list(self.chunks())
+        return InMemoryFeatures(
+            np.concatenate([features for features, _ in chunks]), np.concatenate([labels for _, labels in chunks]),
+            groups=tuple((group, len(labels)) for group, (_, labels) in zip(self.groups, chunks)),
+        )
 
     def chunks(self, order: np.ndarray | None = None):
         """(features, labels) of each row group, in file order or in `order`."""
-        parquet = None
+        parquet = pq.ParquetFile(self.path)
         for group in self.groups if order is None else order:
-            if self.resident is not None and int(group) in self.resident:
-                yield self.resident[int(group)]
-                continue
-            parquet = parquet or pq.ParquetFile(self.path)
             table = parquet.read_row_group(int(group), columns=["features", "label"])
-            chunk = _features_matrix(table), table.column("label").to_numpy().astype(np.int64)
-            if self.resident is not None:
-                self.resident[int(group)] = chunk
-            yield chunk
+            yield _features_matrix(table), table.column("label").to_numpy().astype(np.int64)
 
     def shuffled_chunks(self, seed: int, epoch: int):
         """One epoch: the row groups in a seeded random order, each with its rows permuted."""
@@ -144,6 +140,9 @@ class InMemoryFeatures:
 
     features: np.ndarray
     labels: np.ndarray
+    # (row group, rows) of each group the rows came from, in file order, when they are a
+    # FeatureStream's: an epoch then shuffles them exactly as that stream would.
+    groups: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -152,8 +151,18 @@ class InMemoryFeatures:
     def chunks(self):
         yield self.features, self.labels.astype(np.int64)
 
+    def shuffled_order(self, seed: int, epoch: int) -> np.ndarray:
+        """Row positions in one epoch's order, drawn as `FeatureStream.shuffled_chunks` draws them."""
+        generator = np.random.default_rng([seed, epoch])
+        if not self.groups:
+            return generator.permutation(len(self.labels))
+        ids, sizes = (np.array(column, dtype=np.int64) for column in zip(*self.groups))
+        starts = dict(zip(ids.tolist(), (np.cumsum(sizes) - sizes).tolist()))
+        rows = dict(zip(ids.tolist(), sizes.tolist()))
+        return np.concatenate([starts[group] + generator.permutation(rows[group]) for group in generator.permutation(ids).tolist()])
+
     def shuffled_chunks(self, seed: int, epoch: int):
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.labels))
+        order = self.shuffled_order(seed, epoch)
         yield self.features[order], self.labels[order].astype(np.int64)
 
 

@@ -57,6 +57,27 @@ def test_training_learns_and_is_deterministic(setup):
     assert (results[0][1].argmax(1) == labels).mean() >= 0.9
 
 
+def test_a_split_kept_in_memory_trains_exactly_as_the_streamed_split(setup, monkeypatch):
+    import headstart.features as features_module
+    import headstart.model as model_module
+
+    config, backbone, _ = setup
+    monkeypatch.setattr(features_module, "ROWS_PER_GROUP", 8)  # several row groups per split
+    features = extract_features(prepare_source(config)[0], backbone, config.cache_dir / "grouped", engine="keras")
+    results = []
+    for resident_bytes in (10**9, 0):
+        monkeypatch.setattr(model_module, "RESIDENT_FEATURE_BYTES", resident_bytes)
+        classifier = _classifier(backbone)
+        history = train_head(classifier, features.stream("train"), features.stream("validation"), 4, 5, 3e-2, 5, seed=3)
+        results.append((history, classifier.get_layer("head_dense").get_weights()))
+    assert len(features.stream("train").groups) >= 3
+    (in_memory_history, _), (streamed_history, _) = results
+    assert in_memory_history["loss"] == pytest.approx(streamed_history["loss"], rel=1e-12, abs=0)  # float64 sums, grouped differently
+    assert {**in_memory_history, "loss": None} == {**streamed_history, "loss": None}
+    for in_memory, streamed in zip(results[0][1], results[1][1]):
+        np.testing.assert_array_equal(in_memory, streamed)
+
+
 def test_early_stopping_keeps_the_best_epoch(setup):
     _, backbone, features = setup
     train_features, train_labels, _ = features.load("train")
