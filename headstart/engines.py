@@ -131,7 +131,7 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
     loaded anyway, and records it beside the .tflite file.
     """
     size = backbone.image_size
-    path = Path(cache_dir) / "litert" / f"{backbone.fingerprint}-{size}px-v{LITERT_MODEL_VERSION}.tflite"
+    path = litert_model_path(backbone, cache_dir)
     if path.exists() and _parity_record(path).exists():
         return path
     from ai_edge_litert.interpreter import Interpreter
@@ -153,6 +153,21 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
         temporary.write_bytes(flatbuffer)
     write_json_atomic(_parity_record(path), {"max_difference": difference, "tensorflow": tf.__version__})
     return path
+
+
+def litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
+    return Path(cache_dir) / "litert" / f"{backbone.fingerprint}-{backbone.image_size}px-v{LITERT_MODEL_VERSION}.tflite"
+
+
+def converted_litert_parity(backbone: Backbone, cache_dir: Path) -> float | None:
+    """The recorded parity of the backbone's LiteRT model where it is converted already, else None.
+
+    Such a model extracts features without TensorFlow (see `choose_engine`, which picks it when
+    this is at most PARITY_TOLERANCE)."""
+    record = _parity_record(litert_model_path(backbone, cache_dir))
+    if not (record.exists() and litert_model_path(backbone, cache_dir).exists()):
+        return None
+    return float(json.loads(record.read_text())["max_difference"])
 
 
 def _parity_record(model_path: Path) -> Path:

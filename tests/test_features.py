@@ -10,7 +10,7 @@ from headstart.config import TrainConfig
 from headstart.data import load_image, prepare_source
 from headstart.errors import HeadstartError
 from headstart.engines import KerasEngine, choose_engine, decoded_batches, image_batches
-from headstart.features import FeatureCache, extract_features
+from headstart.features import ExtractionSettings, FeatureCache, extract_features, extract_shard, plan_extraction
 from headstart.mobilenet import resize_images
 
 
@@ -71,6 +71,56 @@ def test_litert_features_are_the_same_on_one_thread_while_the_backbone_loads(tin
     beside = engine(images)
     assert sorted(engine._runners) == [1, 2]
     np.testing.assert_array_equal(alone, beside)
+
+
+class _Progress:
+    def __init__(self):
+        self.n = 0
+
+    def update(self, count):
+        self.n += count
+
+
+def _shard_and_expected_features(colour_folder, tiny, tmp_path):
+    """Ten images to extract, and their features from the LiteRT engine in this process."""
+    cache_dir = tmp_path / "cache"
+    engine = choose_engine(tiny, "litert", cache_dir, threads=2).engine  # converted now, parity recorded
+    shard = plan_extraction(_manifest(colour_folder, tmp_path), tiny, cache_dir)[0][:10]
+    expected = np.concatenate([engine(images) for images in decoded_batches([path for _, path in shard], 32, 4)])
+    return shard, expected, cache_dir
+
+
+def _cached_features(cache_dir, tiny):
+    (shard_file,) = FeatureCache(cache_dir, tiny).shard_paths()
+    column = pq.read_table(shard_file).column("features").combine_chunks()
+    return column.values.to_numpy().reshape(len(column), -1)
+
+
+def test_while_tensorflow_loads_a_converted_litert_model_extracts_in_a_child_process(colour_folder, tiny, tmp_path, monkeypatch):
+    import headstart.features as features_module
+
+    shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
+    monkeypatch.setattr(features_module, "loading_in_background", lambda: True)
+    monkeypatch.setattr(features_module, "_extract_shard_here", lambda *args: pytest.fail("extracted in this process"))
+    progress = _Progress()
+    assert extract_shard(shard, tiny, cache_dir, ExtractionSettings("auto", 2, 4), progress) == "litert"
+    assert progress.n == len(shard)
+    np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
+
+
+def test_a_failed_child_process_leaves_the_shard_to_this_process(colour_folder, tiny, tmp_path, monkeypatch, caplog):
+    import sys
+
+    import headstart.features as features_module
+
+    shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
+    monkeypatch.setattr(features_module, "loading_in_background", lambda: True)
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    progress = _Progress()
+    assert extract_shard(shard, tiny, cache_dir, ExtractionSettings("auto", 2, 4), progress) == "litert"
+    assert "extracting here instead" in caplog.text
+    assert progress.n == len(shard)
+    np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
 
 
 def test_cache_is_reused_and_only_new_images_are_extracted(colour_folder, tiny, tmp_path):
