@@ -15,7 +15,9 @@ Every `headstart train` reports to one Prefect server started here, as in a depl
 2. Extraction throughput of each engine at several image sizes.
 3. A warm re-run (identical inputs) and a +10 %-data re-run, as fractions of the cold run. The
    +10 % run starts from a cache of 10/11 of the images and ends on exactly the cold run's
-   images, so both runs produce the same model.
+   images, so both runs produce the same model. The cold, warm and +10 % runs are each made
+   `--repeats` times (3) and report their median: a burst of load from elsewhere on the machine
+   then moves one attempt, not the ratio.
 4. Peak RSS of a cold `headstart train` against dataset size (larger sets are made by
    re-encoding the images with one pixel changed, so that every file has new content).
 """
@@ -83,6 +85,16 @@ def run_train(data: Path, work: Path, image_size: int, epochs: int, extra: tuple
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"seconds": seconds, "peak_rss_mb": int((work / "rss.txt").read_text().split()[-1]) / 1024,
             "accuracy": metrics["accuracy"], "run_dir": str(run_dir), "cache_dir": str(work / "cache")}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count), with every attempt's time."""
+    middle = sorted(runs, key=lambda run: run["seconds"])[(len(runs) - 1) // 2]
+    return {**middle, "attempts_seconds": [run["seconds"] for run in runs]}
+
+
+def _seconds(runs: list[dict]) -> str:
+    return ", ".join(f"{run['seconds']:.1f}" for run in runs) + " s"
 
 
 def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int, seed: int) -> dict:
@@ -200,12 +212,13 @@ def main() -> None:
     parser.add_argument("--throughput-sizes", default="96,128,160,224")
     parser.add_argument("--rss-sizes", default="2000,10000,50000")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each short `train` measurement; each reports its median")
     parser.add_argument("--quick", action="store_true", help="small sizes, for checking the script itself")
     args = parser.parse_args()
     if not args.data.is_dir():
         sys.exit(f"benchmarks: data folder not found: {args.data}")
     if args.quick:
-        args.rss_sizes, args.throughput_sizes, args.image_size, args.epochs = "200,400", "96", 96, 2
+        args.rss_sizes, args.throughput_sizes, args.image_size, args.epochs, args.repeats = "200,400", "96", 96, 2, 2
     work = Path(tempfile.mkdtemp(prefix="headstart-bench-"))
     warm_up(args.data)
     global PREFECT_API_URL
@@ -215,27 +228,34 @@ def main() -> None:
     results["images"] = total if not args.quick else 400
     data = args.data if not args.quick else make_folder(args.data, work / "quick-data", 400)
     try:
-        print("cold headstart train …", flush=True)
-        cold = run_train(data, work / "cold", args.image_size, args.epochs, ("--engine", "auto"))
-        results["headstart_cold"] = cold
-        print(f"  {cold['seconds']:.1f} s, accuracy {cold['accuracy']:.4f}, peak RSS {cold['peak_rss_mb']:.0f} MB", flush=True)
-        warm = run_train(data, work / "cold", args.image_size, args.epochs)
-        results["headstart_warm"] = warm
-        print(f"  warm re-run {warm['seconds']:.1f} s", flush=True)
+        print(f"cold headstart train, {args.repeats} times …", flush=True)
+        colds = [run_train(data, work / f"cold-{attempt}", args.image_size, args.epochs, ("--engine", "auto")) for attempt in range(args.repeats)]
+        cold = results["headstart_cold"] = median_run(colds)
+        print(f"  {_seconds(colds)}; median {cold['seconds']:.1f} s, accuracy {cold['accuracy']:.4f}, peak RSS {cold['peak_rss_mb']:.0f} MB", flush=True)
+        warms = [run_train(data, work / "cold-0", args.image_size, args.epochs) for _ in range(args.repeats)]
+        warm = results["headstart_warm"] = median_run(warms)
+        print(f"  warm re-run {_seconds(warms)}; median {warm['seconds']:.1f} s", flush=True)
 
-        print("+10 % data re-run …", flush=True)
+        print(f"+10 % data re-run, {args.repeats} times …", flush=True)
         everything = results["images"]
         subset_count = int(everything / 1.1)
         grown = make_folder(data, work / "grown", subset_count)
         base = run_train(grown, work / "grown-run", args.image_size, args.epochs)
+        shutil.copytree(work / "grown-run" / "cache", work / "cache-before-adding")
         make_folder(data, grown, everything - subset_count, per_class_offset=subset_count // 2)
-        added = run_train(grown, work / "grown-run", args.image_size, args.epochs)
+        added_runs = []
+        for _ in range(args.repeats):
+            # Each attempt starts from the cache as the run on 10/11 of the images left it.
+            shutil.rmtree(work / "grown-run" / "cache")
+            shutil.copytree(work / "cache-before-adding", work / "grown-run" / "cache")
+            added_runs.append(run_train(grown, work / "grown-run", args.image_size, args.epochs))
+        added = median_run(added_runs)
         results["headstart_plus_10_percent"] = {**added, "images_before": subset_count, "cold_seconds_before": base["seconds"]}
-        print(f"  cold on {subset_count} images {base['seconds']:.1f} s; after adding {everything - subset_count}: {added['seconds']:.1f} s", flush=True)
+        print(f"  cold on {subset_count} images {base['seconds']:.1f} s; after adding {everything - subset_count}: {_seconds(added_runs)}; median {added['seconds']:.1f} s", flush=True)
 
         if not args.skip_baseline:
             print("seed-style baseline …", flush=True)
-            manifest = sorted((Path(cold["cache_dir"]) / "manifests").glob("*.parquet"), key=os.path.getmtime)[-1]
+            manifest = sorted((work / "cold-0" / "cache" / "manifests").glob("*.parquet"), key=os.path.getmtime)[-1]
             code = (f"import json, sys; sys.path.insert(0, {str(PROJECT / 'benchmarks')!r}); import run; "
                     f"print(json.dumps(run.baseline(__import__('pathlib').Path({str(manifest)!r}), {args.image_size}, {args.epochs}, 64, 0)))")
             start_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
