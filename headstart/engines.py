@@ -164,8 +164,9 @@ def converted_litert_parity(backbone: Backbone, cache_dir: Path) -> float | None
 
     Such a model extracts features without TensorFlow (see `choose_engine`, which picks it when
     this is at most PARITY_TOLERANCE)."""
-    record = _parity_record(litert_model_path(backbone, cache_dir))
-    if not (record.exists() and litert_model_path(backbone, cache_dir).exists()):
+    model = litert_model_path(backbone, cache_dir)
+    record = _parity_record(model)
+    if not (model.exists() and record.exists()):
         return None
     return float(json.loads(record.read_text())["max_difference"])
 

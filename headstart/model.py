@@ -116,8 +116,8 @@ def train_head(
     def epoch_parts(epoch: int):
         """(features, labels, order) whose rows, in order, are the epoch's shuffled training rows."""
         if isinstance(train, InMemoryFeatures):
-            # One graph call per epoch on features handed to TensorFlow once: re-cutting and
-            # copying the shuffled rows each epoch took ~0.5 s of a 10-epoch run on 8 000 images.
+            # One graph call per epoch, on features handed to TensorFlow once, rather than a call
+            # per row group on freshly shuffled copies (10 epochs on 8 036 images: 1.9 s → 1.6–1.9 s).
             return [(train_tensors[0], train_tensors[1], train.shuffled_order(seed, epoch))]
         return ((features, labels, np.arange(len(labels))) for features, labels in _whole_batches(train.shuffled_chunks(seed, epoch), batch_size))
 

@@ -63,9 +63,9 @@ GAP = 12
 def plot_prediction_grid(paths: list[str], labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], title: str) -> bytes:
     """Images with 'predicted (probability) / true' captions, green when right, red when wrong.
 
-    One picture of all the thumbnails rather than an axes per image: twelve axes took 0.25 s
-    to lay out and render, the single montage a fraction of that, and a photo is scaled once, by
-    PIL, instead of by matplotlib at full size.
+    One picture of all the thumbnails rather than an axes per image: twelve axes took 0.25 s per
+    grid to lay out and render, the montage 0.18–0.20 s; and a large photo is decoded at reduced
+    size and scaled once, by PIL, instead of by matplotlib at full size.
     """
     count = max(1, len(paths))
     columns = min(6, count)
@@ -79,7 +79,8 @@ def plot_prediction_grid(paths: list[str], labels: np.ndarray, probabilities: np
         top, left = (index // columns) * cell_height + CAPTION, (index % columns) * cell_width + GAP // 2
         thumbnail = _thumbnail(path)
         height, width = thumbnail.shape[:2]
-        montage[top + (THUMBNAIL - height) // 2:][:height, left + (THUMBNAIL - width) // 2:][:, :width] = thumbnail
+        y, x = top + (THUMBNAIL - height) // 2, left + (THUMBNAIL - width) // 2
+        montage[y:y + height, x:x + width] = thumbnail
         predicted = int(np.argmax(probs))
         axis.text(left + THUMBNAIL / 2, top - 4, f"{class_names[predicted]} ({probs[predicted]:.2f})\ntrue: {class_names[int(label)]}",
                   ha="center", va="bottom", fontsize=9, color=RIGHT if predicted == int(label) else WRONG)
