@@ -71,7 +71,7 @@ class LiteRTEngine:
     @property
     def parity(self) -> float:
         """Max |LiteRT − TensorFlow| measured when the model was converted."""
-        return float(json.loads(_parity_record(self.model_path).read_text())["max_difference"])
+        return _recorded_parity(self.model_path)
 
 
 # Images per invoke: as fast as one at a time (measured 244–248 vs 237–246 img/s), with a quarter
@@ -159,20 +159,19 @@ def litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
     return Path(cache_dir) / "litert" / f"{backbone.fingerprint}-{backbone.image_size}px-v{LITERT_MODEL_VERSION}.tflite"
 
 
-def converted_litert_parity(backbone: Backbone, cache_dir: Path) -> float | None:
-    """The recorded parity of the backbone's LiteRT model where it is converted already, else None.
-
-    Such a model extracts features without TensorFlow (see `choose_engine`, which picks it when
-    this is at most PARITY_TOLERANCE)."""
+def litert_ready_without_tensorflow(backbone: Backbone, cache_dir: Path) -> bool:
+    """Whether `choose_engine` would pick a LiteRT model converted already: one that extracts
+    features without importing TensorFlow."""
     model = litert_model_path(backbone, cache_dir)
-    record = _parity_record(model)
-    if not (model.exists() and record.exists()):
-        return None
-    return float(json.loads(record.read_text())["max_difference"])
+    return model.exists() and _parity_record(model).exists() and _recorded_parity(model) <= PARITY_TOLERANCE
 
 
 def _parity_record(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".parity.json")
+
+
+def _recorded_parity(model_path: Path) -> float:
+    return float(json.loads(_parity_record(model_path).read_text())["max_difference"])
 
 
 def _litert_function(module, size: int):

@@ -211,10 +211,9 @@ def extract_shard(shard: list[tuple[str, str]], backbone: Backbone, cache_dir: P
     in a child process instead (see `_extract_shard_in_child`).
     """
     if loading_in_background() and settings.engine != "keras":
-        from headstart.engines import PARITY_TOLERANCE, converted_litert_parity
+        from headstart.engines import litert_ready_without_tensorflow
 
-        parity = converted_litert_parity(backbone, cache_dir)
-        if parity is not None and parity <= PARITY_TOLERANCE:
+        if litert_ready_without_tensorflow(backbone, cache_dir):
             engine = _extract_shard_in_child(shard, backbone, cache_dir, settings, progress)
             if engine is not None:
                 return engine
