@@ -63,9 +63,14 @@ class Manifest:
 
 # --- reading images -------------------------------------------------------------------------
 
-def load_image(path: Path) -> np.ndarray:
-    """Decodes any common image file to RGB uint8 [height, width, 3], honouring EXIF rotation."""
+def load_image(path: Path, draft_size: int | None = None) -> np.ndarray:
+    """Decodes any common image file to RGB uint8 [height, width, 3], honouring EXIF rotation.
+
+    With draft_size, a JPEG may decode at a reduced scale that still covers draft_size on each side.
+    """
     with Image.open(path) as image:
+        if draft_size is not None:
+            image.draft("RGB", (draft_size, draft_size))
         image = ImageOps.exif_transpose(image)
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 

@@ -9,8 +9,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
 from PIL import Image, ImageOps  # noqa: E402
+
+from headstart.data import load_image  # noqa: E402
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
@@ -93,13 +94,11 @@ def plot_prediction_grid(paths: list[str], labels: np.ndarray, probabilities: np
 
 def _thumbnail(path: str) -> np.ndarray:
     """The image scaled to fit THUMBNAIL × THUMBNAIL, upright (EXIF), RGB."""
-    with Image.open(path) as image:
-        image.draft("RGB", (THUMBNAIL, THUMBNAIL))  # JPEGs decode at a fraction of their size
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        # Small images are enlarged pixel by pixel, as matplotlib shows them: smoothing them would
-        # invent detail, and made the PNG six times larger.
-        enlarging = max(image.size) < THUMBNAIL
-        return np.asarray(ImageOps.contain(image, (THUMBNAIL, THUMBNAIL), Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS))
+    image = Image.fromarray(load_image(path, draft_size=THUMBNAIL))
+    # Small images are enlarged pixel by pixel, as matplotlib shows them: smoothing them would
+    # invent detail, and made the PNG six times larger.
+    enlarging = max(image.size) < THUMBNAIL
+    return np.asarray(ImageOps.contain(image, (THUMBNAIL, THUMBNAIL), Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS))
 
 
 def sample_indices(count: int, sample_size: int, seed: int) -> np.ndarray:
