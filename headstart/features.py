@@ -80,8 +80,8 @@ class FeatureSet:
     reused: int
     engine: str
 
-    def row_groups(self, split: str | None = None) -> list[int]:
-        metadata = pq.read_metadata(self.path)
+    def row_groups(self, split: str | None = None, metadata: pq.FileMetaData | None = None) -> list[int]:
+        metadata = metadata or pq.read_metadata(self.path)
         column = metadata.schema.to_arrow_schema().get_field_index("split")
         return [group for group in range(metadata.num_row_groups)
                 if split is None or metadata.row_group(group).column(column).statistics.max == split]
@@ -98,8 +98,12 @@ class FeatureSet:
     def stream(self, split: str) -> "FeatureStream":
         """The split as shuffled batches read one row group at a time: for the train split, whatever its size."""
         metadata = pq.read_metadata(self.path)
-        groups = self.row_groups(split)
-        return FeatureStream(self.path, tuple(groups), sum(metadata.row_group(group).num_rows for group in groups))
+        groups = self.row_groups(split, metadata)
+        features_column = metadata.schema.to_arrow_schema().get_field_index("features")
+        return FeatureStream(
+            self.path, tuple(groups), sum(metadata.row_group(group).num_rows for group in groups),
+            sum(metadata.row_group(group).column(features_column).total_uncompressed_size for group in groups),
+        )
 
 
 @dataclass(frozen=True)
@@ -113,13 +117,12 @@ class FeatureStream:
     path: Path
     groups: tuple[int, ...]
     num_rows: int
+    features_bytes: int  # the features' size in memory, uncompressed
 
     def kept_in_memory(self, max_bytes: int) -> "FeatureStream | InMemoryFeatures":
         """The split read into memory once, where it fits in max_bytes; else this stream.
         Either way an epoch visits the same rows in the same order."""
-        metadata = pq.read_metadata(self.path)
-        column = metadata.schema.to_arrow_schema().get_field_index("features")
-        if sum(metadata.row_group(group).column(column).total_uncompressed_size for group in self.groups) > max_bytes:
+        if self.features_bytes > max_bytes:
             return self
         chunks = list(self.chunks())
         return InMemoryFeatures(
@@ -164,10 +167,12 @@ class InMemoryFeatures:
         generator = np.random.default_rng([seed, epoch])
         if not self.groups:
             return generator.permutation(len(self.labels))
-        ids, sizes = (np.array(column, dtype=np.int64) for column in zip(*self.groups))
-        starts = dict(zip(ids.tolist(), (np.cumsum(sizes) - sizes).tolist()))
-        rows = dict(zip(ids.tolist(), sizes.tolist()))
-        return np.concatenate([starts[group] + generator.permutation(rows[group]) for group in generator.permutation(ids).tolist()])
+        start_and_rows, start = {}, 0
+        for group, rows in self.groups:
+            start_and_rows[group] = (start, rows)
+            start += rows
+        group_order = generator.permutation(np.array([group for group, _ in self.groups], dtype=np.int64)).tolist()
+        return np.concatenate([start_and_rows[group][0] + generator.permutation(start_and_rows[group][1]) for group in group_order])
 
     def shuffled_chunks(self, seed: int, epoch: int):
         order = self.shuffled_order(seed, epoch)
