@@ -57,13 +57,24 @@ class FeatureCache:
         return write_parquet_atomic(self.directory / f"shard-{name}.parquet", table, **FEATURES_PARQUET_OPTIONS)
 
 
+# Features are stored as one fixed-size binary value per image (its float32s, little-endian),
+# not as a list<float32>: Parquet stores lists with a repetition level per float, which made
+# reading 10 000 images' features 4× slower (0.117 s vs 0.030 s) and writing 2.7× slower.
 def _features_column(features: np.ndarray) -> pa.Array:
-    features = np.ascontiguousarray(features, np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features.shape[1])
+    features = np.ascontiguousarray(features, "<f4")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(features.shape[1] * 4), len(features), [None, pa.py_buffer(features)])
 
 
 def _features_matrix(table: pa.Table) -> np.ndarray:
-    column = table.column("features").combine_chunks()
+    return _as_matrix(table.column("features").combine_chunks())
+
+
+def _as_matrix(column: pa.Array) -> np.ndarray:
+    if pa.types.is_fixed_size_binary(column.type):
+        width = column.type.byte_width
+        data = np.frombuffer(column.buffers()[1], "<f4", count=len(column) * width // 4, offset=column.offset * width)
+        return data.reshape(len(column), width // 4)
+    # A cache shard written before features were binary: list<float32>.
     return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
@@ -188,8 +199,9 @@ class ExtractionSettings:
     batch_size: int = 64
 
 
-# Bump when the layout of a dataset's features file changes, so that older files are not read.
-DATASET_LAYOUT_VERSION = 2
+# Bump when the layout of a dataset's features file changes, so that older files are not read
+# (3: features as fixed-size binary rather than list<float32>).
+DATASET_LAYOUT_VERSION = 3
 
 
 def dataset_features_path(manifest: Manifest, backbone: Backbone, cache_dir: Path) -> Path:
@@ -341,6 +353,8 @@ def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, desti
             for shard in cache.shard_paths():
                 table = pq.read_table(shard)
                 shard_features = table.column("features").combine_chunks()
+                if not pa.types.is_fixed_size_binary(shard_features.type):
+                    shard_features = _features_column(_as_matrix(shard_features))
                 by_bucket: dict[tuple[str, int], list[tuple[int, int]]] = {}
                 for index, sha in enumerate(table.column("sha256").to_pylist()):
                     row = row_of.get(sha)

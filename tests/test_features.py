@@ -1,6 +1,7 @@
 """Feature extraction: the same numbers eagerly and streamed, from every engine, and from the cache."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -10,7 +11,7 @@ from headstart.config import TrainConfig
 from headstart.data import load_image, prepare_source
 from headstart.errors import HeadstartError
 from headstart.engines import KerasEngine, choose_engine, decoded_batches, image_batches
-from headstart.features import ExtractionSettings, FeatureCache, extract_features, extract_shard, plan_extraction
+from headstart.features import ExtractionSettings, FeatureCache, _features_matrix, extract_features, extract_shard, plan_extraction
 from headstart.mobilenet import resize_images
 
 
@@ -92,8 +93,7 @@ def _shard_and_expected_features(colour_folder, tiny, tmp_path):
 
 def _cached_features(cache_dir, tiny):
     (shard_file,) = FeatureCache(cache_dir, tiny).shard_paths()
-    column = pq.read_table(shard_file).column("features").combine_chunks()
-    return column.values.to_numpy().reshape(len(column), -1)
+    return _features_matrix(pq.read_table(shard_file))
 
 
 def test_while_tensorflow_loads_a_converted_litert_model_extracts_in_a_child_process(colour_folder, tiny, tmp_path, monkeypatch):
@@ -137,6 +137,25 @@ def test_cache_is_reused_and_only_new_images_are_extracted(colour_folder, tiny, 
     assert (grown.extracted, grown.reused) == (5, 48)
     features, labels, paths = grown.load()
     assert features.shape == (53, 16) and len(labels) == 53
+
+
+def test_cache_shards_written_as_float_lists_are_still_read(colour_folder, tiny, tmp_path):
+    cache_dir = tmp_path / "cache"
+    manifest = _manifest(colour_folder, tmp_path)
+    current = extract_features(manifest, tiny, cache_dir, engine="keras", shard_size=16)
+    expected = current.load()
+    shards = FeatureCache(cache_dir, tiny).shard_paths()
+    assert len(shards) == 3
+    for shard in shards[:2]:  # rewritten as the earlier layout stored them, beside a current one
+        table = pq.read_table(shard)
+        matrix = _features_matrix(table)
+        as_lists = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+        pq.write_table(table.set_column(table.schema.get_field_index("features"), "features", as_lists), shard)
+    current.path.unlink()
+    again = extract_features(manifest, tiny, cache_dir, engine="keras")
+    assert (again.extracted, again.reused) == (0, 48)
+    assert again.load()[2] == expected[2]
+    np.testing.assert_array_equal(again.load()[0], expected[0])
 
 
 def test_cached_features_equal_a_fresh_forward_pass(colour_folder, tiny, tmp_path):
