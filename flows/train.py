@@ -9,7 +9,7 @@ from headstart.config import TrainConfig
 from headstart.features import ExtractionSettings
 from headstart.runs import find_identical_run, training_key
 from tasks.data import assemble_features, download, extract_features, preprocess
-from tasks.evaluation import evaluate, visualize
+from tasks.evaluation import evaluate, import_plotting_in_background, visualize
 from tasks.model import build_model, train_head
 from tasks.publish import publish, reuse_identical_run
 
@@ -21,8 +21,9 @@ def train(config: TrainConfig) -> str:
     manifest, report = download(config)
     backbone, shards = preprocess(config, manifest)
     settings = ExtractionSettings(config.engine, config.threads, config.extraction_batch_size)
-    if shards:
-        backbone.load_keras_layer_in_background()  # for build_model, while the extraction runs
+    if shards:  # while the extraction runs: TensorFlow and the backbone for build_model, matplotlib for visualize
+        backbone.load_keras_layer_in_background()
+        import_plotting_in_background()
     engines = extract_features.map(
         shards, unmapped(backbone), unmapped(config.cache_dir), unmapped(settings), [f"{i + 1}/{len(shards)}" for i in range(len(shards))],
     ).result()

@@ -1,5 +1,7 @@
 """The bundled MobileNetV2 against torch's own outputs, and every way of naming a backbone."""
 
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -90,6 +92,17 @@ def test_local_savedmodel_directory_is_a_handle(tiny_backbone_dir, tmp_path):
     backbone = resolve_backbone(str(tiny_backbone_dir), 32, tmp_path)
     assert backbone.module_path == tiny_backbone_dir
     assert backbone.keras_layer()(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 16)
+
+
+def test_loading_a_hub_layer_does_not_import_keras_3(tiny_backbone_dir, tmp_path):
+    """tensorflow_hub's probe for standalone Keras 2 would import all of Keras 3 (0.3–0.5 s)."""
+    code = (
+        "import sys; from pathlib import Path; from headstart.backbone import resolve_backbone; "
+        f"layer = resolve_backbone({str(tiny_backbone_dir)!r}, 32, Path({str(tmp_path)!r})).keras_layer(); "
+        "print(type(layer).__module__, 'keras' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["tensorflow_hub.keras_layer", "False"], result.stderr[-2000:]
 
 
 def test_a_layer_loaded_in_the_background_serves_the_next_keras_layer_call(tiny_backbone_dir, tmp_path):
