@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 
@@ -29,7 +30,11 @@ def evaluate(classifier, features: FeatureSet, class_names: tuple[str, ...]) -> 
 
 def import_plotting_in_background() -> None:
     """Starts importing matplotlib (~0.4 s) for `visualize` on a thread of its own, to overlap it with the extraction."""
-    threading.Thread(target=importlib.import_module, args=("headstart.plots",), name="import-plots", daemon=True).start()
+    def import_plots():
+        with contextlib.suppress(Exception):  # `visualize` imports it again and reports what failed
+            importlib.import_module("headstart.plots")
+
+    threading.Thread(target=import_plots, name="import-plots", daemon=True).start()
 
 
 @task(name="visualize", cache_policy=NO_CACHE)
