@@ -131,8 +131,8 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
     loaded anyway, and records it beside the .tflite file.
     """
     size = backbone.image_size
-    path = litert_model_path(backbone, cache_dir)
-    if path.exists() and _parity_record(path).exists():
+    path = _litert_model_path(backbone, cache_dir)
+    if _is_converted(path):
         return path
     from ai_edge_litert.interpreter import Interpreter
 
@@ -155,15 +155,20 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
     return path
 
 
-def litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
+def _litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
     return Path(cache_dir) / "litert" / f"{backbone.fingerprint}-{backbone.image_size}px-v{LITERT_MODEL_VERSION}.tflite"
 
 
 def litert_ready_without_tensorflow(backbone: Backbone, cache_dir: Path) -> bool:
     """Whether `choose_engine` would pick a LiteRT model converted already: one that extracts
     features without importing TensorFlow."""
-    model = litert_model_path(backbone, cache_dir)
-    return model.exists() and _parity_record(model).exists() and _recorded_parity(model) <= PARITY_TOLERANCE
+    model = _litert_model_path(backbone, cache_dir)
+    return _is_converted(model) and _recorded_parity(model) <= PARITY_TOLERANCE
+
+
+def _is_converted(model_path: Path) -> bool:
+    """Both files a finished conversion leaves: the model, then its parity record (written last)."""
+    return model_path.exists() and _parity_record(model_path).exists()
 
 
 def _parity_record(model_path: Path) -> Path:
