@@ -101,10 +101,10 @@ def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int,
     """The straightforward pipeline: all images in memory, the full model fitted every epoch."""
     import pyarrow.parquet as pq
 
-    from headstart.backbone import BUNDLED_HANDLE, resolve_backbone
+    from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
     from headstart.data import load_image
     from headstart.keras import hub, keras
-    from headstart.mobilenet import resize_images
+    from headstart.preprocessing import resize_images
 
     start = time.perf_counter()
     table = pq.read_table(manifest_path).to_pydict()
@@ -134,8 +134,8 @@ def throughput(image_sizes: list[int], images: int, cache_dir: Path, rounds: int
     The engines take turns, `rounds` times, and each reports its median rate: on a shared
     machine a burst of load from elsewhere then lands on one measurement, not on one engine.
     """
-    from headstart.backbone import BUNDLED_HANDLE, resolve_backbone
-    from headstart.engines import KerasEngine, LiteRTEngine
+    from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
+    from headstart.features.engines import KerasEngine, LiteRTEngine
     from headstart.keras import keras
 
     rows = []
@@ -172,8 +172,8 @@ def warm_up(data: Path) -> None:
     """One-time costs of a fresh machine, paid before any timing: Python compiling the bytecode of
     every module a run imports (a fresh environment has none), and the images' first read from
     disk. Otherwise they would all land on whichever run comes first, here the cold `train`."""
-    subprocess.run([sys.executable, "-c", "import flows.train, headstart.keras, headstart.engines, headstart.model, headstart.plots, "
-                    "headstart.mobilenet, tasks.evaluation, tasks.model, ai_edge_litert.interpreter, prefect_dask"],
+    subprocess.run([sys.executable, "-c", "import flows.train, headstart.keras, headstart.features.engines, headstart.model, headstart.plots, "
+                    "headstart.backbone.mobilenet, headstart.backbone.hub_module, tasks.evaluation, tasks.model, ai_edge_litert.interpreter, prefect_dask"],
                    cwd=PROJECT, check=True, capture_output=True)
     for path in data.rglob("*"):
         if path.is_file():

@@ -58,10 +58,10 @@ def _train(args) -> int:
         from headstart.errors import HeadstartError
 
         raise HeadstartError(f"data folder not found: {config.data} (give a folder of class sub-folders, or 'cifar10')")
-    from flows.train import run_train
+    from flows.train import train
 
     _install_log_filter()
-    run_dir = run_train(config)
+    run_dir = train(config)
     print(run_dir, flush=True)
     return 0
 
@@ -69,8 +69,9 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from headstart.evaluation import format_metrics
     from headstart.inference import evaluate_folder
+    from headstart.runs import Run
 
-    metrics = evaluate_folder(Path(args.model), Path(args.data), args.batch_size)
+    metrics = evaluate_folder(Run(Path(args.model)), Path(args.data), args.batch_size)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -82,12 +83,14 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from headstart.inference import predict_files, split_usable
+    from headstart.runs import Run
 
+    run = Run(Path(args.model))
     usable, skipped = split_usable([Path(p) for p in args.paths])
     for entry in skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     if usable:
-        probabilities, class_names = predict_files(Path(args.model), usable, args.batch_size)
+        probabilities, class_names = predict_files(run, usable, args.batch_size), run.class_names
         for path, probs in zip(usable, probabilities):
             best = int(probs.argmax())
             if args.json:

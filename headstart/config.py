@@ -1,16 +1,29 @@
-"""The one typed configuration of a training run, shared by the CLI, the flow and deployments."""
+"""The one typed configuration of a training run, shared by the CLI, the flow and deployments.
+
+Every field counts towards a run's training key (what decides whether an earlier run can be
+reused, see headstart.reuse) by its value, unless it is marked otherwise: RESULT_NEUTRAL for a
+field that cannot change the model or its metrics, THROUGH_MANIFEST or THROUGH_BACKBONE for one
+whose effect the manifest's or the backbone's fingerprint already counts. A new field therefore
+counts until someone decides it does not.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from headstart.backbone import BUNDLED_HANDLE
+from headstart.backbone.handles import BUNDLED_HANDLE
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_CIFAR10_CLASSES = ("cat", "dog")
+
+
+# Marks for the fields that do not count towards the training key by their own value.
+THROUGH_MANIFEST = {"training_key": "manifest"}  # what it changes, the manifest's fingerprint shows: the images, labels, splits
+THROUGH_BACKBONE = {"training_key": "backbone"}  # the backbone's fingerprint (its exact weights) counts instead of its name
+RESULT_NEUTRAL = {"training_key": "neutral"}  # never changes the model or its metrics: engine choice within parity, speed, places
 
 
 class TrainConfig(BaseModel):
@@ -18,30 +31,40 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: str = Field(description="'cifar10', or a folder with one sub-folder of images per class")
-    classes: Optional[tuple[str, ...]] = Field(None, description="classes to learn; default: cat and dog for cifar10, every sub-folder otherwise")
-    cifar10_source: str = Field(CIFAR10_URL, description="URL or local path of the CIFAR-10 python archive")
+    data: str = Field(json_schema_extra=THROUGH_MANIFEST, description="'cifar10', or a folder with one sub-folder of images per class")
+    classes: Optional[tuple[str, ...]] = Field(None, json_schema_extra=THROUGH_MANIFEST, description="classes to learn; default: cat and dog for cifar10, every sub-folder otherwise")
+    cifar10_source: str = Field(CIFAR10_URL, json_schema_extra=THROUGH_MANIFEST, description="URL or local path of the CIFAR-10 python archive")
     image_size: int = Field(160, ge=32, le=512, description="side in pixels the backbone sees (160: see README for the measurement)")
     epochs: int = Field(30, ge=1, le=1000, description="maximum epochs; training stops early when validation loss stalls")
     batch_size: int = Field(64, ge=1, le=4096)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
-    validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of a folder source held out for testing")
-    max_images_per_class: Optional[int] = Field(None, ge=1, description="cap per class, for quick runs")
+    validation_fraction: float = Field(0.1, ge=0.0, lt=0.5, json_schema_extra=THROUGH_MANIFEST)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5, json_schema_extra=THROUGH_MANIFEST, description="share of a folder source held out for testing")
+    max_images_per_class: Optional[int] = Field(None, ge=1, json_schema_extra=THROUGH_MANIFEST, description="cap per class, for quick runs")
     seed: int = 0
-    backbone: str = Field(BUNDLED_HANDLE, description="'bundled:mobilenet_v2', a TF Hub handle, a SavedModel directory or a URL of a .tar.gz module")
-    engine: Literal["auto", "litert", "keras"] = Field("auto", description="what runs the frozen forward pass; auto = LiteRT where it passes its parity check")
-    threads: Optional[int] = Field(None, ge=1, description="threads for feature extraction; default: all cores")
-    extraction_batch_size: int = Field(64, ge=1, le=1024)
-    extraction_shard_size: int = Field(1024, ge=1, description="images per feature-cache shard and per extraction task")
-    task_runner: Literal["local", "dask"] = Field("local", description="where extraction tasks run: this process, or a Dask cluster")
-    dask_address: Optional[str] = Field(None, description="scheduler address of an existing Dask cluster (tcp://host:port); default: a local cluster")
-    dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster when no address is given")
-    reuse_identical_runs: bool = Field(True, description="copy an earlier run whose inputs were all identical instead of retraining")
-    artifacts_root: Path = Path("artifacts")
-    cache_dir: Path = Path(".cache/headstart")
+    backbone: str = Field(BUNDLED_HANDLE, json_schema_extra=THROUGH_BACKBONE, description="'bundled:mobilenet_v2', a TF Hub handle, a SavedModel directory or a URL of a .tar.gz module")
+    engine: Literal["auto", "litert", "keras"] = Field("auto", json_schema_extra=RESULT_NEUTRAL, description="what runs the frozen forward pass; auto = LiteRT where it passes its parity check")
+    threads: Optional[int] = Field(None, ge=1, json_schema_extra=RESULT_NEUTRAL, description="threads for feature extraction; default: all cores")
+    extraction_batch_size: int = Field(64, ge=1, le=1024, json_schema_extra=RESULT_NEUTRAL)
+    extraction_shard_size: int = Field(1024, ge=1, json_schema_extra=RESULT_NEUTRAL, description="images per feature-cache shard and per extraction task")
+    task_runner: Literal["local", "dask"] = Field("local", json_schema_extra=RESULT_NEUTRAL, description="where extraction tasks run: this process, or a Dask cluster")
+    dask_address: Optional[str] = Field(None, json_schema_extra=RESULT_NEUTRAL, description="scheduler address of an existing Dask cluster (tcp://host:port); default: a local cluster")
+    dask_workers: int = Field(2, ge=1, json_schema_extra=RESULT_NEUTRAL, description="workers of the local Dask cluster when no address is given")
+    reuse_identical_runs: bool = Field(True, json_schema_extra=RESULT_NEUTRAL, description="copy an earlier run whose inputs were all identical instead of retraining")
+    artifacts_root: Path = Field(Path("artifacts"), json_schema_extra=RESULT_NEUTRAL)
+    cache_dir: Path = Field(Path(".cache/headstart"), json_schema_extra=RESULT_NEUTRAL)
+
+    @classmethod
+    def counted_by_value(cls) -> list[str]:
+        """The fields whose values count towards the training key: every one not marked otherwise."""
+        return [name for name, field in cls.model_fields.items() if not (field.json_schema_extra or {}).get("training_key")]
+
+    def training_values(self) -> dict[str, Any]:
+        """Those fields' values, as JSON values."""
+        values = self.model_dump(mode="json")
+        return {name: values[name] for name in self.counted_by_value()}
 
     @field_validator("classes")
     @classmethod

@@ -1,8 +1,11 @@
-"""Classification metrics: accuracy, per-class precision / recall / F1, confusion matrix."""
+"""Classification metrics: accuracy, per-class precision / recall / F1, confusion matrix; and
+scoring a trained classifier on one split of its dataset's cached features."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from headstart.features.dataset import FeatureSet
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -34,6 +37,19 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
         "confusion_matrix": matrix.tolist(),
         "class_names": list(class_names),
     }
+
+
+def evaluate_split(classifier, features: FeatureSet, split: str, class_names: list[str]) -> tuple[dict, np.ndarray]:
+    """Metrics of the classifier on one split, and its probabilities there (in the file's row order),
+    from the cached features: the backbone does not run again."""
+    from headstart.model import predict_from_features
+
+    probabilities, labels = [], []
+    for chunk_features, chunk_labels in features.stream(split).chunks():  # one row group at a time
+        probabilities.append(predict_from_features(classifier, chunk_features))
+        labels.append(chunk_labels)
+    probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
+    return classification_metrics(labels, probabilities, list(class_names)), probabilities
 
 
 def format_metrics(metrics: dict) -> str:

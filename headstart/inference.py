@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,24 +9,16 @@ import numpy as np
 from headstart.data import DataReport, check_image, list_class_files
 from headstart.errors import HeadstartError
 from headstart.evaluation import classification_metrics
-from headstart.engines import image_batches
-from headstart.runs import CONFIG_FILE, load_serving_model, read_class_names
+from headstart.preprocessing import image_batches
+from headstart.runs import Run
 
 
-def _run_image_size(run_dir: Path) -> int:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise HeadstartError(f"{run_dir} is not a headstart run directory (no {CONFIG_FILE})")
-    return int(json.loads(path.read_text())["image_size"])
-
-
-def predict_files(run_dir: Path, paths: list[Path], batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """Probabilities [n, classes] for image files that decode; the caller checks them first."""
-    predict, class_names = load_serving_model(run_dir)
-    image_size = _run_image_size(run_dir)
-    outputs = [predict(batch * 255.0) for batch in image_batches([str(p) for p in paths], image_size, batch_size)]
-    probabilities = np.concatenate(outputs) if outputs else np.zeros((0, len(class_names)), np.float32)
-    return probabilities, class_names
+def predict_files(run: Run, paths: list[Path], batch_size: int = 64) -> np.ndarray:
+    """Probabilities [n, classes] for image files that decode (the caller checks them first),
+    through the run's serving model, from raw pixels."""
+    predict = run.serving_model()
+    outputs = [predict(batch * 255.0) for batch in image_batches([str(p) for p in paths], run.image_size, batch_size)]
+    return np.concatenate(outputs) if outputs else np.zeros((0, len(run.class_names)), np.float32)
 
 
 def split_usable(paths: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -41,10 +32,10 @@ def split_usable(paths: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
     return usable, skipped
 
 
-def evaluate_folder(run_dir: Path, folder: Path, batch_size: int = 64) -> dict:
+def evaluate_folder(run: Run, folder: Path, batch_size: int = 64) -> dict:
     """Metrics of a run on a folder whose sub-folders are named like (some of) the run's classes."""
     folder = Path(folder)
-    class_names = read_class_names(run_dir)
+    class_names = run.class_names
     if not folder.is_dir():
         raise HeadstartError(f"data folder not found: {folder}")
     if not any((folder / name).is_dir() for name in class_names):
@@ -56,7 +47,6 @@ def evaluate_folder(run_dir: Path, folder: Path, batch_size: int = 64) -> dict:
         raise HeadstartError(f"no readable images in {folder}")
     usable_set = set(usable)
     labels = np.array([label for path, label, _ in files if path in usable_set], np.int64)
-    probabilities, _ = predict_files(run_dir, usable, batch_size)
-    metrics = classification_metrics(labels, probabilities, class_names)
+    metrics = classification_metrics(labels, predict_files(run, usable, batch_size), class_names)
     metrics["skipped"] = report.skipped + skipped
     return metrics

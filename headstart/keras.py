@@ -1,23 +1,40 @@
 """The one place that picks the Keras implementation.
 
 TensorFlow Hub's `KerasLayer` is a tf_keras (Keras 2) layer and breaks inside Keras 3 models, so
-every model in headstart is built with tf_keras, imported from here. TF_USE_LEGACY_KERAS makes
-TensorFlow's own `tf.keras` that same tf_keras instead of importing Keras 3 as well, which took
-2.5 s of every run's start-up.
+every model in headstart is built with tf_keras, imported from here. TensorFlow's own `tf.keras`
+is made that same tf_keras too, instead of importing Keras 3 as well, which took 2.5 s of every
+run's start-up.
 """
 
 import os
 import sys
+from contextlib import contextmanager
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+@contextmanager
+def _legacy_keras_for_tensorflow():
+    """TF_USE_LEGACY_KERAS=1 while TensorFlow is imported and `tf.keras` first resolved (which
+    tensorflow_hub's import does): the two moments TensorFlow reads it. The environment is left
+    as it was found, and a value the user set is respected."""
+    if "TF_USE_LEGACY_KERAS" in os.environ:
+        yield
+        return
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TF_USE_LEGACY_KERAS", None)
+
+
 # tensorflow_hub first tries the load context of standalone Keras 2, which Keras 3 lacks: the
 # attempt imported all of Keras 3 (and matplotlib with it), 0.3–0.5 s of every hub layer load,
 # before falling back to tf_keras's. A None entry makes that import fail at once
 # (ModuleNotFoundError, without importing `keras`); hub then uses tf_keras's, the one our models need.
 sys.modules.setdefault("keras.saving.legacy.saved_model", None)
 
-import tensorflow as tf  # noqa: E402 (after the switch above)
-import tensorflow_hub as hub  # noqa: E402
-import tf_keras as keras  # noqa: E402
+with _legacy_keras_for_tensorflow():
+    import tensorflow as tf
+    import tensorflow_hub as hub
+    import tf_keras as keras
 
 __all__ = ["tf", "hub", "keras"]

@@ -112,3 +112,24 @@ def confident_mistake_indices(labels: np.ndarray, probabilities: np.ndarray, lim
     wrong = np.flatnonzero(predictions != labels)
     confidence = probabilities[wrong, predictions[wrong]]
     return wrong[np.argsort(-confidence, kind="stable")][:limit]
+
+
+# The plots of a run, by file name, in the order the report shows them.
+PLOT_FILES = ("training_curves.png", "confusion_matrix.png", "sample_predictions.png", "confident_mistakes.png")
+
+
+def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str], probabilities: np.ndarray, seed: int) -> dict[str, bytes]:
+    """A run's plots as PNG bytes by file name (PLOT_FILES): its training curves, and its test
+    split's confusion matrix, a seeded sample of predictions and the most confident mistakes."""
+    samples = sample_indices(len(paths), 12, seed)
+    mistakes = confident_mistake_indices(labels, probabilities, 12)
+    names = metrics["class_names"]
+    figures = {
+        "training_curves.png": plot_training_curves(history),
+        "confusion_matrix.png": plot_confusion_matrix(metrics["confusion_matrix"], names),
+        "sample_predictions.png": plot_prediction_grid(
+            [paths[i] for i in samples], labels[samples], probabilities[samples], names, "Sample test predictions"),
+        "confident_mistakes.png": plot_prediction_grid(
+            [paths[i] for i in mistakes], labels[mistakes], probabilities[mistakes], names, "Most confident mistakes"),
+    }
+    return {name: figures[name] for name in PLOT_FILES}

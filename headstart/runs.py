@@ -1,31 +1,32 @@
-"""Run directories: everything one training run leaves behind, written atomically.
+"""Run directories: everything one training run leaves behind, written atomically, and read back.
 
 A run is assembled in a hidden staging directory and renamed into place at the very end, so a
-crash never leaves a half-written run: either the whole directory is there or none of it.
-
-Training is deterministic, so a run whose every input is identical to an earlier run's (same
-images, labels and splits, same backbone weights, same settings, same headstart version) would
-reproduce it exactly; such a run is copied instead of recomputed. TensorFlow is imported only
-where a model is saved or loaded, so that this path stays cheap.
+crash never leaves a half-written run: either the whole directory is there or none of it. Every
+file inside is written to a temporary file and renamed. `RUN_FILES` is the list of what a
+complete run holds; `Run` reads one. TensorFlow is imported only where a model is saved or
+loaded, so that reading a run's figures stays cheap.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import json
 import os
 import secrets
 import shutil
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from headstart import __version__
-from headstart.backbone import Backbone
+from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError
 from headstart.storage import write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from headstart.config import TrainConfig
+    from headstart.features.dataset import FeatureSet
 
 MODEL_FILE = "model.keras"
 SERVING_DIR = "saved_model"
@@ -37,14 +38,20 @@ DATA_REPORT_FILE = "data_report.json"
 CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 PLOTS_DIR = "plots"
+# Everything a complete run holds.
+RUN_FILES = (MODEL_FILE, SERVING_DIR, BACKBONE_DIR, CLASS_NAMES_FILE, METRICS_FILE, HISTORY_FILE,
+             DATA_REPORT_FILE, CONFIG_FILE, MODEL_CARD_FILE, PLOTS_DIR)
 
+
+# --- writing a run ---------------------------------------------------------------------------------
 
 def new_run_name() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 class RunWriter:
-    """Collects a run's files in a staging directory; `commit` renames it to its final name."""
+    """Collects a run's files in a staging directory. As a context manager it renames the
+    directory to its final name when the block succeeds, and removes it when the block fails."""
 
     def __init__(self, artifacts_root: Path, name: str | None = None):
         self.name = name or new_run_name()
@@ -52,6 +59,15 @@ class RunWriter:
         self.final = (self.root / self.name).resolve()
         self.staging = self.root / f".{self.name}.partial"
         self.staging.mkdir(parents=True, exist_ok=False)
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is None:
+            os.replace(self.staging, self.final)
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def write_json(self, relative: str, value) -> Path:
         write_json_atomic(self.staging / relative, value)
@@ -94,47 +110,31 @@ class RunWriter:
         (self.staging / CONFIG_FILE).unlink()  # a link: rewrite it without touching the earlier run
         self.write_json(CONFIG_FILE, {**config, "reused_from": str(previous)})
 
-    def commit(self) -> Path:
-        os.replace(self.staging, self.final)
-        return self.final
 
-    def abandon(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def training_key(config, manifest_fingerprint: str, backbone: Backbone) -> str:
-    """Hashes everything that decides a run's model and metrics."""
-    decisive = {
-        "manifest": manifest_fingerprint, "backbone": backbone.fingerprint, "headstart": __version__,
-        **{name: getattr(config, name) for name in ("image_size", "epochs", "batch_size", "dropout", "learning_rate", "patience", "seed")},
-    }
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _run_index(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / "runs" / f"{key}.json"
-
-
-def record_run(cache_dir: Path, key: str, run_dir: Path) -> None:
-    write_json_atomic(_run_index(cache_dir, key), {"run_dir": str(run_dir)})
+def write_run(
+    artifacts_root: Path, *, config: "TrainConfig", training_key: str, classifier, backbone: Backbone, features: "FeatureSet",
+    data_report: dict, history: dict, metrics: dict, figures: dict[str, bytes],
+) -> Path:
+    """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path."""
+    config_values = config.model_dump(mode="json")
+    with RunWriter(artifacts_root) as writer:
+        writer.save_classifier(classifier, backbone)
+        writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
+        writer.write_json(METRICS_FILE, {**metrics, "engine": features.engine, "features_extracted": features.extracted, "features_reused": features.reused})
+        writer.write_json(HISTORY_FILE, history)
+        writer.write_json(DATA_REPORT_FILE, data_report)
+        writer.write_json(CONFIG_FILE, {**config_values, "backbone_fingerprint": backbone.fingerprint, "training_key": training_key})
+        for name, png in figures.items():
+            writer.write_bytes(f"{PLOTS_DIR}/{name}", png)
+        writer.write_bytes(MODEL_CARD_FILE, model_card(config_values, metrics, data_report, backbone, history, features.engine).encode())
+    return writer.final
 
 
-def find_identical_run(cache_dir: Path, key: str) -> Path | None:
-    """An earlier, complete run with the same training key, if one is still on disk."""
-    index = _run_index(cache_dir, key)
-    if not index.is_file():
-        return None
-    run_dir = Path(json.loads(index.read_text())["run_dir"])
-    required = (MODEL_FILE, SERVING_DIR, BACKBONE_DIR, CLASS_NAMES_FILE, METRICS_FILE, HISTORY_FILE, CONFIG_FILE, MODEL_CARD_FILE, PLOTS_DIR)
-    if not all((run_dir / name).exists() for name in required):
-        return None
-    if json.loads((run_dir / CONFIG_FILE).read_text()).get("training_key") != key:
-        return None
-    return run_dir
-
-
-def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+def copy_run(artifacts_root: Path, previous: Path) -> Path:
+    """A new run directory holding an earlier run's files, its config marked `reused_from`."""
+    with RunWriter(artifacts_root) as writer:
+        writer.copy_run(previous)
+    return writer.final
 
 
 def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbone, history: dict, engine: str) -> str:
@@ -180,46 +180,79 @@ Accuracy is measured on held-out images of the same source, not on the world at 
 """
 
 
-# --- loading a finished run ------------------------------------------------------------------------
+# --- reading a run ---------------------------------------------------------------------------------
 
-def read_class_names(run_dir: Path) -> list[str]:
-    path = Path(run_dir) / CLASS_NAMES_FILE
-    if not path.is_file():
-        raise HeadstartError(f"{run_dir} is not a headstart run directory (no {CLASS_NAMES_FILE})")
-    return json.loads(path.read_text())
+class Run:
+    """A finished run directory, read on demand: its classes, figures, configuration and models."""
 
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        for required in (CLASS_NAMES_FILE, CONFIG_FILE):
+            if not (self.path / required).is_file():
+                raise HeadstartError(f"{self.path} is not a headstart run directory (no {required})")
 
-def load_serving_model(run_dir: Path):
-    """The run's self-contained serving SavedModel, as a function images → probabilities."""
-    run_dir = Path(run_dir)
-    class_names = read_class_names(run_dir)
-    serving = run_dir / SERVING_DIR
-    if not (serving / "saved_model.pb").is_file():
-        raise HeadstartError(f"{run_dir} has no serving model ({SERVING_DIR}/saved_model.pb)")
-    from headstart.keras import tf
+    @classmethod
+    def if_complete(cls, path: Path) -> "Run | None":
+        """The run at path where it holds every one of RUN_FILES; else None."""
+        return cls(path) if all((Path(path) / name).exists() for name in RUN_FILES) else None
 
-    loaded = tf.saved_model.load(str(serving))
-    signature = loaded.signatures["serving_default"]
+    def _json(self, name: str):
+        return json.loads((self.path / name).read_text())
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        return signature(images=tf.convert_to_tensor(images, tf.float32))["probabilities"].numpy()
+    @cached_property
+    def class_names(self) -> list[str]:
+        return self._json(CLASS_NAMES_FILE)
 
-    return predict, class_names
+    @cached_property
+    def config(self) -> dict:
+        return self._json(CONFIG_FILE)
 
+    @cached_property
+    def metrics(self) -> dict:
+        return self._json(METRICS_FILE)
 
-def load_keras_model(run_dir: Path):
-    """Loads the run's .keras model with its backbone taken from the run directory itself."""
-    from headstart.keras import hub, keras
-    from headstart.model import ImagePreprocessing
+    @cached_property
+    def history(self) -> dict:
+        return self._json(HISTORY_FILE)
 
-    run_dir = Path(run_dir)
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
 
-    class RunBackbone(hub.KerasLayer):
-        @classmethod
-        def from_config(cls, layer_config):
-            return hub.KerasLayer(**{**layer_config, "handle": str(run_dir / BACKBONE_DIR)})
+    @property
+    def model_card(self) -> str:
+        return (self.path / MODEL_CARD_FILE).read_text()
 
-    return keras.models.load_model(
-        run_dir / MODEL_FILE,
-        custom_objects={"KerasLayer": RunBackbone, "ImagePreprocessing": ImagePreprocessing},
-    )
+    def plots(self) -> list[Path]:
+        return sorted((self.path / PLOTS_DIR).glob("*.png"))
+
+    def serving_model(self):
+        """The self-contained serving SavedModel, as a function images (0–255) → probabilities."""
+        serving = self.path / SERVING_DIR
+        if not (serving / "saved_model.pb").is_file():
+            raise HeadstartError(f"{self.path} has no serving model ({SERVING_DIR}/saved_model.pb)")
+        from headstart.keras import tf
+
+        signature = tf.saved_model.load(str(serving)).signatures["serving_default"]
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            return signature(images=tf.convert_to_tensor(images, tf.float32))["probabilities"].numpy()
+
+        return predict
+
+    def keras_model(self):
+        """The .keras model, its backbone taken from the run directory itself."""
+        from headstart.keras import hub, keras
+        from headstart.model import ImagePreprocessing
+
+        module = str(self.path / BACKBONE_DIR)
+
+        class RunBackbone(hub.KerasLayer):
+            @classmethod
+            def from_config(cls, layer_config):
+                return hub.KerasLayer(**{**layer_config, "handle": module})
+
+        return keras.models.load_model(
+            self.path / MODEL_FILE,
+            custom_objects={"KerasLayer": RunBackbone, "ImagePreprocessing": ImagePreprocessing},
+        )

@@ -5,17 +5,21 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from headstart.backbone import Backbone
+from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
-from headstart.features import FeatureSet
+from headstart.features.dataset import FeatureSet
+from headstart.features.extraction import ExtractionContext
 
 
 @task(name="build_model", cache_policy=NO_CACHE)
-def build_model(config: TrainConfig, backbone: Backbone, class_names: tuple[str, ...]):
-    """The end-to-end Functional model: images → frozen backbone → Dropout → Dense."""
+def build_model(config: TrainConfig, backbone: Backbone, class_names: tuple[str, ...], context: ExtractionContext):
+    """The end-to-end Functional model: images → frozen backbone → Dropout → Dense.
+
+    The backbone layer is the one the extraction context loaded beside the extraction, if it did.
+    """
     from headstart.model import build_classifier
 
-    return build_classifier(backbone.keras_layer(trainable=False), len(class_names), config.image_size, config.dropout, config.seed)
+    return build_classifier(context.keras_layer(backbone), len(class_names), config.image_size, config.dropout, config.seed)
 
 
 @task(name="train_head", cache_policy=NO_CACHE)

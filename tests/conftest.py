@@ -1,4 +1,5 @@
-"""Shared fixtures: small generated images, a tiny stand-in backbone, a local HTTP server."""
+"""Shared fixtures: small generated images, a tiny stand-in backbone, a local HTTP server, the
+Prefect test harness, and extraction of a whole manifest through the steps the flow composes."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def colour_folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A small convolutional feature extractor exported exactly like the bundled backbone."""
-    from headstart.mobilenet import export_hub_module
+    from headstart.backbone.hub_module import export_hub_module
     from headstart.keras import keras
 
     inputs = keras.Input((None, None, 3))
@@ -70,3 +71,24 @@ def serve_directory():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for every test that runs a flow in this process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def extract_dataset(manifest, backbone, context, shard_size: int = 1024, progress=None, **assemble_options):
+    """Features of every image of the manifest through the public steps the train flow composes:
+    plan the shards, extract each within the context, assemble the dataset's file."""
+    from headstart.features.dataset import assemble_features, plan_extraction
+
+    shards = plan_extraction(manifest, backbone, context.cache_dir, shard_size)
+    engine = "cache"
+    for shard in shards:
+        engine = context.extract_shard(shard, backbone, progress)
+    return assemble_features(manifest, backbone, context.cache_dir, sum(map(len, shards)), engine, **assemble_options)

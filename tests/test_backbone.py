@@ -1,5 +1,6 @@
 """The bundled MobileNetV2 against torch's own outputs, and every way of naming a backbone."""
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -8,10 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from headstart.backbone import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path, loading_in_background, resolve_backbone
-from headstart.checkpoint import read_legacy_checkpoint
+from headstart.backbone.checkpoint import read_legacy_checkpoint
+from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path, resolve_backbone
+from headstart.backbone.mobilenet import build_mobilenet_v2, imagenet_classifier
 from headstart.errors import HeadstartError
-from headstart.mobilenet import build_mobilenet_v2, imagenet_classifier, resize_images
+from headstart.features.extraction import ExtractionContext
+from headstart.preprocessing import resize_images
 
 TOLERANCE = 1e-4
 
@@ -57,34 +60,45 @@ def test_hub_module_resizes_any_size_inside(reference, bundled_224):
     assert np.abs(layer(small).numpy() - direct).max() <= 1e-5
 
 
-def test_hub_module_exposes_variables_for_fine_tuning(bundled_224):
+def test_hub_module_exposes_its_variables_for_fine_tuning(bundled_224, reference):
     from headstart.keras import tf
 
     module = tf.saved_model.load(str(bundled_224.module_path))
-    assert len(module.trainable_variables) > 100
-    assert len(module.variables) >= len(module.trainable_variables)
-    assert bundled_224.keras_layer(trainable=True).trainable_weights
+    # Every convolution's kernel and bias (52 convolutions, BatchNorm folded into them), all trainable.
+    assert len(module.trainable_variables) == len(module.variables) == 104
+    trainable = bundled_224.keras_layer(trainable=True)
+    assert len(trainable.trainable_weights) == 104
     assert not bundled_224.keras_layer(trainable=False).trainable_weights
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(trainable(reference["inputs_0_1"][:1]))
+    gradients = tape.gradient(total, trainable.trainable_weights)
+    assert all(gradient is not None and float(tf.reduce_max(tf.abs(gradient))) > 0 for gradient in gradients)
 
 
-def test_export_is_cached_and_fingerprinted(tmp_path, bundled_224):
+def test_export_is_cached_and_fingerprinted(bundled_224, monkeypatch):
+    import headstart.backbone.hub_module as hub_module
+
+    monkeypatch.setattr(hub_module, "export_hub_module", lambda *args: pytest.fail("exported again"))
     again = resolve_backbone(BUNDLED_HANDLE, 224, bundled_224.module_path.parents[1])
     assert again.module_path == bundled_224.module_path
     assert again.fingerprint == bundled_224.fingerprint
 
 
-def test_remote_compressed_module_loads_by_url(tmp_path, bundled_224, serve_directory, reference, monkeypatch):
+def test_remote_compressed_module_loads_by_url_into_each_callers_cache(tmp_path, bundled_224, serve_directory, reference):
     archive = tmp_path / "site" / "mobilenet_v2.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
         for item in bundled_224.module_path.iterdir():
             tar.add(item, arcname=item.name)
     url = serve_directory(archive.parent) + "/mobilenet_v2.tar.gz"
-    monkeypatch.delenv("TFHUB_CACHE_DIR", raising=False)
-    remote = resolve_backbone(url, 224, tmp_path / "cache")
-    assert str(remote.module_path).startswith(str(tmp_path / "cache"))
-    assert remote.fingerprint == bundled_224.fingerprint
-    features = remote.keras_layer()(reference["inputs_0_1"]).numpy()
+    environment = dict(os.environ)
+    first = resolve_backbone(url, 224, tmp_path / "first-cache")
+    second = resolve_backbone(url, 224, tmp_path / "second-cache")
+    assert first.module_path.is_relative_to(tmp_path / "first-cache" / "tfhub")
+    assert second.module_path.is_relative_to(tmp_path / "second-cache" / "tfhub")
+    assert dict(os.environ) == environment  # no TFHUB_CACHE_DIR or anything else left behind
+    assert first.fingerprint == second.fingerprint == bundled_224.fingerprint
+    features = first.keras_layer()(reference["inputs_0_1"]).numpy()
     assert np.abs(features - reference["features"]).max() <= TOLERANCE
 
 
@@ -94,44 +108,49 @@ def test_local_savedmodel_directory_is_a_handle(tiny_backbone_dir, tmp_path):
     assert backbone.keras_layer()(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 16)
 
 
-def test_loading_a_hub_layer_does_not_import_keras_3(tiny_backbone_dir, tmp_path):
+def test_loading_a_hub_layer_does_not_import_keras_3_nor_change_the_environment(tiny_backbone_dir, tmp_path):
     """tensorflow_hub's probe for standalone Keras 2 would import all of Keras 3 (0.3–0.5 s)."""
     code = (
-        "import sys; from pathlib import Path; from headstart.backbone import resolve_backbone; "
+        "import os, sys; from pathlib import Path; environment = dict(os.environ); "
+        "from headstart.backbone.handles import resolve_backbone; "
         f"layer = resolve_backbone({str(tiny_backbone_dir)!r}, 32, Path({str(tmp_path)!r})).keras_layer(); "
-        "print(type(layer).__module__, 'keras' in sys.modules)"
+        "from headstart.keras import tf; "
+        "print(type(layer).__module__, 'keras' in sys.modules, dict(os.environ) == environment, tf.keras.Model.__module__.startswith('tf_keras'))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.stdout.split() == ["tensorflow_hub.keras_layer", "False"], result.stderr[-2000:]
+    environment = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=environment)
+    assert result.stdout.split() == ["tensorflow_hub.keras_layer", "False", "True", "True"], result.stderr[-2000:]
 
 
 def test_a_layer_loaded_in_the_background_serves_the_next_keras_layer_call(tiny_backbone_dir, tmp_path):
     backbone = resolve_backbone(str(tiny_backbone_dir), 32, tmp_path)
-    backbone.load_keras_layer_in_background()
-    layer = backbone.keras_layer()
-    assert not loading_in_background()
-    fresh = backbone.keras_layer()  # the background layer is handed out once
+    with ExtractionContext(tmp_path) as context:
+        context.load_keras_layer_in_background(backbone)
+        layer = context.keras_layer(backbone)
+        assert not context.backbone_loading
+        fresh = context.keras_layer(backbone)  # the background layer is handed out once
     assert fresh is not layer
     images = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     np.testing.assert_array_equal(layer(images).numpy(), fresh(images).numpy())
 
 
-def test_a_failed_background_load_fails_where_the_layer_is_needed(tmp_path):
+def test_a_module_that_does_not_load_is_a_one_line_error_where_the_layer_is_needed(tmp_path):
     (tmp_path / "module").mkdir()
     (tmp_path / "module" / "saved_model.pb").write_bytes(b"not a SavedModel")
     backbone = Backbone("broken", tmp_path / "module", "0" * 16, 32)
-    backbone.load_keras_layer_in_background()
-    with pytest.raises(Exception):
-        backbone.keras_layer()
-    assert not loading_in_background()
+    with ExtractionContext(tmp_path) as context:
+        context.load_keras_layer_in_background(backbone)
+        with pytest.raises(HeadstartError, match="could not load backbone broken") as raised:
+            context.keras_layer(backbone)
+        assert not context.backbone_loading
+    assert "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("handle, message", [
     ("no/such/dir", "neither"),
     ("http://127.0.0.1:9/missing.tar.gz", "could not load backbone"),
 ])
-def test_bad_handles_are_one_line_errors(handle, message, tmp_path, monkeypatch):
-    monkeypatch.delenv("TFHUB_CACHE_DIR", raising=False)
+def test_bad_handles_are_one_line_errors(handle, message, tmp_path):
     with pytest.raises(HeadstartError, match=message) as raised:
         resolve_backbone(handle, 32, tmp_path)
     assert "\n" not in str(raised.value)

@@ -8,8 +8,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from headstart.backbone import CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
-from headstart.checkpoint import LEGACY_MAGIC_NUMBER, read_legacy_checkpoint
+from headstart.backbone.handles import CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
+from headstart.backbone.checkpoint import LEGACY_MAGIC_NUMBER, read_legacy_checkpoint
 from headstart.errors import HeadstartError
 
 

@@ -1,18 +1,26 @@
 """Feature extraction: the same numbers eagerly and streamed, from every engine, and from the cache."""
 
+import logging
+import sys
+import threading
+import types
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_class_images
-from headstart.backbone import resolve_backbone
+from conftest import extract_dataset, write_class_images
+from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data import load_image, prepare_source
 from headstart.errors import HeadstartError
-from headstart.engines import KerasEngine, choose_engine, decoded_batches, image_batches
-from headstart.features import ExtractionSettings, FeatureCache, _features_matrix, extract_features, extract_shard, plan_extraction
-from headstart.mobilenet import resize_images
+from headstart.features.cache import FeatureCache
+from headstart.features.dataset import plan_extraction
+from headstart.features.encoding import features_matrix
+from headstart.features.engines import KerasEngine, choose_engine
+from headstart.features.extraction import ExtractionContext, ExtractionSettings
+from headstart.preprocessing import decoded_batches, image_batches, resize_images
 
 
 @pytest.fixture
@@ -22,6 +30,10 @@ def tiny(tiny_backbone_dir, tmp_path):
 
 def _manifest(folder, tmp_path):
     return prepare_source(TrainConfig(data=str(folder), cache_dir=tmp_path / "cache"))[0]
+
+
+def _keras_context(cache_dir, **settings):
+    return ExtractionContext(cache_dir, ExtractionSettings("keras", **settings))
 
 
 @pytest.mark.parametrize("sizes, batch_size", [
@@ -61,25 +73,45 @@ def test_litert_engine_agrees_with_tensorflow(tiny, tmp_path):
     assert np.abs(choice.engine(mixed) - expected).max() <= 1e-4
 
 
-def test_litert_features_are_the_same_on_one_thread_while_the_backbone_loads(tiny, tmp_path, monkeypatch):
-    from headstart import engines
-
+def test_litert_features_are_the_same_on_one_thread_and_on_two(tiny, tmp_path):
     engine = choose_engine(tiny, "litert", tmp_path / "cache", threads=2).engine
     generator = np.random.default_rng(1)
     images = [generator.random(shape, dtype=np.float32) for shape in [(32, 32, 3)] * 6 + [(20, 24, 3), (32, 32, 3)]]
-    alone = engine(images)
-    monkeypatch.setattr(engines, "loading_in_background", lambda: True)
-    beside = engine(images)
-    assert sorted(engine._runners) == [1, 2]
-    np.testing.assert_array_equal(alone, beside)
+    np.testing.assert_array_equal(engine(images, threads=2), engine(images, threads=1))
+
+
+class _SlowToLoad:
+    """A backbone whose Keras layer arrives only when the test releases it."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.layer = types.SimpleNamespace(trainable=None)
+
+    def keras_layer(self):
+        assert self.release.wait(timeout=60)
+        return self.layer
+
+
+def test_the_context_extracts_on_one_thread_while_it_loads_the_backbone_beside(tmp_path):
+    context = ExtractionContext(tmp_path, ExtractionSettings("auto", threads=2))
+    backbone = _SlowToLoad()
+    assert not context.backbone_loading and context.forward_threads() == 2
+    context.load_keras_layer_in_background(backbone)
+    assert context.backbone_loading and context.forward_threads() == 1
+    backbone.release.set()
+    assert context.keras_layer(backbone) is backbone.layer and backbone.layer.trainable is False
+    assert not context.backbone_loading and context.forward_threads() == 2
+    context.close()
 
 
 class _Progress:
-    def __init__(self):
-        self.n = 0
+    def __init__(self, stop_after: int | None = None):
+        self.n, self.stop_after = 0, stop_after
 
     def update(self, count):
         self.n += count
+        if self.stop_after is not None and self.n > self.stop_after:
+            raise KeyboardInterrupt
 
 
 def _shard_and_expected_features(colour_folder, tiny, tmp_path):
@@ -93,103 +125,100 @@ def _shard_and_expected_features(colour_folder, tiny, tmp_path):
 
 def _cached_features(cache_dir, tiny):
     (shard_file,) = FeatureCache(cache_dir, tiny).shard_paths()
-    return _features_matrix(pq.read_table(shard_file))
+    return features_matrix(pq.read_table(shard_file))
 
 
-def test_while_tensorflow_loads_a_converted_litert_model_extracts_in_a_child_process(colour_folder, tiny, tmp_path, monkeypatch):
-    import headstart.features as features_module
-
+def test_a_converted_litert_model_extracts_in_a_child_process(colour_folder, tiny, tmp_path, caplog):
     shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
-    monkeypatch.setattr(features_module, "loading_in_background", lambda: True)
-    monkeypatch.setattr(features_module, "_extract_shard_here", lambda *args: pytest.fail("extracted in this process"))
     progress = _Progress()
-    assert extract_shard(shard, tiny, cache_dir, ExtractionSettings("auto", 2, 4), progress) == "litert"
+    with caplog.at_level(logging.INFO), ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4), child_process="always") as context:
+        assert context.extract_shard(shard, tiny, progress) == "litert"
+    assert "in a child process" in caplog.text and "extracting here instead" not in caplog.text
     assert progress.n == len(shard)
     np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
 
 
 def test_a_failed_child_process_leaves_the_shard_to_this_process(colour_folder, tiny, tmp_path, monkeypatch, caplog):
-    import sys
-
-    import headstart.features as features_module
-
     shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
-    monkeypatch.setattr(features_module, "loading_in_background", lambda: True)
     monkeypatch.setattr(sys, "executable", "/bin/false")
     progress = _Progress()
-    assert extract_shard(shard, tiny, cache_dir, ExtractionSettings("auto", 2, 4), progress) == "litert"
+    with ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4), child_process="always") as context:
+        assert context.extract_shard(shard, tiny, progress) == "litert"
     assert "extracting here instead" in caplog.text
     assert progress.n == len(shard)
     np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
 
 
+def test_without_a_load_beside_it_the_context_extracts_in_this_process(colour_folder, tiny, tmp_path, caplog):
+    shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
+    with caplog.at_level(logging.INFO), ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4)) as context:
+        assert context.extract_shard(shard, tiny) == "litert"
+    assert "in a child process" not in caplog.text
+    np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
+
+
+def test_the_context_builds_its_engine_once_for_every_shard(colour_folder, tiny, tmp_path, caplog):
+    with caplog.at_level(logging.INFO), _keras_context(tmp_path / "cache", batch_size=8) as context:
+        extract_dataset(_manifest(colour_folder, tmp_path), tiny, context, shard_size=16)
+        assert context.engine(tiny) is context.engine(tiny)
+    assert caplog.text.count("feature extraction engine: keras") == 1
+
+
 def test_cache_is_reused_and_only_new_images_are_extracted(colour_folder, tiny, tmp_path):
-    cache_dir = tmp_path / "cache"
-    first = extract_features(_manifest(colour_folder, tmp_path), tiny, cache_dir, engine="keras", batch_size=8, shard_size=16)
+    context = _keras_context(tmp_path / "cache", batch_size=8)
+    first = extract_dataset(_manifest(colour_folder, tmp_path), tiny, context, shard_size=16)
     assert (first.extracted, first.reused) == (48, 0)
-    assert len(FeatureCache(cache_dir, tiny).shard_paths()) == 3
-    again = extract_features(_manifest(colour_folder, tmp_path), tiny, cache_dir, engine="keras")
+    assert len(FeatureCache(tmp_path / "cache", tiny).shard_paths()) == 3
+    again = extract_dataset(_manifest(colour_folder, tmp_path), tiny, context)
     assert (again.extracted, again.reused) == (0, 48)
     write_class_images(tmp_path / "more", {"red": (210, 30, 30)}, per_class=5, seed=3)
     for path in (tmp_path / "more" / "red").iterdir():
         path.rename(colour_folder / "red" / f"new-{path.name}")
-    grown = extract_features(_manifest(colour_folder, tmp_path), tiny, cache_dir, engine="keras")
+    grown = extract_dataset(_manifest(colour_folder, tmp_path), tiny, context)
     assert (grown.extracted, grown.reused) == (5, 48)
     features, labels, paths = grown.load()
     assert features.shape == (53, 16) and len(labels) == 53
 
 
 def test_cache_shards_written_as_float_lists_are_still_read(colour_folder, tiny, tmp_path):
-    cache_dir = tmp_path / "cache"
+    context = _keras_context(tmp_path / "cache")
     manifest = _manifest(colour_folder, tmp_path)
-    current = extract_features(manifest, tiny, cache_dir, engine="keras", shard_size=16)
+    current = extract_dataset(manifest, tiny, context, shard_size=16)
     expected = current.load()
-    shards = FeatureCache(cache_dir, tiny).shard_paths()
+    shards = FeatureCache(tmp_path / "cache", tiny).shard_paths()
     assert len(shards) == 3
     for shard in shards[:2]:  # rewritten as the earlier layout stored them, beside a current one
         table = pq.read_table(shard)
-        matrix = _features_matrix(table)
+        matrix = features_matrix(table)
         as_lists = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
         pq.write_table(table.set_column(table.schema.get_field_index("features"), "features", as_lists), shard)
     current.path.unlink()
-    again = extract_features(manifest, tiny, cache_dir, engine="keras")
+    again = extract_dataset(manifest, tiny, context)
     assert (again.extracted, again.reused) == (0, 48)
     assert again.load()[2] == expected[2]
     np.testing.assert_array_equal(again.load()[0], expected[0])
 
 
 def test_cached_features_equal_a_fresh_forward_pass(colour_folder, tiny, tmp_path):
-    features_set = extract_features(_manifest(colour_folder, tmp_path), tiny, tmp_path / "cache", engine="litert", batch_size=7)
-    features, _, paths = features_set.load()
+    context = ExtractionContext(tmp_path / "cache", ExtractionSettings("litert", batch_size=7))
+    features, _, paths = extract_dataset(_manifest(colour_folder, tmp_path), tiny, context).load()
     images = np.concatenate(list(image_batches(paths, 32, batch_size=64)))
     np.testing.assert_allclose(features, KerasEngine(tiny)(images), atol=1e-4)
 
 
-def test_an_interrupted_run_keeps_finished_shards(colour_folder, tiny, tmp_path, monkeypatch):
-    import headstart.engines as engines_module
-
-    calls = {"n": 0}
-    real_batches = engines_module.decoded_batches
-
-    def failing_after_two_shards(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_batches(*args, **kwargs)
-
-    monkeypatch.setattr(engines_module, "decoded_batches", failing_after_two_shards)
+def test_an_interrupted_run_keeps_finished_shards(colour_folder, tiny, tmp_path):
     manifest = _manifest(colour_folder, tmp_path)
-    with pytest.raises(KeyboardInterrupt):
-        extract_features(manifest, tiny, tmp_path / "cache", engine="keras", shard_size=16)
+    context = _keras_context(tmp_path / "cache", batch_size=8)
+    with pytest.raises(KeyboardInterrupt):  # after the first batch of the third shard
+        extract_dataset(manifest, tiny, context, shard_size=16, progress=_Progress(stop_after=32))
     shards = FeatureCache(tmp_path / "cache", tiny).shard_paths()
     assert len(shards) == 2 and sum(pq.read_metadata(s).num_rows for s in shards) == 32
-    monkeypatch.setattr(engines_module, "decoded_batches", real_batches)
-    resumed = extract_features(manifest, tiny, tmp_path / "cache", engine="keras", shard_size=16)
+    resumed = extract_dataset(manifest, tiny, context, shard_size=16)
     assert (resumed.extracted, resumed.reused) == (16, 32)
 
 
 def test_litert_failure_is_an_error_when_asked_for_and_a_fallback_otherwise(tiny, tmp_path, monkeypatch):
-    import headstart.engines as engines_module
+    import headstart.features.engines as engines_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("converter exploded")
@@ -201,12 +230,10 @@ def test_litert_failure_is_an_error_when_asked_for_and_a_fallback_otherwise(tiny
 
 
 def test_dataset_file_is_independent_of_the_cache_layout_and_streams_each_train_row_once(colour_folder, tiny, tmp_path, monkeypatch):
-    import headstart.features as features_module
-
-    monkeypatch.setattr(features_module, "ROWS_PER_GROUP", 8)  # several row groups per split
     manifest = _manifest(colour_folder, tmp_path)
-    fine = extract_features(manifest, tiny, tmp_path / "fine", engine="keras", shard_size=7)
-    coarse = extract_features(manifest, tiny, tmp_path / "coarse", engine="keras", shard_size=48)
+    # Eight rows per row group: several row groups per split.
+    fine = extract_dataset(manifest, tiny, _keras_context(tmp_path / "fine"), shard_size=7, rows_per_group=8)
+    coarse = extract_dataset(manifest, tiny, _keras_context(tmp_path / "coarse"), shard_size=48, rows_per_group=8)
     assert pq.read_metadata(fine.path).num_row_groups >= 5
     for split in ("train", "validation", "test"):
         assert fine.load(split)[2] == coarse.load(split)[2]
@@ -235,3 +262,13 @@ def test_dataset_file_is_independent_of_the_cache_layout_and_streams_each_train_
         np.testing.assert_array_equal(kept, streamed if epoch_number == 0 else next_epoch)
     assert sorted(reads) == sorted(stream.groups)  # each row group read from disk once
     assert stream.kept_in_memory(max_bytes=1) is stream
+
+
+def test_a_context_sent_to_another_process_carries_its_settings_only(tiny, tmp_path):
+    import pickle
+
+    context = ExtractionContext(tmp_path, ExtractionSettings("litert", 2, 4), child_process="never")
+    engine = context.engine(tiny)
+    copy = pickle.loads(pickle.dumps(context))
+    assert (copy.cache_dir, copy.settings, copy.child_process) == (context.cache_dir, context.settings, "never")
+    assert copy.engine(tiny) is not engine and context.engine(tiny) is engine

@@ -9,16 +9,9 @@ from pathlib import Path
 import pytest
 
 from headstart.config import TrainConfig
+from headstart.runs import RUN_FILES, Run
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _smoke_config(folder, backbone_dir, tmp_path, **overrides):
@@ -35,22 +28,20 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     from prefect.artifacts import Artifact
 
     from flows.train import train
+    from headstart.plots import PLOT_FILES
 
     run_dir = Path(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
     assert run_dir.parent == (tmp_path / "artifacts").resolve()
-    expected = {"model.keras", "saved_model", "backbone", "class_names.json", "metrics.json", "history.json",
-                "data_report.json", "config.json", "MODEL_CARD.md", "plots"}
-    assert expected <= {p.name for p in run_dir.iterdir()}
-    assert {p.name for p in (run_dir / "plots").iterdir()} == {
-        "training_curves.png", "confusion_matrix.png", "sample_predictions.png", "confident_mistakes.png"}
-    assert all((run_dir / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in os.listdir(run_dir / "plots"))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["accuracy"] >= 0.9 and metrics["n"] > 0
-    assert json.loads((run_dir / "class_names.json").read_text()) == ["blue", "red"]
+    assert {p.name for p in run_dir.iterdir()} == set(RUN_FILES)
+    run = Run.if_complete(run_dir)
+    assert [png.name for png in run.plots()] == sorted(PLOT_FILES)
+    assert all(png.read_bytes().startswith(b"\x89PNG") for png in run.plots())
+    assert run.metrics["accuracy"] >= 0.9 and run.metrics["n"] > 0
+    assert run.class_names == ["blue", "red"]
     assert not list((tmp_path / "artifacts").glob(".*"))  # no staging leftovers
 
     report = Artifact.get("headstart-report")
-    assert report is not None and "data:image/png;base64," in report.data
+    assert report is not None and report.data.count("data:image/png;base64,") == len(PLOT_FILES)
     table = Artifact.get("headstart-metrics")
     assert table is not None and "blue" in table.data
 
@@ -78,14 +69,12 @@ def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour
 
     from flows.train import train
     from headstart.data import load_image
-    from headstart.runs import load_keras_model, load_serving_model
 
-    run_dir = Path(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
+    run = Run(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
     images = np.stack([load_image(p) for p in sorted((colour_folder / "red").glob("*.png"))[:4]]).astype(np.float32)
-    predict, class_names = load_serving_model(run_dir)
-    keras_model = load_keras_model(run_dir)
-    np.testing.assert_allclose(predict(images), keras_model.predict(images, verbose=0), atol=1e-5)
-    assert [class_names[i] for i in predict(images).argmax(1)] == ["red"] * 4
+    predict = run.serving_model()
+    np.testing.assert_allclose(predict(images), run.keras_model().predict(images, verbose=0), atol=1e-5)
+    assert [run.class_names[i] for i in predict(images).argmax(1)] == ["red"] * 4
 
 
 def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
@@ -155,8 +144,3 @@ def test_cli_bad_data_inside_the_flow_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "no usable images" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_core_package_never_imports_prefect():
-    code = "import sys, headstart.data, headstart.features, headstart.model, headstart.runs, headstart.inference; print('prefect' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT).stdout.strip() == "False"

@@ -3,21 +3,24 @@
 import numpy as np
 import pytest
 
-from headstart.backbone import resolve_backbone
+from conftest import extract_dataset
+from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data import prepare_source
-from headstart.engines import image_batches
-from headstart.features import extract_features
+from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.model import build_classifier, predict_from_features, train_head
+
+
+def _features(config, backbone, cache_dir, **assemble_options):
+    context = ExtractionContext(cache_dir, ExtractionSettings("keras"))
+    return extract_dataset(prepare_source(config)[0], backbone, context, **assemble_options)
 
 
 @pytest.fixture
 def setup(colour_folder, tiny_backbone_dir, tmp_path):
     config = TrainConfig.smoke(data=str(colour_folder), cache_dir=tmp_path / "cache", backbone=str(tiny_backbone_dir))
-    manifest, _ = prepare_source(config)
     backbone = resolve_backbone(config.backbone, 32, config.cache_dir)
-    features = extract_features(manifest, backbone, config.cache_dir, engine="keras")
-    return config, backbone, features
+    return config, backbone, _features(config, backbone, config.cache_dir)
 
 
 def _classifier(backbone, seed=0):
@@ -28,7 +31,7 @@ def test_only_the_head_is_trainable(setup):
     _, backbone, _ = setup
     classifier = _classifier(backbone)
     assert [w.name.split("/")[0] for w in classifier.trainable_weights] == ["head_dense", "head_dense"]
-    assert len(classifier.non_trainable_weights) > 0
+    assert len(classifier.non_trainable_weights) == len(backbone.keras_layer().weights) > 0
 
 
 def test_head_on_features_equals_classifier_on_raw_images(setup):
@@ -57,18 +60,14 @@ def test_training_learns_and_is_deterministic(setup):
     assert (results[0][1].argmax(1) == labels).mean() >= 0.9
 
 
-def test_a_split_kept_in_memory_trains_exactly_as_the_streamed_split(setup, monkeypatch):
-    import headstart.features as features_module
-    import headstart.model as model_module
-
+def test_a_split_kept_in_memory_trains_exactly_as_the_streamed_split(setup):
     config, backbone, _ = setup
-    monkeypatch.setattr(features_module, "ROWS_PER_GROUP", 8)  # several row groups per split
-    features = extract_features(prepare_source(config)[0], backbone, config.cache_dir / "grouped", engine="keras")
+    features = _features(config, backbone, config.cache_dir / "grouped", rows_per_group=8)  # several row groups per split
     results = []
     for resident_bytes in (10**9, 0):
-        monkeypatch.setattr(model_module, "RESIDENT_FEATURE_BYTES", resident_bytes)
         classifier = _classifier(backbone)
-        history = train_head(classifier, features.stream("train"), features.stream("validation"), 4, 5, 3e-2, 5, seed=3)
+        history = train_head(classifier, features.stream("train"), features.stream("validation"), 4, 5, 3e-2, 5, seed=3,
+                             resident_bytes=resident_bytes)
         results.append((history, classifier.get_layer("head_dense").get_weights()))
     assert len(features.stream("train").groups) >= 3
     (in_memory_history, _), (streamed_history, _) = results

@@ -1,41 +1,22 @@
-"""torchvision's MobileNetV2, rebuilt layer for layer in Keras and exported as a TF Hub module.
+"""torchvision's MobileNetV2, rebuilt layer for layer in Keras: normalised images → 1280 features.
 
 The network computes exactly what torchvision computes (parity ≤ 1e-4 with torch's own outputs,
 see tests/test_backbone.py): BatchNorm in inference mode with epsilon 1e-5 (folded into the
-convolution before it), symmetric (k-1)//2 zero padding before
-every 3×3 convolution, ReLU6, residual adds where stride is 1 and channels match, global average
-pooling to 1280 features, ImageNet mean/std normalisation of [0, 1] inputs.
+convolution before it), symmetric (k-1)//2 zero padding before every 3×3 convolution, ReLU6,
+residual adds where stride is 1 and channels match, global average pooling to 1280 features.
+Its input is already normalised with ImageNet's mean and std (see headstart.preprocessing).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import numpy as np
 
-from headstart.backbone import LITERT_SIGNATURE
-from headstart.keras import keras, tf
+from headstart.keras import keras
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_DIM = 1280
 # torchvision's inverted-residual settings: expansion t, output channels c, repeats n, stride s.
 INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 BATCH_NORM_EPSILON = 1e-5  # torch's default; Keras' default of 1e-3 would shift every feature.
-
-
-def resize_images(images, image_size: int):
-    """Resizes a float batch to image_size × image_size, the same way everywhere in headstart.
-
-    Antialiasing matters when photos are shrunk; at scale 1 it is the identity, so resizing an
-    already-resized batch again changes nothing.
-    """
-    return tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
-
-
 def _conv_bn(x, state, prefix, filters, kernel_size, stride, depthwise, relu6, name):
     """A convolution and the BatchNorm after it, folded into one convolution with a bias."""
     if kernel_size > 1:
@@ -97,66 +78,3 @@ def build_mobilenet_v2(state: dict[str, np.ndarray]) -> keras.Model:
 def imagenet_classifier(state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """The checkpoint's 1000-class ImageNet classifier as (kernel [1280, 1000], bias [1000])."""
     return state["classifier.1.weight"].T.copy(), state["classifier.1.bias"].copy()
-
-
-def build_hub_module(network: keras.Model, image_size: int):
-    """Wraps the network as a TF Hub image feature-vector module.
-
-    The reusable-SavedModel convention: `__call__(images)` takes float32 images in [0, 1] of
-    any size and returns [batch, 1280]; `variables`, `trainable_variables` and
-    `regularization_losses` let `hub.KerasLayer(..., trainable=True)` fine-tune it later.
-    `__call__` takes no `training` argument, which the convention allows: the network behaves
-    the same either way (its BatchNorm is folded into fixed ImageNet statistics, which a small
-    new dataset would only wreck), and each traced variant would be one more copy of the network
-    for every load to restore (before BatchNorm was folded, three copies took 0.8 s to load
-    and two 0.5 s).
-    """
-    module = tf.__internal__.tracking.AutoTrackable()
-    # The Keras network itself is not attached: saving it would serialise (and trace) every layer,
-    # which made export, every load and hub.KerasLayer several times slower. The functions and the
-    # variable lists below are all a hub module needs.
-    mean = tf.constant(IMAGENET_MEAN, tf.float32)
-    std = tf.constant(IMAGENET_STD, tf.float32)
-
-    def features(images):
-        return network((images - mean) / std, training=False)
-
-    @tf.function
-    def call(images):
-        return features(resize_images(images, image_size))
-
-    # A separate function for LiteRT: the antialiased resize in `call` has no LiteRT counterpart.
-    @tf.function
-    def call_for_litert(images):
-        return features(tf.image.resize(images, (image_size, image_size), method="bilinear"))
-
-    images_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-    call.get_concrete_function(images_spec)
-    module.__call__ = call
-    module.image_size = tf.Variable(image_size, trainable=False, name="image_size")
-    module.variables = list(network.variables)
-    module.trainable_variables = list(network.trainable_variables)
-    module.regularization_losses = []
-    module.signatures_to_export = {
-        "serving_default": call.get_concrete_function(images_spec),
-        LITERT_SIGNATURE: call_for_litert.get_concrete_function(images_spec),
-    }
-    return module
-
-
-def export_hub_module(network: keras.Model, image_size: int, destination: Path) -> Path:
-    """Writes the network as a TF Hub reusable SavedModel, atomically (temp dir + rename)."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination.parent))
-    try:
-        module = build_hub_module(network, image_size)
-        tf.saved_model.save(module, str(staging), signatures=module.signatures_to_export)
-        if destination.exists():
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination

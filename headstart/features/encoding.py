@@ -1,0 +1,40 @@
+"""How feature vectors are stored in Arrow and Parquet: one fixed-size binary value per image.
+
+Each value holds the image's float32s, little-endian. Parquet would store a list<float32> with a
+repetition level per float, which made reading 10 000 images' features 4× slower (0.117 s vs
+0.030 s) and writing 2.7× slower. Shards written before, as lists, are still read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+# Features are dense floats: dictionary encoding and compression gain nothing on them and made
+# reading a row group 2.8× slower (measured: 101 ms vs 37 ms for 4096 × 1280).
+FEATURES_PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none"}
+
+
+def features_column(features: np.ndarray) -> pa.Array:
+    """A [n, dim] float matrix as an Arrow column of n fixed-size binary values."""
+    features = np.ascontiguousarray(features, "<f4")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(features.shape[1] * 4), len(features), [None, pa.py_buffer(features)])
+
+
+def features_matrix(table: pa.Table) -> np.ndarray:
+    """The table's `features` column as a [n, dim] float32 matrix (zero-copy where it can be)."""
+    return column_matrix(table.column("features").combine_chunks())
+
+
+def column_matrix(column: pa.Array) -> np.ndarray:
+    if pa.types.is_fixed_size_binary(column.type):
+        width = column.type.byte_width
+        data = np.frombuffer(column.buffers()[1], "<f4", count=len(column) * width // 4, offset=column.offset * width)
+        return data.reshape(len(column), width // 4)
+    # A cache shard written before features were binary: list<float32>.
+    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
+
+
+def as_binary_column(column: pa.Array) -> pa.Array:
+    """A features column in the current layout, converted where it was written as lists."""
+    return column if pa.types.is_fixed_size_binary(column.type) else features_column(column_matrix(column))

@@ -1,0 +1,84 @@
+"""The streams training reads: shuffled (features, labels) batches of one split, in bounded memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from headstart.features.encoding import features_matrix
+
+
+@dataclass(frozen=True)
+class FeatureStream:
+    """Shuffled (features, labels) batches of some row groups; memory holds one row group at a time.
+
+    Each row group is a uniform random sample of its split (rows are grouped by content hash),
+    so shuffling the order of the groups and the rows inside each one shuffles the split.
+    """
+
+    path: Path
+    groups: tuple[int, ...]
+    num_rows: int
+    features_bytes: int  # the features' size in memory, uncompressed
+
+    def kept_in_memory(self, max_bytes: int) -> "FeatureStream | InMemoryFeatures":
+        """The split read into memory once, where it fits in max_bytes; else this stream.
+        Either way an epoch visits the same rows in the same order."""
+        if self.features_bytes > max_bytes:
+            return self
+        chunks = list(self.chunks())
+        return InMemoryFeatures(
+            np.concatenate([features for features, _ in chunks]), np.concatenate([labels for _, labels in chunks]),
+            groups=tuple((group, len(labels)) for group, (_, labels) in zip(self.groups, chunks)),
+        )
+
+    def chunks(self, order: np.ndarray | None = None):
+        """(features, labels) of each row group, in file order or in `order`."""
+        parquet = pq.ParquetFile(self.path)
+        for group in self.groups if order is None else order:
+            table = parquet.read_row_group(int(group), columns=["features", "label"])
+            yield features_matrix(table), table.column("label").to_numpy().astype(np.int64)
+
+    def shuffled_chunks(self, seed: int, epoch: int):
+        """One epoch: the row groups in a seeded random order, each with its rows permuted."""
+        generator = np.random.default_rng([seed, epoch])
+        for features, labels in self.chunks(generator.permutation(np.array(self.groups, dtype=np.int64))):
+            order = generator.permutation(len(labels))
+            yield features[order], labels[order]
+
+
+@dataclass(frozen=True)
+class InMemoryFeatures:
+    """The FeatureStream interface over arrays already in memory."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    # (row group, rows) of each group the rows came from, in file order, when they are a
+    # FeatureStream's: an epoch then shuffles them exactly as that stream would.
+    groups: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.labels)
+
+    def chunks(self):
+        yield self.features, self.labels.astype(np.int64)
+
+    def shuffled_order(self, seed: int, epoch: int) -> np.ndarray:
+        """Row positions in one epoch's order, drawn as `FeatureStream.shuffled_chunks` draws them."""
+        generator = np.random.default_rng([seed, epoch])
+        if not self.groups:
+            return generator.permutation(len(self.labels))
+        start_and_rows, start = {}, 0
+        for group, rows in self.groups:
+            start_and_rows[group] = (start, rows)
+            start += rows
+        group_order = generator.permutation(np.array([group for group, _ in self.groups], dtype=np.int64)).tolist()
+        return np.concatenate([start_and_rows[group][0] + generator.permutation(start_and_rows[group][1]) for group in group_order])
+
+    def shuffled_chunks(self, seed: int, epoch: int):
+        order = self.shuffled_order(seed, epoch)
+        yield self.features[order], self.labels[order].astype(np.int64)

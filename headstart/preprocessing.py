@@ -1,0 +1,110 @@
+"""Image preprocessing, the same everywhere in headstart: decode, resize, normalise.
+
+Images stream through decode → shrink → batch, so memory stays bounded whatever the dataset
+size. TensorFlow is imported only where a resize runs: a LiteRT model already converted enlarges
+images itself, so extraction can decode without it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from headstart.data import load_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_images(images, image_size: int):
+    """Resizes a float batch to image_size × image_size, the same way everywhere in headstart.
+
+    Antialiasing matters when photos are shrunk; at scale 1 it is the identity, so resizing an
+    already-resized batch again changes nothing.
+    """
+    from headstart.keras import tf
+
+    return tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
+
+
+def enlarge_images(images, image_size: int):
+    """Enlarges a float batch to image_size × image_size with plain bilinear interpolation.
+
+    Where no side shrinks, antialiasing changes nothing (measured ≤ 2e-7; the tests check 1e-6)
+    and costs 2.7× the time; LiteRT has this resize and not the antialiased one.
+    """
+    from headstart.keras import tf
+
+    return tf.image.resize(images, (image_size, image_size), method="bilinear")
+
+
+def imagenet_normalization():
+    """A function [0, 1] RGB → the ImageNet-normalised input the backbone network takes.
+
+    Its constants are made once, here: a traced function that calls it captures them rather
+    than adding them to its own graph.
+    """
+    from headstart.keras import tf
+
+    mean = tf.constant(IMAGENET_MEAN, tf.float32)
+    std = tf.constant(IMAGENET_STD, tf.float32)
+    return lambda images: (images - mean) / std
+
+
+# Batches decoded ahead of the forward pass: enough to hide decoding, few enough to bound memory.
+PREFETCH = 2
+
+
+def decoded_batches(paths: list[str], image_size: int, batch_size: int):
+    """Yields lists of float32 images [h, w, 3] in [0, 1], decoding the next batches while the consumer runs.
+
+    Images larger than image_size on any side are shrunk to it (with antialiasing) right away, so
+    a batch of photos holds no more than a batch of resized images; smaller ones keep their size,
+    since the LiteRT model enlarges them itself. Decoding (PIL) and resizing (TensorFlow) release
+    the GIL, so a background thread overlaps them with the forward pass; at most `PREFETCH`
+    batches wait in memory.
+    """
+    chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_decode, chunk, image_size))
+            if len(pending) > PREFETCH:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _decode(paths: list[str], image_size: int) -> list[np.ndarray]:
+    return [shrunk_to_fit(load_image(Path(path)).astype(np.float32) / 255.0, image_size) for path in paths]
+
+
+def shrunk_to_fit(image: np.ndarray, image_size: int) -> np.ndarray:
+    """The image resized (with antialiasing) to image_size × image_size where any side is larger; else itself."""
+    if max(image.shape[:2]) > image_size:
+        return resize_images(image[np.newaxis], image_size).numpy()[0]
+    return image
+
+
+def image_batches(paths: list[str], image_size: int, batch_size: int):
+    """Yields float32 batches [n, size, size, 3] in [0, 1]: decoded ahead, resized here."""
+    for images in decoded_batches(paths, image_size, batch_size):
+        yield resize_batch(images, image_size)
+
+
+def resize_batch(images, image_size: int) -> np.ndarray:
+    """Images of any sizes as one batch at image_size: one resize call where they share a size.
+
+    Small images (such as CIFAR's 32 px) are enlarged without antialiasing (`enlarge_images`).
+    """
+    if len({image.shape for image in images}) > 1:
+        return np.concatenate([resize_batch(image[np.newaxis], image_size) for image in images])
+    images = np.asarray(images if isinstance(images, np.ndarray) else np.stack(images), np.float32)
+    if images.shape[1:3] == (image_size, image_size):
+        return images
+    if max(images.shape[1:3]) <= image_size:
+        return enlarge_images(images, image_size).numpy()
+    return resize_images(images, image_size).numpy()

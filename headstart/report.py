@@ -1,0 +1,27 @@
+"""What the dashboard shows of a run: a markdown report with its plots embedded, a metrics table."""
+
+from __future__ import annotations
+
+import base64
+
+from headstart.runs import RUN_FILES, Run
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def report_markdown(run: Run) -> str:
+    """The run's figures, plots (as data URIs, which the Prefect UI renders), files and model card."""
+    metrics = run.metrics
+    images = "\n\n".join(f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots())
+    files = "\n".join(f"- [{name}]({(run.path / name).as_uri()})" for name in RUN_FILES)
+    return (f"# headstart run `{run.path.name}`\n\nTest accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.\n\n"
+            f"{images}\n\n## Files\n\nRun directory: `{run.path}`\n\n{files}\n\n{run.model_card}")
+
+
+def metrics_rows(metrics: dict) -> list[dict]:
+    """One row per class, and one for all of them: the table artifact."""
+    rows = [{"class": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}} for name, values in metrics["per_class"].items()]
+    rows.append({"class": "(all)", "precision": None, "recall": None, "f1": round(metrics["macro_f1"], 4), "support": metrics["n"], "accuracy": round(metrics["accuracy"], 4)})
+    return rows

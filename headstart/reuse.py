@@ -1,0 +1,43 @@
+"""Reusing an identical earlier run instead of retraining.
+
+Training is deterministic, so a run whose every input is identical to an earlier run's (same
+images, labels and splits, same backbone weights, same settings, same headstart version) would
+reproduce it exactly; such a run is copied instead of recomputed. The training key hashes those
+inputs; an index in the cache maps each key to the run directory that holds its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from headstart import __version__
+from headstart.config import TrainConfig
+from headstart.runs import Run
+from headstart.storage import write_json_atomic
+
+
+def training_key(config: TrainConfig, manifest_fingerprint: str, backbone_fingerprint: str) -> str:
+    """Hashes everything that decides a run's model and metrics (see TrainConfig.counted_by_value)."""
+    decisive = {"manifest": manifest_fingerprint, "backbone": backbone_fingerprint, "headstart": __version__, **config.training_values()}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _index_entry(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / "runs" / f"{key}.json"
+
+
+def record_run(cache_dir: Path, key: str, run_dir: Path) -> None:
+    write_json_atomic(_index_entry(cache_dir, key), {"run_dir": str(run_dir)})
+
+
+def find_identical_run(cache_dir: Path, key: str) -> Path | None:
+    """An earlier, complete run with the same training key, if one is still on disk."""
+    entry = _index_entry(cache_dir, key)
+    if not entry.is_file():
+        return None
+    run = Run.if_complete(Path(json.loads(entry.read_text())["run_dir"]))
+    if run is None or run.config.get("training_key") != key:
+        return None
+    return run.path

@@ -1,0 +1,49 @@
+"""The training key: derived from every configuration field that can change a run's result."""
+
+import hashlib
+import json
+
+from pydantic import Field
+
+from headstart import __version__
+from headstart.config import RESULT_NEUTRAL, TrainConfig
+from headstart.reuse import training_key
+
+
+def _key(config: TrainConfig) -> str:
+    return training_key(config, "m" * 16, "b" * 16)
+
+
+def test_a_new_field_counts_towards_the_key_unless_it_is_marked_neutral():
+    class WithNewFields(TrainConfig):
+        label_smoothing: float = 0.0
+        progress_bars: bool = Field(True, json_schema_extra=RESULT_NEUTRAL)
+
+    base = WithNewFields(data="photos")
+    assert _key(base.model_copy(update={"label_smoothing": 0.1})) != _key(base)
+    assert _key(base.model_copy(update={"progress_bars": False})) == _key(base)
+    assert "label_smoothing" in WithNewFields.counted_by_value() and "progress_bars" not in WithNewFields.counted_by_value()
+
+
+def test_every_counted_field_changes_the_key_and_no_marked_one_does():
+    base = TrainConfig(data="photos")
+    changed = {"image_size": 224, "epochs": 7, "batch_size": 32, "dropout": 0.5, "learning_rate": 0.01, "patience": 2, "seed": 3}
+    assert set(changed) == set(TrainConfig.counted_by_value())
+    for name, value in changed.items():
+        assert _key(base.model_copy(update={name: value})) != _key(base), name
+    neutral = {"data": "elsewhere", "classes": ("a", "b"), "validation_fraction": 0.2, "test_fraction": 0.2, "max_images_per_class": 3,
+               "backbone": "/some/savedmodel", "engine": "keras", "threads": 1, "extraction_batch_size": 8, "extraction_shard_size": 9,
+               "task_runner": "dask", "dask_address": "tcp://x:1", "dask_workers": 4, "reuse_identical_runs": False,
+               "artifacts_root": "/tmp/a", "cache_dir": "/tmp/c", "cifar10_source": "/tmp/cifar.tar.gz"}
+    assert set(neutral) | set(changed) == set(TrainConfig.model_fields)
+    for name, value in neutral.items():
+        assert _key(base.model_copy(update={name: value})) == _key(base), name
+    # What those fields change, the fingerprints count.
+    assert training_key(base, "n" * 16, "b" * 16) != _key(base) != training_key(base, "m" * 16, "c" * 16)
+
+
+def test_the_key_is_the_one_existing_run_indexes_were_written_with():
+    config = TrainConfig(data="photos", image_size=96, epochs=12, seed=4)
+    written_by_earlier_versions = {"manifest": "m" * 16, "backbone": "b" * 16, "headstart": __version__, "image_size": 96, "epochs": 12,
+                                   "batch_size": 64, "dropout": 0.2, "learning_rate": 1e-3, "patience": 5, "seed": 4}
+    assert _key(config) == hashlib.sha256(json.dumps(written_by_earlier_versions, sort_keys=True).encode()).hexdigest()[:20]
