@@ -102,7 +102,7 @@ def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int,
     import pyarrow.parquet as pq
 
     from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
-    from headstart.data import load_image
+    from headstart.data.images import load_image
     from headstart.keras import hub, keras
     from headstart.preprocessing import resize_images
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.data import DataReport, check_image, list_class_files
+from headstart.data.folders import list_class_files
+from headstart.data.images import check_image
+from headstart.data.manifest import DataReport
 from headstart.errors import HeadstartError
 from headstart.evaluation import classification_metrics
 from headstart.preprocessing import image_batches

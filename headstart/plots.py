@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from headstart.data import load_image  # noqa: E402
+from headstart.data.images import load_image  # noqa: E402
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.data import load_image
+from headstart.data.images import load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

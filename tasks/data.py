@@ -9,7 +9,8 @@ from prefect.cache_policies import NO_CACHE
 
 from headstart.backbone.handles import Backbone, resolve_backbone
 from headstart.config import TrainConfig
-from headstart.data import DataReport, Manifest, prepare_source
+from headstart.data.manifest import DataReport, Manifest
+from headstart.data.sources import prepare_source
 from headstart.errors import HeadstartError
 from headstart.features.cache import Shard
 from headstart.features.dataset import plan_extraction

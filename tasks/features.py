@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from headstart.backbone.handles import Backbone
-from headstart.data import Manifest
+from headstart.data.manifest import Manifest
 from headstart.features.cache import Shard
 from headstart.features.dataset import FeatureSet, assemble_features as assemble
 from headstart.features.extraction import ExtractionContext

@@ -11,7 +11,7 @@ from prefect.logging import get_run_logger
 
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
-from headstart.data import DataReport
+from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
 from headstart.report import metrics_rows, report_markdown
 from headstart.reuse import record_run

@@ -13,7 +13,12 @@ from PIL import Image
 
 from conftest import write_class_images
 from headstart.config import TrainConfig
-from headstart.data import CIFAR10_CLASSES, DataReport, assign_split, download, list_class_files, load_image, prepare_source, real_paths
+from headstart.data.cifar10 import CIFAR10_CLASSES
+from headstart.data.folders import list_class_files
+from headstart.data.images import load_image
+from headstart.data.manifest import DataReport, assign_split, real_paths
+from headstart.data.sources import prepare_source
+from headstart.downloads import download
 from headstart.errors import HeadstartError
 
 

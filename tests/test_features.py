@@ -13,7 +13,8 @@ import pytest
 from conftest import extract_dataset, write_class_images
 from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
-from headstart.data import load_image, prepare_source
+from headstart.data.images import load_image
+from headstart.data.sources import prepare_source
 from headstart.errors import HeadstartError
 from headstart.features.cache import FeatureCache
 from headstart.features.dataset import plan_extraction

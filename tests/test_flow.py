@@ -68,7 +68,7 @@ def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour
     import numpy as np
 
     from flows.train import train
-    from headstart.data import load_image
+    from headstart.data.images import load_image
 
     run = Run(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
     images = np.stack([load_image(p) for p in sorted((colour_folder / "red").glob("*.png"))[:4]]).astype(np.float32)

@@ -6,7 +6,7 @@ import pytest
 from conftest import extract_dataset
 from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
-from headstart.data import prepare_source
+from headstart.data.sources import prepare_source
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.model import build_classifier, predict_from_features, train_head
 
@@ -39,7 +39,7 @@ def test_head_on_features_equals_classifier_on_raw_images(setup):
     classifier = _classifier(backbone)
     train_head(classifier, features.load("train")[:2], features.load("validation")[:2], 3, 16, 1e-2, 3, 0)
     cached, _, paths = features.load()
-    from headstart.data import load_image
+    from headstart.data.images import load_image
 
     raw = np.stack([load_image(p) for p in paths]).astype(np.float32)
     np.testing.assert_allclose(classifier.predict(raw, verbose=0), predict_from_features(classifier, cached), atol=1e-5)

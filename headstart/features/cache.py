@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from headstart.backbone.handles import Backbone
-from headstart.data import Manifest
+from headstart.data.manifest import Manifest
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, features_column
 from headstart.storage import write_parquet_atomic
 

@@ -1,0 +1,110 @@
+"""The CIFAR-10 python archive: fetched, checked, and its chosen classes written out as PNG files.
+
+The archive's batches are pickles; they are read by an unpickler that builds only arrays, lists
+and dicts, so a crafted batch cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from headstart.data.manifest import DataReport
+from headstart.downloads import download
+from headstart.errors import HeadstartError
+from headstart.storage import atomic_path, file_sha256
+
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only numpy arrays, lists and dicts: a CIFAR batch needs nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return _allowed_global(name)
+        raise HeadstartError(f"CIFAR-10 batch refers to {module}.{name}; refusing to unpickle it")
+
+
+def _allowed_global(name: str):
+    if name == "encode":
+        import codecs
+        return codecs.encode
+    if name in ("_reconstruct", "scalar"):
+        from numpy._core import multiarray
+        return getattr(multiarray, name)
+    return getattr(np, name)
+
+
+def _read_cifar_batch(data: bytes) -> tuple[np.ndarray, list[int]]:
+    batch = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+    images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, [int(label) for label in batch[b"labels"]]
+
+
+def fetch_cifar10_archive(source: str, cache_dir: Path, report: DataReport) -> Path:
+    if "://" in source:
+        name = source.rstrip("/").rsplit("/", 1)[-1] or "cifar-10-python.tar.gz"
+        url_key = hashlib.sha256(source.encode()).hexdigest()[:8]
+        archive = download(source, Path(cache_dir) / "downloads" / f"{url_key}-{name}")
+    else:
+        archive = Path(source).expanduser()
+        if not archive.is_file():
+            raise HeadstartError(f"CIFAR-10 archive not found: {archive}")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    if md5 != CIFAR10_MD5:
+        if source.startswith("https://www.cs.toronto.edu/"):
+            archive.unlink(missing_ok=True)
+            raise HeadstartError(f"downloaded CIFAR-10 archive has md5 {md5}, expected {CIFAR10_MD5}; it was removed, try again")
+        report.notes.append(f"archive md5 {md5} is not the official CIFAR-10 release ({CIFAR10_MD5})")
+    return archive
+
+
+def extract_cifar10(archive: Path, classes: tuple[str, ...], cache_dir: Path) -> list[tuple[Path, int, str]]:
+    """Writes the chosen classes of both official splits as PNG files; returns (path, label, split)."""
+    unknown = [name for name in classes if name not in CIFAR10_CLASSES]
+    if unknown:
+        raise HeadstartError(f"unknown CIFAR-10 class(es) {', '.join(unknown)}; choose from {', '.join(CIFAR10_CLASSES)}")
+    archive_key = file_sha256(archive)[:16]
+    root = Path(cache_dir) / "cifar10" / archive_key
+    done_marker = root / "complete"
+    if not done_marker.exists():
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                batches = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+                for split, names in batches.items():
+                    index = 0
+                    for name in names:
+                        if name not in members:
+                            raise HeadstartError(f"{archive} is not a CIFAR-10 python archive: {name} is missing")
+                        images, labels = _read_cifar_batch(tar.extractfile(members[name]).read())
+                        for image, label in zip(images, labels):
+                            target = root / split / CIFAR10_CLASSES[label] / f"{index:05d}.png"
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            with atomic_path(target) as temporary:
+                                Image.fromarray(image).save(temporary, format="PNG")
+                            index += 1
+        except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
+            raise HeadstartError(f"{archive} is not a readable CIFAR-10 python archive: {error}") from None
+        done_marker.write_text("ok\n")
+    files = []
+    for split in ("train", "test"):
+        for label, name in enumerate(classes):
+            for path in sorted((root / split / name).glob("*.png")):
+                files.append((path, label, split))
+    return files

@@ -1,0 +1,63 @@
+"""Folders of labelled images, laid out as Keras' image_dataset_from_directory reads them:
+root/CLASS/**/IMAGE. Hidden files and folders are left out; non-image files are reported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from headstart.data.images import IMAGE_SUFFIXES
+from headstart.data.manifest import DataReport
+from headstart.errors import HeadstartError
+
+
+def list_image_folder(root: Path, classes: tuple[str, ...] | None, report: DataReport) -> tuple[list[tuple[Path, int, None]], list[str]]:
+    """Lists an image_dataset_from_directory-style folder: root/CLASS/**/IMAGE."""
+    root = Path(root)
+    if not root.is_dir():
+        raise HeadstartError(f"data folder not found: {root}")
+    available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        class_names = available
+    else:
+        missing = [name for name in classes if name not in available]
+        if missing:
+            raise HeadstartError(f"class folder(s) {', '.join(missing)} not found in {root}; it has: {', '.join(available) or 'none'}")
+        class_names = list(classes)
+    if len(class_names) < 2:
+        raise HeadstartError(f"{root} needs at least two class sub-folders of images, found {len(class_names)}")
+    return list_class_files(root, class_names, report), class_names
+
+
+def list_class_files(root: Path, class_names: list[str], report: DataReport) -> list[tuple[Path, int, None]]:
+    """(path, label, None) for every image under root/CLASS; labels index class_names; absent classes have none."""
+    files = []
+    for label, name in enumerate(class_names):
+        for path in _visible_files(Path(root) / name):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                report.skipped.append({"path": str(path), "reason": "not an image file"})
+                continue
+            files.append((path, label, None))
+    return files
+
+
+def _visible_files(directory: Path) -> list[Path]:
+    """Files under directory, hidden ones and hidden folders left out, in sorted(rglob) order.
+
+    Symlinked folders are not entered (as rglob does not); symlinked files count. Each entry's
+    type comes from the directory listing, where rglob + is_file made a system call per file.
+    """
+    found, pending = [], [str(directory)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:  # a missing or unreadable folder holds no images
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            elif entry.is_file():
+                found.append(entry.path)
+    return [Path(path) for path in sorted(found, key=lambda path: path.split(os.sep))]

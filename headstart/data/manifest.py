@@ -1,0 +1,201 @@
+"""Labelled image files turned into one manifest: hashed, checked, de-duplicated and split.
+
+A manifest is a Parquet table with one row per usable image: its path, class, content hash and
+split. Splits are decided by the content hash, so an image keeps its split from run to run no
+matter how the folder is listed or what else is added. Files that cannot be used are skipped and
+listed in the data report, never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from headstart.data.images import check_image
+from headstart.errors import HeadstartError
+from headstart.storage import file_sha256, write_parquet_atomic
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class DataReport:
+    """What a source held and what was left out, with reasons."""
+
+    source: str
+    class_names: list[str]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "class_names": self.class_names, "counts": self.counts, "skipped": self.skipped, "notes": self.notes}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A small handle to a manifest file: what crosses task boundaries instead of the images."""
+
+    path: Path
+    class_names: tuple[str, ...]
+    fingerprint: str
+
+    def read(self) -> pa.Table:
+        return pq.read_table(self.path)
+
+
+# --- splitting --------------------------------------------------------------------------------
+
+def hash_fraction(sha256: str) -> float:
+    """Maps a content hash to a number in [0, 1), uniformly and stably."""
+    return int(sha256[:13], 16) / 16**13
+
+
+def assign_split(sha256: str, validation_fraction: float, test_fraction: float) -> str:
+    position = hash_fraction(sha256)
+    if position < test_fraction:
+        return "test"
+    if position < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
+
+
+# --- scanning files into a manifest ----------------------------------------------------------
+
+def _scan_cache_path(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "scan-cache.parquet"
+
+
+def _load_scan_cache(cache_dir: Path) -> dict[tuple[str, int, int], tuple[str, str]]:
+    path = _scan_cache_path(cache_dir)
+    if not path.exists():
+        return {}
+    try:
+        table = pq.read_table(path).to_pydict()
+    except Exception:  # A damaged cache is only slower, never wrong: start afresh.
+        return {}
+    return {
+        (p, s, m): (h, e)
+        for p, s, m, h, e in zip(table["path"], table["size"], table["mtime_ns"], table["sha256"], table["error"])
+    }
+
+
+def _save_scan_cache(cache_dir: Path, entries: dict[tuple[str, int, int], tuple[str, str]]) -> None:
+    keys = list(entries)
+    table = pa.table({
+        "path": [k[0] for k in keys],
+        "size": pa.array([k[1] for k in keys], pa.int64()),
+        "mtime_ns": pa.array([k[2] for k in keys], pa.int64()),
+        "sha256": [entries[k][0] for k in keys],
+        "error": [entries[k][1] for k in keys],
+    })
+    write_parquet_atomic(_scan_cache_path(cache_dir), table)
+
+
+def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool = False) -> list[tuple[str, str]]:
+    """Hashes and test-decodes files, reusing results for files whose size and mtime are unchanged.
+
+    Takes resolved paths (the cache's keys); returns (sha256, error) per path, error '' for a usable image.
+    """
+    cache = _load_scan_cache(cache_dir)
+    results, changed = [], False
+    for path in tqdm(resolved_paths, desc="scan images", unit="img", disable=not show_progress):
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in cache:
+            cache[key] = (file_sha256(Path(path)), check_image(Path(path)) or "")
+            changed = True
+        results.append(cache[key])
+    if changed:
+        _save_scan_cache(cache_dir, cache)
+    return results
+
+
+def real_paths(paths: list[Path]) -> list[str]:
+    """Each file's path with every symlink resolved, as Path.resolve() gives it.
+
+    Each directory is resolved once; after that a file costs a system call, or three where it
+    is a symlink. Resolving each path whole took one per path component (0.45 s for 10 000 files).
+    """
+    real_directories: dict[str, str] = {}
+
+    def real_path(path: str) -> str:
+        for _ in range(40):  # the limit of symlinks the kernel follows in one path
+            directory, name = os.path.split(path)
+            if directory not in real_directories:
+                real_directories[directory] = os.path.realpath(directory)
+            path = os.path.join(real_directories[directory], name)
+            if not os.path.islink(path):
+                return path
+            path = os.path.join(real_directories[directory], os.readlink(path))
+        return os.path.realpath(path)  # a symlink loop: as Path.resolve() reports it
+
+    return [real_path(str(path)) for path in paths]
+
+
+def build_manifest(
+    labelled_files: list[tuple[Path, int, str | None]],
+    class_names: list[str],
+    report: DataReport,
+    cache_dir: Path,
+    validation_fraction: float,
+    test_fraction: float,
+    max_images_per_class: int | None = None,
+    show_progress: bool = False,
+) -> Manifest:
+    """Hashes, checks and splits files into a manifest; `fixed_split` (third item) overrides the hash split."""
+    resolved = real_paths([path for path, _, _ in labelled_files])  # symlinked datasets point at their files
+    scanned = scan_files(resolved, cache_dir, show_progress)
+    rows = {"path": [], "label": [], "class_name": [], "sha256": [], "split": []}
+    first_seen: dict[str, tuple[Path, int]] = {}
+    per_class = [0] * len(class_names)
+    for (path, label, fixed_split), resolved_path, (sha256, error) in zip(labelled_files, resolved, scanned):
+        if error:
+            report.skipped.append({"path": str(path), "reason": error})
+            continue
+        if sha256 in first_seen:
+            other_path, other_label = first_seen[sha256]
+            reason = "duplicate of" if other_label == label else f"same image as (class {class_names[other_label]})"
+            report.skipped.append({"path": str(path), "reason": f"{reason} {other_path}"})
+            continue
+        capped = fixed_split != "test"  # an official test set is never cut
+        if capped and max_images_per_class is not None and per_class[label] >= max_images_per_class:
+            continue
+        first_seen[sha256] = (path, label)
+        if capped:
+            per_class[label] += 1
+        if fixed_split == "test":
+            split = "test"
+        elif fixed_split == "train":
+            split = assign_split(sha256, validation_fraction, 0.0)
+        else:
+            split = assign_split(sha256, validation_fraction, test_fraction)
+        rows["path"].append(resolved_path)
+        rows["label"].append(label)
+        rows["class_name"].append(class_names[label])
+        rows["sha256"].append(sha256)
+        rows["split"].append(split)
+    table = pa.table({**rows, "label": pa.array(rows["label"], pa.int32())})
+    for split in SPLITS:
+        mask = [s == split for s in rows["split"]]
+        report.counts[split] = {name: sum(1 for m, l in zip(mask, rows["label"]) if m and l == i) for i, name in enumerate(class_names)}
+    for split in ("train", "test"):
+        if sum(report.counts[split].values()) == 0:
+            raise HeadstartError(f"no usable images in the {split} split of {report.source}; {len(report.skipped)} files were skipped")
+    for name in class_names:
+        if report.counts["train"][name] == 0:
+            raise HeadstartError(f"class {name!r} has no usable training images in {report.source}")
+    digest = hashlib.sha256()
+    # Paths count too: the plots of a run read its images back from them.
+    for sha256, label, split, path in zip(rows["sha256"], rows["label"], rows["split"], rows["path"]):
+        digest.update(f"{sha256}:{label}:{split}:{path};".encode())
+    digest.update("|".join(class_names).encode())
+    fingerprint = digest.hexdigest()[:16]
+    path = write_parquet_atomic(Path(cache_dir) / "manifests" / f"{fingerprint}.parquet", table)
+    return Manifest(path=path, class_names=tuple(class_names), fingerprint=fingerprint)
