@@ -90,7 +90,8 @@ def _predict(args) -> int:
     for entry in skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     if usable:
-        probabilities, class_names = predict_files(run, usable, args.batch_size), run.class_names
+        probabilities = predict_files(run, usable, args.batch_size)
+        class_names = run.class_names
         for path, probs in zip(usable, probabilities):
             best = int(probs.argmax())
             if args.json:

@@ -46,6 +46,28 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert table is not None and "blue" in table.data
 
 
+def test_the_flow_extracts_every_shard_within_one_extraction_context(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    import logging
+
+    from flows.train import train
+
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("headstart.features.extraction")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, engine="keras", extraction_shard_size=10))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(list((tmp_path / "cache" / "features").rglob("shard-*.parquet"))) == 5
+    # One engine, built for the first shard and kept for the other four.
+    assert [message for message in messages if message.startswith("feature extraction engine")] == ["feature extraction engine: keras (requested)"]
+
+
 def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
     from flows.train import train
 
