@@ -88,6 +88,8 @@ class ExtractionContext:
     def close(self) -> None:
         if self._loader is not None:
             self._loader.shutdown(wait=False)
+            self._loader = None
+        self._layers.clear()
         with self._engines_lock:
             self._engines.clear()
 
