@@ -102,6 +102,35 @@ def _predict(args) -> int:
     return 0 if usable else EXIT_USAGE
 
 
+def _models(args) -> int:
+    from headstart import registry
+
+    root = Path(args.artifacts_root)
+    if args.action == "promote":
+        entry = registry.promote(root, args.version, args.reason)
+        print(f"champion: {entry['version']} (was {entry['previous'] or 'none'})")
+        return 0
+    if args.action == "rollback":
+        entry = registry.rollback(root, args.reason)
+        print(f"champion: {entry['version']} (was {entry['previous']})")
+        return 0
+    rows = registry.versions(root)
+    if args.json:
+        print(json.dumps([row.to_dict() for row in rows]))
+        return 0
+    if not rows:
+        print(f"no versions in {root}")
+        return 0
+    width = max(len(row.version) for row in rows)
+    print(f"  {'version':<{width}}  accuracy  test images  classes / created")
+    for row in rows:
+        accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
+        print(f"{'*' if row.champion else ' '} {row.version:<{width}}  {accuracy:<8}  {row.n if row.n is not None else '-':<11}  "
+              f"{', '.join(row.class_names)} / {row.created_at}")
+    print("\n* champion" if any(row.champion for row in rows) else "\nno champion yet: `headstart models promote VERSION`")
+    return 0
+
+
 def _comma_separated(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -151,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.set_defaults(handler=_predict)
+
+    models = commands.add_parser("models", help="list the registry's versions, newest first; promote one, or roll back")
+    models.add_argument("--artifacts-root", default="artifacts", help="where run directories go (default ./artifacts)")
+    models.add_argument("--json", action="store_true", help="print one JSON list")
+    actions = models.add_subparsers(dest="action")
+    root_option = argparse.ArgumentParser(add_help=False)
+    root_option.add_argument("--artifacts-root", default=argparse.SUPPRESS, help="where run directories go (default ./artifacts)")
+    promote = actions.add_parser("promote", parents=[root_option], help="make a version the champion")
+    promote.add_argument("version", help="a version listed by 'headstart models'")
+    promote.add_argument("--reason", default="promoted by hand", help="recorded in the champion's history")
+    rollback = actions.add_parser("rollback", parents=[root_option], help="make the previous champion the champion again")
+    rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the champion's history")
+    models.set_defaults(handler=_models)
     return parser
 
 

@@ -10,6 +10,7 @@ loaded, so that reading a run's figures stays cheap.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from headstart import __version__
 from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError
 from headstart.storage import write_bytes_atomic, write_json_atomic
@@ -37,24 +39,25 @@ HISTORY_FILE = "history.json"
 DATA_REPORT_FILE = "data_report.json"
 CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
+LINEAGE_FILE = "lineage.json"
 PLOTS_DIR = "plots"
 # Everything a complete run holds.
 RUN_FILES = (MODEL_FILE, SERVING_DIR, BACKBONE_DIR, CLASS_NAMES_FILE, METRICS_FILE, HISTORY_FILE,
-             DATA_REPORT_FILE, CONFIG_FILE, MODEL_CARD_FILE, PLOTS_DIR)
+             DATA_REPORT_FILE, CONFIG_FILE, MODEL_CARD_FILE, LINEAGE_FILE, PLOTS_DIR)
 
 
 # --- writing a run ---------------------------------------------------------------------------------
 
-def new_run_name() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-
-
 class RunWriter:
     """Collects a run's files in a staging directory. As a context manager it renames the
-    directory to its final name when the block succeeds, and removes it when the block fails."""
+    directory to its final name when the block succeeds, and removes it when the block fails.
 
-    def __init__(self, artifacts_root: Path, name: str | None = None):
-        self.name = name or new_run_name()
+    The name is the run's version in the registry: its UTC creation time and a random suffix.
+    """
+
+    def __init__(self, artifacts_root: Path):
+        self.created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        self.name = self.created_at.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         self.root = Path(artifacts_root)
         self.final = (self.root / self.name).resolve()
         self.staging = self.root / f".{self.name}.partial"
@@ -96,7 +99,7 @@ class RunWriter:
         serving.model_variables = list(classifier.variables)
         tf.saved_model.save(serving, str(self.staging / SERVING_DIR), signatures={"serving_default": serve})
 
-    def copy_run(self, previous: Path) -> None:
+    def copy_run(self, previous: Path, flow_run_id: str | None = None) -> None:
         """Fills the staging directory with an earlier run's files (hard links where possible)."""
         def link_or_copy(source, destination):
             try:
@@ -106,18 +109,38 @@ class RunWriter:
 
         shutil.rmtree(self.staging)
         shutil.copytree(previous, self.staging, copy_function=link_or_copy)
-        config = json.loads((self.staging / CONFIG_FILE).read_text())
-        (self.staging / CONFIG_FILE).unlink()  # a link: rewrite it without touching the earlier run
-        self.write_json(CONFIG_FILE, {**config, "reused_from": str(previous)})
+        for name, own in ((CONFIG_FILE, {}), (LINEAGE_FILE, {"version": self.name, "created_at": self.created_at.isoformat(), "flow_run_id": flow_run_id})):
+            value = json.loads((self.staging / name).read_text())
+            (self.staging / name).unlink()  # a link: rewrite it without touching the earlier run
+            self.write_json(name, {**value, **own, "reused_from": str(previous)})
+
+    def lineage(self, *, config_values: dict, training_key: str, backbone: Backbone, features: "FeatureSet", data_report: dict,
+                metrics: dict, flow_run_id: str | None) -> dict:
+        """Where this run's model came from, for the registry: data, classes, backbone, parameters, version, metrics."""
+        return {
+            "version": self.name, "created_at": self.created_at.isoformat(), "headstart": __version__, "flow_run_id": flow_run_id,
+            "data": {"source": data_report["source"], "splits": {split: _content_fingerprint(hashes) for split, hashes in features.content_hashes().items()}},
+            "class_names": metrics["class_names"],
+            "backbone": {"handle": backbone.handle, "fingerprint": backbone.fingerprint, "image_size": backbone.image_size},
+            "parameters": config_values, "training_key": training_key,
+            "metrics": {name: metrics[name] for name in ("accuracy", "n", "macro_f1")},
+        }
+
+
+def _content_fingerprint(hashes: list[str]) -> dict:
+    """A split's images as a count and one hash of their sorted content hashes."""
+    return {"images": len(hashes), "content_sha256": hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()}
 
 
 def write_run(
     artifacts_root: Path, *, config: "TrainConfig", training_key: str, classifier, backbone: Backbone, features: "FeatureSet",
-    data_report: dict, history: dict, metrics: dict, figures: dict[str, bytes],
+    data_report: dict, history: dict, metrics: dict, figures: dict[str, bytes], flow_run_id: str | None = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path."""
     config_values = config.model_dump(mode="json")
     with RunWriter(artifacts_root) as writer:
+        writer.write_json(LINEAGE_FILE, writer.lineage(config_values=config_values, training_key=training_key, backbone=backbone,
+                                                       features=features, data_report=data_report, metrics=metrics, flow_run_id=flow_run_id))
         writer.save_classifier(classifier, backbone)
         writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
         writer.write_json(METRICS_FILE, {**metrics, "engine": features.engine, "features_extracted": features.extracted, "features_reused": features.reused})
@@ -130,10 +153,10 @@ def write_run(
     return writer.final
 
 
-def copy_run(artifacts_root: Path, previous: Path) -> Path:
-    """A new run directory holding an earlier run's files, its config marked `reused_from`."""
+def copy_run(artifacts_root: Path, previous: Path, flow_run_id: str | None = None) -> Path:
+    """A new run directory holding an earlier run's files, its config and lineage marked `reused_from`."""
     with RunWriter(artifacts_root) as writer:
-        writer.copy_run(previous)
+        writer.copy_run(previous, flow_run_id)
     return writer.final
 
 
@@ -214,6 +237,11 @@ class Run:
     @cached_property
     def history(self) -> dict:
         return self._json(HISTORY_FILE)
+
+    @cached_property
+    def lineage(self) -> dict:
+        """The lineage record; {} for a run written before runs had one."""
+        return self._json(LINEAGE_FILE) if (self.path / LINEAGE_FILE).is_file() else {}
 
     @property
     def image_size(self) -> int:

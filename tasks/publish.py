@@ -8,6 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
 
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
@@ -25,7 +26,8 @@ def publish(
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
     run_dir = write_run(config.artifacts_root, config=config, training_key=training_key, classifier=classifier, backbone=backbone,
-                        features=features, data_report=report.to_dict(), history=history, metrics=metrics, figures=figures)
+                        features=features, data_report=report.to_dict(), history=history, metrics=metrics, figures=figures,
+                        flow_run_id=flow_run.id)
     record_run(config.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir))
 
@@ -34,7 +36,7 @@ def publish(
 def reuse_identical_run(config: TrainConfig, previous: Path) -> str:
     """Copies an earlier run whose inputs were all identical: training would reproduce it exactly."""
     get_run_logger().info("Every input matches run %s; copying it instead of retraining (--no-reuse to retrain)", previous)
-    return publish_prefect_artifacts(Run(copy_run(config.artifacts_root, previous)))
+    return publish_prefect_artifacts(Run(copy_run(config.artifacts_root, previous, flow_run.id)))
 
 
 def publish_prefect_artifacts(run: Run) -> str:

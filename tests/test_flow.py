@@ -39,6 +39,11 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert run.metrics["accuracy"] >= 0.9 and run.metrics["n"] > 0
     assert run.class_names == ["blue", "red"]
     assert not list((tmp_path / "artifacts").glob(".*"))  # no staging leftovers
+    lineage = run.lineage
+    assert lineage["version"] == run_dir.name and lineage["flow_run_id"] and lineage["class_names"] == ["blue", "red"]
+    assert sum(split["images"] for split in lineage["data"]["splits"].values()) == 48 == run.metrics["n"] + sum(
+        lineage["data"]["splits"][split]["images"] for split in ("train", "validation"))
+    assert lineage["backbone"]["fingerprint"] == run.config["backbone_fingerprint"] and lineage["parameters"]["epochs"] == 40
 
     report = Artifact.get("headstart-report")
     assert report is not None and report.data.count("data:image/png;base64,") == len(PLOT_FILES)
@@ -77,6 +82,10 @@ def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(pre
     retrained = Path(train(config.model_copy(update={"reuse_identical_runs": False})))
     assert len({first, reused, retrained}) == 3
     assert json.loads((reused / "config.json").read_text())["reused_from"] == str(first)
+    first_lineage, reused_lineage = Run(first).lineage, Run(reused).lineage
+    assert reused_lineage["version"] == reused.name and reused_lineage["reused_from"] == str(first)
+    assert reused_lineage["flow_run_id"] != first_lineage["flow_run_id"] and reused_lineage["data"] == first_lineage["data"]
+    assert "reused_from" not in first_lineage  # the copy did not write through its link
     assert "reused_from" not in json.loads((retrained / "config.json").read_text())
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (first, reused, retrained)]
     assert metrics[0] == metrics[1]

@@ -49,6 +49,14 @@ class FeatureSet:
         table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["features", "label", "path"])
         return features_matrix(table), table.column("label").to_numpy(), table.column("path").to_pylist()
 
+    def content_hashes(self) -> dict[str, list[str]]:
+        """Each split's image content hashes."""
+        table = pq.read_table(self.path, columns=["sha256", "split"]).to_pydict()
+        hashes: dict[str, list[str]] = {split: [] for split in SPLITS}
+        for sha, split in zip(table["sha256"], table["split"]):
+            hashes[split].append(sha)
+        return hashes
+
     def labels_and_paths(self, split: str) -> tuple[np.ndarray, list[str]]:
         table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["label", "path"])
         return table.column("label").to_numpy(), table.column("path").to_pylist()
