@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cifar10-source", help="URL or path of the CIFAR-10 python archive")
     train.add_argument("--no-reuse", dest="reuse_identical_runs", action="store_const", const=False,
                        help="retrain even when an earlier run had identical inputs (by default that run is copied)")
+    train.add_argument("--no-gate", dest="gate", action="store_const", const=False,
+                       help="do not compare with the champion or promote (by default the new model replaces the champion only when it is not worse)")
+    train.add_argument("--gate-tolerance", type=float, help="accuracy the new model may lose against the champion and still be promoted (default 0)")
+    train.add_argument("--gate-alpha", type=float, help="significance level of the McNemar test that keeps a worse model out (default 0.05)")
+    train.add_argument("--gate-floor", type=float, help="accuracy the first model must beat (default: always predicting the most common class)")
     train.add_argument("--artifacts-root", help="where run directories go (default ./artifacts)")
     train.add_argument("--cache-dir", help="where downloads, backbones and features are cached (default ./.cache/headstart)")
     train.set_defaults(handler=_train)

@@ -1,6 +1,7 @@
 """The `train` flow: download → preprocess → extract_features (per shard) → assemble_features →
-build_model → train_head → evaluate → visualize → publish; or, when every input matches an
-earlier run, reuse_identical_run in place of the last five."""
+build_model → train_head → evaluate → gate → visualize → publish → promote (where the gate
+decided so); or, when every input matches an earlier run, reuse_identical_run in place of the
+steps after assemble_features."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from headstart.reuse import find_identical_run, training_key
 from tasks.data import download, preprocess
 from tasks.evaluation import evaluate, visualize
 from tasks.features import assemble_features, extract_features
+from tasks.gate import gate, promote
 from tasks.model import build_model, train_head
 from tasks.publish import publish, reuse_identical_run
 
@@ -44,8 +46,12 @@ def train(config: TrainConfig) -> str:
         classifier = build_model(config, backbone, manifest.class_names, extraction)
     history = train_head(config, classifier, features)
     metrics, probabilities = evaluate(classifier, features, manifest.class_names)
+    decision = gate(config, backbone, features, probabilities, manifest.class_names) if config.gate else None
     figures = visualize(config, history, metrics, probabilities, features)
-    return publish(config, key, classifier, backbone, features, report, history, metrics, figures)
+    run_dir = publish(config, key, classifier, backbone, features, report, history, metrics, figures, decision)
+    if decision is not None and decision.promote:
+        promote(config, run_dir, decision)
+    return run_dir
 
 
 def extraction_runner(config: TrainConfig) -> TaskRunner:

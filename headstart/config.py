@@ -53,6 +53,10 @@ class TrainConfig(BaseModel):
     dask_address: Optional[str] = Field(None, json_schema_extra=RESULT_NEUTRAL, description="scheduler address of an existing Dask cluster (tcp://host:port); default: a local cluster")
     dask_workers: int = Field(2, ge=1, json_schema_extra=RESULT_NEUTRAL, description="workers of the local Dask cluster when no address is given")
     reuse_identical_runs: bool = Field(True, json_schema_extra=RESULT_NEUTRAL, description="copy an earlier run whose inputs were all identical instead of retraining")
+    gate: bool = Field(True, json_schema_extra=RESULT_NEUTRAL, description="compare the new model with the champion and promote it only when it is not worse")
+    gate_tolerance: float = Field(0.0, ge=0.0, le=1.0, json_schema_extra=RESULT_NEUTRAL, description="accuracy the new model may lose against the champion and still be promoted")
+    gate_alpha: float = Field(0.05, gt=0.0, lt=1.0, json_schema_extra=RESULT_NEUTRAL, description="significance level of the McNemar test that keeps a worse model out")
+    gate_floor: Optional[float] = Field(None, ge=0.0, le=1.0, json_schema_extra=RESULT_NEUTRAL, description="accuracy the first model must beat; default: always predicting the most common class")
     artifacts_root: Path = Field(Path("artifacts"), json_schema_extra=RESULT_NEUTRAL)
     cache_dir: Path = Field(Path(".cache/headstart"), json_schema_extra=RESULT_NEUTRAL)
 

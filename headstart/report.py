@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+from headstart.gate import GateDecision
 from headstart.runs import RUN_FILES, Run
 
 
@@ -25,3 +26,11 @@ def metrics_rows(metrics: dict) -> list[dict]:
     rows = [{"class": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}} for name, values in metrics["per_class"].items()]
     rows.append({"class": "(all)", "precision": None, "recall": None, "f1": round(metrics["macro_f1"], 4), "support": metrics["n"], "accuracy": round(metrics["accuracy"], 4)})
     return rows
+
+
+def gate_rows(decision: GateDecision) -> list[dict]:
+    """The gate's decision as a two-column table: one row per figure, the reason first."""
+    figures = {"decision": "promote" if decision.promote else "keep the champion", "reason": decision.reason, **{
+        name: value for name, value in decision.to_dict().items() if name not in ("promote", "reason", "notes") and value is not None}}
+    rows = [{"figure": name, "value": round(value, 6) if isinstance(value, float) else value} for name, value in figures.items()]
+    return rows + [{"figure": "note", "value": note} for note in decision.notes]

@@ -115,8 +115,9 @@ class RunWriter:
             self.write_json(name, {**value, **own, "reused_from": str(previous)})
 
     def lineage(self, *, config_values: dict, training_key: str, backbone: Backbone, features: "FeatureSet", data_report: dict,
-                metrics: dict, flow_run_id: str | None) -> dict:
-        """Where this run's model came from, for the registry: data, classes, backbone, parameters, version, metrics."""
+                metrics: dict, flow_run_id: str | None, gate: dict | None) -> dict:
+        """Where this run's model came from, for the registry: data, classes, backbone, parameters, version, metrics,
+        and the promotion gate's decision (None where the gate was off)."""
         return {
             "version": self.name, "created_at": self.created_at.isoformat(), "headstart": __version__, "flow_run_id": flow_run_id,
             "data": {"source": data_report["source"], "splits": {split: _content_fingerprint(hashes) for split, hashes in features.content_hashes().items()}},
@@ -124,6 +125,7 @@ class RunWriter:
             "backbone": {"handle": backbone.handle, "fingerprint": backbone.fingerprint, "image_size": backbone.image_size},
             "parameters": config_values, "training_key": training_key,
             "metrics": {name: metrics[name] for name in ("accuracy", "n", "macro_f1")},
+            "gate": gate,
         }
 
 
@@ -134,13 +136,14 @@ def _content_fingerprint(hashes: list[str]) -> dict:
 
 def write_run(
     artifacts_root: Path, *, config: "TrainConfig", training_key: str, classifier, backbone: Backbone, features: "FeatureSet",
-    data_report: dict, history: dict, metrics: dict, figures: dict[str, bytes], flow_run_id: str | None = None,
+    data_report: dict, history: dict, metrics: dict, figures: dict[str, bytes], flow_run_id: str | None = None, gate: dict | None = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path."""
     config_values = config.model_dump(mode="json")
     with RunWriter(artifacts_root) as writer:
         writer.write_json(LINEAGE_FILE, writer.lineage(config_values=config_values, training_key=training_key, backbone=backbone,
-                                                       features=features, data_report=data_report, metrics=metrics, flow_run_id=flow_run_id))
+                                                       features=features, data_report=data_report, metrics=metrics, flow_run_id=flow_run_id,
+                                                       gate=gate))
         writer.save_classifier(classifier, backbone)
         writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
         writer.write_json(METRICS_FILE, {**metrics, "engine": features.engine, "features_extracted": features.extracted, "features_reused": features.reused})

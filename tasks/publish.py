@@ -14,6 +14,7 @@ from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
+from headstart.gate import GateDecision
 from headstart.report import metrics_rows, report_markdown
 from headstart.reuse import record_run
 from headstart.runs import Run, copy_run, write_run
@@ -22,12 +23,12 @@ from headstart.runs import Run, copy_run, write_run
 @task(name="publish", cache_policy=NO_CACHE)
 def publish(
     config: TrainConfig, training_key: str, classifier, backbone: Backbone, features: FeatureSet,
-    report: DataReport, history: dict, metrics: dict, figures: dict[str, bytes],
+    report: DataReport, history: dict, metrics: dict, figures: dict[str, bytes], decision: GateDecision | None = None,
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
     run_dir = write_run(config.artifacts_root, config=config, training_key=training_key, classifier=classifier, backbone=backbone,
                         features=features, data_report=report.to_dict(), history=history, metrics=metrics, figures=figures,
-                        flow_run_id=flow_run.id)
+                        flow_run_id=flow_run.id, gate=decision.to_dict() if decision is not None else None)
     record_run(config.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir))
 

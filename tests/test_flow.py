@@ -73,6 +73,69 @@ def test_the_flow_extracts_every_shard_within_one_extraction_context(prefect_har
     assert [message for message in messages if message.startswith("feature extraction engine")] == ["feature extraction engine: keras (requested)"]
 
 
+def _with_swapped_training_labels(folder: Path, destination: Path, validation_fraction: float, test_fraction: float) -> Path:
+    """The folder's images with their test split under the right class and every other image under the other one."""
+    import hashlib
+
+    from headstart.data.manifest import assign_split
+
+    other = {"blue": "red", "red": "blue"}
+    for path in sorted(folder.glob("*/*.png")):
+        data = path.read_bytes()
+        split = assign_split(hashlib.sha256(data).hexdigest(), validation_fraction, test_fraction)
+        label = path.parent.name if split == "test" else other[path.parent.name]
+        (destination / label).mkdir(parents=True, exist_ok=True)
+        (destination / label / f"{path.parent.name}-{path.name}").write_bytes(data)
+    return destination
+
+
+def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.train import train
+    from headstart import registry
+
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
+    first = Path(train(config))
+    assert registry.champion_version(tmp_path / "artifacts") == first.name
+    assert Run(first).lineage["gate"]["promote"] and Run(first).lineage["gate"]["reason"].startswith("first model promoted")
+
+    worse = _with_swapped_training_labels(colour_folder, tmp_path / "worse", config.validation_fraction, config.test_fraction)
+    second = Path(train(config.model_copy(update={"data": str(worse)})))
+    assert registry.champion_version(tmp_path / "artifacts") == first.name
+    decision = Run(second).lineage["gate"]
+    assert not decision["promote"] and decision["champion"] == first.name
+    assert decision["images"] == Run(second).metrics["n"] and decision["candidate_accuracy"] < decision["champion_accuracy"]
+    assert decision["candidate_only_wrong"] > decision["candidate_only_right"]
+    table = Artifact.get("headstart-gate")
+    assert "keep the champion" in table.data and first.name in table.data
+    assert [entry["by"] for entry in registry.history(tmp_path / "artifacts")] == ["gate"]
+
+
+def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from flows.train import train
+    from headstart.backbone.handles import resolve_backbone
+    from headstart.features.dataset import FeatureSet
+    from headstart.promotion import champion_probabilities
+
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
+    champion = Run(train(config))
+    (dataset,) = (tmp_path / "cache" / "datasets").glob("*.parquet")
+    features = FeatureSet(dataset, 0, 0, "")
+    backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
+    paths = features.rows("test", ["path"])["path"]
+    fair = np.ones(len(paths), bool)
+    from_features = champion_probabilities(champion, backbone, features, fair, paths)
+    other_backbone = dataclasses.replace(backbone, fingerprint="another backbone")
+    from_images = champion_probabilities(champion, other_backbone, features, fair, paths)
+    assert from_features.shape == (len(paths), 2)
+    np.testing.assert_allclose(from_features, from_images, atol=1e-4)
+
+
 def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
     from flows.train import train
 

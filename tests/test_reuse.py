@@ -34,7 +34,8 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
     neutral = {"data": "elsewhere", "classes": ("a", "b"), "validation_fraction": 0.2, "test_fraction": 0.2, "max_images_per_class": 3,
                "backbone": "/some/savedmodel", "engine": "keras", "threads": 1, "extraction_batch_size": 8, "extraction_shard_size": 9,
                "task_runner": "dask", "dask_address": "tcp://x:1", "dask_workers": 4, "reuse_identical_runs": False,
-               "artifacts_root": "/tmp/a", "cache_dir": "/tmp/c", "cifar10_source": "/tmp/cifar.tar.gz"}
+               "artifacts_root": "/tmp/a", "cache_dir": "/tmp/c", "cifar10_source": "/tmp/cifar.tar.gz",
+               "gate": False, "gate_tolerance": 0.01, "gate_alpha": 0.01, "gate_floor": 0.6}
     assert set(neutral) | set(changed) == set(TrainConfig.model_fields)
     for name, value in neutral.items():
         assert _key(base.model_copy(update={name: value})) == _key(base), name

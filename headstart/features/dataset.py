@@ -57,6 +57,10 @@ class FeatureSet:
             hashes[split].append(sha)
         return hashes
 
+    def rows(self, split: str, columns: list[str]) -> dict[str, list]:
+        """Some manifest columns of one split, in the file's row order (the order its streams read)."""
+        return pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=columns).to_pydict()
+
     def labels_and_paths(self, split: str) -> tuple[np.ndarray, list[str]]:
         table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["label", "path"])
         return table.column("label").to_numpy(), table.column("path").to_pylist()

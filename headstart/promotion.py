@@ -1,0 +1,69 @@
+"""Scoring a candidate against the current champion on the same images, and the gate's decision.
+
+The images are the candidate's test split, less any the champion may have trained on: where
+both runs split their images with the same settings, content-hash splits put every one of them
+in the champion's test split too; where the settings differ, only the images the champion's own
+settings put in its test split count. The champion scores them from the candidate's cached
+features where both share the backbone and image size (its head alone runs), otherwise with its
+serving model on the raw images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from headstart import gate, registry
+from headstart.backbone.handles import Backbone
+from headstart.config import TrainConfig
+from headstart.data.manifest import assign_split
+from headstart.features.dataset import FeatureSet
+from headstart.runs import Run
+
+
+def decide(config: TrainConfig, backbone: Backbone, features: FeatureSet, probabilities: np.ndarray, class_names: list[str]) -> gate.GateDecision:
+    """The gate's decision for a candidate whose test-split probabilities (in the features file's row order) are given."""
+    test = features.rows("test", ["sha256", "label", "path"])
+    labels = np.asarray(test["label"], np.int64)
+    candidate_correct = probabilities.argmax(axis=1) == labels
+    champion = registry.champion(config.artifacts_root)
+    if champion is None:
+        return gate.first_model(candidate_correct, labels, config.gate_floor)
+    if champion.class_names != list(class_names):
+        return gate.different_classes(list(class_names), champion.class_names, champion.path.name, float(candidate_correct.mean()), len(labels))
+    fair, note = _images_the_champion_never_trained_on(config, champion, test["sha256"])
+    champion_probabilities = champion_probabilities(champion, backbone, features, fair, [test["path"][i] for i in np.flatnonzero(fair)])
+    decision = gate.against_champion(candidate_correct[fair], champion_probabilities.argmax(axis=1) == labels[fair], champion.path.name,
+                                     config.gate_tolerance, config.gate_alpha)
+    return gate.GateDecision(**{**decision.to_dict(), "notes": [note]})
+
+
+def _images_the_champion_never_trained_on(config: TrainConfig, champion: Run, hashes: list[str]) -> tuple[np.ndarray, str]:
+    """Which test images the champion cannot have trained on, and a note saying how that was decided."""
+    settings = champion.config
+    if settings.get("data") == "cifar10":
+        if config.data == "cifar10":
+            return np.ones(len(hashes), bool), f"all {len(hashes)} test images: both runs hold out CIFAR-10's official test set"
+        return np.zeros(len(hashes), bool), "the champion trained on CIFAR-10 and this run on a folder: no test image is known to be unseen by it"
+    # Content-hash splits: the champion's settings alone say where it put each image it had.
+    fair = np.array([assign_split(sha, settings["validation_fraction"], settings["test_fraction"]) == "test" for sha in hashes], bool)
+    if fair.all():
+        return fair, f"all {len(hashes)} test images: the champion's split settings hold them out too"
+    return fair, f"{int(fair.sum())} of {len(hashes)} test images: those the champion's split settings put in its own test split"
+
+
+def champion_probabilities(champion: Run, backbone: Backbone, features: FeatureSet, fair: np.ndarray, paths: list[str]) -> np.ndarray:
+    """The champion's probabilities on the test images marked `fair` (whose `paths` are given): its
+    head on the candidate's cached features where it saw the same features, else its serving model
+    on the raw images."""
+    if not fair.any():
+        return np.zeros((0, len(champion.class_names)), np.float32)
+    same_features = champion.config.get("backbone_fingerprint") == backbone.fingerprint and champion.image_size == backbone.image_size
+    if same_features:
+        from headstart.model import predict_from_features
+
+        return predict_from_features(champion.keras_model(), features.load("test")[0][fair])
+    from headstart.inference import predict_files
+
+    return predict_files(champion, [Path(path) for path in paths])

@@ -1,0 +1,33 @@
+"""Prefect tasks around headstart.promotion and headstart.registry: gate, promote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from headstart import promotion, registry
+from headstart.backbone.handles import Backbone
+from headstart.config import TrainConfig
+from headstart.features.dataset import FeatureSet
+from headstart.gate import GateDecision
+from headstart.report import gate_rows
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate(config: TrainConfig, backbone: Backbone, features: FeatureSet, probabilities: np.ndarray, class_names: tuple[str, ...]) -> GateDecision:
+    """Scores the new model against the champion on the same images and decides whether it takes over."""
+    decision = promotion.decide(config, backbone, features, probabilities, list(class_names))
+    get_run_logger().info("gate: %s", decision.reason)
+    create_table_artifact(key="headstart-gate", table=gate_rows(decision), description=decision.reason)
+    return decision
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote(config: TrainConfig, run_dir: str, decision: GateDecision) -> None:
+    """Makes the new run the champion, as the gate decided."""
+    registry.promote(config.artifacts_root, Path(run_dir).name, decision.reason, by="gate")
