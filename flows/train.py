@@ -42,7 +42,9 @@ def train(config: TrainConfig) -> str:
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
         previous = find_identical_run(config.cache_dir, key) if config.reuse_identical_runs else None
         if previous is not None:
-            return reuse_identical_run(config, previous)
+            run_dir = reuse_identical_run(config, previous)
+            print(f"headstart: every input matches {previous}; copied it to {run_dir}")
+            return run_dir
         classifier = build_model(config, backbone, manifest.class_names, extraction)
     history = train_head(config, classifier, features)
     metrics, probabilities = evaluate(classifier, features, manifest.class_names)
@@ -51,6 +53,8 @@ def train(config: TrainConfig) -> str:
     run_dir = publish(config, key, classifier, backbone, features, report, history, metrics, figures, decision)
     if decision is not None and decision.promote:
         promote(config, run_dir, decision)
+    print(f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
+          + (f"; gate: {decision.reason}" if decision is not None else "; gate off"))
     return run_dir
 
 

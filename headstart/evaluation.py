@@ -55,7 +55,7 @@ def evaluate_split(classifier, features: FeatureSet, split: str, class_names: li
 def format_metrics(metrics: dict) -> str:
     """A plain-text report for the terminal."""
     lines = [f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} images (macro F1 {metrics['macro_f1']:.4f})", ""]
-    width = max(len(name) for name in metrics["class_names"]) + 2
+    width = max(len("class"), *(len(name) for name in metrics["class_names"])) + 2
     lines.append(f"{'class':<{width}}precision  recall  f1      support")
     for name, values in metrics["per_class"].items():
         lines.append(f"{name:<{width}}{values['precision']:<11.4f}{values['recall']:<8.4f}{values['f1']:<8.4f}{values['support']}")

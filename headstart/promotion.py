@@ -33,8 +33,8 @@ def decide(config: TrainConfig, backbone: Backbone, features: FeatureSet, probab
     if champion.class_names != list(class_names):
         return gate.different_classes(list(class_names), champion.class_names, champion.path.name, float(candidate_correct.mean()), len(labels))
     fair, note = _images_the_champion_never_trained_on(config, champion, test["sha256"])
-    champion_probabilities = champion_probabilities(champion, backbone, features, fair, [test["path"][i] for i in np.flatnonzero(fair)])
-    decision = gate.against_champion(candidate_correct[fair], champion_probabilities.argmax(axis=1) == labels[fair], champion.path.name,
+    champion_scores = champion_probabilities(champion, backbone, features, fair, [test["path"][i] for i in np.flatnonzero(fair)])
+    decision = gate.against_champion(candidate_correct[fair], champion_scores.argmax(axis=1) == labels[fair], champion.path.name,
                                      config.gate_tolerance, config.gate_alpha)
     return gate.GateDecision(**{**decision.to_dict(), "notes": [note]})
 

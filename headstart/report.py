@@ -22,9 +22,12 @@ def report_markdown(run: Run) -> str:
 
 
 def metrics_rows(metrics: dict) -> list[dict]:
-    """One row per class, and one for all of them: the table artifact."""
-    rows = [{"class": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}} for name, values in metrics["per_class"].items()]
-    rows.append({"class": "(all)", "precision": None, "recall": None, "f1": round(metrics["macro_f1"], 4), "support": metrics["n"], "accuracy": round(metrics["accuracy"], 4)})
+    """One row per class, and one for all of them (macro F1, accuracy): the table artifact. Every
+    row has the same columns, since the dashboard takes them from the first row."""
+    rows = [{"class": name, "precision": round(values["precision"], 4), "recall": round(values["recall"], 4), "f1": round(values["f1"], 4),
+             "support": values["support"], "accuracy": None} for name, values in metrics["per_class"].items()]
+    rows.append({"class": "(all)", "precision": None, "recall": None, "f1": round(metrics["macro_f1"], 4), "support": metrics["n"],
+                 "accuracy": round(metrics["accuracy"], 4)})
     return rows
 
 

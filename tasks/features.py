@@ -15,7 +15,7 @@ from headstart.features.dataset import FeatureSet, assemble_features as assemble
 from headstart.features.extraction import ExtractionContext
 
 
-@task(name="extract_features", cache_policy=NO_CACHE)
+@task(name="extract_features", task_run_name="extract_features-{label}", cache_policy=NO_CACHE)
 def extract_features(shard: Shard, backbone: Backbone, context: ExtractionContext, label: str) -> str:
     """Decodes, resizes and runs the frozen backbone over one shard; returns the engine's name.
 

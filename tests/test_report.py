@@ -1,0 +1,31 @@
+"""What a run shows: the metrics table (same columns in every row) and the terminal report."""
+
+import numpy as np
+
+from headstart.evaluation import classification_metrics, format_metrics
+from headstart.gate import GateDecision
+from headstart.report import gate_rows, metrics_rows
+
+
+def _metrics():
+    return classification_metrics(np.array([0, 0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.1, 0.9]]), ["cat", "dog"])
+
+
+def test_every_row_of_the_metrics_table_has_the_same_columns_and_the_last_one_the_accuracy():
+    rows = metrics_rows(_metrics())
+    assert [list(row) for row in rows] == [["class", "precision", "recall", "f1", "support", "accuracy"]] * 3
+    assert rows[-1]["class"] == "(all)" and rows[-1]["accuracy"] == 0.75 and rows[-1]["support"] == 4
+
+
+def test_the_terminal_report_keeps_its_columns_apart_for_short_class_names():
+    lines = format_metrics(_metrics()).splitlines()
+    assert lines[2].startswith("class  precision")
+    assert lines[3].startswith("cat    1.0000")
+
+
+def test_the_gate_table_has_one_figure_per_row():
+    decision = GateDecision(False, "kept champion v1: …", 12, 0.5, 1.0, "v1", 6, 0, 1 / 64, 0.0, 0.05, notes=["all 12 test images"])
+    rows = gate_rows(decision)
+    assert rows[0] == {"figure": "decision", "value": "keep the champion"} and rows[-1] == {"figure": "note", "value": "all 12 test images"}
+    assert {row["figure"] for row in rows} >= {"reason", "candidate_accuracy", "champion_accuracy", "candidate_only_wrong", "p_value"}
+    assert all(list(row) == ["figure", "value"] for row in rows)
