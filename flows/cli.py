@@ -82,24 +82,23 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from headstart.inference import predict_files, split_usable
-    from headstart.runs import Run
+    from headstart import registry
+    from headstart.features.extraction import ExtractionContext, ExtractionSettings
+    from headstart.prediction import predict_images, write_predictions
 
-    run = Run(Path(args.model))
-    usable, skipped = split_usable([Path(p) for p in args.paths])
-    for entry in skipped:
+    run = registry.resolve(Path(args.artifacts_root), args.model)
+    with ExtractionContext(Path(args.cache_dir), ExtractionSettings(args.engine, args.threads, args.batch_size)) as context:
+        predictions = predict_images(run, [Path(p) for p in args.paths], context)
+    for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
-    if usable:
-        probabilities = predict_files(run, usable, args.batch_size)
-        class_names = run.class_names
-        for path, probs in zip(usable, probabilities):
-            best = int(probs.argmax())
-            if args.json:
-                print(json.dumps({"path": str(path), "label": class_names[best], "probability": float(probs[best]),
-                                  "probabilities": dict(zip(class_names, map(float, probs)))}))
-            else:
-                print(f"{path}\t{class_names[best]}\t{probs[best]:.4f}")
-    return 0 if usable else EXIT_USAGE
+    if args.output:
+        print(f"{len(predictions.paths)} predictions written to {write_predictions(predictions, Path(args.output))}", file=sys.stderr)
+    for row, probabilities in zip(predictions.rows(), predictions.probabilities):
+        if args.json:
+            print(json.dumps({**row, "probabilities": dict(zip(run.class_names, map(float, probabilities)))}))
+        elif not args.output:
+            print(f"{row['path']}\t{row['label']}\t{row['probability']:.4f}")
+    return 0 if predictions.paths else EXIT_USAGE
 
 
 def _models(args) -> int:
@@ -179,10 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.set_defaults(handler=_evaluate)
 
-    predict = commands.add_parser("predict", help="label image files with a trained run")
-    predict.add_argument("--model", required=True, help="a run directory written by 'headstart train'")
-    predict.add_argument("paths", nargs="+", help="image files")
+    predict = commands.add_parser("predict", help="label image files and folders with a trained model")
+    predict.add_argument("--model", default="champion", help="'champion' (default), a version listed by 'headstart models', or a run directory")
+    predict.add_argument("paths", nargs="+", help="image files and folders of images")
+    predict.add_argument("--output", help="write path, label, probability (and the top classes) to a .csv or .parquet file")
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
+    predict.add_argument("--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)")
+    predict.add_argument("--cache-dir", default=".cache/headstart", help="where the converted LiteRT model is cached (default ./.cache/headstart)")
+    predict.add_argument("--engine", choices=["auto", "litert", "keras"], default="auto", help="what runs the frozen forward pass (default auto)")
+    predict.add_argument("--threads", type=int, help="threads for the forward pass (default: all cores)")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.set_defaults(handler=_predict)
 

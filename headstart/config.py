@@ -86,3 +86,18 @@ class TrainConfig(BaseModel):
         values = dict(image_size=32, epochs=3, batch_size=16, extraction_batch_size=16)
         values.update(overrides)
         return cls(**values)
+
+
+class PredictConfig(BaseModel):
+    """What a `predict` run labels, with which model, and where the predictions go."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    inputs: tuple[str, ...] = Field(min_length=1, description="image files and folders of images")
+    model: str = Field("champion", description="'champion', a version listed by `headstart models`, or a run directory")
+    output: Optional[Path] = Field(None, description="a .csv or .parquet file for path, label, probability (and the top classes)")
+    artifacts_root: Path = Field(Path("artifacts"), description="where the registry's versions are")
+    cache_dir: Path = Field(Path(".cache/headstart"), description="where the converted LiteRT model is cached")
+    engine: Literal["auto", "litert", "keras"] = "auto"
+    threads: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1, le=1024)

@@ -1,4 +1,4 @@
-"""Using a finished run: predict labels for image files, evaluate on a labelled folder."""
+"""Using a finished run through its serving model, from raw pixels: evaluate on a labelled folder."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from headstart.data.folders import list_class_files
-from headstart.data.images import check_image
 from headstart.data.manifest import DataReport
 from headstart.errors import HeadstartError
 from headstart.evaluation import classification_metrics
+from headstart.prediction import list_images
 from headstart.preprocessing import image_batches
 from headstart.runs import Run
 
@@ -23,17 +23,6 @@ def predict_files(run: Run, paths: list[Path], batch_size: int = 64) -> np.ndarr
     return np.concatenate(outputs) if outputs else np.zeros((0, len(run.class_names)), np.float32)
 
 
-def split_usable(paths: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
-    usable, skipped = [], []
-    for path in paths:
-        reason = "file not found" if not Path(path).is_file() else check_image(Path(path))
-        if reason:
-            skipped.append({"path": str(path), "reason": reason})
-        else:
-            usable.append(Path(path))
-    return usable, skipped
-
-
 def evaluate_folder(run: Run, folder: Path, batch_size: int = 64) -> dict:
     """Metrics of a run on a folder whose sub-folders are named like (some of) the run's classes."""
     folder = Path(folder)
@@ -44,7 +33,7 @@ def evaluate_folder(run: Run, folder: Path, batch_size: int = 64) -> dict:
         raise HeadstartError(f"{folder} has none of the model's class folders ({', '.join(class_names)})")
     report = DataReport(source=str(folder), class_names=class_names)
     files = list_class_files(folder, class_names, report)
-    usable, skipped = split_usable([path for path, _, _ in files])
+    usable, skipped = list_images([path for path, _, _ in files])
     if not usable:
         raise HeadstartError(f"no readable images in {folder}")
     usable_set = set(usable)

@@ -251,6 +251,12 @@ class Run:
         return int(self.config["image_size"])
 
     @property
+    def backbone(self) -> Backbone:
+        """The backbone module the run's model holds, under the fingerprint it was trained with."""
+        return Backbone(handle=self.config["backbone"], module_path=self.path / BACKBONE_DIR,
+                        fingerprint=self.config["backbone_fingerprint"], image_size=self.image_size)
+
+    @property
     def model_card(self) -> str:
         return (self.path / MODEL_CARD_FILE).read_text()
 

@@ -136,6 +136,34 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     np.testing.assert_allclose(from_features, from_images, atol=1e-4)
 
 
+def test_predictions_through_the_fast_engine_equal_the_serving_models(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+    from prefect.artifacts import Artifact
+
+    from flows.predict import predict
+    from headstart.config import PredictConfig
+    from headstart.data.images import load_image
+
+    from flows.train import train
+
+    run = Run(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    output = tmp_path / "out" / "predictions.parquet"
+    summary = predict(PredictConfig(inputs=(str(colour_folder), str(tmp_path / "broken.png")), output=output,
+                                    artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache", engine="litert"))
+    assert summary.startswith("48 images labelled") and summary.endswith("1 skipped")
+    table = pq.read_table(output).to_pydict()
+    paths = sorted(str(path) for path in colour_folder.glob("*/*.png"))
+    assert sorted(table["path"]) == paths
+    order = np.argsort(table["path"])
+    serving = run.serving_model()(np.stack([load_image(path) for path in paths]).astype(np.float32))
+    np.testing.assert_allclose(np.array(table["probability"])[order], serving.max(axis=1), atol=1e-4)
+    assert [table["label"][i] for i in order] == [run.class_names[i] for i in serving.argmax(axis=1)]
+    artifact = Artifact.get("headstart-predictions")
+    assert artifact is not None and "(unreadable, skipped)" in artifact.data and str(output) in artifact.description
+
+
 def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
     from flows.train import train
 
@@ -209,10 +237,22 @@ def test_cli_train_evaluate_predict(colour_folder, tiny_backbone_dir, tmp_path):
 
     red = sorted((colour_folder / "red").glob("*.png"))[0]
     (tmp_path / "bad.jpg").write_bytes(b"nope")
-    predicted = _headstart("predict", "--model", run_dir, str(red), str(tmp_path / "bad.jpg"), tmp_path=tmp_path)
+    predicted = _headstart("predict", "--model", run_dir, str(red), str(tmp_path / "bad.jpg"), "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
     path, label, probability = predicted.stdout.strip().split("\t")
     assert path == str(red) and label == "red" and 0.5 < float(probability) <= 1.0
     assert "bad.jpg" in predicted.stderr and "Traceback" not in predicted.stderr
+
+    # The champion (the gate promoted this first run), over a folder, into a CSV file.
+    (colour_folder / "blue" / "notes.txt").write_text("not an image")
+    output = tmp_path / "predictions.csv"
+    labelled = _headstart("predict", str(colour_folder), "--output", str(output), "--artifacts-root", str(tmp_path / "artifacts"),
+                          "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
+    assert "48 predictions written" in labelled.stderr and "notes.txt: not an image file" in labelled.stderr
+    import csv
+
+    with open(output) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 48 and sum(row["label"] == Path(row["path"]).parent.name for row in rows) >= 44
 
 
 @pytest.mark.parametrize("args, message", [

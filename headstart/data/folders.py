@@ -33,7 +33,7 @@ def list_class_files(root: Path, class_names: list[str], report: DataReport) -> 
     """(path, label, None) for every image under root/CLASS; labels index class_names; absent classes have none."""
     files = []
     for label, name in enumerate(class_names):
-        for path in _visible_files(Path(root) / name):
+        for path in visible_files(Path(root) / name):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 report.skipped.append({"path": str(path), "reason": "not an image file"})
                 continue
@@ -41,7 +41,7 @@ def list_class_files(root: Path, class_names: list[str], report: DataReport) -> 
     return files
 
 
-def _visible_files(directory: Path) -> list[Path]:
+def visible_files(directory: Path) -> list[Path]:
     """Files under directory, hidden ones and hidden folders left out, in sorted(rglob) order.
 
     Symlinked folders are not entered (as rglob does not); symlinked files count. Each entry's

@@ -1,0 +1,19 @@
+"""The `predict` flow: label image files and folders with the champion, a version or a run directory."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from headstart.config import PredictConfig
+from tasks.prediction import predict as predict_images
+
+
+@flow(name="predict", log_prints=True)
+def predict(config: PredictConfig) -> str:
+    """Labels the inputs; returns a one-line summary (the rows go to `config.output`)."""
+    predictions = predict_images(config)
+    for entry in predictions.skipped:
+        print(f"headstart: skipped {entry['path']}: {entry['reason']}")
+    summary = f"{len(predictions.paths)} images labelled ({', '.join(f'{label} {count}' for label, count in predictions.counts().items())}), {len(predictions.skipped)} skipped"
+    print(f"headstart: {summary}" + (f"; predictions in {config.output}" if config.output else ""))
+    return summary

@@ -1,0 +1,109 @@
+"""Batch prediction with a trained run: image files and folders → label, probability, top classes.
+
+Images take the path training's features took: decoded and shrunk as in extraction, the fast
+engine (LiteRT where it passes its parity check) on the run's own backbone, then the run's head.
+A file that cannot be used is listed with its reason, never fatal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from headstart.data.folders import visible_files
+from headstart.data.images import IMAGE_SUFFIXES, check_image
+from headstart.errors import HeadstartError
+from headstart.features.extraction import ExtractionContext
+from headstart.preprocessing import decoded_batches
+from headstart.runs import Run
+from headstart.storage import atomic_path
+
+# Classes listed per image, most probable first, where a model has more than two.
+TOP_K = 3
+OUTPUT_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass
+class Predictions:
+    class_names: list[str]
+    paths: list[str] = field(default_factory=list)
+    probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """path, label, probability; and the top classes with theirs where there are more than two."""
+        rows = []
+        for path, probabilities in zip(self.paths, self.probabilities):
+            order = np.argsort(-probabilities, kind="stable")
+            row = {"path": path, "label": self.class_names[order[0]], "probability": float(probabilities[order[0]])}
+            if len(self.class_names) > 2:
+                for rank, index in enumerate(order[:TOP_K], start=1):
+                    row[f"top{rank}_label"], row[f"top{rank}_probability"] = self.class_names[index], float(probabilities[index])
+            rows.append(row)
+        return rows
+
+    def counts(self) -> dict[str, int]:
+        """Images per predicted label, every class listed."""
+        predicted = Counter(self.class_names[index] for index in self.probabilities.argmax(axis=1)) if len(self.paths) else Counter()
+        return {name: predicted.get(name, 0) for name in self.class_names}
+
+
+def list_images(inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Image files as given, folders walked (hidden entries left out), in order; what is missing,
+    not an image or undecodable is returned apart with its reason."""
+    usable, skipped = [], []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            candidates = visible_files(given)
+            for path in candidates:
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped.append({"path": str(path), "reason": "not an image file"})
+            candidates = [path for path in candidates if path.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            candidates = [given]
+        for path in candidates:
+            reason = "file not found" if not path.is_file() else check_image(path)
+            if reason:
+                skipped.append({"path": str(path), "reason": reason})
+            else:
+                usable.append(path)
+    return usable, skipped
+
+
+def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> Predictions:
+    """The run's predictions for every usable image among the inputs (files or folders)."""
+    usable, skipped = list_images(inputs)
+    predictions = Predictions(run.class_names, skipped=skipped)
+    if not usable:
+        return predictions
+    from headstart.model import predict_from_features
+
+    backbone = run.backbone
+    engine = context.engine(backbone)
+    paths = [str(path) for path in usable]
+    features = np.concatenate([engine(images, context.forward_threads())
+                               for images in decoded_batches(paths, backbone.image_size, context.settings.batch_size)])
+    predictions.paths, predictions.probabilities = paths, predict_from_features(run.keras_model(), features)
+    return predictions
+
+
+def write_predictions(predictions: Predictions, destination: Path) -> Path:
+    """The rows as a .csv or .parquet file, written atomically."""
+    destination = Path(destination)
+    if destination.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise HeadstartError(f"cannot write predictions to {destination}: give a file ending in .csv or .parquet")
+    rows = predictions.rows()
+    columns = list(rows[0]) if rows else ["path", "label", "probability"]
+    table = pa.table({name: [row[name] for row in rows] for name in columns}) if rows else pa.table({name: pa.array([], pa.string()) for name in columns})
+    with atomic_path(destination) as temporary:
+        if destination.suffix.lower() == ".csv":
+            pa_csv.write_csv(table, temporary)
+        else:
+            pq.write_table(table, temporary)
+    return destination
