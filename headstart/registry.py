@@ -51,17 +51,10 @@ def versions(artifacts_root: Path) -> list[Version]:
         metrics = run.metrics
         rows.append(Version(
             version=run.path.name, path=str(run.path), accuracy=metrics.get("accuracy"), n=metrics.get("n"),
-            class_names=run.class_names, created_at=run.lineage.get("created_at") or _created_from_name(run.path.name),
+            class_names=run.class_names, created_at=run.lineage.get("created_at", ""),
             champion=run.path.name == champion,
         ))
     return rows
-
-
-def _created_from_name(name: str) -> str:
-    try:
-        return dt.datetime.strptime(name[:15], "%Y%m%d-%H%M%S").replace(tzinfo=dt.timezone.utc).isoformat()
-    except ValueError:
-        return ""
 
 
 def _read_alias(artifacts_root: Path) -> dict:
