@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from headstart.data.folders import visible_files
-from headstart.data.images import IMAGE_SUFFIXES, check_image
+from headstart.data.folders import image_files
+from headstart.data.images import check_image
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext
 from headstart.preprocessing import decoded_batches
@@ -60,11 +60,8 @@ def list_images(inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
     usable, skipped = [], []
     for given in map(Path, inputs):
         if given.is_dir():
-            candidates = visible_files(given)
-            for path in candidates:
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    skipped.append({"path": str(path), "reason": "not an image file"})
-            candidates = [path for path in candidates if path.suffix.lower() in IMAGE_SUFFIXES]
+            candidates, others = image_files(given)
+            skipped.extend(others)
         else:
             candidates = [given]
         for path in candidates:

@@ -33,12 +33,21 @@ def list_class_files(root: Path, class_names: list[str], report: DataReport) -> 
     """(path, label, None) for every image under root/CLASS; labels index class_names; absent classes have none."""
     files = []
     for label, name in enumerate(class_names):
-        for path in visible_files(Path(root) / name):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                report.skipped.append({"path": str(path), "reason": "not an image file"})
-                continue
-            files.append((path, label, None))
+        images, others = image_files(Path(root) / name)
+        report.skipped.extend(others)
+        files.extend((path, label, None) for path in images)
     return files
+
+
+def image_files(directory: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """The image files under directory (see `visible_files`), and the other files, each with its reason."""
+    images, others = [], []
+    for path in visible_files(directory):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            others.append({"path": str(path), "reason": "not an image file"})
+    return images, others
 
 
 def visible_files(directory: Path) -> list[Path]:
