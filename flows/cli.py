@@ -57,11 +57,11 @@ def _train(args) -> int:
     if config.data != "cifar10" and not Path(config.data).is_dir():
         from headstart.errors import HeadstartError
 
-        raise HeadstartError(f"data folder not found: {config.data} (give a folder of class sub-folders, or 'cifar10')")
+        raise HeadstartError(f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders, or 'cifar10')")
     from flows.train import train
 
     _install_log_filter()
-    run_dir = train(config)
+    run_dir = train(**config.model_dump())
     print(run_dir, flush=True)
     return 0
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.parameters import parameters_from
 from headstart.config import PredictConfig
 from tasks.prediction import predict as predict_images
 
 
-@flow(name="predict", log_prints=True)
-def predict(config: PredictConfig) -> str:
-    """Labels the inputs; returns a one-line summary (the rows go to `config.output`)."""
+@flow(name="predict", log_prints=True, persist_result=True)
+@parameters_from(PredictConfig)
+def predict(**parameters) -> str:
+    """Labels the inputs; returns a one-line summary (the rows go to `output`). The parameters are
+    PredictConfig's fields (see headstart.config)."""
+    config = PredictConfig(**parameters)
     predictions = predict_images(config)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}")

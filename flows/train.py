@@ -14,6 +14,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from headstart.config import TrainConfig
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
+from flows.parameters import parameters_from
 from headstart.reuse import find_identical_run, training_key
 from tasks.data import download, preprocess
 from tasks.evaluation import evaluate, visualize
@@ -23,9 +24,12 @@ from tasks.model import build_model, train_head
 from tasks.publish import publish, reuse_identical_run
 
 
-@flow(name="train", log_prints=True)
-def train(config: TrainConfig) -> str:
-    """Trains a new classification head on a frozen ImageNet backbone; returns the run directory."""
+@flow(name="train", log_prints=True, persist_result=True)
+@parameters_from(TrainConfig)
+def train(**parameters) -> str:
+    """Trains a new classification head on a frozen ImageNet backbone; returns the run directory.
+    The parameters are TrainConfig's fields (see headstart.config)."""
+    config = TrainConfig(**parameters)
     manifest, report = download(config)
     backbone, shards = preprocess(config, manifest)
     settings = ExtractionSettings(config.engine, config.threads, config.extraction_batch_size)

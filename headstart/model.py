@@ -6,6 +6,8 @@ Training never runs it, though: see `train_head`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from headstart.features.streams import FeatureStream, InMemoryFeatures
@@ -67,8 +69,10 @@ def train_head(
     patience: int,
     seed: int,
     resident_bytes: int = RESIDENT_FEATURE_BYTES,
+    on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Trains the classifier's head on cached backbone features; returns the per-epoch history.
+    """Trains the classifier's head on cached backbone features; returns the per-epoch history
+    (given, after each epoch, to `on_epoch` with the epoch's index).
 
     This is the same optimisation as `classifier.fit` on images: the backbone is frozen and in
     inference mode (BatchNorm uses its stored statistics), so it maps each image to the same
@@ -146,11 +150,14 @@ def train_head(
             loss_sum, correct = loss_sum + float(chunk_loss), correct + float(chunk_correct)
         history["loss"].append(loss_sum / train.num_rows)
         history["accuracy"].append(correct / train.num_rows)
+        if has_validation:
+            validation_loss, validation_accuracy = score()
+            history["val_loss"].append(validation_loss)
+            history["val_accuracy"].append(validation_accuracy)
+        if on_epoch is not None:
+            on_epoch(epoch, history)
         if not has_validation:
             continue
-        validation_loss, validation_accuracy = score()
-        history["val_loss"].append(validation_loss)
-        history["val_accuracy"].append(validation_accuracy)
         if validation_loss < best_loss:
             best_loss, best_weights, epochs_without_improvement = validation_loss, head.get_weights(), 0
         else:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from tqdm import tqdm
 
 from headstart.backbone.handles import Backbone
 from headstart.data.manifest import Manifest
 from headstart.features.cache import Shard
 from headstart.features.dataset import FeatureSet, assemble_features as assemble
 from headstart.features.extraction import ExtractionContext
+from tasks.progress import DashboardProgress
 
 
 @task(name="extract_features", task_run_name="extract_features-{label}", cache_policy=NO_CACHE)
@@ -21,7 +21,7 @@ def extract_features(shard: Shard, backbone: Backbone, context: ExtractionContex
 
     Mapped over shards, so that a Dask task runner spreads the forward passes over its workers.
     """
-    with tqdm(total=len(shard), desc=f"extract features {label}", unit="img") as progress:
+    with DashboardProgress(len(shard), f"extract features, shard {label}") as progress:
         return context.extract_shard(shard, backbone, progress)
 
 

@@ -9,6 +9,7 @@ from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.features.dataset import FeatureSet
 from headstart.features.extraction import ExtractionContext
+from tasks.progress import DashboardProgress
 
 
 @task(name="build_model", cache_policy=NO_CACHE)
@@ -27,7 +28,16 @@ def train_head(config: TrainConfig, classifier, features: FeatureSet) -> dict[st
     """Fits the classifier's head on the cached features of the train split (see headstart.model)."""
     from headstart.model import train_head as fit_head
 
-    return fit_head(
-        classifier, features.stream("train"), features.stream("validation"), epochs=config.epochs,
-        batch_size=config.batch_size, learning_rate=config.learning_rate, patience=config.patience, seed=config.seed,
-    )
+    with DashboardProgress(config.epochs, f"train head: at most {config.epochs} epochs") as progress:
+        def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
+            scores = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items())
+            progress.update(1, f"train head: epoch {epoch + 1} of at most {config.epochs}; {scores}")
+
+        history = fit_head(
+            classifier, features.stream("train"), features.stream("validation"), epochs=config.epochs,
+            batch_size=config.batch_size, learning_rate=config.learning_rate, patience=config.patience, seed=config.seed,
+            on_epoch=epoch_done,
+        )
+        progress.finish(f"train head: {len(history['loss'])} epochs" + (
+            f" (stopped early: validation loss stalled for {config.patience})" if len(history["loss"]) < config.epochs else ""))
+    return history

@@ -30,7 +30,7 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     from flows.train import train
     from headstart.plots import PLOT_FILES
 
-    run_dir = Path(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
+    run_dir = Path(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump()))
     assert run_dir.parent == (tmp_path / "artifacts").resolve()
     assert {p.name for p in run_dir.iterdir()} == set(RUN_FILES)
     run = Run.if_complete(run_dir)
@@ -64,7 +64,7 @@ def test_the_flow_extracts_every_shard_within_one_extraction_context(prefect_har
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, engine="keras", extraction_shard_size=10))
+        train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, engine="keras", extraction_shard_size=10).model_dump())
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -96,12 +96,12 @@ def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(pref
     from headstart import registry
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
-    first = Path(train(config))
+    first = Path(train(**config.model_dump()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
     assert Run(first).lineage["gate"]["promote"] and Run(first).lineage["gate"]["reason"].startswith("first model promoted")
 
     worse = _with_swapped_training_labels(colour_folder, tmp_path / "worse", config.validation_fraction, config.test_fraction)
-    second = Path(train(config.model_copy(update={"data": str(worse)})))
+    second = Path(train(**config.model_copy(update={"data": str(worse)}).model_dump()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
     decision = Run(second).lineage["gate"]
     assert not decision["promote"] and decision["champion"] == first.name
@@ -123,7 +123,7 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     from headstart.promotion import champion_probabilities
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
-    champion = Run(train(config))
+    champion = Run(train(**config.model_dump()))
     (dataset,) = (tmp_path / "cache" / "datasets").glob("*.parquet")
     features = FeatureSet(dataset, 0, 0, "")
     backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
@@ -142,16 +142,15 @@ def test_predictions_through_the_fast_engine_equal_the_serving_models(prefect_ha
     from prefect.artifacts import Artifact
 
     from flows.predict import predict
-    from headstart.config import PredictConfig
     from headstart.data.images import load_image
 
     from flows.train import train
 
-    run = Run(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
+    run = Run(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump()))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     output = tmp_path / "out" / "predictions.parquet"
-    summary = predict(PredictConfig(inputs=(str(colour_folder), str(tmp_path / "broken.png")), output=output,
-                                    artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache", engine="litert"))
+    summary = predict(inputs=[str(colour_folder), str(tmp_path / "broken.png")], output=output,
+                      artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache", engine="litert")
     assert summary.startswith("48 images labelled") and summary.endswith("1 skipped")
     table = pq.read_table(output).to_pydict()
     paths = sorted(str(path) for path in colour_folder.glob("*/*.png"))
@@ -168,9 +167,9 @@ def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(pre
     from flows.train import train
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
-    first = Path(train(config))
-    reused = Path(train(config))
-    retrained = Path(train(config.model_copy(update={"reuse_identical_runs": False})))
+    first = Path(train(**config.model_dump()))
+    reused = Path(train(**config.model_dump()))
+    retrained = Path(train(**config.model_copy(update={"reuse_identical_runs": False}).model_dump()))
     assert len({first, reused, retrained}) == 3
     assert json.loads((reused / "config.json").read_text())["reused_from"] == str(first)
     first_lineage, reused_lineage = Run(first).lineage, Run(reused).lineage
@@ -192,7 +191,7 @@ def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour
     from flows.train import train
     from headstart.data.images import load_image
 
-    run = Run(train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path)))
+    run = Run(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump()))
     images = np.stack([load_image(p) for p in sorted((colour_folder / "red").glob("*.png"))[:4]]).astype(np.float32)
     predict = run.serving_model()
     np.testing.assert_allclose(predict(images), run.keras_model().predict(images, verbose=0), atol=1e-5)
@@ -208,7 +207,7 @@ def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, ti
 
     monkeypatch.setattr(runs.RunWriter, "save_classifier", crash)
     with pytest.raises(OSError, match="disk full"):
-        train(_smoke_config(colour_folder, tiny_backbone_dir, tmp_path))
+        train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump())
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
 
 

@@ -15,7 +15,8 @@ def list_image_folder(root: Path, classes: tuple[str, ...] | None, report: DataR
     """Lists an image_dataset_from_directory-style folder: root/CLASS/**/IMAGE."""
     root = Path(root)
     if not root.is_dir():
-        raise HeadstartError(f"data folder not found: {root}")
+        where = "" if root.is_absolute() else f" (relative to the working directory: {root.absolute()})"
+        raise HeadstartError(f"data folder not found: {root}{where}")
     available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes is None:
         class_names = available

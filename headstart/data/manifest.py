@@ -105,7 +105,7 @@ def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool =
     """
     cache = _load_scan_cache(cache_dir)
     results, changed = [], False
-    for path in tqdm(resolved_paths, desc="scan images", unit="img", disable=not show_progress):
+    for path in tqdm(resolved_paths, desc="scan images", unit="img", disable=None if show_progress else True):
         stat = os.stat(path)
         key = (path, stat.st_size, stat.st_mtime_ns)
         if key not in cache:
