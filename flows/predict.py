@@ -9,7 +9,7 @@ from headstart.config import PredictConfig
 from tasks.prediction import predict as predict_images
 
 
-@flow(name="predict", log_prints=True, persist_result=True)
+@flow(name="predict", log_prints=True, persist_result=True, result_serializer="json")
 @parameters_from(PredictConfig)
 def predict(**parameters) -> str:
     """Labels the inputs; returns a one-line summary (the rows go to `output`). The parameters are

@@ -24,7 +24,7 @@ from tasks.model import build_model, train_head
 from tasks.publish import publish, reuse_identical_run
 
 
-@flow(name="train", log_prints=True, persist_result=True)
+@flow(name="train", log_prints=True, persist_result=True, result_serializer="json")
 @parameters_from(TrainConfig)
 def train(**parameters) -> str:
     """Trains a new classification head on a frozen ImageNet backbone; returns the run directory.

@@ -8,7 +8,10 @@ run's start-up.
 
 import os
 import sys
+import warnings
 from contextlib import contextmanager
+
+from headstart.quiet import native_notices_dropped
 
 
 @contextmanager
@@ -32,9 +35,16 @@ def _legacy_keras_for_tensorflow():
 # (ModuleNotFoundError, without importing `keras`); hub then uses tf_keras's, the one our models need.
 sys.modules.setdefault("keras.saving.legacy.saved_model", None)
 
-with _legacy_keras_for_tensorflow():
+# Before TensorFlow first logs; a level the user set is respected.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+with _legacy_keras_for_tensorflow(), native_notices_dropped(), warnings.catch_warnings():
+    # tensorflow_hub's import of pkg_resources warns of its deprecation, which no user can act on.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     import tensorflow as tf
     import tensorflow_hub as hub
     import tf_keras as keras
+
+    tf.config.list_physical_devices("GPU")  # CUDA's probe, and its notice, now rather than at the first op
 
 __all__ = ["tf", "hub", "keras"]

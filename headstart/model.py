@@ -198,5 +198,9 @@ def _whole_batches(chunks, batch_size: int):
 
 
 def predict_from_features(classifier: keras.Model, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Class probabilities from cached features: the classifier's output without rerunning the backbone."""
-    return head_model(classifier, features.shape[1]).predict(features, batch_size=batch_size, verbose=0)
+    """Class probabilities from cached features: the classifier's output without rerunning the backbone.
+    Called batch by batch rather than through `predict`, whose tf.data pipeline costs more than
+    this small head and logs an error line about its own graph on every first call."""
+    head = head_model(classifier, features.shape[1])
+    batches = [head(features[start:start + batch_size], training=False).numpy() for start in range(0, len(features), batch_size)]
+    return np.concatenate(batches) if batches else np.zeros((0, head.output_shape[-1]), np.float32)

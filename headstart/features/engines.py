@@ -16,6 +16,7 @@ import numpy as np
 from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError
 from headstart.preprocessing import resize_batch, resize_images, shrunk_to_fit
+from headstart.quiet import native_notices_dropped
 from headstart.storage import atomic_path, write_json_atomic
 
 PARITY_TOLERANCE = 1e-4
@@ -102,7 +103,11 @@ class _LiteRTRunner:
             batch = np.ascontiguousarray(np.stack(images[start:end]), np.float32)
             if batch.shape != self._shape:
                 self.interpreter.resize_tensor_input(self._input, list(batch.shape), strict=False)
-                self.interpreter.allocate_tensors()
+                if self._shape is None:  # the first allocation creates the XNNPACK delegate, which announces itself
+                    with native_notices_dropped():
+                        self.interpreter.allocate_tensors()
+                else:
+                    self.interpreter.allocate_tensors()
                 self._shape = batch.shape
             self.interpreter.set_tensor(self._input, batch)
             self.interpreter.invoke()
