@@ -61,9 +61,37 @@ def _train(args) -> int:
     from flows.train import train
 
     _install_log_filter()
-    run_dir = train(**config.model_dump())
+    with _prefect_server():
+        run_dir = train(**config.model_dump())
     print(run_dir, flush=True)
     return 0
+
+
+def _prefect_server():
+    """Where the flow reports: the configured Prefect API; else a local server that is already
+    running (`prefect server start --background`, on Prefect's own host and port settings); else
+    a temporary server Prefect starts for this command, which costs seconds of every command."""
+    import contextlib
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return contextlib.nullcontext()
+    api = get_current_settings().server.api
+    host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+    url = f"http://{host}:{api.port}"
+    try:
+        with urllib.request.urlopen(f"{url}/api/health", timeout=0.5) as response:
+            running = response.status == 200
+    except OSError:
+        running = False
+    if not running:
+        print("headstart: no Prefect server is running, so a temporary one starts for this run; "
+              "`uv run prefect server start --background` keeps one (and its dashboard) running", file=sys.stderr)
+        return contextlib.nullcontext()
+    print(f"headstart: reporting to the Prefect server at {url} (dashboard there)", file=sys.stderr)
+    return temporary_settings({PREFECT_API_URL: f"{url}/api"})
 
 
 def _evaluate(args) -> int:

@@ -10,11 +10,12 @@ serving model on the raw images.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from headstart import gate, registry
+from headstart import drift, gate, registry
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.data.manifest import assign_split
@@ -30,13 +31,16 @@ def decide(config: TrainConfig, backbone: Backbone, features: FeatureSet, probab
     champion = registry.champion(config.artifacts_root)
     if champion is None:
         return gate.first_model(candidate_correct, labels, config.gate_floor)
+    changes = drift.compare(champion.path.name, champion.data_index(), champion.lineage.get("feature_reference"),
+                            drift.data_index(features, class_names), features, backbone)
     if champion.class_names != list(class_names):
-        return gate.different_classes(list(class_names), champion.class_names, champion.path.name, float(candidate_correct.mean()), len(labels))
+        decision = gate.different_classes(list(class_names), champion.class_names, champion.path.name, float(candidate_correct.mean()), len(labels))
+        return replace(decision, drift=changes)
     fair, note = _images_the_champion_never_trained_on(config, champion, test["sha256"])
     champion_scores = champion_probabilities(champion, backbone, features, fair, [test["path"][i] for i in np.flatnonzero(fair)])
     decision = gate.against_champion(candidate_correct[fair], champion_scores.argmax(axis=1) == labels[fair], champion.path.name,
                                      config.gate_tolerance, config.gate_alpha)
-    return gate.GateDecision(**{**decision.to_dict(), "notes": [note]})
+    return replace(decision, notes=[note], drift=changes)
 
 
 def _images_the_champion_never_trained_on(config: TrainConfig, champion: Run, hashes: list[str]) -> tuple[np.ndarray, str]:

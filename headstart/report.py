@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+from headstart import drift
 from headstart.gate import GateDecision
 from headstart.runs import RUN_FILES, Run
 
@@ -12,13 +13,21 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def report_markdown(run: Run) -> str:
-    """The run's figures, plots (as data URIs, which the Prefect UI renders), files and model card."""
+def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str:
+    """The run's figures, plots (as data URIs, which the Prefect UI renders), gate decision, where
+    its files are and its model card. The files stay on `host`, the machine that ran the flow: a
+    dashboard in a browser cannot open them, so they are named, not linked; the link goes to
+    the flow run's own page, with every artifact of the run."""
     metrics = run.metrics
     images = "\n\n".join(f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots())
-    files = "\n".join(f"- [{name}]({(run.path / name).as_uri()})" for name in RUN_FILES)
-    return (f"# headstart run `{run.path.name}`\n\nTest accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.\n\n"
-            f"{images}\n\n## Files\n\nRun directory: `{run.path}`\n\n{files}\n\n{run.model_card}")
+    gate = run.lineage.get("gate")
+    decision = f"**Gate:** {gate['reason']}.\n\n" if gate else ""
+    files = "\n".join(f"- `{name}`" for name in RUN_FILES)
+    this_run = f" All of this run's artifacts: [its flow run]({flow_run_url})." if flow_run_url else ""
+    return (f"# headstart run `{run.path.name}`\n\nTest accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
+            f"{decision}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
+            f"`headstart models` lists this run as version `{run.path.name}`; `headstart predict --model {run.path.name} FOLDER` labels images with it.\n\n"
+            f"{run.model_card}")
 
 
 def metrics_rows(metrics: dict) -> list[dict]:
@@ -34,6 +43,14 @@ def metrics_rows(metrics: dict) -> list[dict]:
 def gate_rows(decision: GateDecision) -> list[dict]:
     """The gate's decision as a two-column table: one row per figure, the reason first."""
     figures = {"decision": "promote" if decision.promote else "keep the champion", "reason": decision.reason, **{
-        name: value for name, value in decision.to_dict().items() if name not in ("promote", "reason", "notes") and value is not None}}
+        name: value for name, value in decision.to_dict().items() if name not in ("promote", "reason", "notes", "drift") and value is not None}}
     rows = [{"figure": name, "value": round(value, 6) if isinstance(value, float) else value} for name, value in figures.items()]
-    return rows + [{"figure": "note", "value": note} for note in decision.notes]
+    rows += [{"figure": "note", "value": note} for note in decision.notes]
+    if decision.drift is not None:
+        rows.append({"figure": "drift", "value": drift.summary(decision.drift)})
+        rows += [{"figure": f"drift: {name}", "value": decision.drift[name]} for name in DRIFT_FIGURES if decision.drift.get(name) is not None]
+    return rows
+
+
+DRIFT_FIGURES = ("new_images", "images_gone", "mean_feature_shift", "mean_feature_shift_by_chance",
+                 "new_images_mean_feature_shift", "new_images_shift_by_chance")

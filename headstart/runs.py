@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from headstart import __version__
 from headstart.backbone.handles import Backbone
+from headstart.drift import data_index, feature_reference
 from headstart.errors import HeadstartError
-from headstart.storage import write_bytes_atomic, write_json_atomic
+from headstart.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
 if TYPE_CHECKING:
     from headstart.config import TrainConfig
@@ -40,10 +42,13 @@ DATA_REPORT_FILE = "data_report.json"
 CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 LINEAGE_FILE = "lineage.json"
+DATA_INDEX_FILE = "data_index.parquet"
 PLOTS_DIR = "plots"
-# Everything a complete run holds.
+# Everything a run holds.
 RUN_FILES = (MODEL_FILE, SERVING_DIR, BACKBONE_DIR, CLASS_NAMES_FILE, METRICS_FILE, HISTORY_FILE,
-             DATA_REPORT_FILE, CONFIG_FILE, MODEL_CARD_FILE, LINEAGE_FILE, PLOTS_DIR)
+             DATA_REPORT_FILE, CONFIG_FILE, MODEL_CARD_FILE, LINEAGE_FILE, DATA_INDEX_FILE, PLOTS_DIR)
+# What a complete run holds: runs written before the data index existed are complete too.
+REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name != DATA_INDEX_FILE)
 
 
 # --- writing a run ---------------------------------------------------------------------------------
@@ -126,6 +131,7 @@ class RunWriter:
             "parameters": config_values, "training_key": training_key,
             "metrics": {name: metrics[name] for name in ("accuracy", "n", "macro_f1")},
             "gate": gate,
+            "feature_reference": feature_reference(features, backbone),
         }
 
 
@@ -145,6 +151,7 @@ def write_run(
                                                        features=features, data_report=data_report, metrics=metrics, flow_run_id=flow_run_id,
                                                        gate=gate))
         writer.save_classifier(classifier, backbone)
+        write_parquet_atomic(writer.staging / DATA_INDEX_FILE, data_index(features, metrics["class_names"]))
         writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
         writer.write_json(METRICS_FILE, {**metrics, "engine": features.engine, "features_extracted": features.extracted, "features_reused": features.reused})
         writer.write_json(HISTORY_FILE, history)
@@ -219,8 +226,8 @@ class Run:
 
     @classmethod
     def if_complete(cls, path: Path) -> "Run | None":
-        """The run at path where it holds every one of RUN_FILES; else None."""
-        return cls(path) if all((Path(path) / name).exists() for name in RUN_FILES) else None
+        """The run at path where it holds every one of REQUIRED_RUN_FILES; else None."""
+        return cls(path) if all((Path(path) / name).exists() for name in REQUIRED_RUN_FILES) else None
 
     def _json(self, name: str):
         return json.loads((self.path / name).read_text())
@@ -245,6 +252,12 @@ class Run:
     def lineage(self) -> dict:
         """The lineage record; {} for a run written before runs had one."""
         return self._json(LINEAGE_FILE) if (self.path / LINEAGE_FILE).is_file() else {}
+
+    def data_index(self):
+        """Each training image's content hash, class and split (a pyarrow Table); None for a run
+        written before runs kept one."""
+        path = self.path / DATA_INDEX_FILE
+        return pq.read_table(path) if path.is_file() else None
 
     @property
     def image_size(self) -> int:

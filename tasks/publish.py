@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from prefect import task
@@ -43,6 +44,7 @@ def reuse_identical_run(config: TrainConfig, previous: Path) -> str:
 def publish_prefect_artifacts(run: Run) -> str:
     """The report (plots embedded) and the metrics table as Prefect artifacts; returns the run directory."""
     metrics = run.metrics
-    create_markdown_artifact(key="headstart-report", markdown=report_markdown(run), description=f"Training report, test accuracy {metrics['accuracy']:.4f}")
+    report = report_markdown(run, socket.gethostname(), flow_run.ui_url)
+    create_markdown_artifact(key="headstart-report", markdown=report, description=f"Training report, test accuracy {metrics['accuracy']:.4f}")
     create_table_artifact(key="headstart-metrics", table=metrics_rows(metrics), description="Test-split metrics per class")
     return str(run.path)

@@ -110,6 +110,32 @@ def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(pref
     table = Artifact.get("headstart-gate")
     assert "keep the champion" in table.data and first.name in table.data
     assert [entry["by"] for entry in registry.history(tmp_path / "artifacts")] == ["gate"]
+    # The same images, labelled otherwise: none new, none gone, each class as large as before.
+    drift = decision["drift"]
+    assert (drift["new_images"], drift["images_gone"], drift["images"]) == (0, 0, 48)
+    assert sum(c["images"] for c in drift["per_class"].values()) == sum(c["champion_images"] for c in drift["per_class"].values()) == 48
+    assert drift["new_images_mean_feature_shift"] is None and "drift" in table.data
+
+
+def test_the_drift_note_counts_new_images_and_how_far_their_mean_feature_moved(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    import shutil
+
+    from flows.train import train
+    from conftest import write_class_images
+
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
+    train(**config.model_dump())
+    grown = tmp_path / "grown"
+    shutil.copytree(colour_folder, grown)
+    write_class_images(tmp_path / "new", {"red": (250, 140, 140)}, per_class=12, seed=5)
+    for image in (tmp_path / "new" / "red").iterdir():
+        shutil.copy(image, grown / "red" / f"new-{image.name}")
+    drift = Run(train(**config.model_copy(update={"data": str(grown)}).model_dump())).lineage["gate"]["drift"]
+    assert (drift["new_images"], drift["images_gone"], drift["images"], drift["champion_images"]) == (12, 0, 60, 48)
+    assert drift["per_class"] == {"blue": {"images": 24, "champion_images": 24}, "red": {"images": 36, "champion_images": 24}}
+    # Pale red images lie far from the champion's training mean; the whole set moves less, but more than chance.
+    assert drift["new_images_mean_feature_shift"] > 3 * drift["new_images_shift_by_chance"]
+    assert drift["new_images_mean_feature_shift"] > drift["mean_feature_shift"] > drift["mean_feature_shift_by_chance"]
 
 
 def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):

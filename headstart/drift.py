@@ -1,0 +1,102 @@
+"""What changed in the data since the champion was trained: the drift note of a retrain.
+
+Every run keeps a data index (each image's content hash, class and split) and a reference of
+its training features (their mean, and their spread: the root-mean-square distance of a training
+feature from that mean). A retrain compares its own data with the champion's: images per class,
+how many are new and how many are gone, and how far the mean feature of its images moved from
+the champion's training mean. That distance is given in units of the champion's spread, beside
+the distance a random sample of as many images from the champion's own data would show by
+chance (spread / √n), so "moved" can be read without knowing the feature space. Feature
+distances are only meaningful between the same backbone at the same image size; otherwise the
+note says so instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from headstart.data.manifest import SPLITS
+
+if TYPE_CHECKING:
+    from headstart.backbone.handles import Backbone
+    from headstart.features.dataset import FeatureSet
+
+
+def data_index(features: "FeatureSet", class_names: list[str]) -> pa.Table:
+    """Each image of the dataset: content hash, class name and split."""
+    columns: dict[str, list] = {"sha256": [], "class": [], "split": []}
+    for split in SPLITS:
+        rows = features.rows(split, ["sha256", "label"])
+        columns["sha256"] += rows["sha256"]
+        columns["class"] += [class_names[label] for label in rows["label"]]
+        columns["split"] += [split] * len(rows["sha256"])
+    return pa.table(columns)
+
+
+def feature_reference(features: "FeatureSet", backbone: "Backbone") -> dict:
+    """The training split's mean feature and spread, under the backbone and size that produced them."""
+    train = features.load("train")[0].astype(np.float64)
+    mean = train.mean(axis=0) if len(train) else np.zeros(train.shape[1])
+    spread = float(np.sqrt(((train - mean) ** 2).sum(axis=1).mean())) if len(train) else 0.0
+    return {"backbone_fingerprint": backbone.fingerprint, "image_size": backbone.image_size, "images": len(train),
+            "spread": spread, "mean": [float(f"{value:.7g}") for value in mean]}
+
+
+def compare(champion: str, champion_index: pa.Table | None, reference: dict | None,
+            index: pa.Table, features: "FeatureSet", backbone: "Backbone") -> dict:
+    """The drift note of a candidate (its data index and features) against the champion's data
+    (the champion's version, data index and feature reference)."""
+    if champion_index is None:
+        return {"note": f"champion {champion} was written before runs kept a data index: no comparison"}
+    hashes, champion_hashes = set(index.column("sha256").to_pylist()), set(champion_index.column("sha256").to_pylist())
+    counts, champion_counts = Counter(index.column("class").to_pylist()), Counter(champion_index.column("class").to_pylist())
+    new = hashes - champion_hashes
+    note = {
+        "champion": champion,
+        "images": len(hashes), "champion_images": len(champion_hashes),
+        "new_images": len(new), "images_gone": len(champion_hashes - hashes),
+        "per_class": {name: {"images": counts.get(name, 0), "champion_images": champion_counts.get(name, 0)}
+                      for name in sorted(set(counts) | set(champion_counts))},
+    }
+    if not reference or reference["backbone_fingerprint"] != backbone.fingerprint or reference["image_size"] != backbone.image_size:
+        note["mean_feature_shift"] = None
+        note["mean_feature_note"] = "the champion's features come from another backbone or image size: not comparable"
+        return note
+    note.update(_mean_shift(features, index, new, reference))
+    return note
+
+
+def _mean_shift(features: "FeatureSet", index: pa.Table, new: set[str], reference: dict) -> dict:
+    """How far the mean feature of all this run's images, and of its new ones, lies from the
+    champion's training mean, in units of the champion's spread; and what chance alone would give."""
+    matrix = np.concatenate([features.load(split)[0] for split in SPLITS]).astype(np.float64)  # data_index's order
+    is_new = np.array([sha in new for sha in index.column("sha256").to_pylist()], bool)
+    champion_mean, spread = np.asarray(reference["mean"], np.float64), reference["spread"] or 1.0
+
+    def shift(rows: np.ndarray) -> float | None:
+        return round(float(np.linalg.norm(rows.mean(axis=0) - champion_mean) / spread), 4) if len(rows) else None
+
+    return {
+        "mean_feature_shift": shift(matrix),
+        "mean_feature_shift_by_chance": round(1 / np.sqrt(max(len(matrix), 1)), 4),
+        "new_images_mean_feature_shift": shift(matrix[is_new]),
+        "new_images_shift_by_chance": round(1 / np.sqrt(is_new.sum()), 4) if is_new.any() else None,
+    }
+
+
+def summary(note: dict) -> str:
+    """The note in one sentence."""
+    if "champion" not in note:
+        return note["note"]
+    classes = ", ".join(f"{name} {c['images']} (was {c['champion_images']})" for name, c in note["per_class"].items())
+    text = f"{note['new_images']} new images, {note['images_gone']} gone since champion {note['champion']}; per class: {classes}"
+    if note.get("mean_feature_shift") is None:
+        return f"{text}; {note['mean_feature_note']}"
+    text += f"; mean feature moved {note['mean_feature_shift']} spreads (chance: {note['mean_feature_shift_by_chance']})"
+    if note.get("new_images_mean_feature_shift") is not None:
+        text += f", the new images' mean {note['new_images_mean_feature_shift']} (chance: {note['new_images_shift_by_chance']})"
+    return text
