@@ -69,29 +69,43 @@ def _train(args) -> int:
 
 def _prefect_server():
     """Where the flow reports: the configured Prefect API; else a local server that is already
-    running (`prefect server start --background`, on Prefect's own host and port settings); else
-    a temporary server Prefect starts for this command, which costs seconds of every command."""
+    running (`headstart server start`, on Prefect's own host and port settings); else a
+    temporary server Prefect starts for this command, which costs seconds of every command."""
     import contextlib
-    import urllib.request
 
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.local_server import is_healthy, local_server_url
 
     if PREFECT_API_URL.value():
         return contextlib.nullcontext()
-    api = get_current_settings().server.api
-    host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
-    url = f"http://{host}:{api.port}"
-    try:
-        with urllib.request.urlopen(f"{url}/api/health", timeout=0.5) as response:
-            running = response.status == 200
-    except OSError:
-        running = False
-    if not running:
+    url = local_server_url()
+    if not is_healthy(url):
         print("headstart: no Prefect server is running, so a temporary one starts for this run; "
-              "`uv run prefect server start --background` keeps one (and its dashboard) running", file=sys.stderr)
+              "`uv run headstart server start` keeps one (and its dashboard) running", file=sys.stderr)
         return contextlib.nullcontext()
     print(f"headstart: reporting to the Prefect server at {url} (dashboard there)", file=sys.stderr)
     return temporary_settings({PREFECT_API_URL: f"{url}/api"})
+
+
+def _server(args) -> int:
+    from flows import local_server
+
+    if args.action == "start":
+        print(f"Prefect server running at {local_server.start()} (dashboard there; `headstart server stop` ends it)")
+    elif args.action == "stop":
+        print("Prefect server stopped" if local_server.stop() else "no server started by `headstart server start` is running")
+    else:
+        url = local_server.local_server_url()
+        print(f"Prefect server at {url}: " + ("running" if local_server.is_healthy(url) else "not running"))
+    return 0
+
+
+def _serve(args) -> int:
+    from flows.serve import serve_project
+
+    serve_project()
+    return 0
 
 
 def _evaluate(args) -> int:
@@ -230,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = actions.add_parser("rollback", parents=[root_option], help="make the previous champion the champion again")
     rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the champion's history")
     models.set_defaults(handler=_models)
+
+    server = commands.add_parser("server", help="keep a local Prefect server (and its dashboard) running between commands")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.set_defaults(handler=_server)
+
+    serve = commands.add_parser("serve", help="run prefect.yaml's deployments (schedules included) from this process, without a worker")
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -174,3 +177,27 @@ def _champion(deployed: Deployed, work: Path) -> dict:
 def _persisted_result(flow_run: dict):
     """The flow's return value, read from where the worker persisted it (as JSON)."""
     return json.loads(Path(flow_run["state"]["data"]["storage_key"]).read_text())
+
+
+def test_headstart_serve_runs_the_same_deployments_without_a_worker(tmp_path):
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    data = write_class_images(tmp_path / "data", COLOURS, per_class=40)
+    with prefect_server(home) as url, open(tmp_path / "serve.log", "w") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT,
+                                 env=prefect_env(home, f"{url}/api"), start_new_session=True)
+        try:
+            served = Deployed(url, home, tmp_path, tmp_path / "serve.log")
+            deadline = time.monotonic() + 180
+            while len(_api(url, "/deployments/filter", {})) < 3:
+                assert serve.poll() is None and time.monotonic() < deadline, served.worker_log.read_text()[-3000:]
+                time.sleep(1)
+            nightly = next(d for d in _api(url, "/deployments/filter", {}) if d["name"] == "retrain-nightly")
+            assert nightly["work_pool_name"] is None and nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+            flow_run = served.run("train/train", data=str(data), image_size=96, artifacts_root=str(tmp_path / "artifacts"),
+                                  cache_dir=str(tmp_path / "cache"))
+            assert flow_run["state"]["type"] == "COMPLETED"
+            assert _champion(served, tmp_path)["path"] == _persisted_result(flow_run)
+        finally:
+            os.killpg(serve.pid, signal.SIGTERM)
+            serve.wait(timeout=60)

@@ -1,7 +1,7 @@
 """End to end: a real Prefect server, the real bundled backbone, the dashboard in a real browser.
 
-`prefect server start` runs on a free port on 127.0.0.1; `headstart train` runs as a user runs
-it with no Prefect API configured, and finds that server running on its host and port; the
+`headstart server start` keeps Prefect's server running on a free port on 127.0.0.1, as a user
+starts it; `headstart train` runs with no Prefect API configured and finds that server; the
 Prefect API must then show the completed run and its artifacts, and headless Chromium must
 render the report's embedded plots, the gate's table and the progress of extraction and training.
 The report page's screenshot is kept in docs/ for the README.
@@ -15,12 +15,11 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
 from conftest import write_class_images
-from servers import PROJECT, prefect_env, prefect_server
+from servers import PROJECT, free_port, prefect_env
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,18 +33,32 @@ def _api(url: str, path: str, body: dict) -> list | dict:
 
 @pytest.fixture(scope="module")
 def prefect_server_running(tmp_path_factory):
+    """The server `headstart server start` keeps running, as a user starts it; stopped at the end."""
     home = tmp_path_factory.mktemp("prefect-home")
-    with prefect_server(home) as url:
-        yield url, home
+    port = free_port()
+    # No API URL: commands find the server on the host and port Prefect's settings name.
+    env = prefect_env(home, PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
+                      PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
+
+    def headstart_server(action: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "flows.cli", "server", action], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    assert "running at" in headstart_server("start")
+    try:
+        assert "running" in headstart_server("status")
+        yield f"http://127.0.0.1:{port}", env
+    finally:
+        assert headstart_server("stop").startswith("Prefect server stopped")
+    assert "not running" in headstart_server("status")
 
 
 @pytest.fixture(scope="module")
 def trained_run(prefect_server_running, tmp_path_factory):
-    url, home = prefect_server_running
+    url, env = prefect_server_running
     work = tmp_path_factory.mktemp("e2e")
     data = write_class_images(work / "data", {"sunny": (230, 200, 40), "night": (20, 30, 90)}, per_class=30)
-    # No API URL: the command finds the server on the host and port Prefect's settings name.
-    env = prefect_env(home, PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(urlparse(url).port))
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "train", "--data", str(data), "--image-size", "96", "--epochs", "30",
          "--learning-rate", "0.01", "--batch-size", "8", "--artifacts-root", str(work / "artifacts"), "--cache-dir", str(work / "cache")],
