@@ -5,8 +5,10 @@ its training features (their mean, and their spread: the root-mean-square distan
 feature from that mean). A retrain compares its own data with the champion's: images per class,
 how many are new and how many are gone, and how far the mean feature of its images moved from
 the champion's training mean. That distance is given in units of the champion's spread, beside
-the distance a random sample of as many images from the champion's own data would show by
-chance (spread / √n), so "moved" can be read without knowing the feature space. Feature
+what chance alone gives two independent random samples of those sizes from one distribution
+(√(1/n + 1/m) spreads, m the champion's training images), so "moved" can be read without
+knowing the feature space. (The whole set shares the champion's training images, so for it the
+chance figure errs high.) Feature
 distances are only meaningful between the same backbone at the same image size; otherwise the
 note says so instead.
 """
@@ -80,11 +82,14 @@ def _mean_shift(features: "FeatureSet", index: pa.Table, new: set[str], referenc
     def shift(rows: np.ndarray) -> float | None:
         return round(float(np.linalg.norm(rows.mean(axis=0) - champion_mean) / spread), 4) if len(rows) else None
 
+    def by_chance(images: int) -> float | None:
+        return round(float(np.sqrt(1 / images + 1 / max(reference["images"], 1))), 4) if images else None
+
     return {
         "mean_feature_shift": shift(matrix),
-        "mean_feature_shift_by_chance": round(1 / np.sqrt(max(len(matrix), 1)), 4),
+        "mean_feature_shift_by_chance": by_chance(len(matrix)),
         "new_images_mean_feature_shift": shift(matrix[is_new]),
-        "new_images_shift_by_chance": round(1 / np.sqrt(is_new.sum()), 4) if is_new.any() else None,
+        "new_images_shift_by_chance": by_chance(int(is_new.sum())),
     }
 
 

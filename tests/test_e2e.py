@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_class_images
 from servers import PROJECT, free_port, prefect_env
 
 pytestmark = pytest.mark.e2e
@@ -58,10 +57,10 @@ def prefect_server_running(tmp_path_factory):
 def trained_run(prefect_server_running, tmp_path_factory):
     url, env = prefect_server_running
     work = tmp_path_factory.mktemp("e2e")
-    data = write_class_images(work / "data", {"sunny": (230, 200, 40), "night": (20, 30, 90)}, per_class=30)
+    # The project's own demo set, at a small image size: real cats and dogs on the report.
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "train", "--data", str(data), "--image-size", "96", "--epochs", "30",
-         "--learning-rate", "0.01", "--batch-size", "8", "--artifacts-root", str(work / "artifacts"), "--cache-dir", str(work / "cache")],
+        [sys.executable, "-m", "flows.cli", "train", "--data", str(PROJECT / "examples" / "cats-vs-dogs"), "--image-size", "96",
+         "--artifacts-root", str(work / "artifacts"), "--cache-dir", str(work / "cache")],
         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,7 +77,7 @@ def test_the_run_is_recorded_on_the_server(trained_run):
     artifacts = _api(url, "/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_runs[0]["id"]]}}})
     by_key = {artifact["key"]: artifact for artifact in artifacts}
     assert by_key["headstart-report"]["data"].count("data:image/png;base64,") == 4
-    assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] >= 0.9
+    assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] >= 0.65  # chance: 0.5
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
