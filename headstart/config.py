@@ -40,7 +40,7 @@ class TrainConfig(BaseModel):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate before the new Dense layer")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's learning rate for the head")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
-    validation_fraction: float = Field(0.1, ge=0.0, lt=0.5, json_schema_extra=THROUGH_MANIFEST)
+    validation_fraction: float = Field(0.1, ge=0.0, lt=0.5, json_schema_extra=THROUGH_MANIFEST, description="share of the images held out for validation (early stopping)")
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5, json_schema_extra=THROUGH_MANIFEST, description="share of a folder source held out for testing")
     max_images_per_class: Optional[int] = Field(None, ge=1, json_schema_extra=THROUGH_MANIFEST, description="cap per class, for quick runs")
     seed: int = Field(0, description="seed of the head's initialisation, dropout and shuffling")
