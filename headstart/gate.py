@@ -90,8 +90,9 @@ def first_model(candidate_correct: np.ndarray, labels: np.ndarray, floor: float 
         what = "the configured floor"
     if accuracy > floor:
         return GateDecision(True, f"first model promoted: accuracy {accuracy:.4f} beats {what} ({floor:.4f}) on {images} images", images, accuracy, floor=floor)
-    return GateDecision(False, f"first model not promoted: accuracy {accuracy:.4f} does not beat {what} ({floor:.4f}) on {images} images",
-                        images, accuracy, floor=floor)
+    hint = " (every test image is of one class, so no model can; a larger test split would tell)" if floor >= 1.0 else ""
+    return GateDecision(False, f"first model not promoted: accuracy {accuracy:.4f} does not beat {what} ({floor:.4f}) on {images} images{hint}; "
+                               "promote it by hand (`headstart models promote VERSION`) if that is meant", images, accuracy, floor=floor)
 
 
 def different_classes(candidate: list[str], champion: list[str], champion_version: str, candidate_accuracy: float, images: int) -> GateDecision:

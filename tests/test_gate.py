@@ -55,6 +55,11 @@ def test_the_first_model_must_beat_the_most_common_class_or_the_floor():
     assert not gate.first_model(np.arange(100) < 71, labels, floor=0.9).promote
 
 
+def test_a_first_model_on_a_one_class_test_split_is_not_promoted_and_the_reason_says_why():
+    decision = gate.first_model(np.ones(2, bool), np.zeros(2, int))
+    assert not decision.promote and "every test image is of one class" in decision.reason and "headstart models promote" in decision.reason
+
+
 def test_a_candidate_for_other_classes_is_never_promoted_automatically():
     decision = gate.different_classes(["cat", "dog"], ["cat", "fox"], "v1", 0.99, 100)
     assert not decision.promote and "differ" in decision.reason
