@@ -12,9 +12,9 @@ import threading
 from prefect import flow, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.parameters import parameters_from
 from headstart.config import TrainConfig
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from flows.parameters import parameters_from
 from headstart.reuse import find_identical_run, training_key
 from tasks.data import download, preprocess
 from tasks.evaluation import evaluate, visualize

@@ -8,9 +8,9 @@ the champion's training mean. That distance is given in units of the champion's 
 what chance alone gives two independent random samples of those sizes from one distribution
 (√(1/n + 1/m) spreads, m the champion's training images), so "moved" can be read without
 knowing the feature space. (The whole set shares the champion's training images, so for it the
-chance figure errs high.) Feature
-distances are only meaningful between the same backbone at the same image size; otherwise the
-note says so instead.
+chance figure errs high.) Feature distances are only meaningful between the same backbone at the
+same image size; otherwise the note says so instead. Sums run split by split in float64, so no
+float64 copy of a dataset's features is ever held.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def data_index(features: "FeatureSet", class_names: list[str]) -> pa.Table:
 
 def feature_reference(features: "FeatureSet", backbone: "Backbone") -> dict:
     """The training split's mean feature and spread, under the backbone and size that produced them."""
-    train = features.load("train")[0].astype(np.float64)
-    mean = train.mean(axis=0) if len(train) else np.zeros(train.shape[1])
-    spread = float(np.sqrt(((train - mean) ** 2).sum(axis=1).mean())) if len(train) else 0.0
+    train = features.load("train")[0]
+    mean = train.sum(axis=0, dtype=np.float64) / max(len(train), 1)
+    # Mean squared distance from the mean = mean squared norm − squared norm of the mean.
+    squared_norms = np.einsum("ij,ij->i", train, train, dtype=np.float64)
+    spread = float(np.sqrt(max(squared_norms.mean() - mean @ mean, 0.0))) if len(train) else 0.0
     return {"backbone_fingerprint": backbone.fingerprint, "image_size": backbone.image_size, "images": len(train),
             "spread": spread, "mean": [float(f"{value:.7g}") for value in mean]}
 
@@ -75,21 +77,29 @@ def compare(champion: str, champion_index: pa.Table | None, reference: dict | No
 def _mean_shift(features: "FeatureSet", index: pa.Table, new: set[str], reference: dict) -> dict:
     """How far the mean feature of all this run's images, and of its new ones, lies from the
     champion's training mean, in units of the champion's spread; and what chance alone would give."""
-    matrix = np.concatenate([features.load(split)[0] for split in SPLITS]).astype(np.float64)  # data_index's order
-    is_new = np.array([sha in new for sha in index.column("sha256").to_pylist()], bool)
+    is_new = np.array([sha in new for sha in index.column("sha256").to_pylist()], bool)  # in data_index's order: split by split
+    total = new_total = 0.0
+    images, start = 0, 0
+    for split in SPLITS:
+        matrix = features.load(split)[0]
+        split_new = is_new[start:start + len(matrix)]
+        total = total + matrix.sum(axis=0, dtype=np.float64)
+        new_total = new_total + matrix[split_new].sum(axis=0, dtype=np.float64)
+        images, start = images + len(matrix), start + len(matrix)
     champion_mean, spread = np.asarray(reference["mean"], np.float64), reference["spread"] or 1.0
+    new_images = int(is_new.sum())
 
-    def shift(rows: np.ndarray) -> float | None:
-        return round(float(np.linalg.norm(rows.mean(axis=0) - champion_mean) / spread), 4) if len(rows) else None
+    def shift(summed, count: int) -> float | None:
+        return round(float(np.linalg.norm(summed / count - champion_mean) / spread), 4) if count else None
 
-    def by_chance(images: int) -> float | None:
-        return round(float(np.sqrt(1 / images + 1 / max(reference["images"], 1))), 4) if images else None
+    def by_chance(count: int) -> float | None:
+        return round(float(np.sqrt(1 / count + 1 / max(reference["images"], 1))), 4) if count else None
 
     return {
-        "mean_feature_shift": shift(matrix),
-        "mean_feature_shift_by_chance": by_chance(len(matrix)),
-        "new_images_mean_feature_shift": shift(matrix[is_new]),
-        "new_images_shift_by_chance": by_chance(int(is_new.sum())),
+        "mean_feature_shift": shift(total, images),
+        "mean_feature_shift_by_chance": by_chance(images),
+        "new_images_mean_feature_shift": shift(new_total, new_images),
+        "new_images_shift_by_chance": by_chance(new_images),
     }
 
 

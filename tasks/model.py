@@ -28,7 +28,7 @@ def train_head(config: TrainConfig, classifier, features: FeatureSet) -> dict[st
     """Fits the classifier's head on the cached features of the train split (see headstart.model)."""
     from headstart.model import train_head as fit_head
 
-    with DashboardProgress(config.epochs, f"train head: at most {config.epochs} epochs") as progress:
+    with DashboardProgress(config.epochs, f"train head: at most {config.epochs} epochs", unit="epoch") as progress:
         def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
             scores = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items())
             progress.update(1, f"train head: epoch {epoch + 1} of at most {config.epochs}; {scores}")

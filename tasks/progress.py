@@ -13,11 +13,11 @@ class DashboardProgress:
     """Counts work done (`update(n)`, as a tqdm bar does) into a progress artifact of the current
     run, written at most once every `interval` seconds and when the work is complete."""
 
-    def __init__(self, total: int, description: str, interval: float = 1.0):
+    def __init__(self, total: int, description: str, unit: str = "img", interval: float = 1.0):
         self.total, self.description, self.interval = max(total, 1), description, interval
         self.done = 0
         self._written_at = time.monotonic()
-        self._bar = tqdm(total=total, desc=description, unit="img", disable=None)  # None: no bar unless stderr is a terminal
+        self._bar = tqdm(total=total, desc=description, unit=unit, disable=None)  # None: no bar unless stderr is a terminal
         self._artifact = create_progress_artifact(0.0, description=description)
 
     def update(self, n: int = 1, description: str | None = None) -> None:
