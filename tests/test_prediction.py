@@ -19,7 +19,7 @@ def test_folders_are_walked_and_what_cannot_be_used_is_listed_with_its_reason(tm
     assert [path.name for path in usable] == ["000.png", "001.png"]
     reasons = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in skipped}
     assert reasons["notes.txt"] == "not an image file" and reasons["missing.jpg"] == "file not found"
-    assert reasons["cut.png"].startswith("cannot decode") and ".hidden.png" not in reasons
+    assert reasons["cut.png"].startswith("cannot decode") and reasons[".hidden.png"] == "hidden file"
 
 
 def _three_classes():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from headstart.data.images import IMAGE_SUFFIXES
+from headstart.data.images import IMAGE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
 from headstart.data.manifest import DataReport
 from headstart.errors import HeadstartError
 
@@ -41,33 +41,56 @@ def list_class_files(root: Path, class_names: list[str], report: DataReport) -> 
 
 
 def image_files(directory: Path) -> tuple[list[Path], list[dict[str, str]]]:
-    """The image files under directory (see `visible_files`), and the other files, each with its reason."""
-    images, others = [], []
-    for path in visible_files(directory):
+    """The image files under directory (see `visible_files`), and every other entry, each with its reason."""
+    images = []
+    files, others = visible_files(directory)
+    for path in files:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(path)
+        elif path.suffix.lower() in UNREADABLE_IMAGE_SUFFIXES:
+            others.append({"path": str(path), "reason": f"{path.suffix.lower()[1:].upper()} images cannot be decoded here; convert them to JPEG or PNG"})
         else:
             others.append({"path": str(path), "reason": "not an image file"})
     return images, others
 
 
-def visible_files(directory: Path) -> list[Path]:
-    """Files under directory, hidden ones and hidden folders left out, in sorted(rglob) order.
+def visible_files(directory: Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """Files under directory, in sorted(rglob) order, and what was left out, each with its reason:
+    hidden files and folders (a name starting with '.'), links that lead nowhere (broken, or a
+    loop) and names that are not UTF-8. Images in sub-folders of a class folder belong to that class.
 
-    Symlinked folders are not entered (as rglob does not); symlinked files count. Each entry's
-    type comes from the directory listing, where rglob + is_file made a system call per file.
+    Symlinked folders are not entered (as rglob does not); symlinked files count, wherever they
+    point (a symlinked dataset is a common layout). Each entry's type comes from the directory
+    listing, where rglob + is_file made a system call per file.
     """
-    found, pending = [], [str(directory)]
+    found, left_out, pending = [], [], [str(directory)]
     while pending:
         try:
             entries = list(os.scandir(pending.pop()))
         except OSError:  # a missing or unreadable folder holds no images
             continue
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir(follow_symlinks=False):
+            if not _is_utf8(entry.path):
+                printable = entry.path.encode("utf-8", "backslashreplace").decode("utf-8")
+                left_out.append({"path": printable, "reason": "its name is not valid UTF-8, which the dataset files require: rename it"})
+            elif entry.name.startswith("."):
+                left_out.append({"path": entry.path, "reason": "hidden " + ("folder" if entry.is_dir(follow_symlinks=False) else "file")})
+            elif entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                left_out.append({"path": entry.path, "reason": "a link that leads nowhere (broken, or a loop)"})
             elif entry.is_file():
                 found.append(entry.path)
-    return [Path(path) for path in sorted(found, key=lambda path: path.split(os.sep))]
+    return [Path(path) for path in sorted(found, key=_listing_order)], sorted(left_out, key=lambda entry: _listing_order(entry["path"]))
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept by Python as lone surrogates
+        return False
+
+
+def _listing_order(path: str) -> list[str]:
+    return path.split(os.sep)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Image formats people have that Pillow cannot decode without plug-ins: named as such, not as "not an image".
+UNREADABLE_IMAGE_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".cr2", ".nef", ".arw", ".dng", ".psd", ".svg"}
 
 
 def load_image(path: Path, draft_size: int | None = None) -> np.ndarray:
@@ -19,12 +22,23 @@ def load_image(path: Path, draft_size: int | None = None) -> np.ndarray:
         if draft_size is not None:
             image.draft("RGB", (draft_size, draft_size))
         image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16") or (image.mode == "I" and np.asarray(image).max() > 255):
+            return _sixteen_bit_to_rgb(np.asarray(image))
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _sixteen_bit_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """16-bit grayscale (Pillow's mode I;16, or I holding values above 255) to 8-bit RGB by its top
+    8 bits: Pillow's own conversion clips at 255, which turned nearly every 16-bit image white."""
+    gray = (np.clip(pixels.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def check_image(path: Path) -> str | None:
     """Returns why an image file cannot be used, or None when it decodes."""
     try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
         with Image.open(path) as image:
             image.load()
             if image.width < 1 or image.height < 1:

@@ -1,0 +1,121 @@
+"""Every kind of bad input in one generated folder (tests/bad_inputs.py), through the real path:
+scan → decode → extract for each file, and `headstart train`, `evaluate` and `predict` on the
+whole folder. Each file either trains (decoded to RGB, rotated by its EXIF orientation) or is
+skipped with its reason in the data report; a dataset that cannot train stops with one line
+and exit code 2. Nothing raises a traceback, nothing is dropped silently."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bad_inputs import SKIPPED, TRAINS, rgb, write_corpus
+from servers import PROJECT, prefect_env
+
+AS_ROOT = os.geteuid() == 0  # root reads a file whatever its permissions say
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "data")
+
+
+@pytest.fixture(scope="module")
+def scanned(corpus, tmp_path_factory):
+    """The corpus's manifest and data report, as `train`'s download step builds them."""
+    from headstart.config import TrainConfig
+    from headstart.data.sources import prepare_source
+
+    config = TrainConfig(data=str(corpus), classes=("cat", "dog"), cache_dir=tmp_path_factory.mktemp("cache"))
+    return prepare_source(config)
+
+
+def _relative(corpus: Path, path: str) -> str:
+    """A listed path as the corpus names it: relative to cat/, or dog/NAME."""
+    relative = Path(path).relative_to(corpus)
+    return str(relative.relative_to("cat")) if relative.parts[0] == "cat" else str(relative)
+
+
+def _trained(corpus: Path, manifest) -> dict[str, str]:
+    """The corpus's name of each manifest path (which has its symlinks resolved) → that path."""
+    names = {os.path.realpath(os.path.join(folder, name)): _relative(corpus, os.path.join(folder, name))
+             for folder, _, files in os.walk(corpus) for name in files if os.path.exists(os.path.join(folder, name))}
+    return {names[path]: path for path in manifest.read().column("path").to_pylist()}
+
+
+@pytest.mark.parametrize("name", [name for name in TRAINS if name != "unreadable.png" or AS_ROOT])
+def test_this_file_trains_decoded_to_rgb(name, corpus, scanned):
+    from headstart.preprocessing import decoded_batches
+
+    manifest, report = scanned
+    paths = _trained(corpus, manifest)
+    assert name in paths, f"{name} is not in the manifest; the report says {[s for s in report.skipped if name in s['path']]}"
+    (batch,) = list(decoded_batches([paths[name]], 32, 8))
+    (image,) = batch
+    assert image.ndim == 3 and image.shape[2] == 3 and np.isfinite(image).all()
+
+
+def test_decoding_keeps_what_the_file_means(corpus):
+    from headstart.data.images import load_image
+
+    cat = corpus / "cat"
+    assert load_image(cat / "rotated.jpg").shape == (60, 30, 3)  # stored 60 wide, 30 high; EXIF rotates it upright
+    sixteen = load_image(cat / "sixteen-bit.png")
+    assert 100 < sixteen.mean() < 150 and sixteen.max() < 255  # its top 8 bits, not clipped to white
+    np.testing.assert_array_equal(load_image(cat / "sixteen-bit-gray.tiff"), sixteen)
+    np.testing.assert_array_equal(load_image(cat / "animated.gif"), np.asarray(rgb(7).quantize().convert("RGB")))  # the first frame
+    assert load_image(cat / "gray.jpg").shape == (40, 40, 3) and load_image(cat / "cmyk.jpg").shape == (40, 40, 3)
+
+
+@pytest.mark.parametrize("name", list(SKIPPED) + ([] if AS_ROOT else ["unreadable.png"]))
+def test_this_file_is_skipped_with_its_reason(name, corpus, scanned):
+    _, report = scanned
+    reasons = {_relative(corpus, entry["path"]): entry["reason"] for entry in report.skipped}
+    assert name in reasons, f"{name} neither trained nor reported: {sorted(reasons)}"
+    expected = SKIPPED.get(name, "ermission")
+    assert expected.lower() in reasons[name].lower() and "\n" not in reasons[name]
+
+
+def test_the_decompression_bomb_is_refused_before_decoding_with_the_limit_named(corpus, scanned):
+    _, report = scanned
+    (reason,) = [entry["reason"] for entry in report.skipped if entry["path"].endswith("bomb.png")]
+    assert "3600000000 pixels" in reason and "limit of" in reason
+
+
+def test_every_file_of_the_corpus_is_accounted_for(corpus, scanned):
+    manifest, report = scanned
+    trained = set(_trained(corpus, manifest))
+    skipped = {_relative(corpus, entry["path"]) for entry in report.skipped}
+    on_disk = {_relative(corpus, os.path.join(folder, name).encode("utf-8", "backslashreplace").decode())
+               for folder, _, names in os.walk(corpus / "cat") for name in names} | {f"dog/{p.name}" for p in (corpus / "dog").iterdir()}
+    assert on_disk - trained - skipped == {"loop-b.jpg"} - skipped  # both links of the loop are reported
+    assert not trained & skipped
+
+
+@pytest.mark.e2e
+def test_train_evaluate_and_predict_on_the_corpus_end_without_a_traceback(corpus, tiny_backbone_dir, tmp_path):
+    places = ["--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "cache")]
+
+    def headstart(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                                env=prefect_env(tmp_path / "prefect"))
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        return result
+
+    trained = headstart("train", "--data", str(corpus), "--classes", "cat,dog", "--backbone", str(tiny_backbone_dir),
+                        "--image-size", "32", "--epochs", "2", "--no-gate", *places)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = trained.stdout.strip().splitlines()[-1]
+    evaluated = headstart("evaluate", "--model", run, "--data", str(corpus))
+    assert evaluated.returncode == 0 and "files skipped" in evaluated.stdout
+    predicted = headstart("predict", "--model", run, str(corpus / "cat"), *places)
+    assert predicted.returncode == 0 and predicted.stderr.count("headstart: skipped") >= len([n for n in SKIPPED if not n.startswith("dog/")])
+    # Without --classes the empty folder is a class with no images: one line, exit code 2.
+    empty = headstart("train", "--data", str(corpus), "--backbone", str(tiny_backbone_dir), "--image-size", "32", *places)
+    errors = [line for line in empty.stderr.splitlines() if line.startswith("headstart: error:")]
+    assert empty.returncode == 2 and len(errors) == 1 and errors[0].startswith("headstart: error: class 'empty-class' has no usable")
