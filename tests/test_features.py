@@ -200,6 +200,27 @@ def test_cache_shards_written_as_float_lists_are_still_read(colour_folder, tiny,
     np.testing.assert_array_equal(again.load()[0], expected[0])
 
 
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_cache_shard_is_dropped_and_its_images_extracted_again(damage, colour_folder, tiny, tmp_path, caplog):
+    context = _keras_context(tmp_path / "cache", batch_size=8)
+    manifest = _manifest(colour_folder, tmp_path)
+    first = extract_dataset(manifest, tiny, context, shard_size=16)
+    expected = first.load()
+    shard = FeatureCache(tmp_path / "cache", tiny).shard_paths()[1]
+    data = bytearray(shard.read_bytes())
+    if damage == "flipped":  # one bit inside the features, the middle of the file
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 2]
+    shard.write_bytes(bytes(data))
+    first.path.unlink()
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        again = extract_dataset(manifest, tiny, context, shard_size=16)
+    assert (again.extracted, again.reused) == (16, 32) and "is damaged" in caplog.text
+    assert again.load()[2] == expected[2]
+    np.testing.assert_array_equal(again.load()[0], expected[0])
+
+
 def test_cached_features_equal_a_fresh_forward_pass(colour_folder, tiny, tmp_path):
     context = ExtractionContext(tmp_path / "cache", ExtractionSettings("litert", batch_size=7))
     features, _, paths = extract_dataset(_manifest(colour_folder, tmp_path), tiny, context).load()

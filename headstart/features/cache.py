@@ -2,12 +2,15 @@
 
 Shards are keyed by image content hash, backbone fingerprint and image size: a re-run
 recomputes only images it has never seen, and a run that is interrupted keeps every shard it
-finished (each is written to a temporary file and renamed).
+finished (each is written to a temporary file and renamed). A shard damaged on disk (truncated,
+bytes flipped: its Parquet page checksums no longer match) is dropped when the cache is read,
+and its images are extracted again; it is never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from headstart.storage import write_parquet_atomic
 
 # A shard to extract: (content hash, path) of each of its images.
 Shard = list[tuple[str, str]]
+logger = logging.getLogger("headstart")
 
 
 class FeatureCache:
@@ -33,8 +37,27 @@ class FeatureCache:
         return sorted(self.directory.glob("shard-*.parquet")) if self.directory.exists() else []
 
     def cached_hashes(self) -> set[str]:
-        """Every image hash with cached features (reads only the hash column of each shard)."""
-        return {sha for shard in self.shard_paths() for sha in pq.read_table(shard, columns=["sha256"]).column("sha256").to_pylist()}
+        """Every image hash with cached features, in shards that read back intact (damaged ones are dropped)."""
+        hashes = set()
+        for shard in self.shard_paths():
+            table = self.read_shard(shard)
+            if table is not None:
+                hashes.update(table.column("sha256").to_pylist())
+        return hashes
+
+    def read_shard(self, path: Path) -> pa.Table | None:
+        """A shard's table, its page checksums verified; None, with the shard deleted, where it is damaged."""
+        try:
+            table = pq.read_table(path, page_checksum_verification=True)
+            if table.column_names != ["sha256", "features"]:
+                raise ValueError(f"columns {table.column_names}")
+            return table
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # pyarrow reports damage as several error types; each means 'do not use'
+            logger.warning("feature cache shard %s is damaged (%s); dropped, its images are extracted again", path, str(error).splitlines()[0])
+            path.unlink(missing_ok=True)
+            return None
 
     def write_shard(self, hashes: list[str], features: np.ndarray) -> Path:
         name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]

@@ -113,7 +113,9 @@ def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, desti
         writers: dict[tuple[str, int], pa.ipc.RecordBatchFileWriter] = {}
         try:
             for shard in cache.shard_paths():
-                table = pq.read_table(shard)
+                table = cache.read_shard(shard)
+                if table is None:
+                    continue
                 shard_features = as_binary_column(table.column("features").combine_chunks())
                 by_bucket: dict[tuple[str, int], list[tuple[int, int]]] = {}
                 for index, sha in enumerate(table.column("sha256").to_pylist()):

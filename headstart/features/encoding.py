@@ -12,7 +12,8 @@ import pyarrow as pa
 
 # Features are dense floats: dictionary encoding and compression gain nothing on them and made
 # reading a row group 2.8× slower (measured: 101 ms vs 37 ms for 4096 × 1280).
-FEATURES_PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none"}
+# Page checksums let a reader tell a damaged cache file from a good one (see FeatureCache.read_shard).
+FEATURES_PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none", "write_page_checksum": True}
 
 
 def features_column(features: np.ndarray) -> pa.Array:
