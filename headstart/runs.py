@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,36 @@ REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name != DATA_INDEX_FILE
 
 # --- writing a run ---------------------------------------------------------------------------------
 
+PARTIAL_SUFFIX = ".partial"
+OWNER_FILE = ".owner"  # host and process id of the writer of a staging directory
+
+
+def remove_abandoned_staging(artifacts_root: Path) -> list[Path]:
+    """Removes the staging directories whose writer died before renaming them into place (a
+    killed run): those written on this host by a process that no longer runs. Returns them."""
+    removed = []
+    host = socket.gethostname()
+    for staging in Path(artifacts_root).glob(f".*{PARTIAL_SUFFIX}") if Path(artifacts_root).is_dir() else []:
+        try:
+            owner_host, pid = (staging / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue  # no owner yet: being created right now, or not ours to judge
+        if owner_host == host and not _process_runs(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class RunWriter:
     """Collects a run's files in a staging directory. As a context manager it renames the
     directory to its final name when the block succeeds, and removes it when the block fails.
@@ -65,14 +96,21 @@ class RunWriter:
         self.name = self.created_at.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         self.root = Path(artifacts_root)
         self.final = (self.root / self.name).resolve()
-        self.staging = self.root / f".{self.name}.partial"
+        remove_abandoned_staging(self.root)
+        self.staging = self.root / f".{self.name}{PARTIAL_SUFFIX}"
         self.staging.mkdir(parents=True, exist_ok=False)
+        self._claim()
+
+    def _claim(self) -> None:
+        """Marks the staging directory as this process's, so that no other run removes it as abandoned."""
+        (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
 
     def __enter__(self) -> "RunWriter":
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         if exc_type is None:
+            (self.staging / OWNER_FILE).unlink(missing_ok=True)
             os.replace(self.staging, self.final)
         else:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -114,6 +152,7 @@ class RunWriter:
 
         shutil.rmtree(self.staging)
         shutil.copytree(previous, self.staging, copy_function=link_or_copy)
+        self._claim()
         for name, own in ((CONFIG_FILE, {}), (LINEAGE_FILE, {"version": self.name, "created_at": self.created_at.isoformat(), "flow_run_id": flow_run_id})):
             value = json.loads((self.staging / name).read_text())
             (self.staging / name).unlink()  # a link: rewrite it without touching the earlier run
