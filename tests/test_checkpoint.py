@@ -96,10 +96,12 @@ def test_reads_tensors_views_and_strides(tmp_path):
 
 
 def test_refuses_code_in_the_pickle(tmp_path):
-    class Evil:
+    marker = tmp_path / "the-command-ran"
+
+    class Evil:  # unpickled, it would run a command that leaves a file behind
         def __reduce__(self):
             import os
-            return (os.system, ("echo pwned",))
+            return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "evil.pth"
     with open(path, "wb") as handle:
@@ -108,6 +110,7 @@ def test_refuses_code_in_the_pickle(tmp_path):
         pickle.dump({"weight": Evil()}, handle, protocol=2)
     with pytest.raises(HeadstartError, match="refusing"):
         read_legacy_checkpoint(path)
+    assert not marker.exists()
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):

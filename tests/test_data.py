@@ -163,10 +163,12 @@ def test_cifar10_from_a_local_archive_with_other_classes(tmp_path):
 
 
 def test_cifar10_batch_with_code_is_refused(tmp_path):
-    class Evil:
+    marker = tmp_path / "the-command-ran"
+
+    class Evil:  # unpickled, it would run a command that leaves a file behind
         def __reduce__(self):
             import os
-            return (os.system, ("echo pwned",))
+            return (os.system, (f"touch {marker}",))
 
     archive = tmp_path / "evil.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
@@ -176,6 +178,7 @@ def test_cifar10_batch_with_code_is_refused(tmp_path):
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(HeadstartError, match="refusing"):
         prepare_source(_config(tmp_path, data="cifar10", cifar10_source=str(archive)))
+    assert not marker.exists()
 
 
 def test_download_retries_transient_failures(tmp_path, serve_directory):
