@@ -10,7 +10,9 @@ only to a complete run, so the alias never names a missing or partial one.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,10 +97,25 @@ def promote(artifacts_root: Path, version: str, reason: str, by: str = "manual")
 
 def rollback(artifacts_root: Path, reason: str = "rolled back", by: str = "manual") -> dict:
     """Makes the champion before the current one champion again; repeated, it walks further back."""
-    lineage = _champion_lineage(history(artifacts_root))
-    if len(lineage) < 2:
-        raise HeadstartError("there is no earlier champion to roll back to")
-    return _switch(artifacts_root, lineage[-2], reason, by, rollback=True)
+    with _exclusive(artifacts_root):
+        lineage = _champion_lineage(_read_alias(Path(artifacts_root))["history"])
+        if len(lineage) < 2:
+            raise HeadstartError("there is no earlier champion to roll back to")
+        return _switch_holding_the_lock(artifacts_root, lineage[-2], reason, by, rollback=True)
+
+
+@contextmanager
+def _exclusive(artifacts_root: Path):
+    """Holds the registry's lock: two runs promoting at once would otherwise each read the
+    history, append their entry and replace the file, and one of the entries would be lost."""
+    lock = alias_path(artifacts_root).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _champion_lineage(entries: list[dict]) -> list[str]:
@@ -113,6 +130,11 @@ def _champion_lineage(entries: list[dict]) -> list[str]:
 
 
 def _switch(artifacts_root: Path, version: str, reason: str, by: str, rollback: bool) -> dict:
+    with _exclusive(artifacts_root):
+        return _switch_holding_the_lock(artifacts_root, version, reason, by, rollback)
+
+
+def _switch_holding_the_lock(artifacts_root: Path, version: str, reason: str, by: str, rollback: bool) -> dict:
     root = Path(artifacts_root)
     if Run.if_complete(root / version) is None:
         raise HeadstartError(f"version {version} is not a complete run in {root}; `headstart models` lists the versions")

@@ -95,3 +95,21 @@ def test_a_run_killed_midway_leaves_nothing_partial_and_the_next_one_completes(m
                                          cwd=PROJECT, env=server, capture_output=True, text=True, check=True).stdout)
     assert [version["path"] for version in versions if version["champion"]] == [str(run)]
     assert len(versions) == 2  # the first run and this one: the killed run left no version
+
+
+@pytest.mark.e2e
+def test_two_runs_started_at_once_on_one_cache_and_registry_both_finish_correctly(server, tmp_path):
+    data = write_class_images(tmp_path / "data", {"day": (230, 200, 40), "night": (20, 30, 90)}, per_class=60)
+    cache = tmp_path / "cache"
+    runs = [_train(server, data, tmp_path / name, cache, "--artifacts-root", str(tmp_path / "artifacts")) for name in ("one", "two")]
+    assert [run.wait(timeout=600) for run in runs] == [0, 0], [(tmp_path / name / "stderr.txt").read_text()[-2000:] for name in ("one", "two")]
+    run_dirs = [Path((tmp_path / name / "stdout.txt").read_text().strip().splitlines()[-1]) for name in ("one", "two")]
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in run_dirs]
+    assert [m["accuracy"] for m in metrics] == [1.0, 1.0] and metrics[0]["confusion_matrix"] == metrics[1]["confusion_matrix"]
+    stored = [pq.read_table(shard) for shard in _shards(cache)]  # every shard reads back whole
+    assert sorted(sha for table in stored for sha in table.column("sha256").to_pylist()) == sorted(set(
+        sha for table in stored for sha in table.column("sha256").to_pylist())) and sum(t.num_rows for t in stored) == 120
+    versions = json.loads(subprocess.run([sys.executable, "-m", "flows.cli", "models", "--json", "--artifacts-root", str(tmp_path / "artifacts")],
+                                         cwd=PROJECT, env=server, capture_output=True, text=True, check=True).stdout)
+    assert sorted(v["path"] for v in versions) == sorted(map(str, run_dirs))
+    assert sum(v["champion"] for v in versions) == 1

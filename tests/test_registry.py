@@ -87,7 +87,7 @@ def test_a_crash_between_writing_and_renaming_leaves_the_old_champion(root, monk
     monkeypatch.undo()
     assert registry.champion_version(root) == "20261201-030000-000000"
     assert len(registry.history(root)) == 1
-    assert [path.name for path in registry.alias_path(root).parent.iterdir()] == ["champion.json"]  # no temporary file left
+    assert sorted(path.name for path in registry.alias_path(root).parent.iterdir()) == ["champion.json", "champion.lock"]  # no temporary file left
 
 
 def _headstart(*args):
@@ -107,3 +107,14 @@ def test_models_command_lists_promotes_and_rolls_back(root):
     assert failed.returncode == 2 and failed.stderr.startswith("headstart: error: there is no earlier champion") and "Traceback" not in failed.stderr
     missing = _headstart("models", "promote", "nope", "--artifacts-root", str(root))
     assert missing.returncode == 2 and "not a complete run" in missing.stderr
+
+
+def test_promotions_from_processes_at_once_lose_no_history_entry(root):
+    script = ("import sys; from pathlib import Path; from headstart import registry\n"
+              "for i in range(25): registry.promote(Path(sys.argv[1]), sys.argv[2], f'{sys.argv[2]} {i}')")
+    versions = ["20261201-030000-000000", "20261202-030000-000001"]
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(root), version], cwd=PROJECT) for version in versions]
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
+    entries = registry.history(root)
+    assert len(entries) == 50 and {entry["reason"] for entry in entries} == {f"{v} {i}" for v in versions for i in range(25)}
+    assert registry.champion_version(root) == entries[-1]["version"]
