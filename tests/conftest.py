@@ -31,6 +31,18 @@ def write_class_images(root: Path, class_colours: dict[str, tuple[int, int, int]
     return root
 
 
+class RunsACommand:
+    """Pickled, an object that runs a shell command when unpickled: what a crafted pickle carries."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
 @pytest.fixture
 def colour_folder(tmp_path) -> Path:
     return write_class_images(tmp_path / "data", {"red": (200, 40, 40), "blue": (40, 40, 200)}, per_class=24)

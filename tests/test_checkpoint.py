@@ -8,6 +8,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
+from conftest import RunsACommand
+
 from headstart.backbone.handles import CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
 from headstart.backbone.checkpoint import LEGACY_MAGIC_NUMBER, read_legacy_checkpoint
 from headstart.errors import HeadstartError
@@ -97,17 +99,13 @@ def test_reads_tensors_views_and_strides(tmp_path):
 
 def test_refuses_code_in_the_pickle(tmp_path):
     marker = tmp_path / "the-command-ran"
-
-    class Evil:  # unpickled, it would run a command that leaves a file behind
-        def __reduce__(self):
-            import os
-            return (os.system, (f"touch {marker}",))
+    evil = RunsACommand(f"touch {marker}")
 
     path = tmp_path / "evil.pth"
     with open(path, "wb") as handle:
         for header in (LEGACY_MAGIC_NUMBER, 1001, {}):
             pickle.dump(header, handle, protocol=2)
-        pickle.dump({"weight": Evil()}, handle, protocol=2)
+        pickle.dump({"weight": evil}, handle, protocol=2)
     with pytest.raises(HeadstartError, match="refusing"):
         read_legacy_checkpoint(path)
     assert not marker.exists()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_class_images
+from conftest import RunsACommand, write_class_images
 from headstart.config import TrainConfig
 from headstart.data.cifar10 import CIFAR10_CLASSES
 from headstart.data.folders import list_class_files
@@ -164,15 +164,11 @@ def test_cifar10_from_a_local_archive_with_other_classes(tmp_path):
 
 def test_cifar10_batch_with_code_is_refused(tmp_path):
     marker = tmp_path / "the-command-ran"
-
-    class Evil:  # unpickled, it would run a command that leaves a file behind
-        def __reduce__(self):
-            import os
-            return (os.system, (f"touch {marker}",))
+    evil = RunsACommand(f"touch {marker}")
 
     archive = tmp_path / "evil.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        data = pickle.dumps({b"data": Evil(), b"labels": []}, protocol=2)
+        data = pickle.dumps({b"data": evil, b"labels": []}, protocol=2)
         info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
