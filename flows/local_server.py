@@ -54,11 +54,11 @@ def _home() -> Path:
 
 def start(timeout: float = 180) -> str:
     """Starts the server unless one answers already; returns its URL once it is healthy."""
-    url = local_server_url()
+    host, port = _address()
+    url = f"http://{host}:{port}"
     if is_healthy(url):
         return url
     home = _home()
-    host, port = _address()
     with open(home / LOG_FILE, "ab") as log:
         server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -61,19 +60,17 @@ def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]
                                   env=prefect_env(home, **extra), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_until_healthy(f"{url}/api/health", server, log_path)
+            _wait_until_healthy(url, server, log_path)
             yield url
         finally:
             _stop(server)
 
 
-def _wait_until_healthy(health_url: str, server: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+def _wait_until_healthy(url: str, server: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
+    from flows.local_server import is_healthy
+
     deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(health_url, timeout=2) as response:
-                if response.status == 200:
-                    return
+    while not is_healthy(url, timeout=2):
         if server.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"prefect server did not start: {log_path.read_text()[-2000:]}")
         time.sleep(1)

@@ -6,6 +6,7 @@ so extraction can start while TensorFlow is still being imported elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -103,10 +104,8 @@ class _LiteRTRunner:
             batch = np.ascontiguousarray(np.stack(images[start:end]), np.float32)
             if batch.shape != self._shape:
                 self.interpreter.resize_tensor_input(self._input, list(batch.shape), strict=False)
-                if self._shape is None:  # the first allocation creates the XNNPACK delegate, which announces itself
-                    with native_notices_dropped():
-                        self.interpreter.allocate_tensors()
-                else:
+                # The first allocation creates the XNNPACK delegate, which announces itself.
+                with native_notices_dropped() if self._shape is None else contextlib.nullcontext():
                     self.interpreter.allocate_tensors()
                 self._shape = batch.shape
             self.interpreter.set_tensor(self._input, batch)
