@@ -56,7 +56,7 @@ def test_this_file_trains_decoded_to_rgb(name, corpus, scanned):
     paths = _trained(corpus, manifest)
     assert name in paths, f"{name} is not in the manifest; the report says {[s for s in report.skipped if name in s['path']]}"
     (batch,) = list(decoded_batches([paths[name]], 32, 8))
-    (image,) = batch
+    (image,) = batch.images
     assert image.ndim == 3 and image.shape[2] == 3 and np.isfinite(image).all()
 
 
@@ -119,3 +119,45 @@ def test_train_evaluate_and_predict_on_the_corpus_end_without_a_traceback(corpus
     empty = headstart("train", "--data", str(corpus), "--backbone", str(tiny_backbone_dir), "--image-size", "32", *places)
     errors = [line for line in empty.stderr.splitlines() if line.startswith("headstart: error:")]
     assert empty.returncode == 2 and len(errors) == 1 and errors[0].startswith("headstart: error: class 'empty-class' has no usable")
+
+
+def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cached_under_its_old_hash(colour_folder, tiny_backbone_dir, tmp_path):
+    """Rewritten with other pixels, truncated, or removed after the scan hashed it: each file is
+    left out of the run with its reason, and no features are cached under a hash its file no
+    longer has; the next scan takes the rewritten file's new content."""
+    from headstart.backbone.handles import resolve_backbone
+    from headstart.config import TrainConfig
+    from headstart.data.manifest import without_images
+    from headstart.data.sources import prepare_source
+    from headstart.features.cache import FeatureCache
+    from headstart.features.dataset import assemble_features, plan_extraction
+    from headstart.features.extraction import ExtractionContext, ExtractionSettings
+    from headstart.storage import file_sha256
+
+    config = TrainConfig(data=str(colour_folder), cache_dir=tmp_path / "cache")
+    backbone = resolve_backbone(str(tiny_backbone_dir), 32, config.cache_dir)
+    manifest, report = prepare_source(config)
+    scanned = dict(zip(manifest.read().column("path").to_pylist(), manifest.read().column("sha256").to_pylist()))
+    rewritten, truncated, removed = sorted(scanned)[:3]
+    rgb(999, (32, 32)).save(rewritten, format="PNG")
+    Path(truncated).write_bytes(Path(truncated).read_bytes()[:60])
+    Path(removed).unlink()
+
+    with ExtractionContext(config.cache_dir, ExtractionSettings("keras", batch_size=5)) as context:
+        (shard,) = plan_extraction(manifest, backbone, config.cache_dir)
+        extracted = context.extract_shard(shard, backbone)
+    reasons = {path: reason for _, path, reason in extracted.left_out}
+    assert set(reasons) == {rewritten, truncated, removed} and extracted.extracted == len(scanned) - 3
+    assert reasons[rewritten].startswith("changed after it was scanned") and "changed after it was scanned" in reasons[truncated]
+    assert "could not be read" in reasons[removed] and "FileNotFoundError" in reasons[removed]
+    assert FeatureCache(config.cache_dir, backbone).cached_hashes() == set(scanned.values()) - {scanned[p] for p in reasons}
+
+    smaller, report = without_images(manifest, report, list(extracted.left_out), config.cache_dir)
+    assert smaller.fingerprint != manifest.fingerprint and smaller.read().num_rows == len(scanned) - 3
+    assert {entry["path"] for entry in report.skipped} == set(reasons)
+    assert sum(sum(counts.values()) for counts in report.counts.values()) == len(scanned) - 3
+    assert assemble_features(smaller, backbone, config.cache_dir).load()[0].shape[0] == len(scanned) - 3
+
+    again, _ = prepare_source(config)
+    hashes = dict(zip(again.read().column("path").to_pylist(), again.read().column("sha256").to_pylist()))
+    assert hashes[rewritten] == file_sha256(Path(rewritten)) != scanned[rewritten] and truncated not in hashes and removed not in hashes

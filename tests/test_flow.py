@@ -153,13 +153,18 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     (dataset,) = (tmp_path / "cache" / "datasets").glob("*.parquet")
     features = FeatureSet(dataset, 0, 0, "")
     backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
-    paths = features.rows("test", ["path"])["path"]
-    fair = np.ones(len(paths), bool)
-    from_features = champion_probabilities(champion, backbone, features, fair, paths)
+    test = features.rows("test", ["path", "sha256"])
+    fair = np.ones(len(test["path"]), bool)
+    from_features, scored = champion_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
     other_backbone = dataclasses.replace(backbone, fingerprint="another backbone")
-    from_images = champion_probabilities(champion, other_backbone, features, fair, paths)
-    assert from_features.shape == (len(paths), 2)
+    from_images, scored_from_images = champion_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
+    assert from_features.shape == (len(fair), 2) and scored.all() and scored_from_images.all()
     np.testing.assert_allclose(from_features, from_images, atol=1e-4)
+    # A test image rewritten since the scan is left out of the champion's scores, never scored on its new pixels.
+    Path(test["path"][0]).write_bytes(Path(test["path"][1]).read_bytes())
+    rescored, rescored_which = champion_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
+    assert list(rescored_which) == [False] + [True] * (len(fair) - 1)
+    np.testing.assert_allclose(rescored, from_images[1:], atol=1e-4)
 
 
 def test_predictions_through_the_fast_engine_equal_the_serving_models(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
@@ -303,3 +308,31 @@ def test_cli_bad_data_inside_the_flow_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "no usable images" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and_reported(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
+    import tasks.data
+    from headstart.features.cache import FeatureCache
+    from headstart.backbone.handles import resolve_backbone
+
+    from flows.train import train
+
+    real_prepare_source = tasks.data.prepare_source
+    rewritten = {}
+
+    def prepare_then_rewrite(config, show_progress=False):
+        manifest, report = real_prepare_source(config, show_progress)
+        table = manifest.read()
+        path, sha = table.column("path")[0].as_py(), table.column("sha256")[0].as_py()
+        Path(path).write_bytes((colour_folder / "blue" / "000.png").read_bytes() + b"appended after the scan")
+        rewritten.update(path=path, sha256=sha)
+        return manifest, report
+
+    monkeypatch.setattr(tasks.data, "prepare_source", prepare_then_rewrite)
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path, gate=False)
+    run = Run(train(**config.model_dump()))
+    (entry,) = [entry for entry in json.loads((run.path / "data_report.json").read_text())["skipped"] if entry["path"] == rewritten["path"]]
+    assert entry["reason"].startswith("changed after it was scanned")
+    assert sum(split["images"] for split in run.lineage["data"]["splits"].values()) == 47
+    backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
+    assert rewritten["sha256"] not in FeatureCache(config.cache_dir, backbone).cached_hashes()
