@@ -336,3 +336,48 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
     assert sum(split["images"] for split in run.lineage["data"]["splits"].values()) == 47
     backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
     assert rewritten["sha256"] not in FeatureCache(config.cache_dir, backbone).cached_hashes()
+
+
+def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start_to_end(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
+    import numpy as np
+    import pyarrow.parquet as pq
+    from prefect.artifacts import Artifact
+
+    import headstart.prediction
+    from flows.predict import predict
+    from flows.train import train
+    from headstart import registry
+
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
+    first = Path(train(**config.model_dump()))
+    swapped = _with_swapped_training_labels(colour_folder, tmp_path / "swapped", config.validation_fraction, config.test_fraction)
+    second = Path(train(**config.model_copy(update={"data": str(swapped), "gate": False}).model_dump()))
+    assert registry.champion_version(tmp_path / "artifacts") == first.name
+
+    real_batches = headstart.prediction.decoded_batches
+    batches_seen = []
+
+    def batches_then_a_retrain_promotes(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            yield batch
+            batches_seen.append(len(batch.indices))
+            if len(batches_seen) == 1:  # the retrain finishes while the first batch is being labelled
+                registry.promote(tmp_path / "artifacts", second.name, "retrained", by="gate")
+
+    monkeypatch.setattr(headstart.prediction, "decoded_batches", batches_then_a_retrain_promotes)
+    places = dict(artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache", batch_size=8)
+    predict(inputs=[str(colour_folder)], output=tmp_path / "during.parquet", **places)
+    assert len(batches_seen) == 6 and registry.champion_version(tmp_path / "artifacts") == second.name
+    assert first.name in Artifact.get("headstart-predictions").description
+    monkeypatch.setattr(headstart.prediction, "decoded_batches", real_batches)
+    predict(inputs=[str(colour_folder)], output=tmp_path / "after.parquet", **places)
+
+    def labels_by_path(name):
+        table = pq.read_table(tmp_path / name).to_pydict()
+        return dict(zip(table["path"], table["label"]))
+
+    paths = sorted(str(path) for path in colour_folder.glob("*/*.png"))
+    during, after = labels_by_path("during.parquet"), labels_by_path("after.parquet")
+    truth = {path: Path(path).parent.name for path in paths}
+    assert sum(during[p] == truth[p] for p in paths) >= 44  # every batch labelled by the first champion
+    assert sum(after[p] != during[p] for p in paths) >= 24  # the new champion labels otherwise
