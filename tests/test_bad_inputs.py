@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bad_inputs import SKIPPED, TRAINS, rgb, write_corpus
+from bad_inputs import SKIPPED, TRAINS, encoded, rgb, write_corpus
 from servers import PROJECT, prefect_env
 
 AS_ROOT = os.geteuid() == 0  # root reads a file whatever its permissions say
@@ -161,3 +161,64 @@ def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cac
     again, _ = prepare_source(config)
     hashes = dict(zip(again.read().column("path").to_pylist(), again.read().column("sha256").to_pylist()))
     assert hashes[rewritten] == file_sha256(Path(rewritten)) != scanned[rewritten] and truncated not in hashes and removed not in hashes
+
+
+def _images_landing_in(split: str, count: int, first_seed: int) -> list[bytes]:
+    """PNG files whose content hash the default split sends to `split`: found by trying seeds in order."""
+    import hashlib
+
+    from headstart.data.manifest import assign_split
+
+    found, seed = [], first_seed
+    while len(found) < count:
+        data = encoded(rgb(seed), "PNG")
+        if assign_split(hashlib.sha256(data).hexdigest(), 0.1, 0.1) == split:
+            found.append(data)
+        seed += 1
+    return found
+
+
+def _two_class_folder(root: Path, small_class: list[bytes]) -> Path:
+    for index, data in enumerate(_images_landing_in("train", 6, 500) + _images_landing_in("test", 2, 600)):
+        (root / "big").mkdir(parents=True, exist_ok=True)
+        (root / "big" / f"{index}.png").write_bytes(data)
+    (root / "small").mkdir()
+    for index, data in enumerate(small_class):
+        (root / "small" / f"{index}.png").write_bytes(data)
+    return root
+
+
+def test_a_class_too_small_to_split_stops_with_one_line_or_trains_with_a_note(tmp_path):
+    from headstart.config import TrainConfig
+    from headstart.data.sources import prepare_source
+    from headstart.errors import HeadstartError
+
+    none_in_training = _two_class_folder(tmp_path / "a", _images_landing_in("test", 1, 700) + _images_landing_in("validation", 1, 800))
+    with pytest.raises(HeadstartError) as stopped:
+        prepare_source(TrainConfig(data=str(none_in_training), cache_dir=tmp_path / "cache"))
+    message = str(stopped.value)
+    assert message.startswith("class 'small' has 2 usable images in") and message.endswith("put none in training: give it more images")
+
+    none_in_test = _two_class_folder(tmp_path / "b", _images_landing_in("train", 2, 900))
+    manifest, report = prepare_source(TrainConfig(data=str(none_in_test), cache_dir=tmp_path / "cache"))
+    assert report.counts["train"]["small"] == 2 and report.counts["test"]["small"] == 0
+    assert report.notes == ["class 'small' has no test images (of its 2): its test metrics are not measured; give it more images"]
+
+
+def test_the_same_image_twice_trains_once_and_never_in_two_splits(tmp_path):
+    """Splits follow the content hash, so a copy can only land where its original is; with fixed
+    splits (CIFAR-10's official test set), a test image identical to a training image is skipped."""
+    from headstart.data.manifest import DataReport, build_manifest
+
+    (tmp_path / "a").mkdir()
+    original, copy, official_test = tmp_path / "a" / "x.png", tmp_path / "a" / "x-copy.png", tmp_path / "a" / "t.png"
+    for path in (original, copy, official_test):
+        rgb(1).save(path)
+    other = tmp_path / "a" / "y.png"
+    rgb(2).save(other)
+    report = DataReport(source="test", class_names=["a"])
+    files = [(original, 0, "train"), (other, 0, "test"), (copy, 0, "train"), (official_test, 0, "test")]
+    table = build_manifest(files, ["a"], report, tmp_path / "cache", 0.0, 0.1).read().to_pydict()
+    assert table["path"] == [str(original), str(other)] and table["split"] == ["train", "test"]
+    assert {Path(entry["path"]).name: entry["reason"] for entry in report.skipped} == {
+        "x-copy.png": f"duplicate of {original}", "t.png": f"duplicate of {original}"}

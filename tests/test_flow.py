@@ -49,6 +49,8 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert report is not None and report.data.count("data:image/png;base64,") == len(PLOT_FILES)
     table = Artifact.get("headstart-metrics")
     assert table is not None and "blue" in table.data
+    data = Artifact.get("headstart-data")
+    assert data is not None and "every file was used" in data.data and data.description.startswith("48 images used, 0 files skipped")
 
 
 def test_the_flow_extracts_every_shard_within_one_extraction_context(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
@@ -311,6 +313,8 @@ def test_cli_bad_data_inside_the_flow_is_one_line(tmp_path):
 
 
 def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and_reported(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
+    from prefect.artifacts import Artifact
+
     import tasks.data
     from headstart.features.cache import FeatureCache
     from headstart.backbone.handles import resolve_backbone
@@ -333,6 +337,7 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
     run = Run(train(**config.model_dump()))
     (entry,) = [entry for entry in json.loads((run.path / "data_report.json").read_text())["skipped"] if entry["path"] == rewritten["path"]]
     assert entry["reason"].startswith("changed after it was scanned")
+    assert rewritten["path"] in Artifact.get("headstart-data").data
     assert sum(split["images"] for split in run.lineage["data"]["splits"].values()) == 47
     backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
     assert rewritten["sha256"] not in FeatureCache(config.cache_dir, backbone).cached_hashes()

@@ -217,8 +217,16 @@ def _write_manifest(table: pa.Table, class_names: list[str], report: DataReport,
         if sum(report.counts[split].values()) == 0:
             raise HeadstartError(f"no usable images in the {split} split of {report.source}; {len(report.skipped)} files were skipped")
     for name in class_names:
+        images = sum(report.counts[split][name] for split in SPLITS)
+        if images == 0:
+            raise HeadstartError(f"class {name!r} has no usable images in {report.source}")
         if report.counts["train"][name] == 0:
-            raise HeadstartError(f"class {name!r} has no usable training images in {report.source}")
+            raise HeadstartError(f"class {name!r} has {images} usable image{'s' if images > 1 else ''} in {report.source} and the split by "
+                                 "content hash put none in training: give it more images")
+        if report.counts["test"][name] == 0:
+            note = f"class {name!r} has no test images (of its {images}): its test metrics are not measured; give it more images"
+            if note not in report.notes:
+                report.notes.append(note)
     digest = hashlib.sha256()
     # Paths count too: the plots of a run read its images back from them.
     for sha256, label, split, path in zip(table.column("sha256").to_pylist(), labels, splits, table.column("path").to_pylist()):
