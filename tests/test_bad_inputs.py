@@ -222,3 +222,34 @@ def test_the_same_image_twice_trains_once_and_never_in_two_splits(tmp_path):
     assert table["path"] == [str(original), str(other)] and table["split"] == ["train", "test"]
     assert {Path(entry["path"]).name: entry["reason"] for entry in report.skipped} == {
         "x-copy.png": f"duplicate of {original}", "t.png": f"duplicate of {original}"}
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="as another user than root the corpus test above already finds the unreadable file skipped")
+def test_a_file_without_read_permission_is_skipped_with_its_reason_where_permissions_apply(tmp_path):
+    """Root reads any file through its capabilities CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so the
+    scan runs in a child process without them, as a worker under a service account would."""
+    import json
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed to drop root's file-access capabilities")
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(12):
+            rgb(index + (100 if name == "b" else 0)).save(tmp_path / "data" / name / f"{index}.png")
+    os.chmod(tmp_path / "data" / "a" / "0.png", 0)
+    script = ("import json; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
+              f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}))[1].skipped))")
+    result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", script],
+                            cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (entry,) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert entry["path"].endswith("a/0.png") and "Permission denied" in entry["reason"] and "\n" not in entry["reason"]
+
+
+def test_a_file_gone_between_listing_and_scanning_is_skipped_with_its_reason(tmp_path):
+    from headstart.data.manifest import scan_files
+
+    rgb(1).save(tmp_path / "here.png")
+    (here, _), gone = scan_files([str(tmp_path / "here.png"), str(tmp_path / "gone.png")], tmp_path / "cache")
+    assert len(here) == 64 and gone == ("", "cannot read: No such file or directory")

@@ -113,11 +113,15 @@ def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool =
     cache = _load_scan_cache(cache_dir)
     results, changed = [], False
     for path in tqdm(resolved_paths, desc="scan images", unit="img", disable=None if show_progress else True):
-        stat = os.stat(path)
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        if key not in cache:
-            cache[key] = (file_sha256(Path(path)), check_image(Path(path)) or "")
-            changed = True
+        try:
+            stat = os.stat(path)
+            key = (path, stat.st_size, stat.st_mtime_ns)
+            if key not in cache:
+                cache[key] = (file_sha256(Path(path)), check_image(Path(path)) or "")
+                changed = True
+        except OSError as error:  # unreadable (permissions, I/O) or gone since listed: a reason, and looked at afresh next time
+            results.append(("", f"cannot read: {error.strerror or type(error).__name__}"))
+            continue
         results.append(cache[key])
     if changed:
         _save_scan_cache(cache_dir, cache)
