@@ -253,3 +253,19 @@ def test_a_file_gone_between_listing_and_scanning_is_skipped_with_its_reason(tmp
     rgb(1).save(tmp_path / "here.png")
     (here, _), gone = scan_files([str(tmp_path / "here.png"), str(tmp_path / "gone.png")], tmp_path / "cache")
     assert len(here) == 64 and gone == ("", "cannot read: No such file or directory")
+
+
+@pytest.mark.parametrize("classes", [["cat"], []], ids=["one class folder", "no class folder"])
+def test_a_dataset_of_fewer_than_two_classes_stops_with_one_line_and_exit_code_2(classes, tmp_path):
+    for name in classes:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(3):
+            rgb(index).save(tmp_path / "data" / name / f"{index}.png")
+    (tmp_path / "data").mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
+                             "--artifacts-root", str(tmp_path / "artifacts")], cwd=PROJECT, capture_output=True, text=True, timeout=300,
+                            env=prefect_env(tmp_path / "prefect"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("headstart: error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert errors == [f"headstart: error: {tmp_path / 'data'} needs at least two class sub-folders of images, found {len(classes)}"]
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
