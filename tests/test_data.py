@@ -18,7 +18,7 @@ from headstart.data.folders import list_class_files
 from headstart.data.images import load_image
 from headstart.data.manifest import DataReport, assign_split, real_paths
 from headstart.data.sources import prepare_source
-from headstart.downloads import download
+from headstart.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError
 
 
@@ -194,7 +194,7 @@ def test_download_retries_transient_failures(tmp_path, serve_directory):
                 super().do_GET()
 
     url = serve_directory(tmp_path / "site", Flaky) + "/file.bin"
-    target = download(url, tmp_path / "out" / "file.bin", backoff_seconds=0.01)
+    target = download(url, tmp_path / "out" / "file.bin", policy=DownloadPolicy(backoff_seconds=0.01))
     assert target.read_bytes() == b"payload"
     assert len(calls) == 3
 
@@ -203,5 +203,5 @@ def test_download_gives_up_with_a_clear_error_and_no_partial_file(tmp_path, serv
     (tmp_path / "site").mkdir()
     url = serve_directory(tmp_path / "site") + "/missing.tar.gz"
     with pytest.raises(HeadstartError, match="could not download"):
-        download(url, tmp_path / "out" / "missing.tar.gz", backoff_seconds=0.01)
+        download(url, tmp_path / "out" / "missing.tar.gz", policy=DownloadPolicy(backoff_seconds=0.01))
     assert not list((tmp_path / "out").glob("*"))
