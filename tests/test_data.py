@@ -177,6 +177,20 @@ def test_cifar10_batch_with_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("labels, problem", [([0, 10], "label 10 is not one of the 10 classes"),
+                                             ([0, -1], "label -1 is not one of the 10 classes"),
+                                             ([0], "a batch has 2 images but 1 labels")])
+def test_cifar10_batch_with_impossible_labels_is_refused(labels, problem, tmp_path):
+    archive = tmp_path / "bad-labels.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        data = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=2)
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(HeadstartError, match=f"not a readable CIFAR-10 python archive: {problem}$"):
+        prepare_source(_config(tmp_path, data="cifar10", cifar10_source=str(archive)))
+
+
 def test_download_retries_transient_failures(tmp_path, serve_directory):
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "file.bin").write_bytes(b"payload")

@@ -55,7 +55,13 @@ def _allowed_global(name: str):
 def _read_cifar_batch(data: bytes) -> tuple[np.ndarray, list[int]]:
     batch = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, [int(label) for label in batch[b"labels"]]
+    labels = [int(label) for label in batch[b"labels"]]
+    if len(labels) != len(images):
+        raise ValueError(f"a batch has {len(images)} images but {len(labels)} labels")
+    outside = [label for label in labels if not 0 <= label < len(CIFAR10_CLASSES)]
+    if outside:
+        raise ValueError(f"label {outside[0]} is not one of the {len(CIFAR10_CLASSES)} classes")
+    return images, labels
 
 
 def fetch_cifar10_archive(source: str, cache_dir: Path, report: DataReport, policy: DownloadPolicy = DownloadPolicy()) -> Path:
