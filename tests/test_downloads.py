@@ -271,3 +271,26 @@ def test_the_cifar_archive_is_read_member_by_member_and_never_extracted(tmp_path
     _, report = prepare_source(config)
     assert report.counts["test"] == {"cat": 2, "dog": 2}
     assert not [path for path in tmp_path.rglob("*") if path.name in ("escaped", "passwd", "null")]
+
+
+@pytest.mark.e2e
+def test_the_cli_reports_a_broken_download_and_a_hostile_module_in_one_line(colour_folder, misbehaving, tmp_path):
+    import subprocess
+    import sys
+
+    from servers import PROJECT, prefect_env
+
+    def train(*args: str) -> list[str]:
+        result = subprocess.run([sys.executable, "-m", "flows.cli", "train", *args, "--image-size", "32", "--no-gate",
+                                 "--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "cache")],
+                                cwd=PROJECT, capture_output=True, text=True, timeout=600, env=prefect_env(tmp_path / "prefect"))
+        assert "Traceback" not in result.stderr and result.returncode == 2, result.stderr[-3000:]
+        return [line for line in result.stderr.splitlines() if line.startswith("headstart: error:")]
+
+    missing = misbehaving(b"", "http 404")
+    assert train("--data", "cifar10", "--cifar10-source", missing.url("cifar-10-python.tar.gz")) == [
+        f"headstart: error: could not download {missing.url('cifar-10-python.tar.gz')}: HTTP 404 Not Found"]
+    hostile = misbehaving(_tar_gz(lambda tar: tar.addfile(_member(ESCAPE))), None)
+    assert train("--data", str(colour_folder), "--backbone", hostile.url("module.tar.gz")) == [
+        f"headstart: error: could not load backbone {hostile.url('module.tar.gz')}: archive member '{ESCAPE}' has a '..' component"]
+    assert missing.hits == 1
