@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.data.images import ImageChanged, load_image
+from headstart.errors import first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,16 +103,11 @@ def _decode(paths: list[str], first_index: int, image_size: int, expected_hashes
             batch.unusable.append((first_index + offset, str(change)))
             continue
         except Exception as error:  # PIL and the file system raise many types; each means 'unusable now'.
-            batch.unusable.append((first_index + offset, f"could not be read when decoded: {type(error).__name__}: {_first_line(error)}"))
+            batch.unusable.append((first_index + offset, f"could not be read when decoded: {type(error).__name__}: {first_line(error)}"))
             continue
         batch.indices.append(first_index + offset)
         batch.images.append(shrunk_to_fit(pixels.astype(np.float32) / 255.0, image_size))
     return batch
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def shrunk_to_fit(image: np.ndarray, image_size: int) -> np.ndarray:
