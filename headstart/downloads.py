@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.errors import HeadstartError, first_line
-from headstart.storage import atomic_path
+from headstart.storage import atomic_path, remove_stale_temporaries, temporary_pattern
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ def download(url: str, destination: Path, checksum: str | None = None, policy: D
         if checksum is None or _digest(destination, checksum) == _expected_digest(checksum):
             return destination
         destination.unlink()
+    remove_stale_temporaries(destination.parent, temporary_pattern(destination))  # what a killed download left
     for attempt in range(1, policy.attempts + 1):
         try:
             with atomic_path(destination) as temporary:

@@ -6,7 +6,9 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +21,7 @@ def atomic_path(destination: Path):
     """Yields a temporary path beside `destination`; renames it into place only on success."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)  # see temporary_pattern
     os.close(handle)
     try:
         yield Path(temporary)
@@ -27,6 +29,33 @@ def atomic_path(destination: Path):
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def temporary_pattern(destination: Path) -> str:
+    """The names `atomic_path` gives the temporary files of `destination`, as a glob pattern."""
+    return f".{Path(destination).name}.*.tmp"
+
+
+# A writer that has changed nothing in its temporary file or folder for this long is dead: a live
+# download or unpacking writes far more often (a stalled read gives up after a minute or so).
+STALE_AFTER_SECONDS = 3600.0
+
+
+def remove_stale_temporaries(directory: Path, pattern: str, older_than: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Removes the temporary files or folders matching `pattern` in `directory` that a killed
+    writer left behind: those in which nothing has changed for `older_than` seconds. Returns them."""
+    removed = []
+    now = time.time()
+    for path in Path(directory).glob(pattern) if Path(directory).is_dir() else []:
+        try:
+            entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+            newest = max(entry.lstat().st_mtime for entry in entries)
+        except OSError:  # removed meanwhile by its writer or another cleaner
+            continue
+        if now - newest > older_than:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_bytes_atomic(destination: Path, data: bytes) -> Path:

@@ -9,6 +9,8 @@ import struct
 import threading
 
 FAULTS = ("timeout", "http 404", "http 500", "reset mid-file", "short body", "wrong content", "redirect loop")
+# Sends half the file, then nothing until the server stops: a download to kill halfway.
+STALL_MID_FILE = "stall mid-file"
 
 
 class MisbehavingServer:
@@ -16,7 +18,7 @@ class MisbehavingServer:
     requests (all of them when None) suffer `fault`; `heal()` makes every later request succeed."""
 
     def __init__(self, payload: bytes, fault: str | None, failures: int | None = None):
-        if fault is not None and fault not in FAULTS:
+        if fault is not None and fault not in (*FAULTS, STALL_MID_FILE):
             raise ValueError(f"unknown fault {fault!r}")
         self.payload = payload
         self.fault = fault
@@ -64,11 +66,13 @@ def _handler_for(server: MisbehavingServer):
                 self.send_header("Location", self.path)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-            elif fault in ("reset mid-file", "short body"):
+            elif fault in ("reset mid-file", "short body", STALL_MID_FILE):
                 self._send_headers(len(payload))
                 self.wfile.write(payload[: len(payload) // 2])
                 self.wfile.flush()
-                if fault == "reset mid-file":
+                if fault == STALL_MID_FILE:
+                    server._stopped.wait(60)
+                elif fault == "reset mid-file":
                     # Closing with a zero linger time sends a TCP reset instead of a normal end.
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()

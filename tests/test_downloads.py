@@ -3,15 +3,20 @@ a real HTTP server on 127.0.0.1 that misbehaves on purpose (tests/misbehaving_ht
 
 import hashlib
 import io
+import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from misbehaving_http import FAULTS, MisbehavingServer
+from misbehaving_http import FAULTS, STALL_MID_FILE, MisbehavingServer
 from test_data import make_cifar_archive
 from headstart.backbone.handles import download_hub_module, fingerprint_module, resolve_backbone
 from headstart.config import TrainConfig
@@ -148,6 +153,52 @@ def test_a_fault_that_clears_is_retried_with_backoff(fault, source, misbehaving,
     fetched.fetch(server.url(fetched.name), tmp_path / "cache")
     assert server.hits == 2
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+# What each source's download runs in a process of its own, to be killed halfway.
+FETCH_IN_A_CHILD = {
+    "cifar archive": "from headstart.data.cifar10 import fetch_cifar10_archive; from headstart.data.manifest import DataReport; "
+                     "fetch_cifar10_archive(URL, CACHE, DataReport(source=URL, class_names=[]))",
+    "tf hub module": "from headstart.backbone.handles import download_hub_module; download_hub_module(URL, CACHE / 'tfhub')",
+}
+
+
+def test_a_download_killed_halfway_is_never_used_and_what_it_left_is_cleared_later(source, misbehaving, tmp_path):
+    kind, fetched = source
+    server = misbehaving(fetched.payload, STALL_MID_FILE, failures=1)
+    cache_dir, url = tmp_path / "cache", server.url(fetched.name)
+    code = f"from pathlib import Path; URL, CACHE = {url!r}, Path({str(cache_dir)!r}); " + FETCH_IN_A_CHILD[kind]
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while not (server.hits and [path for path in cache_dir.rglob("*.tmp") if path.is_file()]):
+            assert child.poll() is None and time.monotonic() < deadline, "the download never started"
+            time.sleep(0.05)
+        time.sleep(0.2)  # half the file is on its way
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = sorted(cache_dir.rglob("*.tmp"))
+    assert left and not [path for path in cache_dir.rglob("*") if path.is_file() and ".tmp" not in str(path)]
+
+    an_hour_and_more_ago = time.time() - 2 * 3600  # what the killed writer left has not changed since
+    for path in [*left, *(entry for path in left if path.is_dir() for entry in path.rglob("*"))]:
+        os.utime(path, (an_hour_and_more_ago, an_hour_and_more_ago), follow_symlinks=False)
+    fetched.fetch(url, cache_dir)
+    assert server.hits == 2 and not list(cache_dir.rglob("*.tmp"))
+
+
+def test_a_temporary_file_still_being_written_is_not_taken_for_a_dead_one(tmp_path):
+    from headstart.storage import remove_stale_temporaries
+
+    (tmp_path / "staging.1.tmp").mkdir()
+    (tmp_path / "staging.1.tmp" / "part").write_bytes(b"written a moment ago")
+    os.utime(tmp_path / "staging.1.tmp", (0, 0))  # the folder's own time is old; what is inside is new
+    (tmp_path / ".file.2.tmp").write_bytes(b"old")
+    os.utime(tmp_path / ".file.2.tmp", (0, 0))
+    assert remove_stale_temporaries(tmp_path, "staging.*.tmp") == []
+    assert remove_stale_temporaries(tmp_path, ".file.*.tmp") == [tmp_path / ".file.2.tmp"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["staging.1.tmp"]
 
 
 def test_the_backoff_doubles_between_attempts(misbehaving, tmp_path, monkeypatch):

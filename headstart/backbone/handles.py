@@ -20,6 +20,7 @@ from headstart.archives import unpack_tar
 from headstart.backbone.checkpoint import read_legacy_checkpoint
 from headstart.downloads import DownloadError, DownloadPolicy, download
 from headstart.errors import HeadstartError, first_line
+from headstart.storage import remove_stale_temporaries
 
 BUNDLED_HANDLE = "bundled:mobilenet_v2"
 CHECKPOINT_SHA256_PREFIX = "b0353104"
@@ -110,6 +111,7 @@ def download_hub_module(url: str, hub_cache_dir: Path, policy: DownloadPolicy = 
     if (module_dir / "saved_model.pb").exists():
         return module_dir
     module_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(module_dir.parent, f"{module_dir.name}.*.tmp")  # what a killed download or unpacking left
     try:
         with tempfile.TemporaryDirectory(prefix=f"{module_dir.name}.", suffix=".tmp", dir=module_dir.parent) as staging:
             archive = download(_compressed_format_url(url), Path(staging) / "module.tar.gz", policy=policy)
