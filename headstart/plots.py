@@ -114,13 +114,38 @@ def confident_mistake_indices(labels: np.ndarray, probabilities: np.ndarray, lim
     return wrong[np.argsort(-confidence, kind="stable")][:limit]
 
 
-# The plots of a run, by file name, in the order the report shows them.
+def plot_near_duplicates(pairs: list[dict], limit: int = 4) -> bytes:
+    """The most similar test / training pairs (as the data report lists them), each test image
+    beside its nearest training image, with their similarity and both classes."""
+    shown = pairs[:limit]
+    figure = plt.figure(figsize=(4.6 * len(shown), 2.9))
+    for index, pair in enumerate(shown):
+        axis = figure.add_axes((index / len(shown), 0, 1 / len(shown), 0.8))
+        axis.axis("off")
+        images = [_thumbnail(pair["path"]), _thumbnail(pair["train_path"])]
+        height = max(image.shape[0] for image in images)
+        side_by_side = np.full((height, THUMBNAIL * 2 + GAP, 3), 255, np.uint8)
+        for position, image in enumerate(images):
+            left = position * (THUMBNAIL + GAP) + (THUMBNAIL - image.shape[1]) // 2
+            side_by_side[:image.shape[0], left:left + image.shape[1]] = image
+        axis.imshow(side_by_side, interpolation="nearest")
+        axis.set_title(f"cosine {pair['similarity']:.3f}\ntest: {pair['label']}  |  train: {pair['train_label']}", fontsize=10,
+                       color=RIGHT if pair["label"] == pair["train_label"] else WRONG)
+    figure.suptitle("Test images (left) and their nearest training images (right)", y=0.99)
+    return _to_png(figure)
+
+
+# The plots of a run, by file name, in the order the report shows them; NEAR_DUPLICATES_PLOT only
+# where the test split has near-duplicates of training images.
 PLOT_FILES = ("training_curves.png", "confusion_matrix.png", "sample_predictions.png", "confident_mistakes.png")
+NEAR_DUPLICATES_PLOT = "near_duplicates.png"
 
 
-def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str], probabilities: np.ndarray, seed: int) -> dict[str, bytes]:
+def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str], probabilities: np.ndarray, seed: int,
+             near_duplicates: list[dict] = ()) -> dict[str, bytes]:
     """A run's plots as PNG bytes by file name (PLOT_FILES): its training curves, and its test
-    split's confusion matrix, a seeded sample of predictions and the most confident mistakes."""
+    split's confusion matrix, a seeded sample of predictions and the most confident mistakes;
+    and the closest test / training pairs where `near_duplicates` (most similar first) has any."""
     samples = sample_indices(len(paths), 12, seed)
     mistakes = confident_mistake_indices(labels, probabilities, 12)
     names = metrics["class_names"]
@@ -132,4 +157,7 @@ def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str],
         "confident_mistakes.png": plot_prediction_grid(
             [paths[i] for i in mistakes], labels[mistakes], probabilities[mistakes], names, "Most confident mistakes"),
     }
-    return {name: figures[name] for name in PLOT_FILES}
+    ordered = {name: figures[name] for name in PLOT_FILES}
+    if near_duplicates:
+        ordered[NEAR_DUPLICATES_PLOT] = plot_near_duplicates(list(near_duplicates))
+    return ordered
