@@ -115,23 +115,28 @@ def confident_mistake_indices(labels: np.ndarray, probabilities: np.ndarray, lim
 
 
 def plot_near_duplicates(pairs: list[dict], limit: int = 4) -> bytes:
-    """The most similar test / training pairs (as the data report lists them), each test image
-    beside its nearest training image, with their similarity and both classes."""
+    """The most similar test / training pairs (as the data report lists them), two to a row, each
+    test image beside its nearest training image, with their similarity and both classes."""
     shown = pairs[:limit]
-    figure = plt.figure(figsize=(4.6 * len(shown), 2.9))
+    columns = min(2, len(shown))
+    rows = -(-len(shown) // columns)
+    figure = plt.figure(figsize=(4.8 * columns, 2.9 * rows + 0.4))
     for index, pair in enumerate(shown):
-        axis = figure.add_axes((index / len(shown), 0, 1 / len(shown), 0.8))
+        row, column = divmod(index, columns)
+        # Each pair in its own cell below the figure's title, its caption in the cell's top fifth
+        # and a blank margin either side, so that pairs stay apart.
+        cell_height = 0.93 / rows
+        axis = figure.add_axes((column / columns + 0.05 / columns, 0.93 - (row + 1) * cell_height, 0.9 / columns, 0.8 * cell_height))
         axis.axis("off")
         images = [_thumbnail(pair["path"]), _thumbnail(pair["train_path"])]
-        height = max(image.shape[0] for image in images)
-        side_by_side = np.full((height, THUMBNAIL * 2 + GAP, 3), 255, np.uint8)
+        side_by_side = np.full((max(image.shape[0] for image in images), THUMBNAIL * 2 + GAP, 3), 255, np.uint8)
         for position, image in enumerate(images):
             left = position * (THUMBNAIL + GAP) + (THUMBNAIL - image.shape[1]) // 2
             side_by_side[:image.shape[0], left:left + image.shape[1]] = image
         axis.imshow(side_by_side, interpolation="nearest")
         axis.set_title(f"cosine {pair['similarity']:.3f}\ntest: {pair['label']}  |  train: {pair['train_label']}", fontsize=10,
                        color=RIGHT if pair["label"] == pair["train_label"] else WRONG)
-    figure.suptitle("Test images (left) and their nearest training images (right)", y=0.99)
+    figure.suptitle("Near-duplicates: test image (left), its nearest training image (right)")
     return _to_png(figure)
 
 
