@@ -29,3 +29,15 @@ def test_the_gate_table_has_one_figure_per_row():
     assert rows[0] == {"figure": "decision", "value": "keep the champion"} and rows[-1] == {"figure": "note", "value": "all 12 test images"}
     assert {row["figure"] for row in rows} >= {"reason", "candidate_accuracy", "champion_accuracy", "candidate_only_wrong", "p_value"}
     assert all(list(row) == ["figure", "value"] for row in rows)
+
+
+def test_the_near_duplicates_table_lists_every_pair_with_the_same_columns_or_says_there_are_none():
+    from headstart.report import near_duplicate_rows
+
+    pair = {"path": "/d/test/cat/1.jpg", "label": "cat", "train_path": "/d/train/dog/2.jpg", "train_label": "dog", "similarity": 0.912345}
+    flagged = {"threshold": 0.88, "splits": {"test": {"pairs": [pair]}, "validation": {"pairs": [{**pair, "similarity": 0.9}]}}}
+    rows = near_duplicate_rows(flagged)
+    assert [(row["split"], row["similarity"], row["its_class"]) for row in rows] == [("test", 0.9123, "dog"), ("validation", 0.9, "dog")]
+    assert len({tuple(row) for row in rows}) == 1
+    (none,) = near_duplicate_rows({"threshold": 0.88, "splits": {"test": {"pairs": []}, "validation": {"pairs": []}}})
+    assert none["image"] == "no near-duplicates at or above 0.88" and list(none) == list(rows[0])
