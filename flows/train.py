@@ -36,15 +36,15 @@ def train(**parameters) -> str:
     backbone, shards = preprocess(config, manifest)
     settings = ExtractionSettings(config.engine, config.threads, config.extraction_batch_size)
     with ExtractionContext(config.cache_dir, settings) as extraction:
-        engines = []
+        extracted = []
         if shards:
             # While the extraction runs: TensorFlow and the backbone for build_model, matplotlib for visualize.
             extraction.load_keras_layer_in_background(backbone)
             _import_in_background("headstart.plots")
             with extraction_runner(config) as runner:
                 labels = [f"{i + 1}/{len(shards)}" for i in range(len(shards))]
-                engines = runner.map(extract_features, {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels}).result()
-        features = assemble_features(manifest, backbone, config.cache_dir, sum(map(len, shards)), engines)
+                extracted = runner.map(extract_features, {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels}).result()
+        features, manifest, report = assemble_features(manifest, report, backbone, config.cache_dir, extracted)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
         previous = find_identical_run(config.cache_dir, key) if config.reuse_identical_runs else None
         if previous is not None:

@@ -1,36 +1,129 @@
-"""Downloads: to a temporary file renamed into place, retrying transient failures with backoff."""
+"""Downloads: to a temporary file renamed into place only once it is complete and verified,
+retrying the failures that a later attempt can fix, with exponential backoff."""
 
 from __future__ import annotations
 
-import shutil
+import hashlib
+import http.client
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, first_line
 from headstart.storage import atomic_path
 
 
-def download(url: str, destination: Path, attempts: int = 4, backoff_seconds: float = 1.0, timeout: float = 60.0) -> Path:
-    """Downloads url to destination atomically, retrying transient failures with backoff."""
+@dataclass(frozen=True)
+class DownloadPolicy:
+    """How hard to try: attempts in all, the wait before the second (doubling after each
+    failure), and how long any one connect or read may stall."""
+
+    attempts: int = 4
+    backoff_seconds: float = 1.0
+    timeout: float = 60.0
+
+
+class DownloadError(HeadstartError):
+    """A download that failed for good; `reason` is the cause without the URL."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"could not download {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class _IncompleteBody(Exception):
+    pass
+
+
+def download(url: str, destination: Path, checksum: str | None = None, policy: DownloadPolicy = DownloadPolicy()) -> Path:
+    """Downloads url to destination unless it is already there (and matches `checksum`).
+
+    `checksum` ("md5:<hex>" or "sha256:<hex>") is verified before the file takes its name, so a
+    file that does not match is never left where a later call would reuse it; one found there
+    that no longer matches is downloaded again. Timeouts, resets, bodies shorter than their
+    Content-Length and HTTP 5xx, 408 and 429 are retried; other HTTP errors, redirect loops and
+    checksum mismatches are not, since repeating the request cannot change them.
+    """
     destination = Path(destination)
     if destination.exists():
-        return destination
-    last_error = None
-    for attempt in range(attempts):
+        if checksum is None or _digest(destination, checksum) == _expected_digest(checksum):
+            return destination
+        destination.unlink()
+    for attempt in range(1, policy.attempts + 1):
         try:
             with atomic_path(destination) as temporary:
-                with urllib.request.urlopen(url, timeout=timeout) as response, open(temporary, "wb") as out:
-                    shutil.copyfileobj(response, out, length=1 << 20)
+                _fetch(url, temporary, policy.timeout)
+                if checksum:
+                    _verify_checksum(url, temporary, checksum)
             return destination
         except urllib.error.HTTPError as error:
-            last_error = error
-            if 400 <= error.code < 500 and error.code != 429:
-                break
-        except (urllib.error.URLError, OSError, TimeoutError) as error:
-            last_error = error
-        if attempt + 1 < attempts:
-            time.sleep(backoff_seconds * 2**attempt)
-    reason = getattr(last_error, "reason", None) or last_error
-    raise HeadstartError(f"could not download {url}: {reason}")
+            if not (error.code >= 500 or error.code in (408, 429)):
+                raise DownloadError(url, _describe_http_error(error)) from None
+            reason = _describe_http_error(error)
+        except urllib.error.URLError as error:
+            if not isinstance(error.reason, OSError):  # an unknown scheme, no host: not a network failure
+                raise DownloadError(url, first_line(error.reason)) from None
+            reason = _describe(error.reason, policy.timeout)
+        except (OSError, http.client.HTTPException, _IncompleteBody) as error:
+            reason = _describe(error, policy.timeout)
+        except ValueError as error:  # a malformed URL
+            raise DownloadError(url, first_line(error)) from None
+        if attempt < policy.attempts:
+            time.sleep(policy.backoff_seconds * 2 ** (attempt - 1))
+    attempts = "1 attempt" if policy.attempts == 1 else f"{policy.attempts} attempts"
+    raise DownloadError(url, f"{reason} ({attempts})")
+
+
+def _fetch(url: str, target: Path, timeout: float) -> None:
+    """One request, streamed to target; a body shorter than its Content-Length is an error
+    (http.client reads a truncated body in blocks without complaint)."""
+    received = 0
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
+        announced = response.headers.get("Content-Length")
+        for block in iter(lambda: response.read(1 << 20), b""):
+            out.write(block)
+            received += len(block)
+    if announced is not None and announced.isdigit() and received != int(announced):
+        raise _IncompleteBody(f"the server sent {received} of the {announced} bytes it announced")
+
+
+def _verify_checksum(url: str, path: Path, checksum: str) -> None:
+    actual = _digest(path, checksum)
+    if actual != _expected_digest(checksum):
+        algorithm = checksum.partition(":")[0]
+        raise DownloadError(url, f"its {algorithm} is {actual}, expected {_expected_digest(checksum)}; it was not kept")
+
+
+def _digest(path: Path, checksum: str) -> str:
+    digest = hashlib.new(checksum.partition(":")[0])
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expected_digest(checksum: str) -> str:
+    return checksum.partition(":")[2].lower()
+
+
+def _describe_http_error(error: urllib.error.HTTPError) -> str:
+    if 300 <= error.code < 400:  # urllib gives up on a redirect loop with the last redirect's status
+        return f"too many redirects (the last was HTTP {error.code})"
+    return f"HTTP {error.code} {first_line(error.reason)}".rstrip()
+
+
+def _describe(error: BaseException, timeout: float) -> str:
+    if isinstance(error, TimeoutError):
+        return f"no response within {timeout:g} s"
+    if isinstance(error, http.client.RemoteDisconnected):
+        return "the server closed the connection without a response"
+    if isinstance(error, ConnectionResetError):
+        return "the server reset the connection"
+    if isinstance(error, http.client.IncompleteRead):
+        return f"the server closed the connection after {len(error.partial)} bytes, {error.expected} short"
+    return first_line(error)
+
+

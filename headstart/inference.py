@@ -15,12 +15,20 @@ from headstart.preprocessing import image_batches
 from headstart.runs import Run
 
 
-def predict_files(run: Run, paths: list[Path], batch_size: int = 64) -> np.ndarray:
-    """Probabilities [n, classes] for image files that decode (the caller checks them first),
-    through the run's serving model, from raw pixels."""
+def predict_files(
+    run: Run, paths: list[Path], batch_size: int = 64, expected_hashes: list[str] | None = None,
+) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
+    """Probabilities [n, classes] through the run's serving model, from raw pixels, for the image
+    files that decode (the caller checks them first) and, given their content hashes, still hold
+    that content; the positions in `paths` they belong to; and the other files, with their reasons."""
     predict = run.serving_model()
-    outputs = [predict(batch * 255.0) for batch in image_batches([str(p) for p in paths], run.image_size, batch_size)]
-    return np.concatenate(outputs) if outputs else np.zeros((0, len(run.class_names)), np.float32)
+    outputs, kept, unusable = [], [], []
+    for batch in image_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes):
+        if batch.indices:
+            outputs.append(predict(batch.images * 255.0))
+            kept.extend(batch.indices)
+        unusable.extend({"path": str(paths[index]), "reason": reason} for index, reason in batch.unusable)
+    return (np.concatenate(outputs) if outputs else np.zeros((0, len(run.class_names)), np.float32)), kept, unusable
 
 
 def evaluate_folder(run: Run, folder: Path, batch_size: int = 64) -> dict:
@@ -36,8 +44,9 @@ def evaluate_folder(run: Run, folder: Path, batch_size: int = 64) -> dict:
     usable, skipped = list_images([path for path, _, _ in files])
     if not usable:
         raise HeadstartError(f"no readable images in {folder}")
-    usable_set = set(usable)
-    labels = np.array([label for path, label, _ in files if path in usable_set], np.int64)
-    metrics = classification_metrics(labels, predict_files(run, usable, batch_size), class_names)
-    metrics["skipped"] = report.skipped + skipped
+    label_of = {path: label for path, label, _ in files}
+    probabilities, kept, unusable = predict_files(run, usable, batch_size)
+    labels = np.array([label_of[usable[index]] for index in kept], np.int64)
+    metrics = classification_metrics(labels, probabilities, class_names)
+    metrics["skipped"] = report.skipped + skipped + unusable
     return metrics

@@ -84,9 +84,15 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
     backbone = run.backbone
     engine = context.engine(backbone)
     paths = [str(path) for path in usable]
-    features = np.concatenate([engine(images, context.forward_threads())
-                               for images in decoded_batches(paths, backbone.image_size, context.settings.batch_size)])
-    predictions.paths, predictions.probabilities = paths, predict_from_features(run.keras_model(), features)
+    features, kept = [], []
+    for batch in decoded_batches(paths, backbone.image_size, context.settings.batch_size):
+        if batch.indices:
+            features.append(engine(batch.images, context.forward_threads()))
+            kept.extend(batch.indices)
+        predictions.skipped.extend({"path": paths[index], "reason": reason} for index, reason in batch.unusable)
+    if kept:
+        predictions.paths = [paths[index] for index in kept]
+        predictions.probabilities = predict_from_features(run.keras_model(), np.concatenate(features))
     return predictions
 
 

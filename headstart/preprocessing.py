@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from headstart.data.images import load_image
+from headstart.data.images import ImageChanged, load_image
+from headstart.errors import first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,28 +60,54 @@ def imagenet_normalization():
 PREFETCH = 2
 
 
-def decoded_batches(paths: list[str], image_size: int, batch_size: int):
-    """Yields lists of float32 images [h, w, 3] in [0, 1], decoding the next batches while the consumer runs.
+@dataclass
+class DecodedBatch:
+    """One batch of decoded images: `indices` are the positions, in the paths given, of the
+    `images`; `unusable` holds (position, reason) for the files that failed to decode now though
+    they were checked before (rewritten or removed in between), which are not in `images`."""
+
+    indices: list[int] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    unusable: list[tuple[int, str]] = field(default_factory=list)
+
+
+def decoded_batches(paths: list[str], image_size: int, batch_size: int, expected_hashes: list[str] | None = None):
+    """Yields a DecodedBatch of float32 images [h, w, 3] in [0, 1] per batch of paths, decoding the
+    next batches while the consumer runs.
 
     Images larger than image_size on any side are shrunk to it (with antialiasing) right away, so
     a batch of photos holds no more than a batch of resized images; smaller ones keep their size,
     since the LiteRT model enlarges them itself. Decoding (PIL) and resizing (TensorFlow) release
     the GIL, so a background thread overlaps them with the forward pass; at most `PREFETCH`
-    batches wait in memory.
+    batches wait in memory. With expected_hashes (one per path), an image is used only if its
+    file still holds the content with that hash.
     """
-    chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
+    starts = range(0, len(paths), batch_size)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_decode, chunk, image_size))
+        for start in starts:
+            hashes = expected_hashes[start:start + batch_size] if expected_hashes is not None else None
+            pending.append(pool.submit(_decode, paths[start:start + batch_size], start, image_size, hashes))
             if len(pending) > PREFETCH:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
-def _decode(paths: list[str], image_size: int) -> list[np.ndarray]:
-    return [shrunk_to_fit(load_image(Path(path)).astype(np.float32) / 255.0, image_size) for path in paths]
+def _decode(paths: list[str], first_index: int, image_size: int, expected_hashes: list[str] | None) -> DecodedBatch:
+    batch = DecodedBatch()
+    for offset, path in enumerate(paths):
+        try:
+            pixels = load_image(Path(path), expected_sha256=expected_hashes[offset] if expected_hashes is not None else None)
+        except ImageChanged as change:
+            batch.unusable.append((first_index + offset, str(change)))
+            continue
+        except Exception as error:  # PIL and the file system raise many types; each means 'unusable now'.
+            batch.unusable.append((first_index + offset, f"could not be read when decoded: {type(error).__name__}: {first_line(error)}"))
+            continue
+        batch.indices.append(first_index + offset)
+        batch.images.append(shrunk_to_fit(pixels.astype(np.float32) / 255.0, image_size))
+    return batch
 
 
 def shrunk_to_fit(image: np.ndarray, image_size: int) -> np.ndarray:
@@ -89,10 +117,12 @@ def shrunk_to_fit(image: np.ndarray, image_size: int) -> np.ndarray:
     return image
 
 
-def image_batches(paths: list[str], image_size: int, batch_size: int):
-    """Yields float32 batches [n, size, size, 3] in [0, 1]: decoded ahead, resized here."""
-    for images in decoded_batches(paths, image_size, batch_size):
-        yield resize_batch(images, image_size)
+def image_batches(paths: list[str], image_size: int, batch_size: int, expected_hashes: list[str] | None = None):
+    """decoded_batches, with each batch's images resized here into one float32 array [n, size, size, 3]."""
+    for decoded in decoded_batches(paths, image_size, batch_size, expected_hashes):
+        if decoded.images:
+            decoded.images = resize_batch(decoded.images, image_size)
+        yield decoded
 
 
 def resize_batch(images, image_size: int) -> np.ndarray:

@@ -37,10 +37,13 @@ def decide(config: TrainConfig, backbone: Backbone, features: FeatureSet, probab
         decision = gate.different_classes(list(class_names), champion.class_names, champion.path.name, float(candidate_correct.mean()), len(labels))
         return replace(decision, drift=changes)
     fair, note = _images_the_champion_never_trained_on(config, champion, test["sha256"])
-    champion_scores = champion_probabilities(champion, backbone, features, fair, [test["path"][i] for i in np.flatnonzero(fair)])
-    decision = gate.against_champion(candidate_correct[fair], champion_scores.argmax(axis=1) == labels[fair], champion.path.name,
+    champion_scores, scored = champion_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
+    notes = [note]
+    if scored.sum() < fair.sum():
+        notes.append(f"{int(fair.sum() - scored.sum())} of those left out: their files changed or went since the run read them")
+    decision = gate.against_champion(candidate_correct[scored], champion_scores.argmax(axis=1) == labels[scored], champion.path.name,
                                      config.gate_tolerance, config.gate_alpha)
-    return replace(decision, notes=[note], drift=changes)
+    return replace(decision, notes=notes, drift=changes)
 
 
 def _images_the_champion_never_trained_on(config: TrainConfig, champion: Run, hashes: list[str]) -> tuple[np.ndarray, str]:
@@ -57,17 +60,24 @@ def _images_the_champion_never_trained_on(config: TrainConfig, champion: Run, ha
     return fair, f"{int(fair.sum())} of {len(hashes)} test images: those the champion's split settings put in its own test split"
 
 
-def champion_probabilities(champion: Run, backbone: Backbone, features: FeatureSet, fair: np.ndarray, paths: list[str]) -> np.ndarray:
-    """The champion's probabilities on the test images marked `fair` (whose `paths` are given): its
-    head on the candidate's cached features where it saw the same features, else its serving model
-    on the raw images."""
+def champion_probabilities(
+    champion: Run, backbone: Backbone, features: FeatureSet, fair: np.ndarray, paths: list[str], hashes: list[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The champion's probabilities on the test images marked `fair` (of all the test split's
+    `paths` and content `hashes`), and which images they are: its head on the candidate's cached
+    features where it saw the same features, else its serving model on the raw images, less any
+    whose file no longer holds the content the candidate was scored on."""
     if not fair.any():
-        return np.zeros((0, len(champion.class_names)), np.float32)
+        return np.zeros((0, len(champion.class_names)), np.float32), fair
     same_features = champion.config.get("backbone_fingerprint") == backbone.fingerprint and champion.image_size == backbone.image_size
     if same_features:
         from headstart.model import predict_from_features
 
-        return predict_from_features(champion.keras_model(), features.load("test")[0][fair])
+        return predict_from_features(champion.keras_model(), features.load("test")[0][fair]), fair
     from headstart.inference import predict_files
 
-    return predict_files(champion, [Path(path) for path in paths])
+    positions = np.flatnonzero(fair)
+    probabilities, kept, _ = predict_files(champion, [Path(paths[i]) for i in positions], expected_hashes=[hashes[i] for i in positions])
+    scored = np.zeros_like(fair)
+    scored[positions[kept]] = True
+    return probabilities, scored

@@ -6,7 +6,10 @@ import base64
 
 from headstart import drift
 from headstart.gate import GateDecision
-from headstart.runs import RUN_FILES, Run, near_duplicates_summary
+from headstart.runs import DATA_REPORT_FILE, RUN_FILES, Run, near_duplicates_summary
+
+# Files listed one by one in the data table; the rest are counted in one row (all are in the data report).
+DATA_TABLE_FILES = 500
 
 
 def png_data_uri(png: bytes) -> str:
@@ -40,6 +43,16 @@ def metrics_rows(metrics: dict) -> list[dict]:
     rows.append({"class": "(all)", "precision": None, "recall": None, "f1": round(metrics["macro_f1"], 4), "support": metrics["n"],
                  "accuracy": round(metrics["accuracy"], 4)})
     return rows
+
+
+def data_rows(data_report: dict) -> list[dict]:
+    """The files a run left out, each with its reason, and the data report's notes: the data table."""
+    skipped = data_report["skipped"]
+    rows = [{"file": entry["path"], "reason": entry["reason"]} for entry in skipped[:DATA_TABLE_FILES]]
+    if len(skipped) > DATA_TABLE_FILES:
+        rows.append({"file": f"({len(skipped) - DATA_TABLE_FILES} more files)", "reason": f"listed in {DATA_REPORT_FILE}"})
+    rows += [{"file": "(note)", "reason": note} for note in data_report["notes"]]
+    return rows or [{"file": "(none)", "reason": "every file was used"}]
 
 
 def near_duplicate_rows(near_duplicates: dict) -> list[dict]:

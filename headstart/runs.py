@@ -269,7 +269,7 @@ Source: `{data_report['source']}`. Splits are assigned by image content hash and
 |---|{'---|' * len(data_report['class_names'])}---|
 {split_lines}
 
-{len(data_report['skipped'])} files were skipped (see `{DATA_REPORT_FILE}`).
+{len(data_report['skipped'])} files were skipped (see `{DATA_REPORT_FILE}`).{"".join(f"{chr(10)}- {note}" for note in data_report["notes"])}
 
 ## Evaluation on the test split
 Accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images, macro F1 {metrics['macro_f1']:.4f}.
@@ -320,12 +320,12 @@ class Run:
         return self._json(METRICS_FILE)
 
     @cached_property
-    def data_report(self) -> dict:
-        return self._json(DATA_REPORT_FILE)
-
-    @cached_property
     def history(self) -> dict:
         return self._json(HISTORY_FILE)
+
+    @cached_property
+    def data_report(self) -> dict:
+        return self._json(DATA_REPORT_FILE)
 
     @cached_property
     def lineage(self) -> dict:

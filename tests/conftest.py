@@ -102,5 +102,5 @@ def extract_dataset(manifest, backbone, context, shard_size: int = 1024, progres
     shards = plan_extraction(manifest, backbone, context.cache_dir, shard_size)
     engine = "cache"
     for shard in shards:
-        engine = context.extract_shard(shard, backbone, progress)
+        engine = context.extract_shard(shard, backbone, progress).engine
     return assemble_features(manifest, backbone, context.cache_dir, sum(map(len, shards)), engine, **assemble_options)

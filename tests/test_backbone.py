@@ -12,6 +12,7 @@ from conftest import FIXTURES
 from headstart.backbone.checkpoint import read_legacy_checkpoint
 from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path, resolve_backbone
 from headstart.backbone.mobilenet import build_mobilenet_v2, imagenet_classifier
+from headstart.downloads import DownloadPolicy
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext
 from headstart.preprocessing import resize_images
@@ -152,7 +153,7 @@ def test_a_module_that_does_not_load_is_a_one_line_error_where_the_layer_is_need
 ])
 def test_bad_handles_are_one_line_errors(handle, message, tmp_path):
     with pytest.raises(HeadstartError, match=message) as raised:
-        resolve_backbone(handle, 32, tmp_path)
+        resolve_backbone(handle, 32, tmp_path, DownloadPolicy(attempts=2, backoff_seconds=0.01))
     assert "\n" not in str(raised.value)
 
 

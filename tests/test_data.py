@@ -18,7 +18,7 @@ from headstart.data.folders import list_class_files
 from headstart.data.images import load_image
 from headstart.data.manifest import DataReport, assign_split, real_paths
 from headstart.data.sources import prepare_source
-from headstart.downloads import download
+from headstart.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError
 
 
@@ -177,6 +177,20 @@ def test_cifar10_batch_with_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("labels, problem", [([0, 10], "label 10 is not one of the 10 classes"),
+                                             ([0, -1], "label -1 is not one of the 10 classes"),
+                                             ([0], "a batch has 2 images but 1 labels")])
+def test_cifar10_batch_with_impossible_labels_is_refused(labels, problem, tmp_path):
+    archive = tmp_path / "bad-labels.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        data = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=2)
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(HeadstartError, match=f"not a readable CIFAR-10 python archive: {problem}$"):
+        prepare_source(_config(tmp_path, data="cifar10", cifar10_source=str(archive)))
+
+
 def test_download_retries_transient_failures(tmp_path, serve_directory):
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "file.bin").write_bytes(b"payload")
@@ -194,7 +208,7 @@ def test_download_retries_transient_failures(tmp_path, serve_directory):
                 super().do_GET()
 
     url = serve_directory(tmp_path / "site", Flaky) + "/file.bin"
-    target = download(url, tmp_path / "out" / "file.bin", backoff_seconds=0.01)
+    target = download(url, tmp_path / "out" / "file.bin", policy=DownloadPolicy(backoff_seconds=0.01))
     assert target.read_bytes() == b"payload"
     assert len(calls) == 3
 
@@ -203,5 +217,5 @@ def test_download_gives_up_with_a_clear_error_and_no_partial_file(tmp_path, serv
     (tmp_path / "site").mkdir()
     url = serve_directory(tmp_path / "site") + "/missing.tar.gz"
     with pytest.raises(HeadstartError, match="could not download"):
-        download(url, tmp_path / "out" / "missing.tar.gz", backoff_seconds=0.01)
+        download(url, tmp_path / "out" / "missing.tar.gz", policy=DownloadPolicy(backoff_seconds=0.01))
     assert not list((tmp_path / "out").glob("*"))

@@ -45,7 +45,7 @@ def test_streamed_batches_equal_eager_preprocessing(tmp_path, sizes, batch_size)
     for index, size in enumerate(sizes):
         write_class_images(tmp_path / str(index), {"a": (100, 10 * index, 100)}, per_class=1, size=size, seed=index)
     paths = sorted(str(p) for p in tmp_path.glob("*/a/*.png"))
-    streamed = np.concatenate(list(image_batches(paths, 32, batch_size=batch_size)))
+    streamed = np.concatenate([batch.images for batch in image_batches(paths, 32, batch_size=batch_size)])
     eager = np.concatenate([resize_images(load_image(p)[None].astype(np.float32) / 255.0, 32).numpy() for p in paths])
     assert streamed.shape == (5, 32, 32, 3)
     np.testing.assert_allclose(streamed, eager, atol=1e-6)
@@ -55,7 +55,7 @@ def test_decoded_batches_shrink_large_images_at_once_and_leave_small_ones(tmp_pa
     write_class_images(tmp_path, {"a": (100, 100, 100)}, per_class=2, size=48)
     write_class_images(tmp_path, {"b": (10, 200, 100)}, per_class=2, size=20)
     paths = sorted(str(p) for p in tmp_path.glob("*/*.png"))
-    images = [image for batch in decoded_batches(paths, 32, batch_size=3) for image in batch]
+    images = [image for batch in decoded_batches(paths, 32, batch_size=3) for image in batch.images]
     assert [image.shape for image in images] == [(32, 32, 3)] * 2 + [(20, 20, 3)] * 2
     np.testing.assert_allclose(images[0], resize_images(load_image(paths[0])[None].astype(np.float32) / 255.0, 32).numpy()[0], atol=1e-6)
     np.testing.assert_allclose(images[2], load_image(paths[2]).astype(np.float32) / 255.0)
@@ -120,7 +120,7 @@ def _shard_and_expected_features(colour_folder, tiny, tmp_path):
     cache_dir = tmp_path / "cache"
     engine = choose_engine(tiny, "litert", cache_dir, threads=2).engine  # converted now, parity recorded
     shard = plan_extraction(_manifest(colour_folder, tmp_path), tiny, cache_dir)[0][:10]
-    expected = np.concatenate([engine(images) for images in decoded_batches([path for _, path in shard], 32, 4)])
+    expected = np.concatenate([engine(batch.images) for batch in decoded_batches([path for _, path in shard], 32, 4)])
     return shard, expected, cache_dir
 
 
@@ -133,7 +133,7 @@ def test_a_converted_litert_model_extracts_in_a_child_process(colour_folder, tin
     shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
     progress = _Progress()
     with caplog.at_level(logging.INFO), ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4), child_process="always") as context:
-        assert context.extract_shard(shard, tiny, progress) == "litert"
+        assert context.extract_shard(shard, tiny, progress).engine == "litert"
     assert "in a child process" in caplog.text and "extracting here instead" not in caplog.text
     assert progress.n == len(shard)
     np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
@@ -144,7 +144,7 @@ def test_a_failed_child_process_leaves_the_shard_to_this_process(colour_folder, 
     monkeypatch.setattr(sys, "executable", "/bin/false")
     progress = _Progress()
     with ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4), child_process="always") as context:
-        assert context.extract_shard(shard, tiny, progress) == "litert"
+        assert context.extract_shard(shard, tiny, progress).engine == "litert"
     assert "extracting here instead" in caplog.text
     assert progress.n == len(shard)
     np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
@@ -153,7 +153,7 @@ def test_a_failed_child_process_leaves_the_shard_to_this_process(colour_folder, 
 def test_without_a_load_beside_it_the_context_extracts_in_this_process(colour_folder, tiny, tmp_path, caplog):
     shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
     with caplog.at_level(logging.INFO), ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4)) as context:
-        assert context.extract_shard(shard, tiny) == "litert"
+        assert context.extract_shard(shard, tiny).engine == "litert"
     assert "in a child process" not in caplog.text
     np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
 
@@ -224,7 +224,7 @@ def test_a_damaged_cache_shard_is_dropped_and_its_images_extracted_again(damage,
 def test_cached_features_equal_a_fresh_forward_pass(colour_folder, tiny, tmp_path):
     context = ExtractionContext(tmp_path / "cache", ExtractionSettings("litert", batch_size=7))
     features, _, paths = extract_dataset(_manifest(colour_folder, tmp_path), tiny, context).load()
-    images = np.concatenate(list(image_batches(paths, 32, batch_size=64)))
+    images = np.concatenate([batch.images for batch in image_batches(paths, 32, batch_size=64)])
     np.testing.assert_allclose(features, KerasEngine(tiny)(images), atol=1e-4)
 
 

@@ -54,6 +54,8 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     table = Artifact.get("headstart-metrics")
     assert table is not None and "blue" in table.data
     assert "no near-duplicates at or above 1.0" in Artifact.get("headstart-near-duplicates").data
+    data = Artifact.get("headstart-data")
+    assert data is not None and "every file was used" in data.data and data.description.startswith("48 images used, 0 files skipped")
 
 
 def test_the_flow_extracts_every_shard_within_one_extraction_context(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
@@ -158,13 +160,18 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     (dataset,) = (tmp_path / "cache" / "datasets").glob("*.parquet")
     features = FeatureSet(dataset, 0, 0, "")
     backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
-    paths = features.rows("test", ["path"])["path"]
-    fair = np.ones(len(paths), bool)
-    from_features = champion_probabilities(champion, backbone, features, fair, paths)
+    test = features.rows("test", ["path", "sha256"])
+    fair = np.ones(len(test["path"]), bool)
+    from_features, scored = champion_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
     other_backbone = dataclasses.replace(backbone, fingerprint="another backbone")
-    from_images = champion_probabilities(champion, other_backbone, features, fair, paths)
-    assert from_features.shape == (len(paths), 2)
+    from_images, scored_from_images = champion_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
+    assert from_features.shape == (len(fair), 2) and scored.all() and scored_from_images.all()
     np.testing.assert_allclose(from_features, from_images, atol=1e-4)
+    # A test image rewritten since the scan is left out of the champion's scores, never scored on its new pixels.
+    Path(test["path"][0]).write_bytes(Path(test["path"][1]).read_bytes())
+    rescored, rescored_which = champion_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
+    assert list(rescored_which) == [False] + [True] * (len(fair) - 1)
+    np.testing.assert_allclose(rescored, from_images[1:], atol=1e-4)
 
 
 def test_predictions_through_the_fast_engine_equal_the_serving_models(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
@@ -308,3 +315,79 @@ def test_cli_bad_data_inside_the_flow_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "no usable images" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and_reported(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
+    from prefect.artifacts import Artifact
+
+    import tasks.data
+    from headstart.features.cache import FeatureCache
+    from headstart.backbone.handles import resolve_backbone
+
+    from flows.train import train
+
+    real_prepare_source = tasks.data.prepare_source
+    rewritten = {}
+
+    def prepare_then_rewrite(config, show_progress=False):
+        manifest, report = real_prepare_source(config, show_progress)
+        table = manifest.read()
+        path, sha = table.column("path")[0].as_py(), table.column("sha256")[0].as_py()
+        Path(path).write_bytes((colour_folder / "blue" / "000.png").read_bytes() + b"appended after the scan")
+        rewritten.update(path=path, sha256=sha)
+        return manifest, report
+
+    monkeypatch.setattr(tasks.data, "prepare_source", prepare_then_rewrite)
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path, gate=False)
+    run = Run(train(**config.model_dump()))
+    (entry,) = [entry for entry in json.loads((run.path / "data_report.json").read_text())["skipped"] if entry["path"] == rewritten["path"]]
+    assert entry["reason"].startswith("changed after it was scanned")
+    assert rewritten["path"] in Artifact.get("headstart-data").data
+    assert sum(split["images"] for split in run.lineage["data"]["splits"].values()) == 47
+    backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
+    assert rewritten["sha256"] not in FeatureCache(config.cache_dir, backbone).cached_hashes()
+
+
+def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start_to_end(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
+    import numpy as np
+    import pyarrow.parquet as pq
+    from prefect.artifacts import Artifact
+
+    import headstart.prediction
+    from flows.predict import predict
+    from flows.train import train
+    from headstart import registry
+
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
+    first = Path(train(**config.model_dump()))
+    swapped = _with_swapped_training_labels(colour_folder, tmp_path / "swapped", config.validation_fraction, config.test_fraction)
+    second = Path(train(**config.model_copy(update={"data": str(swapped), "gate": False}).model_dump()))
+    assert registry.champion_version(tmp_path / "artifacts") == first.name
+
+    real_batches = headstart.prediction.decoded_batches
+    batches_seen = []
+
+    def batches_then_a_retrain_promotes(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            yield batch
+            batches_seen.append(len(batch.indices))
+            if len(batches_seen) == 1:  # the retrain finishes while the first batch is being labelled
+                registry.promote(tmp_path / "artifacts", second.name, "retrained", by="gate")
+
+    monkeypatch.setattr(headstart.prediction, "decoded_batches", batches_then_a_retrain_promotes)
+    places = dict(artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache", batch_size=8)
+    predict(inputs=[str(colour_folder)], output=tmp_path / "during.parquet", **places)
+    assert len(batches_seen) == 6 and registry.champion_version(tmp_path / "artifacts") == second.name
+    assert first.name in Artifact.get("headstart-predictions").description
+    monkeypatch.setattr(headstart.prediction, "decoded_batches", real_batches)
+    predict(inputs=[str(colour_folder)], output=tmp_path / "after.parquet", **places)
+
+    def labels_by_path(name):
+        table = pq.read_table(tmp_path / name).to_pydict()
+        return dict(zip(table["path"], table["label"]))
+
+    paths = sorted(str(path) for path in colour_folder.glob("*/*.png"))
+    during, after = labels_by_path("during.parquet"), labels_by_path("after.parquet")
+    truth = {path: Path(path).parent.name for path in paths}
+    assert sum(during[p] == truth[p] for p in paths) >= 44  # every batch labelled by the first champion
+    assert sum(after[p] != during[p] for p in paths) >= 24  # the new champion labels otherwise

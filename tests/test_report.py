@@ -4,7 +4,7 @@ import numpy as np
 
 from headstart.evaluation import classification_metrics, format_metrics
 from headstart.gate import GateDecision
-from headstart.report import gate_rows, metrics_rows
+from headstart.report import DATA_TABLE_FILES, data_rows, gate_rows, metrics_rows
 
 
 def _metrics():
@@ -29,6 +29,15 @@ def test_the_gate_table_has_one_figure_per_row():
     assert rows[0] == {"figure": "decision", "value": "keep the champion"} and rows[-1] == {"figure": "note", "value": "all 12 test images"}
     assert {row["figure"] for row in rows} >= {"reason", "candidate_accuracy", "champion_accuracy", "candidate_only_wrong", "p_value"}
     assert all(list(row) == ["figure", "value"] for row in rows)
+
+
+def test_the_data_table_lists_each_file_left_out_with_its_reason_and_counts_the_rest():
+    skipped = [{"path": f"cat/{i}.jpg", "reason": "truncated"} for i in range(DATA_TABLE_FILES + 3)]
+    rows = data_rows({"skipped": skipped, "notes": ["class 'dog' has no test images"]})
+    assert rows[0] == {"file": "cat/0.jpg", "reason": "truncated"} and len(rows) == DATA_TABLE_FILES + 2
+    assert rows[-2] == {"file": "(3 more files)", "reason": "listed in data_report.json"}
+    assert rows[-1] == {"file": "(note)", "reason": "class 'dog' has no test images"}
+    assert data_rows({"skipped": [], "notes": []}) == [{"file": "(none)", "reason": "every file was used"}]
 
 
 def test_the_near_duplicates_table_lists_every_pair_with_the_same_columns_or_says_there_are_none():

@@ -11,13 +11,15 @@ stays cheap.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from headstart.archives import unpack_tar
 from headstart.backbone.checkpoint import read_legacy_checkpoint
-from headstart.errors import HeadstartError
+from headstart.downloads import DownloadError, DownloadPolicy, download
+from headstart.errors import HeadstartError, first_line
 
 BUNDLED_HANDLE = "bundled:mobilenet_v2"
 CHECKPOINT_SHA256_PREFIX = "b0353104"
@@ -61,7 +63,7 @@ class Backbone:
         try:
             layer = hub.KerasLayer(str(self.module_path), trainable=False, name="backbone")
         except Exception as error:  # SavedModel loading fails in many types; all mean a broken module.
-            raise HeadstartError(f"could not load backbone {self.handle} from {self.module_path}: {_first_line(error)}") from None
+            raise HeadstartError(f"could not load backbone {self.handle} from {self.module_path}: {first_line(error)}") from None
         layer.trainable = trainable
         return layer
 
@@ -78,7 +80,7 @@ def fingerprint_module(module_path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def resolve_backbone(handle: str, image_size: int, cache_dir: Path) -> Backbone:
+def resolve_backbone(handle: str, image_size: int, cache_dir: Path, download_policy: DownloadPolicy = DownloadPolicy()) -> Backbone:
     """Turns a handle (bundled, local SavedModel, TF Hub / Kaggle URL, URL of a .tar.gz) into a Backbone."""
     if handle == BUNDLED_HANDLE:
         module_path = bundled_module_path(cache_dir, image_size)
@@ -89,32 +91,42 @@ def resolve_backbone(handle: str, image_size: int, cache_dir: Path) -> Backbone:
                 raise HeadstartError(f"backbone {handle} is a path but not a SavedModel directory (no saved_model.pb)")
             module_path = local
         elif handle.startswith(("http://", "https://")):
-            module_path = download_hub_module(handle, Path(cache_dir) / "tfhub")
+            module_path = download_hub_module(handle, Path(cache_dir) / "tfhub", download_policy)
         else:
             raise HeadstartError(f"backbone {handle!r} is neither '{BUNDLED_HANDLE}', a SavedModel directory nor an http(s) URL")
     return Backbone(handle=handle, module_path=module_path, fingerprint=fingerprint_module(module_path), image_size=image_size)
 
 
-def download_hub_module(url: str, hub_cache_dir: Path) -> Path:
+def download_hub_module(url: str, hub_cache_dir: Path, policy: DownloadPolicy = DownloadPolicy()) -> Path:
     """Downloads and unpacks a compressed TF Hub module (tfhub.dev, Kaggle, or any .tar.gz URL)
     into hub_cache_dir, once; later calls return the unpacked module.
 
-    The layout is TF Hub's own (a folder named by the SHA-1 of the handle), written through TF
-    Hub's atomic download with its lock file, into the directory given here rather than the
-    process-wide TFHUB_CACHE_DIR.
+    The layout is TF Hub's own (a folder named by the SHA-1 of the handle), so that modules
+    cached by TF Hub itself are found too. The archive is downloaded and unpacked inside a
+    staging folder beside it, which is renamed into place only once the module is complete:
+    a download or unpacking that fails leaves nothing a later call would take for the module.
     """
-    from tensorflow_hub import resolver
-
-    def download(handle: str, temporary_dir: str):
-        with urllib.request.urlopen(_compressed_format_url(handle)) as response:
-            return resolver.DownloadManager(handle).download_and_uncompress(response, temporary_dir)
-
     module_dir = Path(hub_cache_dir) / hashlib.sha1(url.encode("utf8")).hexdigest()
+    if (module_dir / "saved_model.pb").exists():
+        return module_dir
     module_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(resolver.atomic_download(url, download, str(module_dir)))
-    except Exception as error:  # Network and archive errors come in many types; all mean the same to a user.
-        raise HeadstartError(f"could not load backbone {url}: {_first_line(error)}") from None
+        with tempfile.TemporaryDirectory(prefix=f"{module_dir.name}.", suffix=".tmp", dir=module_dir.parent) as staging:
+            archive = download(_compressed_format_url(url), Path(staging) / "module.tar.gz", policy=policy)
+            unpacked = Path(staging) / "module"
+            unpack_tar(archive, unpacked)
+            if not (unpacked / "saved_model.pb").is_file():
+                raise HeadstartError("the archive has no saved_model.pb at its top level")
+            try:
+                unpacked.rename(module_dir)
+            except OSError:
+                if not (module_dir / "saved_model.pb").exists():  # else another process finished it first
+                    raise
+    except DownloadError as error:
+        raise HeadstartError(f"could not load backbone {url}: {error.reason}") from None
+    except (HeadstartError, OSError) as error:
+        raise HeadstartError(f"could not load backbone {url}: {first_line(error)}") from None
+    return module_dir
 
 
 def _compressed_format_url(handle: str) -> str:
@@ -122,8 +134,3 @@ def _compressed_format_url(handle: str) -> str:
     parts = list(urllib.parse.urlparse(handle))
     parts[4] = urllib.parse.urlencode([*urllib.parse.parse_qsl(parts[4]), ("tf-hub-format", "compressed")])
     return urllib.parse.urlunparse(parts)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

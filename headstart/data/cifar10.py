@@ -16,11 +16,13 @@ import numpy as np
 from PIL import Image
 
 from headstart.data.manifest import DataReport
-from headstart.downloads import download
-from headstart.errors import HeadstartError
+from headstart.downloads import DownloadPolicy, download
+from headstart.errors import HeadstartError, first_line
 from headstart.storage import atomic_path, file_sha256
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+CIFAR10_MEMBERS = (*CIFAR10_BATCHES["train"], *CIFAR10_BATCHES["test"])
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -53,25 +55,69 @@ def _allowed_global(name: str):
 def _read_cifar_batch(data: bytes) -> tuple[np.ndarray, list[int]]:
     batch = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, [int(label) for label in batch[b"labels"]]
+    labels = [int(label) for label in batch[b"labels"]]
+    if len(labels) != len(images):
+        raise ValueError(f"a batch has {len(images)} images but {len(labels)} labels")
+    outside = [label for label in labels if not 0 <= label < len(CIFAR10_CLASSES)]
+    if outside:
+        raise ValueError(f"label {outside[0]} is not one of the {len(CIFAR10_CLASSES)} classes")
+    return images, labels
 
 
-def fetch_cifar10_archive(source: str, cache_dir: Path, report: DataReport) -> Path:
-    if "://" in source:
-        name = source.rstrip("/").rsplit("/", 1)[-1] or "cifar-10-python.tar.gz"
-        url_key = hashlib.sha256(source.encode()).hexdigest()[:8]
-        archive = download(source, Path(cache_dir) / "downloads" / f"{url_key}-{name}")
-    else:
+def fetch_cifar10_archive(source: str, cache_dir: Path, report: DataReport, policy: DownloadPolicy = DownloadPolicy()) -> Path:
+    """The archive at source (a URL, downloaded once into the cache, or a local path).
+
+    The official URL must serve the official file: its md5 is checked before the download takes
+    its place in the cache, and again whenever the cached copy is used. Any other source may
+    hold a different archive (a mirror, a subset), which is used with a note provided it is a
+    CIFAR-10 python archive; a download that is not one is removed from the cache, so that a
+    later run fetches it again instead of reusing it.
+    """
+    if "://" not in source:
         archive = Path(source).expanduser()
         if not archive.is_file():
             raise HeadstartError(f"CIFAR-10 archive not found: {archive}")
-    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    if md5 != CIFAR10_MD5:
-        if source.startswith("https://www.cs.toronto.edu/"):
-            archive.unlink(missing_ok=True)
-            raise HeadstartError(f"downloaded CIFAR-10 archive has md5 {md5}, expected {CIFAR10_MD5}; it was removed, try again")
-        report.notes.append(f"archive md5 {md5} is not the official CIFAR-10 release ({CIFAR10_MD5})")
+        _note_unofficial(archive, report)
+        return archive
+    name = source.rstrip("/").rsplit("/", 1)[-1] or "cifar-10-python.tar.gz"
+    url_key = hashlib.sha256(source.encode()).hexdigest()[:8]
+    official = source.startswith("https://www.cs.toronto.edu/")
+    archive = download(source, Path(cache_dir) / "downloads" / f"{url_key}-{name}",
+                       checksum=f"md5:{CIFAR10_MD5}" if official else None, policy=policy)
+    try:
+        if not official and _note_unofficial(archive, report):
+            _require_cifar_members(archive)
+    except HeadstartError as error:
+        archive.unlink(missing_ok=True)
+        raise HeadstartError(f"{source} did not serve a usable CIFAR-10 archive: {error}; it was removed from the cache") from None
     return archive
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _note_unofficial(archive: Path, report: DataReport) -> bool:
+    md5 = _md5(archive)
+    if md5 == CIFAR10_MD5:
+        return False
+    report.notes.append(f"archive md5 {md5} is not the official CIFAR-10 release ({CIFAR10_MD5})")
+    return True
+
+
+def _require_cifar_members(archive: Path) -> None:
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            names = {Path(member.name).name for member in tar.getmembers() if member.isfile()}
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise HeadstartError(f"not a readable tar.gz ({first_line(error)})") from None
+    missing = [name for name in CIFAR10_MEMBERS if name not in names]
+    if missing:
+        raise HeadstartError(f"not a CIFAR-10 python archive ({', '.join(missing)} missing)")
 
 
 def extract_cifar10(archive: Path, classes: tuple[str, ...], cache_dir: Path) -> list[tuple[Path, int, str]]:
@@ -86,8 +132,7 @@ def extract_cifar10(archive: Path, classes: tuple[str, ...], cache_dir: Path) ->
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-                batches = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-                for split, names in batches.items():
+                for split, names in CIFAR10_BATCHES.items():
                     index = 0
                     for name in names:
                         if name not in members:

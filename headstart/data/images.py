@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -13,12 +15,26 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 UNREADABLE_IMAGE_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".cr2", ".nef", ".arw", ".dng", ".psd", ".svg"}
 
 
-def load_image(path: Path, draft_size: int | None = None) -> np.ndarray:
+class ImageChanged(Exception):
+    """The file no longer holds the content that was hashed when it was scanned."""
+
+
+def load_image(path: Path, draft_size: int | None = None, expected_sha256: str | None = None) -> np.ndarray:
     """Decodes any common image file to RGB uint8 [height, width, 3], honouring EXIF rotation.
 
     With draft_size, a JPEG may decode at a reduced scale that still covers draft_size on each side.
+    With expected_sha256, the bytes are read once, checked against that content hash and decoded
+    from memory, so what is decoded is exactly what was hashed: a file rewritten since it was
+    scanned raises ImageChanged rather than lending its new pixels to the old content's hash.
     """
-    with Image.open(path) as image:
+    source = path
+    if expected_sha256 is not None:
+        data = Path(path).read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise ImageChanged(f"changed after it was scanned (content hash {expected_sha256[:12]}… then, {actual[:12]}… now)")
+        source = io.BytesIO(data)
+    with Image.open(source) as image:
         if draft_size is not None:
             image.draft("RGB", (draft_size, draft_size))
         image = ImageOps.exif_transpose(image)

@@ -98,6 +98,13 @@ def _save_scan_cache(cache_dir: Path, entries: dict[tuple[str, int, int], tuple[
     write_parquet_atomic(_scan_cache_path(cache_dir), table)
 
 
+def _forget_scanned(cache_dir: Path, resolved_paths: set[str]) -> None:
+    cache = _load_scan_cache(cache_dir)
+    kept = {key: value for key, value in cache.items() if key[0] not in resolved_paths}
+    if len(kept) < len(cache):
+        _save_scan_cache(cache_dir, kept)
+
+
 def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool = False) -> list[tuple[str, str]]:
     """Hashes and test-decodes files, reusing results for files whose size and mtime are unchanged.
 
@@ -106,11 +113,15 @@ def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool =
     cache = _load_scan_cache(cache_dir)
     results, changed = [], False
     for path in tqdm(resolved_paths, desc="scan images", unit="img", disable=None if show_progress else True):
-        stat = os.stat(path)
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        if key not in cache:
-            cache[key] = (file_sha256(Path(path)), check_image(Path(path)) or "")
-            changed = True
+        try:
+            stat = os.stat(path)
+            key = (path, stat.st_size, stat.st_mtime_ns)
+            if key not in cache:
+                cache[key] = (file_sha256(Path(path)), check_image(Path(path)) or "")
+                changed = True
+        except OSError as error:  # unreadable (permissions, I/O) or gone since listed: a reason, and looked at afresh next time
+            results.append(("", f"cannot read: {error.strerror or type(error).__name__}"))
+            continue
         results.append(cache[key])
     if changed:
         _save_scan_cache(cache_dir, cache)
@@ -182,18 +193,47 @@ def build_manifest(
         rows["sha256"].append(sha256)
         rows["split"].append(split)
     table = pa.table({**rows, "label": pa.array(rows["label"], pa.int32())})
+    return _write_manifest(table, class_names, report, cache_dir)
+
+
+def without_images(manifest: Manifest, report: DataReport, left_out: list[tuple[str, str, str]], cache_dir: Path) -> tuple[Manifest, DataReport]:
+    """The manifest less the images left out after it was built, as (content hash, path, reason),
+    and the data report listing them with their reasons; the scan cache forgets their files, so
+    the next run hashes them afresh."""
+    if not left_out:
+        return manifest, report
+    gone = {sha for sha, _, _ in left_out}
+    table = manifest.read()
+    table = table.filter(pa.array([sha not in gone for sha in table.column("sha256").to_pylist()]))
+    report = DataReport(report.source, list(report.class_names), dict(report.counts),
+                        report.skipped + [{"path": path, "reason": reason} for _, path, reason in left_out], list(report.notes))
+    _forget_scanned(cache_dir, {path for _, path, _ in left_out})
+    return _write_manifest(table, list(manifest.class_names), report, cache_dir), report
+
+
+def _write_manifest(table: pa.Table, class_names: list[str], report: DataReport, cache_dir: Path) -> Manifest:
+    """Counts the table's images per split and class into the report, checks that it can train,
+    and writes it under its fingerprint."""
+    labels, splits = table.column("label").to_pylist(), table.column("split").to_pylist()
     for split in SPLITS:
-        mask = [s == split for s in rows["split"]]
-        report.counts[split] = {name: sum(1 for m, l in zip(mask, rows["label"]) if m and l == i) for i, name in enumerate(class_names)}
+        report.counts[split] = {name: sum(1 for s, l in zip(splits, labels) if s == split and l == i) for i, name in enumerate(class_names)}
     for split in ("train", "test"):
         if sum(report.counts[split].values()) == 0:
             raise HeadstartError(f"no usable images in the {split} split of {report.source}; {len(report.skipped)} files were skipped")
     for name in class_names:
+        images = sum(report.counts[split][name] for split in SPLITS)
+        if images == 0:
+            raise HeadstartError(f"class {name!r} has no usable images in {report.source}")
         if report.counts["train"][name] == 0:
-            raise HeadstartError(f"class {name!r} has no usable training images in {report.source}")
+            raise HeadstartError(f"class {name!r} has {images} usable image{'s' if images > 1 else ''} in {report.source} and the split by "
+                                 "content hash put none in training: give it more images")
+        if report.counts["test"][name] == 0:
+            note = f"class {name!r} has no test images (of its {images}): its test metrics are not measured; give it more images"
+            if note not in report.notes:
+                report.notes.append(note)
     digest = hashlib.sha256()
     # Paths count too: the plots of a run read its images back from them.
-    for sha256, label, split, path in zip(rows["sha256"], rows["label"], rows["split"], rows["path"]):
+    for sha256, label, split, path in zip(table.column("sha256").to_pylist(), labels, splits, table.column("path").to_pylist()):
         digest.update(f"{sha256}:{label}:{split}:{path};".encode())
     digest.update("|".join(class_names).encode())
     fingerprint = digest.hexdigest()[:16]

@@ -32,6 +32,17 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ExtractedShard:
+    """What extracting a shard did: the engine that ran, how many images it cached, and the
+    images it left out, as (content hash, path, reason): files rewritten or removed since the
+    scan hashed them. Their features are never cached under the hash they no longer have."""
+
+    engine: str
+    extracted: int
+    left_out: tuple[tuple[str, str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class ExtractionSettings:
     """How the forward pass runs: engine, threads, images per batch. Small, so it travels to
     Dask workers and child processes."""
@@ -142,35 +153,41 @@ class ExtractionContext:
         """
         return 1 if self.backbone_loading else self.settings.threads
 
-    def extract_shard(self, shard: Shard, backbone: Backbone, progress=None) -> str:
-        """Runs the backbone over one shard's images and caches their features; returns the engine's name.
+    def extract_shard(self, shard: Shard, backbone: Backbone, progress=None) -> ExtractedShard:
+        """Runs the backbone over one shard's images and caches their features.
 
         Where the child-process policy asks for it and a LiteRT model converted earlier is
         ready, a child process extracts the shard (see `_extract_shard_in_child`).
         """
         wants_child = self.child_process == "always" or (self.child_process == "while-loading" and self.backbone_loading)
         if wants_child and self.settings.engine != "keras" and litert_ready_without_tensorflow(backbone, self.cache_dir):
-            engine = _extract_shard_in_child(shard, backbone, self.cache_dir, self.settings, progress)
-            if engine is not None:
-                return engine
+            extracted = _extract_shard_in_child(shard, backbone, self.cache_dir, self.settings, progress)
+            if extracted is not None:
+                return extracted
         return self.extract_shard_here(shard, backbone, progress)
 
-    def extract_shard_here(self, shard: Shard, backbone: Backbone, progress=None) -> str:
-        """`extract_shard` in this process."""
+    def extract_shard_here(self, shard: Shard, backbone: Backbone, progress=None) -> ExtractedShard:
+        """`extract_shard` in this process. Each file is decoded from the bytes whose hash matches
+        the one it was scanned with: what is cached under a hash is always that content's features."""
+        hashes, paths = [sha for sha, _ in shard], [path for _, path in shard]
         with self._forward_lock:
             engine = self.engine(backbone)
-            outputs = []
-            for images in decoded_batches([path for _, path in shard], backbone.image_size, self.settings.batch_size):
-                outputs.append(engine(images, self.forward_threads()))
+            outputs, kept, left_out = [], [], []
+            for batch in decoded_batches(paths, backbone.image_size, self.settings.batch_size, hashes):
+                if batch.indices:
+                    outputs.append(engine(batch.images, self.forward_threads()))
+                    kept.extend(batch.indices)
+                left_out.extend((hashes[index], paths[index], reason) for index, reason in batch.unusable)
                 if progress is not None:
-                    progress.update(len(images))
-            FeatureCache(self.cache_dir, backbone).write_shard([sha for sha, _ in shard], np.concatenate(outputs))
+                    progress.update(len(batch.indices) + len(batch.unusable))
+            if kept:
+                FeatureCache(self.cache_dir, backbone).write_shard([hashes[index] for index in kept], np.concatenate(outputs))
         del outputs
         release_freed_memory()
-        return engine.name
+        return ExtractedShard(engine.name, len(kept), tuple(left_out))
 
 
-def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, settings: ExtractionSettings, progress=None) -> str | None:
+def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, settings: ExtractionSettings, progress=None) -> ExtractedShard | None:
     """Extracts the shard with LiteRT in a child process, which writes the cache shard itself.
 
     Importing TensorFlow in this process holds the GIL for long stretches inside C code, so the
@@ -214,7 +231,7 @@ def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, s
                 child.wait()
         if child.returncode == 0 and "engine" in reply:
             logger.info("feature extraction engine: %s, in a child process", reply["engine"])
-            return reply["engine"]
+            return ExtractedShard(reply["engine"], reply["extracted"], tuple(map(tuple, reply["left_out"])))
         errors.seek(0)
         last_line = ([line for line in errors.read().splitlines() if line.strip()] or [f"exit status {child.returncode}"])[-1]
         logger.warning("extracting in a child process failed (%s); extracting here instead", last_line)
@@ -234,5 +251,5 @@ def serve_extraction_request() -> None:
             print(json.dumps({"images": count}), flush=True)
 
     with ExtractionContext(Path(request["cache_dir"]), ExtractionSettings(**request["settings"]), child_process="never") as context:
-        engine = context.extract_shard_here([tuple(pair) for pair in request["shard"]], backbone, Progress())
-    print(json.dumps({"engine": engine}), flush=True)
+        extracted = context.extract_shard_here([tuple(pair) for pair in request["shard"]], backbone, Progress())
+    print(json.dumps(asdict(extracted)), flush=True)
