@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping (default 5)")
     train.add_argument("--seed", type=int)
+    train.add_argument("--near-duplicate-threshold", type=float,
+                       help="feature cosine similarity from which a test image counts as a near-duplicate of a training image (default 0.88)")
     train.add_argument("--backbone", help="'bundled:mobilenet_v2' (default), a TF Hub handle, a SavedModel folder or a URL of a .tar.gz module")
     train.add_argument("--engine", choices=["auto", "litert", "keras"], help="what runs the frozen forward pass (default auto)")
     train.add_argument("--threads", type=int, help="threads for feature extraction (default: all cores)")

@@ -1,7 +1,8 @@
 """The `train` flow: download → preprocess → extract_features (per shard) → assemble_features →
-build_model → train_head → evaluate → gate → visualize → publish → promote (where the gate
-decided so); or, when every input matches an earlier run, reuse_identical_run in place of the
-steps after assemble_features."""
+build_model → train_head → evaluate → near_duplicates → gate → visualize → publish → promote
+(where the gate decided so); or, when every input matches an earlier run, reuse_identical_run in
+place of the steps after assemble_features. near_duplicates flags test and validation images
+whose nearest training image is almost the same photo, and gives the test accuracy without them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tasks.data import download, preprocess
 from tasks.evaluation import evaluate, visualize
 from tasks.features import assemble_features, extract_features
 from tasks.gate import gate, promote
+from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
 from tasks.publish import publish, reuse_identical_run
 
@@ -52,9 +54,10 @@ def train(**parameters) -> str:
         classifier = build_model(config, backbone, manifest.class_names, extraction)
     history = train_head(config, classifier, features)
     metrics, probabilities = evaluate(classifier, features, manifest.class_names)
+    leakage = near_duplicates(config, features, probabilities, manifest.class_names)
     decision = gate(config, backbone, features, probabilities, manifest.class_names) if config.gate else None
-    figures = visualize(config, history, metrics, probabilities, features)
-    run_dir = publish(config, key, classifier, backbone, features, report, history, metrics, figures, decision)
+    figures = visualize(config, history, metrics, probabilities, features, leakage)
+    run_dir = publish(config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage)
     if decision is not None and decision.promote:
         promote(config, run_dir, decision)
     print(f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from headstart.backbone.handles import BUNDLED_HANDLE
+from headstart.leakage import DEFAULT_THRESHOLD
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_CIFAR10_CLASSES = ("cat", "dog")
@@ -44,6 +45,11 @@ class TrainConfig(BaseModel):
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5, json_schema_extra=THROUGH_MANIFEST, description="share of a folder source held out for testing")
     max_images_per_class: Optional[int] = Field(None, ge=1, json_schema_extra=THROUGH_MANIFEST, description="cap per class, for quick runs")
     seed: int = Field(0, description="seed of the head's initialisation, dropout and shuffling")
+    # Counts by value: it changes no weights, but it decides what metrics.json, data_report.json
+    # and the model card say, and a reused run must say what this threshold would have.
+    near_duplicate_threshold: float = Field(DEFAULT_THRESHOLD, gt=0.0, le=1.0, description=(
+        "cosine similarity of backbone features at or above which a test or validation image counts as a near-duplicate of its "
+        "nearest training image (0.88: calibrated for the bundled MobileNetV2 at 160 px, see benchmarks/results/leakage-calibration.md)"))
     backbone: str = Field(BUNDLED_HANDLE, json_schema_extra=THROUGH_BACKBONE, description="'bundled:mobilenet_v2', a TF Hub handle, a SavedModel directory or a URL of a .tar.gz module")
     engine: Literal["auto", "litert", "keras"] = Field("auto", json_schema_extra=RESULT_NEUTRAL, description="what runs the frozen forward pass; auto = LiteRT where it passes its parity check")
     threads: Optional[int] = Field(None, ge=1, json_schema_extra=RESULT_NEUTRAL, description="threads for feature extraction; default: all cores")

@@ -114,13 +114,43 @@ def confident_mistake_indices(labels: np.ndarray, probabilities: np.ndarray, lim
     return wrong[np.argsort(-confidence, kind="stable")][:limit]
 
 
-# The plots of a run, by file name, in the order the report shows them.
+def plot_near_duplicates(pairs: list[dict], limit: int = 4) -> bytes:
+    """The most similar test / training pairs (as the data report lists them), two to a row, each
+    test image beside its nearest training image, with their similarity and both classes."""
+    shown = pairs[:limit]
+    columns = min(2, len(shown))
+    rows = -(-len(shown) // columns)
+    figure = plt.figure(figsize=(4.8 * columns, 2.9 * rows + 0.4))
+    for index, pair in enumerate(shown):
+        row, column = divmod(index, columns)
+        # Each pair in its own cell below the figure's title, its caption in the cell's top fifth
+        # and a blank margin either side, so that pairs stay apart.
+        cell_height = 0.93 / rows
+        axis = figure.add_axes((column / columns + 0.05 / columns, 0.93 - (row + 1) * cell_height, 0.9 / columns, 0.8 * cell_height))
+        axis.axis("off")
+        images = [_thumbnail(pair["path"]), _thumbnail(pair["train_path"])]
+        side_by_side = np.full((max(image.shape[0] for image in images), THUMBNAIL * 2 + GAP, 3), 255, np.uint8)
+        for position, image in enumerate(images):
+            left = position * (THUMBNAIL + GAP) + (THUMBNAIL - image.shape[1]) // 2
+            side_by_side[:image.shape[0], left:left + image.shape[1]] = image
+        axis.imshow(side_by_side, interpolation="nearest")
+        axis.set_title(f"cosine {pair['similarity']:.3f}\ntest: {pair['label']}  |  train: {pair['train_label']}", fontsize=10,
+                       color=RIGHT if pair["label"] == pair["train_label"] else WRONG)
+    figure.suptitle("Near-duplicates: test image (left), its nearest training image (right)")
+    return _to_png(figure)
+
+
+# The plots of a run, by file name, in the order the report shows them; NEAR_DUPLICATES_PLOT only
+# where the test split has near-duplicates of training images.
 PLOT_FILES = ("training_curves.png", "confusion_matrix.png", "sample_predictions.png", "confident_mistakes.png")
+NEAR_DUPLICATES_PLOT = "near_duplicates.png"
 
 
-def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str], probabilities: np.ndarray, seed: int) -> dict[str, bytes]:
+def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str], probabilities: np.ndarray, seed: int,
+             near_duplicates: list[dict] = ()) -> dict[str, bytes]:
     """A run's plots as PNG bytes by file name (PLOT_FILES): its training curves, and its test
-    split's confusion matrix, a seeded sample of predictions and the most confident mistakes."""
+    split's confusion matrix, a seeded sample of predictions and the most confident mistakes;
+    and the closest test / training pairs where `near_duplicates` (most similar first) has any."""
     samples = sample_indices(len(paths), 12, seed)
     mistakes = confident_mistake_indices(labels, probabilities, 12)
     names = metrics["class_names"]
@@ -132,4 +162,7 @@ def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str],
         "confident_mistakes.png": plot_prediction_grid(
             [paths[i] for i in mistakes], labels[mistakes], probabilities[mistakes], names, "Most confident mistakes"),
     }
-    return {name: figures[name] for name in PLOT_FILES}
+    ordered = {name: figures[name] for name in PLOT_FILES}
+    if near_duplicates:
+        ordered[NEAR_DUPLICATES_PLOT] = plot_near_duplicates(list(near_duplicates))
+    return ordered

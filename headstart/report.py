@@ -6,7 +6,7 @@ import base64
 
 from headstart import drift
 from headstart.gate import GateDecision
-from headstart.runs import DATA_REPORT_FILE, RUN_FILES, Run
+from headstart.runs import DATA_REPORT_FILE, RUN_FILES, Run, near_duplicates_summary
 
 # Files listed one by one in the data table; the rest are counted in one row (all are in the data report).
 DATA_TABLE_FILES = 500
@@ -25,10 +25,12 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     images = "\n\n".join(f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots())
     gate = run.lineage.get("gate")
     decision = f"**Gate:** {gate['reason']}.\n\n" if gate else ""
+    near_duplicates = run.data_report.get("near_duplicates")
+    leakage = f"**Near-duplicates:** {near_duplicates_summary(near_duplicates)}\n\n" if near_duplicates else ""
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)
     this_run = f" All of this run's artifacts: [its flow run]({flow_run_url})." if flow_run_url else ""
     return (f"# headstart run `{run.path.name}`\n\nTest accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
-            f"{decision}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
+            f"{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
             f"`headstart models` lists this run as version `{run.path.name}`; `headstart predict --model {run.path.name} FOLDER` labels images with it.\n\n"
             f"{run.model_card}")
 
@@ -51,6 +53,17 @@ def data_rows(data_report: dict) -> list[dict]:
         rows.append({"file": f"({len(skipped) - DATA_TABLE_FILES} more files)", "reason": f"listed in {DATA_REPORT_FILE}"})
     rows += [{"file": "(note)", "reason": note} for note in data_report["notes"]]
     return rows or [{"file": "(none)", "reason": "every file was used"}]
+
+
+def near_duplicate_rows(near_duplicates: dict) -> list[dict]:
+    """Every flagged pair, most similar first within each split: the near-duplicates table. Every
+    row has the same columns; with no pairs, one row saying so."""
+    rows = [{"split": split, "similarity": round(pair["similarity"], 4), "image": pair["path"], "class": pair["label"],
+             "nearest_training_image": pair["train_path"], "its_class": pair["train_label"]}
+            for split, check in near_duplicates["splits"].items() for pair in check["pairs"]]
+    return rows or [{"split": ", ".join(near_duplicates["splits"]), "similarity": None,
+                     "image": f"no near-duplicates at or above {near_duplicates['threshold']}", "class": None,
+                     "nearest_training_image": None, "its_class": None}]
 
 
 def gate_rows(decision: GateDecision) -> list[dict]:

@@ -182,9 +182,15 @@ def _content_fingerprint(hashes: list[str]) -> dict:
 def write_run(
     artifacts_root: Path, *, config: "TrainConfig", training_key: str, classifier, backbone: Backbone, features: "FeatureSet",
     data_report: dict, history: dict, metrics: dict, figures: dict[str, bytes], flow_run_id: str | None = None, gate: dict | None = None,
+    near_duplicates: dict | None = None,
 ) -> Path:
-    """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path."""
+    """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
+    `near_duplicates` (headstart.leakage.near_duplicate_report) goes into the data report, its
+    test-split figures into metrics.json and the model card."""
     config_values = config.model_dump(mode="json")
+    if near_duplicates is not None:
+        data_report = {**data_report, "near_duplicates": near_duplicates}
+        metrics = {**metrics, "near_duplicates": near_duplicate_metrics(near_duplicates)}
     with RunWriter(artifacts_root) as writer:
         writer.write_json(LINEAGE_FILE, writer.lineage(config_values=config_values, training_key=training_key, backbone=backbone,
                                                        features=features, data_report=data_report, metrics=metrics, flow_run_id=flow_run_id,
@@ -207,6 +213,33 @@ def copy_run(artifacts_root: Path, previous: Path, flow_run_id: str | None = Non
     with RunWriter(artifacts_root) as writer:
         writer.copy_run(previous, flow_run_id)
     return writer.final
+
+
+def near_duplicate_metrics(near_duplicates: dict) -> dict:
+    """The test split's near-duplicate figures, without the pairs: what metrics.json holds."""
+    test = near_duplicates["splits"]["test"]
+    return {"threshold": near_duplicates["threshold"], "flagged": test["flagged"],
+            "accuracy_without_flagged": test["accuracy_without_flagged"], "n_without_flagged": test["n_without_flagged"]}
+
+
+def near_duplicates_summary(near_duplicates: dict | None) -> str:
+    """One paragraph on the test split's near-duplicates of training images (and validation's), for the card and the report."""
+    if near_duplicates is None:
+        return "Not checked."
+    threshold, splits = near_duplicates["threshold"], near_duplicates["splits"]
+    test = splits["test"]
+    if not test["flagged"]:
+        text = (f"No test image has a near-duplicate in the training split: none of the {test['images']} reaches a cosine similarity "
+                f"of {threshold} to its nearest training image (backbone features).")
+    else:
+        without = test["accuracy_without_flagged"]
+        without_text = f"**{without:.4f}** on the other {test['n_without_flagged']}" if without is not None else "undefined (every test image is flagged)"
+        text = (f"**{test['flagged']}** of {test['images']} test images are near-duplicates of a training image (cosine similarity of "
+                f"backbone features ≥ {threshold}; listed in `{DATA_REPORT_FILE}`): test accuracy {test['accuracy']:.4f} with them, "
+                f"{without_text} without them.")
+    if "validation" in splits:
+        text += f" Validation (early stopping): {splits['validation']['flagged']} of {splits['validation']['images']} images flagged."
+    return text
 
 
 def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbone, history: dict, engine: str) -> str:
@@ -244,6 +277,9 @@ Accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images, macro F1 {metri
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|
 {per_class}
+
+## Near-duplicates of training images
+{near_duplicates_summary(data_report.get("near_duplicates"))}
 
 ## Limits
 The backbone saw ImageNet photos; images far from that (medical scans, drawings, tiny

@@ -18,8 +18,11 @@ def evaluate(classifier, features: FeatureSet, class_names: tuple[str, ...]) -> 
 
 
 @task(name="visualize", cache_policy=NO_CACHE)
-def visualize(config: TrainConfig, history: dict, metrics: dict, probabilities: np.ndarray, features: FeatureSet) -> dict[str, bytes]:
-    """Renders the run's plots as PNG bytes, by file name."""
+def visualize(config: TrainConfig, history: dict, metrics: dict, probabilities: np.ndarray, features: FeatureSet,
+              near_duplicates: dict | None = None) -> dict[str, bytes]:
+    """Renders the run's plots as PNG bytes, by file name; with the closest test / training pairs
+    where `near_duplicates` (the near_duplicates step's report) flagged any."""
     from headstart.plots import plot_run
 
-    return plot_run(history, metrics, *features.labels_and_paths("test"), probabilities, config.seed)
+    pairs = near_duplicates["splits"]["test"]["pairs"] if near_duplicates is not None else []
+    return plot_run(history, metrics, *features.labels_and_paths("test"), probabilities, config.seed, pairs)

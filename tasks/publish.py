@@ -16,7 +16,7 @@ from headstart.config import TrainConfig
 from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
 from headstart.gate import GateDecision
-from headstart.report import data_rows, metrics_rows, report_markdown
+from headstart.report import data_rows, metrics_rows, near_duplicate_rows, report_markdown
 from headstart.reuse import record_run
 from headstart.runs import Run, copy_run, write_run
 
@@ -25,11 +25,12 @@ from headstart.runs import Run, copy_run, write_run
 def publish(
     config: TrainConfig, training_key: str, classifier, backbone: Backbone, features: FeatureSet,
     report: DataReport, history: dict, metrics: dict, figures: dict[str, bytes], decision: GateDecision | None = None,
+    near_duplicates: dict | None = None,
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
     run_dir = write_run(config.artifacts_root, config=config, training_key=training_key, classifier=classifier, backbone=backbone,
                         features=features, data_report=report.to_dict(), history=history, metrics=metrics, figures=figures,
-                        flow_run_id=flow_run.id, gate=decision.to_dict() if decision is not None else None)
+                        flow_run_id=flow_run.id, gate=decision.to_dict() if decision is not None else None, near_duplicates=near_duplicates)
     record_run(config.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir))
 
@@ -42,8 +43,8 @@ def reuse_identical_run(config: TrainConfig, previous: Path) -> str:
 
 
 def publish_prefect_artifacts(run: Run) -> str:
-    """The report (plots embedded), the metrics table and the data table (files left out, with
-    their reasons) as Prefect artifacts; returns the run directory."""
+    """The report (plots embedded), the metrics table, the data table (files left out, with their
+    reasons) and the near-duplicates table as Prefect artifacts; returns the run directory."""
     metrics = run.metrics
     report = report_markdown(run, socket.gethostname(), flow_run.ui_url)
     create_markdown_artifact(key="headstart-report", markdown=report, description=f"Training report, test accuracy {metrics['accuracy']:.4f}")
@@ -52,4 +53,10 @@ def publish_prefect_artifacts(run: Run) -> str:
     used = sum(sum(counts.values()) for counts in data["counts"].values())
     create_table_artifact(key="headstart-data", table=data_rows(data),
                           description=f"{used} images used, {len(data['skipped'])} files skipped, from {data['source']}")
+    near_duplicates = data.get("near_duplicates")
+    if near_duplicates is not None:  # runs from before the check have none
+        test = near_duplicates["splits"]["test"]
+        create_table_artifact(key="headstart-near-duplicates", table=near_duplicate_rows(near_duplicates),
+                              description=f"{test['flagged']} of {test['images']} test images have a training image at cosine similarity "
+                                          f"≥ {near_duplicates['threshold']}")
     return str(run.path)

@@ -30,11 +30,15 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     from flows.train import train
     from headstart.plots import PLOT_FILES
 
-    run_dir = Path(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump()))
+    # A threshold no two different images reach: the tiny backbone's 16 features make every
+    # image of a class alike (tests/test_leakage.py checks the near-duplicates with another).
+    run_dir = Path(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, near_duplicate_threshold=1.0).model_dump()))
     assert run_dir.parent == (tmp_path / "artifacts").resolve()
     assert {p.name for p in run_dir.iterdir()} == set(RUN_FILES)
     run = Run.if_complete(run_dir)
     assert [png.name for png in run.plots()] == sorted(PLOT_FILES)
+    assert run.data_report["near_duplicates"]["splits"]["test"]["flagged"] == 0
+    assert "No test image has a near-duplicate in the training split" in run.model_card
     assert all(png.read_bytes().startswith(b"\x89PNG") for png in run.plots())
     assert run.metrics["accuracy"] >= 0.9 and run.metrics["n"] > 0
     assert run.class_names == ["blue", "red"]
@@ -49,6 +53,7 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert report is not None and report.data.count("data:image/png;base64,") == len(PLOT_FILES)
     table = Artifact.get("headstart-metrics")
     assert table is not None and "blue" in table.data
+    assert "no near-duplicates at or above 1.0" in Artifact.get("headstart-near-duplicates").data
     data = Artifact.get("headstart-data")
     assert data is not None and "every file was used" in data.data and data.description.startswith("48 images used, 0 files skipped")
 

@@ -38,3 +38,15 @@ def test_the_data_table_lists_each_file_left_out_with_its_reason_and_counts_the_
     assert rows[-2] == {"file": "(3 more files)", "reason": "listed in data_report.json"}
     assert rows[-1] == {"file": "(note)", "reason": "class 'dog' has no test images"}
     assert data_rows({"skipped": [], "notes": []}) == [{"file": "(none)", "reason": "every file was used"}]
+
+
+def test_the_near_duplicates_table_lists_every_pair_with_the_same_columns_or_says_there_are_none():
+    from headstart.report import near_duplicate_rows
+
+    pair = {"path": "/d/test/cat/1.jpg", "label": "cat", "train_path": "/d/train/dog/2.jpg", "train_label": "dog", "similarity": 0.912345}
+    flagged = {"threshold": 0.88, "splits": {"test": {"pairs": [pair]}, "validation": {"pairs": [{**pair, "similarity": 0.9}]}}}
+    rows = near_duplicate_rows(flagged)
+    assert [(row["split"], row["similarity"], row["its_class"]) for row in rows] == [("test", 0.9123, "dog"), ("validation", 0.9, "dog")]
+    assert len({tuple(row) for row in rows}) == 1
+    (none,) = near_duplicate_rows({"threshold": 0.88, "splits": {"test": {"pairs": []}, "validation": {"pairs": []}}})
+    assert none["image"] == "no near-duplicates at or above 0.88" and list(none) == list(rows[0])

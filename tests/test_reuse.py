@@ -27,7 +27,8 @@ def test_a_new_field_counts_towards_the_key_unless_it_is_marked_neutral():
 
 def test_every_counted_field_changes_the_key_and_no_marked_one_does():
     base = TrainConfig(data="photos")
-    changed = {"image_size": 224, "epochs": 7, "batch_size": 32, "dropout": 0.5, "learning_rate": 0.01, "patience": 2, "seed": 3}
+    changed = {"image_size": 224, "epochs": 7, "batch_size": 32, "dropout": 0.5, "learning_rate": 0.01, "patience": 2, "seed": 3,
+               "near_duplicate_threshold": 0.95}
     assert set(changed) == set(TrainConfig.counted_by_value())
     for name, value in changed.items():
         assert _key(base.model_copy(update={name: value})) != _key(base), name
@@ -45,6 +46,9 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
 
 def test_the_key_is_the_one_existing_run_indexes_were_written_with():
     config = TrainConfig(data="photos", image_size=96, epochs=12, seed=4)
+    # The near-duplicate threshold joined the key with the check itself, so that runs indexed before
+    # it (which have no near-duplicate report) are retrained rather than copied.
     written_by_earlier_versions = {"manifest": "m" * 16, "backbone": "b" * 16, "headstart": __version__, "image_size": 96, "epochs": 12,
-                                   "batch_size": 64, "dropout": 0.2, "learning_rate": 1e-3, "patience": 5, "seed": 4}
+                                   "batch_size": 64, "dropout": 0.2, "learning_rate": 1e-3, "patience": 5, "seed": 4,
+                                   "near_duplicate_threshold": 0.88}
     assert _key(config) == hashlib.sha256(json.dumps(written_by_earlier_versions, sort_keys=True).encode()).hexdigest()[:20]
