@@ -3,7 +3,6 @@ retrying the failures that a later attempt can fix, with exponential backoff."""
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import time
 import urllib.error
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.errors import HeadstartError, first_line
-from headstart.storage import atomic_path, remove_stale_temporaries, temporary_pattern
+from headstart.storage import atomic_path, file_digest, remove_stale_temporaries, temporary_pattern
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def download(url: str, destination: Path, checksum: str | None = None, policy: D
     """
     destination = Path(destination)
     if destination.exists():
-        if checksum is None or _digest(destination, checksum) == _expected_digest(checksum):
+        if checksum is None or file_digest(destination, checksum.partition(":")[0]) == _expected_digest(checksum):
             return destination
         destination.unlink()
     remove_stale_temporaries(destination.parent, temporary_pattern(destination))  # what a killed download left
@@ -92,18 +91,10 @@ def _fetch(url: str, target: Path, timeout: float) -> None:
 
 
 def _verify_checksum(url: str, path: Path, checksum: str) -> None:
-    actual = _digest(path, checksum)
+    actual = file_digest(path, checksum.partition(":")[0])
     if actual != _expected_digest(checksum):
         algorithm = checksum.partition(":")[0]
         raise DownloadError(url, f"its {algorithm} is {actual}, expected {_expected_digest(checksum)}; it was not kept")
-
-
-def _digest(path: Path, checksum: str) -> str:
-    digest = hashlib.new(checksum.partition(":")[0])
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _expected_digest(checksum: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,9 @@ def atomic_path(destination: Path):
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)  # see temporary_pattern
+    # mkstemp makes the file its owner's alone; the finished file gets the mode any new file
+    # would, so that runs and caches written by a worker's account can be read by the team.
+    os.fchmod(handle, 0o666 & ~_umask())
     os.close(handle)
     try:
         yield Path(temporary)
@@ -29,6 +33,19 @@ def atomic_path(destination: Path):
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would change it for every thread)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def temporary_pattern(destination: Path) -> str:
@@ -74,12 +91,17 @@ def write_parquet_atomic(destination: Path, table: pa.Table, **options) -> Path:
     return Path(destination)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The file's hex digest by hashlib's `algorithm`, read in blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def release_freed_memory() -> None:

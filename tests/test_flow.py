@@ -349,7 +349,6 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
 
 
 def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start_to_end(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
-    import numpy as np
     import pyarrow.parquet as pq
     from prefect.artifacts import Artifact
 

@@ -18,7 +18,7 @@ from PIL import Image
 from headstart.data.manifest import DataReport
 from headstart.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError, first_line
-from headstart.storage import atomic_path, file_sha256
+from headstart.storage import atomic_path, file_digest, file_sha256
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -93,16 +93,8 @@ def fetch_cifar10_archive(source: str, cache_dir: Path, report: DataReport, poli
     return archive
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _note_unofficial(archive: Path, report: DataReport) -> bool:
-    md5 = _md5(archive)
+    md5 = file_digest(archive, "md5")
     if md5 == CIFAR10_MD5:
         return False
     report.notes.append(f"archive md5 {md5} is not the official CIFAR-10 release ({CIFAR10_MD5})")
