@@ -1,7 +1,8 @@
 """Unpacking tar archives from elsewhere: every member is checked before anything is written.
 
 Refused: absolute names, names with a '..' component, anything but regular files, directories
-and links, and links whose target lies outside the destination. Python's 'data' extraction
+and links, links whose target lies outside the destination, and archives that would unpack to
+more than the disk has free. Python's 'data' extraction
 filter then applies the same rules once more while writing, which also covers what a check of
 names alone cannot see (a link through a link).
 """
@@ -19,14 +20,18 @@ _DEVICE_KINDS = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a bloc
 
 
 def unpack_tar(archive: Path, destination: Path) -> None:
-    """Unpacks a .tar or .tar.gz into destination, which must not exist yet; on any refusal or
-    error nothing is left at destination."""
+    """Unpacks a .tar or .tar.gz into destination, which must not exist yet (its parent must); on
+    any refusal or error nothing is left at destination."""
     destination = Path(destination)
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             for member in members:
                 _check_member(member)
+            unpacked_bytes = sum(member.size for member in members if member.isfile())
+            free_bytes = shutil.disk_usage(destination.parent).free
+            if unpacked_bytes > free_bytes:  # a small archive of zeros can unpack to more than the disk holds
+                raise HeadstartError(f"the archive unpacks to {unpacked_bytes} bytes, more than the {free_bytes} free in {destination.parent}")
             destination.mkdir(parents=True)
             try:
                 tar.extractall(destination, members=members, filter="data")

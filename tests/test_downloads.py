@@ -274,15 +274,38 @@ def test_a_module_archive_with_a_hostile_member_is_refused_and_nothing_is_unpack
     assert not list(tmp_path.rglob("escaped*"))
 
 
-def _add_hostile(tar: tarfile.TarFile, module_dir: Path, member: tarfile.TarInfo) -> None:
-    for item in sorted(module_dir.iterdir()):  # a complete module first, so that a partial unpacking would show
+def _add_module(tar: tarfile.TarFile, module_dir: Path) -> None:
+    for item in sorted(module_dir.iterdir()):
         tar.add(item, arcname=item.name)
+
+
+def _add_hostile(tar: tarfile.TarFile, module_dir: Path, member: tarfile.TarInfo) -> None:
+    _add_module(tar, module_dir)  # a complete module first, so that a partial unpacking would show
     if member.isreg():
         data = b"written where it must not be"
         member.size = len(data)
         tar.addfile(member, io.BytesIO(data))
     else:
         tar.addfile(member)
+
+
+def test_a_module_archive_that_unpacks_to_more_than_the_disk_has_free_is_refused(tiny_backbone_dir, misbehaving, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    import headstart.archives
+
+    zeros = 64 << 20
+    archive = _tar_gz(lambda tar: (_add_module(tar, tiny_backbone_dir), _add_file(tar, "zeros.bin", bytes(zeros))))
+    assert len(archive) < zeros // 100  # a compression bomb: a small download, a large unpacking
+    free = zeros // 2
+    real_disk_usage = shutil.disk_usage
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(headstart.archives.shutil, "disk_usage", lambda path: usage(real_disk_usage(path).total, 0, free))
+    server = misbehaving(archive, None)
+    with pytest.raises(HeadstartError, match=rf"the archive unpacks to \d+ bytes, more than the {free} free in .*tfhub"):
+        resolve_backbone(server.url("module.tar.gz"), 32, tmp_path / "cache", FAST)
+    assert _files_left(tmp_path / "cache") == []
 
 
 def test_a_module_archive_without_a_savedmodel_is_refused(misbehaving, tmp_path):
