@@ -294,3 +294,19 @@ def test_a_context_sent_to_another_process_carries_its_settings_only(tiny, tmp_p
     copy = pickle.loads(pickle.dumps(context))
     assert (copy.cache_dir, copy.settings, copy.child_process) == (context.cache_dir, context.settings, "never")
     assert copy.engine(tiny) is not engine and context.engine(tiny) is engine
+
+
+def test_planning_clears_what_a_killed_extraction_left_and_keeps_what_is_being_written(colour_folder, tiny, tmp_path):
+    import os
+
+    manifest = _manifest(colour_folder, tmp_path)
+    shards_dir, datasets_dir = FeatureCache(tmp_path / "cache", tiny).directory, tmp_path / "cache" / "datasets"
+    left = [shards_dir / ".shard-0123.parquet.x1.tmp", datasets_dir / ".0123-ab-32px-v3.parquet.x2.tmp", datasets_dir / ".assemble-x3"]
+    fresh = [shards_dir / ".shard-4567.parquet.y1.tmp", datasets_dir / ".assemble-y2"]
+    for path in left + fresh:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if "assemble" in path.name else path.write_bytes(b"half")
+    for path in left:
+        os.utime(path, (0, 0))
+    plan_extraction(manifest, tiny, tmp_path / "cache")
+    assert [path.exists() for path in left + fresh] == [False] * len(left) + [True] * len(fresh)

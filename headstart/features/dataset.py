@@ -20,7 +20,7 @@ from headstart.data.manifest import SPLITS, Manifest
 from headstart.features.cache import FeatureCache, Shard, missing_shards
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, as_binary_column, features_matrix
 from headstart.features.streams import FeatureStream
-from headstart.storage import atomic_path
+from headstart.storage import atomic_path, remove_stale_temporaries
 
 # Bump when the layout of a dataset's features file changes, so that older files are not read
 # (3: features as fixed-size binary rather than list<float32>).
@@ -79,7 +79,13 @@ def dataset_features_path(manifest: Manifest, backbone: Backbone, cache_dir: Pat
 
 
 def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, shard_size: int = 1024) -> list[Shard]:
-    """The images whose features are still to extract, as shards; none where the dataset's file exists."""
+    """The images whose features are still to extract, as shards; none where the dataset's file exists.
+
+    Temporary files that a killed run left in the feature cache are cleared on the way: they are
+    never read, but would fill the disk run after run."""
+    remove_stale_temporaries(FeatureCache(cache_dir, backbone).directory, ".shard-*.tmp")
+    for pattern in (".*.parquet.*.tmp", ".assemble-*"):
+        remove_stale_temporaries(Path(cache_dir) / "datasets", pattern)
     if dataset_features_path(manifest, backbone, cache_dir).exists():
         return []
     return missing_shards(manifest, FeatureCache(cache_dir, backbone), shard_size)
