@@ -238,13 +238,16 @@ def test_a_file_without_read_permission_is_skipped_with_its_reason_where_permiss
         for index in range(12):
             rgb(index + (100 if name == "b" else 0)).save(tmp_path / "data" / name / f"{index}.png")
     os.chmod(tmp_path / "data" / "a" / "0.png", 0)
-    script = ("import json; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
-              f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}))[1].skipped))")
+    script = ("import json; from pathlib import Path; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
+              "from headstart.prediction import list_images; "
+              f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}))[1].skipped "
+              f"+ list_images([Path({str(tmp_path / 'data' / 'a')!r})])[1]))")
     result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", script],
                             cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    (entry,) = json.loads(result.stdout.strip().splitlines()[-1])
-    assert entry["path"].endswith("a/0.png") and "Permission denied" in entry["reason"] and "\n" not in entry["reason"]
+    scanned, listed_for_predict = json.loads(result.stdout.strip().splitlines()[-1])
+    for entry in (scanned, listed_for_predict):  # train's scan and predict's check give the same reason
+        assert entry["path"].endswith("a/0.png") and entry["reason"] == "cannot read: Permission denied"
 
 
 def test_a_file_gone_between_listing_and_scanning_is_skipped_with_its_reason(tmp_path):

@@ -59,6 +59,8 @@ def check_image(path: Path) -> str | None:
             image.load()
             if image.width < 1 or image.height < 1:
                 return "empty image"
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as error:  # the file system's word, not the decoder's
+        return f"cannot read: {error.strerror}"
     except Exception as error:  # PIL raises many types for damaged files; each means 'unusable'.
         return f"cannot decode: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
     return None
