@@ -11,7 +11,7 @@ import pytest
 from conftest import FIXTURES
 from headstart.backbone.checkpoint import read_legacy_checkpoint
 from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path, resolve_backbone
-from headstart.backbone.mobilenet import build_mobilenet_v2, imagenet_classifier
+from headstart.backbone.mobilenet import HEAD, build_mobilenet_v2, build_mobilenet_v2_split, channels_into, imagenet_classifier
 from headstart.downloads import DownloadPolicy
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext
@@ -41,6 +41,29 @@ def test_keras_conversion_matches_torchvision(reference, state):
     assert np.abs(features - reference["features"]).max() <= TOLERANCE
     kernel, bias = imagenet_classifier(state)
     assert np.abs(features @ kernel + bias - reference["logits"]).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("cut", [1, 7, 14, HEAD])
+def test_the_network_cut_in_two_computes_what_the_whole_computes(reference, state, cut):
+    """The lower part's activations, fed to the upper part, give the whole network's features:
+    what lets fine-tuning train the top stages on activations computed once."""
+    lower, upper = build_mobilenet_v2_split(state, cut)
+    activations = lower(reference["inputs_normalized"], training=False)
+    assert activations.shape[-1] == channels_into(cut)
+    features = upper(activations, training=False).numpy()
+    assert np.abs(features - reference["features"]).max() <= TOLERANCE
+    whole = build_mobilenet_v2(state)
+    assert len(lower.weights) + len(upper.weights) == len(whole.weights)
+    # Every weight of the whole network is in exactly one part, by layer name, bit for bit.
+    parts = {weight.name: weight.numpy() for weight in [*lower.weights, *upper.weights]}
+    for weight in whole.weights:
+        np.testing.assert_array_equal(parts[weight.name], weight.numpy())
+
+
+@pytest.mark.parametrize("cut", [0, HEAD + 1])
+def test_the_network_cannot_be_cut_outside_its_stages(state, cut):
+    with pytest.raises(ValueError, match="can be cut before stages 1 to 18"):
+        build_mobilenet_v2_split(state, cut)
 
 
 def test_hub_module_matches_torchvision_features_and_logits(reference, state, bundled_224):

@@ -49,30 +49,73 @@ def _folded_batch_norm(state, prefix) -> tuple[np.ndarray, np.ndarray]:
     return scale, (beta - mean * scale).astype(np.float32)
 
 
+# The network's stages as torchvision numbers them: 0 the stem, 1–17 the inverted-residual
+# blocks, 18 the final 1×1 convolution; then global pooling.
+STEM, HEAD = 0, 18
+
+
+def _blocks() -> list[tuple[int, int, int, int, int]]:
+    """Each inverted-residual block as (index, expansion, input channels, output channels, stride)."""
+    blocks, in_channels, index = [], 32, 1
+    for expansion, channels, repeats, first_stride in INVERTED_RESIDUAL_SETTINGS:
+        for repeat in range(repeats):
+            blocks.append((index, expansion, in_channels, channels, first_stride if repeat == 0 else 1))
+            in_channels, index = channels, index + 1
+    return blocks
+
+
+def channels_into(stage: int) -> int:
+    """Channels of the activations that enter stage `stage` (1–18): where the network can be cut."""
+    if not STEM < stage <= HEAD:
+        raise ValueError(f"the network can be cut before stages 1 to {HEAD}, not {stage}")
+    return 32 if stage == 1 else _blocks()[stage - 2][3]
+
+
+def _inverted_residual(x, state, index, expansion, in_channels, channels, stride):
+    block_input, prefix, name = x, f"features.{index}.conv", f"block{index}"
+    layer = 0
+    if expansion != 1:
+        x = _conv_bn(x, state, f"{prefix}.0", in_channels * expansion, 1, 1, False, True, f"{name}_expand")
+        layer = 1
+    x = _conv_bn(x, state, f"{prefix}.{layer}", None, 3, stride, True, True, f"{name}_depthwise")
+    project = keras.layers.Conv2D(channels, 1, name=f"{name}_project_conv")
+    x = project(x)
+    scale, shift = _folded_batch_norm(state, f"{prefix}.{layer + 2}")
+    project.set_weights([(state[f"{prefix}.{layer + 1}.weight"].transpose(2, 3, 1, 0) * scale).astype(np.float32), shift])
+    if stride == 1 and in_channels == channels:
+        x = keras.layers.Add(name=f"{name}_add")([block_input, x])
+    return x
+
+
+def _stages(x, state, first: int, last: int):
+    """Stages first…last (inclusive) of the network applied to x; the pooling after HEAD."""
+    if first == STEM:
+        x = _conv_bn(x, state, "features.0", 32, 3, 2, False, True, "stem")
+    for index, expansion, in_channels, channels, stride in _blocks():
+        if first <= index <= last:
+            x = _inverted_residual(x, state, index, expansion, in_channels, channels, stride)
+    if last == HEAD:
+        x = _conv_bn(x, state, "features.18", FEATURE_DIM, 1, 1, False, True, "head")
+        x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
+    return x
+
+
 def build_mobilenet_v2(state: dict[str, np.ndarray]) -> keras.Model:
     """Builds torchvision's MobileNetV2 feature extractor in Keras: normalised images → 1280 features."""
     inputs = keras.Input((None, None, 3), name="normalized_images")
-    x = _conv_bn(inputs, state, "features.0", 32, 3, 2, False, True, "stem")
-    in_channels, index = 32, 1
-    for expansion, channels, repeats, first_stride in INVERTED_RESIDUAL_SETTINGS:
-        for repeat in range(repeats):
-            stride = first_stride if repeat == 0 else 1
-            block_input, prefix, name = x, f"features.{index}.conv", f"block{index}"
-            layer = 0
-            if expansion != 1:
-                x = _conv_bn(x, state, f"{prefix}.0", in_channels * expansion, 1, 1, False, True, f"{name}_expand")
-                layer = 1
-            x = _conv_bn(x, state, f"{prefix}.{layer}", None, 3, stride, True, True, f"{name}_depthwise")
-            project = keras.layers.Conv2D(channels, 1, name=f"{name}_project_conv")
-            x = project(x)
-            scale, shift = _folded_batch_norm(state, f"{prefix}.{layer + 2}")
-            project.set_weights([(state[f"{prefix}.{layer + 1}.weight"].transpose(2, 3, 1, 0) * scale).astype(np.float32), shift])
-            if stride == 1 and in_channels == channels:
-                x = keras.layers.Add(name=f"{name}_add")([block_input, x])
-            in_channels, index = channels, index + 1
-    x = _conv_bn(x, state, "features.18", FEATURE_DIM, 1, 1, False, True, "head")
-    features = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)
-    return keras.Model(inputs, features, name="mobilenet_v2_torchvision")
+    return keras.Model(inputs, _stages(inputs, state, STEM, HEAD), name="mobilenet_v2_torchvision")
+
+
+def build_mobilenet_v2_split(state: dict[str, np.ndarray], cut: int) -> tuple[keras.Model, keras.Model]:
+    """The same network in two parts, cut before stage `cut` (1–18): normalised images → the
+    activations entering that stage, and those activations → 1280 features. Run one after the
+    other they compute what build_mobilenet_v2 computes; the upper part is what fine-tuning
+    trains, on activations of the lower part computed once."""
+    images = keras.Input((None, None, 3), name="normalized_images")
+    lower = keras.Model(images, _stages(images, state, STEM, cut - 1), name=f"mobilenet_v2_below_{cut}")
+    activations = keras.Input((None, None, channels_into(cut)), name=f"activations_into_{cut}")
+    upper = keras.Model(activations, _stages(activations, state, cut, HEAD), name=f"mobilenet_v2_from_{cut}")
+    return lower, upper
 
 
 def imagenet_classifier(state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
