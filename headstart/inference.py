@@ -11,7 +11,7 @@ from headstart.data.manifest import DataReport
 from headstart.errors import HeadstartError
 from headstart.evaluation import classification_metrics
 from headstart.prediction import list_images
-from headstart.preprocessing import image_batches
+from headstart.preprocessing import apply_to_decoded, image_batches
 from headstart.runs import Run
 
 
@@ -22,13 +22,11 @@ def predict_files(
     files that decode (the caller checks them first) and, given their content hashes, still hold
     that content; the positions in `paths` they belong to; and the other files, with their reasons."""
     predict = run.serving_model()
-    outputs, kept, unusable = [], [], []
-    for batch in image_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes):
-        if batch.indices:
-            outputs.append(predict(batch.images * 255.0))
-            kept.extend(batch.indices)
-        unusable.extend({"path": str(paths[index]), "reason": reason} for index, reason in batch.unusable)
-    return (np.concatenate(outputs) if outputs else np.zeros((0, len(run.class_names)), np.float32)), kept, unusable
+    probabilities, kept, unusable = apply_to_decoded(image_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
+                                                     lambda images: predict(images * 255.0))
+    if probabilities is None:
+        probabilities = np.zeros((0, len(run.class_names)), np.float32)
+    return probabilities, kept, [{"path": str(paths[index]), "reason": reason} for index, reason in unusable]
 
 
 def evaluate_folder(run: Run, folder: Path, batch_size: int = 64) -> dict:

@@ -20,7 +20,7 @@ from headstart.data.folders import image_files
 from headstart.data.images import check_image
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext
-from headstart.preprocessing import decoded_batches
+from headstart.preprocessing import apply_to_decoded, decoded_batches
 from headstart.runs import Run
 from headstart.storage import atomic_path
 
@@ -84,15 +84,12 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
     backbone = run.backbone
     engine = context.engine(backbone)
     paths = [str(path) for path in usable]
-    features, kept = [], []
-    for batch in decoded_batches(paths, backbone.image_size, context.settings.batch_size):
-        if batch.indices:
-            features.append(engine(batch.images, context.forward_threads()))
-            kept.extend(batch.indices)
-        predictions.skipped.extend({"path": paths[index], "reason": reason} for index, reason in batch.unusable)
+    features, kept, unusable = apply_to_decoded(decoded_batches(paths, backbone.image_size, context.settings.batch_size),
+                                                lambda images: engine(images, context.forward_threads()))
+    predictions.skipped.extend({"path": paths[index], "reason": reason} for index, reason in unusable)
     if kept:
         predictions.paths = [paths[index] for index in kept]
-        predictions.probabilities = predict_from_features(run.keras_model(), np.concatenate(features))
+        predictions.probabilities = predict_from_features(run.keras_model(), features)
     return predictions
 
 

@@ -110,6 +110,21 @@ def _decode(paths: list[str], first_index: int, image_size: int, expected_hashes
     return batch
 
 
+def apply_to_decoded(batches, function, progress=None) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
+    """`function` applied to the images of each DecodedBatch, its outputs concatenated in order
+    (None when no image decoded); the positions of the images they belong to; and (position,
+    reason) of the files that did not decode. `progress.update` counts every file, used or not."""
+    outputs, kept, unusable = [], [], []
+    for batch in batches:
+        if batch.indices:
+            outputs.append(function(batch.images))
+            kept.extend(batch.indices)
+        unusable.extend(batch.unusable)
+        if progress is not None:
+            progress.update(len(batch.indices) + len(batch.unusable))
+    return (np.concatenate(outputs) if outputs else None), kept, unusable
+
+
 def shrunk_to_fit(image: np.ndarray, image_size: int) -> np.ndarray:
     """The image resized (with antialiasing) to image_size × image_size where any side is larger; else itself."""
     if max(image.shape[:2]) > image_size:

@@ -20,12 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 
 from headstart.backbone.handles import Backbone
 from headstart.features.cache import FeatureCache, Shard
 from headstart.features.engines import choose_engine, litert_ready_without_tensorflow
-from headstart.preprocessing import decoded_batches
+from headstart.preprocessing import apply_to_decoded, decoded_batches
 from headstart.storage import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -172,19 +171,13 @@ class ExtractionContext:
         hashes, paths = [sha for sha, _ in shard], [path for _, path in shard]
         with self._forward_lock:
             engine = self.engine(backbone)
-            outputs, kept, left_out = [], [], []
-            for batch in decoded_batches(paths, backbone.image_size, self.settings.batch_size, hashes):
-                if batch.indices:
-                    outputs.append(engine(batch.images, self.forward_threads()))
-                    kept.extend(batch.indices)
-                left_out.extend((hashes[index], paths[index], reason) for index, reason in batch.unusable)
-                if progress is not None:
-                    progress.update(len(batch.indices) + len(batch.unusable))
+            features, kept, unusable = apply_to_decoded(decoded_batches(paths, backbone.image_size, self.settings.batch_size, hashes),
+                                                        lambda images: engine(images, self.forward_threads()), progress)
             if kept:
-                FeatureCache(self.cache_dir, backbone).write_shard([hashes[index] for index in kept], np.concatenate(outputs))
-        del outputs
+                FeatureCache(self.cache_dir, backbone).write_shard([hashes[index] for index in kept], features)
+        del features
         release_freed_memory()
-        return ExtractedShard(engine.name, len(kept), tuple(left_out))
+        return ExtractedShard(engine.name, len(kept), tuple((hashes[index], paths[index], reason) for index, reason in unusable))
 
 
 def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, settings: ExtractionSettings, progress=None) -> ExtractedShard | None:
