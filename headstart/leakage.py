@@ -120,8 +120,10 @@ def find_near_duplicates(features: "FeatureSet", class_names: list[str], thresho
                          splits: tuple[str, ...] = CHECKED_SPLITS) -> LeakageCheck:
     """Every image of `splits` against every training image, from the dataset's features file,
     one training row group at a time."""
-    queries = {split: features.rows(split, ["path", "label"]) for split in splits}
-    searches = {split: NearestNeighbours(features.load(split)[0]) for split in splits}
+    searches, queries = {}, {}
+    for split in splits:  # one read of each held-out split: its features, labels and paths
+        split_features, labels, paths = features.load(split)
+        searches[split], queries[split] = NearestNeighbours(split_features), {"label": labels.tolist(), "path": paths}
     parquet = pq.ParquetFile(features.path)
     train_paths, train_labels = [], []
     for group in features.row_groups("train"):
