@@ -2,9 +2,9 @@
 
 Refused: absolute names, names with a '..' component, anything but regular files, directories
 and links, links whose target lies outside the destination, and archives that would unpack to
-more than the disk has free. Python's 'data' extraction
-filter then applies the same rules once more while writing, which also covers what a check of
-names alone cannot see (a link through a link).
+more than the disk has free. Python's 'data' extraction filter then applies the same rules once
+more while writing, which also covers what a check of names alone cannot see (a link through a
+link).
 """
 
 from __future__ import annotations
