@@ -48,7 +48,7 @@ def download(url: str, destination: Path, checksum: str | None = None, policy: D
     """
     destination = Path(destination)
     if destination.exists():
-        if checksum is None or file_digest(destination, checksum.partition(":")[0]) == _expected_digest(checksum):
+        if checksum is None or _matches(destination, checksum)[0]:
             return destination
         destination.unlink()
     remove_stale_temporaries(destination.parent, temporary_pattern(destination))  # what a killed download left
@@ -91,14 +91,17 @@ def _fetch(url: str, target: Path, timeout: float) -> None:
 
 
 def _verify_checksum(url: str, path: Path, checksum: str) -> None:
-    actual = file_digest(path, checksum.partition(":")[0])
-    if actual != _expected_digest(checksum):
-        algorithm = checksum.partition(":")[0]
-        raise DownloadError(url, f"its {algorithm} is {actual}, expected {_expected_digest(checksum)}; it was not kept")
+    matches, actual = _matches(path, checksum)
+    if not matches:
+        algorithm, _, expected = checksum.partition(":")
+        raise DownloadError(url, f"its {algorithm} is {actual}, expected {expected.lower()}; it was not kept")
 
 
-def _expected_digest(checksum: str) -> str:
-    return checksum.partition(":")[2].lower()
+def _matches(path: Path, checksum: str) -> tuple[bool, str]:
+    """Whether the file has the checksum ("md5:<hex>", "sha256:<hex>"), and its actual digest."""
+    algorithm, _, expected = checksum.partition(":")
+    actual = file_digest(path, algorithm)
+    return actual == expected.lower(), actual
 
 
 def _describe_http_error(error: urllib.error.HTTPError) -> str:
