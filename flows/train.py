@@ -1,8 +1,11 @@
 """The `train` flow: download → preprocess → extract_features (per shard) → assemble_features →
-build_model → train_head → evaluate → near_duplicates → gate → visualize → publish → promote
-(where the gate decided so); or, when every input matches an earlier run, reuse_identical_run in
-place of the steps after assemble_features. near_duplicates flags test and validation images
-whose nearest training image is almost the same photo, and gives the test accuracy without them."""
+build_model → train_head → [fine_tune → plan_extraction → extract_features → assemble_features →
+build_model] → evaluate → near_duplicates → gate → visualize → publish → promote (where the gate
+decided so); or, when every input matches an earlier run, reuse_identical_run in place of the
+steps after assemble_features. The bracketed steps run with --fine-tune: the backbone's top
+stages are trained with the head, and the fine-tuned backbone's features replace the frozen
+one's. near_duplicates flags test and validation images whose nearest training image is almost
+the same photo, and gives the test accuracy without them."""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.reuse import find_identical_run, training_key
 from tasks.data import download, preprocess
 from tasks.evaluation import evaluate, visualize
-from tasks.features import assemble_features, extract_features
+from tasks.features import assemble_features, extract_features, plan_features
+from tasks.fine_tuning import fine_tune
 from tasks.gate import gate, promote
 from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
@@ -36,15 +40,11 @@ def train(**parameters) -> str:
     backbone, shards = preprocess(config, manifest)
     settings = ExtractionSettings(config.engine, config.threads, config.extraction_batch_size)
     with ExtractionContext(config.cache_dir, settings) as extraction:
-        extracted = []
         if shards:
             # While the extraction runs: TensorFlow and the backbone for build_model, matplotlib for visualize.
             extraction.load_keras_layer_in_background(backbone)
             _import_in_background("headstart.plots")
-            with extraction_runner(config) as runner:
-                labels = [f"{i + 1}/{len(shards)}" for i in range(len(shards))]
-                extracted = runner.map(extract_features, {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels}).result()
-        features, manifest, report = assemble_features(manifest, report, backbone, config.cache_dir, extracted)
+        features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
         previous = find_identical_run(config.cache_dir, key) if config.reuse_identical_runs else None
         if previous is not None:
@@ -52,17 +52,41 @@ def train(**parameters) -> str:
             print(f"headstart: every input matches {previous}; copied it to {run_dir}")
             return run_dir
         classifier = build_model(config, backbone, manifest.class_names, extraction)
-    history = train_head(config, classifier, features)
+        history = train_head(config, classifier, features)
+        tuned, frozen_features, frozen_backbone, frozen_manifest = None, features, backbone, manifest
+        if config.fine_tune:
+            tuned = fine_tune(config, key, backbone, classifier, features)
+            # From here on the fine-tuned network is the run's backbone: its features are what
+            # evaluation and the gate read, as for any backbone.
+            backbone = tuned.backbone
+            extraction.load_keras_layer_in_background(backbone)
+            shards = plan_features(manifest, backbone, config.cache_dir, config.extraction_shard_size)
+            features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
+            classifier = build_model(config, backbone, manifest.class_names, extraction, head_from=classifier)
+            if manifest.fingerprint != frozen_manifest.fingerprint:  # files changed meanwhile were left out
+                frozen_features, _, _ = assemble_features(manifest, report, frozen_backbone, config.cache_dir, [])
     metrics, probabilities = evaluate(classifier, features, manifest.class_names)
-    leakage = near_duplicates(config, features, probabilities, manifest.class_names)
+    # Near-duplicates are judged on the frozen backbone's features, for which the threshold is calibrated.
+    leakage = near_duplicates(config, frozen_features, probabilities, manifest.class_names)
     decision = gate(config, backbone, features, probabilities, manifest.class_names) if config.gate else None
-    figures = visualize(config, history, metrics, probabilities, features, leakage)
-    run_dir = publish(config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage)
+    figures = visualize(config, history, metrics, probabilities, features, leakage, tuned)
+    run_dir = publish(config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned)
     if decision is not None and decision.promote:
         promote(config, run_dir, decision)
     print(f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
           + (f"; gate: {decision.reason}" if decision is not None else "; gate off"))
     return run_dir
+
+
+def _features(config: TrainConfig, manifest, report, backbone, shards, extraction: ExtractionContext):
+    """The dataset's features under this backbone: the shards not cached yet extracted (one task
+    each), then every image's features collected into one file."""
+    extracted = []
+    if shards:
+        with extraction_runner(config) as runner:
+            labels = [f"{i + 1}/{len(shards)}" for i in range(len(shards))]
+            extracted = runner.map(extract_features, {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels}).result()
+    return assemble_features(manifest, report, backbone, config.cache_dir, extracted)
 
 
 def extraction_runner(config: TrainConfig) -> TaskRunner:

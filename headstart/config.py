@@ -3,7 +3,8 @@
 Every field counts towards a run's training key (what decides whether an earlier run can be
 reused, see headstart.reuse) by its value, unless it is marked otherwise: RESULT_NEUTRAL for a
 field that cannot change the model or its metrics, THROUGH_MANIFEST or THROUGH_BACKBONE for one
-whose effect the manifest's or the backbone's fingerprint already counts. A new field therefore
+whose effect the manifest's or the backbone's fingerprint already counts, WHEN_FINE_TUNING for a
+setting of the fine-tuning stage, which counts only where that stage runs. A new field therefore
 counts until someone decides it does not.
 """
 
@@ -12,19 +13,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from headstart.backbone.handles import BUNDLED_HANDLE
+from headstart.backbone.stages import HEAD
 from headstart.leakage import DEFAULT_THRESHOLD
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_CIFAR10_CLASSES = ("cat", "dog")
+DEFAULT_CUT = 7  # fine-tuning from stage 7 (see the README's study)
 
 
 # Marks for the fields that do not count towards the training key by their own value.
 THROUGH_MANIFEST = {"training_key": "manifest"}  # what it changes, the manifest's fingerprint shows: the images, labels, splits
 THROUGH_BACKBONE = {"training_key": "backbone"}  # the backbone's fingerprint (its exact weights) counts instead of its name
 RESULT_NEUTRAL = {"training_key": "neutral"}  # never changes the model or its metrics: engine choice within parity, speed, places
+WHEN_FINE_TUNING = {"training_key": "fine_tuning"}  # counts by value where fine_tune is on, and not at all where it is off
 
 
 class TrainConfig(BaseModel):
@@ -45,6 +49,20 @@ class TrainConfig(BaseModel):
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5, json_schema_extra=THROUGH_MANIFEST, description="share of a folder source held out for testing")
     max_images_per_class: Optional[int] = Field(None, ge=1, json_schema_extra=THROUGH_MANIFEST, description="cap per class, for quick runs")
     seed: int = Field(0, description="seed of the head's initialisation, dropout and shuffling")
+    fine_tune: bool = Field(False, description=(
+        "after the head, also train the backbone's stages from --fine-tune-from up, with the head, on activations cached below them"))
+    fine_tune_from: int = Field(DEFAULT_CUT, ge=1, le=HEAD, json_schema_extra=WHEN_FINE_TUNING, description=(
+        "first stage to fine-tune: 1–17 an inverted-residual block, 18 the final 1×1 convolution; the stages below stay frozen"))
+    fine_tune_epochs: int = Field(8, ge=1, le=1000, json_schema_extra=WHEN_FINE_TUNING, description=(
+        "fine-tuning epochs (the learning rate decays over them); stops early when validation accuracy stalls"))
+    fine_tune_learning_rate: float = Field(3e-4, gt=0.0, le=1.0, json_schema_extra=WHEN_FINE_TUNING,
+                                           description="Adam's initial learning rate for fine-tuning, decayed to 0 on a cosine")
+    fine_tune_patience: int = Field(3, ge=1, json_schema_extra=WHEN_FINE_TUNING,
+                                    description="fine-tuning epochs without a better validation accuracy before it stops")
+    fine_tune_flip: bool = Field(True, json_schema_extra=WHEN_FINE_TUNING,
+                                 description="mirror each training image at random in each fine-tuning epoch (both orientations cached)")
+    fine_tune_shift: int = Field(0, ge=0, le=4, json_schema_extra=WHEN_FINE_TUNING, description=(
+        "cells by which each training image's cut-point activations may move each way in fine-tuning (a translation)"))
     # Counts by value: it changes no weights, but it decides what metrics.json, data_report.json
     # and the model card say, and a reused run must say what this threshold would have.
     near_duplicate_threshold: float = Field(DEFAULT_THRESHOLD, gt=0.0, le=1.0, description=(
@@ -72,9 +90,17 @@ class TrainConfig(BaseModel):
         return [name for name, field in cls.model_fields.items() if not (field.json_schema_extra or {}).get("training_key")]
 
     def training_values(self) -> dict[str, Any]:
-        """Those fields' values, as JSON values."""
+        """Those fields' values, as JSON values, and the fine-tuning settings where it runs."""
         values = self.model_dump(mode="json")
-        return {name: values[name] for name in self.counted_by_value()}
+        counted = self.counted_by_value() + ([name for name, field in type(self).model_fields.items()
+                                              if (field.json_schema_extra or {}).get("training_key") == "fine_tuning"] if self.fine_tune else [])
+        return {name: values[name] for name in counted}
+
+    @model_validator(mode="after")
+    def _fine_tuning_has_a_validation_split(self):
+        if self.fine_tune and self.validation_fraction == 0:
+            raise ValueError("fine-tuning selects its best epoch on the validation split: give a validation fraction above 0")
+        return self
 
     @field_validator("classes")
     @classmethod

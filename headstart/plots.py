@@ -23,18 +23,20 @@ def _to_png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def plot_training_curves(history: dict[str, list[float]]) -> bytes:
+def plot_training_curves(history: dict[str, list[float]], title: str = "Training: train vs validation") -> bytes:
+    """Loss and accuracy per epoch; validation scores may start one epoch earlier, at epoch 0 (before training)."""
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, metric in zip(axes, ("loss", "accuracy")):
-        epochs = range(1, len(history.get(metric, [])) + 1)
-        axis.plot(epochs, history.get(metric, []), marker="o", label="train")
+        epochs = len(history.get(metric, []))
+        axis.plot(range(1, epochs + 1), history.get(metric, []), marker="o", label="train")
         if f"val_{metric}" in history:
-            axis.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+            validation = history[f"val_{metric}"]
+            axis.plot(range(epochs + 1 - len(validation), epochs + 1), validation, marker="o", label="validation")
         axis.set_xlabel("epoch")
         axis.set_title(metric)
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle("Training: train vs validation")
+    figure.suptitle(title)
     return _to_png(figure)
 
 
@@ -141,16 +143,18 @@ def plot_near_duplicates(pairs: list[dict], limit: int = 4) -> bytes:
 
 
 # The plots of a run, by file name, in the order the report shows them; NEAR_DUPLICATES_PLOT only
-# where the test split has near-duplicates of training images.
+# where the test split has near-duplicates of training images, FINE_TUNING_PLOT where it ran.
 PLOT_FILES = ("training_curves.png", "confusion_matrix.png", "sample_predictions.png", "confident_mistakes.png")
 NEAR_DUPLICATES_PLOT = "near_duplicates.png"
+FINE_TUNING_PLOT = "fine_tuning_curves.png"
 
 
 def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str], probabilities: np.ndarray, seed: int,
-             near_duplicates: list[dict] = ()) -> dict[str, bytes]:
+             near_duplicates: list[dict] = (), fine_tuning: dict | None = None) -> dict[str, bytes]:
     """A run's plots as PNG bytes by file name (PLOT_FILES): its training curves, and its test
     split's confusion matrix, a seeded sample of predictions and the most confident mistakes;
-    and the closest test / training pairs where `near_duplicates` (most similar first) has any."""
+    the fine-tuning curves where `fine_tuning` (its history) is given; and the closest test /
+    training pairs where `near_duplicates` (most similar first) has any."""
     samples = sample_indices(len(paths), 12, seed)
     mistakes = confident_mistake_indices(labels, probabilities, 12)
     names = metrics["class_names"]
@@ -163,6 +167,9 @@ def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str],
             [paths[i] for i in mistakes], labels[mistakes], probabilities[mistakes], names, "Most confident mistakes"),
     }
     ordered = {name: figures[name] for name in PLOT_FILES}
+    if fine_tuning is not None:
+        ordered = {"training_curves.png": ordered.pop("training_curves.png"),
+                   FINE_TUNING_PLOT: plot_training_curves(fine_tuning, "Fine-tuning: train vs validation (epoch 0: the head alone)"), **ordered}
     if near_duplicates:
         ordered[NEAR_DUPLICATES_PLOT] = plot_near_duplicates(list(near_duplicates))
     return ordered

@@ -182,15 +182,19 @@ def _content_fingerprint(hashes: list[str]) -> dict:
 def write_run(
     artifacts_root: Path, *, config: "TrainConfig", training_key: str, classifier, backbone: Backbone, features: "FeatureSet",
     data_report: dict, history: dict, metrics: dict, figures: dict[str, bytes], flow_run_id: str | None = None, gate: dict | None = None,
-    near_duplicates: dict | None = None,
+    near_duplicates: dict | None = None, fine_tuning: tuple[dict, dict] | None = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
     `near_duplicates` (headstart.leakage.near_duplicate_report) goes into the data report, its
-    test-split figures into metrics.json and the model card."""
+    test-split figures into metrics.json and the model card. `fine_tuning`, (history, summary)
+    where the backbone was fine-tuned, goes into history.json and metrics.json."""
     config_values = config.model_dump(mode="json")
     if near_duplicates is not None:
         data_report = {**data_report, "near_duplicates": near_duplicates}
         metrics = {**metrics, "near_duplicates": near_duplicate_metrics(near_duplicates)}
+    if fine_tuning is not None:
+        history = {**history, "fine_tuning": fine_tuning[0]}
+        metrics = {**metrics, "fine_tuning": fine_tuning[1]}
     with RunWriter(artifacts_root) as writer:
         writer.write_json(LINEAGE_FILE, writer.lineage(config_values=config_values, training_key=training_key, backbone=backbone,
                                                        features=features, data_report=data_report, metrics=metrics, flow_run_id=flow_run_id,
@@ -242,6 +246,19 @@ def near_duplicates_summary(near_duplicates: dict | None) -> str:
     return text
 
 
+def fine_tuning_summary(config: dict, summary: dict | None) -> str:
+    """The model card's line on fine-tuning, where it ran."""
+    if summary is None:
+        return ""
+    augmentation = ", ".join(name for name, on in (("horizontal flips", summary["flip"]), (f"shifts of up to {summary['shift']} cells", summary["shift"])) if on)
+    return (f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, on activations cached at their input "
+            f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); {summary['epochs_run']} epochs "
+            f"(learning rate {config['fine_tune_learning_rate']} on a cosine decay, augmentation: {augmentation or 'none'}), "
+            f"epoch {summary['best_epoch']} kept: validation accuracy {summary['validation_accuracy_before']:.4f} with the head alone, "
+            f"{summary['validation_accuracy_after']:.4f} fine-tuned. Base backbone `{summary['base_backbone']['handle']}` "
+            f"(fingerprint `{summary['base_backbone']['fingerprint']}`); the stages below {summary['from_stage']} are its own, unchanged.")
+
+
 def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbone, history: dict, engine: str) -> str:
     counts = data_report["counts"]
     split_lines = "\n".join(
@@ -257,9 +274,9 @@ def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbon
 An image classifier for {', '.join(data_report['class_names'])}, trained by headstart.
 
 ## Model
-- Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), frozen, ImageNet-pretrained; input {backbone.image_size}×{backbone.image_size} px.
+- Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), {"fine-tuned" if "fine_tuning" in metrics else "frozen"}, ImageNet-pretrained; input {backbone.image_size}×{backbone.image_size} px.
 - Head: Dropout({config['dropout']}) → Dense({len(data_report['class_names'])}, softmax), trained for {len(history.get('loss', []))} epochs
-  (learning rate {config['learning_rate']}, batch size {config['batch_size']}, seed {config['seed']}), on features from the {engine} engine.
+  (learning rate {config['learning_rate']}, batch size {config['batch_size']}, seed {config['seed']}), on features from the {engine} engine.{fine_tuning_summary(config, metrics.get("fine_tuning"))}
 - Input: RGB images of any size, pixel values 0–255; output: one probability per class in the order of `{CLASS_NAMES_FILE}`.
 
 ## Data

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from headstart.config import TrainConfig
 from headstart.evaluation import evaluate_split
 from headstart.features.dataset import FeatureSet
+from headstart.fine_tuning import FineTuningResult
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -19,10 +20,12 @@ def evaluate(classifier, features: FeatureSet, class_names: tuple[str, ...]) -> 
 
 @task(name="visualize", cache_policy=NO_CACHE)
 def visualize(config: TrainConfig, history: dict, metrics: dict, probabilities: np.ndarray, features: FeatureSet,
-              near_duplicates: dict | None = None) -> dict[str, bytes]:
+              near_duplicates: dict | None = None, fine_tuning: FineTuningResult | None = None) -> dict[str, bytes]:
     """Renders the run's plots as PNG bytes, by file name; with the closest test / training pairs
-    where `near_duplicates` (the near_duplicates step's report) flagged any."""
+    where `near_duplicates` (the near_duplicates step's report) flagged any, and the fine-tuning
+    curves where it ran."""
     from headstart.plots import plot_run
 
     pairs = near_duplicates["splits"]["test"]["pairs"] if near_duplicates is not None else []
-    return plot_run(history, metrics, *features.labels_and_paths("test"), probabilities, config.seed, pairs)
+    return plot_run(history, metrics, *features.labels_and_paths("test"), probabilities, config.seed, pairs,
+                    fine_tuning.history if fine_tuning is not None else None)

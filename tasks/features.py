@@ -11,9 +11,15 @@ from prefect.logging import get_run_logger
 from headstart.backbone.handles import Backbone
 from headstart.data.manifest import DataReport, Manifest, without_images
 from headstart.features.cache import Shard
-from headstart.features.dataset import FeatureSet, assemble_features as assemble
+from headstart.features.dataset import FeatureSet, assemble_features as assemble, plan_extraction
 from headstart.features.extraction import ExtractedShard, ExtractionContext
 from tasks.progress import DashboardProgress
+
+
+@task(name="plan_extraction", cache_policy=NO_CACHE)
+def plan_features(manifest: Manifest, backbone: Backbone, cache_dir: Path, shard_size: int) -> list[Shard]:
+    """The images whose features under this backbone are not cached yet, as shards."""
+    return plan_extraction(manifest, backbone, cache_dir, shard_size)
 
 
 @task(name="extract_features", task_run_name="extract_features-{label}", cache_policy=NO_CACHE)

@@ -13,14 +13,18 @@ from tasks.progress import DashboardProgress
 
 
 @task(name="build_model", cache_policy=NO_CACHE)
-def build_model(config: TrainConfig, backbone: Backbone, class_names: tuple[str, ...], context: ExtractionContext):
-    """The end-to-end Functional model: images → frozen backbone → Dropout → Dense.
+def build_model(config: TrainConfig, backbone: Backbone, class_names: tuple[str, ...], context: ExtractionContext, head_from=None):
+    """The end-to-end Functional model: images → frozen backbone → Dropout → Dense; the head's
+    weights those of `head_from` (a classifier trained before) where given.
 
     The backbone layer is the one the extraction context loaded beside the extraction, if it did.
     """
-    from headstart.model import build_classifier
+    from headstart.model import HEAD_DENSE, build_classifier
 
-    return build_classifier(context.keras_layer(backbone), len(class_names), config.image_size, config.dropout, config.seed)
+    classifier = build_classifier(context.keras_layer(backbone), len(class_names), config.image_size, config.dropout, config.seed)
+    if head_from is not None:
+        classifier.get_layer(HEAD_DENSE).set_weights(head_from.get_layer(HEAD_DENSE).get_weights())
+    return classifier
 
 
 @task(name="train_head", cache_policy=NO_CACHE)

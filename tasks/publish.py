@@ -15,6 +15,7 @@ from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
+from headstart.fine_tuning import FineTuningResult
 from headstart.gate import GateDecision
 from headstart.report import data_rows, metrics_rows, near_duplicate_rows, report_markdown
 from headstart.reuse import record_run
@@ -25,12 +26,13 @@ from headstart.runs import Run, copy_run, write_run
 def publish(
     config: TrainConfig, training_key: str, classifier, backbone: Backbone, features: FeatureSet,
     report: DataReport, history: dict, metrics: dict, figures: dict[str, bytes], decision: GateDecision | None = None,
-    near_duplicates: dict | None = None,
+    near_duplicates: dict | None = None, fine_tuning: FineTuningResult | None = None,
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
     run_dir = write_run(config.artifacts_root, config=config, training_key=training_key, classifier=classifier, backbone=backbone,
                         features=features, data_report=report.to_dict(), history=history, metrics=metrics, figures=figures,
-                        flow_run_id=flow_run.id, gate=decision.to_dict() if decision is not None else None, near_duplicates=near_duplicates)
+                        flow_run_id=flow_run.id, gate=decision.to_dict() if decision is not None else None, near_duplicates=near_duplicates,
+                        fine_tuning=(fine_tuning.history, fine_tuning.summary) if fine_tuning is not None else None)
     record_run(config.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir))
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from headstart.backbone.stages import HEAD, STEM, blocks, channels_into
 from headstart.keras import keras
 
 FEATURE_DIM = 1280
-# torchvision's inverted-residual settings: expansion t, output channels c, repeats n, stride s.
-INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 BATCH_NORM_EPSILON = 1e-5  # torch's default; Keras' default of 1e-3 would shift every feature.
 def _conv_bn(x, state, prefix, filters, kernel_size, stride, depthwise, relu6, name):
     """A convolution and the BatchNorm after it, folded into one convolution with a bias."""
@@ -49,28 +48,6 @@ def _folded_batch_norm(state, prefix) -> tuple[np.ndarray, np.ndarray]:
     return scale, (beta - mean * scale).astype(np.float32)
 
 
-# The network's stages as torchvision numbers them: 0 the stem, 1–17 the inverted-residual
-# blocks, 18 the final 1×1 convolution; then global pooling.
-STEM, HEAD = 0, 18
-
-
-def _blocks() -> list[tuple[int, int, int, int, int]]:
-    """Each inverted-residual block as (index, expansion, input channels, output channels, stride)."""
-    blocks, in_channels, index = [], 32, 1
-    for expansion, channels, repeats, first_stride in INVERTED_RESIDUAL_SETTINGS:
-        for repeat in range(repeats):
-            blocks.append((index, expansion, in_channels, channels, first_stride if repeat == 0 else 1))
-            in_channels, index = channels, index + 1
-    return blocks
-
-
-def channels_into(stage: int) -> int:
-    """Channels of the activations that enter stage `stage` (1–18): where the network can be cut."""
-    if not STEM < stage <= HEAD:
-        raise ValueError(f"the network can be cut before stages 1 to {HEAD}, not {stage}")
-    return 32 if stage == 1 else _blocks()[stage - 2][3]
-
-
 def _inverted_residual(x, state, index, expansion, in_channels, channels, stride):
     block_input, prefix, name = x, f"features.{index}.conv", f"block{index}"
     layer = 0
@@ -91,7 +68,7 @@ def _stages(x, state, first: int, last: int):
     """Stages first…last (inclusive) of the network applied to x; the pooling after HEAD."""
     if first == STEM:
         x = _conv_bn(x, state, "features.0", 32, 3, 2, False, True, "stem")
-    for index, expansion, in_channels, channels, stride in _blocks():
+    for index, expansion, in_channels, channels, stride in blocks():
         if first <= index <= last:
             x = _inverted_residual(x, state, index, expansion, in_channels, channels, stride)
     if last == HEAD:

@@ -30,6 +30,9 @@ logger = logging.getLogger("headstart")
 class FeatureCache:
     """Per-image features in Parquet shards under cache_dir/features/<fingerprint>-<size>px/."""
 
+    # How each value is stored: float32 features; a cache of something else may store less.
+    VALUE_DTYPE = "<f4"
+
     def __init__(self, cache_dir: Path, backbone: Backbone):
         self.directory = Path(cache_dir) / "features" / f"{backbone.fingerprint}-{backbone.image_size}px"
 
@@ -61,7 +64,7 @@ class FeatureCache:
 
     def write_shard(self, hashes: list[str], features: np.ndarray) -> Path:
         name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
-        table = pa.table({"sha256": hashes, "features": features_column(features)})
+        table = pa.table({"sha256": hashes, "features": features_column(features, self.VALUE_DTYPE)})
         return write_parquet_atomic(self.directory / f"shard-{name}.parquet", table, **FEATURES_PARQUET_OPTIONS)
 
 

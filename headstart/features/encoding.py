@@ -16,10 +16,11 @@ import pyarrow as pa
 FEATURES_PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none", "write_page_checksum": True}
 
 
-def features_column(features: np.ndarray) -> pa.Array:
-    """A [n, dim] float matrix as an Arrow column of n fixed-size binary values."""
-    features = np.ascontiguousarray(features, "<f4")
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(features.shape[1] * 4), len(features), [None, pa.py_buffer(features)])
+def features_column(features: np.ndarray, dtype: str = "<f4") -> pa.Array:
+    """A [n, dim] float matrix as an Arrow column of n fixed-size binary values of `dtype`."""
+    features = np.ascontiguousarray(features.reshape(len(features), -1), dtype)
+    width = features.shape[1] * features.itemsize
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(features), [None, pa.py_buffer(features)])
 
 
 def features_matrix(table: pa.Table) -> np.ndarray:
@@ -27,11 +28,11 @@ def features_matrix(table: pa.Table) -> np.ndarray:
     return column_matrix(table.column("features").combine_chunks())
 
 
-def column_matrix(column: pa.Array) -> np.ndarray:
+def column_matrix(column: pa.Array, dtype: str = "<f4") -> np.ndarray:
     if pa.types.is_fixed_size_binary(column.type):
-        width = column.type.byte_width
-        data = np.frombuffer(column.buffers()[1], "<f4", count=len(column) * width // 4, offset=column.offset * width)
-        return data.reshape(len(column), width // 4)
+        width, itemsize = column.type.byte_width, np.dtype(dtype).itemsize
+        data = np.frombuffer(column.buffers()[1], dtype, count=len(column) * width // itemsize, offset=column.offset * width)
+        return data.reshape(len(column), width // itemsize)
     # A cache shard written before features were binary: list<float32>.
     return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 

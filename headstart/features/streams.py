@@ -27,7 +27,7 @@ class FeatureStream:
     def kept_in_memory(self, max_bytes: int) -> "FeatureStream | InMemoryFeatures":
         """The split read into memory once, where it fits in max_bytes; else this stream.
         Either way an epoch visits the same rows in the same order."""
-        if self.features_bytes > max_bytes:
+        if self.features_bytes > max_bytes or not self.num_rows:  # an empty split (no validation) stays a stream of nothing
             return self
         chunks = list(self.chunks())
         return InMemoryFeatures(

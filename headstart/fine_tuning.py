@@ -1,0 +1,349 @@
+"""Fine-tuning the top of the bundled MobileNetV2, cheaply: on activations cached at a cut point.
+
+The network is cut before one of its stages (headstart.backbone.mobilenet). The stages below the
+cut stay frozen, so what they compute for an image never changes: it is computed once per image
+(and once per horizontally flipped image) and cached, keyed like the feature cache by content
+hash, backbone fingerprint and image size, and by the cut. Each fine-tuning epoch then runs only
+the stages above the cut, with the head trained on frozen features before. What fine-tuning
+yields is a whole network again (every stage, the lower ones bit for bit the bundled ones),
+exported as a TF Hub module: the run's backbone, which extraction, evaluation, predict and every
+later consumer load like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path
+from headstart.errors import HeadstartError
+from headstart.features.cache import FeatureCache
+from headstart.features.encoding import column_matrix
+from headstart.preprocessing import decoded_batches
+
+logger = logging.getLogger("headstart")
+
+# What an activation cache stores: half precision halves its size, and changes what the trained
+# network scores by less than the noise of a validation split (benchmarks/results/fine-tuning.md).
+ACTIVATION_DTYPE = "<f2"
+FLIPPED_SUFFIX = "+hflip"
+
+
+class ActivationCache(FeatureCache):
+    """Per-image activations entering stage `cut` of a backbone, in Parquet shards under
+    cache_dir/activations/<fingerprint>-<size>px-into-stage-<cut>/: an image's entry is its content
+    hash, its horizontal mirror's the hash followed by FLIPPED_SUFFIX."""
+
+    VALUE_DTYPE = ACTIVATION_DTYPE
+
+    def __init__(self, cache_dir: Path, backbone: Backbone, cut: int):
+        self.directory = Path(cache_dir) / "activations" / f"{backbone.fingerprint}-{backbone.image_size}px-into-stage-{cut}"
+
+    def load(self, keys: list[str], shape: tuple[int, ...]) -> np.ndarray:
+        """The cached activations of each entry in `keys`, in that order, as [n, *shape] float16;
+        HeadstartError where one is missing (a shard found damaged on the way is dropped)."""
+        row_of = {key: row for row, key in enumerate(keys)}
+        activations = np.empty((len(keys), *shape), np.float16)
+        found = np.zeros(len(keys), bool)
+        for shard in self.shard_paths():
+            table = self.read_shard(shard)
+            if table is None:
+                continue
+            values = column_matrix(table.column("features").combine_chunks(), self.VALUE_DTYPE)
+            for index, key in enumerate(table.column("sha256").to_pylist()):
+                row = row_of.get(key)
+                if row is not None:
+                    activations[row] = values[index].reshape(shape)
+                    found[row] = True
+        if not found.all():
+            raise HeadstartError(f"activation cache {self.directory} lacks {int((~found).sum())} of {len(keys)} entries")
+        return activations
+
+
+def entry_key(content_hash: str, flipped: bool) -> str:
+    return content_hash + FLIPPED_SUFFIX if flipped else content_hash
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image to pass through the lower stages: its cache key, content hash, path and orientation."""
+
+    key: str
+    content_hash: str
+    path: str
+    flipped: bool = False
+
+
+class SplitBackbone:
+    """The bundled backbone cut before stage `cut`: `lower` (normalised images → activations
+    entering the stage, frozen) and `upper` (those activations → features, what fine-tuning trains)."""
+
+    def __init__(self, backbone: Backbone, cut: int):
+        if backbone.handle != BUNDLED_HANDLE:
+            raise HeadstartError(f"fine-tuning needs the bundled backbone ({BUNDLED_HANDLE}), whose stages headstart can cut apart; "
+                                 f"{backbone.handle} is a module it can only run whole")
+        from headstart.backbone.checkpoint import read_legacy_checkpoint
+        from headstart.backbone.mobilenet import build_mobilenet_v2_split
+
+        self.backbone, self.cut = backbone, cut
+        self.state = read_legacy_checkpoint(bundled_checkpoint_path(), CHECKPOINT_SHA256_PREFIX)
+        self.lower, self.upper = build_mobilenet_v2_split(self.state, cut)
+        self.activation_shape = tuple(int(d) for d in self.lower.compute_output_shape((1, backbone.image_size, backbone.image_size, 3))[1:])
+        self._lower_pass = None
+
+    def activations(self, images: list[np.ndarray], flipped: list[bool]) -> np.ndarray:
+        """The lower stages' output for float images in [0, 1] (any sizes), each mirrored where `flipped`,
+        resized and normalised exactly as the backbone module does it."""
+        from headstart.keras import tf
+        from headstart.preprocessing import imagenet_normalization, resize_batch
+
+        if self._lower_pass is None:
+            normalize = imagenet_normalization()
+            size = self.backbone.image_size
+            self._lower_pass = tf.function(lambda batch: self.lower(normalize(batch), training=False),
+                                           input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        batch = resize_batch(images, self.backbone.image_size)
+        batch = np.where(np.asarray(flipped)[:, None, None, None], batch[:, :, ::-1, :], batch)
+        return self._lower_pass(tf.constant(batch)).numpy()
+
+    def export(self, destination: Path, handle: str) -> Backbone:
+        """The whole network, the upper stages as trained now, written as a TF Hub module: a Backbone.
+
+        Its fingerprint hashes the base module's fingerprint, the cut and every weight: the same
+        weights always get the same fingerprint. (The module's files would not do: a SavedModel
+        names its functions with counters of the process that traced them.)"""
+        from headstart.backbone.hub_module import export_hub_module
+        from headstart.backbone.mobilenet import build_mobilenet_v2
+
+        network = build_mobilenet_v2(self.state)
+        for layer in self.upper.layers:
+            if layer.weights:
+                network.get_layer(layer.name).set_weights(layer.get_weights())
+        digest = hashlib.sha256(f"{self.backbone.fingerprint} fine-tuned from stage {self.cut}".encode())
+        for weight in network.weights:
+            digest.update(weight.name.encode())
+            digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+        export_hub_module(network, self.backbone.image_size, destination)
+        return Backbone(handle=handle, module_path=Path(destination), fingerprint=digest.hexdigest()[:16], image_size=self.backbone.image_size)
+
+
+# Entries per activation-cache shard: ≈ 25 MB at 160 px cut before stage 7, in float16.
+ENTRIES_PER_SHARD = 1024
+
+
+@dataclass(frozen=True)
+class CachedActivations:
+    """What `cache_activations` did: entries computed now, entries found cached, and the entries
+    whose files no longer hold the content they were scanned with, with the reason (not cached)."""
+
+    computed: int
+    reused: int
+    left_out: list[tuple[Entry, str]]
+
+
+def cache_activations(split: SplitBackbone, cache: ActivationCache, entries: list[Entry], batch_size: int = 64,
+                      progress=None) -> CachedActivations:
+    """Computes and caches the activations of every entry not cached yet."""
+    cached = cache.cached_hashes()
+    missing = [entry for entry in entries if entry.key not in cached]
+    if progress is not None:
+        progress.update(len(entries) - len(missing))
+    left_out = []
+    for start in range(0, len(missing), ENTRIES_PER_SHARD):
+        shard = missing[start:start + ENTRIES_PER_SHARD]
+        keys, outputs = [], []
+        for batch in decoded_batches([entry.path for entry in shard], split.backbone.image_size, batch_size,
+                                     [entry.content_hash for entry in shard]):
+            if batch.indices:
+                outputs.append(split.activations(batch.images, [shard[index].flipped for index in batch.indices]))
+                keys.extend(shard[index].key for index in batch.indices)
+            left_out.extend((shard[index], reason) for index, reason in batch.unusable)
+            if progress is not None:
+                progress.update(len(batch.indices) + len(batch.unusable))
+        if keys:
+            cache.write_shard(keys, np.concatenate(outputs))
+    return CachedActivations(len(missing) - len(left_out), len(entries) - len(missing), left_out)
+
+
+@dataclass
+class TuningData:
+    """What fine-tuning trains and selects on: the train split's activations (and their mirrors,
+    where flips augment it) and the validation split's, float16, with labels."""
+
+    train: np.ndarray
+    train_labels: np.ndarray
+    validation: np.ndarray
+    validation_labels: np.ndarray
+    train_flipped: np.ndarray | None = None
+
+
+@dataclass
+class TuningSettings:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    patience: int
+    seed: int
+    shift: int = 0  # cells by which the cut-point map may move each way (a translation of the image)
+
+
+def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: TuningSettings,
+              on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None) -> tuple[dict[str, list[float]], int]:
+    """Trains the upper stages and the head (`head`: the classifier's Dropout and Dense layers,
+    trained before on frozen features, shared and so updated in place) on the cached activations.
+
+    Adam with a cosine decay of the learning rate over the planned epochs. Each epoch takes every
+    training image once, mirrored or not at random (deterministic under the seed), and may move
+    its cut-point map by up to `shift` cells. After each epoch the validation split is scored;
+    training stops after `patience` epochs without a better validation accuracy, and the weights
+    of the best epoch are restored. Returns the per-epoch history (its validation scores start with
+    epoch 0, the network before fine-tuning) and the best epoch (0: fine-tuning did not help).
+    """
+    from headstart.keras import keras, tf
+
+    keras.utils.set_random_seed(settings.seed)
+    tf.config.experimental.enable_op_determinism()
+    dropout, dense = head
+    activations = keras.Input(data.train.shape[1:], name="activations")
+    model = keras.Model(activations, dense(dropout(split.upper(activations))), name="fine_tuning")
+    steps_per_epoch = -(-len(data.train_labels) // settings.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(settings.learning_rate, settings.epochs * steps_per_epoch)
+    optimizer = keras.optimizers.Adam(schedule)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy()
+
+    @tf.function(reduce_retracing=True)
+    def step(batch, labels):
+        with tf.GradientTape() as tape:
+            probabilities = model(batch, training=True)
+            loss = cross_entropy(labels, probabilities)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss * tf.cast(tf.shape(labels)[0], tf.float32), _correct(labels, probabilities)
+
+    @tf.function(reduce_retracing=True)
+    def score(batch, labels):
+        probabilities = model(batch, training=False)
+        return cross_entropy(labels, probabilities) * tf.cast(tf.shape(labels)[0], tf.float32), _correct(labels, probabilities)
+
+    def validate() -> tuple[float, float]:
+        sums = np.zeros(2)
+        for start in range(0, len(data.validation_labels), 256):
+            rows = slice(start, start + 256)
+            sums += [float(value) for value in score(data.validation[rows].astype(np.float32), data.validation_labels[rows])]
+        return sums[0] / len(data.validation_labels), sums[1] / len(data.validation_labels)
+
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "seconds": []}
+    best_loss, best_accuracy = validate()
+    history["val_loss"].append(best_loss)
+    history["val_accuracy"].append(best_accuracy)
+    best_weights, best_epoch, epochs_without_improvement = model.get_weights(), 0, 0
+    for epoch in range(1, settings.epochs + 1):
+        started = time.perf_counter()
+        generator = np.random.default_rng([settings.seed, epoch])
+        order = generator.permutation(len(data.train_labels))
+        mirrored = generator.random(len(order)) < 0.5 if data.train_flipped is not None else None
+        loss_sum = correct = 0.0
+        for start in range(0, len(order), settings.batch_size):
+            rows = order[start:start + settings.batch_size]
+            batch = data.train[rows]
+            if mirrored is not None:
+                batch = np.where(mirrored[rows][:, None, None, None], data.train_flipped[rows], batch)
+            if settings.shift:
+                batch = _shifted(batch, settings.shift, generator)
+            batch_loss, batch_correct = step(batch.astype(np.float32), data.train_labels[rows])
+            loss_sum, correct = loss_sum + float(batch_loss), correct + float(batch_correct)
+        history["loss"].append(loss_sum / len(order))
+        history["accuracy"].append(correct / len(order))
+        validation_loss, validation_accuracy = validate()
+        history["val_loss"].append(validation_loss)
+        history["val_accuracy"].append(validation_accuracy)
+        history["seconds"].append(time.perf_counter() - started)
+        if on_epoch is not None:
+            on_epoch(epoch, history)
+        if (validation_accuracy, -validation_loss) > (best_accuracy, -best_loss):
+            best_accuracy, best_loss, best_weights, best_epoch, epochs_without_improvement = (
+                validation_accuracy, validation_loss, model.get_weights(), epoch, 0)
+        else:
+            epochs_without_improvement += 1
+            if epochs_without_improvement >= settings.patience:
+                break
+    model.set_weights(best_weights)
+    return history, best_epoch
+
+
+def _shifted(batch: np.ndarray, cells: int, generator: np.random.Generator) -> np.ndarray:
+    """Each map of the batch moved by up to `cells` each way, the edge repeated into the gap: the
+    cut-point counterpart of translating the images."""
+    moves = generator.integers(0, 2 * cells + 1, size=(len(batch), 2))
+    padded = np.pad(batch, ((0, 0), (cells, cells), (cells, cells), (0, 0)), mode="edge")
+    height, width = batch.shape[1:3]
+    return np.stack([image[dy:dy + height, dx:dx + width] for image, (dy, dx) in zip(padded, moves)])
+
+
+def _correct(labels, probabilities):
+    from headstart.keras import tf
+
+    return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, axis=-1), tf.cast(labels, tf.int64)), tf.float32))
+
+
+@dataclass(frozen=True)
+class FineTuningResult:
+    """What fine-tuning made: the fine-tuned backbone (a TF Hub module, the run's backbone from now
+    on), its per-epoch history, and a summary for metrics.json and the model card."""
+
+    backbone: Backbone
+    history: dict
+    summary: dict
+
+
+def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Path, destination: Path, cut: int,
+                         settings: TuningSettings, flip: bool, activation_progress=None, on_epoch=None) -> FineTuningResult:
+    """Fine-tunes the bundled backbone from stage `cut` up together with the classifier's head
+    (trained before on frozen features; updated in place), on the train split's cached activations
+    (and their mirrors, where `flip`), selecting on the validation split. The test split is not read.
+    The fine-tuned network is written to `destination` as a TF Hub module."""
+    from headstart.model import HEAD_DENSE, HEAD_DROPOUT
+
+    split = SplitBackbone(backbone, cut)
+    cache = ActivationCache(cache_dir, backbone, cut)
+    rows = {name: features.rows(name, ["sha256", "path", "label"]) for name in ("train", "validation")}
+    if not rows["validation"]["sha256"]:
+        raise HeadstartError("fine-tuning selects its epoch on the validation split, which is empty: give --validation-fraction > 0")
+    images = {name: [Entry(sha, sha, path) for sha, path in zip(split_rows["sha256"], split_rows["path"])] for name, split_rows in rows.items()}
+    mirrors = [Entry(entry_key(entry.content_hash, True), entry.content_hash, entry.path, True) for entry in images["train"]] if flip else []
+    entries = images["train"] + mirrors + images["validation"]
+    started = time.perf_counter()
+    cached = cache_activations(split, cache, entries, progress=activation_progress)
+    activation_seconds = time.perf_counter() - started
+    gone = {entry.content_hash for entry, _ in cached.left_out}
+    for entry, reason in cached.left_out:
+        logger.warning("left out of fine-tuning %s: %s", entry.path, reason)
+
+    def kept(name: str, flipped: bool = False) -> tuple[list[str], np.ndarray]:
+        pairs = [(entry_key(sha, flipped), label) for sha, label in zip(rows[name]["sha256"], rows[name]["label"]) if sha not in gone]
+        return [key for key, _ in pairs], np.array([label for _, label in pairs], np.int64)
+
+    train_keys, train_labels = kept("train")
+    validation_keys, validation_labels = kept("validation")
+    data = TuningData(cache.load(train_keys, split.activation_shape), train_labels,
+                      cache.load(validation_keys, split.activation_shape), validation_labels,
+                      cache.load(kept("train", True)[0], split.activation_shape) if flip else None)
+    history, best_epoch = fine_tune(split, (classifier.get_layer(HEAD_DROPOUT), classifier.get_layer(HEAD_DENSE)), data, settings, on_epoch)
+    tuned = split.export(destination, f"{backbone.handle} fine-tuned from stage {cut}")
+    summary = {
+        "from_stage": cut, "image_size": backbone.image_size, "activation_shape": list(split.activation_shape),
+        "activation_dtype": "float16", "flip": flip, "shift": settings.shift,
+        "epochs_run": len(history["loss"]), "best_epoch": best_epoch,
+        "validation_accuracy_before": history["val_accuracy"][0], "validation_accuracy_after": history["val_accuracy"][best_epoch],
+        "seconds_per_epoch": float(np.mean(history["seconds"])) if history["seconds"] else 0.0,
+        "activations": {"computed": cached.computed, "reused": cached.reused, "seconds": activation_seconds},
+        "base_backbone": {"handle": backbone.handle, "fingerprint": backbone.fingerprint},
+        "left_out": [[entry.content_hash, entry.path, reason] for entry, reason in cached.left_out],
+    }
+    return FineTuningResult(tuned, history, summary)

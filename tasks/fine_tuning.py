@@ -1,0 +1,38 @@
+"""The Prefect task around headstart.fine_tuning: fine_tune, after train_head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from headstart.backbone.handles import Backbone
+from headstart.config import TrainConfig
+from headstart.features.dataset import FeatureSet
+from headstart.fine_tuning import FineTuningResult, TuningSettings, fine_tune_classifier
+from tasks.progress import DashboardProgress
+
+
+@task(name="fine_tune", cache_policy=NO_CACHE)
+def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classifier, features: FeatureSet) -> FineTuningResult:
+    """Fine-tunes the backbone's stages from --fine-tune-from up with the head, on activations
+    cached below them; returns the fine-tuned backbone, written as a TF Hub module into the cache
+    under the run's training key (see headstart.fine_tuning)."""
+    settings = TuningSettings(config.fine_tune_epochs, config.batch_size, config.fine_tune_learning_rate, config.fine_tune_patience,
+                              config.seed, config.fine_tune_shift)
+    hashes = features.content_hashes()
+    images = len(hashes["train"]) * (2 if config.fine_tune_flip else 1) + len(hashes["validation"])
+    destination = Path(config.cache_dir) / "backbones" / f"fine-tuned-{training_key}"
+    with DashboardProgress(images, f"fine-tune: activations into stage {config.fine_tune_from}") as activations, \
+            DashboardProgress(config.fine_tune_epochs, f"fine-tune: at most {config.fine_tune_epochs} epochs", unit="epoch") as epochs:
+        def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
+            scores = ", ".join(f"{name} {history[name][-1]:.4f}" for name in ("loss", "accuracy", "val_loss", "val_accuracy"))
+            epochs.update(1, f"fine-tune: epoch {epoch} of at most {config.fine_tune_epochs} ({history['seconds'][-1]:.0f} s); {scores}")
+
+        result = fine_tune_classifier(classifier, backbone, features, config.cache_dir, destination, config.fine_tune_from, settings,
+                                      config.fine_tune_flip, activations, epoch_done)
+        summary = result.summary
+        epochs.finish(f"fine-tune: {summary['epochs_run']} epochs, best {summary['best_epoch']}: validation accuracy "
+                      f"{summary['validation_accuracy_before']:.4f} → {summary['validation_accuracy_after']:.4f}")
+    return result
