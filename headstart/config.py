@@ -61,8 +61,8 @@ class TrainConfig(BaseModel):
                                     description="fine-tuning epochs without a better validation accuracy before it stops")
     fine_tune_flip: bool = Field(True, json_schema_extra=WHEN_FINE_TUNING,
                                  description="mirror each training image at random in each fine-tuning epoch (both orientations cached)")
-    fine_tune_shift: int = Field(0, ge=0, le=4, json_schema_extra=WHEN_FINE_TUNING, description=(
-        "cells by which each training image's cut-point activations may move each way in fine-tuning (a translation)"))
+    fine_tune_shift: float = Field(0.0, ge=0.0, le=0.25, json_schema_extra=WHEN_FINE_TUNING, description=(
+        "share of the image side by which each training image may move each way in fine-tuning (its cut-point activations are shifted)"))
     # Counts by value: it changes no weights, but it decides what metrics.json, data_report.json
     # and the model card say, and a reused run must say what this threshold would have.
     near_duplicate_threshold: float = Field(DEFAULT_THRESHOLD, gt=0.0, le=1.0, description=(

@@ -190,7 +190,7 @@ class TuningSettings:
     learning_rate: float
     patience: int
     seed: int
-    shift: int = 0  # cells by which the cut-point map may move each way (a translation of the image)
+    shift: float = 0.0  # share of the image side by which each training image's cut-point map may move each way
 
 
 def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: TuningSettings,
@@ -198,9 +198,10 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
     """Trains the upper stages and the head (`head`: the classifier's Dropout and Dense layers,
     trained before on frozen features, shared and so updated in place) on the cached activations.
 
-    Adam with a cosine decay of the learning rate over the planned epochs. Each epoch takes every
+    Adam, its learning rate rising linearly over the first epoch and then decaying on a cosine to 0
+    at the last planned epoch, gradients clipped to a global norm of 1. Each epoch takes every
     training image once, mirrored or not at random (deterministic under the seed), and may move
-    its cut-point map by up to `shift` cells. After each epoch the validation split is scored;
+    its cut-point map by up to `shift` of its side (a translation of the image, approximated). After each epoch the validation split is scored;
     training stops after `patience` epochs without a better validation accuracy, and the weights
     of the best epoch are restored. Returns the per-epoch history (its validation scores start with
     epoch 0, the network before fine-tuning) and the best epoch (0: fine-tuning did not help).
@@ -213,9 +214,13 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
     activations = keras.Input(data.train.shape[1:], name="activations")
     model = keras.Model(activations, dense(dropout(split.upper(activations))), name="fine_tuning")
     steps_per_epoch = -(-len(data.train_labels) // settings.batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(settings.learning_rate, settings.epochs * steps_per_epoch)
-    optimizer = keras.optimizers.Adam(schedule)
+    # Warmed up over the first epoch: Adam's first steps at the full rate unsettled the pretrained
+    # stages enough to lose what they knew when cut low (training collapsed to chance from stage 4).
+    schedule = keras.optimizers.schedules.CosineDecay(0.0, max(1, (settings.epochs - 1) * steps_per_epoch),
+                                                      warmup_target=settings.learning_rate, warmup_steps=steps_per_epoch)
+    optimizer = keras.optimizers.Adam(schedule, global_clipnorm=1.0)
     cross_entropy = keras.losses.SparseCategoricalCrossentropy()
+    shift_cells = shift_in_cells(settings.shift, data.train.shape[1])
 
     @tf.function(reduce_retracing=True)
     def step(batch, labels):
@@ -236,7 +241,7 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
         for start in range(0, len(data.validation_labels), 256):
             rows = slice(start, start + 256)
             sums += [float(value) for value in score(data.validation[rows].astype(np.float32), data.validation_labels[rows])]
-        return sums[0] / len(data.validation_labels), sums[1] / len(data.validation_labels)
+        return float(sums[0] / len(data.validation_labels)), float(sums[1] / len(data.validation_labels))
 
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "seconds": []}
     best_loss, best_accuracy = validate()
@@ -254,8 +259,8 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
             batch = data.train[rows]
             if mirrored is not None:
                 batch = np.where(mirrored[rows][:, None, None, None], data.train_flipped[rows], batch)
-            if settings.shift:
-                batch = _shifted(batch, settings.shift, generator)
+            if shift_cells:
+                batch = _shifted(batch, shift_cells, generator)
             batch_loss, batch_correct = step(batch.astype(np.float32), data.train_labels[rows])
             loss_sum, correct = loss_sum + float(batch_loss), correct + float(batch_correct)
         history["loss"].append(loss_sum / len(order))
@@ -275,6 +280,11 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
                 break
     model.set_weights(best_weights)
     return history, best_epoch
+
+
+def shift_in_cells(shift: float, side: int) -> int:
+    """A shift given as a share of the image side, in cells of a cut-point map `side` cells wide."""
+    return int(round(shift * side))
 
 
 def _shifted(batch: np.ndarray, cells: int, generator: np.random.Generator) -> np.ndarray:
@@ -338,9 +348,9 @@ def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Pa
     tuned = split.export(destination, f"{backbone.handle} fine-tuned from stage {cut}")
     summary = {
         "from_stage": cut, "image_size": backbone.image_size, "activation_shape": list(split.activation_shape),
-        "activation_dtype": "float16", "flip": flip, "shift": settings.shift,
+        "activation_dtype": "float16", "flip": flip, "shift": settings.shift, "shift_cells": shift_in_cells(settings.shift, split.activation_shape[0]),
         "epochs_run": len(history["loss"]), "best_epoch": best_epoch,
-        "validation_accuracy_before": history["val_accuracy"][0], "validation_accuracy_after": history["val_accuracy"][best_epoch],
+        "validation_accuracy_before": float(history["val_accuracy"][0]), "validation_accuracy_after": float(history["val_accuracy"][best_epoch]),
         "seconds_per_epoch": float(np.mean(history["seconds"])) if history["seconds"] else 0.0,
         "activations": {"computed": cached.computed, "reused": cached.reused, "seconds": activation_seconds},
         "base_backbone": {"handle": backbone.handle, "fingerprint": backbone.fingerprint},

@@ -250,7 +250,7 @@ def fine_tuning_summary(config: dict, summary: dict | None) -> str:
     """The model card's line on fine-tuning, where it ran."""
     if summary is None:
         return ""
-    augmentation = ", ".join(name for name, on in (("horizontal flips", summary["flip"]), (f"shifts of up to {summary['shift']} cells", summary["shift"])) if on)
+    augmentation = ", ".join(name for name, on in (("horizontal flips", summary["flip"]), (f"shifts of up to {summary['shift']:.0%} of the side ({summary['shift_cells']} cells)", summary["shift_cells"])) if on)
     return (f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, on activations cached at their input "
             f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); {summary['epochs_run']} epochs "
             f"(learning rate {config['fine_tune_learning_rate']} on a cosine decay, augmentation: {augmentation or 'none'}), "
