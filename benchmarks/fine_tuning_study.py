@@ -1,7 +1,7 @@
 """The fine-tuning study: test accuracy and time by image size and cut point, head alone and fine-tuned.
 
     uv run python benchmarks/fine_tuning_study.py --data /path/to/cifar10-catdog --size 160 --cut 7 [--cut 14 ...]
-        [--epochs 8] [--learning-rate 3e-4] [--shift 0.1] [--no-flip] [--uncached-steps 20] [--cache-dir DIR]
+        [--epochs 8] [--learning-rate 3e-4] [--shift 0.1] [--mixup 0.2] [--no-flip] [--uncached-steps 20] [--cache-dir DIR]
 
 For each image size: the dataset's frozen features (extracted as `headstart train` extracts
 them, into the same cache), the head trained on them as the flow trains it, and its test
@@ -11,7 +11,9 @@ selection on the validation split), and the test accuracy of the selected epoch,
 split's activations stored in float16 (what the cache holds) and computed in float32 (what the
 precision costs). With --head-flips, a head is also trained on the train split and its mirror
 images, for what flips give the head alone. Test accuracy after every epoch is printed too, for the curve; it never steers
-anything. With --uncached-steps, a number of training steps also run the straightforward way,
+anything. With --straightforward, the same fine-tuning runs again without the activation cache,
+the frozen lower stages computed in every step (images decoded once and kept), for its accuracy
+and its time per epoch. With --uncached-steps, a number of training steps also run the straightforward way,
 the lower stages computed from decoded images in every step, for the time an uncached epoch takes.
 
 Each measurement is appended as one JSON line to benchmarks/results/fine-tuning-study.jsonl.
@@ -87,6 +89,43 @@ def accuracy_on(model, activations: np.ndarray, labels: np.ndarray) -> float:
     return float((probabilities.argmax(1) == labels).mean())
 
 
+class ActivationsFromImages:
+    """Activations computed from the decoded images at every access, never stored: what fine-tuning
+    reads when it runs the straightforward way (the frozen lower stages in every step). Images
+    are decoded once and kept (the most favourable uncached way); where `flips`, each access
+    mirrors each image at random (seeded)."""
+
+    def __init__(self, split: SplitBackbone, paths: list[str], flips: bool = False, seed: int = 0):
+        self.split, self.flips = split, flips
+        self.images = [image for batch in decoded_batches(paths, split.backbone.image_size, 64) for image in batch.images]
+        self.shape = (len(self.images), *split.activation_shape)
+        self.generator = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = range(*rows.indices(len(self.images))) if isinstance(rows, slice) else rows
+        mirrored = self.generator.random(len(rows)) < 0.5 if self.flips else np.zeros(len(rows), bool)
+        return self.split.activations([self.images[row] for row in rows], list(mirrored))
+
+
+def straightforward(config: TrainConfig, backbone, features, rows: dict, labels: dict, cut: int, settings: TuningSettings, flip: bool) -> dict:
+    """The same fine-tuning (same head start, same optimiser, same selection) without the
+    activation cache; test accuracy from float32 activations."""
+    classifier, _, _ = head_only(config, backbone, features)
+    split = SplitBackbone(backbone, cut)
+    data = TuningData(ActivationsFromImages(split, rows["train"]["path"], flip, config.seed), labels["train"],
+                      ActivationsFromImages(split, rows["validation"]["path"]), labels["validation"])
+    head = (classifier.get_layer(HEAD_DROPOUT), classifier.get_layer(HEAD_DENSE))
+    history, best = fine_tune(split, head, data, settings)
+    test = ActivationsFromImages(split, rows["test"]["path"])
+    inputs = keras.Input(split.activation_shape)
+    model = keras.Model(inputs, head[1](head[0](split.upper(inputs))))
+    return {"straightforward_test_accuracy": accuracy_on(model, test[:], labels["test"]), "straightforward_best_epoch": best,
+            "straightforward_epoch_seconds": history["seconds"]}
+
+
 def uncached_epoch_seconds(split: SplitBackbone, model, rows: dict, steps: int, batch_size: int) -> float:
     """Seconds an epoch takes when every step decodes its images and runs the lower stages too,
     extrapolated from `steps` steps (after one untimed warm-up step)."""
@@ -119,10 +158,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--shift", type=float, default=0.0)
+    parser.add_argument("--mixup", type=float, default=0.0)
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--uncached-steps", type=int, default=0)
     parser.add_argument("--head-flips", action="store_true", help="also train a head on the train split and its mirror images")
+    parser.add_argument("--straightforward", action="store_true", help="also fine-tune the same way without the activation cache")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/headstart"))
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
@@ -162,7 +203,7 @@ def main() -> None:
                 print(f"size {size} cut {cut} epoch {epoch}: {history['seconds'][-1]:.1f} s, loss {history['loss'][-1]:.4f}, "
                       f"validation {history['val_accuracy'][-1]:.4f}, test {test_curve[-1]:.4f}", flush=True)
 
-            settings = TuningSettings(args.epochs, config.batch_size, args.learning_rate, args.patience, config.seed, args.shift)
+            settings = TuningSettings(args.epochs, config.batch_size, args.learning_rate, args.patience, config.seed, args.shift, args.mixup)
             history, best = fine_tune(split, head, data, settings, on_epoch)
             # The same test images, their activations computed now in float32, through the selected model.
             test_paths = rows["test"]["path"]
@@ -170,8 +211,10 @@ def main() -> None:
                                      for batch in decoded_batches(test_paths, size, 64)])
             predictions16 = np.concatenate([model(test16[i:i + 256].astype(np.float32), training=False).numpy().argmax(1) for i in range(0, len(test16), 256)])
             predictions32 = np.concatenate([model(test32[i:i + 256], training=False).numpy().argmax(1) for i in range(0, len(test32), 256)])
+            if args.straightforward:
+                record_straightforward = straightforward(config, backbone, features, rows, labels, cut, settings, flip)
             record = {
-                "size": size, "cut": cut, "epochs": args.epochs, "learning_rate": args.learning_rate, "shift": args.shift, "flip": flip,
+                "size": size, "cut": cut, "epochs": args.epochs, "learning_rate": args.learning_rate, "shift": args.shift, "mixup": args.mixup, "flip": flip,
                 "best_epoch": best, "epochs_run": len(history["loss"]), "validation_accuracy": history["val_accuracy"][best],
                 "test_accuracy": float((predictions16 == labels["test"]).mean()), "test_accuracy_float32": float((predictions32 == labels["test"]).mean()),
                 "float16_float32_label_agreement": float((predictions16 == predictions32).mean()),
@@ -179,6 +222,7 @@ def main() -> None:
                 "activation_seconds": activation_seconds, "activations_computed": cached.computed, "activation_shape": list(split.activation_shape),
                 "uncached_epoch_seconds": uncached_epoch_seconds(split, model, rows["train"], args.uncached_steps, config.batch_size)
                 if args.uncached_steps else None,
+                **(record_straightforward if args.straightforward else {}),
             }
             print(json.dumps(record), flush=True)
             _append({**record, **machine})

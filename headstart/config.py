@@ -63,6 +63,8 @@ class TrainConfig(BaseModel):
                                  description="mirror each training image at random in each fine-tuning epoch (both orientations cached)")
     fine_tune_shift: float = Field(0.0, ge=0.0, le=0.25, json_schema_extra=WHEN_FINE_TUNING, description=(
         "share of the image side by which each training image may move each way in fine-tuning (its cut-point activations are shifted)"))
+    fine_tune_mixup: float = Field(0.0, ge=0.0, le=1.0, json_schema_extra=WHEN_FINE_TUNING, description=(
+        "mixup in fine-tuning: alpha of the Beta distribution each batch's blend with a shuffled copy of itself is drawn from; 0: off"))
     # Counts by value: it changes no weights, but it decides what metrics.json, data_report.json
     # and the model card say, and a reused run must say what this threshold would have.
     near_duplicate_threshold: float = Field(DEFAULT_THRESHOLD, gt=0.0, le=1.0, description=(
@@ -97,9 +99,12 @@ class TrainConfig(BaseModel):
         return {name: values[name] for name in counted}
 
     @model_validator(mode="after")
-    def _fine_tuning_has_a_validation_split(self):
+    def _fine_tuning_can_run(self):
         if self.fine_tune and self.validation_fraction == 0:
             raise ValueError("fine-tuning selects its best epoch on the validation split: give a validation fraction above 0")
+        if self.fine_tune and self.backbone != BUNDLED_HANDLE:
+            raise ValueError(f"fine-tuning needs the bundled backbone ({BUNDLED_HANDLE}), whose stages headstart can cut apart; "
+                             f"{self.backbone} is a module it can only run whole")
         return self
 
     @field_validator("classes")

@@ -191,6 +191,7 @@ class TuningSettings:
     patience: int
     seed: int
     shift: float = 0.0  # share of the image side by which each training image's cut-point map may move each way
+    mixup: float = 0.0  # alpha of the Beta distribution mixup draws its weights from; 0: no mixup
 
 
 def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: TuningSettings,
@@ -201,7 +202,9 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
     Adam, its learning rate rising linearly over the first epoch and then decaying on a cosine to 0
     at the last planned epoch, gradients clipped to a global norm of 1. Each epoch takes every
     training image once, mirrored or not at random (deterministic under the seed), and may move
-    its cut-point map by up to `shift` of its side (a translation of the image, approximated). After each epoch the validation split is scored;
+    its cut-point map by up to `shift` of its side (a translation of the image, approximated);
+    with `mixup`, each batch is blended with a shuffled copy of itself, activations and labels
+    alike, by a weight drawn from Beta(mixup, mixup). After each epoch the validation split is scored;
     training stops after `patience` epochs without a better validation accuracy, and the weights
     of the best epoch are restored. Returns the per-epoch history (its validation scores start with
     epoch 0, the network before fine-tuning) and the best epoch (0: fine-tuning did not help).
@@ -220,16 +223,19 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
                                                       warmup_target=settings.learning_rate, warmup_steps=steps_per_epoch)
     optimizer = keras.optimizers.Adam(schedule, global_clipnorm=1.0)
     cross_entropy = keras.losses.SparseCategoricalCrossentropy()
+    soft_cross_entropy = keras.losses.CategoricalCrossentropy()
     shift_cells = shift_in_cells(settings.shift, data.train.shape[1])
+    one_hot = np.eye(int(dense.units), dtype=np.float32)
 
     @tf.function(reduce_retracing=True)
-    def step(batch, labels):
+    def step(batch, targets):
+        """One optimiser step on a batch and its targets (one-hot, or blended by mixup)."""
         with tf.GradientTape() as tape:
             probabilities = model(batch, training=True)
-            loss = cross_entropy(labels, probabilities)
+            loss = soft_cross_entropy(targets, probabilities)
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        return loss * tf.cast(tf.shape(labels)[0], tf.float32), _correct(labels, probabilities)
+        return loss * tf.cast(tf.shape(targets)[0], tf.float32), _correct(tf.argmax(targets, axis=-1), probabilities)
 
     @tf.function(reduce_retracing=True)
     def score(batch, labels):
@@ -261,7 +267,11 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
                 batch = np.where(mirrored[rows][:, None, None, None], data.train_flipped[rows], batch)
             if shift_cells:
                 batch = _shifted(batch, shift_cells, generator)
-            batch_loss, batch_correct = step(batch.astype(np.float32), data.train_labels[rows])
+            batch, targets = batch.astype(np.float32), one_hot[data.train_labels[rows]]
+            if settings.mixup:
+                weight, partners = generator.beta(settings.mixup, settings.mixup), generator.permutation(len(rows))
+                batch, targets = weight * batch + (1 - weight) * batch[partners], weight * targets + (1 - weight) * targets[partners]
+            batch_loss, batch_correct = step(batch, targets)
             loss_sum, correct = loss_sum + float(batch_loss), correct + float(batch_correct)
         history["loss"].append(loss_sum / len(order))
         history["accuracy"].append(correct / len(order))
@@ -349,6 +359,7 @@ def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Pa
     summary = {
         "from_stage": cut, "image_size": backbone.image_size, "activation_shape": list(split.activation_shape),
         "activation_dtype": "float16", "flip": flip, "shift": settings.shift, "shift_cells": shift_in_cells(settings.shift, split.activation_shape[0]),
+        "mixup": settings.mixup,
         "epochs_run": len(history["loss"]), "best_epoch": best_epoch,
         "validation_accuracy_before": float(history["val_accuracy"][0]), "validation_accuracy_after": float(history["val_accuracy"][best_epoch]),
         "seconds_per_epoch": float(np.mean(history["seconds"])) if history["seconds"] else 0.0,

@@ -27,10 +27,13 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     decision = f"**Gate:** {gate['reason']}.\n\n" if gate else ""
     near_duplicates = run.data_report.get("near_duplicates")
     leakage = f"**Near-duplicates:** {near_duplicates_summary(near_duplicates)}\n\n" if near_duplicates else ""
+    tuned = metrics.get("fine_tuning")
+    fine_tuning = (f"**Fine-tuned** from stage {tuned['from_stage']} in {tuned['epochs_run']} epochs (epoch {tuned['best_epoch']} kept): validation "
+                   f"accuracy {tuned['validation_accuracy_before']:.4f} with the head alone, {tuned['validation_accuracy_after']:.4f} fine-tuned.\n\n") if tuned else ""
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)
     this_run = f" All of this run's artifacts: [its flow run]({flow_run_url})." if flow_run_url else ""
     return (f"# headstart run `{run.path.name}`\n\nTest accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
-            f"{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
+            f"{fine_tuning}{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
             f"`headstart models` lists this run as version `{run.path.name}`; `headstart predict --model {run.path.name} FOLDER` labels images with it.\n\n"
             f"{run.model_card}")
 

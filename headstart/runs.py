@@ -250,10 +250,13 @@ def fine_tuning_summary(config: dict, summary: dict | None) -> str:
     """The model card's line on fine-tuning, where it ran."""
     if summary is None:
         return ""
-    augmentation = ", ".join(name for name, on in (("horizontal flips", summary["flip"]), (f"shifts of up to {summary['shift']:.0%} of the side ({summary['shift_cells']} cells)", summary["shift_cells"])) if on)
+    augmentations = (("horizontal flips", summary["flip"]),
+                     (f"shifts of up to {summary['shift']:.0%} of the side ({summary['shift_cells']} cells)", summary["shift_cells"]),
+                     (f"mixup (alpha {summary['mixup']})", summary["mixup"]))
+    augmentation = ", ".join(name for name, on in augmentations if on)
     return (f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, on activations cached at their input "
             f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); {summary['epochs_run']} epochs "
-            f"(learning rate {config['fine_tune_learning_rate']} on a cosine decay, augmentation: {augmentation or 'none'}), "
+            f"(Adam, learning rate {config['fine_tune_learning_rate']} after a one-epoch warm-up, decaying on a cosine; augmentation: {augmentation or 'none'}), "
             f"epoch {summary['best_epoch']} kept: validation accuracy {summary['validation_accuracy_before']:.4f} with the head alone, "
             f"{summary['validation_accuracy_after']:.4f} fine-tuned. Base backbone `{summary['base_backbone']['handle']}` "
             f"(fingerprint `{summary['base_backbone']['fingerprint']}`); the stages below {summary['from_stage']} are its own, unchanged.")

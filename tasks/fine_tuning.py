@@ -20,7 +20,7 @@ def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classi
     cached below them; returns the fine-tuned backbone, written as a TF Hub module into the cache
     under the run's training key (see headstart.fine_tuning)."""
     settings = TuningSettings(config.fine_tune_epochs, config.batch_size, config.fine_tune_learning_rate, config.fine_tune_patience,
-                              config.seed, config.fine_tune_shift)
+                              config.seed, config.fine_tune_shift, config.fine_tune_mixup)
     hashes = features.content_hashes()
     images = len(hashes["train"]) * (2 if config.fine_tune_flip else 1) + len(hashes["validation"])
     destination = Path(config.cache_dir) / "backbones" / f"fine-tuned-{training_key}"

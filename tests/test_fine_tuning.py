@@ -127,6 +127,8 @@ def test_fine_tuning_needs_the_bundled_backbone_and_a_validation_split(colour_fo
     tiny = resolve_backbone(config.backbone, 32, config.cache_dir)
     with pytest.raises(HeadstartError, match="fine-tuning needs the bundled backbone"):
         SplitBackbone(tiny, CUT)
+    with pytest.raises(ValueError, match="fine-tuning needs the bundled backbone"):
+        TrainConfig.smoke(data=str(colour_folder), fine_tune=True, backbone=str(tiny_backbone_dir))
     with pytest.raises(ValueError, match="fine-tuning selects its best epoch on the validation split"):
         TrainConfig.smoke(data=str(colour_folder), fine_tune=True, validation_fraction=0.0)
     # A split that comes out empty all the same (a folder too small for one) is one line too.
@@ -169,6 +171,7 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     assert fine_tuning["from_stage"] == CUT and fine_tuning["epochs_run"] == 2
     assert run.backbone.fingerprint == run.lineage["backbone"]["fingerprint"] != fine_tuning["base_backbone"]["fingerprint"]
     assert len(run.history["fine_tuning"]["loss"]) == 2 and "Fine-tuned: stages 14–18" in run.model_card
+    assert f"**Fine-tuned** from stage {CUT} in 2 epochs" in Artifact.get("headstart-report").data
     assert (run.path / "plots" / FINE_TUNING_PLOT).read_bytes().startswith(b"\x89PNG")
     assert Artifact.get("headstart-report").data.count("data:image/png;base64,") == len(run.plots())
 
