@@ -16,7 +16,8 @@ the frozen lower stages computed in every step (images decoded once and kept), f
 and its time per epoch. With --uncached-steps, a number of training steps also run the straightforward way,
 the lower stages computed from decoded images in every step, for the time an uncached epoch takes.
 
-Each measurement is appended as one JSON line to benchmarks/results/fine-tuning-study.jsonl.
+Each measurement is appended as one JSON line to benchmarks/results/fine-tuning-study.jsonl;
+`--table` prints them as the README's table.
 """
 
 from __future__ import annotations
@@ -152,8 +153,9 @@ def uncached_epoch_seconds(split: SplitBackbone, model, rows: dict, steps: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--size", type=int, action="append", required=True)
+    parser.add_argument("--data")
+    parser.add_argument("--size", type=int, action="append", default=[])
+    parser.add_argument("--table", action="store_true", help="print the results so far as a markdown table, and nothing else")
     parser.add_argument("--cut", type=int, action="append", default=[])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
@@ -166,6 +168,9 @@ def main() -> None:
     parser.add_argument("--straightforward", action="store_true", help="also fine-tune the same way without the activation cache")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/headstart"))
     args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     machine = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "commit": commit}
     flip = not args.no_flip
@@ -226,6 +231,25 @@ def main() -> None:
             }
             print(json.dumps(record), flush=True)
             _append({**record, **machine})
+
+
+def table() -> str:
+    """The results so far as a markdown table, one row per measurement, in the order they were made."""
+    lines = ["| image size | fine-tuned from | epochs (best) | augmentation | validation | test | test, float32 activations | s / epoch | activations, s | straightforward: test, s / epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for record in map(json.loads, RESULTS.read_text().splitlines()):
+        if record["cut"] is None:
+            flips = f"; head on images + mirrors: {record['test_accuracy_head_with_flips']:.4f}" if record.get("test_accuracy_head_with_flips") else ""
+            lines.append(f"| {record['size']} px | head alone{flips} | | | | {record['test_accuracy']:.4f} | | | | |")
+            continue
+        augmentation = ", ".join(name for name, on in (("flips", record["flip"]), (f"shift {record['shift']}", record["shift"]),
+                                                       (f"mixup {record.get('mixup')}", record.get("mixup"))) if on) or "none"
+        straight = (f"{record['straightforward_test_accuracy']:.4f}, {np.mean(record['straightforward_epoch_seconds']):.0f}"
+                    if "straightforward_test_accuracy" in record else "")
+        lines.append(f"| {record['size']} px | stage {record['cut']} | {record['epochs_run']} ({record['best_epoch']}) | {augmentation} | "
+                     f"{record['validation_accuracy']:.4f} | **{record['test_accuracy']:.4f}** | {record['test_accuracy_float32']:.4f} | "
+                     f"{np.mean(record['epoch_seconds']):.0f} | {record['activation_seconds']:.0f} | {straight} |")
+    return "\n".join(lines)
 
 
 def _append(record: dict) -> None:

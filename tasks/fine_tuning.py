@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
 
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
@@ -29,6 +30,8 @@ def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classi
         def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
             scores = ", ".join(f"{name} {history[name][-1]:.4f}" for name in ("loss", "accuracy", "val_loss", "val_accuracy"))
             epochs.update(1, f"fine-tune: epoch {epoch} of at most {config.fine_tune_epochs} ({history['seconds'][-1]:.0f} s); {scores}")
+            # An epoch takes a while: a line for each in the flow run's log, as well as the progress bar.
+            get_run_logger().info("fine-tune epoch %d of at most %d: %.0f s; %s", epoch, config.fine_tune_epochs, history["seconds"][-1], scores)
 
         result = fine_tune_classifier(classifier, backbone, features, config.cache_dir, destination, config.fine_tune_from, settings,
                                       config.fine_tune_flip, activations, epoch_done)
