@@ -192,13 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--fine-tune", dest="fine_tune", action="store_const", const=True,
                        help="after the head, also train the backbone's top stages with it, on activations cached below them (bundled backbone)")
-    train.add_argument("--fine-tune-from", type=int, help="first stage fine-tuned: 1–17 an inverted-residual block, 18 the last 1×1 convolution (default 7)")
+    train.add_argument("--fine-tune-from", type=int, help="first stage fine-tuned: 1–17 an inverted-residual block, 18 the last 1×1 convolution (default 4)")
     train.add_argument("--fine-tune-epochs", type=int, help="fine-tuning epochs; the learning rate decays over them (default 8)")
     train.add_argument("--fine-tune-learning-rate", type=float, help="Adam's initial learning rate for fine-tuning (default 3e-4)")
     train.add_argument("--fine-tune-patience", type=int, help="fine-tuning epochs without a better validation accuracy before it stops (default 3)")
     train.add_argument("--no-fine-tune-flip", dest="fine_tune_flip", action="store_const", const=False,
                        help="do not mirror training images at random in fine-tuning")
-    train.add_argument("--fine-tune-shift", type=float, help="share of the image side a training image may move each way in fine-tuning (default 0)")
+    train.add_argument("--fine-tune-shift", type=float, help="share of the image side a training image may move each way in fine-tuning (default 0.1)")
     train.add_argument("--fine-tune-mixup", type=float, help="mixup's alpha in fine-tuning, 0 for none (default 0)")
     train.add_argument("--near-duplicate-threshold", type=float,
                        help="feature cosine similarity from which a test image counts as a near-duplicate of a training image (default 0.88)")

@@ -21,7 +21,7 @@ from headstart.leakage import DEFAULT_THRESHOLD
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_CIFAR10_CLASSES = ("cat", "dog")
-DEFAULT_CUT = 7  # fine-tuning from stage 7 (see the README's study)
+DEFAULT_CUT = 4  # fine-tuning from stage 4 (see the README's study)
 
 
 # Marks for the fields that do not count towards the training key by their own value.
@@ -61,7 +61,7 @@ class TrainConfig(BaseModel):
                                     description="fine-tuning epochs without a better validation accuracy before it stops")
     fine_tune_flip: bool = Field(True, json_schema_extra=WHEN_FINE_TUNING,
                                  description="mirror each training image at random in each fine-tuning epoch (both orientations cached)")
-    fine_tune_shift: float = Field(0.0, ge=0.0, le=0.25, json_schema_extra=WHEN_FINE_TUNING, description=(
+    fine_tune_shift: float = Field(0.1, ge=0.0, le=0.25, json_schema_extra=WHEN_FINE_TUNING, description=(
         "share of the image side by which each training image may move each way in fine-tuning (its cut-point activations are shifted)"))
     fine_tune_mixup: float = Field(0.0, ge=0.0, le=1.0, json_schema_extra=WHEN_FINE_TUNING, description=(
         "mixup in fine-tuning: alpha of the Beta distribution each batch's blend with a shuffled copy of itself is drawn from; 0: off"))

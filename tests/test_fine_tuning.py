@@ -15,7 +15,7 @@ from headstart.data.sources import prepare_source
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.fine_tuning import (ActivationCache, Entry, SplitBackbone, TuningSettings, cache_activations, entry_key,
-                                   fine_tune_classifier)
+                                   fine_tune_classifier, selected_epoch)
 from headstart.model import HEAD_DENSE, build_classifier, train_head
 
 CUT = 14  # at 32 px: activations of 2×2×96 entering block 14, so blocks 14–17 and the last convolution train
@@ -136,6 +136,14 @@ def test_fine_tuning_needs_the_bundled_backbone_and_a_validation_split(colour_fo
     features = extract_dataset(prepare_source(config)[0], bundled_32, ExtractionContext(config.cache_dir, ExtractionSettings("keras")))
     with pytest.raises(HeadstartError, match="validation split, which is empty"):
         _fine_tuned(config, features, bundled_32, tmp_path / "tuned")
+
+
+def test_the_epoch_kept_is_the_latest_within_one_standard_error_of_the_best():
+    # 1000 validation images: one standard error at 0.90 is 0.0095.
+    assert selected_epoch([0.82, 0.85, 0.904, 0.88, 0.896, 0.89], 1000) == 4
+    assert selected_epoch([0.82, 0.85, 0.904, 0.88, 0.893, 0.89], 1000) == 2
+    assert selected_epoch([0.82, 0.78, 0.79], 1000) == 0  # fine-tuning did not help: the head alone
+    assert selected_epoch([0.5, 0.9, 0.9], 10) == 2
 
 
 def test_fine_tuning_settings_count_towards_the_training_key_only_where_it_runs(colour_folder):
