@@ -44,6 +44,7 @@ from headstart.model import HEAD_DENSE, HEAD_DROPOUT, build_classifier, predict_
 from headstart.preprocessing import decoded_batches
 
 RESULTS = Path(__file__).parent / "results" / "fine-tuning-study.jsonl"
+VALIDATION_IMAGES = 967  # the shared set's validation split, for the table's selection
 
 
 def frozen_features(config: TrainConfig):
@@ -234,21 +235,31 @@ def main() -> None:
 
 
 def table() -> str:
-    """The results so far as a markdown table, one row per measurement, in the order they were made."""
-    lines = ["| image size | fine-tuned from | epochs (best) | augmentation | validation | test | test, float32 activations | s / epoch | activations, s | straightforward: test, s / epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The results so far as a markdown table, in the order they were made: the head alone once
+    per size, then each fine-tuning, with the epoch headstart keeps (selected_epoch, recomputed
+    from the validation curve: runs made under an earlier rule are shown under the current one)."""
+    from headstart.fine_tuning import selected_epoch
+
+    lines = ["| image size | trained | epochs run | augmentation | epoch kept: validation, test | test after the last epoch | "
+             "test from float32 activations = from float16 | s / epoch | activations, s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    heads = set()
     for record in map(json.loads, RESULTS.read_text().splitlines()):
         if record["cut"] is None:
-            flips = f"; head on images + mirrors: {record['test_accuracy_head_with_flips']:.4f}" if record.get("test_accuracy_head_with_flips") else ""
-            lines.append(f"| {record['size']} px | head alone{flips} | | | | {record['test_accuracy']:.4f} | | | | |")
+            if record["size"] not in heads:
+                heads.add(record["size"])
+                flips = f" (on images + mirrors: {record['test_accuracy_head_with_flips']:.4f})" if record.get("test_accuracy_head_with_flips") else ""
+                lines.append(f"| {record['size']} px | head alone | | | | {record['test_accuracy']:.4f}{flips} | | | |")
             continue
+        if record["epochs"] == 1:
+            continue  # a timing run (--epochs 1 --uncached-steps N): its time is in the README's text, not an accuracy row
         augmentation = ", ".join(name for name, on in (("flips", record["flip"]), (f"shift {record['shift']}", record["shift"]),
                                                        (f"mixup {record.get('mixup')}", record.get("mixup"))) if on) or "none"
-        straight = (f"{record['straightforward_test_accuracy']:.4f}, {np.mean(record['straightforward_epoch_seconds']):.0f}"
-                    if "straightforward_test_accuracy" in record else "")
-        lines.append(f"| {record['size']} px | stage {record['cut']} | {record['epochs_run']} ({record['best_epoch']}) | {augmentation} | "
-                     f"{record['validation_accuracy']:.4f} | **{record['test_accuracy']:.4f}** | {record['test_accuracy_float32']:.4f} | "
-                     f"{np.mean(record['epoch_seconds']):.0f} | {record['activation_seconds']:.0f} | {straight} |")
+        kept = selected_epoch(record["validation_curve"], VALIDATION_IMAGES)
+        agreement = "yes" if record["float16_float32_label_agreement"] == 1.0 else f"{record['float16_float32_label_agreement']:.4f} of labels"
+        lines.append(f"| {record['size']} px | from stage {record['cut']} | {record['epochs_run']} of {record['epochs']} | {augmentation} | "
+                     f"{kept}: {record['validation_curve'][kept]:.4f}, **{record['test_curve'][kept]:.4f}** | {record['test_curve'][-1]:.4f} | "
+                     f"{agreement} | {np.mean(record['epoch_seconds']):.0f} | {record['activation_seconds']:.0f} |")
     return "\n".join(lines)
 
 
