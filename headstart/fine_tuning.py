@@ -26,6 +26,7 @@ from headstart.errors import HeadstartError
 from headstart.features.cache import FeatureCache
 from headstart.features.encoding import column_matrix
 from headstart.preprocessing import decoded_batches
+from headstart.storage import remove_stale_temporaries
 
 logger = logging.getLogger("headstart")
 
@@ -149,7 +150,9 @@ class CachedActivations:
 
 def cache_activations(split: SplitBackbone, cache: ActivationCache, entries: list[Entry], batch_size: int = 64,
                       progress=None) -> CachedActivations:
-    """Computes and caches the activations of every entry not cached yet."""
+    """Computes and caches the activations of every entry not cached yet (clearing, on the way,
+    the temporary shards a killed run left: they are never read, but would fill the disk)."""
+    remove_stale_temporaries(cache.directory, ".shard-*.tmp")
     cached = cache.cached_hashes()
     missing = [entry for entry in entries if entry.key not in cached]
     if progress is not None:

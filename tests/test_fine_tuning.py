@@ -2,6 +2,8 @@
 lower stages compute, training touches only the stages above the cut, and the fine-tuned model a
 run saves serves what evaluation measured."""
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +67,20 @@ def test_the_activation_cache_holds_what_the_lower_stages_compute(dataset, bundl
     np.testing.assert_allclose(split.upper(split.activations(images[:half], [False] * half)).numpy(), whole, atol=1e-4)
 
 
-def test_a_damaged_activation_shard_is_computed_again(dataset, bundled_32):
+def test_a_damaged_activation_shard_is_computed_again_and_a_dead_writers_temporary_cleared(dataset, bundled_32):
     config, features = dataset
     split, cache = SplitBackbone(bundled_32, CUT), ActivationCache(config.cache_dir, bundled_32, CUT)
     entries = _entries(features)
     cache_activations(split, cache, entries)
     [shard] = cache.shard_paths()
     shard.write_bytes(shard.read_bytes()[:-200])
+    dead, live = cache.directory / ".shard-0.parquet.x1.tmp", cache.directory / ".shard-1.parquet.x2.tmp"
+    for temporary in (dead, live):
+        temporary.write_bytes(b"half a shard")
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
     assert cache_activations(split, cache, entries).computed == len(entries)
     assert cache.load([entry.key for entry in entries], split.activation_shape).shape[0] == len(entries)
+    assert not dead.exists() and live.exists()  # a temporary still being written is kept
 
 
 def _fine_tuned(config, features, bundled_32, destination, epochs=3, learning_rate=1e-4):
