@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     fine_tune_epochs: int = Field(8, ge=1, le=1000, json_schema_extra=WHEN_FINE_TUNING, description=(
         "fine-tuning epochs (the learning rate decays over them); stops early when validation accuracy stalls"))
     fine_tune_learning_rate: float = Field(3e-4, gt=0.0, le=1.0, json_schema_extra=WHEN_FINE_TUNING,
-                                           description="Adam's initial learning rate for fine-tuning, decayed to 0 on a cosine")
+                                           description="Adam's learning rate for fine-tuning, reached after a one-epoch warm-up, then decayed to 0 on a cosine")
     fine_tune_patience: int = Field(3, ge=1, json_schema_extra=WHEN_FINE_TUNING,
                                     description="fine-tuning epochs without a better validation accuracy before it stops")
     fine_tune_flip: bool = Field(True, json_schema_extra=WHEN_FINE_TUNING,
