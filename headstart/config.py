@@ -49,7 +49,9 @@ class TrainConfig(BaseModel):
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5, json_schema_extra=THROUGH_MANIFEST, description="share of a folder source held out for testing")
     max_images_per_class: Optional[int] = Field(None, ge=1, json_schema_extra=THROUGH_MANIFEST, description="cap per class, for quick runs")
     seed: int = Field(0, description="seed of the head's initialisation, dropout and shuffling")
-    fine_tune: bool = Field(False, description=(
+    # Counts only where on, like the settings below: the keys of runs without fine-tuning stay
+    # what they were before it existed, so their indexed runs are still reused.
+    fine_tune: bool = Field(False, json_schema_extra=WHEN_FINE_TUNING, description=(
         "after the head, also train the backbone's stages from --fine-tune-from up, with the head, on activations cached below them"))
     fine_tune_from: int = Field(DEFAULT_CUT, ge=1, le=HEAD, json_schema_extra=WHEN_FINE_TUNING, description=(
         "first stage to fine-tune: 1–17 an inverted-residual block, 18 the final 1×1 convolution; the stages below stay frozen"))

@@ -37,9 +37,17 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
                "task_runner": "dask", "dask_address": "tcp://x:1", "dask_workers": 4, "reuse_identical_runs": False,
                "artifacts_root": "/tmp/a", "cache_dir": "/tmp/c", "cifar10_source": "/tmp/cifar.tar.gz",
                "gate": False, "gate_tolerance": 0.01, "gate_alpha": 0.01, "gate_floor": 0.6}
-    assert set(neutral) | set(changed) == set(TrainConfig.model_fields)
+    # Fine-tuning's settings count where it runs, and not at all where it does not.
+    fine_tuning = {"fine_tune_from": 7, "fine_tune_epochs": 3, "fine_tune_learning_rate": 1e-4, "fine_tune_patience": 1,
+                   "fine_tune_flip": False, "fine_tune_shift": 0.0, "fine_tune_mixup": 0.2}
+    assert set(neutral) | set(changed) | set(fine_tuning) | {"fine_tune"} == set(TrainConfig.model_fields)
     for name, value in neutral.items():
         assert _key(base.model_copy(update={name: value})) == _key(base), name
+    tuned = base.model_copy(update={"fine_tune": True})
+    assert _key(tuned) != _key(base)
+    for name, value in fine_tuning.items():
+        assert _key(base.model_copy(update={name: value})) == _key(base), name
+        assert _key(tuned.model_copy(update={name: value})) != _key(tuned), name
     # What those fields change, the fingerprints count.
     assert training_key(base, "n" * 16, "b" * 16) != _key(base) != training_key(base, "m" * 16, "c" * 16)
 
