@@ -196,6 +196,18 @@ class TuningSettings:
     shift: float = 0.0  # share of the image side by which each training image's cut-point map may move each way
     mixup: float = 0.0  # alpha of the Beta distribution mixup draws its weights from; 0: no mixup
 
+    @classmethod
+    def from_config(cls, config) -> "TuningSettings":
+        """The fine-tuning settings of a TrainConfig."""
+        return cls(config.fine_tune_epochs, config.batch_size, config.fine_tune_learning_rate, config.fine_tune_patience,
+                   config.seed, config.fine_tune_shift, config.fine_tune_mixup)
+
+
+def activation_entries(features, flip: bool) -> int:
+    """How many activation entries fine-tuning needs: the train split (twice, with mirrors) and the validation split."""
+    hashes = features.content_hashes()
+    return len(hashes["train"]) * (2 if flip else 1) + len(hashes["validation"])
+
 
 def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: TuningSettings,
               on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None) -> tuple[dict[str, list[float]], int]:

@@ -11,7 +11,7 @@ from prefect.logging import get_run_logger
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.features.dataset import FeatureSet
-from headstart.fine_tuning import FineTuningResult, TuningSettings, fine_tune_classifier
+from headstart.fine_tuning import FineTuningResult, TuningSettings, activation_entries, fine_tune_classifier
 from tasks.progress import DashboardProgress
 
 
@@ -20,12 +20,8 @@ def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classi
     """Fine-tunes the backbone's stages from --fine-tune-from up with the head, on activations
     cached below them; returns the fine-tuned backbone, written as a TF Hub module into the cache
     under the run's training key (see headstart.fine_tuning)."""
-    settings = TuningSettings(config.fine_tune_epochs, config.batch_size, config.fine_tune_learning_rate, config.fine_tune_patience,
-                              config.seed, config.fine_tune_shift, config.fine_tune_mixup)
-    hashes = features.content_hashes()
-    images = len(hashes["train"]) * (2 if config.fine_tune_flip else 1) + len(hashes["validation"])
     destination = Path(config.cache_dir) / "backbones" / f"fine-tuned-{training_key}"
-    with DashboardProgress(images, f"fine-tune: activations into stage {config.fine_tune_from}") as activations, \
+    with DashboardProgress(activation_entries(features, config.fine_tune_flip), f"fine-tune: activations into stage {config.fine_tune_from}") as activations, \
             DashboardProgress(config.fine_tune_epochs, f"fine-tune: at most {config.fine_tune_epochs} epochs", unit="epoch") as epochs:
         def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
             scores = ", ".join(f"{name} {history[name][-1]:.4f}" for name in ("loss", "accuracy", "val_loss", "val_accuracy"))
@@ -33,8 +29,8 @@ def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classi
             # An epoch takes a while: a line for each in the flow run's log, as well as the progress bar.
             get_run_logger().info("fine-tune epoch %d of at most %d: %.0f s; %s", epoch, config.fine_tune_epochs, history["seconds"][-1], scores)
 
-        result = fine_tune_classifier(classifier, backbone, features, config.cache_dir, destination, config.fine_tune_from, settings,
-                                      config.fine_tune_flip, activations, epoch_done)
+        result = fine_tune_classifier(classifier, backbone, features, config.cache_dir, destination, config.fine_tune_from,
+                                      TuningSettings.from_config(config), config.fine_tune_flip, activations, epoch_done)
         summary = result.summary
         epochs.finish(f"fine-tune: {summary['epochs_run']} epochs, best {summary['best_epoch']}: validation accuracy "
                       f"{summary['validation_accuracy_before']:.4f} → {summary['validation_accuracy_after']:.4f}")
