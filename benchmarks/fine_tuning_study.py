@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--shift", type=float, default=0.0)
     parser.add_argument("--mixup", type=float, default=0.0)
+    parser.add_argument("--cutmix", type=float, default=0.0)
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--uncached-steps", type=int, default=0)
@@ -209,7 +210,7 @@ def main() -> None:
                 print(f"size {size} cut {cut} epoch {epoch}: {history['seconds'][-1]:.1f} s, loss {history['loss'][-1]:.4f}, "
                       f"validation {history['val_accuracy'][-1]:.4f}, test {test_curve[-1]:.4f}", flush=True)
 
-            settings = TuningSettings(args.epochs, config.batch_size, args.learning_rate, args.patience, config.seed, args.shift, args.mixup)
+            settings = TuningSettings(args.epochs, config.batch_size, args.learning_rate, args.patience, config.seed, args.shift, args.mixup, args.cutmix)
             history, best = fine_tune(split, head, data, settings, on_epoch)
             # The same test images, their activations computed now in float32, through the selected model.
             test_paths = rows["test"]["path"]
@@ -220,7 +221,7 @@ def main() -> None:
             if args.straightforward:
                 record_straightforward = straightforward(config, backbone, features, rows, labels, cut, settings, flip)
             record = {
-                "size": size, "cut": cut, "epochs": args.epochs, "learning_rate": args.learning_rate, "shift": args.shift, "mixup": args.mixup, "flip": flip,
+                "size": size, "cut": cut, "epochs": args.epochs, "learning_rate": args.learning_rate, "shift": args.shift, "mixup": args.mixup, "cutmix": args.cutmix, "flip": flip,
                 "best_epoch": best, "epochs_run": len(history["loss"]), "validation_accuracy": history["val_accuracy"][best],
                 "test_accuracy": float((predictions16 == labels["test"]).mean()), "test_accuracy_float32": float((predictions32 == labels["test"]).mean()),
                 "float16_float32_label_agreement": float((predictions16 == predictions32).mean()),
@@ -254,7 +255,8 @@ def table() -> str:
         if record["epochs"] == 1:
             continue  # a timing run (--epochs 1 --uncached-steps N): its time is in the README's text, not an accuracy row
         augmentation = ", ".join(name for name, on in (("flips", record["flip"]), (f"shift {record['shift']}", record["shift"]),
-                                                       (f"mixup {record.get('mixup')}", record.get("mixup"))) if on) or "none"
+                                                       (f"mixup {record.get('mixup')}", record.get("mixup")),
+                                                       (f"CutMix {record.get('cutmix')}", record.get("cutmix"))) if on) or "none"
         kept = selected_epoch(record["validation_curve"], VALIDATION_IMAGES)
         agreement = "yes" if record["float16_float32_label_agreement"] == 1.0 else f"{record['float16_float32_label_agreement']:.4f} of labels"
         lines.append(f"| {record['size']} px | from stage {record['cut']} | {record['epochs_run']} of {record['epochs']} | {augmentation} | "

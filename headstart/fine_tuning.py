@@ -195,12 +195,13 @@ class TuningSettings:
     seed: int
     shift: float = 0.0  # share of the image side by which each training image's cut-point map may move each way
     mixup: float = 0.0  # alpha of the Beta distribution mixup draws its weights from; 0: no mixup
+    cutmix: float = 0.0  # alpha of the Beta distribution CutMix draws each batch's kept area from; 0: no CutMix
 
     @classmethod
     def from_config(cls, config) -> "TuningSettings":
         """The fine-tuning settings of a TrainConfig."""
         return cls(config.fine_tune_epochs, config.batch_size, config.fine_tune_learning_rate, config.fine_tune_patience,
-                   config.seed, config.fine_tune_shift, config.fine_tune_mixup)
+                   config.seed, config.fine_tune_shift, config.fine_tune_mixup, config.fine_tune_cutmix)
 
 
 def activation_entries(features, flip: bool) -> int:
@@ -219,7 +220,8 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
     training image once, mirrored or not at random (deterministic under the seed), and may move
     its cut-point map by up to `shift` of its side (a translation of the image, approximated);
     with `mixup`, each batch is blended with a shuffled copy of itself, activations and labels
-    alike, by a weight drawn from Beta(mixup, mixup). After each epoch the validation split is scored;
+    alike, by a weight drawn from Beta(mixup, mixup); with `cutmix`, a rectangle of each batch's maps
+    is taken from that copy instead, its area drawn from Beta(cutmix, cutmix), the labels blended by area. After each epoch the validation split is scored;
     training stops after `patience` epochs without a better validation accuracy. The weights kept
     are those of the latest epoch whose validation accuracy is within one standard error of the
     best (`selected_epoch`). Returns the per-epoch history (its validation scores start with
@@ -245,7 +247,7 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
 
     @tf.function(reduce_retracing=True, autograph=False)
     def step(batch, targets):
-        """One optimiser step on a batch and its targets (one-hot, or blended by mixup)."""
+        """One optimiser step on a batch and its targets (one-hot, or blended by mixup or CutMix)."""
         with tf.GradientTape() as tape:
             probabilities = model(batch, training=True)
             loss = soft_cross_entropy(targets, probabilities)
@@ -287,6 +289,8 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
             if settings.mixup:
                 weight, partners = generator.beta(settings.mixup, settings.mixup), generator.permutation(len(rows))
                 batch, targets = weight * batch + (1 - weight) * batch[partners], weight * targets + (1 - weight) * targets[partners]
+            if settings.cutmix:
+                batch, targets = _cut_and_mixed(batch, targets, settings.cutmix, generator)
             batch_loss, batch_correct = step(batch, targets)
             loss_sum, correct = loss_sum + float(batch_loss), correct + float(batch_correct)
         history["loss"].append(loss_sum / len(order))
@@ -333,6 +337,21 @@ def _shifted(batch: np.ndarray, cells: int, generator: np.random.Generator) -> n
     padded = np.pad(batch, ((0, 0), (cells, cells), (cells, cells), (0, 0)), mode="edge")
     height, width = batch.shape[1:3]
     return np.stack([image[dy:dy + height, dx:dx + width] for image, (dy, dx) in zip(padded, moves)])
+
+
+def _cut_and_mixed(batch: np.ndarray, targets: np.ndarray, alpha: float, generator: np.random.Generator):
+    """CutMix on cut-point maps: one rectangle of every map replaced by the same rectangle of
+    another map of the batch, the targets blended by the area each keeps."""
+    height, width = batch.shape[1:3]
+    side = np.sqrt(1 - generator.beta(alpha, alpha))
+    centre_y, centre_x = generator.integers(0, height), generator.integers(0, width)
+    top, bottom = np.clip([centre_y - round(side * height / 2), centre_y + round(side * height / 2)], 0, height)
+    left, right = np.clip([centre_x - round(side * width / 2), centre_x + round(side * width / 2)], 0, width)
+    partners = generator.permutation(len(batch))
+    mixed = batch.copy()
+    mixed[:, top:bottom, left:right] = batch[partners, top:bottom, left:right]
+    kept = 1 - (bottom - top) * (right - left) / (height * width)
+    return mixed, kept * targets + (1 - kept) * targets[partners]
 
 
 def _correct(labels, probabilities):
@@ -388,7 +407,7 @@ def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Pa
     summary = {
         "from_stage": cut, "image_size": backbone.image_size, "activation_shape": list(split.activation_shape),
         "activation_dtype": "float16", "flip": flip, "shift": settings.shift, "shift_cells": shift_in_cells(settings.shift, split.activation_shape[0]),
-        "mixup": settings.mixup,
+        "mixup": settings.mixup, "cutmix": settings.cutmix,
         "epochs_run": len(history["loss"]), "best_epoch": best_epoch,
         "validation_accuracy_before": float(history["val_accuracy"][0]), "validation_accuracy_after": float(history["val_accuracy"][best_epoch]),
         "seconds_per_epoch": float(np.mean(history["seconds"])) if history["seconds"] else 0.0,

@@ -252,7 +252,8 @@ def fine_tuning_summary(config: dict, summary: dict | None) -> str:
         return ""
     augmentations = (("horizontal flips", summary["flip"]),
                      (f"shifts of up to {summary['shift']:.0%} of the side ({summary['shift_cells']} cells)", summary["shift_cells"]),
-                     (f"mixup (alpha {summary['mixup']})", summary["mixup"]))
+                     (f"mixup (alpha {summary['mixup']})", summary["mixup"]),
+                     (f"CutMix (alpha {summary.get('cutmix')})", summary.get("cutmix")))
     augmentation = ", ".join(name for name, on in augmentations if on)
     return (f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, on activations cached at their input "
             f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); {summary['epochs_run']} epochs "

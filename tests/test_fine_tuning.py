@@ -153,6 +153,24 @@ def test_the_epoch_kept_is_the_latest_within_one_standard_error_of_the_best():
     assert selected_epoch([0.5, 0.9, 0.9], 10) == 2
 
 
+def test_cutmix_takes_one_rectangle_from_a_partner_and_blends_the_labels_by_its_area():
+    from headstart.fine_tuning import _cut_and_mixed
+
+    batch = np.arange(6, dtype=np.float32)[:, None, None, None] * np.ones((6, 8, 8, 3), np.float32)
+    targets = np.eye(6, dtype=np.float32)
+    for seed in range(20):
+        mixed, blended = _cut_and_mixed(batch, targets, 1.0, np.random.default_rng(seed))
+        for image, target, source in zip(mixed, blended, batch):
+            taken = image[..., 0] != source[0, 0, 0]
+            partner = np.unique(image[taken][:, 0])
+            assert len(partner) <= 1  # one partner, one rectangle
+            rows, columns = np.nonzero(taken)
+            if len(rows):
+                assert taken[rows.min():rows.max() + 1, columns.min():columns.max() + 1].all()
+                assert target[int(partner[0])] == pytest.approx(taken.mean())
+            assert target[int(source[0, 0, 0])] == pytest.approx(1 - taken.mean()) and target.sum() == pytest.approx(1)
+
+
 def test_fine_tuning_settings_count_towards_the_training_key_only_where_it_runs(colour_folder):
     from headstart.reuse import training_key
 
