@@ -218,6 +218,21 @@ def main() -> None:
                                      for batch in decoded_batches(test_paths, size, 64)])
             predictions16 = np.concatenate([model(test16[i:i + 256].astype(np.float32), training=False).numpy().argmax(1) for i in range(0, len(test16), 256)])
             predictions32 = np.concatenate([model(test32[i:i + 256], training=False).numpy().argmax(1) for i in range(0, len(test32), 256)])
+            # Test-time mirroring, measured only: the features of each image and of its mirror image
+            # averaged before the head (for a linear head, the average of the two logits).
+            held_out_mirrors = [Entry(entry_key(sha, True), sha, path, True) for name in ("validation", "test")
+                                for sha, path in zip(rows[name]["sha256"], rows[name]["path"])]
+            cache_activations(split, cache, held_out_mirrors)
+            upper = keras.Model(inputs, split.upper(inputs))
+
+            def mirror_averaged_accuracy(name: str) -> float:
+                features_of = lambda activations: np.concatenate([upper(activations[i:i + 256].astype(np.float32), training=False).numpy()
+                                                                  for i in range(0, len(activations), 256)])
+                averaged = (features_of(load(name)) + features_of(load(name, True))) / 2
+                return float((head[1](averaged).numpy().argmax(1) == labels[name]).mean())
+
+            mirror_averaged = {"validation_accuracy_mirror_averaged": mirror_averaged_accuracy("validation"),
+                               "test_accuracy_mirror_averaged": mirror_averaged_accuracy("test")}
             if args.straightforward:
                 record_straightforward = straightforward(config, backbone, features, rows, labels, cut, settings, flip)
             record = {
@@ -229,7 +244,7 @@ def main() -> None:
                 "activation_seconds": activation_seconds, "activations_computed": cached.computed, "activation_shape": list(split.activation_shape),
                 "uncached_epoch_seconds": uncached_epoch_seconds(split, model, rows["train"], args.uncached_steps, config.batch_size)
                 if args.uncached_steps else None,
-                **(record_straightforward if args.straightforward else {}),
+                **mirror_averaged, **(record_straightforward if args.straightforward else {}),
             }
             print(json.dumps(record), flush=True)
             _append({**record, **machine})
@@ -242,15 +257,15 @@ def table() -> str:
     from headstart.fine_tuning import selected_epoch
 
     lines = ["| image size | trained | epochs run | augmentation | epoch kept: validation, test | test after the last epoch | "
-             "test from float32 activations = from float16 | s / epoch | activations, s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "epoch kept, mirror-averaged: validation, test | test from float32 activations = from float16 | s / epoch | activations, s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     heads = set()
     for record in map(json.loads, RESULTS.read_text().splitlines()):
         if record["cut"] is None:
             if record["size"] not in heads:
                 heads.add(record["size"])
                 flips = f" (on images + mirrors: {record['test_accuracy_head_with_flips']:.4f})" if record.get("test_accuracy_head_with_flips") else ""
-                lines.append(f"| {record['size']} px | head alone | | | | {record['test_accuracy']:.4f}{flips} | | | |")
+                lines.append(f"| {record['size']} px | head alone | | | | {record['test_accuracy']:.4f}{flips} | | | | |")
             continue
         if record["epochs"] == 1:
             continue  # a timing run (--epochs 1 --uncached-steps N): its time is in the README's text, not an accuracy row
@@ -258,10 +273,12 @@ def table() -> str:
                                                        (f"mixup {record.get('mixup')}", record.get("mixup")),
                                                        (f"CutMix {record.get('cutmix')}", record.get("cutmix"))) if on) or "none"
         kept = selected_epoch(record["validation_curve"], VALIDATION_IMAGES)
+        mirrored = (f"{record['validation_accuracy_mirror_averaged']:.4f}, {record['test_accuracy_mirror_averaged']:.4f}"
+                    if "test_accuracy_mirror_averaged" in record else "")
         agreement = "yes" if record["float16_float32_label_agreement"] == 1.0 else f"{record['float16_float32_label_agreement']:.4f} of labels"
         lines.append(f"| {record['size']} px | from stage {record['cut']} | {record['epochs_run']} of {record['epochs']} | {augmentation} | "
                      f"{kept}: {record['validation_curve'][kept]:.4f}, **{record['test_curve'][kept]:.4f}** | {record['test_curve'][-1]:.4f} | "
-                     f"{agreement} | {np.mean(record['epoch_seconds']):.0f} | {record['activation_seconds']:.0f} |")
+                     f"{mirrored} | {agreement} | {np.mean(record['epoch_seconds']):.0f} | {record['activation_seconds']:.0f} |")
     return "\n".join(lines)
 
 
