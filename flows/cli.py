@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not mirror training images at random in fine-tuning")
     train.add_argument("--fine-tune-shift", type=float, help="share of the image side a training image may move each way in fine-tuning (default 0.1)")
     train.add_argument("--fine-tune-mixup", type=float, help="mixup's alpha in fine-tuning, 0 for none (default 0)")
+    train.add_argument("--fine-tune-mirror-average", action="store_const", const=True,
+                       help="the fine-tuned backbone averages the features of each image and of its mirror image (twice its work per image)")
     train.add_argument("--fine-tune-cutmix", type=float, help="CutMix's alpha in fine-tuning, 0 for none (default 0)")
     train.add_argument("--near-duplicate-threshold", type=float,
                        help="feature cosine similarity from which a test image counts as a near-duplicate of a training image (default 0.88)")

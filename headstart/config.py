@@ -67,6 +67,8 @@ class TrainConfig(BaseModel):
         "share of the image side by which each training image may move each way in fine-tuning (its cut-point activations are shifted)"))
     fine_tune_mixup: float = Field(0.0, ge=0.0, le=1.0, json_schema_extra=WHEN_FINE_TUNING, description=(
         "mixup in fine-tuning: alpha of the Beta distribution each batch's blend with a shuffled copy of itself is drawn from; 0: off"))
+    fine_tune_mirror_average: bool = Field(False, json_schema_extra=WHEN_FINE_TUNING, description=(
+        "the fine-tuned backbone averages the features of each image and of its mirror image (twice its work per image)"))
     fine_tune_cutmix: float = Field(0.0, ge=0.0, le=4.0, json_schema_extra=WHEN_FINE_TUNING, description=(
         "CutMix in fine-tuning: alpha of the Beta distribution the area each batch takes from a shuffled copy of itself is drawn from; 0: off"))
     # Counts by value: it changes no weights, but it decides what metrics.json, data_report.json

@@ -113,8 +113,9 @@ class SplitBackbone:
         batch = np.where(np.asarray(flipped)[:, None, None, None], batch[:, :, ::-1, :], batch)
         return self._lower_pass(tf.constant(batch)).numpy()
 
-    def export(self, destination: Path, handle: str) -> Backbone:
-        """The whole network, the upper stages as trained now, written as a TF Hub module: a Backbone.
+    def export(self, destination: Path, handle: str, mirror_average: bool = False) -> Backbone:
+        """The whole network, the upper stages as trained now, written as a TF Hub module: a Backbone
+        (with `mirror_average`, one whose features are those of the image and of its mirror, averaged).
 
         Its fingerprint hashes the base module's fingerprint, the cut and every weight: the same
         weights always get the same fingerprint. (The module's files would not do: a SavedModel
@@ -126,11 +127,11 @@ class SplitBackbone:
         for layer in self.upper.layers:
             if layer.weights:
                 network.get_layer(layer.name).set_weights(layer.get_weights())
-        digest = hashlib.sha256(f"{self.backbone.fingerprint} fine-tuned from stage {self.cut}".encode())
+        digest = hashlib.sha256(f"{self.backbone.fingerprint} fine-tuned from stage {self.cut}{' mirror-averaged' if mirror_average else ''}".encode())
         for weight in network.weights:
             digest.update(weight.name.encode())
             digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
-        export_hub_module(network, self.backbone.image_size, destination)
+        export_hub_module(network, self.backbone.image_size, destination, mirror_average)
         return Backbone(handle=handle, module_path=Path(destination), fingerprint=digest.hexdigest()[:16], image_size=self.backbone.image_size)
 
 
@@ -371,11 +372,13 @@ class FineTuningResult:
 
 
 def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Path, destination: Path, cut: int,
-                         settings: TuningSettings, flip: bool, activation_progress=None, on_epoch=None) -> FineTuningResult:
+                         settings: TuningSettings, flip: bool, mirror_average: bool = False, activation_progress=None,
+                         on_epoch=None) -> FineTuningResult:
     """Fine-tunes the bundled backbone from stage `cut` up together with the classifier's head
     (trained before on frozen features; updated in place), on the train split's cached activations
     (and their mirrors, where `flip`), selecting on the validation split. The test split is not read.
-    The fine-tuned network is written to `destination` as a TF Hub module."""
+    The fine-tuned network is written to `destination` as a TF Hub module (averaging the features of
+    each image and its mirror image, where `mirror_average`)."""
     from headstart.model import HEAD_DENSE, HEAD_DROPOUT
 
     split = SplitBackbone(backbone, cut)
@@ -403,11 +406,11 @@ def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Pa
                       cache.load(validation_keys, split.activation_shape), validation_labels,
                       cache.load(kept("train", True)[0], split.activation_shape) if flip else None)
     history, best_epoch = fine_tune(split, (classifier.get_layer(HEAD_DROPOUT), classifier.get_layer(HEAD_DENSE)), data, settings, on_epoch)
-    tuned = split.export(destination, f"{backbone.handle} fine-tuned from stage {cut}")
+    tuned = split.export(destination, f"{backbone.handle} fine-tuned from stage {cut}", mirror_average)
     summary = {
         "from_stage": cut, "image_size": backbone.image_size, "activation_shape": list(split.activation_shape),
         "activation_dtype": "float16", "flip": flip, "shift": settings.shift, "shift_cells": shift_in_cells(settings.shift, split.activation_shape[0]),
-        "mixup": settings.mixup, "cutmix": settings.cutmix,
+        "mixup": settings.mixup, "cutmix": settings.cutmix, "mirror_average": mirror_average,
         "epochs_run": len(history["loss"]), "best_epoch": best_epoch,
         "validation_accuracy_before": float(history["val_accuracy"][0]), "validation_accuracy_after": float(history["val_accuracy"][best_epoch]),
         "seconds_per_epoch": float(np.mean(history["seconds"])) if history["seconds"] else 0.0,

@@ -260,7 +260,8 @@ def fine_tuning_summary(config: dict, summary: dict | None) -> str:
             f"(Adam, learning rate {config['fine_tune_learning_rate']} after a one-epoch warm-up, decaying on a cosine; augmentation: {augmentation or 'none'}), "
             f"epoch {summary['best_epoch']} kept: validation accuracy {summary['validation_accuracy_before']:.4f} with the head alone, "
             f"{summary['validation_accuracy_after']:.4f} fine-tuned. Base backbone `{summary['base_backbone']['handle']}` "
-            f"(fingerprint `{summary['base_backbone']['fingerprint']}`); the stages below {summary['from_stage']} are its own, unchanged.")
+            f"(fingerprint `{summary['base_backbone']['fingerprint']}`); the stages below {summary['from_stage']} are its own, unchanged."
+            + (" The fine-tuned backbone averages the features of each image and of its mirror image." if summary.get("mirror_average") else ""))
 
 
 def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbone, history: dict, engine: str) -> str:

@@ -30,7 +30,8 @@ def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classi
             get_run_logger().info("fine-tune epoch %d of at most %d: %.0f s; %s", epoch, config.fine_tune_epochs, history["seconds"][-1], scores)
 
         result = fine_tune_classifier(classifier, backbone, features, config.cache_dir, destination, config.fine_tune_from,
-                                      TuningSettings.from_config(config), config.fine_tune_flip, activations, epoch_done)
+                                      TuningSettings.from_config(config), config.fine_tune_flip, config.fine_tune_mirror_average,
+                                      activations, epoch_done)
         summary = result.summary
         epochs.finish(f"fine-tune: {summary['epochs_run']} epochs, best {summary['best_epoch']}: validation accuracy "
                       f"{summary['validation_accuracy_before']:.4f} → {summary['validation_accuracy_after']:.4f}")

@@ -153,6 +153,22 @@ def test_the_epoch_kept_is_the_latest_within_one_standard_error_of_the_best():
     assert selected_epoch([0.5, 0.9, 0.9], 10) == 2
 
 
+def test_a_mirror_averaged_backbone_averages_the_features_of_each_image_and_its_mirror(bundled_32, tmp_path):
+    from headstart.keras import tf
+
+    split = SplitBackbone(bundled_32, CUT)
+    plain, averaged = split.export(tmp_path / "plain", "plain"), split.export(tmp_path / "averaged", "averaged", mirror_average=True)
+    assert averaged.fingerprint != plain.fingerprint
+    images = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    plain_features, averaged_features = tf.saved_model.load(str(plain.module_path)), tf.saved_model.load(str(averaged.module_path))
+    expected = (plain_features(images).numpy() + plain_features(mirrored).numpy()) / 2
+    tolerance = 1e-5 * np.abs(expected).max()
+    np.testing.assert_allclose(averaged_features(images).numpy(), expected, atol=tolerance)
+    np.testing.assert_allclose(averaged_features(mirrored).numpy(), averaged_features(images).numpy(), atol=tolerance)
+    assert not np.allclose(plain_features(images).numpy(), expected, atol=tolerance)  # the mirror does change the features
+
+
 def test_cutmix_takes_one_rectangle_from_a_partner_and_blends_the_labels_by_its_area():
     from headstart.fine_tuning import _cut_and_mixed
 
@@ -195,7 +211,6 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
 
     from flows.train import train
     from headstart.plots import FINE_TUNING_PLOT
-    from headstart.prediction import predict_images
     from headstart.runs import Run
 
     config = _fine_tune_config(colour_folder, tmp_path)
@@ -208,12 +223,31 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     assert (run.path / "plots" / FINE_TUNING_PLOT).read_bytes().startswith(b"\x89PNG")
     assert Artifact.get("headstart-report").data.count("data:image/png;base64,") == len(run.plots())
 
-    # The saved model, loaded and served from raw pixels, gives the probabilities evaluation measured.
-    features_file = sorted((tmp_path / "cache" / "datasets").glob(f"*-{run.backbone.fingerprint}-32px-*.parquet"))
-    assert len(features_file) == 1
+    _serves_what_evaluation_measured(run, tmp_path)
+
+    # The same inputs again: the run is copied. Other fine-tuning settings: trained anew, on the cached activations.
+    again = Run(Path(train(**config.model_dump())))
+    assert again.config["reused_from"] == str(run.path)
+    longer = Run(Path(train(**_fine_tune_config(colour_folder, tmp_path, fine_tune_epochs=3, fine_tune_mirror_average=True).model_dump())))
+    assert "reused_from" not in longer.config and longer.metrics["fine_tuning"]["epochs_run"] == 3
+    assert longer.metrics["fine_tuning"]["activations"]["computed"] == 0
+    # Its backbone averages each image's features with its mirror's: served the same way too.
+    assert longer.metrics["fine_tuning"]["mirror_average"] and "mirror image" in longer.model_card
+    _serves_what_evaluation_measured(longer, tmp_path)
+    retrained = Run(Path(train(**config.model_copy(update={"reuse_identical_runs": False}).model_dump())))
+    assert retrained.backbone.fingerprint == run.backbone.fingerprint  # deterministic under the seed
+    assert retrained.metrics["accuracy"] == run.metrics["accuracy"]
+
+
+def _serves_what_evaluation_measured(run, tmp_path):
+    """The run's saved model, loaded and served from raw pixels, and `predict` give the
+    probabilities evaluation measured on the fine-tuned backbone's features."""
     from headstart.evaluation import evaluate_split
     from headstart.features.dataset import FeatureSet
+    from headstart.prediction import predict_images
 
+    features_file = sorted((tmp_path / "cache" / "datasets").glob(f"*-{run.backbone.fingerprint}-32px-*.parquet"))
+    assert len(features_file) == 1
     tuned_features = FeatureSet(features_file[0], 0, 0, "cache")
     metrics, evaluated = evaluate_split(run.keras_model(), tuned_features, "test", run.class_names)
     assert metrics["accuracy"] == run.metrics["accuracy"]
@@ -223,13 +257,3 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     with ExtractionContext(tmp_path / "predict-cache") as context:
         predicted = predict_images(run, [Path(path) for path in test_paths], context)
     np.testing.assert_allclose(predicted.probabilities, evaluated, atol=1e-4)
-
-    # The same inputs again: the run is copied. Other fine-tuning settings: trained anew, on the cached activations.
-    again = Run(Path(train(**config.model_dump())))
-    assert again.config["reused_from"] == str(run.path)
-    longer = Run(Path(train(**_fine_tune_config(colour_folder, tmp_path, fine_tune_epochs=3).model_dump())))
-    assert "reused_from" not in longer.config and longer.metrics["fine_tuning"]["epochs_run"] == 3
-    assert longer.metrics["fine_tuning"]["activations"]["computed"] == 0
-    retrained = Run(Path(train(**config.model_copy(update={"reuse_identical_runs": False}).model_dump())))
-    assert retrained.backbone.fingerprint == run.backbone.fingerprint  # deterministic under the seed
-    assert retrained.metrics["accuracy"] == run.metrics["accuracy"]

@@ -39,7 +39,7 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
                "gate": False, "gate_tolerance": 0.01, "gate_alpha": 0.01, "gate_floor": 0.6}
     # Fine-tuning's settings count where it runs, and not at all where it does not.
     fine_tuning = {"fine_tune_from": 7, "fine_tune_epochs": 3, "fine_tune_learning_rate": 1e-4, "fine_tune_patience": 1,
-                   "fine_tune_flip": False, "fine_tune_shift": 0.0, "fine_tune_mixup": 0.2, "fine_tune_cutmix": 1.0}
+                   "fine_tune_flip": False, "fine_tune_shift": 0.0, "fine_tune_mixup": 0.2, "fine_tune_cutmix": 1.0, "fine_tune_mirror_average": True}
     assert set(neutral) | set(changed) | set(fine_tuning) | {"fine_tune"} == set(TrainConfig.model_fields)
     for name, value in neutral.items():
         assert _key(base.model_copy(update={name: value})) == _key(base), name

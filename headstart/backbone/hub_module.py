@@ -21,7 +21,7 @@ from headstart.preprocessing import enlarge_images, imagenet_normalization, resi
 LITERT_SIGNATURE = "litert"
 
 
-def build_hub_module(network: keras.Model, image_size: int):
+def build_hub_module(network: keras.Model, image_size: int, mirror_average: bool = False):
     """Wraps the network as a TF Hub image feature-vector module.
 
     The reusable-SavedModel convention: `__call__(images)` takes float32 images in [0, 1] of
@@ -32,6 +32,10 @@ def build_hub_module(network: keras.Model, image_size: int):
     new dataset would only wreck), and each traced variant would be one more copy of the network
     for every load to restore (before BatchNorm was folded, three copies took 0.8 s to load
     and two 0.5 s).
+
+    With `mirror_average`, the features of each image are the mean of the network's features of
+    the image and of its mirror image: a head on top sees both orientations (for a linear head,
+    the mean of its two logits), at twice the network's work per image.
     """
     module = tf.__internal__.tracking.AutoTrackable()
     # The Keras network itself is not attached: saving it would serialise (and trace) every layer,
@@ -40,7 +44,10 @@ def build_hub_module(network: keras.Model, image_size: int):
     normalize = imagenet_normalization()
 
     def features(images):
-        return network(normalize(images), training=False)
+        normalized = normalize(images)
+        if not mirror_average:
+            return network(normalized, training=False)
+        return (network(normalized, training=False) + network(tf.reverse(normalized, axis=[2]), training=False)) / 2
 
     @tf.function
     def call(images):
@@ -65,13 +72,13 @@ def build_hub_module(network: keras.Model, image_size: int):
     return module
 
 
-def export_hub_module(network: keras.Model, image_size: int, destination: Path) -> Path:
+def export_hub_module(network: keras.Model, image_size: int, destination: Path, mirror_average: bool = False) -> Path:
     """Writes the network as a TF Hub reusable SavedModel, atomically (temp dir + rename)."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination.parent))
     try:
-        module = build_hub_module(network, image_size)
+        module = build_hub_module(network, image_size, mirror_average)
         tf.saved_model.save(module, str(staging), signatures=module.signatures_to_export)
         if destination.exists():
             shutil.rmtree(staging)
