@@ -221,11 +221,12 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
     training image once, mirrored or not at random (deterministic under the seed), and may move
     its cut-point map by up to `shift` of its side (a translation of the image, approximated);
     with `mixup`, each batch is blended with a shuffled copy of itself, activations and labels
-    alike, by a weight drawn from Beta(mixup, mixup); with `cutmix`, a rectangle of each batch's maps
-    is taken from that copy instead, its area drawn from Beta(cutmix, cutmix), the labels blended by area. After each epoch the validation split is scored;
-    training stops after `patience` epochs without a better validation accuracy. The weights kept
-    are those of the latest epoch whose validation accuracy is within one standard error of the
-    best (`selected_epoch`). Returns the per-epoch history (its validation scores start with
+    alike, by a weight drawn from Beta(mixup, mixup); with `cutmix`, one rectangle of each batch's
+    maps is replaced by the same rectangle of a shuffled copy, its area drawn from Beta(cutmix,
+    cutmix), the labels blended by area. After each epoch the validation split is scored; training
+    stops after `patience` epochs without a better validation accuracy. The weights kept are
+    those of the latest epoch whose validation accuracy is within one standard error of the best
+    (`selected_epoch`). Returns the per-epoch history (its validation scores start with
     epoch 0, the network before fine-tuning) and the epoch kept (0: fine-tuning did not help).
     """
     from headstart.keras import keras, tf
