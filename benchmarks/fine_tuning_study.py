@@ -275,9 +275,11 @@ def table() -> str:
         kept = selected_epoch(record["validation_curve"], VALIDATION_IMAGES)
         mirrored = (f"{record['validation_accuracy_mirror_averaged']:.4f}, {record['test_accuracy_mirror_averaged']:.4f}"
                     if "test_accuracy_mirror_averaged" in record else "")
+        straightforward = (f" (the straightforward way: {record['straightforward_test_accuracy']:.4f}, "
+                           f"{np.mean(record['straightforward_epoch_seconds']):.0f} s / epoch)" if "straightforward_test_accuracy" in record else "")
         agreement = "yes" if record["float16_float32_label_agreement"] == 1.0 else f"{record['float16_float32_label_agreement']:.4f} of labels"
         lines.append(f"| {record['size']} px | from stage {record['cut']} | {record['epochs_run']} of {record['epochs']} | {augmentation} | "
-                     f"{kept}: {record['validation_curve'][kept]:.4f}, **{record['test_curve'][kept]:.4f}** | {record['test_curve'][-1]:.4f} | "
+                     f"{kept}: {record['validation_curve'][kept]:.4f}, **{record['test_curve'][kept]:.4f}**{straightforward} | {record['test_curve'][-1]:.4f} | "
                      f"{mirrored} | {agreement} | {np.mean(record['epoch_seconds']):.0f} | {record['activation_seconds']:.0f} |")
     return "\n".join(lines)
 
