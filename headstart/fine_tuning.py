@@ -371,6 +371,11 @@ class FineTuningResult:
     history: dict
     summary: dict
 
+    def outcome(self) -> str:
+        """One line: epochs run, the epoch kept, and the validation accuracy before and after."""
+        return (f"{self.summary['epochs_run']} epochs, best {self.summary['best_epoch']}: validation accuracy "
+                f"{self.summary['validation_accuracy_before']:.4f} → {self.summary['validation_accuracy_after']:.4f}")
+
 
 def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Path, destination: Path, cut: int,
                          settings: TuningSettings, flip: bool, mirror_average: bool = False, activation_progress=None,

@@ -32,7 +32,5 @@ def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classi
         result = fine_tune_classifier(classifier, backbone, features, config.cache_dir, destination, config.fine_tune_from,
                                       TuningSettings.from_config(config), config.fine_tune_flip, config.fine_tune_mirror_average,
                                       activations, epoch_done)
-        summary = result.summary
-        epochs.finish(f"fine-tune: {summary['epochs_run']} epochs, best {summary['best_epoch']}: validation accuracy "
-                      f"{summary['validation_accuracy_before']:.4f} → {summary['validation_accuracy_after']:.4f}")
+        epochs.finish(f"fine-tune: {result.outcome()}")
     return result
