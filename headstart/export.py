@@ -1,0 +1,173 @@
+"""A trained run as one .tflite file for phones and boards: float32, or full-integer int8.
+
+The file is the whole classifier: uint8 RGB pixels [1, size, size, 3] in, one float32 probability
+per class out, the class names packed inside (headstart.tflite_file). It enlarges smaller images
+itself with the same bilinear resize training used, so an image goes in at its own size where it
+is no larger. Every export is checked against the run's own Keras model on the run's test split,
+and the figures go into the run's metrics.json and model card:
+
+- float32: the largest difference of any probability (target ≤ FLOAT_TOLERANCE);
+- int8 (weights and activations; calibrated on training images): top-1 agreement with the Keras
+  model (target ≥ INT8_AGREEMENT) and the change in accuracy (target: at most INT8_ACCURACY_LOSS lost).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from headstart.errors import HeadstartError
+from headstart.runs import BACKBONE_DIR, METRICS_FILE, MODEL_CARD_FILE, Run
+from headstart.storage import atomic_path, write_bytes_atomic, write_json_atomic
+from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_image
+
+Quantization = Literal["none", "int8"]
+FLOAT_TOLERANCE = 1e-4
+INT8_AGREEMENT = 0.98
+INT8_ACCURACY_LOSS = 0.01
+# Training images that calibrate int8 activation ranges: a few hundred is the usual advice, and
+# more only lengthens the conversion.
+REPRESENTATIVE_IMAGES = 200
+EXPORTS_DIR = "exports"
+CARD_SECTION = "## On devices (.tflite)"
+
+
+@dataclass(frozen=True)
+class ExportImages:
+    """The run's images an export reads: training images that calibrate int8, and the test split."""
+
+    representative: list[str]
+    test: list[str]
+    test_labels: np.ndarray
+
+    @classmethod
+    def from_manifest(cls, table, run: Run) -> "ExportImages":
+        """From a manifest table (path, label, sha256, split): the training images spread evenly
+        over the split in hash order, and the test images the run itself was tested on where it
+        kept its data index."""
+        index = run.data_index()
+        tested = set(index.filter(_equals(index, "split", "test"))["sha256"].to_pylist()) if index is not None else None
+        rows = table.to_pylist()
+        train = sorted((row for row in rows if row["split"] == "train"), key=lambda row: row["sha256"])
+        step = max(1, len(train) // REPRESENTATIVE_IMAGES)
+        test = [row for row in rows if row["split"] == "test" and (tested is None or row["sha256"] in tested)]
+        if not train or not test:
+            raise HeadstartError(f"the data of {run.path} has no {'training' if not train else 'test'} images left to export with")
+        return cls([row["path"] for row in train[::step][:REPRESENTATIVE_IMAGES]], [row["path"] for row in test],
+                   np.array([row["label"] for row in test], np.int64))
+
+
+def _equals(table, column: str, value: str):
+    import pyarrow.compute as pc
+
+    return pc.equal(table[column], value)
+
+
+def default_destination(run: Run, quantize: Quantization) -> Path:
+    return run.path / EXPORTS_DIR / f"model-{'int8' if quantize == 'int8' else 'float32'}.tflite"
+
+
+def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destination: Path | None = None) -> dict:
+    """Writes the run's classifier as a .tflite file (atomically), measures it against the run's
+    Keras model on the test images, records the figures in the run; returns that record."""
+    destination = Path(destination) if destination is not None else default_destination(run, quantize)
+    flatbuffer = embed_labels(convert_classifier(run, quantize, images.representative), run.class_names, run.image_size,
+                              f"Classifies {', '.join(run.class_names)}; trained by headstart (run {run.path.name}).")
+    with atomic_path(destination) as temporary:
+        temporary.write_bytes(flatbuffer)
+        record = {"file": str(destination), "quantize": quantize, "bytes": len(flatbuffer),
+                  **compare_with_keras(run, TFLiteClassifier(temporary, threads=None), images, quantize)}
+    record_export(run, record)
+    return record
+
+
+def convert_classifier(run: Run, quantize: Quantization, representative: list[str]) -> bytes:
+    """The run's classifier converted by the TFLite converter: its backbone module, then its head."""
+    from headstart.backbone.hub_module import litert_function
+    from headstart.keras import tf
+    from headstart.model import HEAD_DENSE
+
+    size = run.image_size
+    module = tf.saved_model.load(str(run.path / BACKBONE_DIR))
+    features = litert_function(module, size)
+    kernel, bias = (tf.constant(weight) for weight in run.keras_model().get_layer(HEAD_DENSE).get_weights())
+    # int8 converts from float pixels, and the converter puts the uint8 input in front.
+    input_type = tf.float32 if quantize == "int8" else tf.uint8
+
+    @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], input_type, name="image")])
+    def classify(image):
+        vectors = features(tf.cast(image, tf.float32) / 255.0)
+        if isinstance(vectors, dict):  # a signature's one output
+            (vectors,) = vectors.values()
+        return {"probability": tf.nn.softmax(tf.matmul(vectors, kernel) + bias)}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([classify.get_concrete_function()], module)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.representative_dataset = lambda: ([image] for image in calibration_images(representative, size))
+    from headstart.quiet import native_notices_dropped
+
+    with native_notices_dropped():
+        return converter.convert()
+
+
+def calibration_images(paths: list[str], image_size: int):
+    """Float32 [1, size, size, 3] pixels 0–255 of the images, at the model's size (as the model's
+    own resize makes them). The first has one black and one white pixel, so the uint8 input is
+    calibrated to exactly 0–255 and raw pixels go in as they are."""
+    from headstart.preprocessing import resize_batch
+
+    for position, path in enumerate(paths):
+        pixels = resize_batch([uint8_image(Path(path), image_size).astype(np.float32)], image_size)
+        if position == 0:
+            pixels[0, 0, 0], pixels[0, 0, 1] = 0.0, 255.0
+        yield pixels
+
+
+def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, quantize: Quantization) -> dict:
+    """The .tflite model against the run's Keras model (its serving signature) on the test images:
+    the same uint8 pixels into both."""
+    serving = run.serving_model()
+    ours, theirs = [], []
+    for path in images.test:
+        pixels = uint8_image(Path(path), run.image_size)
+        ours.append(model([pixels]))
+        theirs.append(serving(pixels[np.newaxis].astype(np.float32)))
+    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
+    accuracy = float((ours.argmax(1) == images.test_labels).mean())
+    keras_accuracy = float((theirs.argmax(1) == images.test_labels).mean())
+    record = {"test_images": len(images.test), "max_probability_difference": float(np.abs(ours - theirs).max()),
+              "top1_agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()), "accuracy": accuracy, "keras_accuracy": keras_accuracy}
+    if quantize == "int8":
+        record["meets_target"] = record["top1_agreement"] >= INT8_AGREEMENT and keras_accuracy - accuracy <= INT8_ACCURACY_LOSS
+    else:
+        record["meets_target"] = record["max_probability_difference"] <= FLOAT_TOLERANCE
+    return record
+
+
+def record_export(run: Run, record: dict) -> None:
+    """The export's figures into the run's metrics.json (`exports`, by quantization) and model card."""
+    metrics = {**run.metrics, "exports": {**run.metrics.get("exports", {}), record["quantize"]: record}}
+    write_json_atomic(run.path / METRICS_FILE, metrics)
+    card = re.split(rf"\n{re.escape(CARD_SECTION)}\n", run.model_card)[0].rstrip("\n")
+    write_bytes_atomic(run.path / MODEL_CARD_FILE, f"{card}\n\n{card_section(metrics['exports'])}".encode())
+
+
+def card_section(exports: dict) -> str:
+    lines = [CARD_SECTION, "Each file takes uint8 RGB pixels (its size square, or smaller: it enlarges them itself) and gives one "
+             "probability per class; the class names are packed inside (`labels.txt`, TFLite metadata). Measured against "
+             "the Keras model on the test split:", "",
+             "| file | weights and activations | size | max \\|Δ probability\\| | top-1 agreement | accuracy (Keras) | target met |",
+             "|---|---|---|---|---|---|---|"]
+    for quantize, record in sorted(exports.items()):
+        lines.append(f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} | {record['bytes'] / 2**20:.1f} MiB | "
+                     f"{record['max_probability_difference']:.1e} | {record['top1_agreement']:.2%} | {record['accuracy']:.4f} "
+                     f"({record['keras_accuracy']:.4f}) | {'yes' if record['meets_target'] else 'no'} |")
+    return "\n".join(lines) + "\n"
