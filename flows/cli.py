@@ -124,23 +124,47 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from headstart import registry
-    from headstart.features.extraction import ExtractionContext, ExtractionSettings
-    from headstart.prediction import predict_images, write_predictions
+    from headstart.prediction import write_predictions
 
-    run = registry.resolve(Path(args.artifacts_root), args.model)
-    with ExtractionContext(Path(args.cache_dir), ExtractionSettings(args.engine, args.threads, args.batch_size)) as context:
-        predictions = predict_images(run, [Path(p) for p in args.paths], context)
+    predictions = _predictions(args)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     if args.output:
         print(f"{len(predictions.paths)} predictions written to {write_predictions(predictions, Path(args.output))}", file=sys.stderr)
     for row, probabilities in zip(predictions.rows(), predictions.probabilities):
         if args.json:
-            print(json.dumps({**row, "probabilities": dict(zip(run.class_names, map(float, probabilities)))}))
+            print(json.dumps({**row, "probabilities": dict(zip(predictions.class_names, map(float, probabilities)))}))
         elif not args.output:
             print(f"{row['path']}\t{row['label']}\t{row['probability']:.4f}")
     return 0 if predictions.paths else EXIT_USAGE
+
+
+def _predictions(args):
+    """Predictions by a .tflite file (LiteRT alone: TensorFlow is never imported on that path) or
+    by a run from the registry."""
+    from headstart.prediction import predict_images, predict_with_tflite
+
+    inputs = [Path(path) for path in args.paths]
+    if args.model.lower().endswith(".tflite"):
+        return predict_with_tflite(Path(args.model), inputs, args.threads)
+    from headstart import registry
+    from headstart.features.extraction import ExtractionContext, ExtractionSettings
+
+    run = registry.resolve(Path(args.artifacts_root), args.model)
+    with ExtractionContext(Path(args.cache_dir), ExtractionSettings(args.engine, args.threads, args.batch_size)) as context:
+        return predict_images(run, inputs, context)
+
+
+def _export(args) -> int:
+    from headstart import registry
+    from headstart.export import export_images, export_tflite
+
+    run = registry.resolve(Path(args.artifacts_root), args.model)
+    record = export_tflite(run, args.quantize, export_images(run, Path(args.cache_dir) if args.cache_dir else None),
+                           Path(args.output) if args.output else None)
+    print(f"headstart: {record['summary']}", file=sys.stderr)
+    print(run.path / record["file"], flush=True)
+    return 0
 
 
 def _models(args) -> int:
@@ -224,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gate-tolerance", type=float, help="accuracy the new model may lose against the champion and still be promoted (default 0)")
     train.add_argument("--gate-alpha", type=float, help="significance level of the McNemar test that keeps a worse model out (default 0.05)")
     train.add_argument("--gate-floor", type=float, help="accuracy the first model must beat (default: always predicting the most common class)")
+    train.add_argument("--export", choices=["none", "tflite"], help="also write the run's classifier as .tflite files, float32 and int8 (default none)")
     train.add_argument("--artifacts-root", help="where run directories go (default ./artifacts)")
     train.add_argument("--cache-dir", help="where downloads, backbones and features are cached (default ./.cache/headstart)")
     train.set_defaults(handler=_train)
@@ -236,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser("predict", help="label image files and folders with a trained model")
-    predict.add_argument("--model", default="champion", help="'champion' (default), a version listed by 'headstart models', or a run directory")
+    predict.add_argument("--model", default="champion",
+                         help="'champion' (default), a version listed by 'headstart models', a run directory, or a .tflite file written by 'headstart export' (run with LiteRT alone)")
     predict.add_argument("paths", nargs="+", help="image files and folders of images")
     predict.add_argument("--output", help="write path, label, probability (and the top classes) to a .csv or .parquet file")
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
@@ -246,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=int, help="threads for the forward pass (default: all cores)")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser("export", help="write a trained model as one .tflite file for phones and boards, class names inside")
+    export.add_argument("--model", default="champion", help="'champion' (default), a version listed by 'headstart models', or a run directory")
+    export.add_argument("--format", choices=["tflite"], default="tflite", help="file format (default tflite)")
+    export.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="none: float32 weights and activations (default); int8: full-integer, calibrated on the run's training images")
+    export.add_argument("--output", help="the file to write (default: exports/model-float32.tflite or model-int8.tflite in the run)")
+    export.add_argument("--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)")
+    export.add_argument("--cache-dir", help="where the run's data listing is cached (default: the run's own cache directory)")
+    export.set_defaults(handler=_export)
 
     models = commands.add_parser("models", help="list the registry's versions, newest first; promote one, or roll back")
     models.add_argument("--artifacts-root", default="artifacts", help="where run directories go (default ./artifacts)")

@@ -1,10 +1,11 @@
 """The `train` flow: download → preprocess → extract_features (per shard) → assemble_features →
 build_model → train_head → [fine_tune → plan_extraction → extract_features → assemble_features →
-build_model] → evaluate → near_duplicates → gate → visualize → publish → promote (where the gate
-decided so); or, when every input matches an earlier run, reuse_identical_run in place of the
-steps after assemble_features. The bracketed steps run with --fine-tune: the backbone's top
-stages are trained with the head, and the fine-tuned backbone's features replace the frozen
-one's. near_duplicates flags test and validation images whose nearest training image is almost
+build_model] → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
+the gate decided so); or, when every input matches an earlier run, reuse_identical_run (and
+[export]) in place of the steps after assemble_features. The first bracketed steps run with
+--fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
+features replace the frozen one's. export runs with --export tflite: the run's classifier as
+.tflite files for devices, float32 and int8. near_duplicates flags test and validation images whose nearest training image is almost
 the same photo, and gives the test accuracy without them."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.reuse import find_identical_run, training_key
 from tasks.data import download, preprocess
 from tasks.evaluation import evaluate, visualize
+from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
 from tasks.gate import gate, promote
@@ -50,6 +52,8 @@ def train(**parameters) -> str:
         if previous is not None:
             run_dir = reuse_identical_run(config, previous)
             print(f"headstart: every input matches {previous}; copied it to {run_dir}")
+            if config.export == "tflite":
+                export(run_dir, manifest)
             return run_dir
         classifier = build_model(config, backbone, manifest.class_names, extraction)
         history = train_head(config, classifier, features)
@@ -71,6 +75,8 @@ def train(**parameters) -> str:
     decision = gate(config, backbone, features, probabilities, manifest.class_names) if config.gate else None
     figures = visualize(config, history, metrics, probabilities, features, leakage, tuned)
     run_dir = publish(config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned)
+    if config.export == "tflite":
+        export(run_dir, manifest)
     if decision is not None and decision.promote:
         promote(config, run_dir, decision)
     print(f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"

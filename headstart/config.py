@@ -89,6 +89,8 @@ class TrainConfig(BaseModel):
     gate_tolerance: float = Field(0.0, ge=0.0, le=1.0, json_schema_extra=RESULT_NEUTRAL, description="accuracy the new model may lose against the champion and still be promoted")
     gate_alpha: float = Field(0.05, gt=0.0, lt=1.0, json_schema_extra=RESULT_NEUTRAL, description="significance level of the McNemar test that keeps a worse model out")
     gate_floor: Optional[float] = Field(None, ge=0.0, le=1.0, json_schema_extra=RESULT_NEUTRAL, description="accuracy the first model must beat; default: always predicting the most common class")
+    export: Literal["none", "tflite"] = Field("none", json_schema_extra=RESULT_NEUTRAL, description=(
+        "after publishing, also write the classifier as .tflite files (float32 and int8, class names inside) into the run's exports/ folder"))
     artifacts_root: Path = Field(Path("artifacts"), json_schema_extra=RESULT_NEUTRAL, description="where run directories and the registry go (relative: to the working directory)")
     cache_dir: Path = Field(Path(".cache/headstart"), json_schema_extra=RESULT_NEUTRAL, description="where downloads, backbones and features are cached")
 

@@ -26,6 +26,7 @@ from headstart.storage import atomic_path, write_bytes_atomic, write_json_atomic
 from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_image
 
 Quantization = Literal["none", "int8"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8")
 FLOAT_TOLERANCE = 1e-4
 INT8_AGREEMENT = 0.98
 INT8_ACCURACY_LOSS = 0.01
@@ -61,6 +62,21 @@ class ExportImages:
                    np.array([row["label"] for row in test], np.int64))
 
 
+def export_images(run: Run, cache_dir: Path | None = None) -> ExportImages:
+    """The images an export of the run reads, found again from its training configuration: its data
+    source listed and split the way training split it (`cache_dir` overrides where the cache is)."""
+    from headstart.config import TrainConfig
+    from headstart.data.sources import prepare_source
+
+    values = {name: value for name, value in run.config.items() if name in TrainConfig.model_fields}
+    if cache_dir is not None:
+        values["cache_dir"] = cache_dir
+    if values.get("data") != "cifar10" and not Path(str(values.get("data"))).is_dir():
+        raise HeadstartError(f"the training data of {run.path} is gone ({values.get('data')}): an export checks itself on the run's test split")
+    manifest, _ = prepare_source(TrainConfig(**values))
+    return ExportImages.from_manifest(manifest.read(), run)
+
+
 def _equals(table, column: str, value: str):
     import pyarrow.compute as pc
 
@@ -79,10 +95,16 @@ def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destin
                               f"Classifies {', '.join(run.class_names)}; trained by headstart (run {run.path.name}).")
     with atomic_path(destination) as temporary:
         temporary.write_bytes(flatbuffer)
-        record = {"file": str(destination), "quantize": quantize, "bytes": len(flatbuffer),
+        record = {"file": _as_recorded(destination, run), "quantize": quantize, "bytes": len(flatbuffer),
                   **compare_with_keras(run, TFLiteClassifier(temporary, threads=None), images, quantize)}
+        record["summary"] = summary(record)
     record_export(run, record)
     return record
+
+
+def _as_recorded(file: Path, run: Run) -> str:
+    """A file inside the run by its path within it (a copied run then names its own copy)."""
+    return str(file.resolve().relative_to(run.path.resolve())) if file.resolve().is_relative_to(run.path.resolve()) else str(file)
 
 
 def convert_classifier(run: Run, quantize: Quantization, representative: list[str]) -> bytes:
@@ -150,6 +172,26 @@ def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, 
     else:
         record["meets_target"] = record["max_probability_difference"] <= FLOAT_TOLERANCE
     return record
+
+
+def summary(record: dict) -> str:
+    """One line on an export: what it is, how close it comes to the Keras model, against which target."""
+    if record["quantize"] == "int8":
+        target = f"target ≥ {INT8_AGREEMENT:.0%} agreement and ≤ {INT8_ACCURACY_LOSS * 100:.0f} pt lost"
+        closeness = f"top-1 agreement {record['top1_agreement']:.2%}, accuracy {record['accuracy']:.4f} (Keras {record['keras_accuracy']:.4f})"
+    else:
+        target = f"target max |Δp| ≤ {FLOAT_TOLERANCE:.0e}"
+        closeness = f"max |Δ probability| {record['max_probability_difference']:.1e}, top-1 agreement {record['top1_agreement']:.2%}"
+    return (f"{record['file']} ({'int8' if record['quantize'] == 'int8' else 'float32'}, {record['bytes'] / 2**20:.1f} MiB): {closeness} "
+            f"on {record['test_images']} test images; {target}: {'met' if record['meets_target'] else 'NOT met'}")
+
+
+def export_rows(records: list[dict]) -> list[dict]:
+    """The exports as table rows, for the dashboard."""
+    return [{"file": record["file"], "weights and activations": "int8" if record["quantize"] == "int8" else "float32",
+             "MiB": round(record["bytes"] / 2**20, 2), "max |Δ probability|": f"{record['max_probability_difference']:.1e}",
+             "top-1 agreement": f"{record['top1_agreement']:.2%}", "accuracy": round(record["accuracy"], 4),
+             "Keras accuracy": round(record["keras_accuracy"], 4), "target met": record["meets_target"]} for record in records]
 
 
 def record_export(run: Run, record: dict) -> None:

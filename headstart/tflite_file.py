@@ -97,15 +97,15 @@ def _model_metadata(class_names: list[str], image_size: int, description: str) -
     return bytes(builder.Output())
 
 
-def read_labels(model: bytes) -> list[str]:
+def read_labels(model: bytes, source: str = "the model") -> list[str]:
     """The class names packed into a .tflite file by `embed_labels`."""
     if not _has_metadata(model):
-        raise HeadstartError(f"the model carries no {METADATA_NAME} record, so no class names")
+        raise HeadstartError(f"{source} is not a .tflite model with class names (no {METADATA_NAME} record): export one with `headstart export`")
     try:
         with zipfile.ZipFile(io.BytesIO(model)) as packed:
             text = packed.read(LABELS_FILE).decode()
     except (zipfile.BadZipFile, KeyError):
-        raise HeadstartError(f"the model has no packed {LABELS_FILE}") from None
+        raise HeadstartError(f"{source} has no packed {LABELS_FILE}, so no class names") from None
     return text.splitlines()
 
 
@@ -135,7 +135,7 @@ class TFLiteClassifier:
         if not self.path.is_file():
             raise HeadstartError(f"model file not found: {self.path}")
         model = self.path.read_bytes()
-        self.class_names = read_labels(model)
+        self.class_names = read_labels(model, str(self.path))
         try:
             self.interpreter = Interpreter(model_content=model, num_threads=threads or os.cpu_count() or 1)
         except ValueError as error:
@@ -145,6 +145,8 @@ class TFLiteClassifier:
         self.image_size = int(self._input["shape"][1])
         # A full-integer model states how its uint8 input maps to real values; a float model casts it.
         self.quantized = bool(self._input["quantization"][0])
+        if self._input["dtype"] != np.uint8:
+            raise HeadstartError(f"{self.path} takes {np.dtype(self._input['dtype']).name} input; a headstart .tflite classifier takes uint8 pixels")
         self._shape: tuple | None = None
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
@@ -159,10 +161,19 @@ class TFLiteClassifier:
                 with native_notices_dropped():
                     self.interpreter.allocate_tensors()
                 self._shape = image.shape
-            self.interpreter.set_tensor(self._input["index"], np.ascontiguousarray(image[np.newaxis], np.uint8))
+            self.interpreter.set_tensor(self._input["index"], self._quantized_input(image))
             self.interpreter.invoke()
             outputs.append(_dequantized(self.interpreter.get_tensor(self._output["index"]), self._output))
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.class_names)), np.float32)
+
+
+    def _quantized_input(self, image: np.ndarray) -> np.ndarray:
+        """The pixels as the input tensor holds them: as they are where it maps 0–255 to itself
+        (headstart's own exports), else quantized by its scale and zero point."""
+        scale, zero_point = self._input["quantization"]
+        if not self.quantized or (scale == 1.0 and zero_point == 0):
+            return np.ascontiguousarray(image[np.newaxis], np.uint8)
+        return np.clip(np.round(image[np.newaxis] / scale) + zero_point, 0, 255).astype(np.uint8)
 
 
 def _dequantized(values: np.ndarray, details: dict) -> np.ndarray:

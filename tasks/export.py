@@ -1,0 +1,28 @@
+"""Prefect task around headstart.export: export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from headstart.data.manifest import Manifest
+from headstart.export import QUANTIZATIONS, ExportImages, export_rows, export_tflite
+from headstart.runs import Run
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export(run_dir: str, manifest: Manifest) -> list[dict]:
+    """Writes the published run's classifier as .tflite files (float32, then int8) into its
+    exports/ folder, each checked against its Keras model on its test split."""
+    run = Run(Path(run_dir))
+    images = ExportImages.from_manifest(manifest.read(), run)
+    records = [export_tflite(run, quantize, images) for quantize in QUANTIZATIONS]
+    logger = get_run_logger()
+    for record in records:
+        (logger.info if record["meets_target"] else logger.warning)("export: %s", record["summary"])
+    create_table_artifact(key="headstart-export", table=export_rows(records), description="the run as .tflite files, measured against its Keras model")
+    return records
