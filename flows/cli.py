@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--near-duplicate-threshold", type=float,
                        help="feature cosine similarity from which a test image counts as a near-duplicate of a training image (default 0.88)")
     train.add_argument("--backbone", help="'bundled:mobilenet_v2' (default), a TF Hub handle, a SavedModel folder or a URL of a .tar.gz module")
-    train.add_argument("--engine", choices=["auto", "litert", "keras"], help="what runs the frozen forward pass (default auto)")
+    train.add_argument("--engine", choices=["auto", "litert", "keras", "litert-int8"], help="what runs the frozen forward pass (default auto)")
     train.add_argument("--threads", type=int, help="threads for feature extraction (default: all cores)")
     train.add_argument("--task-runner", choices=["local", "dask"], help="run feature extraction here (default) or on a Dask cluster")
     train.add_argument("--dask-address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
     predict.add_argument("--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)")
     predict.add_argument("--cache-dir", default=".cache/headstart", help="where the converted LiteRT model is cached (default ./.cache/headstart)")
-    predict.add_argument("--engine", choices=["auto", "litert", "keras"], default="auto", help="what runs the frozen forward pass (default auto)")
+    predict.add_argument("--engine", choices=["auto", "litert", "keras", "litert-int8"], default="auto", help="what runs the frozen forward pass (default auto)")
     predict.add_argument("--threads", type=int, help="threads for the forward pass (default: all cores)")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.set_defaults(handler=_predict)
@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("headstart: interrupted; finished cache shards are kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read the output (`| head`) stopped reading: nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def run() -> None:

@@ -77,7 +77,10 @@ class TrainConfig(BaseModel):
         "cosine similarity of backbone features at or above which a test or validation image counts as a near-duplicate of its "
         "nearest training image (0.88: calibrated for the bundled MobileNetV2 at 160 px, see benchmarks/results/leakage-calibration.md)"))
     backbone: str = Field(BUNDLED_HANDLE, json_schema_extra=THROUGH_BACKBONE, description="'bundled:mobilenet_v2', a TF Hub handle, a SavedModel directory or a URL of a .tar.gz module")
-    engine: Literal["auto", "litert", "keras"] = Field("auto", json_schema_extra=RESULT_NEUTRAL, description="what runs the frozen forward pass; auto = LiteRT where it passes its parity check")
+    # litert-int8 changes the features, but through the backbone's fingerprint (see headstart.quantization).
+    engine: Literal["auto", "litert", "keras", "litert-int8"] = Field("auto", json_schema_extra=RESULT_NEUTRAL, description=(
+        "what runs the frozen forward pass; auto = LiteRT where it passes its parity check; litert-int8 = the backbone quantized "
+        "to int8 on the training images (other features, cached apart; see the README for what it costs in accuracy)"))
     threads: Optional[int] = Field(None, ge=1, json_schema_extra=RESULT_NEUTRAL, description="threads for feature extraction; default: all cores")
     extraction_batch_size: int = Field(64, ge=1, le=1024, json_schema_extra=RESULT_NEUTRAL, description="images per forward pass of the backbone")
     extraction_shard_size: int = Field(1024, ge=1, json_schema_extra=RESULT_NEUTRAL, description="images per feature-cache shard and per extraction task")
@@ -110,6 +113,8 @@ class TrainConfig(BaseModel):
     def _fine_tuning_can_run(self):
         if self.fine_tune and self.validation_fraction == 0:
             raise ValueError("fine-tuning selects its best epoch on the validation split: give a validation fraction above 0")
+        if self.fine_tune and self.engine == "litert-int8":
+            raise ValueError("fine-tuning trains the float backbone; the litert-int8 engine's features come from a frozen int8 one: choose one of them")
         if self.fine_tune and self.backbone != BUNDLED_HANDLE:
             raise ValueError(f"fine-tuning needs the bundled backbone ({BUNDLED_HANDLE}), whose stages headstart can cut apart; "
                              f"{self.backbone} is a module it can only run whole")
@@ -143,6 +148,7 @@ class PredictConfig(BaseModel):
     output: Optional[Path] = Field(None, description="a .csv or .parquet file for path, label, probability (and the top classes)")
     artifacts_root: Path = Field(Path("artifacts"), description="where the registry's versions are")
     cache_dir: Path = Field(Path(".cache/headstart"), description="where the converted LiteRT model is cached")
-    engine: Literal["auto", "litert", "keras"] = Field("auto", description="what runs the frozen forward pass; auto = LiteRT where it passes its parity check")
+    engine: Literal["auto", "litert", "keras", "litert-int8"] = Field("auto", description=(
+        "what runs the frozen forward pass; auto = LiteRT where it passes its parity check (a run trained with litert-int8 always runs on it)"))
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")

@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from headstart.errors import HeadstartError
+from headstart.quantization import representative_rows, set_full_integer
 from headstart.runs import BACKBONE_DIR, METRICS_FILE, MODEL_CARD_FILE, Run
 from headstart.storage import atomic_path, write_bytes_atomic, write_json_atomic
 from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_image
@@ -30,9 +31,6 @@ QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8")
 FLOAT_TOLERANCE = 1e-4
 INT8_AGREEMENT = 0.98
 INT8_ACCURACY_LOSS = 0.01
-# Training images that calibrate int8 activation ranges: a few hundred is the usual advice, and
-# more only lengthens the conversion.
-REPRESENTATIVE_IMAGES = 200
 EXPORTS_DIR = "exports"
 CARD_SECTION = "## On devices (.tflite)"
 
@@ -53,13 +51,11 @@ class ExportImages:
         index = run.data_index()
         tested = set(index.filter(_equals(index, "split", "test"))["sha256"].to_pylist()) if index is not None else None
         rows = table.to_pylist()
-        train = sorted((row for row in rows if row["split"] == "train"), key=lambda row: row["sha256"])
-        step = max(1, len(train) // REPRESENTATIVE_IMAGES)
+        representative = representative_rows(rows)
         test = [row for row in rows if row["split"] == "test" and (tested is None or row["sha256"] in tested)]
-        if not train or not test:
-            raise HeadstartError(f"the data of {run.path} has no {'training' if not train else 'test'} images left to export with")
-        return cls([row["path"] for row in train[::step][:REPRESENTATIVE_IMAGES]], [row["path"] for row in test],
-                   np.array([row["label"] for row in test], np.int64))
+        if not representative or not test:
+            raise HeadstartError(f"the data of {run.path} has no {'training' if not representative else 'test'} images left to export with")
+        return cls([row["path"] for row in representative], [row["path"] for row in test], np.array([row["label"] for row in test], np.int64))
 
 
 def export_images(run: Run, cache_dir: Path | None = None) -> ExportImages:
@@ -90,6 +86,9 @@ def default_destination(run: Run, quantize: Quantization) -> Path:
 def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destination: Path | None = None) -> dict:
     """Writes the run's classifier as a .tflite file (atomically), measures it against the run's
     Keras model on the test images, records the figures in the run; returns that record."""
+    if run.backbone.litert_model is not None:
+        raise HeadstartError(f"{run.path} was trained on int8 features (--engine litert-int8); export converts the float backbone, "
+                             "so export a run trained on float features")
     destination = Path(destination) if destination is not None else default_destination(run, quantize)
     flatbuffer = embed_labels(convert_classifier(run, quantize, images.representative), run.class_names, run.image_size,
                               f"Classifies {', '.join(run.class_names)}; trained by headstart (run {run.path.name}).")
@@ -130,13 +129,11 @@ def convert_classifier(run: Run, quantize: Quantization, representative: list[st
     converter = tf.lite.TFLiteConverter.from_concrete_functions([classify.get_concrete_function()], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantize == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        set_full_integer(converter, lambda: calibration_images(representative, size))
         converter.inference_input_type = tf.uint8
-        converter.representative_dataset = lambda: ([image] for image in calibration_images(representative, size))
     from headstart.quiet import native_notices_dropped
 
-    with native_notices_dropped():
+    with native_notices_dropped(), native_notices_dropped(1):
         return converter.convert()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from headstart.data.manifest import DataReport
 from headstart.errors import HeadstartError
 from headstart.evaluation import classification_metrics
 from headstart.prediction import list_images
-from headstart.preprocessing import apply_to_decoded, image_batches
+from headstart.preprocessing import apply_to_decoded, decoded_batches, image_batches
 from headstart.runs import Run
 
 
@@ -21,9 +22,19 @@ def predict_files(
     """Probabilities [n, classes] through the run's serving model, from raw pixels, for the image
     files that decode (the caller checks them first) and, given their content hashes, still hold
     that content; the positions in `paths` they belong to; and the other files, with their reasons."""
-    predict = run.serving_model()
-    probabilities, kept, unusable = apply_to_decoded(image_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
-                                                     lambda images: predict(images * 255.0))
+    backbone = run.backbone
+    if backbone.litert_model is not None:
+        # The head learnt int8 features: the serving model's float backbone would feed it others.
+        from headstart.features.engines import LiteRTEngine
+        from headstart.model import predict_from_features
+
+        engine, head = LiteRTEngine(backbone, run.path, threads=os.cpu_count() or 1), run.keras_model()
+        probabilities, kept, unusable = apply_to_decoded(decoded_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
+                                                         lambda images: predict_from_features(head, engine(images)))
+    else:
+        predict = run.serving_model()
+        probabilities, kept, unusable = apply_to_decoded(image_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
+                                                         lambda images: predict(images * 255.0))
     if probabilities is None:
         probabilities = np.zeros((0, len(run.class_names)), np.float32)
     return probabilities, kept, [{"path": str(paths[index]), "reason": reason} for index, reason in unusable]

@@ -20,23 +20,27 @@ KNOWN_NOTICES = re.compile("|".join([
     r"cuda_platform\.cc:\d+\] failed call to cuInit",
     r"cuda_executor\.cc:\d+\] .*(CUDA|cuda)",
     r"Created TensorFlow Lite XNNPACK delegate for CPU",
+    # The TFLite converter's quantizer reports its settings on standard output.
+    r"fully_quantize: \d+, inference_type: \d+, input_inference_type: ",
 ]))
 
 
 @contextmanager
-def native_notices_dropped():
-    """Runs the block with descriptor 2 captured, then writes back each line that is not a known notice."""
-    sys.stderr.flush()
-    saved = os.dup(2)
+def native_notices_dropped(descriptor: int = 2):
+    """Runs the block with the descriptor (2, or 1 for standard output) captured, then writes back
+    each line that is not a known notice."""
+    stream = sys.stderr if descriptor == 2 else sys.stdout
+    stream.flush()
+    saved = os.dup(descriptor)
     with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
+        os.dup2(capture.fileno(), descriptor)
         try:
             yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
+            stream.flush()
+            os.dup2(saved, descriptor)
             os.close(saved)
             capture.seek(0)
             kept = [line for line in capture.read().splitlines(keepends=True) if not KNOWN_NOTICES.search(line.decode(errors="replace"))]
             if kept:
-                os.write(2, b"".join(kept))
+                os.write(descriptor, b"".join(kept))

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.keras"
 SERVING_DIR = "saved_model"
 BACKBONE_DIR = "backbone"
+# The backbone quantized to int8, in a run trained on its features: what predicts with the run.
+INT8_BACKBONE_FILE = "backbone-int8.tflite"
 CLASS_NAMES_FILE = "class_names.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
@@ -128,6 +130,8 @@ class RunWriter:
         from headstart.keras import tf
 
         shutil.copytree(backbone.module_path, self.staging / BACKBONE_DIR)
+        if backbone.litert_model is not None:
+            shutil.copyfile(backbone.litert_model, self.staging / INT8_BACKBONE_FILE)
         classifier.save(self.staging / MODEL_FILE)
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
@@ -366,9 +370,11 @@ class Run:
 
     @property
     def backbone(self) -> Backbone:
-        """The backbone module the run's model holds, under the fingerprint it was trained with."""
-        return Backbone(handle=self.config["backbone"], module_path=self.path / BACKBONE_DIR,
-                        fingerprint=self.config["backbone_fingerprint"], image_size=self.image_size)
+        """The backbone module the run's model holds, under the fingerprint it was trained with; with
+        the int8 model that made its features where it was trained on the litert-int8 engine."""
+        int8_model = self.path / INT8_BACKBONE_FILE
+        return Backbone(handle=self.config["backbone"], module_path=self.path / BACKBONE_DIR, fingerprint=self.config["backbone_fingerprint"],
+                        image_size=self.image_size, litert_model=int8_model if int8_model.is_file() else None)
 
     @property
     def model_card(self) -> str:

@@ -14,6 +14,7 @@ from headstart.data.sources import prepare_source
 from headstart.errors import HeadstartError
 from headstart.features.cache import Shard
 from headstart.features.dataset import plan_extraction
+from headstart.quantization import INT8_ENGINE, quantized_backbone, representative_rows
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -37,6 +38,9 @@ def download(config: TrainConfig) -> tuple[Manifest, DataReport]:
 
 @task(name="preprocess", retries=2, retry_delay_seconds=2, retry_condition_fn=_is_transient, cache_policy=NO_CACHE)
 def preprocess(config: TrainConfig, manifest: Manifest) -> tuple[Backbone, list[Shard]]:
-    """Resolves the backbone and lists, as shards, the images whose features are not cached yet."""
+    """Resolves the backbone (quantized to int8 on training images for the litert-int8 engine) and
+    lists, as shards, the images whose features are not cached yet."""
     backbone = resolve_backbone(config.backbone, config.image_size, Path(config.cache_dir))
+    if config.engine == INT8_ENGINE:
+        backbone = quantized_backbone(backbone, representative_rows(manifest.read().to_pylist()), Path(config.cache_dir))
     return backbone, plan_extraction(manifest, backbone, Path(config.cache_dir), config.extraction_shard_size)

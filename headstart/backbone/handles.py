@@ -50,12 +50,14 @@ def bundled_module_path(cache_dir: Path, image_size: int) -> Path:
 
 @dataclass(frozen=True)
 class Backbone:
-    """A resolved backbone: where its SavedModel lies and a fingerprint of its exact weights."""
+    """A resolved backbone: where its SavedModel lies and a fingerprint of its exact weights; for
+    a backbone quantized to int8 (headstart.quantization), the LiteRT model that is its forward pass."""
 
     handle: str
     module_path: Path
     fingerprint: str
     image_size: int
+    litert_model: Path | None = None
 
     def keras_layer(self, trainable: bool = False):
         """A new hub.KerasLayer of the module; a module that does not load is a one-line error."""

@@ -17,6 +17,7 @@ import numpy as np
 from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError
 from headstart.preprocessing import resize_batch, resize_images, shrunk_to_fit
+from headstart.quantization import INT8_ENGINE
 from headstart.quiet import native_notices_dropped
 from headstart.storage import atomic_path, write_json_atomic
 
@@ -42,12 +43,12 @@ class KerasEngine:
 
 
 class LiteRTEngine:
-    """Runs a float32 LiteRT conversion of the backbone with XNNPACK, on all requested threads."""
-
-    name = "litert"
+    """Runs a LiteRT conversion of the backbone with XNNPACK, on all requested threads: the float32
+    one (converted here once), or the int8 model a quantized backbone is."""
 
     def __init__(self, backbone: Backbone, cache_dir: Path, threads: int):
-        self.model_path = convert_to_litert(backbone, cache_dir)
+        self.name = "litert" if backbone.litert_model is None else INT8_ENGINE
+        self.model_path = convert_to_litert(backbone, cache_dir) if backbone.litert_model is None else Path(backbone.litert_model)
         self.threads = threads
         self.image_size = backbone.image_size
         self._runners: dict[int, _LiteRTRunner] = {}
@@ -154,12 +155,16 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
 
 
 def _litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
+    if backbone.litert_model is not None:
+        return Path(backbone.litert_model)
     return Path(cache_dir) / "litert" / f"{backbone.fingerprint}-{backbone.image_size}px-v{LITERT_MODEL_VERSION}.tflite"
 
 
 def litert_ready_without_tensorflow(backbone: Backbone, cache_dir: Path) -> bool:
     """Whether `choose_engine` would pick a LiteRT model converted already: one that extracts
     features without importing TensorFlow."""
+    if backbone.litert_model is not None:
+        return Path(backbone.litert_model).is_file()
     model = _litert_model_path(backbone, cache_dir)
     return _is_converted(model) and _recorded_parity(model) <= PARITY_TOLERANCE
 
@@ -191,8 +196,16 @@ class EngineChoice:
 
 
 def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: int | None) -> EngineChoice:
-    """Picks the engine: LiteRT where it converts and agrees with TensorFlow within 1e-4."""
+    """Picks the engine: LiteRT where it converts and agrees with TensorFlow within 1e-4; the int8
+    model of a quantized backbone, which nothing else runs."""
     threads = threads or os.cpu_count() or 1
+    if backbone.litert_model is not None:
+        if requested == "keras":
+            raise HeadstartError(f"backbone {backbone.fingerprint} is quantized to int8: only LiteRT runs it (give --engine auto or {INT8_ENGINE})")
+        return EngineChoice(LiteRTEngine(backbone, cache_dir, threads), "the backbone quantized to int8")
+    if requested == INT8_ENGINE:
+        raise HeadstartError(f"the {INT8_ENGINE} engine runs a backbone quantized when training (`headstart train --engine {INT8_ENGINE}`); "
+                             f"this model's backbone {backbone.fingerprint} is float32")
     if requested == "keras":
         return EngineChoice(KerasEngine(backbone), "requested")
     try:

@@ -46,7 +46,7 @@ class ExtractionSettings:
     """How the forward pass runs: engine, threads, images per batch. Small, so it travels to
     Dask workers and child processes."""
 
-    engine: Literal["auto", "litert", "keras"] = "auto"
+    engine: Literal["auto", "litert", "keras", "litert-int8"] = "auto"
     threads: int | None = None
     batch_size: int = 64
 
@@ -192,7 +192,8 @@ def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, s
     """
     request = {
         "shard": shard, "cache_dir": str(cache_dir), "settings": asdict(settings),
-        "backbone": {**asdict(backbone), "module_path": str(backbone.module_path)},
+        "backbone": {**asdict(backbone), "module_path": str(backbone.module_path),
+                     "litert_model": str(backbone.litert_model) if backbone.litert_model is not None else None},
     }
     # The child finds headstart where this process found it, however it was started.
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry)}
@@ -236,7 +237,8 @@ def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, s
 def serve_extraction_request() -> None:
     """The child's side of `_extract_shard_in_child`: one JSON request on stdin, JSON lines on stdout."""
     request = json.loads(sys.stdin.readline())
-    backbone = Backbone(**{**request["backbone"], "module_path": Path(request["backbone"]["module_path"])})
+    given = request["backbone"]
+    backbone = Backbone(**{**given, "module_path": Path(given["module_path"]), "litert_model": given["litert_model"] and Path(given["litert_model"])})
 
     class Progress:
         @staticmethod
