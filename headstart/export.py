@@ -13,6 +13,7 @@ and the figures go into the run's metrics.json and model card:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,22 +180,29 @@ def summary(record: dict) -> str:
     else:
         target = f"target max |Δp| ≤ {FLOAT_TOLERANCE:.0e}"
         closeness = f"max |Δ probability| {record['max_probability_difference']:.1e}, top-1 agreement {record['top1_agreement']:.2%}"
-    return (f"{record['file']} ({'int8' if record['quantize'] == 'int8' else 'float32'}, {record['bytes'] / 2**20:.1f} MiB): {closeness} "
+    return (f"{record['file']} ({'int8' if record['quantize'] == 'int8' else 'float32'}, {file_size(record['bytes'])}): {closeness} "
             f"on {record['test_images']} test images; {target}: {'met' if record['meets_target'] else 'NOT met'}")
+
+
+def file_size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
 
 
 def export_rows(records: list[dict]) -> list[dict]:
     """The exports as table rows, for the dashboard."""
     return [{"file": record["file"], "weights and activations": "int8" if record["quantize"] == "int8" else "float32",
-             "MiB": round(record["bytes"] / 2**20, 2), "max |Δ probability|": f"{record['max_probability_difference']:.1e}",
+             "size": file_size(record["bytes"]), "max |Δ probability|": f"{record['max_probability_difference']:.1e}",
              "top-1 agreement": f"{record['top1_agreement']:.2%}", "accuracy": round(record["accuracy"], 4),
              "Keras accuracy": round(record["keras_accuracy"], 4), "target met": record["meets_target"]} for record in records]
 
 
 def record_export(run: Run, record: dict) -> None:
     """The export's figures into the run's metrics.json (`exports`, by quantization) and model card."""
-    metrics = {**run.metrics, "exports": {**run.metrics.get("exports", {}), record["quantize"]: record}}
+    # Read afresh, not through the Run's cached copy: another export may have written since.
+    written = json.loads((run.path / METRICS_FILE).read_text())
+    metrics = {**written, "exports": {**written.get("exports", {}), record["quantize"]: record}}
     write_json_atomic(run.path / METRICS_FILE, metrics)
+    run.__dict__.pop("metrics", None)
     card = re.split(rf"\n{re.escape(CARD_SECTION)}\n", run.model_card)[0].rstrip("\n")
     write_bytes_atomic(run.path / MODEL_CARD_FILE, f"{card}\n\n{card_section(metrics['exports'])}".encode())
 
@@ -206,7 +214,7 @@ def card_section(exports: dict) -> str:
              "| file | weights and activations | size | max \\|Δ probability\\| | top-1 agreement | accuracy (Keras) | target met |",
              "|---|---|---|---|---|---|---|"]
     for quantize, record in sorted(exports.items()):
-        lines.append(f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} | {record['bytes'] / 2**20:.1f} MiB | "
+        lines.append(f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} | {file_size(record['bytes'])} | "
                      f"{record['max_probability_difference']:.1e} | {record['top1_agreement']:.2%} | {record['accuracy']:.4f} "
                      f"({record['keras_accuracy']:.4f}) | {'yes' if record['meets_target'] else 'no'} |")
     return "\n".join(lines) + "\n"
