@@ -64,13 +64,8 @@ def throughput(data: Path, image_sizes: list[int], images: int, cache_dir: Path,
         float_features = engines["litert"](batch)
         int8_features = engines["litert-int8"](batch)
         cosine = (float_features * int8_features).sum(1) / np.linalg.norm(float_features, axis=1) / np.linalg.norm(int8_features, axis=1)
-        rates: dict[str, list[float]] = {name: [] for name in engines}
-        for _ in range(rounds):
-            for name, engine in engines.items():
-                start = time.perf_counter()
-                for _ in range(max(1, images // 64)):
-                    engine(batch)
-                rates[name].append(max(1, images // 64) * 64 / (time.perf_counter() - start))
+        engines["keras engine"](batch)  # warm-up: tracing (the LiteRT engines warmed up above)
+        rates = suite.take_turns(engines, batch, images, rounds)
         for name in engines:
             row = {"engine": name, "image_size": size, "images_per_second": float(np.median(rates[name])), "rounds": rates[name]}
             if name == "litert-int8":

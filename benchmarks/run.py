@@ -150,15 +150,9 @@ def throughput(image_sizes: list[int], images: int, cache_dir: Path, rounds: int
             "keras engine": KerasEngine(backbone),
             "litert": LiteRTEngine(backbone, cache_dir, os.cpu_count() or 1),
         }
-        rates: dict[str, list[float]] = {name: [] for name in engines}
         for engine in engines.values():
             engine(batch)  # warm-up: tracing, allocation
-        for _ in range(rounds):
-            for name, engine in engines.items():
-                start = time.perf_counter()
-                for _ in range(max(1, images // 64)):
-                    engine(batch)
-                rates[name].append(max(1, images // 64) * 64 / (time.perf_counter() - start))
+        rates = take_turns(engines, batch, images, rounds)
         for name, engine in engines.items():
             row = {"engine": name, "image_size": size, "images_per_second": float(np.median(rates[name])), "rounds": rates[name]}
             if isinstance(engine, LiteRTEngine):
@@ -166,6 +160,20 @@ def throughput(image_sizes: list[int], images: int, cache_dir: Path, rounds: int
             rows.append(row)
             print(f"  {name:13s} {size:4d} px  {row['images_per_second']:7.1f} img/s (median of {', '.join(f'{r:.0f}' for r in rates[name])})", flush=True)
     return rows
+
+
+def take_turns(engines: dict, batch, images: int, rounds: int) -> dict[str, list[float]]:
+    """Images per second of each engine, running the batch until about `images` images have gone
+    through it; the engines take turns, `rounds` times."""
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    repeats = max(1, images // len(batch))
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                engine(batch)
+            rates[name].append(repeats * len(batch) / (time.perf_counter() - start))
+    return rates
 
 
 def warm_up(data: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_class_images
+from conftest import FIXTURES, write_class_images
 from headstart.config import TrainConfig
 from headstart.errors import HeadstartError
 from headstart.runs import Run
@@ -62,19 +62,36 @@ def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(
 
 
 def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(exported_run):
-    import zipfile
+    import importlib.util
     import io
+    import zipfile
 
     from ai_edge_litert import schema_py_generated as schema
 
     from headstart.tflite_file import embed_labels
 
+    spec = importlib.util.spec_from_file_location("tflite_metadata_schema", FIXTURES / "tflite_metadata_schema.py")
+    metadata_schema = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metadata_schema)
     model = (exported_run.path / "exports" / "model-float32.tflite").read_bytes()
     root = schema.Model.GetRootAs(model, 0)
     names = [root.Metadata(index).Name() for index in range(root.MetadataLength())]
     assert b"TFLITE_METADATA" in names
     record = root.Buffers(root.Metadata(names.index(b"TFLITE_METADATA")).Buffer()).DataAsNumpy().tobytes()
-    assert record[4:8] == b"M001" and b"labels.txt" in record and b"image" in record and b"probability" in record
+    # Read with the official metadata schema: what TFLite's metadata tools and Model Maker's readers see.
+    assert metadata_schema.ModelMetadata.ModelMetadataBufferHasIdentifier(record, 0)
+    metadata = metadata_schema.ModelMetadataT.InitFromObj(metadata_schema.ModelMetadata.GetRootAsModelMetadata(record, 0))
+    assert metadata.minParserVersion == b"1.0.0" and b"blue, red" in metadata.description
+    (subgraph,) = metadata.subgraphMetadata
+    (image,), (probability,) = subgraph.inputTensorMetadata, subgraph.outputTensorMetadata
+    assert image.content.contentPropertiesType == metadata_schema.ContentProperties.ImageProperties
+    assert image.content.contentProperties.colorSpace == metadata_schema.ColorSpaceType.RGB
+    assert (image.content.contentProperties.defaultSize.width, image.content.contentProperties.defaultSize.height) == (32, 32)
+    (normalization,) = image.processUnits
+    assert list(normalization.options.mean) == [0.0] and list(normalization.options.std) == [1.0]  # 0–255 pixels as they are
+    assert list(image.stats.min) == [0.0] and list(image.stats.max) == [255.0]
+    (labels,) = probability.associatedFiles
+    assert labels.name == b"labels.txt" and labels.type == metadata_schema.AssociatedFileType.TENSOR_AXIS_LABELS
     assert zipfile.ZipFile(io.BytesIO(model)).read("labels.txt") == b"blue\nred\n"
     # Embedding again replaces the record and the labels instead of piling them up.
     relabelled = embed_labels(model[:model.rfind(b"PK\x03\x04")], ["bleu", "rouge"], 32, "again")

@@ -36,7 +36,7 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
                "backbone": "/some/savedmodel", "engine": "keras", "threads": 1, "extraction_batch_size": 8, "extraction_shard_size": 9,
                "task_runner": "dask", "dask_address": "tcp://x:1", "dask_workers": 4, "reuse_identical_runs": False,
                "artifacts_root": "/tmp/a", "cache_dir": "/tmp/c", "cifar10_source": "/tmp/cifar.tar.gz",
-               "gate": False, "gate_tolerance": 0.01, "gate_alpha": 0.01, "gate_floor": 0.6}
+               "gate": False, "gate_tolerance": 0.01, "gate_alpha": 0.01, "gate_floor": 0.6, "export": "tflite"}
     # Fine-tuning's settings count where it runs, and not at all where it does not.
     fine_tuning = {"fine_tune_from": 7, "fine_tune_epochs": 3, "fine_tune_learning_rate": 1e-4, "fine_tune_patience": 1,
                    "fine_tune_flip": False, "fine_tune_shift": 0.0, "fine_tune_mixup": 0.2, "fine_tune_cutmix": 1.0, "fine_tune_mirror_average": True}

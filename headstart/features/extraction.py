@@ -138,7 +138,7 @@ class ExtractionContext:
         with self._engines_lock:
             if backbone not in self._engines:
                 choice = choose_engine(backbone, self.settings.engine, self.cache_dir, self.settings.threads)
-                fell_back = self.settings.engine == "auto" and choice.engine.name != "litert"
+                fell_back = self.settings.engine == "auto" and choice.engine.name == "keras"
                 (logger.warning if fell_back else logger.info)("feature extraction engine: %s (%s)", choice.engine.name, choice.reason)
                 self._engines[backbone] = choice.engine
             return self._engines[backbone]
