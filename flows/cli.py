@@ -124,9 +124,11 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from headstart.prediction import write_predictions
+    from headstart.features.extraction import ExtractionSettings
+    from headstart.prediction import predict_with_model, write_predictions
 
-    predictions = _predictions(args)
+    predictions, _ = predict_with_model(args.model, [Path(path) for path in args.paths], Path(args.artifacts_root), Path(args.cache_dir),
+                                        ExtractionSettings(args.engine, args.threads, args.batch_size))
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     if args.output:
@@ -137,22 +139,6 @@ def _predict(args) -> int:
         elif not args.output:
             print(f"{row['path']}\t{row['label']}\t{row['probability']:.4f}")
     return 0 if predictions.paths else EXIT_USAGE
-
-
-def _predictions(args):
-    """Predictions by a .tflite file (LiteRT alone: TensorFlow is never imported on that path) or
-    by a run from the registry."""
-    from headstart.prediction import predict_images, predict_with_tflite
-
-    inputs = [Path(path) for path in args.paths]
-    if args.model.lower().endswith(".tflite"):
-        return predict_with_tflite(Path(args.model), inputs, args.threads)
-    from headstart import registry
-    from headstart.features.extraction import ExtractionContext, ExtractionSettings
-
-    run = registry.resolve(Path(args.artifacts_root), args.model)
-    with ExtractionContext(Path(args.cache_dir), ExtractionSettings(args.engine, args.threads, args.batch_size)) as context:
-        return predict_images(run, inputs, context)
 
 
 def _export(args) -> int:

@@ -144,7 +144,8 @@ class PredictConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     inputs: tuple[str, ...] = Field(min_length=1, description="image files and folders of images")
-    model: str = Field("champion", description="'champion', a version listed by `headstart models`, or a run directory")
+    model: str = Field("champion", description=(
+        "'champion', a version listed by `headstart models`, a run directory, or a .tflite file written by `headstart export` (run with LiteRT alone)"))
     output: Optional[Path] = Field(None, description="a .csv or .parquet file for path, label, probability (and the top classes)")
     artifacts_root: Path = Field(Path("artifacts"), description="where the registry's versions are")
     cache_dir: Path = Field(Path(".cache/headstart"), description="where the converted LiteRT model is cached")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from headstart.data.folders import image_files
 from headstart.data.images import check_image
 from headstart.errors import HeadstartError, first_line
-from headstart.features.extraction import ExtractionContext
+from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.preprocessing import apply_to_decoded, decoded_batches
 from headstart.runs import Run
 from headstart.storage import atomic_path
@@ -113,6 +113,19 @@ def predict_with_tflite(model_path: Path, inputs: list[Path], threads: int | Non
     if probabilities:
         predictions.probabilities = np.concatenate(probabilities)
     return predictions
+
+
+def predict_with_model(model: str, inputs: list[Path], artifacts_root: Path, cache_dir: Path, settings: ExtractionSettings) -> tuple[Predictions, str]:
+    """Predictions by `model`, with its name: a .tflite file written by `headstart export` (run with
+    LiteRT alone: TensorFlow is never imported on that path), or 'champion', a version or a run
+    directory of the registry under `artifacts_root`."""
+    if model.lower().endswith(".tflite"):
+        return predict_with_tflite(Path(model), inputs, settings.threads), Path(model).name
+    from headstart import registry
+
+    run = registry.resolve(Path(artifacts_root), model)
+    with ExtractionContext(Path(cache_dir), settings) as context:
+        return predict_images(run, inputs, context), run.path.name
 
 
 def write_predictions(predictions: Predictions, destination: Path) -> Path:

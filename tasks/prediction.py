@@ -8,21 +8,19 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from headstart import registry
 from headstart.config import PredictConfig
-from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.prediction import Predictions, predict_images, write_predictions
+from headstart.features.extraction import ExtractionSettings
+from headstart.prediction import Predictions, predict_with_model, write_predictions
 
 
 @task(name="predict", cache_policy=NO_CACHE)
 def predict(config: PredictConfig) -> Predictions:
     """Labels the inputs with the chosen model; writes the output file where one is asked for."""
-    run = registry.resolve(config.artifacts_root, config.model)
-    with ExtractionContext(config.cache_dir, ExtractionSettings(config.engine, config.threads, config.batch_size)) as context:
-        predictions = predict_images(run, [Path(path) for path in config.inputs], context)
+    predictions, model = predict_with_model(config.model, [Path(path) for path in config.inputs], config.artifacts_root, config.cache_dir,
+                                            ExtractionSettings(config.engine, config.threads, config.batch_size))
     output = write_predictions(predictions, config.output) if config.output else None
     rows = [{"label": label, "images": count} for label, count in predictions.counts().items()] + [
         {"label": "(unreadable, skipped)", "images": len(predictions.skipped)}]
     create_table_artifact(key="headstart-predictions", table=rows,
-                          description=f"{len(predictions.paths)} images labelled by {run.path.name}" + (f"; written to {Path(output).resolve()}" if output else ""))
+                          description=f"{len(predictions.paths)} images labelled by {model}" + (f"; written to {Path(output).resolve()}" if output else ""))
     return predictions

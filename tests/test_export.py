@@ -193,3 +193,16 @@ def test_the_int8_engine_refuses_what_it_cannot_do(exported_run, tmp_path):
     result = _cli("predict", "--model", str(exported_run.path), "--engine", "litert-int8", str(exported_run.path / "plots"),
                   "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
     assert result.returncode == 2 and "is float32" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_predict_flow_takes_a_tflite_file_too(exported_run, colours, tmp_path):
+    import pyarrow.parquet as pq
+    from prefect.artifacts import Artifact
+
+    from flows.predict import predict
+
+    output = tmp_path / "labels.parquet"
+    summary = predict(inputs=[str(colours)], model=str(exported_run.path / "exports" / "model-int8.tflite"), output=output)
+    assert summary.startswith("48 images labelled (blue 24, red 24)")
+    assert pq.read_table(output).num_rows == 48
+    assert "labelled by model-int8.tflite" in Artifact.get("headstart-predictions").description
