@@ -213,7 +213,7 @@ def card_section(exports: dict) -> str:
              "the Keras model on the test split:", "",
              "| file | weights and activations | size | max \\|Δ probability\\| | top-1 agreement | accuracy (Keras) | target met |",
              "|---|---|---|---|---|---|---|"]
-    for quantize, record in sorted(exports.items()):
+    for quantize, record in sorted(exports.items(), key=lambda item: item[0] != "none"):  # float32 first
         lines.append(f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} | {file_size(record['bytes'])} | "
                      f"{record['max_probability_difference']:.1e} | {record['top1_agreement']:.2%} | {record['accuracy']:.4f} "
                      f"({record['keras_accuracy']:.4f}) | {'yes' if record['meets_target'] else 'no'} |")
