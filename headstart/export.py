@@ -144,26 +144,38 @@ def calibration_images(paths: list[str], image_size: int):
     calibrated to exactly 0–255 and raw pixels go in as they are."""
     from headstart.preprocessing import resize_batch
 
-    for position, path in enumerate(paths):
-        pixels = resize_batch([uint8_image(Path(path), image_size).astype(np.float32)], image_size)
+    for position, (_, image) in enumerate(readable_images(paths, image_size)):
+        pixels = resize_batch([image.astype(np.float32)], image_size)
         if position == 0:
             pixels[0, 0, 0], pixels[0, 0, 1] = 0.0, 255.0
         yield pixels
+
+
+def readable_images(paths: list[str], image_size: int):
+    """(position, uint8 pixels) of each file that still decodes: one changed or broken since the
+    data was listed is left out rather than ending the export."""
+    for position, path in enumerate(paths):
+        try:
+            yield position, uint8_image(Path(path), image_size)
+        except Exception:  # PIL and the file system raise many types; each means 'unusable now'.
+            continue
 
 
 def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, quantize: Quantization) -> dict:
     """The .tflite model against the run's Keras model (its serving signature) on the test images:
     the same uint8 pixels into both."""
     serving = run.serving_model()
-    ours, theirs = [], []
-    for path in images.test:
-        pixels = uint8_image(Path(path), run.image_size)
+    ours, theirs, used = [], [], []
+    for position, pixels in readable_images(images.test, run.image_size):
         ours.append(model([pixels]))
         theirs.append(serving(pixels[np.newaxis].astype(np.float32)))
-    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
-    accuracy = float((ours.argmax(1) == images.test_labels).mean())
-    keras_accuracy = float((theirs.argmax(1) == images.test_labels).mean())
-    record = {"test_images": len(images.test), "max_probability_difference": float(np.abs(ours - theirs).max()),
+        used.append(position)
+    if not used:
+        raise HeadstartError(f"none of the {len(images.test)} test images of {run.path} can be read any more: the export cannot be checked")
+    ours, theirs, labels = np.concatenate(ours), np.concatenate(theirs), images.test_labels[used]
+    accuracy = float((ours.argmax(1) == labels).mean())
+    keras_accuracy = float((theirs.argmax(1) == labels).mean())
+    record = {"test_images": len(used), "max_probability_difference": float(np.abs(ours - theirs).max()),
               "top1_agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()), "accuracy": accuracy, "keras_accuracy": keras_accuracy}
     if quantize == "int8":
         record["meets_target"] = record["top1_agreement"] >= INT8_AGREEMENT and keras_accuracy - accuracy <= INT8_ACCURACY_LOSS

@@ -206,3 +206,13 @@ def test_the_predict_flow_takes_a_tflite_file_too(exported_run, colours, tmp_pat
     assert summary.startswith("48 images labelled (blue 24, red 24)")
     assert pq.read_table(output).num_rows == 48
     assert "labelled by model-int8.tflite" in Artifact.get("headstart-predictions").description
+
+
+def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, colours, tmp_path):
+    from headstart.export import ExportImages, export_tflite
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    blue = sorted(str(path) for path in (colours / "blue").glob("*.png"))[:6]
+    images = ExportImages(blue[:3], [*blue, str(tmp_path / "broken.png")], np.zeros(7, np.int64))
+    record = export_tflite(exported_run, "none", images, tmp_path / "checked.tflite")
+    assert record["test_images"] == 6 and record["accuracy"] == 1.0 and record["meets_target"]
