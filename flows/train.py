@@ -5,8 +5,8 @@ the gate decided so); or, when every input matches an earlier run, reuse_identic
 [export]) in place of the steps after assemble_features. The first bracketed steps run with
 --fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
 features replace the frozen one's. export runs with --export tflite: the run's classifier as
-.tflite files for devices, float32 and int8. near_duplicates flags test and validation images whose nearest training image is almost
-the same photo, and gives the test accuracy without them."""
+.tflite files for devices, float32 and int8. near_duplicates flags test and validation images
+whose nearest training image is almost the same photo, and gives the test accuracy without them."""
 
 from __future__ import annotations
 

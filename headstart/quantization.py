@@ -29,8 +29,8 @@ from headstart.preprocessing import shrunk_to_fit
 from headstart.storage import atomic_path
 
 INT8_ENGINE = "litert-int8"
-# Training images that calibrate activation ranges: a few hundred is the usual advice; more only
-# lengthens the conversion (1 000 instead of 200 changed no figure of the classifier export).
+# Training images that calibrate activation ranges: a few hundred is the usual advice; more
+# lengthened the conversion without helping the classifier export (README, "On phones and boards").
 REPRESENTATIVE_IMAGES = 200
 # Fewer usable calibration images than this and the ranges would be guesses.
 MINIMUM_CALIBRATION_IMAGES = 10
