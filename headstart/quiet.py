@@ -2,8 +2,9 @@
 
 TensorFlow and LiteRT write a few lines straight to file descriptor 2 from C++ whatever the
 log level: that no CUDA driver was found (on a CPU machine, by design), that absl logging is
-not initialised yet, that the XNNPACK delegate was created. Around the calls that print them,
-the descriptor is captured and every other line written back afterwards; nothing else is lost.
+not initialised yet, that oneDNN's operations are on, that the XNNPACK delegate was created.
+Around the calls that print them, the descriptor is captured and every other line written back
+afterwards; nothing else is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ KNOWN_NOTICES = re.compile("|".join([
     r"cuda_platform\.cc:\d+\] failed call to cuInit",
     r"cuda_executor\.cc:\d+\] .*(CUDA|cuda)",
     r"Created TensorFlow Lite XNNPACK delegate for CPU",
+    r"port\.cc:\d+\] oneDNN custom operations are on",
     # The TFLite converter's quantizer reports its settings on standard output.
     r"fully_quantize: \d+, inference_type: \d+, input_inference_type: ",
 ]))
