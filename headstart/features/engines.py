@@ -155,8 +155,6 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
 
 
 def _litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
-    if backbone.litert_model is not None:
-        return Path(backbone.litert_model)
     return Path(cache_dir) / "litert" / f"{backbone.fingerprint}-{backbone.image_size}px-v{LITERT_MODEL_VERSION}.tflite"
 
 
