@@ -23,9 +23,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from headstart.backbone.handles import Backbone
-from headstart.data.images import ImageChanged, load_image
 from headstart.errors import HeadstartError
-from headstart.preprocessing import shrunk_to_fit
+from headstart.preprocessing import decoded_batches
 from headstart.storage import atomic_path
 
 INT8_ENGINE = "litert-int8"
@@ -34,6 +33,7 @@ INT8_ENGINE = "litert-int8"
 REPRESENTATIVE_IMAGES = 200
 # Fewer usable calibration images than this and the ranges would be guesses.
 MINIMUM_CALIBRATION_IMAGES = 10
+CALIBRATION_DECODE_BATCH = 64
 # Bump when the conversion changes: quantized backbones and their features are then made anew.
 QUANTIZED_BACKBONE_VERSION = 1
 
@@ -74,15 +74,11 @@ def quantized_backbone(backbone: Backbone, calibration: list[dict], cache_dir: P
 
 
 def _calibration_images(rows: list[dict], image_size: int) -> list[np.ndarray]:
-    """The images as the extraction engine takes them: float32 in [0, 1], shrunk to fit, one per
-    batch; files no longer holding the content they were listed with are left out."""
-    images = []
-    for row in rows:
-        try:
-            pixels = load_image(Path(row["path"]), expected_sha256=row["sha256"])
-        except (ImageChanged, OSError, ValueError):
-            continue
-        images.append(shrunk_to_fit(pixels.astype(np.float32) / 255.0, image_size)[np.newaxis])
+    """The images as the extraction engine takes them (float32 in [0, 1], shrunk to fit, one per
+    batch), decoded as extraction decodes them: files no longer holding the content they were
+    listed with are left out."""
+    images = [image[np.newaxis] for decoded in decoded_batches([row["path"] for row in rows], image_size, CALIBRATION_DECODE_BATCH,
+                                                               [row["sha256"] for row in rows]) for image in decoded.images]
     if len(images) < MINIMUM_CALIBRATION_IMAGES:
         raise HeadstartError(f"the int8 engine calibrates on training images, and only {len(images)} were usable "
                              f"(at least {MINIMUM_CALIBRATION_IMAGES} are needed)")
