@@ -25,7 +25,7 @@ from headstart.errors import HeadstartError
 from headstart.quantization import representative_rows, set_full_integer
 from headstart.runs import BACKBONE_DIR, METRICS_FILE, MODEL_CARD_FILE, Run
 from headstart.storage import atomic_path, write_bytes_atomic, write_json_atomic
-from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_image
+from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
 
 Quantization = Literal["none", "int8"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8")
@@ -144,21 +144,11 @@ def calibration_images(paths: list[str], image_size: int):
     calibrated to exactly 0–255 and raw pixels go in as they are."""
     from headstart.preprocessing import resize_batch
 
-    for position, (_, image) in enumerate(readable_images(paths, image_size)):
+    for position, (_, image) in enumerate(uint8_images(paths, image_size)):
         pixels = resize_batch([image.astype(np.float32)], image_size)
         if position == 0:
             pixels[0, 0, 0], pixels[0, 0, 1] = 0.0, 255.0
         yield pixels
-
-
-def readable_images(paths: list[str], image_size: int):
-    """(position, uint8 pixels) of each file that still decodes: one changed or broken since the
-    data was listed is left out rather than ending the export."""
-    for position, path in enumerate(paths):
-        try:
-            yield position, uint8_image(Path(path), image_size)
-        except Exception:  # PIL and the file system raise many types; each means 'unusable now'.
-            continue
 
 
 def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, quantize: Quantization) -> dict:
@@ -166,7 +156,7 @@ def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, 
     the same uint8 pixels into both."""
     serving = run.serving_model()
     ours, theirs, used = [], [], []
-    for position, pixels in readable_images(images.test, run.image_size):
+    for position, pixels in uint8_images(images.test, run.image_size):
         ours.append(model([pixels]))
         theirs.append(serving(pixels[np.newaxis].astype(np.float32)))
         used.append(position)

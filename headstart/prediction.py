@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from headstart.data.folders import image_files
 from headstart.data.images import check_image
-from headstart.errors import HeadstartError, first_line
+from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.preprocessing import apply_to_decoded, decoded_batches
 from headstart.runs import Run
@@ -96,20 +96,16 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
 def predict_with_tflite(model_path: Path, inputs: list[Path], threads: int | None = None) -> Predictions:
     """Predictions of a .tflite classifier written by `headstart export`, run with LiteRT alone
     (no TensorFlow on this path): images decoded and shrunk as for the exported model's checks."""
-    from headstart.tflite_file import TFLiteClassifier, uint8_image
+    from headstart.tflite_file import TFLiteClassifier, uint8_images
 
     model = TFLiteClassifier(model_path, threads)
     usable, skipped = list_images(inputs)
     predictions = Predictions(model.class_names, skipped=skipped)
-    probabilities = []
-    for path in usable:
-        try:
-            pixels = uint8_image(path, model.image_size)
-        except Exception as error:  # PIL and the file system raise many types; each means 'unusable now'.
-            predictions.skipped.append({"path": str(path), "reason": f"could not be read when decoded: {type(error).__name__}: {first_line(error)}"})
-            continue
-        predictions.paths.append(str(path))
+    probabilities, unusable = [], []
+    for position, pixels in uint8_images(usable, model.image_size, unusable):
+        predictions.paths.append(str(usable[position]))
         probabilities.append(model([pixels]))
+    predictions.skipped.extend({"path": str(usable[position]), "reason": reason} for position, reason in unusable)
     if probabilities:
         predictions.probabilities = np.concatenate(probabilities)
     return predictions

@@ -16,7 +16,7 @@ from pathlib import Path
 import flatbuffers
 import numpy as np
 
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, first_line
 
 METADATA_NAME = "TFLITE_METADATA"
 LABELS_FILE = "labels.txt"
@@ -194,3 +194,15 @@ def uint8_image(path: Path, image_size: int) -> np.ndarray:
     if max(pixels.shape[:2]) <= image_size:
         return pixels
     return np.asarray(Image.fromarray(pixels).resize((image_size, image_size), Image.BILINEAR))
+
+
+def uint8_images(paths: list, image_size: int, unusable: list | None = None):
+    """(position, `uint8_image`) of each file that still decodes; each other one's (position,
+    reason) goes to `unusable` where given: a file changed or broken since it was listed is left
+    out, never fatal."""
+    for position, path in enumerate(paths):
+        try:
+            yield position, uint8_image(Path(path), image_size)
+        except Exception as error:  # PIL and the file system raise many types; each means 'unusable now'.
+            if unusable is not None:
+                unusable.append((position, f"could not be read when decoded: {type(error).__name__}: {first_line(error)}"))
