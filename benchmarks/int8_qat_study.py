@@ -46,7 +46,7 @@ def main() -> None:
     from headstart.backbone.checkpoint import read_legacy_checkpoint
     from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
     from headstart.backbone.mobilenet import build_mobilenet_v2
-    from headstart.export import ExportImages, calibration_images, compare_with_keras, export_images
+    from headstart.export import ExportImages, calibration_images, compare_with_keras, listed_again
     from headstart.keras import keras, tf
     from headstart.model import HEAD_DENSE
     from headstart.preprocessing import enlarge_images, imagenet_normalization
@@ -58,10 +58,10 @@ def main() -> None:
     if run.config["backbone"] != BUNDLED_HANDLE or run.config.get("fine_tune"):
         sys.exit("int8_qat_study: give a run of the bundled backbone without --fine-tune (the study rebuilds that network)")
     size = run.image_size
-    images: ExportImages = export_images(run)
-    index = run.data_index()
-    train_hashes = set(index.filter(_is_train(index))["sha256"].to_pylist())
-    train_paths = _train_paths(run, train_hashes)
+    listing = listed_again(run)
+    images = ExportImages.from_manifest(listing, run)
+    train_hashes = run.split_hashes("train")
+    train_paths = [row["path"] for row in listing.to_pylist() if row["sha256"] in train_hashes]
     normalize = imagenet_normalization()
 
     def normalized(paths):
@@ -101,22 +101,6 @@ def main() -> None:
     print(json.dumps(result))
     with open(PROJECT / "benchmarks" / "results" / "int8-qat-study.jsonl", "a") as results:
         results.write(json.dumps(result) + "\n")
-
-
-def _is_train(index):
-    import pyarrow.compute as pc
-
-    return pc.equal(index["split"], "train")
-
-
-def _train_paths(run, train_hashes: set[str]) -> list[str]:
-    """The run's training images where they are now: its data listed again, kept by content hash."""
-    from headstart.config import TrainConfig
-    from headstart.data.sources import prepare_source
-
-    config = TrainConfig(**{name: value for name, value in run.config.items() if name in TrainConfig.model_fields})
-    manifest, _ = prepare_source(config)
-    return [row["path"] for row in manifest.read().to_pylist() if row["sha256"] in train_hashes]
 
 
 if __name__ == "__main__":

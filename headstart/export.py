@@ -49,8 +49,7 @@ class ExportImages:
         """From a manifest table (path, label, sha256, split): the training images spread evenly
         over the split in hash order, and the test images the run itself was tested on where it
         kept its data index."""
-        index = run.data_index()
-        tested = set(index.filter(_equals(index, "split", "test"))["sha256"].to_pylist()) if index is not None else None
+        tested = run.split_hashes("test")
         rows = table.to_pylist()
         representative = representative_rows(rows)
         test = [row for row in rows if row["split"] == "test" and (tested is None or row["sha256"] in tested)]
@@ -60,8 +59,13 @@ class ExportImages:
 
 
 def export_images(run: Run, cache_dir: Path | None = None) -> ExportImages:
-    """The images an export of the run reads, found again from its training configuration: its data
-    source listed and split the way training split it (`cache_dir` overrides where the cache is)."""
+    """The images an export of the run reads (see `listed_again`)."""
+    return ExportImages.from_manifest(listed_again(run, cache_dir), run)
+
+
+def listed_again(run: Run, cache_dir: Path | None = None):
+    """The run's data source listed and split again from its training configuration, the way
+    training split it, as a manifest table (`cache_dir` overrides where the cache is)."""
     from headstart.config import TrainConfig
     from headstart.data.sources import prepare_source
 
@@ -71,13 +75,7 @@ def export_images(run: Run, cache_dir: Path | None = None) -> ExportImages:
     if values.get("data") != "cifar10" and not Path(str(values.get("data"))).is_dir():
         raise HeadstartError(f"the training data of {run.path} is gone ({values.get('data')}): an export checks itself on the run's test split")
     manifest, _ = prepare_source(TrainConfig(**values))
-    return ExportImages.from_manifest(manifest.read(), run)
-
-
-def _equals(table, column: str, value: str):
-    import pyarrow.compute as pc
-
-    return pc.equal(table[column], value)
+    return manifest.read()
 
 
 def default_destination(run: Run, quantize: Quantization) -> Path:

@@ -364,6 +364,14 @@ class Run:
         path = self.path / DATA_INDEX_FILE
         return pq.read_table(path) if path.is_file() else None
 
+    def split_hashes(self, split: str) -> set[str] | None:
+        """Content hashes of the images the run had in a split (from its data index); None for a
+        run written before runs kept one."""
+        index = self.data_index()
+        if index is None:
+            return None
+        return {sha for sha, in_split in zip(index.column("sha256").to_pylist(), index.column("split").to_pylist()) if in_split == split}
+
     @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
