@@ -50,7 +50,6 @@ def main() -> None:
     from headstart.keras import keras, tf
     from headstart.model import HEAD_DENSE
     from headstart.preprocessing import enlarge_images, imagenet_normalization
-    from headstart.quantization import set_full_integer
     from headstart.runs import Run
     from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_image
 
@@ -88,7 +87,10 @@ def main() -> None:
         return {"probability": tf.nn.softmax(student(normalize(enlarge_images(pixels / 255.0, size)), training=False))}
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([classify.get_concrete_function()], student)
-    set_full_integer(converter, lambda: calibration_images(images.representative, size))
+    # The converter's plain full-integer conversion: the fake-quantized network carries its own ranges.
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.representative_dataset = lambda: ([batch] for batch in calibration_images(images.representative, size))
     converter.inference_input_type = tf.uint8
     with tempfile.TemporaryDirectory() as scratch:
         model_file = Path(scratch) / "qat-int8.tflite"

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 
 from headstart.errors import HeadstartError
-from headstart.quantization import representative_rows, set_full_integer
+from headstart.quantization import full_integer, representative_rows
 from headstart.runs import BACKBONE_DIR, METRICS_FILE, MODEL_CARD_FILE, Run
 from headstart.storage import atomic_path, write_bytes_atomic, write_json_atomic
 from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
@@ -127,12 +127,11 @@ def convert_classifier(run: Run, quantize: Quantization, representative: list[st
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([classify.get_concrete_function()], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantize == "int8":
-        set_full_integer(converter, lambda: calibration_images(representative, size))
-        converter.inference_input_type = tf.uint8
     from headstart.quiet import native_notices_dropped
 
     with native_notices_dropped(), native_notices_dropped(1):
+        if quantize == "int8":
+            return full_integer(converter, lambda: calibration_images(representative, size), tf.uint8)
         return converter.convert()
 
 

@@ -25,7 +25,7 @@ from headstart.storage import remove_stale_temporaries
 BUNDLED_HANDLE = "bundled:mobilenet_v2"
 CHECKPOINT_SHA256_PREFIX = "b0353104"
 # Bump when the conversion changes, so that exports cached by an older version are not reused.
-CONVERTER_VERSION = "6"
+CONVERTER_VERSION = "7"
 
 
 def bundled_checkpoint_path() -> Path:
