@@ -1,0 +1,54 @@
+"""Study: where should a ReLU6 output's int8 range end? The run's classifier exported to int8 with
+the range ending at several percentiles of the calibration values (100: at their maximum, the
+converter's own choice), each measured against the run's Keras model on its test split.
+
+    uv run python benchmarks/int8_percentile_sweep.py RUN_DIR [--percentiles 99.5,99.7,99.9,99.97,99.99,100]
+
+The run itself is left as it is (nothing is recorded in it). Appends one JSON line per percentile
+to benchmarks/results/int8-percentile-sweep.jsonl and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--percentiles", default="99.5,99.7,99.9,99.97,99.99,100")
+    args = parser.parse_args()
+
+    from headstart import quantization
+    from headstart.export import compare_with_keras, convert_classifier, export_images
+    from headstart.runs import Run
+    from headstart.tflite_file import TFLiteClassifier, embed_labels
+
+    run = Run(args.run)
+    images = export_images(run)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as scratch, open(PROJECT / "benchmarks" / "results" / "int8-percentile-sweep.jsonl", "a") as results:
+        for percentile in (float(value) for value in args.percentiles.split(",")):
+            quantization.ACTIVATION_PERCENTILE = percentile
+            started = time.perf_counter()
+            model_file = Path(scratch) / f"int8-{percentile}.tflite"
+            model_file.write_bytes(embed_labels(convert_classifier(run, "int8", images.representative), run.class_names, run.image_size, "sweep"))
+            seconds = time.perf_counter() - started
+            record = compare_with_keras(run, TFLiteClassifier(model_file), images, "int8")
+            line = {"run": run.path.name, "commit": commit, "image_size": run.image_size, "percentile": percentile, "seconds_to_convert": seconds,
+                    **{key: record[key] for key in ("test_images", "top1_agreement", "accuracy", "keras_accuracy", "meets_target")}}
+            print(json.dumps(line), flush=True)
+            results.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
