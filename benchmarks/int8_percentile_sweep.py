@@ -1,6 +1,7 @@
 """Study: where should a ReLU6 output's int8 range end? The run's classifier exported to int8 with
-the range ending at several percentiles of the calibration values (100: at their maximum, the
-converter's own choice), each measured against the run's Keras model on its test split.
+the range ending at each of several percentiles of the calibration values (100: at their maximum,
+the converter's own choice), each measured against the run's Keras model on its test split
+(`headstart export` chooses among headstart.quantization.RANGE_ENDS on the validation split).
 
     uv run python benchmarks/int8_percentile_sweep.py RUN_DIR [--percentiles 99.5,99.7,99.9,99.97,99.99,100]
 
@@ -28,7 +29,6 @@ def main() -> None:
     parser.add_argument("--percentiles", default="99.5,99.7,99.9,99.97,99.99,100")
     args = parser.parse_args()
 
-    from headstart import quantization
     from headstart.export import compare_with_keras, convert_classifier, export_images
     from headstart.runs import Run
     from headstart.tflite_file import TFLiteClassifier, embed_labels
@@ -38,10 +38,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as scratch, open(PROJECT / "benchmarks" / "results" / "int8-percentile-sweep.jsonl", "a") as results:
         for percentile in (float(value) for value in args.percentiles.split(",")):
-            quantization.ACTIVATION_PERCENTILE = percentile
             started = time.perf_counter()
             model_file = Path(scratch) / f"int8-{percentile}.tflite"
-            model_file.write_bytes(embed_labels(convert_classifier(run, "int8", images.representative), run.class_names, run.image_size, "sweep"))
+            model_file.write_bytes(embed_labels(convert_classifier(run, "int8", images, (percentile,))[0], run.class_names, run.image_size, "sweep"))
             seconds = time.perf_counter() - started
             record = compare_with_keras(run, TFLiteClassifier(model_file), images, "int8")
             line = {"run": run.path.name, "commit": commit, "image_size": run.image_size, "percentile": percentile, "seconds_to_convert": seconds,

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from headstart.errors import HeadstartError
-from headstart.quantization import full_integer, representative_rows
+from headstart.quantization import RANGE_ENDS, full_integer, representative_rows
 from headstart.runs import BACKBONE_DIR, METRICS_FILE, MODEL_CARD_FILE, Run
 from headstart.storage import atomic_path, write_bytes_atomic, write_json_atomic
 from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
@@ -38,24 +39,30 @@ CARD_SECTION = "## On devices (.tflite)"
 
 @dataclass(frozen=True)
 class ExportImages:
-    """The run's images an export reads: training images that calibrate int8, and the test split."""
+    """The run's images an export reads: training images that calibrate int8, the validation split
+    on which an int8 file's ranges are chosen, and the test split every file is checked on."""
 
     representative: list[str]
     test: list[str]
     test_labels: np.ndarray
+    validation: list[str] = field(default_factory=list)
 
     @classmethod
     def from_manifest(cls, table, run: Run) -> "ExportImages":
         """From a manifest table (path, label, sha256, split): the training images spread evenly
-        over the split in hash order, and the test images the run itself was tested on where it
-        kept its data index."""
-        tested = run.split_hashes("test")
+        over the split in hash order, and the validation and test images the run itself had where
+        it kept its data index."""
         rows = table.to_pylist()
         representative = representative_rows(rows)
-        test = [row for row in rows if row["split"] == "test" and (tested is None or row["sha256"] in tested)]
+        test, validation = (_in_split(rows, split, run.split_hashes(split)) for split in ("test", "validation"))
         if not representative or not test:
             raise HeadstartError(f"the data of {run.path} has no {'training' if not representative else 'test'} images left to export with")
-        return cls([row["path"] for row in representative], [row["path"] for row in test], np.array([row["label"] for row in test], np.int64))
+        return cls([row["path"] for row in representative], [row["path"] for row in test], np.array([row["label"] for row in test], np.int64),
+                   [row["path"] for row in validation])
+
+
+def _in_split(rows: list[dict], split: str, hashes: set[str] | None) -> list[dict]:
+    return [row for row in rows if row["split"] == split and (hashes is None or row["sha256"] in hashes)]
 
 
 def export_images(run: Run, cache_dir: Path | None = None) -> ExportImages:
@@ -89,11 +96,12 @@ def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destin
         raise HeadstartError(f"{run.path} was trained on int8 features (--engine litert-int8); export converts the float backbone, "
                              "so export a run trained on float features")
     destination = Path(destination) if destination is not None else default_destination(run, quantize)
-    flatbuffer = embed_labels(convert_classifier(run, quantize, images.representative), run.class_names, run.image_size,
+    converted, chosen = convert_classifier(run, quantize, images)
+    flatbuffer = embed_labels(converted, run.class_names, run.image_size,
                               f"Classifies {', '.join(run.class_names)}; trained by headstart (run {run.path.name}).")
     with atomic_path(destination) as temporary:
         temporary.write_bytes(flatbuffer)
-        record = {"file": _as_recorded(destination, run), "quantize": quantize, "bytes": len(flatbuffer),
+        record = {"file": _as_recorded(destination, run), "quantize": quantize, "bytes": len(flatbuffer), **chosen,
                   **compare_with_keras(run, TFLiteClassifier(temporary, threads=None), images, quantize)}
         record["summary"] = summary(record)
     record_export(run, record)
@@ -105,8 +113,12 @@ def _as_recorded(file: Path, run: Run) -> str:
     return str(file.resolve().relative_to(run.path.resolve())) if file.resolve().is_relative_to(run.path.resolve()) else str(file)
 
 
-def convert_classifier(run: Run, quantize: Quantization, representative: list[str]) -> bytes:
-    """The run's classifier converted by the TFLite converter: its backbone module, then its head."""
+def convert_classifier(run: Run, quantize: Quantization, images: ExportImages, range_ends: tuple[float, ...] = RANGE_ENDS) -> tuple[bytes, dict]:
+    """The run's classifier converted by the TFLite converter (its backbone module, then its head),
+    and for int8 how its ReLU6 ranges were chosen: one file per range end (calibrated on
+    `images.representative`), kept is the one that agrees most with the Keras model on the
+    validation images (`range_end_percentile`, `validation_agreement`, `validation_images`); a run
+    without validation images takes the first range end."""
     from headstart.backbone.hub_module import litert_function
     from headstart.keras import tf
     from headstart.model import HEAD_DENSE
@@ -130,9 +142,34 @@ def convert_classifier(run: Run, quantize: Quantization, representative: list[st
     from headstart.quiet import native_notices_dropped
 
     with native_notices_dropped(), native_notices_dropped(1):
-        if quantize == "int8":
-            return full_integer(converter, lambda: calibration_images(representative, size), tf.uint8)
-        return converter.convert()
+        if quantize != "int8":
+            return converter.convert(), {}
+        variants = full_integer(converter, lambda: calibration_images(images.representative, size), tf.uint8,
+                                range_ends if images.validation else range_ends[:1])
+    return most_agreeing(run, variants, images.validation)
+
+
+def most_agreeing(run: Run, variants: dict[float, bytes], validation: list[str]) -> tuple[bytes, dict]:
+    """Of int8 files by range end, the one whose top-1 decisions agree most with the Keras model's
+    on the validation images (the first of equals), and the figures it was chosen by. Agreement
+    needs no labels, and the test split stays unseen until the file is checked."""
+    first = next(iter(variants))
+    if len(variants) == 1 or not validation:
+        return variants[first], {"range_end_percentile": first}
+    serving = run.serving_model()
+    pixels = [image for _, image in uint8_images(validation, run.image_size)]
+    if not pixels:
+        return variants[first], {"range_end_percentile": first}
+    expected = np.concatenate([serving(image[np.newaxis].astype(np.float32)) for image in pixels]).argmax(1)
+    agreement = {}
+    with tempfile.TemporaryDirectory(prefix="headstart-int8-") as scratch:
+        for end, flatbuffer in variants.items():
+            candidate = Path(scratch) / f"{end}.tflite"
+            candidate.write_bytes(embed_labels(flatbuffer, run.class_names, run.image_size, "candidate"))
+            model = TFLiteClassifier(candidate)
+            agreement[end] = float((np.concatenate([model([image]) for image in pixels]).argmax(1) == expected).mean())
+    end = max(agreement, key=agreement.get)  # max keeps the first of equals
+    return variants[end], {"range_end_percentile": end, "validation_agreement": agreement[end], "validation_images": len(pixels)}
 
 
 def calibration_images(paths: list[str], image_size: int):
@@ -175,7 +212,9 @@ def summary(record: dict) -> str:
     """One line on an export: what it is, how close it comes to the Keras model, against which target."""
     if record["quantize"] == "int8":
         target = f"target ≥ {INT8_AGREEMENT:.0%} agreement and ≤ {INT8_ACCURACY_LOSS * 100:.0f} pt lost"
-        closeness = f"top-1 agreement {record['top1_agreement']:.2%}, accuracy {record['accuracy']:.4f} (Keras {record['keras_accuracy']:.4f})"
+        closeness = (f"ReLU6 ranges end at the {record['range_end_percentile']:g}th percentile"
+                     + (f" (agreement {record['validation_agreement']:.2%} on {record['validation_images']} validation images)" if "validation_agreement" in record else "")
+                     + f"; top-1 agreement {record['top1_agreement']:.2%}, accuracy {record['accuracy']:.4f} (Keras {record['keras_accuracy']:.4f})")
     else:
         target = f"target max |Δp| ≤ {FLOAT_TOLERANCE:.0e}"
         closeness = f"max |Δ probability| {record['max_probability_difference']:.1e}, top-1 agreement {record['top1_agreement']:.2%}"

@@ -14,6 +14,7 @@ import pytest
 from conftest import FIXTURES, write_class_images
 from headstart.config import TrainConfig
 from headstart.errors import HeadstartError
+from headstart.quantization import RANGE_ENDS
 from headstart.runs import Run
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,8 @@ def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(
     assert float32["test_images"] == exported_run.metrics["n"] and float32["accuracy"] == float32["keras_accuracy"] == exported_run.metrics["accuracy"]
     # Two colours far apart: int8 keeps every decision of so easy a model.
     assert int8["top1_agreement"] == 1.0 and int8["bytes"] < float32["bytes"]
+    # Its ranges were chosen on the validation split, which the file agrees with as well.
+    assert int8["range_end_percentile"] in RANGE_ENDS and int8["validation_agreement"] == 1.0 and int8["validation_images"] >= 1
     for record in (float32, int8):
         model_file = exported_run.path / record["file"]
         assert model_file.stat().st_size == record["bytes"]
@@ -219,8 +222,9 @@ def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, c
 
 
 def test_int8_ranges_of_relu6_outputs_end_at_a_percentile_not_at_a_rare_peak():
-    """One outlier among the calibration values would stretch a ReLU6 output's int8 range five
-    times; narrowed, the range ends where the values usually end, and no operation is added."""
+    """One outlier among the calibration values stretches a ReLU6 output's int8 range five times
+    where the range ends at the maximum (the converter's own choice); ending at the 99.9th
+    percentile, it ends where the values usually end, and no operation is added."""
     from ai_edge_litert.interpreter import Interpreter
 
     from headstart.keras import keras, tf
@@ -244,12 +248,8 @@ def test_int8_ranges_of_relu6_outputs_end_at_a_percentile_not_at_a_rare_peak():
         scale, zero_point = interpreter.get_tensor_details()[convolution_output]["quantization"]
         return (127 - zero_point) * scale, {operation["op_name"] for operation in operations}
 
-    narrowed, operations = range_end(full_integer(tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], network),
-                                                  lambda: iter(batches)))
-    plain = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], network)
-    plain.optimizations = [tf.lite.Optimize.DEFAULT]
-    plain.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    plain.representative_dataset = lambda: ([batch] for batch in batches)
-    stretched, _ = range_end(plain.convert())
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], network)
+    files = full_integer(converter, lambda: iter(batches), range_ends=(99.9, 100.0))
+    (narrowed, operations), (stretched, _) = range_end(files[99.9]), range_end(files[100.0])
     assert 0.95 < narrowed < 1.05 and stretched > 4.9
     assert operations <= {"QUANTIZE", "CONV_2D", "DEQUANTIZE"}
