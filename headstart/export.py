@@ -255,4 +255,9 @@ def card_section(exports: dict) -> str:
         lines.append(f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} | {file_size(record['bytes'])} | "
                      f"{record['max_probability_difference']:.1e} | {record['top1_agreement']:.2%} | {record['accuracy']:.4f} "
                      f"({record['keras_accuracy']:.4f}) | {'yes' if record['meets_target'] else 'no'} |")
+    int8 = exports.get("int8", {})
+    if "validation_agreement" in int8:
+        lines += ["", f"The int8 file's ReLU6 ranges end at the {int8['range_end_percentile']:g}th percentile of their calibration values, "
+                  f"the one of {', '.join(f'{end:g}' for end in RANGE_ENDS)} whose file agreed most with the Keras model on "
+                  f"{int8['validation_images']} validation images ({int8['validation_agreement']:.2%})."]
     return "\n".join(lines) + "\n"

@@ -60,6 +60,7 @@ def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(
         assert read_labels(model_file.read_bytes()) == exported_run.class_names == ["blue", "red"]
     assert not TFLiteClassifier(exported_run.path / float32["file"]).quantized and TFLiteClassifier(exported_run.path / int8["file"]).quantized
     assert "## On devices (.tflite)" in exported_run.model_card and "`model-int8.tflite`" in exported_run.model_card
+    assert f"ReLU6 ranges end at the {int8['range_end_percentile']:g}th percentile" in exported_run.model_card
     artifact = Artifact.get("headstart-export")
     assert artifact is not None and "model-int8.tflite" in artifact.data
 
