@@ -150,7 +150,7 @@ def _export(args) -> int:
                            Path(args.output) if args.output else None)
     print(f"headstart: {record['summary']}", file=sys.stderr)
     print(run.path / record["file"], flush=True)
-    return 0
+    return 1 if args.require_target and not record["meets_target"] else 0
 
 
 def _models(args) -> int:
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="the file to write (default: exports/model-float32.tflite or model-int8.tflite in the run)")
     export.add_argument("--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)")
     export.add_argument("--cache-dir", help="where the run's data listing is cached (default: the run's own cache directory)")
+    export.add_argument("--require-target", action="store_true",
+                        help="exit with status 1 when the file misses its parity target (it is written and recorded all the same)")
     export.set_defaults(handler=_export)
 
     models = commands.add_parser("models", help="list the registry's versions, newest first; promote one, or roll back")

@@ -154,6 +154,18 @@ def test_export_command_writes_where_asked_and_records_the_figures(exported_run,
     assert sorted(path.name for path in output.parent.iterdir()) == ["classifier.tflite"]  # no temporary file left behind
 
 
+def test_export_can_fail_a_script_when_the_file_misses_its_target(exported_run, tmp_path, monkeypatch, capsys):
+    import headstart.export
+    from flows.cli import main
+
+    output = tmp_path / "strict.tflite"
+    arguments = ["export", "--model", str(exported_run.path), "--output", str(output), "--require-target"]
+    assert main(arguments) == 0
+    monkeypatch.setattr(headstart.export, "FLOAT_TOLERANCE", -1.0)  # a target no file meets
+    assert main(arguments) == 1 and output.is_file()
+    assert "NOT met" in capsys.readouterr().err
+
+
 def test_int8_features_are_cached_under_their_own_key(prefect_harness, colours, tiny_backbone_dir, tmp_path):
     from flows.train import train
     from headstart.backbone.handles import resolve_backbone
