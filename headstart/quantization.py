@@ -2,10 +2,13 @@
 
 Two things are quantized this way: the frozen backbone, as the `litert-int8` feature-extraction
 engine (`quantized_backbone`), and the whole classifier, as an int8 `.tflite` export
-(headstart.export). Both use the TFLite converter's post-training quantization: int8 weights per
-output channel, int8 activations whose ranges come from the representative images. The ranges of
-ReLU6 outputs end at a high percentile of their values there (RANGE_ENDS) rather than at their
-maximum (`narrowed_ranges`): the int8 steps then resolve the values those tensors usually take instead of
+(headstart.export). Both use the TFLite converter's post-training quantization (int8 weights per
+output channel, one int8 scale per activation tensor) with three steps of our own in between:
+channels feeding depthwise convolutions are equalized first (headstart.equalization), so that no
+channel keeps only a few of its tensor's steps; the ranges are then measured on the representative
+images (`measured_ranges`) rather than taken from the converter's calibration, which widens some;
+and a ReLU6 output's range ends at a high percentile of its values there (RANGE_ENDS) rather than
+at its maximum: the int8 steps then resolve the values those tensors usually take instead of
 spanning rare peaks, which saturate instead.
 
 An int8 backbone computes other features than the float one, so it is a backbone of its own: its
@@ -20,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -42,7 +45,7 @@ CALIBRATION_DECODE_BATCH = 64
 # Below 99.9 and at 100 (the maximum), both runs measured in the README agreed less.
 RANGE_ENDS = (99.9, 99.95, 99.97, 99.99)
 # Bump when the conversion changes: quantized backbones and their features are then made anew.
-QUANTIZED_BACKBONE_VERSION = 2
+QUANTIZED_BACKBONE_VERSION = 3
 
 
 def representative_rows(rows: Iterable[dict]) -> list[dict]:
@@ -57,80 +60,105 @@ def representative_rows(rows: Iterable[dict]) -> list[dict]:
 def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], input_type=None,
                  range_ends: tuple[float, ...] = RANGE_ENDS[:1]) -> dict[float, bytes]:
     """What a TFLite converter makes with weights and activations quantized to int8, calibrated on
-    the float32 batches that `representative()` yields, with ReLU6 ranges ending at each of
-    `range_ends` (`narrowed_ranges`): range end → flatbuffer. The input is `input_type` (float32
-    unless given), the output float32.
+    the float32 batches that `representative()` yields: range end → flatbuffer, one per percentile
+    in `range_ends` at which ReLU6 ranges end. The input is `input_type` (float32 unless given), the
+    output float32.
 
-    The converter's own two steps, with the ranges narrowed in between: it calibrates (records each
-    tensor's range in a float model) once, then the same quantizer its `convert()` calls quantizes.
-    Both steps are reached through the converter's private hooks (the calibration-only switch and
-    `mlir_quantize`), which its own quantization debugger uses too; they are pinned with TensorFlow
-    in uv.lock, and tests/test_export.py checks the narrowing on every upgrade.
+    The converter's own steps, with ours in between: it marks the tensors to quantize in a float
+    model (its calibration), the channels feeding depthwise convolutions are equalized
+    (headstart.equalization), the ranges are measured on that model (`measured_ranges`), then the
+    same quantizer its `convert()` calls quantizes. The converter is reached through private hooks
+    (the calibration-only switch and `mlir_quantize`), which its own quantization debugger uses too;
+    they are pinned with TensorFlow in uv.lock, and tests/test_export.py checks the ranges on every upgrade.
     """
     from tensorflow.lite.python.convert import mlir_quantize
+    from tensorflow.lite.tools import flatbuffer_utils
 
+    from headstart.equalization import depthwise_pairs, equalize
     from headstart.keras import tf
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.representative_dataset = lambda: ([batch] for batch in representative())
     converter._experimental_calibrate_only = True
-    calibrated = converter.convert()
-    return {end: mlir_quantize(narrowed, input_data_type=input_type or tf.float32, output_data_type=tf.float32)
-            for end, narrowed in narrowed_ranges(calibrated, representative, range_ends).items()}
+    model = flatbuffer_utils.convert_bytearray_to_object(converter.convert())
+    batches = list(representative())
+    pairs = depthwise_pairs(model)
+    maxima = {}
+    for values in tensor_values(model, batches, [pair.tensor for pair in pairs]):
+        for tensor, value in values.items():
+            largest = np.abs(value.reshape(-1, value.shape[-1])).max(0)
+            maxima[tensor] = np.maximum(maxima.get(tensor, largest), largest)
+    equalize(model, pairs, maxima)
+    return {end: mlir_quantize(ranged, input_data_type=input_type or tf.float32, output_data_type=tf.float32)
+            for end, ranged in measured_ranges(model, batches, range_ends).items()}
 
 
 RELU6 = 3  # tflite::ActivationFunctionType
 
 
-def narrowed_ranges(calibrated: bytes, representative: Callable[[], Iterable[np.ndarray]], range_ends: tuple[float, ...]) -> dict[float, bytes]:
-    """For each percentile in `range_ends`, the calibrated float model with the recorded range of
-    every ReLU6 output (a convolution with ReLU6 fused) ending at that percentile of the values it
-    takes on the batches of `representative()`, where that is below its maximum.
+def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, ...]) -> dict[float, bytes]:
+    """For each percentile in `range_ends`, the float model (a tflite ModelT its converter marked for
+    quantization) with the range of every marked tensor measured on the batches: from its least to
+    its largest value, except that the range of a ReLU6 output (a convolution with ReLU6 fused) ends
+    at that percentile of its values where that is below its largest.
 
-    In int8 a value above the range saturates, so this clips exactly as a lower ReLU cap would,
-    at no cost in operations.
+    Measured, not taken from the converter's calibration, which reads an operation's inputs after
+    the operation ran: where it ran in place (an ADD or MUL writing over its input), the input's
+    range takes in the output's values too, up to twice as wide in MobileNetV2's residual sums. In
+    int8 a value above a range saturates, so a narrowed range clips exactly as a lower ReLU cap
+    would, at no cost in operations.
     """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    graph = model.subgraphs[0]
+    relu6_kinds = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D}
+    marked = [index for index, tensor in enumerate(graph.tensors) if tensor.quantization is not None
+              and tensor.quantization.min is not None and len(tensor.quantization.min) == 1 and model.buffers[tensor.buffer].data is None]
+    relu6 = {operator.outputs[0] for operator in graph.operators
+             if model.operatorCodes[operator.opcodeIndex].builtinCode in relu6_kinds
+             and getattr(operator.builtinOptions, "fusedActivationFunction", None) == RELU6} & set(marked)
+    least, largest = {tensor: np.inf for tensor in marked}, {tensor: -np.inf for tensor in marked}
+    tops, counts = {tensor: np.empty(0, np.float32) for tensor in relu6}, dict.fromkeys(relu6, 0)
+    for values in tensor_values(model, batches, marked):
+        for tensor, value in values.items():
+            least[tensor], largest[tensor] = min(least[tensor], float(value.min())), max(largest[tensor], float(value.max()))
+            if tensor in relu6:
+                counts[tensor] += value.size
+                tops[tensor] = _largest(np.concatenate([tops[tensor], value.ravel()]), _above(value.size * len(batches), min(range_ends)))
+    for tensor in marked:
+        graph.tensors[tensor].quantization.min, graph.tensors[tensor].quantization.max = [least[tensor]], [largest[tensor]]
+    descending = {tensor: np.sort(top)[::-1] for tensor, top in tops.items()}
+    variants = {}
+    for end in range_ends:
+        for tensor, top in descending.items():
+            graph.tensors[tensor].quantization.max = [min(largest[tensor], float(top[_above(counts[tensor], end) - 1]))]
+        variants[end] = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return variants
+
+
+def tensor_values(model, batches: list[np.ndarray], tensors: list[int]) -> Iterator[dict[int, np.ndarray]]:
+    """The values of `tensors` as the float model (a tflite ModelT) computes them, batch by batch."""
     import os
     import warnings
 
     from ai_edge_litert.interpreter import Interpreter
-    from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
-    graph = model.subgraphs[0]
-    relu6_kinds = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D}
-    targets = [operator.outputs[0] for operator in graph.operators
-               if model.operatorCodes[operator.opcodeIndex].builtinCode in relu6_kinds
-               and getattr(operator.builtinOptions, "fusedActivationFunction", None) == RELU6
-               and graph.tensors[operator.outputs[0]].quantization is not None]
     with warnings.catch_warnings():  # keeping every tensor is the point here, not a debugging slip
         warnings.simplefilter("ignore", UserWarning)
-        interpreter = Interpreter(model_content=bytes(calibrated), experimental_preserve_all_tensors=True, num_threads=os.cpu_count() or 1)
-    batches = list(representative())
-    tops = {tensor: np.empty(0, np.float32) for tensor in targets}
-    shape, counts = None, {}
+        interpreter = Interpreter(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(model)),
+                                  experimental_preserve_all_tensors=True, num_threads=os.cpu_count() or 1)
+    index, shape = interpreter.get_input_details()[0]["index"], None
     for batch in batches:
         if batch.shape != shape:
-            interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], batch.shape)
+            interpreter.resize_tensor_input(index, batch.shape)
             interpreter.allocate_tensors()
             shape = batch.shape
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch.astype(np.float32))
+        interpreter.set_tensor(index, batch.astype(np.float32))
         interpreter.invoke()
-        for tensor in targets:
-            values = interpreter.get_tensor(tensor).ravel()
-            # Every batch enlarges to the model's size, so each gives a tensor this many values.
-            counts[tensor] = values.size * len(batches)
-            tops[tensor] = _largest(np.concatenate([tops[tensor], values]), _above(counts[tensor], min(range_ends)))
-    recorded = {tensor: float(graph.tensors[tensor].quantization.max[0]) for tensor in targets
-                if graph.tensors[tensor].quantization.max is not None and len(graph.tensors[tensor].quantization.max) == 1}
-    variants = {}
-    for end in range_ends:
-        for tensor, maximum in recorded.items():
-            graph.tensors[tensor].quantization.max = [min(maximum, float(np.sort(tops[tensor])[-_above(counts[tensor], end)]))]
-        variants[end] = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    return variants
+        yield {tensor: interpreter.get_tensor(tensor) for tensor in tensors}
 
 
 def _above(count: int, percentile: float) -> int:

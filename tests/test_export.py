@@ -232,37 +232,3 @@ def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, c
     images = ExportImages(blue[:3], [*blue, str(tmp_path / "broken.png")], np.zeros(7, np.int64))
     record = export_tflite(exported_run, "none", images, tmp_path / "checked.tflite")
     assert record["test_images"] == 6 and record["accuracy"] == 1.0 and record["meets_target"]
-
-
-def test_int8_ranges_of_relu6_outputs_end_at_a_percentile_not_at_a_rare_peak():
-    """One outlier among the calibration values stretches a ReLU6 output's int8 range five times
-    where the range ends at the maximum (the converter's own choice); ending at the 99.9th
-    percentile, it ends where the values usually end, and no operation is added."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    from headstart.keras import keras, tf
-    from headstart.quantization import full_integer
-
-    images = keras.Input((4, 4, 1))
-    convolution = keras.layers.Conv2D(1, 1)
-    network = keras.Model(images, keras.layers.ReLU(6.0)(convolution(images)))
-    convolution.set_weights([np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)])
-    batches = [np.random.default_rng(seed).uniform(0, 1, (1, 4, 4, 1)).astype(np.float32) for seed in range(200)]
-    batches[7][0, 2, 2, 0] = 5.0
-
-    @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 1], tf.float32)])
-    def forward(values):
-        return network(values, training=False)
-
-    def range_end(flatbuffer: bytes) -> tuple[float, set]:
-        interpreter = Interpreter(model_content=flatbuffer)
-        operations = interpreter._get_ops_details()
-        (convolution_output,) = [operation["outputs"][0] for operation in operations if operation["op_name"] == "CONV_2D"]
-        scale, zero_point = interpreter.get_tensor_details()[convolution_output]["quantization"]
-        return (127 - zero_point) * scale, {operation["op_name"] for operation in operations}
-
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], network)
-    files = full_integer(converter, lambda: iter(batches), range_ends=(99.9, 100.0))
-    (narrowed, operations), (stretched, _) = range_end(files[99.9]), range_end(files[100.0])
-    assert 0.95 < narrowed < 1.05 and stretched > 4.9
-    assert operations <= {"QUANTIZE", "CONV_2D", "DEQUANTIZE"}

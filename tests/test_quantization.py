@@ -1,0 +1,98 @@
+"""Full-integer int8 conversion: ranges measured on the calibration images (ReLU6 ones ending at a
+percentile), and channels equalized before depthwise convolutions."""
+
+import numpy as np
+import pytest
+
+from headstart.keras import keras, tf
+from headstart.quantization import full_integer
+
+
+def _int8_tensor(flatbuffer: bytes, operation: str, first: bool = False) -> tuple[float, int]:
+    """(scale, zero point) of the output of the model's one `operation` (or its first one)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    outputs = [details["outputs"][0] for details in interpreter._get_ops_details() if details["op_name"] == operation]
+    assert first or len(outputs) == 1
+    return interpreter.get_tensor_details()[outputs[0]]["quantization"]
+
+
+def _converter(network, shape):
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)])
+    def forward(values):
+        return network(values, training=False)
+
+    return tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()], network)
+
+
+def _run(flatbuffer: bytes, batch: np.ndarray) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def test_int8_ranges_of_relu6_outputs_end_at_a_percentile_not_at_a_rare_peak():
+    """One outlier among the calibration values stretches a ReLU6 output's int8 range five times
+    where the range ends at the maximum (the converter's own choice); ending at the 99.9th
+    percentile, it ends where the values usually end, and no operation is added."""
+    images = keras.Input((4, 4, 1))
+    convolution = keras.layers.Conv2D(1, 1)
+    network = keras.Model(images, keras.layers.ReLU(6.0)(convolution(images)))
+    convolution.set_weights([np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)])
+    batches = [np.random.default_rng(seed).uniform(0, 1, (1, 4, 4, 1)).astype(np.float32) for seed in range(200)]
+    batches[7][0, 2, 2, 0] = 5.0
+
+    files = full_integer(_converter(network, [1, 4, 4, 1]), lambda: iter(batches), range_ends=(99.9, 100.0))
+    (narrowed, stretched) = ((127 - zero_point) * scale for scale, zero_point in (_int8_tensor(files[end], "CONV_2D") for end in (99.9, 100.0)))
+    assert 0.95 < narrowed < 1.05 and stretched > 4.9
+    from ai_edge_litert.interpreter import Interpreter
+
+    assert {details["op_name"] for details in Interpreter(model_content=files[99.9])._get_ops_details()} <= {"QUANTIZE", "CONV_2D", "DEQUANTIZE"}
+
+
+def test_a_range_is_the_tensors_own_even_where_an_operation_after_it_works_in_place():
+    """A convolution's output in [0, 4] is added to the input in [0, 1] (a residual sum, which the
+    interpreter computes in place): the converter's calibration then records the convolution's
+    range as the sum's, [0, 5]; measured, it stays [0, 4], and its int8 steps are 4/255."""
+    images = keras.Input((4, 4, 1))
+    convolution, after = keras.layers.Conv2D(1, 1), keras.layers.Conv2D(1, 1)
+    network = keras.Model(images, after(keras.layers.Add()([convolution(images), images])))
+    convolution.set_weights([np.full((1, 1, 1, 1), 4.0, np.float32), np.zeros(1, np.float32)])
+    after.set_weights([np.ones((1, 1, 1, 1), np.float32), np.zeros(1, np.float32)])
+    batches = [np.random.default_rng(seed).uniform(0, 1, (1, 4, 4, 1)).astype(np.float32) for seed in range(50)]
+    batches[0][0, 0, 0, 0], batches[0][0, 0, 1, 0] = 0.0, 1.0
+
+    flatbuffer = full_integer(_converter(network, [1, 4, 4, 1]), lambda: iter(batches))[99.9]
+    scale, _ = _int8_tensor(flatbuffer, "CONV_2D", first=True)
+    assert scale == pytest.approx(4.0 / 255, rel=1e-3)
+
+
+def test_a_narrow_channel_before_a_depthwise_convolution_keeps_its_precision(monkeypatch):
+    """Two channels into a depthwise convolution, one a hundred times narrower than the other: with
+    one int8 scale for both, the narrow one keeps about two steps; equalized, it keeps sixteen
+    times as many, and the model still computes what the float model does."""
+    import headstart.equalization
+
+    images = keras.Input((6, 6, 2))
+    convolution, depthwise = keras.layers.Conv2D(2, 1, activation=keras.activations.relu), keras.layers.DepthwiseConv2D(3)
+    network = keras.Model(images, depthwise(keras.layers.ZeroPadding2D(1)(convolution(images))))
+    convolution.set_weights([np.diag([5.0, 0.05]).astype(np.float32).reshape(1, 1, 2, 2), np.zeros(2, np.float32)])
+    # The depthwise filter makes both of its outputs equally wide, so only its input's scale differs.
+    filters = np.random.default_rng(0).normal(0, 1, (3, 3, 2, 1)) * np.array([1.0, 100.0])[:, np.newaxis]
+    depthwise.set_weights([filters.astype(np.float32), np.zeros(2, np.float32)])
+    batches = [np.random.default_rng(seed).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32) for seed in range(50)]
+    test = np.random.default_rng(99).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32)
+    narrow = network(test).numpy()[..., 1]
+
+    def narrow_channel_error() -> float:
+        flatbuffer = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches))[99.9]
+        return float(np.abs(_run(flatbuffer, test)[..., 1] - narrow).max() / np.abs(narrow).max())
+
+    equalized = narrow_channel_error()
+    monkeypatch.setattr(headstart.equalization, "equalize", lambda model, pairs, maxima: 0)
+    assert equalized < 0.05 and equalized * 4 < narrow_channel_error()
