@@ -1,7 +1,8 @@
 """Study: where should a ReLU6 output's int8 range end? The run's classifier exported to int8 with
 the range ending at each of several percentiles of the calibration values (100: at their maximum,
-the converter's own choice), each measured against the run's Keras model on its test split
-(`headstart export` chooses among headstart.quantization.RANGE_ENDS on the validation split).
+the converter's own choice), each measured against the run's Keras model on its test split, and
+its top-1 agreement on the validation split too (where `headstart export` chooses among
+headstart.quantization.RANGE_ENDS).
 
     uv run python benchmarks/int8_percentile_sweep.py RUN_DIR [--percentiles 99.5,99.7,99.9,99.97,99.99,100]
 
@@ -29,12 +30,17 @@ def main() -> None:
     parser.add_argument("--percentiles", default="99.5,99.7,99.9,99.97,99.99,100")
     args = parser.parse_args()
 
+    import numpy as np
+
     from headstart.export import compare_with_keras, convert_classifier, export_images
     from headstart.runs import Run
-    from headstart.tflite_file import TFLiteClassifier, embed_labels
+    from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
 
     run = Run(args.run)
     images = export_images(run)
+    validation = [pixels for _, pixels in uint8_images(images.validation, run.image_size)]
+    serving = run.serving_model()
+    expected = np.array([serving(pixels[np.newaxis].astype(np.float32)).argmax() for pixels in validation])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as scratch, open(PROJECT / "benchmarks" / "results" / "int8-percentile-sweep.jsonl", "a") as results:
         for percentile in (float(value) for value in args.percentiles.split(",")):
@@ -42,9 +48,12 @@ def main() -> None:
             model_file = Path(scratch) / f"int8-{percentile}.tflite"
             model_file.write_bytes(embed_labels(convert_classifier(run, "int8", images, (percentile,))[0], run.class_names, run.image_size, "sweep"))
             seconds = time.perf_counter() - started
-            record = compare_with_keras(run, TFLiteClassifier(model_file), images, "int8")
+            model = TFLiteClassifier(model_file)
+            record = compare_with_keras(run, model, images, "int8")
+            agreeing = np.array([model([pixels]).argmax() for pixels in validation]) == expected
             line = {"run": run.path.name, "commit": commit, "image_size": run.image_size, "percentile": percentile, "seconds_to_convert": seconds,
-                    **{key: record[key] for key in ("test_images", "top1_agreement", "accuracy", "keras_accuracy", "meets_target")}}
+                    **{key: record[key] for key in ("test_images", "top1_agreement", "accuracy", "keras_accuracy", "meets_target")},
+                    "validation_images": len(validation), "validation_agreement": float(agreeing.mean()) if len(validation) else None}
             print(json.dumps(line), flush=True)
             results.write(json.dumps(line) + "\n")
 
