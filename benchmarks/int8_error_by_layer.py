@@ -1,8 +1,10 @@
-"""Study: where does the int8 classifier part from the float one? Both .tflite conversions of a run
-(as `headstart export` makes them) run on the same test images with every intermediate tensor
-kept; each activation tensor of the int8 file, dequantized, is compared with the float file's
-tensor of the same name: signal-to-noise ratio 10·log10(Σ float² / Σ (int8 − float)²), in the
-order the network computes them.
+"""Study: where does the int8 classifier part from the float one? The run's int8 file (as `headstart
+export` makes it) and the float model it was quantized from (the converter's, with its channels
+equalized: headstart.equalization scales some tensors channel by channel, so the float32 export's
+tensors would not compare) run on the same test images with every intermediate tensor kept; each
+activation tensor of the int8 file, dequantized, is compared with the float tensor of the same
+name: signal-to-noise ratio 10·log10(Σ float² / Σ (int8 − float)²), in the order the network
+computes them.
 
     uv run python benchmarks/int8_error_by_layer.py RUN_DIR [--images 30]
 
@@ -34,7 +36,7 @@ def activations(flatbuffer: bytes, pixels: np.ndarray) -> dict[str, tuple[int, n
     index = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index, [1, *pixels.shape])  # smaller images go in at their own size
     interpreter.allocate_tensors()
-    interpreter.set_tensor(index, pixels[np.newaxis])
+    interpreter.set_tensor(index, pixels[np.newaxis].astype(interpreter.get_input_details()[0]["dtype"]))
     interpreter.invoke()
     tensors = {}
     for detail in interpreter.get_tensor_details():
@@ -57,13 +59,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30)
     args = parser.parse_args()
 
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    import headstart.quantization
     from headstart.export import convert_classifier, export_images
     from headstart.runs import Run
     from headstart.tflite_file import uint8_images
 
     run = Run(args.run)
     images = export_images(run)
-    float32, int8 = (convert_classifier(run, quantize, images)[0] for quantize in ("none", "int8"))
+    quantized_from = []
+    measured_ranges = headstart.quantization.measured_ranges
+
+    def keeping_the_float_model(model, batches, range_ends):
+        variants = measured_ranges(model, batches, range_ends)
+        quantized_from.append(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+        return variants
+
+    headstart.quantization.measured_ranges = keeping_the_float_model
+    int8 = convert_classifier(run, "int8", images)[0]
+    (float32,) = quantized_from
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     order: dict[str, int] = {}

@@ -153,13 +153,11 @@ def most_agreeing(run: Run, variants: dict[float, bytes], validation: list[str])
     """Of int8 files by range end, the one whose top-1 decisions agree most with the Keras model's
     on the validation images (the first of equals), and the figures it was chosen by. Agreement
     needs no labels, and the test split stays unseen until the file is checked."""
-    first = next(iter(variants))
-    if len(variants) == 1 or not validation:
+    pixels = [image for _, image in uint8_images(validation, run.image_size)] if len(variants) > 1 else []
+    if not pixels:
+        first = next(iter(variants))
         return variants[first], {"range_end_percentile": first}
     serving = run.serving_model()
-    pixels = [image for _, image in uint8_images(validation, run.image_size)]
-    if not pixels:
-        return variants[first], {"range_end_percentile": first}
     expected = np.concatenate([serving(image[np.newaxis].astype(np.float32)) for image in pixels]).argmax(1)
     agreement = {}
     with tempfile.TemporaryDirectory(prefix="headstart-int8-") as scratch:

@@ -65,7 +65,7 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     output float32.
 
     The converter's own steps, with ours in between: it marks the tensors to quantize in a float
-    model (its calibration), the channels feeding depthwise convolutions are equalized
+    model (its calibration, on one batch), the channels feeding depthwise convolutions are equalized
     (headstart.equalization), the ranges are measured on that model (`measured_ranges`), then the
     same quantizer its `convert()` calls quantizes. The converter is reached through private hooks
     (the calibration-only switch and `mlir_quantize`), which its own quantization debugger uses too;
@@ -79,10 +79,11 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.representative_dataset = lambda: ([batch] for batch in representative())
+    batches = list(representative())
+    # Its calibration only marks the tensors to quantize here (one batch does that): the ranges are measured below.
+    converter.representative_dataset = lambda: iter([batches[:1]])
     converter._experimental_calibrate_only = True
     model = flatbuffer_utils.convert_bytearray_to_object(converter.convert())
-    batches = list(representative())
     pairs = depthwise_pairs(model)
     maxima = {}
     for values in tensor_values(model, batches, [pair.tensor for pair in pairs]):
