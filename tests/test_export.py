@@ -54,6 +54,7 @@ def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(
     assert int8["top1_agreement"] == 1.0 and int8["bytes"] < float32["bytes"]
     # Its ranges were chosen on the validation split, which the file agrees with as well.
     assert int8["range_end_percentile"] in RANGE_ENDS and int8["validation_agreement"] == 1.0 and int8["validation_images"] >= 1
+    assert 0.0 <= int8["validation_divergence"] < 0.01
     for record in (float32, int8):
         model_file = exported_run.path / record["file"]
         assert model_file.stat().st_size == record["bytes"]
@@ -232,3 +233,15 @@ def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, c
     images = ExportImages(blue[:3], [*blue, str(tmp_path / "broken.png")], np.zeros(7, np.int64))
     record = export_tflite(exported_run, "none", images, tmp_path / "checked.tflite")
     assert record["test_images"] == 6 and record["accuracy"] == 1.0 and record["meets_target"]
+
+
+def test_the_divergence_that_chooses_an_int8_file_counts_every_probability():
+    from headstart.export import mean_divergence
+
+    expected = np.array([[0.9, 0.1], [0.6, 0.4]])
+    assert mean_divergence(expected, expected) == pytest.approx(0.0, abs=1e-6)
+    # The same decisions, moved probabilities: no disagreement, yet a divergence.
+    moved = np.array([[0.8, 0.2], [0.55, 0.45]])
+    by_hand = np.mean([0.9 * np.log(0.9 / 0.8) + 0.1 * np.log(0.1 / 0.2), 0.6 * np.log(0.6 / 0.55) + 0.4 * np.log(0.4 / 0.45)])
+    assert mean_divergence(expected, moved) == pytest.approx(by_hand, rel=1e-4)
+    assert mean_divergence(expected, np.array([[1.0, 0.0], [0.6, 0.4]])) > 0  # an int8 probability of exactly 0 stays finite
