@@ -69,7 +69,7 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     (headstart.equalization), the ranges are measured on that model (`measured_ranges`), then the
     same quantizer its `convert()` calls quantizes. The converter is reached through private hooks
     (the calibration-only switch and `mlir_quantize`), which its own quantization debugger uses too;
-    they are pinned with TensorFlow in uv.lock, and tests/test_export.py checks the ranges on every upgrade.
+    they are pinned with TensorFlow in uv.lock, and tests/test_quantization.py checks the ranges on every upgrade.
     """
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
@@ -85,12 +85,8 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     converter._experimental_calibrate_only = True
     model = flatbuffer_utils.convert_bytearray_to_object(converter.convert())
     pairs = depthwise_pairs(model)
-    maxima = {}
-    for values in tensor_values(model, batches, [pair.tensor for pair in pairs]):
-        for tensor, value in values.items():
-            largest = np.abs(value.reshape(-1, value.shape[-1])).max(0)
-            maxima[tensor] = np.maximum(maxima.get(tensor, largest), largest)
-    equalize(model, pairs, maxima)
+    if pairs:
+        equalize(model, pairs, channel_maxima(model, batches, [pair.tensor for pair in pairs]))
     return {end: mlir_quantize(ranged, input_data_type=input_type or tf.float32, output_data_type=tf.float32)
             for end, ranged in measured_ranges(model, batches, range_ends).items()}
 
@@ -137,6 +133,16 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
             graph.tensors[tensor].quantization.max = [min(largest[tensor], float(top[_above(counts[tensor], end) - 1]))]
         variants[end] = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
     return variants
+
+
+def channel_maxima(model, batches: list[np.ndarray], tensors: list[int]) -> dict[int, np.ndarray]:
+    """The largest |value| of each channel (the last axis) of each tensor over the batches."""
+    maxima: dict[int, np.ndarray] = {}
+    for values in tensor_values(model, batches, tensors):
+        for tensor, value in values.items():
+            largest = np.abs(value.reshape(-1, value.shape[-1])).max(0)
+            maxima[tensor] = np.maximum(maxima.get(tensor, largest), largest)
+    return maxima
 
 
 def tensor_values(model, batches: list[np.ndarray], tensors: list[int]) -> Iterator[dict[int, np.ndarray]]:

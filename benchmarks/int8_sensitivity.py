@@ -1,0 +1,101 @@
+"""Study: which part of the network costs the int8 classifier its agreement? The run's int8 export is
+quantized again with one group of layers at a time left in float32 (the converter's own
+denylist, with quantize and dequantize operations around the group), and each file is compared
+with the run's Keras model on the validation split: where one group held most of the loss, keeping
+it in float would recover most of the agreement.
+
+    uv run python benchmarks/int8_sensitivity.py RUN_DIR
+
+Writes benchmarks/results/int8-sensitivity.md and prints it. The run is left as it is.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+# Groups of MobileNetV2 stages, by the stage names in the tensors' names.
+GROUPS = {"normalisation (before the stem)": "input", "stem": "stem", "block 1": (1, 1), "blocks 2–3": (2, 3), "blocks 4–6": (4, 6),
+          "blocks 7–10": (7, 10), "blocks 11–13": (11, 13), "blocks 14–16": (14, 16), "block 17": (17, 17),
+          "head convolution, pooling and dense layer": "head", "normalisation to block 1": ("input", 1), "normalisation to block 3": ("input", 3)}
+
+
+def stage(name: str) -> str | int:
+    """The stage an operation's output tensor belongs to: "input", "stem", a block number or "head"."""
+    found = re.search(r"block(\d+)_", name)
+    if found:
+        return int(found.group(1))
+    if "stem_" in name:
+        return "stem"
+    return "head" if any(part in name for part in ("head_conv", "global_pool", "MatMul", "StatefulPartitionedCall")) else "input"
+
+
+def in_group(position: str | int, group) -> bool:
+    order = {"input": -1, "stem": 0, "head": 18}
+    rank = order.get(position, position)
+    if isinstance(group, str):
+        return position == group
+    first, last = group
+    return order.get(first, first) <= rank <= order.get(last, last)
+
+
+def main() -> None:
+    from tensorflow.lite.python.convert import mlir_quantize
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    import headstart.quantization
+    from headstart.export import convert_classifier, export_images, mean_divergence
+    from headstart.keras import tf
+    from headstart.runs import Run
+    from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+
+    run = Run(Path(sys.argv[1]))
+    images = export_images(run)
+    ranged, measured_ranges = [], headstart.quantization.measured_ranges
+
+    def keeping_the_ranged_model(model, batches, range_ends):
+        variants = measured_ranges(model, batches, range_ends)
+        ranged.append(variants)
+        return variants
+
+    headstart.quantization.measured_ranges = keeping_the_ranged_model
+    _, chosen = convert_classifier(run, "int8", images)
+    start = ranged[0][chosen["range_end_percentile"]]
+    model = flatbuffer_utils.convert_bytearray_to_object(start)
+    names = [model.subgraphs[0].tensors[operator.outputs[0]].name.decode() for operator in model.subgraphs[0].operators]
+    pixels = [image for _, image in uint8_images(images.validation, run.image_size)]
+    serving = run.serving_model()
+    expected = np.concatenate([serving(image[np.newaxis].astype(np.float32)) for image in pixels])
+
+    def closeness(denylisted: list[str]) -> tuple[float, float]:
+        flatbuffer = mlir_quantize(start, input_data_type=tf.uint8, output_data_type=tf.float32, denylisted_nodes=denylisted or None)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "model.tflite"
+            path.write_bytes(embed_labels(flatbuffer, run.class_names, run.image_size, "sensitivity"))
+            model = TFLiteClassifier(path)
+            probabilities = np.concatenate([model([image]) for image in pixels])
+        return float((probabilities.argmax(1) == expected.argmax(1)).mean()), mean_divergence(expected, probabilities)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
+    lines = [f"# int8 with one part of the network left in float32 (run {run.path.name}, {run.image_size} px, "
+             f"ReLU6 ranges at the {chosen['range_end_percentile']:g}th percentile, {len(pixels)} validation images, commit {commit})", "",
+             "| left in float32 | top-1 agreement with the Keras model | mean divergence |", "|---|---|---|"]
+    for label, group in [("nothing (the int8 export)", None), *GROUPS.items()]:
+        agreement, divergence = closeness([name for name in names if group is not None and in_group(stage(name), group)])
+        lines.append(f"| {label} | {agreement:.2%} | {divergence:.4f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    (PROJECT / "benchmarks" / "results" / "int8-sensitivity.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
