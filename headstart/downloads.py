@@ -17,11 +17,14 @@ from headstart.storage import atomic_path, file_digest, remove_stale_temporaries
 @dataclass(frozen=True)
 class DownloadPolicy:
     """How hard to try: attempts in all, the wait before the second (doubling after each
-    failure), and how long any one connect or read may stall."""
+    failure), how long any one connect or read may stall, and how long the whole download may
+    take, its attempts and the waits between them included (a server that trickles a few bytes
+    at a time never lets one read stall that long, and would otherwise hold it for ever)."""
 
     attempts: int = 4
     backoff_seconds: float = 1.0
     timeout: float = 60.0
+    deadline_seconds: float = 3600.0
 
 
 class DownloadError(HeadstartError):
@@ -37,6 +40,10 @@ class _IncompleteBody(Exception):
     pass
 
 
+class _Overdue(Exception):
+    pass
+
+
 def download(url: str, destination: Path, checksum: str | None = None, policy: DownloadPolicy = DownloadPolicy()) -> Path:
     """Downloads url to destination unless it is already there (and matches `checksum`).
 
@@ -44,7 +51,8 @@ def download(url: str, destination: Path, checksum: str | None = None, policy: D
     file that does not match is never left where a later call would reuse it; one found there
     that no longer matches is downloaded again. Timeouts, resets, bodies shorter than their
     Content-Length and HTTP 5xx, 408 and 429 are retried; other HTTP errors, redirect loops and
-    checksum mismatches are not, since repeating the request cannot change them.
+    checksum mismatches are not, since repeating the request cannot change them. Past
+    `policy.deadline_seconds` the download stops where it is, also mid-file.
     """
     destination = Path(destination)
     if destination.exists():
@@ -52,13 +60,16 @@ def download(url: str, destination: Path, checksum: str | None = None, policy: D
             return destination
         destination.unlink()
     remove_stale_temporaries(destination.parent, temporary_pattern(destination))  # what a killed download left
+    deadline = time.monotonic() + policy.deadline_seconds
     for attempt in range(1, policy.attempts + 1):
         try:
             with atomic_path(destination) as temporary:
-                _fetch(url, temporary, policy.timeout)
+                _fetch(url, temporary, policy.timeout, deadline)
                 if checksum:
                     _verify_checksum(url, temporary, checksum)
             return destination
+        except _Overdue as overdue:
+            raise DownloadError(url, f"not complete within {policy.deadline_seconds:g} s ({overdue})") from None
         except urllib.error.HTTPError as error:
             if not (error.code >= 500 or error.code in (408, 429)):
                 raise DownloadError(url, _describe_http_error(error)) from None
@@ -71,21 +82,32 @@ def download(url: str, destination: Path, checksum: str | None = None, policy: D
             reason = _describe(error, policy.timeout)
         except ValueError as error:  # a malformed URL
             raise DownloadError(url, first_line(error)) from None
-        if attempt < policy.attempts:
-            time.sleep(policy.backoff_seconds * 2 ** (attempt - 1))
-    attempts = "1 attempt" if policy.attempts == 1 else f"{policy.attempts} attempts"
-    raise DownloadError(url, f"{reason} ({attempts})")
+        wait = policy.backoff_seconds * 2 ** (attempt - 1)
+        if attempt == policy.attempts:
+            break
+        if time.monotonic() + wait >= deadline:
+            raise DownloadError(url, f"{reason} ({_attempts(attempt)}; no time left for another within {policy.deadline_seconds:g} s)")
+        time.sleep(wait)
+    raise DownloadError(url, f"{reason} ({_attempts(policy.attempts)})")
 
 
-def _fetch(url: str, target: Path, timeout: float) -> None:
-    """One request, streamed to target; a body shorter than its Content-Length is an error
-    (http.client reads a truncated body in blocks without complaint)."""
+def _attempts(count: int) -> str:
+    return "1 attempt" if count == 1 else f"{count} attempts"
+
+
+def _fetch(url: str, target: Path, timeout: float, deadline: float) -> None:
+    """One request, streamed to target until the `deadline` (time.monotonic()); a body shorter
+    than its Content-Length is an error (http.client reads a truncated body in blocks without
+    complaint)."""
     received = 0
     with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
         announced = response.headers.get("Content-Length")
-        for block in iter(lambda: response.read(1 << 20), b""):
+        # read1 returns what has arrived, so a trickle cannot keep one call waiting past the deadline.
+        for block in iter(lambda: response.read1(1 << 20), b""):
             out.write(block)
             received += len(block)
+            if time.monotonic() > deadline:
+                raise _Overdue(f"{received} bytes" + (f" of {announced}" if announced else "") + " received")
     if announced is not None and announced.isdigit() and received != int(announced):
         raise _IncompleteBody(f"the server sent {received} of the {announced} bytes it announced")
 

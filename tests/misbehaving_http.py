@@ -11,6 +11,9 @@ import threading
 FAULTS = ("timeout", "http 404", "http 500", "reset mid-file", "short body", "wrong content", "redirect loop")
 # Sends half the file, then nothing until the server stops: a download to kill halfway.
 STALL_MID_FILE = "stall mid-file"
+# Sends the file a byte at a time, one every TRICKLE_SECONDS: never a stall, never an end.
+TRICKLE = "trickle"
+TRICKLE_SECONDS = 0.05
 
 
 class MisbehavingServer:
@@ -18,7 +21,7 @@ class MisbehavingServer:
     requests (all of them when None) suffer `fault`; `heal()` makes every later request succeed."""
 
     def __init__(self, payload: bytes, fault: str | None, failures: int | None = None):
-        if fault is not None and fault not in (*FAULTS, STALL_MID_FILE):
+        if fault is not None and fault not in (*FAULTS, STALL_MID_FILE, TRICKLE):
             raise ValueError(f"unknown fault {fault!r}")
         self.payload = payload
         self.fault = fault
@@ -76,6 +79,13 @@ def _handler_for(server: MisbehavingServer):
                     # Closing with a zero linger time sends a TCP reset instead of a normal end.
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
+            elif fault == TRICKLE:
+                self._send_headers(len(payload))
+                for byte in payload:
+                    if server._stopped.wait(TRICKLE_SECONDS):
+                        break
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
             elif fault == "wrong content":
                 wrong = bytes(byte ^ 0xFF for byte in payload[:64]) + payload[64:]
                 self._send_headers(len(wrong))

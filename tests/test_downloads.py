@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from misbehaving_http import FAULTS, STALL_MID_FILE, MisbehavingServer
+from misbehaving_http import FAULTS, STALL_MID_FILE, TRICKLE, MisbehavingServer
 from test_data import make_cifar_archive
 from headstart.backbone.handles import download_hub_module, fingerprint_module, resolve_backbone
 from headstart.config import TrainConfig
@@ -211,6 +211,25 @@ def test_the_backoff_doubles_between_attempts(misbehaving, tmp_path, monkeypatch
         download(server.url("file.bin"), tmp_path / "file.bin", policy=DownloadPolicy(attempts=4, backoff_seconds=0.5))
     assert waits == [0.5, 1.0, 2.0]
     assert server.hits == 4
+
+
+def test_a_server_that_trickles_is_given_up_at_the_deadline_mid_file(misbehaving, tmp_path):
+    """A byte every 0.05 s never lets a read stall for the 0.3 s timeout, and 10 000 bytes would take
+    8 minutes: the download stops at its 1 s deadline, is not tried again, and leaves nothing."""
+    server = misbehaving(bytes(10_000), TRICKLE)
+    started = time.monotonic()
+    with pytest.raises(HeadstartError, match=r"could not download .*: not complete within 1 s \(\d+ bytes of 10000 received\)$"):
+        download(server.url("file.bin"), tmp_path / "file.bin", policy=DownloadPolicy(attempts=3, backoff_seconds=0.01, timeout=0.3, deadline_seconds=1.0))
+    assert time.monotonic() - started < 5 and server.hits == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_attempt_starts_that_the_deadline_leaves_no_time_for(misbehaving, tmp_path):
+    """Waits of 0.2 s and 0.4 s fit in a 1 s deadline; the 0.8 s before a fourth attempt does not."""
+    server = misbehaving(b"payload", "http 500")
+    with pytest.raises(HeadstartError, match=r"HTTP 500 .*\(3 attempts; no time left for another within 1 s\)$"):
+        download(server.url("file.bin"), tmp_path / "file.bin", policy=DownloadPolicy(attempts=10, backoff_seconds=0.2, deadline_seconds=1.0))
+    assert server.hits == 3
 
 
 def test_a_download_is_checked_against_its_checksum_before_it_is_kept(misbehaving, tmp_path):
