@@ -13,7 +13,6 @@ and the figures go into the run's metrics.json and model card:
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ import numpy as np
 
 from headstart.errors import HeadstartError
 from headstart.quantization import RANGE_ENDS, full_integer, representative_rows
-from headstart.runs import BACKBONE_DIR, METRICS_FILE, MODEL_CARD_FILE, Run
-from headstart.storage import atomic_path, write_bytes_atomic, write_json_atomic
+from headstart.runs import BACKBONE_DIR, MODEL_CARD_FILE, Run
+from headstart.storage import atomic_path, write_bytes_atomic
 from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
 
 Quantization = Literal["none", "int8"]
@@ -246,11 +245,7 @@ def export_rows(records: list[dict]) -> list[dict]:
 
 def record_export(run: Run, record: dict) -> None:
     """The export's figures into the run's metrics.json (`exports`, by quantization) and model card."""
-    # Read afresh, not through the Run's cached copy: another export may have written since.
-    written = json.loads((run.path / METRICS_FILE).read_text())
-    metrics = {**written, "exports": {**written.get("exports", {}), record["quantize"]: record}}
-    write_json_atomic(run.path / METRICS_FILE, metrics)
-    run.__dict__.pop("metrics", None)
+    metrics = run.update_metrics(lambda written: {**written, "exports": {**written.get("exports", {}), record["quantize"]: record}})
     card = re.split(rf"\n{re.escape(CARD_SECTION)}\n", run.model_card)[0].rstrip("\n")
     write_bytes_atomic(run.path / MODEL_CARD_FILE, f"{card}\n\n{card_section(metrics['exports'])}".encode())
 

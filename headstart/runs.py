@@ -18,7 +18,7 @@ import shutil
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -344,6 +344,15 @@ class Run:
     @cached_property
     def metrics(self) -> dict:
         return self._json(METRICS_FILE)
+
+    def update_metrics(self, change: Callable[[dict], dict]) -> dict:
+        """Rewrites metrics.json (atomically) as `change` makes it from what the file holds now,
+        read afresh rather than from this Run's copy, since another writer (an export) may have
+        written since; returns the new metrics, which this Run reads from then on."""
+        metrics = change(self._json(METRICS_FILE))
+        write_json_atomic(self.path / METRICS_FILE, metrics)
+        self.__dict__["metrics"] = metrics
+        return metrics
 
     @cached_property
     def history(self) -> dict:

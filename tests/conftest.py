@@ -18,6 +18,11 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--refresh-docs", action="store_true",
+                     help="keep the dashboard screenshot the end-to-end test takes as docs/dashboard-report.png, for the README")
+
+
 def write_class_images(root: Path, class_colours: dict[str, tuple[int, int, int]], per_class: int, size: int = 32, seed: int = 0) -> Path:
     """Noisy images whose dominant colour is their class: easy to learn, all distinct."""
     generator = np.random.default_rng(seed)
