@@ -35,7 +35,8 @@ class _NoTracebackForUserErrors(logging.Filter):
 
         if record.exc_info and isinstance(record.exc_info[1], HeadstartError):
             record.exc_info, record.exc_text = None, None
-            record.msg, record.args = f"{record.getMessage().splitlines()[0]}", ()
+            message = record.getMessage().strip()
+            record.msg, record.args = message.splitlines()[0] if message else "", ()
         return True
 
 
@@ -296,9 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _one_line(error: Exception) -> str:
     from pydantic import ValidationError
 
+    from headstart.errors import first_line
+
     if isinstance(error, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return first_line(error)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from headstart.backbone.handles import Backbone
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, first_line
 from headstart.preprocessing import decoded_batches
 from headstart.storage import atomic_path
 
@@ -216,4 +216,4 @@ def _convert_backbone(backbone: Backbone, images: list[np.ndarray]) -> bytes:
         with native_notices_dropped(), native_notices_dropped(1):
             return full_integer(converter, lambda: iter(images))[RANGE_ENDS[0]]
     except Exception as error:  # Conversion failures come from deep inside the converter, in many types.
-        raise HeadstartError(f"backbone {backbone.handle} could not be quantized to int8: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise HeadstartError(f"backbone {backbone.handle} could not be quantized to int8: {first_line(error)}") from None

@@ -139,7 +139,7 @@ class TFLiteClassifier:
         try:
             self.interpreter = Interpreter(model_content=model, num_threads=threads or os.cpu_count() or 1)
         except ValueError as error:
-            raise HeadstartError(f"{self.path} is not a usable .tflite model: {str(error).splitlines()[0]}") from None
+            raise HeadstartError(f"{self.path} is not a usable .tflite model: {first_line(error)}") from None
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
         self.image_size = int(self._input["shape"][1])

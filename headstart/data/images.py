@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from headstart.errors import first_line
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Image formats people have that Pillow cannot decode without plug-ins: named as such, not as "not an image".
 UNREADABLE_IMAGE_SUFFIXES = {".heic", ".heif", ".avif", ".jxl", ".cr2", ".nef", ".arw", ".dng", ".psd", ".svg"}
@@ -62,5 +64,5 @@ def check_image(path: Path) -> str | None:
     except (PermissionError, FileNotFoundError, IsADirectoryError) as error:  # the file system's word, not the decoder's
         return f"cannot read: {error.strerror}"
     except Exception as error:  # PIL raises many types for damaged files; each means 'unusable'.
-        return f"cannot decode: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+        return f"cannot decode: {type(error).__name__}" + (f": {first_line(error)}" if str(error).strip() else "")
     return None

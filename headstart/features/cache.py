@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from headstart.backbone.handles import Backbone
 from headstart.data.manifest import Manifest
+from headstart.errors import first_line
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, features_column
 from headstart.storage import write_parquet_atomic
 
@@ -58,7 +59,7 @@ class FeatureCache:
         except FileNotFoundError:
             return None
         except Exception as error:  # pyarrow reports damage as several error types; each means 'do not use'
-            logger.warning("feature cache shard %s is damaged (%s); dropped, its images are extracted again", path, str(error).splitlines()[0])
+            logger.warning("feature cache shard %s is damaged (%s); dropped, its images are extracted again", path, first_line(error))
             path.unlink(missing_ok=True)
             return None
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.backbone.handles import Backbone
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, first_line
 from headstart.preprocessing import resize_batch, resize_images, shrunk_to_fit
 from headstart.quantization import INT8_ENGINE
 from headstart.quiet import native_notices_dropped
@@ -211,7 +211,7 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
         difference = litert_engine.parity
     except Exception as error:  # Conversion failures come from deep inside the converter, in many types.
         if requested == "litert":
-            raise HeadstartError(f"the LiteRT engine is unavailable for backbone {backbone.handle}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+            raise HeadstartError(f"the LiteRT engine is unavailable for backbone {backbone.handle}: {first_line(error)}") from None
         return EngineChoice(KerasEngine(backbone), f"LiteRT unavailable ({type(error).__name__}), using TensorFlow")
     if difference > PARITY_TOLERANCE:
         if requested == "litert":
