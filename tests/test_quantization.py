@@ -67,7 +67,7 @@ def test_a_range_is_the_tensors_own_even_where_an_operation_after_it_works_in_pl
     batches = [np.random.default_rng(seed).uniform(0, 1, (1, 4, 4, 1)).astype(np.float32) for seed in range(50)]
     batches[0][0, 0, 0, 0], batches[0][0, 0, 1, 0] = 0.0, 1.0
 
-    flatbuffer = full_integer(_converter(network, [1, 4, 4, 1]), lambda: iter(batches))[99.9]
+    (flatbuffer,) = full_integer(_converter(network, [1, 4, 4, 1]), lambda: iter(batches)).values()
     scale, _ = _int8_tensor(flatbuffer, "CONV_2D", first=True)
     assert scale == pytest.approx(4.0 / 255, rel=1e-3)
 
@@ -90,7 +90,7 @@ def test_a_narrow_channel_before_a_depthwise_convolution_keeps_its_precision(mon
     narrow = network(test).numpy()[..., 1]
 
     def narrow_channel_error() -> float:
-        flatbuffer = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches))[99.9]
+        (flatbuffer,) = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches)).values()
         return float(np.abs(_run(flatbuffer, test)[..., 1] - narrow).max() / np.abs(narrow).max())
 
     equalized = narrow_channel_error()
