@@ -235,6 +235,19 @@ def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, c
     assert record["test_images"] == 6 and record["accuracy"] == 1.0 and record["meets_target"]
 
 
+def test_the_int8_export_keeps_the_file_closest_to_the_keras_model_not_the_first(exported_run):
+    """Two candidates that agree on every validation decision, the int8 file first: the float32
+    file moves no probability, so it is the one kept."""
+    from headstart.export import closest_variant, convert_classifier, export_images
+
+    images = export_images(exported_run)
+    int8, _ = convert_classifier(exported_run, "int8", images, range_ends=(99.99,))
+    float32, _ = convert_classifier(exported_run, "none", images)
+    kept, chosen = closest_variant(exported_run, {1.0: int8, 2.0: float32}, images.validation)
+    assert kept == float32 and chosen["range_end_percentile"] == 2.0
+    assert chosen["validation_agreement"] == 1.0 and chosen["validation_divergence"] < 1e-6 and chosen["validation_images"] == len(images.validation)
+
+
 def test_the_divergence_that_chooses_an_int8_file_counts_every_probability():
     from headstart.export import mean_divergence
 
