@@ -45,6 +45,9 @@ def depthwise_pairs(model) -> list[DepthwisePair]:
         for position, tensor in enumerate(operator.inputs):
             readers.setdefault(tensor, []).append((operator, position))
     only_reader = lambda tensor: readers[tensor][0] if len(readers.get(tensor, ())) == 1 and tensor not in graph.outputs else (None, None)  # noqa: E731
+    holders: dict[int, int] = {}  # buffer → how many tensors hold it
+    for tensor in graph.tensors:
+        holders[tensor.buffer] = holders.get(tensor.buffer, 0) + 1
     pairs = []
     for producer in graph.operators:
         if kind(producer) not in (kinds.CONV_2D, kinds.DEPTHWISE_CONV_2D) or producer.builtinOptions.fusedActivationFunction not in SCALE_PRESERVING_ACTIVATIONS:
@@ -53,7 +56,7 @@ def depthwise_pairs(model) -> list[DepthwisePair]:
         if consumer is not None and kind(consumer) == kinds.PAD and position == 0:  # zeros scaled stay zeros
             consumer, position = only_reader(consumer.outputs[0])
         if (consumer is not None and kind(consumer) == kinds.DEPTHWISE_CONV_2D and position == 0
-                and _owns_weights(model, [producer, consumer]) and _weights(model, consumer.inputs[1]).shape[3] == _channels(model, producer)):
+                and _owns_weights(model, [producer, consumer], holders) and _weights(model, consumer.inputs[1]).shape[3] == _channels(model, producer)):
             pairs.append(DepthwisePair(producer, producer.outputs[0], consumer))
     return pairs
 
@@ -85,15 +88,13 @@ def _channels(model, producer) -> int:
     return model.subgraphs[0].tensors[producer.outputs[0]].shape[-1]
 
 
-def _owns_weights(model, operators) -> bool:
-    """Whether each filter and bias of the operators is float32 data in a buffer no other tensor shares."""
+def _owns_weights(model, operators, holders: dict[int, int]) -> bool:
+    """Whether each filter and bias of the operators is float32 data in a buffer no other tensor
+    holds (`holders`: buffer → how many tensors hold it)."""
     graph = model.subgraphs[0]
     weights = [tensor for operator in operators for tensor in operator.inputs[1:3] if tensor >= 0]
-    sharing: dict[int, int] = {}
-    for tensor in graph.tensors:
-        sharing[tensor.buffer] = sharing.get(tensor.buffer, 0) + 1
     return all(graph.tensors[tensor].type == 0 and model.buffers[graph.tensors[tensor].buffer].data is not None
-               and sharing[graph.tensors[tensor].buffer] == 1 for tensor in weights)  # type 0: FLOAT32
+               and holders[graph.tensors[tensor].buffer] == 1 for tensor in weights)  # type 0: FLOAT32
 
 
 def _weights(model, tensor: int) -> np.ndarray:

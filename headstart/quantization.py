@@ -124,6 +124,7 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
             least[tensor], largest[tensor] = min(least[tensor], float(value.min())), max(largest[tensor], float(value.max()))
             if tensor in relu6:
                 counts[tensor] += value.size
+                # Every batch enlarges to the model's size, so all batches together give about this many values.
                 tops[tensor] = _largest(np.concatenate([tops[tensor], value.ravel()]), _above(value.size * len(batches), min(range_ends)))
     for tensor in marked:
         graph.tensors[tensor].quantization.min, graph.tensors[tensor].quantization.max = [least[tensor]], [largest[tensor]]
