@@ -53,32 +53,39 @@ def activations(flatbuffer: bytes, pixels: np.ndarray) -> dict[str, tuple[int, n
     return tensors
 
 
+def int8_and_its_float_model(run, images) -> tuple[bytes, bytes, dict]:
+    """The run's int8 file as `headstart export` makes it, the float model it was quantized from
+    (channels equalized, ranges recorded; it runs in float32), and how its range end was chosen."""
+    import headstart.quantization
+    from headstart.export import convert_classifier
+
+    ranged, measured_ranges = [], headstart.quantization.measured_ranges
+
+    def keeping_the_ranged_models(model, batches, range_ends):
+        ranged.append(measured_ranges(model, batches, range_ends))
+        return ranged[-1]
+
+    headstart.quantization.measured_ranges = keeping_the_ranged_models
+    try:
+        int8, chosen = convert_classifier(run, "int8", images)
+    finally:
+        headstart.quantization.measured_ranges = measured_ranges
+    return int8, ranged[0][chosen["range_end_percentile"]], chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--images", type=int, default=30)
     args = parser.parse_args()
 
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    import headstart.quantization
-    from headstart.export import convert_classifier, export_images
+    from headstart.export import export_images
     from headstart.runs import Run
     from headstart.tflite_file import uint8_images
 
     run = Run(args.run)
     images = export_images(run)
-    quantized_from = []
-    measured_ranges = headstart.quantization.measured_ranges
-
-    def keeping_the_float_model(model, batches, range_ends):
-        variants = measured_ranges(model, batches, range_ends)
-        quantized_from.append(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
-        return variants
-
-    headstart.quantization.measured_ranges = keeping_the_float_model
-    int8 = convert_classifier(run, "int8", images)[0]
-    (float32,) = quantized_from
+    int8, float32, _ = int8_and_its_float_model(run, images)
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     order: dict[str, int] = {}

@@ -51,24 +51,15 @@ def main() -> None:
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
 
-    import headstart.quantization
-    from headstart.export import convert_classifier, export_images, mean_divergence
+    from headstart.export import export_images, mean_divergence
     from headstart.keras import tf
     from headstart.runs import Run
     from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+    from int8_error_by_layer import int8_and_its_float_model
 
     run = Run(Path(sys.argv[1]))
     images = export_images(run)
-    ranged, measured_ranges = [], headstart.quantization.measured_ranges
-
-    def keeping_the_ranged_model(model, batches, range_ends):
-        variants = measured_ranges(model, batches, range_ends)
-        ranged.append(variants)
-        return variants
-
-    headstart.quantization.measured_ranges = keeping_the_ranged_model
-    _, chosen = convert_classifier(run, "int8", images)
-    start = ranged[0][chosen["range_end_percentile"]]
+    _, start, chosen = int8_and_its_float_model(run, images)
     model = flatbuffer_utils.convert_bytearray_to_object(start)
     names = [model.subgraphs[0].tensors[operator.outputs[0]].name.decode() for operator in model.subgraphs[0].operators]
     pixels = [image for _, image in uint8_images(images.validation, run.image_size)]
