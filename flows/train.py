@@ -1,9 +1,9 @@
 """The `train` flow: download → preprocess → extract_features (per shard) → assemble_features →
 build_model → train_head → [fine_tune → plan_extraction → extract_features → assemble_features →
 build_model] → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
-the gate decided so); or, when every input matches an earlier run, reuse_identical_run (and
-[export]) in place of the steps after assemble_features. The first bracketed steps run with
---fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
+the gate decided so); or, when every input matches an earlier run, reuse_identical_run →
+[export] → gate → promote in place of the steps after assemble_features. The first bracketed steps
+run with --fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
 features replace the frozen one's. export runs with --export tflite: the run's classifier as
 .tflite files for devices, float32 and int8. near_duplicates flags test and validation images
 whose nearest training image is almost the same photo, and gives the test accuracy without them."""
@@ -26,7 +26,7 @@ from tasks.evaluation import evaluate, visualize
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
-from tasks.gate import gate, promote
+from tasks.gate import gate, gate_identical_run, promote
 from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
 from tasks.publish import publish, reuse_identical_run
@@ -50,11 +50,7 @@ def train(**parameters) -> str:
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
         previous = find_identical_run(config.cache_dir, key) if config.reuse_identical_runs else None
         if previous is not None:
-            run_dir = reuse_identical_run(config, previous)
-            print(f"headstart: every input matches {previous}; copied it to {run_dir}")
-            if config.export == "tflite":
-                export(run_dir, manifest)
-            return run_dir
+            return _reused(config, previous, manifest, backbone, features)
         classifier = build_model(config, backbone, manifest.class_names, extraction)
         history = train_head(config, classifier, features)
         tuned, frozen_features, frozen_backbone, frozen_manifest = None, features, backbone, manifest
@@ -80,6 +76,20 @@ def train(**parameters) -> str:
     if decision is not None and decision.promote:
         promote(config, run_dir, decision)
     print(f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
+          + (f"; gate: {decision.reason}" if decision is not None else "; gate off"))
+    return run_dir
+
+
+def _reused(config: TrainConfig, previous, manifest, backbone, features) -> str:
+    """The steps after assemble_features where an earlier run with identical inputs stands for
+    this one: it is exported where asked, and gated like a new model."""
+    run_dir = reuse_identical_run(config, previous)
+    if config.export == "tflite":
+        export(run_dir, manifest)
+    decision = gate_identical_run(config, run_dir, backbone, features, manifest.class_names) if config.gate else None
+    if decision is not None and decision.promote:
+        promote(config, run_dir, decision)
+    print(f"headstart: every input matches {previous}; nothing trained; run directory {run_dir}"
           + (f"; gate: {decision.reason}" if decision is not None else "; gate off"))
     return run_dir
 

@@ -19,6 +19,7 @@ from headstart import drift, gate, registry
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.data.manifest import assign_split
+from headstart.errors import HeadstartError
 from headstart.features.dataset import FeatureSet
 from headstart.runs import Run
 
@@ -37,13 +38,28 @@ def decide(config: TrainConfig, backbone: Backbone, features: FeatureSet, probab
         decision = gate.different_classes(list(class_names), champion.class_names, champion.path.name, float(candidate_correct.mean()), len(labels))
         return replace(decision, drift=changes)
     fair, note = _images_the_champion_never_trained_on(config, champion, test["sha256"])
-    champion_scores, scored = champion_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
+    champion_scores, scored = run_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
     notes = [note]
     if scored.sum() < fair.sum():
         notes.append(f"{int(fair.sum() - scored.sum())} of those left out: their files changed or went since the run read them")
     decision = gate.against_champion(candidate_correct[scored], champion_scores.argmax(axis=1) == labels[scored], champion.path.name,
                                      config.gate_tolerance, config.gate_alpha)
     return replace(decision, notes=notes, drift=changes)
+
+
+def decide_for_identical_run(config: TrainConfig, run: Run, backbone: Backbone, features: FeatureSet, class_names: list[str]) -> gate.GateDecision:
+    """The gate's decision for an earlier run that stands in for a new one with identical inputs:
+    nothing to decide where it is the champion already; otherwise it is scored on the test split
+    and judged as any new model would be (it may never have met the gate: gate settings do not
+    change what a run trains)."""
+    if registry.champion_version(config.artifacts_root) == run.path.name:
+        return gate.GateDecision(False, f"{run.path.name}, whose inputs this run repeats, is the champion already: nothing to change",
+                                 run.metrics["n"], run.metrics["accuracy"], champion=run.path.name)
+    test = features.rows("test", ["path", "sha256"])
+    probabilities, scored = run_probabilities(run, backbone, features, np.ones(len(test["sha256"]), bool), test["path"], test["sha256"])
+    if not scored.all():
+        raise HeadstartError(f"{int((~scored).sum())} test images changed while this run read them; run it again to score {run.path.name} on what is there now")
+    return decide(config, backbone, features, probabilities, class_names)
 
 
 def _images_the_champion_never_trained_on(config: TrainConfig, champion: Run, hashes: list[str]) -> tuple[np.ndarray, str]:
@@ -60,13 +76,13 @@ def _images_the_champion_never_trained_on(config: TrainConfig, champion: Run, ha
     return fair, f"{int(fair.sum())} of {len(hashes)} test images: those the champion's split settings put in its own test split"
 
 
-def champion_probabilities(
+def run_probabilities(
     champion: Run, backbone: Backbone, features: FeatureSet, fair: np.ndarray, paths: list[str], hashes: list[str],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The champion's probabilities on the test images marked `fair` (of all the test split's
-    `paths` and content `hashes`), and which images they are: its head on the candidate's cached
-    features where it saw the same features, else its serving model on the raw images, less any
-    whose file no longer holds the content the candidate was scored on."""
+    """A run's (the champion's) probabilities on the test images marked `fair` (of all the test
+    split's `paths` and content `hashes`), and which images they are: its head on the candidate's
+    cached features where it saw the same features, else its serving model on the raw images, less
+    any whose file no longer holds the content the candidate was scored on."""
     if not fair.any():
         return np.zeros((0, len(champion.class_names)), np.float32), fair
     same_features = champion.config.get("backbone_fingerprint") == backbone.fingerprint and champion.image_size == backbone.image_size

@@ -4,6 +4,9 @@ Training is deterministic, so a run whose every input is identical to an earlier
 images, labels and splits, same backbone weights, same settings, same headstart version) would
 reproduce it exactly; such a run is copied instead of recomputed. The training key hashes those
 inputs; an index in the cache maps each key to the run directory that holds its result.
+Where that run is a version in the registry the new run writes to, it stands for the new run
+itself (a nightly retrain on unchanged data adds no version); a run kept under another artifacts
+root is copied into this one.
 """
 
 from __future__ import annotations
@@ -41,3 +44,8 @@ def find_identical_run(cache_dir: Path, key: str) -> Path | None:
     if run is None or run.config.get("training_key") != key:
         return None
     return run.path
+
+
+def in_registry(artifacts_root: Path, run_dir: Path) -> bool:
+    """Whether the run directory is a version of the registry under `artifacts_root`."""
+    return Path(run_dir).resolve().parent == Path(artifacts_root).resolve()

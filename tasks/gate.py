@@ -16,12 +16,23 @@ from headstart.config import TrainConfig
 from headstart.features.dataset import FeatureSet
 from headstart.gate import GateDecision
 from headstart.report import gate_rows
+from headstart.runs import Run
 
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(config: TrainConfig, backbone: Backbone, features: FeatureSet, probabilities: np.ndarray, class_names: tuple[str, ...]) -> GateDecision:
     """Scores the new model against the champion on the same images and decides whether it takes over."""
-    decision = promotion.decide(config, backbone, features, probabilities, list(class_names))
+    return _announced(promotion.decide(config, backbone, features, probabilities, list(class_names)))
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate_identical_run(config: TrainConfig, run_dir: str, backbone: Backbone, features: FeatureSet, class_names: tuple[str, ...]) -> GateDecision:
+    """The gate for an earlier run standing in for this one: scored and judged as a new model, unless it is the champion already."""
+    return _announced(promotion.decide_for_identical_run(config, Run(run_dir), backbone, features, list(class_names)))
+
+
+def _announced(decision: GateDecision) -> GateDecision:
+    """The decision, logged and published as the run's gate table."""
     get_run_logger().info("gate: %s", decision.reason)
     create_table_artifact(key="headstart-gate", table=gate_rows(decision), description=decision.reason)
     return decision

@@ -18,7 +18,7 @@ from headstart.features.dataset import FeatureSet
 from headstart.fine_tuning import FineTuningResult
 from headstart.gate import GateDecision
 from headstart.report import data_rows, metrics_rows, near_duplicate_rows, report_markdown
-from headstart.reuse import record_run
+from headstart.reuse import in_registry, record_run
 from headstart.runs import Run, copy_run, write_run
 
 
@@ -39,7 +39,11 @@ def publish(
 
 @task(name="reuse_identical_run", cache_policy=NO_CACHE)
 def reuse_identical_run(config: TrainConfig, previous: Path) -> str:
-    """Copies an earlier run whose inputs were all identical: training would reproduce it exactly."""
+    """An earlier run whose inputs were all identical stands for this one (training would reproduce
+    it exactly): the version itself where it is in this run's registry, else a copy of it there."""
+    if in_registry(config.artifacts_root, previous):
+        get_run_logger().info("Every input matches version %s; it stands for this run, nothing is trained (--no-reuse to retrain)", Path(previous).name)
+        return publish_prefect_artifacts(Run(previous))
     get_run_logger().info("Every input matches run %s; copying it instead of retraining (--no-reuse to retrain)", previous)
     return publish_prefect_artifacts(Run(copy_run(config.artifacts_root, previous, flow_run.id)))
 

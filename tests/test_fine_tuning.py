@@ -225,9 +225,11 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
 
     _serves_what_evaluation_measured(run, tmp_path)
 
-    # The same inputs again: the run is copied. Other fine-tuning settings: trained anew, on the cached activations.
-    again = Run(Path(train(**config.model_dump())))
-    assert again.config["reused_from"] == str(run.path)
+    # The same inputs again, with the gate on: the run stands for it and is gated, scored by its own
+    # serving model (its fine-tuned features are not the frozen ones this run extracted).
+    # Other fine-tuning settings: trained anew, on the cached activations.
+    assert Path(train(**config.model_copy(update={"gate": True}).model_dump())) == run.path
+    assert f"accuracy {run.metrics['accuracy']:.4f}" in Artifact.get("headstart-gate").description
     longer = Run(Path(train(**_fine_tune_config(colour_folder, tmp_path, fine_tune_epochs=3, fine_tune_mirror_average=True).model_dump())))
     assert "reused_from" not in longer.config and longer.metrics["fine_tuning"]["epochs_run"] == 3
     assert longer.metrics["fine_tuning"]["activations"]["computed"] == 0

@@ -153,7 +153,7 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     from flows.train import train
     from headstart.backbone.handles import resolve_backbone
     from headstart.features.dataset import FeatureSet
-    from headstart.promotion import champion_probabilities
+    from headstart.promotion import run_probabilities
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
     champion = Run(train(**config.model_dump()))
@@ -162,14 +162,14 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
     test = features.rows("test", ["path", "sha256"])
     fair = np.ones(len(test["path"]), bool)
-    from_features, scored = champion_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
+    from_features, scored = run_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
     other_backbone = dataclasses.replace(backbone, fingerprint="another backbone")
-    from_images, scored_from_images = champion_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
+    from_images, scored_from_images = run_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
     assert from_features.shape == (len(fair), 2) and scored.all() and scored_from_images.all()
     np.testing.assert_allclose(from_features, from_images, atol=1e-4)
     # A test image rewritten since the scan is left out of the champion's scores, never scored on its new pixels.
     Path(test["path"][0]).write_bytes(Path(test["path"][1]).read_bytes())
-    rescored, rescored_which = champion_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
+    rescored, rescored_which = run_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
     assert list(rescored_which) == [False] + [True] * (len(fair) - 1)
     np.testing.assert_allclose(rescored, from_images[1:], atol=1e-4)
 
@@ -202,20 +202,36 @@ def test_predictions_through_the_fast_engine_equal_the_serving_models(prefect_ha
 
 
 def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
-    from flows.train import train
+    from prefect.artifacts import Artifact
 
-    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
+    from flows.train import train
+    from headstart import registry
+
+    root = tmp_path / "artifacts"
+    config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path, gate=False)
     first = Path(train(**config.model_dump()))
-    reused = Path(train(**config.model_dump()))
+    # Repeated with the gate on: the same version stands for the run, and meets the gate it never met.
+    gated = config.model_copy(update={"gate": True})
+    assert Path(train(**gated.model_dump())) == first
+    assert [version.version for version in registry.versions(root)] == [first.name]
+    assert registry.champion_version(root) == first.name and registry.history(root)[-1]["by"] == "gate"
+    assert f"accuracy {Run(first).metrics['accuracy']:.4f}" in Artifact.get("headstart-gate").description
+    # Once more: nothing to train and nothing to change.
+    assert Path(train(**gated.model_dump())) == first
+    assert len(registry.history(root)) == 1 and "is the champion already" in Artifact.get("headstart-gate").description
+    assert "reused_from" not in Run(first).config and len(registry.versions(root)) == 1
+
+    # Under another artifacts root the earlier run is copied, as a version of that registry.
+    elsewhere = Path(train(**config.model_copy(update={"artifacts_root": tmp_path / "elsewhere"}).model_dump()))
     retrained = Path(train(**config.model_copy(update={"reuse_identical_runs": False}).model_dump()))
-    assert len({first, reused, retrained}) == 3
-    assert json.loads((reused / "config.json").read_text())["reused_from"] == str(first)
-    first_lineage, reused_lineage = Run(first).lineage, Run(reused).lineage
-    assert reused_lineage["version"] == reused.name and reused_lineage["reused_from"] == str(first)
-    assert reused_lineage["flow_run_id"] != first_lineage["flow_run_id"] and reused_lineage["data"] == first_lineage["data"]
+    assert elsewhere.parent == tmp_path / "elsewhere" and len({first, elsewhere, retrained}) == 3
+    assert json.loads((elsewhere / "config.json").read_text())["reused_from"] == str(first)
+    first_lineage, copied_lineage = Run(first).lineage, Run(elsewhere).lineage
+    assert copied_lineage["version"] == elsewhere.name and copied_lineage["reused_from"] == str(first)
+    assert copied_lineage["flow_run_id"] != first_lineage["flow_run_id"] and copied_lineage["data"] == first_lineage["data"]
     assert "reused_from" not in first_lineage  # the copy did not write through its link
     assert "reused_from" not in json.loads((retrained / "config.json").read_text())
-    metrics = [json.loads((run / "metrics.json").read_text()) for run in (first, reused, retrained)]
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (first, elsewhere, retrained)]
     assert metrics[0] == metrics[1]
     assert {k: v for k, v in metrics[0].items() if not k.startswith(("features_", "engine"))} == \
         {k: v for k, v in metrics[2].items() if not k.startswith(("features_", "engine"))}
