@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,11 @@ def predict_files(
     backbone = run.backbone
     if backbone.litert_model is not None:
         # The head learnt int8 features: the serving model's float backbone would feed it others.
-        from headstart.features.engines import LiteRTEngine
+        from headstart.features.engines import choose_engine
         from headstart.model import predict_from_features
+        from headstart.quantization import INT8_ENGINE
 
-        engine, head = LiteRTEngine(backbone, run.path, threads=os.cpu_count() or 1), run.keras_model()
+        engine, head = choose_engine(backbone, INT8_ENGINE, run.path, threads=None).engine, run.keras_model()
         probabilities, kept, unusable = apply_to_decoded(decoded_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
                                                          lambda images: predict_from_features(head, engine(images)))
     else:

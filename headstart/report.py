@@ -38,6 +38,21 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
             f"{run.model_card}")
 
 
+def run_tables(run: Run) -> list[tuple[str, list[dict], str]]:
+    """The run's table artifacts as (key, rows, description): the test metrics per class, the files
+    left out with their reasons, and the near-duplicates where the run checked for them."""
+    metrics, data = run.metrics, run.data_report
+    used = sum(sum(counts.values()) for counts in data["counts"].values())
+    tables = [("headstart-metrics", metrics_rows(metrics), "Test-split metrics per class"),
+              ("headstart-data", data_rows(data), f"{used} images used, {len(data['skipped'])} files skipped, from {data['source']}")]
+    near_duplicates = data.get("near_duplicates")
+    if near_duplicates is not None:  # runs from before the check have none
+        test = near_duplicates["splits"]["test"]
+        tables.append(("headstart-near-duplicates", near_duplicate_rows(near_duplicates),
+                       f"{test['flagged']} of {test['images']} test images have a training image at cosine similarity ≥ {near_duplicates['threshold']}"))
+    return tables
+
+
 def metrics_rows(metrics: dict) -> list[dict]:
     """One row per class, and one for all of them (macro F1, accuracy): the table artifact. Every
     row has the same columns, since the dashboard takes them from the first row."""

@@ -17,7 +17,7 @@ from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
 from headstart.fine_tuning import FineTuningResult
 from headstart.gate import GateDecision
-from headstart.report import data_rows, metrics_rows, near_duplicate_rows, report_markdown
+from headstart.report import report_markdown, run_tables
 from headstart.reuse import in_registry, record_run
 from headstart.runs import Run, copy_run, write_run
 
@@ -49,20 +49,10 @@ def reuse_identical_run(config: TrainConfig, previous: Path) -> str:
 
 
 def publish_prefect_artifacts(run: Run) -> str:
-    """The report (plots embedded), the metrics table, the data table (files left out, with their
-    reasons) and the near-duplicates table as Prefect artifacts; returns the run directory."""
-    metrics = run.metrics
-    report = report_markdown(run, socket.gethostname(), flow_run.ui_url)
-    create_markdown_artifact(key="headstart-report", markdown=report, description=f"Training report, test accuracy {metrics['accuracy']:.4f}")
-    create_table_artifact(key="headstart-metrics", table=metrics_rows(metrics), description="Test-split metrics per class")
-    data = run.data_report
-    used = sum(sum(counts.values()) for counts in data["counts"].values())
-    create_table_artifact(key="headstart-data", table=data_rows(data),
-                          description=f"{used} images used, {len(data['skipped'])} files skipped, from {data['source']}")
-    near_duplicates = data.get("near_duplicates")
-    if near_duplicates is not None:  # runs from before the check have none
-        test = near_duplicates["splits"]["test"]
-        create_table_artifact(key="headstart-near-duplicates", table=near_duplicate_rows(near_duplicates),
-                              description=f"{test['flagged']} of {test['images']} test images have a training image at cosine similarity "
-                                          f"≥ {near_duplicates['threshold']}")
+    """The report (plots embedded) and the run's tables (metrics, data, near-duplicates) as Prefect
+    artifacts; returns the run directory."""
+    create_markdown_artifact(key="headstart-report", markdown=report_markdown(run, socket.gethostname(), flow_run.ui_url),
+                             description=f"Training report, test accuracy {run.metrics['accuracy']:.4f}")
+    for key, rows, description in run_tables(run):
+        create_table_artifact(key=key, table=rows, description=description)
     return str(run.path)
