@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from headstart.tflite_weights import buffer_holders, owns_weights, set_weights, weights
+
 # tflite::ActivationFunctionType values under which a channel scaled up by s stays s times the value.
 SCALE_PRESERVING_ACTIVATIONS = {0, 1, 3}  # none, ReLU, ReLU6 (ReLU6 within the widest channel's range)
 # A channel nearly silent on the calibration images is scaled up at most this much (4 more bits), so
@@ -45,9 +47,7 @@ def depthwise_pairs(model) -> list[DepthwisePair]:
         for position, tensor in enumerate(operator.inputs):
             readers.setdefault(tensor, []).append((operator, position))
     only_reader = lambda tensor: readers[tensor][0] if len(readers.get(tensor, ())) == 1 and tensor not in graph.outputs else (None, None)  # noqa: E731
-    holders: dict[int, int] = {}  # buffer → how many tensors hold it
-    for tensor in graph.tensors:
-        holders[tensor.buffer] = holders.get(tensor.buffer, 0) + 1
+    holders = buffer_holders(model)
     pairs = []
     for producer in graph.operators:
         if kind(producer) not in (kinds.CONV_2D, kinds.DEPTHWISE_CONV_2D) or producer.builtinOptions.fusedActivationFunction not in SCALE_PRESERVING_ACTIVATIONS:
@@ -56,7 +56,7 @@ def depthwise_pairs(model) -> list[DepthwisePair]:
         if consumer is not None and kind(consumer) == kinds.PAD and position == 0:  # zeros scaled stay zeros
             consumer, position = only_reader(consumer.outputs[0])
         if (consumer is not None and kind(consumer) == kinds.DEPTHWISE_CONV_2D and position == 0
-                and _owns_weights(model, [producer, consumer], holders) and _weights(model, consumer.inputs[1]).shape[3] == _channels(model, producer)):
+                and owns_weights(model, [producer, consumer], holders) and weights(model, consumer.inputs[1]).shape[3] == _channels(model, producer)):
             pairs.append(DepthwisePair(producer, producer.outputs[0], consumer))
     return pairs
 
@@ -76,31 +76,13 @@ def equalize(model, pairs: list[DepthwisePair], channel_maxima: dict[int, np.nda
             continue
         producer_is_depthwise = model.operatorCodes[pair.producer.opcodeIndex].builtinCode == schema.BuiltinOperator.DEPTHWISE_CONV_2D
         # Filters are [out, height, width, in] for CONV_2D and [1, height, width, channels] for depthwise.
-        _set_weights(model, pair.producer.inputs[1], _weights(model, pair.producer.inputs[1]) * (scales if producer_is_depthwise else scales[:, None, None, None]))
+        set_weights(model, pair.producer.inputs[1], weights(model, pair.producer.inputs[1]) * (scales if producer_is_depthwise else scales[:, None, None, None]))
         if len(pair.producer.inputs) > 2 and pair.producer.inputs[2] >= 0:
-            _set_weights(model, pair.producer.inputs[2], _weights(model, pair.producer.inputs[2]) * scales)
-        _set_weights(model, pair.depthwise.inputs[1], _weights(model, pair.depthwise.inputs[1]) / scales)
+            set_weights(model, pair.producer.inputs[2], weights(model, pair.producer.inputs[2]) * scales)
+        set_weights(model, pair.depthwise.inputs[1], weights(model, pair.depthwise.inputs[1]) / scales)
         changed += 1
     return changed
 
 
 def _channels(model, producer) -> int:
     return model.subgraphs[0].tensors[producer.outputs[0]].shape[-1]
-
-
-def _owns_weights(model, operators, holders: dict[int, int]) -> bool:
-    """Whether each filter and bias of the operators is float32 data in a buffer no other tensor
-    holds (`holders`: buffer → how many tensors hold it)."""
-    graph = model.subgraphs[0]
-    weights = [tensor for operator in operators for tensor in operator.inputs[1:3] if tensor >= 0]
-    return all(graph.tensors[tensor].type == 0 and model.buffers[graph.tensors[tensor].buffer].data is not None
-               and holders[graph.tensors[tensor].buffer] == 1 for tensor in weights)  # type 0: FLOAT32
-
-
-def _weights(model, tensor: int) -> np.ndarray:
-    description = model.subgraphs[0].tensors[tensor]
-    return np.frombuffer(bytes(model.buffers[description.buffer].data), np.float32).reshape(description.shape)
-
-
-def _set_weights(model, tensor: int, values: np.ndarray) -> None:
-    model.buffers[model.subgraphs[0].tensors[tensor].buffer].data = np.frombuffer(values.astype(np.float32).tobytes(), np.uint8)

@@ -3,13 +3,14 @@
 Two things are quantized this way: the frozen backbone, as the `litert-int8` feature-extraction
 engine (`quantized_backbone`), and the whole classifier, as an int8 `.tflite` export
 (headstart.export). Both use the TFLite converter's post-training quantization (int8 weights per
-output channel, one int8 scale per activation tensor) with three steps of our own in between:
+output channel, one int8 scale per activation tensor) with four steps of our own in between:
 channels feeding depthwise convolutions are equalized first (headstart.equalization), so that no
-channel keeps only a few of its tensor's steps; the ranges are then measured on the representative
-images (`measured_ranges`) rather than taken from the converter's calibration, which widens some;
-and a ReLU6 output's range ends at a high percentile of its values there (RANGE_ENDS) rather than
-at its maximum: the int8 steps then resolve the values those tensors usually take instead of
-spanning rare peaks, which saturate instead.
+channel keeps only a few of its tensor's steps; the convolutions' weights are rounded to int8 so
+that their errors cancel on the representative images (headstart.rounding), not each to its
+nearest step; the ranges are then measured on those images (`measured_ranges`) rather than taken
+from the converter's calibration, which widens some; and a ReLU6 output's range ends at a high
+percentile of its values there (RANGE_ENDS) rather than at its maximum: the int8 steps then
+resolve the values those tensors usually take instead of spanning rare peaks, which saturate instead.
 
 An int8 backbone computes other features than the float one, so it is a backbone of its own: its
 fingerprint names the float backbone, the quantization and the calibration images, and the feature
@@ -46,7 +47,7 @@ CALIBRATION_DECODE_BATCH = 64
 # (100) while the ranges came from the converter's calibration (measured now, it is within chance).
 RANGE_ENDS = (99.99, 99.97, 99.95, 99.9)
 # Bump when the conversion changes: quantized backbones and their features are then made anew.
-QUANTIZED_BACKBONE_VERSION = 3
+QUANTIZED_BACKBONE_VERSION = 4
 
 
 def representative_rows(rows: Iterable[dict]) -> list[dict]:
@@ -67,8 +68,9 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
 
     The converter's own steps, with ours in between: it marks the tensors to quantize in a float
     model (its calibration, on one batch), the channels feeding depthwise convolutions are equalized
-    (headstart.equalization), the ranges are measured on that model (`measured_ranges`), then the
-    same quantizer its `convert()` calls quantizes. The converter is reached through private hooks
+    (headstart.equalization), the convolutions' weights are put on their int8 grids so that their
+    rounding errors cancel on the batches (headstart.rounding), the ranges are measured on that
+    model (`measured_ranges`), then the same quantizer its `convert()` calls quantizes. The converter is reached through private hooks
     (the calibration-only switch and `mlir_quantize`), which its own quantization debugger uses too;
     they are pinned with TensorFlow in uv.lock, and tests/test_quantization.py checks the ranges on every upgrade.
     """
@@ -77,6 +79,7 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
 
     from headstart.equalization import depthwise_pairs, equalize
     from headstart.keras import tf
+    from headstart.rounding import round_compensating
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -88,6 +91,7 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     pairs = depthwise_pairs(model)
     if pairs:
         equalize(model, pairs, channel_maxima(model, batches, [pair.tensor for pair in pairs]))
+    round_compensating(model, batches)
     return {end: mlir_quantize(ranged, input_data_type=input_type or tf.float32, output_data_type=tf.float32)
             for end, ranged in measured_ranges(model, batches, range_ends).items()}
 

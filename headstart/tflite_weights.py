@@ -1,0 +1,34 @@
+"""The float weights of a TFLite model (a tflite ModelT, as the converter's flatbuffer_utils reads
+it), read and replaced in place: what equalization and rounding change before int8 quantization."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT32 = 0  # tflite::TensorType
+
+
+def buffer_holders(model) -> dict[int, int]:
+    """Buffer → how many tensors hold it (a buffer two tensors share cannot change for one alone)."""
+    holders: dict[int, int] = {}
+    for tensor in model.subgraphs[0].tensors:
+        holders[tensor.buffer] = holders.get(tensor.buffer, 0) + 1
+    return holders
+
+
+def owns_weights(model, operators, holders: dict[int, int]) -> bool:
+    """Whether each filter and bias of the operators is float32 data in a buffer no other tensor
+    holds (`holders`: from buffer_holders)."""
+    graph = model.subgraphs[0]
+    weights = [tensor for operator in operators for tensor in operator.inputs[1:3] if tensor >= 0]
+    return all(graph.tensors[tensor].type == FLOAT32 and model.buffers[graph.tensors[tensor].buffer].data is not None
+               and holders[graph.tensors[tensor].buffer] == 1 for tensor in weights)
+
+
+def weights(model, tensor: int) -> np.ndarray:
+    description = model.subgraphs[0].tensors[tensor]
+    return np.frombuffer(bytes(model.buffers[description.buffer].data), np.float32).reshape(description.shape)
+
+
+def set_weights(model, tensor: int, values: np.ndarray) -> None:
+    model.buffers[model.subgraphs[0].tensors[tensor].buffer].data = np.frombuffer(values.astype(np.float32).tobytes(), np.uint8)
