@@ -1,7 +1,8 @@
 """Study: where does the int8 classifier part from the float one? The run's int8 file (as `headstart
 export` makes it) and the float model it was quantized from (the converter's, with its channels
 equalized: headstart.equalization scales some tensors channel by channel, so the float32 export's
-tensors would not compare) run on the same test images with every intermediate tensor kept; each
+tensors would not compare; and its weights already on their int8 grid, headstart.rounding, so what
+differs is the activations' quantization) run on the same test images with every intermediate tensor kept; each
 activation tensor of the int8 file, dequantized, is compared with the float tensor of the same
 name: signal-to-noise ratio 10·log10(Σ float² / Σ (int8 − float)²), in the order the network
 computes them.
@@ -55,7 +56,8 @@ def activations(flatbuffer: bytes, pixels: np.ndarray) -> dict[str, tuple[int, n
 
 def int8_and_its_float_model(run, images) -> tuple[bytes, bytes, dict]:
     """The run's int8 file as `headstart export` makes it, the float model it was quantized from
-    (channels equalized, ranges recorded; it runs in float32), and how its range end was chosen."""
+    (channels equalized, weights on their int8 grid, ranges recorded; it runs in float32), and how
+    its range end was chosen."""
     import headstart.quantization
     from headstart.export import convert_classifier
 

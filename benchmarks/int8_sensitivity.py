@@ -2,7 +2,8 @@
 quantized again with one group of layers at a time left in float32 (the converter's own
 denylist, with quantize and dequantize operations around the group), and each file is compared
 with the run's Keras model on the validation split: where one group held most of the loss, keeping
-it in float would recover most of the agreement.
+it in float would recover most of the agreement. The last row leaves every activation in float32
+and keeps only the weights on their int8 grid: what the weights alone cost.
 
     uv run python benchmarks/int8_sensitivity.py RUN_DIR
 
@@ -47,6 +48,23 @@ def in_group(position: str | int, group) -> bool:
     return order.get(first, first) <= rank <= order.get(last, last)
 
 
+def float_probabilities(flatbuffer: bytes, pixels: list[np.ndarray]) -> np.ndarray:
+    """The probabilities a float model (float32 pixels in) gives the images, one at a time."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    index, output, shape, probabilities = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"], None, []
+    for image in pixels:
+        if image.shape != shape:  # smaller images go in at their own size
+            interpreter.resize_tensor_input(index, [1, *image.shape])
+            interpreter.allocate_tensors()
+            shape = image.shape
+        interpreter.set_tensor(index, image[np.newaxis].astype(np.float32))
+        interpreter.invoke()
+        probabilities.append(interpreter.get_tensor(output))
+    return np.concatenate(probabilities)
+
+
 def main() -> None:
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
@@ -66,21 +84,24 @@ def main() -> None:
     serving = run.serving_model()
     expected = np.concatenate([serving(image[np.newaxis].astype(np.float32)) for image in pixels])
 
-    def closeness(denylisted: list[str]) -> tuple[float, float]:
-        flatbuffer = mlir_quantize(start, input_data_type=tf.uint8, output_data_type=tf.float32, denylisted_nodes=denylisted or None)
-        with tempfile.TemporaryDirectory() as scratch:
-            path = Path(scratch) / "model.tflite"
-            path.write_bytes(embed_labels(flatbuffer, run.class_names, run.image_size, "sensitivity"))
-            model = TFLiteClassifier(path)
-            probabilities = np.concatenate([model([image]) for image in pixels])
+    def closeness(denylisted: list[str] | None) -> tuple[float, float]:
+        if denylisted is None:  # the float model itself: weights on their int8 grid, activations float32
+            probabilities = float_probabilities(start, pixels)
+        else:
+            flatbuffer = mlir_quantize(start, input_data_type=tf.uint8, output_data_type=tf.float32, denylisted_nodes=denylisted or None)
+            with tempfile.TemporaryDirectory() as scratch:
+                path = Path(scratch) / "model.tflite"
+                path.write_bytes(embed_labels(flatbuffer, run.class_names, run.image_size, "sensitivity"))
+                model = TFLiteClassifier(path)
+                probabilities = np.concatenate([model([image]) for image in pixels])
         return float((probabilities.argmax(1) == expected.argmax(1)).mean()), mean_divergence(expected, probabilities)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
     lines = [f"# int8 with one part of the network left in float32 (run {run.path.name}, {run.image_size} px, "
              f"ReLU6 ranges at the {chosen['range_end_percentile']:g}th percentile, {len(pixels)} validation images, commit {commit})", "",
              "| left in float32 | top-1 agreement with the Keras model | mean divergence |", "|---|---|---|"]
-    for label, group in [("nothing (the int8 export)", None), *GROUPS.items()]:
-        agreement, divergence = closeness([name for name in names if group is not None and in_group(stage(name), group)])
+    for label, group in [("nothing (the int8 export)", ()), *GROUPS.items(), ("every activation (int8 weights only)", None)]:
+        agreement, divergence = closeness(None if group is None else [name for name in names if group and in_group(stage(name), group)])
         lines.append(f"| {label} | {agreement:.2%} | {divergence:.4f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

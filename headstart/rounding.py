@@ -62,12 +62,12 @@ def round_rows(rows: np.ndarray, products: np.ndarray) -> np.ndarray:
     for column in range(size):
         values = remaining[:, column]
         rounded[:, column] = np.clip(np.round(values / steps), -INT8_STEPS, INT8_STEPS) * steps
-        # The largest weight is set to its own 127 steps, whatever the compensation made of it,
-        # and what that costs is compensated in the columns after it like any rounding error.
-        pinned = largest == column
-        rounded[pinned, column] = rows[every[pinned], column]
         pivot, after = (inverse[column, column], inverse[column, column + 1:][None]) if shared else (inverse[:, column, column], inverse[:, column, column + 1:])
         remaining[:, column + 1:] -= ((values - rounded[:, column]) / pivot)[:, None] * after
+    # The largest weight goes back to its own 127 steps, whatever the compensation made of it. Set
+    # back at its turn instead, with the difference compensated after it, the int8 file came out
+    # further from the float model (README, "On phones and boards").
+    rounded[every, largest] = rows[every, largest]
     return np.where(live[:, None], rounded, rows)
 
 
