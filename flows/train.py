@@ -48,9 +48,9 @@ def train(**parameters) -> str:
             _import_in_background("headstart.plots")
         features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
-        previous = find_identical_run(config.cache_dir, key) if config.reuse_identical_runs else None
+        previous = find_identical_run(config.cache_dir, key, config.artifacts_root) if config.reuse_identical_runs else None
         if previous is not None:
-            return _reused(config, previous, manifest, backbone, features)
+            return _reused(config, key, previous, manifest, backbone, features)
         classifier = build_model(config, backbone, manifest.class_names, extraction)
         history = train_head(config, classifier, features)
         tuned, frozen_features, frozen_backbone, frozen_manifest = None, features, backbone, manifest
@@ -80,10 +80,10 @@ def train(**parameters) -> str:
     return run_dir
 
 
-def _reused(config: TrainConfig, previous, manifest, backbone, features) -> str:
+def _reused(config: TrainConfig, key: str, previous, manifest, backbone, features) -> str:
     """The steps after assemble_features where an earlier run with identical inputs stands for
     this one: it is exported where asked, and gated like a new model."""
-    run_dir = reuse_identical_run(config, previous)
+    run_dir = reuse_identical_run(config, key, previous)
     if config.export == "tflite":
         export(run_dir, manifest)
     decision = gate_identical_run(config, run_dir, backbone, features, manifest.class_names) if config.gate else None

@@ -32,18 +32,26 @@ def _index_entry(cache_dir: Path, key: str) -> Path:
 
 
 def record_run(cache_dir: Path, key: str, run_dir: Path) -> None:
-    write_json_atomic(_index_entry(cache_dir, key), {"run_dir": str(run_dir)})
+    """Adds a run directory to those that hold the key's result (one per artifacts root, at most)."""
+    held = [path for path in _recorded(cache_dir, key) if Path(path).resolve().parent != Path(run_dir).resolve().parent]
+    write_json_atomic(_index_entry(cache_dir, key), {"run_dirs": [*held, str(run_dir)]})
 
 
-def find_identical_run(cache_dir: Path, key: str) -> Path | None:
-    """An earlier, complete run with the same training key, if one is still on disk."""
+def _recorded(cache_dir: Path, key: str) -> list[str]:
     entry = _index_entry(cache_dir, key)
     if not entry.is_file():
-        return None
-    run = Run.if_complete(Path(json.loads(entry.read_text())["run_dir"]))
-    if run is None or run.config.get("training_key") != key:
-        return None
-    return run.path
+        return []
+    recorded = json.loads(entry.read_text())
+    return recorded.get("run_dirs") or [recorded["run_dir"]]  # an index written before it kept one per root
+
+
+def find_identical_run(cache_dir: Path, key: str, artifacts_root: Path | None = None) -> Path | None:
+    """An earlier, complete run with the same training key, if one is still on disk: the one under
+    `artifacts_root` where there is one, so that a run copied there is not copied again."""
+    runs = [run for run in (Run.if_complete(Path(path)) for path in _recorded(cache_dir, key)) if run is not None and run.config.get("training_key") == key]
+    here = [run for run in runs if artifacts_root is not None and in_registry(artifacts_root, run.path)]
+    chosen = here or runs
+    return chosen[0].path if chosen else None
 
 
 def in_registry(artifacts_root: Path, run_dir: Path) -> bool:

@@ -38,14 +38,16 @@ def publish(
 
 
 @task(name="reuse_identical_run", cache_policy=NO_CACHE)
-def reuse_identical_run(config: TrainConfig, previous: Path) -> str:
+def reuse_identical_run(config: TrainConfig, training_key: str, previous: Path) -> str:
     """An earlier run whose inputs were all identical stands for this one (training would reproduce
     it exactly): the version itself where it is in this run's registry, else a copy of it there."""
     if in_registry(config.artifacts_root, previous):
         get_run_logger().info("Every input matches version %s; it stands for this run, nothing is trained (--no-reuse to retrain)", Path(previous).name)
         return publish_prefect_artifacts(Run(previous))
     get_run_logger().info("Every input matches run %s; copying it instead of retraining (--no-reuse to retrain)", previous)
-    return publish_prefect_artifacts(Run(copy_run(config.artifacts_root, previous, flow_run.id)))
+    copied = copy_run(config.artifacts_root, previous, flow_run.id)
+    record_run(config.cache_dir, training_key, copied)
+    return publish_prefect_artifacts(Run(copied))
 
 
 def publish_prefect_artifacts(run: Run) -> str:

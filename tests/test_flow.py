@@ -223,6 +223,7 @@ def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(pre
 
     # Under another artifacts root the earlier run is copied, as a version of that registry.
     elsewhere = Path(train(**config.model_copy(update={"artifacts_root": tmp_path / "elsewhere"}).model_dump()))
+    assert Path(train(**config.model_copy(update={"artifacts_root": tmp_path / "elsewhere"}).model_dump())) == elsewhere  # copied once
     retrained = Path(train(**config.model_copy(update={"reuse_identical_runs": False}).model_dump()))
     assert elsewhere.parent == tmp_path / "elsewhere" and len({first, elsewhere, retrained}) == 3
     assert json.loads((elsewhere / "config.json").read_text())["reused_from"] == str(first)

@@ -60,3 +60,26 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
                                    "batch_size": 64, "dropout": 0.2, "learning_rate": 1e-3, "patience": 5, "seed": 4,
                                    "near_duplicate_threshold": 0.88}
     assert _key(config) == hashlib.sha256(json.dumps(written_by_earlier_versions, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def test_the_index_finds_the_run_under_the_artifacts_root_asked_for(tmp_path, monkeypatch):
+    """A key's result held under two artifacts roots: each root finds its own, another root the
+    first; an index entry written before entries kept one run per root still finds its run."""
+    import headstart.runs
+    from headstart.reuse import find_identical_run, record_run
+
+    runs = {}
+    for root in ("a", "b"):
+        runs[root] = tmp_path / root / "20260101-000000-000000"
+        runs[root].mkdir(parents=True)
+        (runs[root] / "config.json").write_text(json.dumps({"training_key": "k"}))
+        (runs[root] / "class_names.json").write_text('["cat", "dog"]')
+    # A directory with these two counts as complete here: the other run files are not the point.
+    monkeypatch.setattr(headstart.runs, "REQUIRED_RUN_FILES", ("config.json", "class_names.json"))
+    record_run(tmp_path / "cache", "k", runs["a"])
+    record_run(tmp_path / "cache", "k", runs["b"])
+    assert find_identical_run(tmp_path / "cache", "k", tmp_path / "a") == runs["a"]
+    assert find_identical_run(tmp_path / "cache", "k", tmp_path / "b") == runs["b"]
+    assert find_identical_run(tmp_path / "cache", "k", tmp_path / "c") == runs["a"]
+    (tmp_path / "cache" / "runs" / "k.json").write_text(json.dumps({"run_dir": str(runs["b"])}))
+    assert find_identical_run(tmp_path / "cache", "k", tmp_path / "a") == runs["b"]
