@@ -104,14 +104,15 @@ def _input_products(model, batches: list[np.ndarray], operators: list) -> dict[i
     for values in tensor_values(model, batches, sorted({operator.inputs[0] for operator in operators})):
         for operator in operators:
             shape = model.subgraphs[0].tensors[operator.inputs[1]].shape
-            patches = _patches(values[operator.inputs[0]], operator, shape[1], shape[2])
+            patches = _patches(values[operator.inputs[0]], operator, shape[1], shape[2]).astype(np.float32, copy=False)
+            # One image's products in float32 (BLAS), summed over the images in float64.
             if _is_depthwise(model, operator):
-                taps = patches.reshape(-1, shape[1] * shape[2], patches.shape[-1])
-                product = np.einsum("nic,njc->cij", taps, taps, dtype=np.float64)
+                taps = patches.reshape(-1, shape[1] * shape[2], patches.shape[-1]).transpose(2, 1, 0)  # [channels, h·w, positions]
+                product = np.matmul(taps, taps.transpose(0, 2, 1))
             else:
-                flat = patches.reshape(-1, shape[1] * shape[2] * patches.shape[-1]).astype(np.float64)
+                flat = patches.reshape(-1, shape[1] * shape[2] * patches.shape[-1])
                 product = flat.T @ flat
-            products[id(operator)] = products.get(id(operator), 0) + product
+            products[id(operator)] = products.get(id(operator), 0) + product.astype(np.float64)
     return products
 
 
@@ -121,6 +122,8 @@ def _patches(inputs: np.ndarray, operator, height: int, width: int) -> np.ndarra
     options = operator.builtinOptions
     stride_h, stride_w = options.strideH, options.strideW
     n, rows, columns, channels = inputs.shape
+    if (height, width, stride_h, stride_w) == (1, 1, 1, 1):
+        return inputs[:, :, :, np.newaxis, np.newaxis, :]
     if options.padding == 0:  # SAME
         out_h, out_w = -(-rows // stride_h), -(-columns // stride_w)
         pad_h, pad_w = max((out_h - 1) * stride_h + height - rows, 0), max((out_w - 1) * stride_w + width - columns, 0)
