@@ -77,23 +77,23 @@ def _images_the_champion_never_trained_on(config: TrainConfig, champion: Run, ha
 
 
 def run_probabilities(
-    champion: Run, backbone: Backbone, features: FeatureSet, fair: np.ndarray, paths: list[str], hashes: list[str],
+    run: Run, backbone: Backbone, features: FeatureSet, fair: np.ndarray, paths: list[str], hashes: list[str],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A run's (the champion's) probabilities on the test images marked `fair` (of all the test
+    """A run's (the champion's, say) probabilities on the test images marked `fair` (of all the test
     split's `paths` and content `hashes`), and which images they are: its head on the candidate's
     cached features where it saw the same features, else its serving model on the raw images, less
     any whose file no longer holds the content the candidate was scored on."""
     if not fair.any():
-        return np.zeros((0, len(champion.class_names)), np.float32), fair
-    same_features = champion.config.get("backbone_fingerprint") == backbone.fingerprint and champion.image_size == backbone.image_size
+        return np.zeros((0, len(run.class_names)), np.float32), fair
+    same_features = run.config.get("backbone_fingerprint") == backbone.fingerprint and run.image_size == backbone.image_size
     if same_features:
         from headstart.model import predict_from_features
 
-        return predict_from_features(champion.keras_model(), features.load("test")[0][fair]), fair
+        return predict_from_features(run.keras_model(), features.load("test")[0][fair]), fair
     from headstart.inference import predict_files
 
     positions = np.flatnonzero(fair)
-    probabilities, kept, _ = predict_files(champion, [Path(paths[i]) for i in positions], expected_hashes=[hashes[i] for i in positions])
+    probabilities, kept, _ = predict_files(run, [Path(paths[i]) for i in positions], expected_hashes=[hashes[i] for i in positions])
     scored = np.zeros_like(fair)
     scored[positions[kept]] = True
     return probabilities, scored

@@ -2,7 +2,7 @@
 
 Training is deterministic, so a run whose every input is identical to an earlier run's (same
 images, labels and splits, same backbone weights, same settings, same headstart version) would
-reproduce it exactly; such a run is copied instead of recomputed. The training key hashes those
+reproduce it exactly; such a run is not recomputed. The training key hashes those
 inputs; an index in the cache maps each key to the run directory that holds its result.
 Where that run is a version in the registry the new run writes to, it stands for the new run
 itself (a nightly retrain on unchanged data adds no version); a run kept under another artifacts
