@@ -40,6 +40,16 @@ def _entries(features, split="train", flipped=False):
     return [Entry(entry_key(sha, flipped), sha, path, flipped) for sha, path in zip(rows["sha256"], rows["path"])]
 
 
+def _holds(cached: np.ndarray, computed) -> None:
+    """The cache holds the computed activations in float16: each value the float16 of the computed
+    one, give or take one float16 step and float32 round-off (computed in another batch size, the
+    float32 values may differ in their last bits on some processors, and round to the next float16)."""
+    computed = np.asarray(computed, np.float32)
+    step = np.spacing(np.abs(computed).astype(np.float16)).astype(np.float32)
+    round_off = 1e-5 * np.abs(computed).max()
+    assert np.all(np.abs(cached.astype(np.float32) - computed) <= step + round_off)
+
+
 def test_the_activation_cache_holds_what_the_lower_stages_compute(dataset, bundled_32):
     config, features = dataset
     split = SplitBackbone(bundled_32, CUT)
@@ -54,11 +64,11 @@ def test_the_activation_cache_holds_what_the_lower_stages_compute(dataset, bundl
     mirrored = [entry.flipped for entry in entries]
     cached = cache.load([entry.key for entry in entries], split.activation_shape)
     assert cached.shape == (len(entries), 2, 2, 96) and cached.dtype == np.float16
-    np.testing.assert_array_equal(cached, split.activations(images, mirrored).astype(np.float16))
+    _holds(cached, split.activations(images, mirrored))
     # A mirror is the activations of the mirrored image, not a mirror of the activations.
     half = len(entries) // 2
     assert not np.array_equal(cached[:half], cached[half:])
-    np.testing.assert_array_equal(cached[half:], split.activations([image[:, ::-1] for image in images[:half]], [False] * half).astype(np.float16))
+    _holds(cached[half:], split.activations([image[:, ::-1] for image in images[:half]], [False] * half))
 
     # The upper stages on the cached (half-precision) activations give the whole module's features.
     whole = bundled_32.keras_layer()(np.stack(images[:half])).numpy()
