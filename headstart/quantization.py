@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError, first_line
 from headstart.preprocessing import decoded_batches
 from headstart.storage import atomic_path
+from headstart.tflite_weights import tensor_values
 
 INT8_ENGINE = "litert-int8"
 # Training images that calibrate activation ranges: a few hundred is the usual advice; more
@@ -149,29 +150,6 @@ def channel_maxima(model, batches: list[np.ndarray], tensors: list[int]) -> dict
             largest = np.abs(value.reshape(-1, value.shape[-1])).max(0)
             maxima[tensor] = np.maximum(maxima.get(tensor, largest), largest)
     return maxima
-
-
-def tensor_values(model, batches: list[np.ndarray], tensors: list[int]) -> Iterator[dict[int, np.ndarray]]:
-    """The values of `tensors` as the float model (a tflite ModelT) computes them, batch by batch."""
-    import os
-    import warnings
-
-    from ai_edge_litert.interpreter import Interpreter
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    with warnings.catch_warnings():  # keeping every tensor is the point here, not a debugging slip
-        warnings.simplefilter("ignore", UserWarning)
-        interpreter = Interpreter(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(model)),
-                                  experimental_preserve_all_tensors=True, num_threads=os.cpu_count() or 1)
-    index, shape = interpreter.get_input_details()[0]["index"], None
-    for batch in batches:
-        if batch.shape != shape:
-            interpreter.resize_tensor_input(index, batch.shape)
-            interpreter.allocate_tensors()
-            shape = batch.shape
-        interpreter.set_tensor(index, batch.astype(np.float32))
-        interpreter.invoke()
-        yield {tensor: interpreter.get_tensor(tensor) for tensor in tensors}
 
 
 def _above(count: int, percentile: float) -> int:

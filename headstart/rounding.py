@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from headstart.tflite_weights import buffer_holders, owns_weights, set_weights, weights
+from headstart.tflite_weights import buffer_holders, owns_weights, set_weights, tensor_values, weights
 
 INT8_STEPS = 127  # per-channel int8 weights are symmetric: −127 … 127 steps
 # Added to the diagonal of H, as a share of its mean, so that inputs that never varied on the
@@ -98,8 +98,6 @@ def _is_depthwise(model, operator) -> bool:
 def _input_products(model, batches: list[np.ndarray], operators: list) -> dict[int, np.ndarray]:
     """For each operator (by id), Σ x xᵀ over the input patches its filter meets on the batches:
     [h·w·in, h·w·in] for CONV_2D, [channels, h·w, h·w] for depthwise."""
-    from headstart.quantization import tensor_values
-
     products: dict[int, np.ndarray] = {}
     for values in tensor_values(model, batches, sorted({operator.inputs[0] for operator in operators})):
         for operator in operators:

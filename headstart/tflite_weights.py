@@ -1,7 +1,10 @@
 """The float weights of a TFLite model (a tflite ModelT, as the converter's flatbuffer_utils reads
-it), read and replaced in place: what equalization and rounding change before int8 quantization."""
+it), read and replaced in place: what equalization and rounding change before int8 quantization;
+and the values its tensors take on given inputs, which they and the range measurement read."""
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import numpy as np
 
@@ -32,3 +35,26 @@ def weights(model, tensor: int) -> np.ndarray:
 
 def set_weights(model, tensor: int, values: np.ndarray) -> None:
     model.buffers[model.subgraphs[0].tensors[tensor].buffer].data = np.frombuffer(values.astype(np.float32).tobytes(), np.uint8)
+
+
+def tensor_values(model, batches: list[np.ndarray], tensors: list[int]) -> Iterator[dict[int, np.ndarray]]:
+    """The values of `tensors` as the float model (a tflite ModelT) computes them, batch by batch."""
+    import os
+    import warnings
+
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    with warnings.catch_warnings():  # keeping every tensor is the point here, not a debugging slip
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = Interpreter(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(model)),
+                                  experimental_preserve_all_tensors=True, num_threads=os.cpu_count() or 1)
+    index, shape = interpreter.get_input_details()[0]["index"], None
+    for batch in batches:
+        if batch.shape != shape:
+            interpreter.resize_tensor_input(index, batch.shape)
+            interpreter.allocate_tensors()
+            shape = batch.shape
+        interpreter.set_tensor(index, batch.astype(np.float32))
+        interpreter.invoke()
+        yield {tensor: interpreter.get_tensor(tensor) for tensor in tensors}
