@@ -4,7 +4,8 @@ Two things are quantized this way: the frozen backbone, as the `litert-int8` fea
 engine (`quantized_backbone`), and the whole classifier, as an int8 `.tflite` export
 (headstart.export). Both use the TFLite converter's post-training quantization (int8 weights per
 output channel, one int8 scale per activation tensor) with four steps of our own in between:
-channels feeding depthwise convolutions are equalized first (headstart.equalization), so that no
+the channels of tensors that allow it (those feeding depthwise convolutions, and the projections
+with the residual sums over them) are equalized first (headstart.equalization), so that no
 channel keeps only a few of its tensor's steps; the convolutions' weights are rounded to int8 so
 that their errors cancel on the representative images (headstart.rounding), not each to its
 nearest step; the ranges are then measured on those images (`measured_ranges`) rather than taken
@@ -48,7 +49,7 @@ CALIBRATION_DECODE_BATCH = 64
 # (100) while the ranges came from the converter's calibration (measured now, it is within chance).
 RANGE_ENDS = (99.99, 99.97, 99.95, 99.9)
 # Bump when the conversion changes: quantized backbones and their features are then made anew.
-QUANTIZED_BACKBONE_VERSION = 4
+QUANTIZED_BACKBONE_VERSION = 5
 
 
 def representative_rows(rows: Iterable[dict]) -> list[dict]:
@@ -68,7 +69,7 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     output float32.
 
     The converter's own steps, with ours in between: it marks the tensors to quantize in a float
-    model (its calibration, on one batch), the channels feeding depthwise convolutions are equalized
+    model (its calibration, on one batch), the channels are equalized where they can be scaled
     (headstart.equalization), the convolutions' weights are put on their int8 grids so that their
     rounding errors cancel on the batches (headstart.rounding), the ranges are measured on that
     model (`measured_ranges`), then the same quantizer its `convert()` calls quantizes. The converter is reached through private hooks
@@ -78,7 +79,7 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from headstart.equalization import depthwise_pairs, equalize
+    from headstart.equalization import equalize, scalable_channels
     from headstart.keras import tf
     from headstart.rounding import round_compensating
 
@@ -89,9 +90,9 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     converter.representative_dataset = lambda: iter([batches[:1]])
     converter._experimental_calibrate_only = True
     model = flatbuffer_utils.convert_bytearray_to_object(converter.convert())
-    pairs = depthwise_pairs(model)
-    if pairs:
-        equalize(model, pairs, channel_maxima(model, batches, [pair.tensor for pair in pairs]))
+    groups = scalable_channels(model)
+    if groups:
+        equalize(model, groups, channel_ranges(model, batches, sorted({tensor for group in groups for tensor in group.tensors})))
     round_compensating(model, batches)
     return {end: mlir_quantize(ranged, input_data_type=input_type or tf.float32, output_data_type=tf.float32)
             for end, ranged in measured_ranges(model, batches, range_ends).items()}
@@ -142,14 +143,17 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
     return variants
 
 
-def channel_maxima(model, batches: list[np.ndarray], tensors: list[int]) -> dict[int, np.ndarray]:
-    """The largest |value| of each channel (the last axis) of each tensor over the batches."""
-    maxima: dict[int, np.ndarray] = {}
+def channel_ranges(model, batches: list[np.ndarray], tensors: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The least and largest value of each channel (the last axis) of each tensor over the batches."""
+    ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for values in tensor_values(model, batches, tensors):
         for tensor, value in values.items():
-            largest = np.abs(value.reshape(-1, value.shape[-1])).max(0)
-            maxima[tensor] = np.maximum(maxima.get(tensor, largest), largest)
-    return maxima
+            flat = value.reshape(-1, value.shape[-1])
+            least, largest = flat.min(0), flat.max(0)
+            if tensor in ranges:
+                least, largest = np.minimum(ranges[tensor][0], least), np.maximum(ranges[tensor][1], largest)
+            ranges[tensor] = (least, largest)
+    return ranges
 
 
 def _above(count: int, percentile: float) -> int:

@@ -1,5 +1,5 @@
 """Full-integer int8 conversion: ranges measured on the calibration images (ReLU6 ones ending at a
-percentile), and channels equalized before depthwise convolutions."""
+percentile), and channels equalized where they can be scaled."""
 
 import numpy as np
 import pytest
@@ -95,6 +95,43 @@ def test_a_narrow_channel_before_a_depthwise_convolution_keeps_its_precision(mon
 
     equalized = narrow_channel_error()
     monkeypatch.setattr(headstart.equalization, "equalize", lambda model, pairs, maxima: 0)
+    assert equalized < 0.05 and equalized * 4 < narrow_channel_error()
+
+
+def test_a_narrow_channel_of_a_residual_sum_keeps_its_precision(monkeypatch):
+    """A projection without activation, a second one after an expansion, and their sum, read by a
+    convolution: all three tensors carry a channel a hundred times narrower than the other. They are
+    scaled as one group (both projections alike, the readers' inputs divided back), so the narrow
+    channel gets sixteen times the steps of its sum's one int8 scale, and the model still computes
+    what the float model does."""
+    import headstart.equalization
+
+    images = keras.Input((6, 6, 2))
+    first, expansion, second = keras.layers.Conv2D(2, 1), keras.layers.Conv2D(4, 1, activation=keras.activations.relu), keras.layers.Conv2D(2, 1)
+    reader = keras.layers.Conv2D(2, 1, activation=keras.activations.relu)
+    projected = first(images)
+    network = keras.Model(images, reader(keras.layers.Add()([projected, second(expansion(projected))])))
+    narrow = np.diag([5.0, 0.05]).astype(np.float32).reshape(1, 1, 2, 2)
+    # Biases of their own: the converter would let equal ones share a buffer, and shared weights are left alone.
+    first.set_weights([narrow, np.array([0.1, 0.001], np.float32)])
+    expansion.set_weights([np.random.default_rng(1).uniform(0.5, 1.5, (1, 1, 2, 4)).astype(np.float32), np.full(4, 0.2, np.float32)])
+    second.set_weights([np.random.default_rng(2).uniform(0.1, 0.2, (1, 1, 4, 2)).astype(np.float32) * np.array([1.0, 0.01], np.float32),
+                        np.array([0.3, 0.003], np.float32)])
+    # The reader makes both of its outputs equally wide, so only the sum's scale differs between them.
+    reader.set_weights([np.diag([1.0, 100.0]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.4, 0.0], np.float32)])
+    batches = [np.random.default_rng(seed).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32) for seed in range(50)]
+    test = np.random.default_rng(99).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32)
+    expected = network(test).numpy()[..., 1]
+    found, scalable_channels = [], headstart.equalization.scalable_channels
+    monkeypatch.setattr(headstart.equalization, "scalable_channels", lambda model: found.extend(scalable_channels(model)) or found)
+
+    def narrow_channel_error() -> float:
+        (flatbuffer,) = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches)).values()
+        return float(np.abs(_run(flatbuffer, test)[..., 1] - expected).max() / np.abs(expected).max())
+
+    equalized = narrow_channel_error()
+    assert [(len(group.tensors), len(group.producers), len(group.readers)) for group in found] == [(3, 2, 2)]
+    monkeypatch.setattr(headstart.equalization, "equalize", lambda model, groups, ranges: 0)
     assert equalized < 0.05 and equalized * 4 < narrow_channel_error()
 
 
