@@ -31,6 +31,8 @@ def round_compensating(model, batches: list[np.ndarray]) -> int:
     on its int8 grid, rounded so that their errors cancel on the batches; returns how many
     convolutions changed."""
     operators = _convolutions(model)
+    if not operators:
+        return 0
     products = _input_products(model, batches, operators)
     for operator in operators:
         filters = weights(model, operator.inputs[1])

@@ -135,6 +135,27 @@ def test_a_narrow_channel_of_a_residual_sum_keeps_its_precision(monkeypatch):
     assert equalized < 0.05 and equalized * 4 < narrow_channel_error()
 
 
+def test_a_residual_sum_read_by_anything_but_a_convolution_is_left_as_it_is(monkeypatch):
+    """A sum that a pooling reads (no filter there to divide a scaled channel back) is not scaled:
+    the int8 model still computes the float model's values."""
+    import headstart.equalization
+
+    images = keras.Input((6, 6, 2))
+    first, second = keras.layers.Conv2D(2, 1), keras.layers.Conv2D(2, 1)
+    projected = first(images)
+    network = keras.Model(images, keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([projected, second(projected)])))
+    first.set_weights([np.diag([5.0, 0.05]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.1, 0.001], np.float32)])
+    second.set_weights([np.diag([0.5, 0.005]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.3, 0.003], np.float32)])
+    batches = [np.random.default_rng(seed).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32) for seed in range(50)]
+    found, scalable_channels = [], headstart.equalization.scalable_channels
+    monkeypatch.setattr(headstart.equalization, "scalable_channels", lambda model: found.extend(scalable_channels(model)) or found)
+
+    (flatbuffer,) = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches)).values()
+    test = np.random.default_rng(99).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32)
+    assert found == []
+    np.testing.assert_allclose(_run(flatbuffer, test), network(test).numpy(), atol=0.05)
+
+
 def test_depthwise_taps_are_rounded_so_that_their_errors_cancel_on_smooth_images(monkeypatch):
     """On a constant image a 3×3 depthwise filter gives the pixel times the sum of its taps. Eight
     taps of 0.57 int8 steps, each rounded to its nearest step, add 3.4 steps to that sum; rounded so
