@@ -124,7 +124,7 @@ class _Graph:
             if consumer is not None and self.kind(consumer) == self.kinds.PAD and position == 0:  # zeros scaled stay zeros
                 consumer, position = self.only_reader(consumer.outputs[0])
             if (consumer is not None and self.kind(consumer) == self.kinds.DEPTHWISE_CONV_2D and position == 0
-                    and weights(self.model, consumer.inputs[1]).shape[3] == self._channels(producer)):
+                    and self._input_channels(consumer) == self._channels(producer)):
                 groups.append(ScalableChannels((producer.outputs[0],), (producer,), (consumer,)))
         return groups
 
@@ -157,9 +157,13 @@ class _Graph:
             if (convolutions and not any(tensor in self.graph.outputs for tensor in tensors)
                     and all(writer is not None and linear(writer) and self.kind(writer) in (self.kinds.CONV_2D, self.kinds.ADD) for writer in writers)
                     and all((self.kind(operator) == self.kinds.CONV_2D and position == 0) or operator.outputs[0] in tensors for operator, position in reading)
-                    and all(weights(self.model, reader.inputs[1]).shape[3] == self._channels(convolutions[0]) for reader in readers)):
+                    and all(self._input_channels(reader) == self._channels(convolutions[0]) for reader in readers)):
                 groups.append(ScalableChannels(tuple(sorted(tensors)), tuple(convolutions), tuple(readers)))
         return groups
 
     def _channels(self, producer) -> int:
         return self.graph.tensors[producer.outputs[0]].shape[-1]
+
+    def _input_channels(self, reader) -> int:
+        """The input channels a reader's filter has (its last axis, for either kind of convolution)."""
+        return self.graph.tensors[reader.inputs[1]].shape[-1]
