@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.tflite_weights import buffer_holders, owns_weights, set_weights, weights
+from headstart.tflite_weights import buffer_holders, is_depthwise, operator_kind, owns_weights, set_weights, weights
 
 # tflite::ActivationFunctionType values under which a channel scaled up by s stays s times the value.
 NO_ACTIVATION = 0
@@ -60,17 +60,13 @@ def equalize(model, groups: list[ScalableChannels], channel_ranges: dict[int, tu
     the tensors' widest channels did on the calibration images (`channel_ranges`: tensor → least
     and largest value per channel), without widening any tensor's range; returns how many groups
     changed."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
     changed = 0
     for group in groups:
         scales = np.clip(_room(group.tensors, channel_ranges), 1.0, MAXIMUM_CHANNEL_SCALE)
         if np.all(scales == 1.0):
             continue
         for producer in group.producers:
-            depthwise = model.operatorCodes[producer.opcodeIndex].builtinCode == schema.BuiltinOperator.DEPTHWISE_CONV_2D
-            # Filters are [out, height, width, in] for CONV_2D and [1, height, width, channels] for depthwise.
-            set_weights(model, producer.inputs[1], weights(model, producer.inputs[1]) * (scales if depthwise else scales[:, None, None, None]))
+            set_weights(model, producer.inputs[1], weights(model, producer.inputs[1]) * (scales if is_depthwise(model, producer) else scales[:, None, None, None]))
             if len(producer.inputs) > 2 and producer.inputs[2] >= 0:
                 set_weights(model, producer.inputs[2], weights(model, producer.inputs[2]) * scales)
         for reader in group.readers:  # either kind of filter has its input channels last
@@ -105,7 +101,7 @@ class _Graph:
                 self.readers.setdefault(tensor, []).append((operator, position))
 
     def kind(self, operator) -> int:
-        return self.model.operatorCodes[operator.opcodeIndex].builtinCode
+        return operator_kind(self.model, operator)
 
     def activation(self, operator):
         return getattr(operator.builtinOptions, "fusedActivationFunction", None)

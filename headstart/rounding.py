@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from headstart.tflite_weights import buffer_holders, owns_weights, set_weights, tensor_values, weights
+from headstart.tflite_weights import buffer_holders, is_depthwise, operator_kind, owns_weights, set_weights, tensor_values, weights
 
 INT8_STEPS = 127  # per-channel int8 weights are symmetric: −127 … 127 steps
 # Added to the diagonal of H, as a share of its mean, so that inputs that never varied on the
@@ -36,7 +36,7 @@ def round_compensating(model, batches: list[np.ndarray]) -> int:
     products = _input_products(model, batches, operators)
     for operator in operators:
         filters = weights(model, operator.inputs[1])
-        depthwise = _is_depthwise(model, operator)
+        depthwise = is_depthwise(model, operator)
         # One row per output channel, one column per input position: [out, h·w·in] for CONV_2D;
         # a depthwise filter [1, h, w, channels] is one row of h·w taps per channel.
         rows = filters.reshape(-1, filters.shape[3]).T if depthwise else filters.reshape(filters.shape[0], -1)
@@ -82,19 +82,13 @@ def _convolutions(model) -> list:
     holders, graph = buffer_holders(model), model.subgraphs[0]
     found = []
     for operator in graph.operators:
-        if model.operatorCodes[operator.opcodeIndex].builtinCode not in kinds or not owns_weights(model, [operator], holders):
+        if operator_kind(model, operator) not in kinds or not owns_weights(model, [operator], holders):
             continue
         options = operator.builtinOptions
         if (options.dilationHFactor, options.dilationWFactor) != (1, 1) or getattr(options, "depthMultiplier", 1) not in (0, 1):
             continue
         found.append(operator)
     return found
-
-
-def _is_depthwise(model, operator) -> bool:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    return model.operatorCodes[operator.opcodeIndex].builtinCode == schema.BuiltinOperator.DEPTHWISE_CONV_2D
 
 
 def _input_products(model, batches: list[np.ndarray], operators: list) -> dict[int, np.ndarray]:
@@ -106,7 +100,7 @@ def _input_products(model, batches: list[np.ndarray], operators: list) -> dict[i
             shape = model.subgraphs[0].tensors[operator.inputs[1]].shape
             patches = _patches(values[operator.inputs[0]], operator, shape[1], shape[2]).astype(np.float32, copy=False)
             # One image's products in float32 (BLAS), summed over the images in float64.
-            if _is_depthwise(model, operator):
+            if is_depthwise(model, operator):
                 taps = patches.reshape(-1, shape[1] * shape[2], patches.shape[-1]).transpose(2, 1, 0)  # [channels, h·w, positions]
                 product = np.matmul(taps, taps.transpose(0, 2, 1))
             else:

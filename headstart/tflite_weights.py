@@ -28,6 +28,19 @@ def owns_weights(model, operators, holders: dict[int, int]) -> bool:
                and holders[graph.tensors[tensor].buffer] == 1 for tensor in weights)
 
 
+def operator_kind(model, operator) -> int:
+    """The operator's tflite BuiltinOperator code."""
+    return model.operatorCodes[operator.opcodeIndex].builtinCode
+
+
+def is_depthwise(model, operator) -> bool:
+    """Whether the operator is a depthwise convolution, whose filter [1, height, width, channels]
+    has its output channels last (a CONV_2D filter [out, height, width, in] has them first)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return operator_kind(model, operator) == schema.BuiltinOperator.DEPTHWISE_CONV_2D
+
+
 def weights(model, tensor: int) -> np.ndarray:
     description = model.subgraphs[0].tensors[tensor]
     return np.frombuffer(bytes(model.buffers[description.buffer].data), np.float32).reshape(description.shape)
