@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.tflite_weights import buffer_holders, is_depthwise, operator_kind, owns_weights, set_weights, weights
+from headstart.tflite_weights import buffer_holders, fused_activation, is_depthwise, operator_kind, owns_weights, set_weights, weights
 
 # tflite::ActivationFunctionType values under which a channel scaled up by s stays s times the value.
 NO_ACTIVATION = 0
@@ -103,9 +103,6 @@ class _Graph:
     def kind(self, operator) -> int:
         return operator_kind(self.model, operator)
 
-    def activation(self, operator):
-        return getattr(operator.builtinOptions, "fusedActivationFunction", None)
-
     def only_reader(self, tensor: int):
         readers = self.readers.get(tensor, ())
         return readers[0] if len(readers) == 1 and tensor not in self.graph.outputs else (None, None)
@@ -114,7 +111,7 @@ class _Graph:
         """Convolutions whose output goes (through zero padding at most) only into a depthwise convolution."""
         groups = []
         for producer in self.graph.operators:
-            if self.kind(producer) not in (self.kinds.CONV_2D, self.kinds.DEPTHWISE_CONV_2D) or self.activation(producer) not in SCALE_PRESERVING_ACTIVATIONS:
+            if self.kind(producer) not in (self.kinds.CONV_2D, self.kinds.DEPTHWISE_CONV_2D) or fused_activation(producer) not in SCALE_PRESERVING_ACTIVATIONS:
                 continue
             consumer, position = self.only_reader(producer.outputs[0])
             if consumer is not None and self.kind(consumer) == self.kinds.PAD and position == 0:  # zeros scaled stay zeros
@@ -128,7 +125,7 @@ class _Graph:
         """Outputs of convolutions without activation joined by the sums (ADD without activation)
         over them, where every tensor of the group is written by one of those convolutions or sums
         and read only by them or as a convolution's input."""
-        linear = lambda operator: self.activation(operator) == NO_ACTIVATION  # noqa: E731
+        linear = lambda operator: fused_activation(operator) == NO_ACTIVATION  # noqa: E731
         sums = [operator for operator in self.graph.operators if self.kind(operator) == self.kinds.ADD and linear(operator)]
         joined: dict[int, int] = {}
 

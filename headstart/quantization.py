@@ -33,7 +33,7 @@ from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError, first_line
 from headstart.preprocessing import decoded_batches
 from headstart.storage import atomic_path
-from headstart.tflite_weights import operator_kind, tensor_values
+from headstart.tflite_weights import fused_activation, operator_kind, tensor_values
 
 INT8_ENGINE = "litert-int8"
 # Training images that calibrate activation ranges: a few hundred is the usual advice; more
@@ -122,7 +122,7 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
               and tensor.quantization.min is not None and len(tensor.quantization.min) == 1 and model.buffers[tensor.buffer].data is None]
     relu6 = {operator.outputs[0] for operator in graph.operators
              if operator_kind(model, operator) in relu6_kinds
-             and getattr(operator.builtinOptions, "fusedActivationFunction", None) == RELU6} & set(marked)
+             and fused_activation(operator) == RELU6} & set(marked)
     least, largest = {tensor: np.inf for tensor in marked}, {tensor: -np.inf for tensor in marked}
     tops, counts = {tensor: np.empty(0, np.float32) for tensor in relu6}, dict.fromkeys(relu6, 0)
     for values in tensor_values(model, batches, marked):

@@ -33,6 +33,11 @@ def operator_kind(model, operator) -> int:
     return model.operatorCodes[operator.opcodeIndex].builtinCode
 
 
+def fused_activation(operator) -> int | None:
+    """The operator's fused tflite ActivationFunctionType; None for an operator without one."""
+    return getattr(operator.builtinOptions, "fusedActivationFunction", None)
+
+
 def is_depthwise(model, operator) -> bool:
     """Whether the operator is a depthwise convolution, whose filter [1, height, width, channels]
     has its output channels last (a CONV_2D filter [out, height, width, in] has them first)."""
