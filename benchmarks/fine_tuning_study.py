@@ -6,7 +6,7 @@
 For each image size: the dataset's frozen features (extracted as `headstart train` extracts
 them, into the same cache), the head trained on them as the flow trains it, and its test
 accuracy. Then for each cut: the activations entering that stage (cached: a repeat reuses them),
-fine-tuning exactly as `headstart train --fine-tune` runs it (headstart.fine_tuning.fine_tune,
+fine-tuning exactly as `headstart train --fine-tune` runs it (headstart.training.fine_tuning.fine_tune,
 selection on the validation split), and the test accuracy of the selected epoch, on the test
 split's activations stored in float16 (what the cache holds) and computed in float32 (what the
 precision costs). With --head-flips, a head is also trained on the train split and its mirror
@@ -37,11 +37,11 @@ from headstart.config import TrainConfig
 from headstart.data.sources import prepare_source
 from headstart.features.dataset import assemble_features, plan_extraction
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.fine_tuning import (ActivationCache, Entry, SplitBackbone, TuningData, TuningSettings, cache_activations, entry_key,
+from headstart.training.fine_tuning import (ActivationCache, Entry, SplitBackbone, TuningData, TuningSettings, cache_activations, entry_key,
                                    fine_tune)
-from headstart.keras import keras, tf
-from headstart.model import HEAD_DENSE, HEAD_DROPOUT, build_classifier, predict_from_features, train_head
-from headstart.preprocessing import decoded_batches
+from headstart.infra.keras import keras, tf
+from headstart.training.head import HEAD_DENSE, HEAD_DROPOUT, build_classifier, predict_from_features, train_head
+from headstart.data.preprocessing import decoded_batches
 
 RESULTS = Path(__file__).parent / "results" / "fine-tuning-study.jsonl"
 VALIDATION_IMAGES = 967  # the shared set's validation split, for the table's selection
@@ -254,7 +254,7 @@ def table() -> str:
     """The results so far as a markdown table, in the order they were made: the head alone once
     per size, then each fine-tuning, with the epoch headstart keeps (selected_epoch, recomputed
     from the validation curve: runs made under an earlier rule are shown under the current one)."""
-    from headstart.fine_tuning import selected_epoch
+    from headstart.training.fine_tuning import selected_epoch
 
     lines = ["| image size | trained | epochs run | augmentation | epoch kept: validation, test | test after the last epoch | "
              "epoch kept, mirror-averaged: validation, test | test from float32 activations = from float16 | s / epoch | activations, s |",

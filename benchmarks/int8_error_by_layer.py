@@ -1,7 +1,7 @@
 """Study: where does the int8 classifier part from the float one? The run's int8 file (as `headstart
 export` makes it) and the float model it was quantized from (the converter's, with its channels
-equalized: headstart.equalization scales some tensors channel by channel, so the float32 export's
-tensors would not compare; and its weights already on their int8 grid, headstart.rounding, so what
+equalized: headstart.edge.int8.equalization scales some tensors channel by channel, so the float32 export's
+tensors would not compare; and its weights already on their int8 grid, headstart.edge.int8.rounding, so what
 differs is the activations' quantization) run on the same test images with every intermediate tensor kept; each
 activation tensor of the int8 file, dequantized, is compared with the float tensor of the same
 name: signal-to-noise ratio 10·log10(Σ float² / Σ (int8 − float)²), in the order the network
@@ -58,20 +58,20 @@ def int8_and_its_float_model(run, images) -> tuple[bytes, bytes, dict]:
     """The run's int8 file as `headstart export` makes it, the float model it was quantized from
     (channels equalized, weights on their int8 grid, ranges recorded; it runs in float32), and how
     its range end was chosen."""
-    import headstart.quantization
-    from headstart.export import convert_classifier
+    import headstart.edge.int8.quantization
+    from headstart.edge.export import convert_classifier
 
-    ranged, measured_ranges = [], headstart.quantization.measured_ranges
+    ranged, measured_ranges = [], headstart.edge.int8.quantization.measured_ranges
 
     def keeping_the_ranged_models(model, batches, range_ends):
         ranged.append(measured_ranges(model, batches, range_ends))
         return ranged[-1]
 
-    headstart.quantization.measured_ranges = keeping_the_ranged_models
+    headstart.edge.int8.quantization.measured_ranges = keeping_the_ranged_models
     try:
         int8, chosen = convert_classifier(run, "int8", images)
     finally:
-        headstart.quantization.measured_ranges = measured_ranges
+        headstart.edge.int8.quantization.measured_ranges = measured_ranges
     return int8, ranged[0][chosen["range_end_percentile"]], chosen
 
 
@@ -81,9 +81,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30)
     args = parser.parse_args()
 
-    from headstart.export import export_images
-    from headstart.runs import Run
-    from headstart.tflite_file import uint8_images
+    from headstart.edge.export import export_images
+    from headstart.registry.runs import Run
+    from headstart.edge.tflite_file import uint8_images
 
     run = Run(args.run)
     images = export_images(run)

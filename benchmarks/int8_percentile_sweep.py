@@ -2,7 +2,7 @@
 the range ending at each of several percentiles of the calibration values (100: at their maximum,
 the converter's own choice), each measured against the run's Keras model on its test split, and
 its closeness on the validation split too (mean divergence and top-1 agreement: `headstart export`
-keeps the file of least divergence among headstart.quantization.RANGE_ENDS).
+keeps the file of least divergence among headstart.edge.int8.quantization.RANGE_ENDS).
 
     uv run python benchmarks/int8_percentile_sweep.py RUN_DIR [--percentiles 99.5,99.7,99.9,99.97,99.99,100]
 
@@ -32,9 +32,9 @@ def main() -> None:
 
     import numpy as np
 
-    from headstart.export import compare_with_keras, convert_classifier, export_images, mean_divergence
-    from headstart.runs import Run
-    from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+    from headstart.edge.export import compare_with_keras, convert_classifier, export_images, mean_divergence
+    from headstart.registry.runs import Run
+    from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
 
     run = Run(args.run)
     images = export_images(run)

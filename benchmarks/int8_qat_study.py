@@ -47,12 +47,12 @@ def main() -> None:
     from headstart.backbone.checkpoint import read_legacy_checkpoint
     from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
     from headstart.backbone.mobilenet import build_mobilenet_v2
-    from headstart.export import ExportImages, calibration_images, compare_with_keras, listed_again
-    from headstart.keras import keras, tf
-    from headstart.model import HEAD_DENSE
-    from headstart.preprocessing import enlarge_images, imagenet_normalization
-    from headstart.runs import Run
-    from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_image
+    from headstart.edge.export import ExportImages, calibration_images, compare_with_keras, listed_again
+    from headstart.infra.keras import keras, tf
+    from headstart.training.head import HEAD_DENSE
+    from headstart.data.preprocessing import enlarge_images, imagenet_normalization
+    from headstart.registry.runs import Run
+    from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_image
 
     run = Run(args.run)
     if run.config["backbone"] != BUNDLED_HANDLE or run.config.get("fine_tune"):

@@ -69,10 +69,10 @@ def main() -> None:
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from headstart.export import export_images, mean_divergence
-    from headstart.keras import tf
-    from headstart.runs import Run
-    from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+    from headstart.edge.export import export_images, mean_divergence
+    from headstart.infra.keras import tf
+    from headstart.registry.runs import Run
+    from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
     from int8_error_by_layer import int8_and_its_float_model
 
     run = Run(Path(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""Calibrates the near-duplicate threshold (headstart.leakage.DEFAULT_THRESHOLD) on a real dataset.
+"""Calibrates the near-duplicate threshold (headstart.config.DEFAULT_NEAR_DUPLICATE_THRESHOLD) on a real dataset.
 
     uv run python benchmarks/leakage_calibration.py --data /path/to/cifar10-catdog [--cache-dir DIR]
 
@@ -32,8 +32,9 @@ from headstart.config import TrainConfig
 from headstart.data.sources import prepare_source
 from headstart.features.dataset import FeatureSet, dataset_features_path
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.leakage import DEFAULT_THRESHOLD, find_near_duplicates, unit_rows
-from headstart.preprocessing import decoded_batches
+from headstart.config import DEFAULT_NEAR_DUPLICATE_THRESHOLD as DEFAULT_THRESHOLD
+from headstart.evaluation.near_duplicates import find_near_duplicates, unit_rows
+from headstart.data.preprocessing import decoded_batches
 
 RESULTS = Path(__file__).parent / "results"
 BINS = (0.0, 0.6, 0.7, 0.75, 0.8, 0.82, 0.84, 0.86, 0.87, 0.88, 0.89, 0.9, 0.92, 0.94, 0.96, 0.98, 1.0001)

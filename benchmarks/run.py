@@ -103,8 +103,8 @@ def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int,
 
     from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
     from headstart.data.images import load_image
-    from headstart.keras import hub, keras
-    from headstart.preprocessing import resize_images
+    from headstart.infra.keras import hub, keras
+    from headstart.data.preprocessing import resize_images
 
     start = time.perf_counter()
     table = pq.read_table(manifest_path).to_pydict()
@@ -136,7 +136,7 @@ def throughput(image_sizes: list[int], images: int, cache_dir: Path, rounds: int
     """
     from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
     from headstart.features.engines import KerasEngine, LiteRTEngine
-    from headstart.keras import keras
+    from headstart.infra.keras import keras
 
     rows = []
     generator = np.random.default_rng(0)
@@ -180,7 +180,7 @@ def warm_up(data: Path) -> None:
     """One-time costs of a fresh machine, paid before any timing: Python compiling the bytecode of
     every module a run imports (a fresh environment has none), and the images' first read from
     disk. Otherwise they would all land on whichever run comes first, here the cold `train`."""
-    subprocess.run([sys.executable, "-c", "import flows.train, headstart.keras, headstart.features.engines, headstart.model, headstart.plots, "
+    subprocess.run([sys.executable, "-c", "import flows.train, headstart.infra.keras, headstart.features.engines, headstart.training.head, headstart.reporting.plots, "
                     "headstart.backbone.mobilenet, headstart.backbone.hub_module, tasks.evaluation, tasks.model, ai_edge_litert.interpreter, prefect_dask"],
                    cwd=PROJECT, check=True, capture_output=True)
     for path in data.rglob("*"):
@@ -320,7 +320,7 @@ def report(results: dict, file_name: str) -> None:
     table = "\n".join(lines)
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from headstart.storage import write_json_atomic
+    from headstart.infra.storage import write_json_atomic
 
     write_json_atomic(RESULTS / file_name, {**results, "table": table})
 

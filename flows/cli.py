@@ -110,9 +110,9 @@ def _serve(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from headstart.evaluation import format_metrics
-    from headstart.inference import evaluate_folder
-    from headstart.runs import Run
+    from headstart.evaluation.metrics import format_metrics
+    from headstart.serving.inference import evaluate_folder
+    from headstart.registry.runs import Run
 
     metrics = evaluate_folder(Run(Path(args.model)), Path(args.data), args.batch_size)
     if args.json:
@@ -126,7 +126,7 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from headstart.features.extraction import ExtractionSettings
-    from headstart.prediction import predict_with_model, write_predictions
+    from headstart.serving.predict import predict_with_model, write_predictions
 
     predictions, _ = predict_with_model(args.model, [Path(path) for path in args.paths], Path(args.artifacts_root), Path(args.cache_dir),
                                         ExtractionSettings(args.engine, args.threads, args.batch_size))
@@ -143,8 +143,8 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
-    from headstart import registry
-    from headstart.export import export_images, export_tflite
+    from headstart.registry import versions as registry
+    from headstart.edge.export import export_images, export_tflite
 
     run = registry.resolve(Path(args.artifacts_root), args.model)
     record = export_tflite(run, args.quantize, export_images(run, Path(args.cache_dir) if args.cache_dir else None),
@@ -155,7 +155,7 @@ def _export(args) -> int:
 
 
 def _models(args) -> int:
-    from headstart import registry
+    from headstart.registry import versions as registry
 
     root = Path(args.artifacts_root)
     if args.action == "promote":

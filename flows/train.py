@@ -20,7 +20,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows.parameters import parameters_from
 from headstart.config import TrainConfig
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.reuse import find_identical_run, training_key
+from headstart.registry.reuse import find_identical_run, training_key
 from tasks.data import download, preprocess
 from tasks.evaluation import evaluate, visualize
 from tasks.export import export
@@ -45,7 +45,7 @@ def train(**parameters) -> str:
         if shards:
             # While the extraction runs: TensorFlow and the backbone for build_model, matplotlib for visualize.
             extraction.load_keras_layer_in_background(backbone)
-            _import_in_background("headstart.plots")
+            _import_in_background("headstart.reporting.plots")
         features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
         previous = find_identical_run(config.cache_dir, key, config.artifacts_root) if config.reuse_identical_runs else None

@@ -1,7 +1,7 @@
 """The one typed configuration of a training run, shared by the CLI, the flow and deployments.
 
 Every field counts towards a run's training key (what decides whether an earlier run can be
-reused, see headstart.reuse) by its value, unless it is marked otherwise: RESULT_NEUTRAL for a
+reused, see headstart.registry.reuse) by its value, unless it is marked otherwise: RESULT_NEUTRAL for a
 field that cannot change the model or its metrics, THROUGH_MANIFEST or THROUGH_BACKBONE for one
 whose effect the manifest's or the backbone's fingerprint already counts, WHEN_FINE_TUNING for a
 setting of the fine-tuning stage, which counts only where that stage runs. A new field therefore
@@ -15,13 +15,21 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from headstart.backbone.handles import BUNDLED_HANDLE
-from headstart.backbone.stages import HEAD
-from headstart.leakage import DEFAULT_THRESHOLD
-
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_CIFAR10_CLASSES = ("cat", "dog")
-DEFAULT_CUT = 4  # fine-tuning from stage 4 (see the README's study)
+DEFAULT_CUT = 4  # fine-tuning from stage 4 (see docs/fine-tuning.md)
+# The bundled backbone: ImageNet MobileNetV2, whose stages headstart can cut apart.
+BUNDLED_HANDLE = "bundled:mobilenet_v2"
+# MobileNetV2's last stage (the final 1×1 convolution, headstart.backbone.stages.HEAD): the
+# highest stage fine-tuning can start from.
+LAST_STAGE = 18
+# Cosine similarity from which a held-out image counts as a near-duplicate of a training image;
+# see benchmarks/results/leakage-calibration.md for the measurements behind it.
+DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.88
+# What runs the frozen forward pass: auto = LiteRT where it passes its parity check; litert-int8
+# = the backbone quantized to int8 on the training images.
+Engine = Literal["auto", "litert", "keras", "litert-int8"]
+INT8_ENGINE = "litert-int8"
 
 
 # Marks for the fields that do not count towards the training key by their own value.
@@ -53,7 +61,7 @@ class TrainConfig(BaseModel):
     # what they were before it existed, so their indexed runs are still reused.
     fine_tune: bool = Field(False, json_schema_extra=WHEN_FINE_TUNING, description=(
         "after the head, also train the backbone's stages from --fine-tune-from up, with the head, on activations cached below them"))
-    fine_tune_from: int = Field(DEFAULT_CUT, ge=1, le=HEAD, json_schema_extra=WHEN_FINE_TUNING, description=(
+    fine_tune_from: int = Field(DEFAULT_CUT, ge=1, le=LAST_STAGE, json_schema_extra=WHEN_FINE_TUNING, description=(
         "first stage to fine-tune: 1–17 an inverted-residual block, 18 the final 1×1 convolution; the stages below stay frozen"))
     fine_tune_epochs: int = Field(8, ge=1, le=1000, json_schema_extra=WHEN_FINE_TUNING, description=(
         "fine-tuning epochs (the learning rate decays over them); stops early when validation accuracy stalls"))
@@ -73,12 +81,12 @@ class TrainConfig(BaseModel):
         "CutMix in fine-tuning: alpha of the Beta distribution the area each batch takes from a shuffled copy of itself is drawn from; 0: off"))
     # Counts by value: it changes no weights, but it decides what metrics.json, data_report.json
     # and the model card say, and a reused run must say what this threshold would have.
-    near_duplicate_threshold: float = Field(DEFAULT_THRESHOLD, gt=0.0, le=1.0, description=(
+    near_duplicate_threshold: float = Field(DEFAULT_NEAR_DUPLICATE_THRESHOLD, gt=0.0, le=1.0, description=(
         "cosine similarity of backbone features at or above which a test or validation image counts as a near-duplicate of its "
         "nearest training image (0.88: calibrated for the bundled MobileNetV2 at 160 px, see benchmarks/results/leakage-calibration.md)"))
     backbone: str = Field(BUNDLED_HANDLE, json_schema_extra=THROUGH_BACKBONE, description="'bundled:mobilenet_v2', a TF Hub handle, a SavedModel directory or a URL of a .tar.gz module")
-    # litert-int8 changes the features, but through the backbone's fingerprint (see headstart.quantization).
-    engine: Literal["auto", "litert", "keras", "litert-int8"] = Field("auto", json_schema_extra=RESULT_NEUTRAL, description=(
+    # litert-int8 changes the features, but through the backbone's fingerprint (see headstart.edge.int8.quantization).
+    engine: Engine = Field("auto", json_schema_extra=RESULT_NEUTRAL, description=(
         "what runs the frozen forward pass; auto = LiteRT where it passes its parity check; litert-int8 = the backbone quantized "
         "to int8 on the training images (other features, cached apart; see the README for what it costs in accuracy)"))
     threads: Optional[int] = Field(None, ge=1, json_schema_extra=RESULT_NEUTRAL, description="threads for feature extraction; default: all cores")
@@ -149,7 +157,7 @@ class PredictConfig(BaseModel):
     output: Optional[Path] = Field(None, description="a .csv or .parquet file for path, label, probability (and the top classes)")
     artifacts_root: Path = Field(Path("artifacts"), description="where the registry's versions are")
     cache_dir: Path = Field(Path(".cache/headstart"), description="where the converted LiteRT model is cached")
-    engine: Literal["auto", "litert", "keras", "litert-int8"] = Field("auto", description=(
+    engine: Engine = Field("auto", description=(
         "what runs the frozen forward pass; auto = LiteRT where it passes its parity check (a run trained with litert-int8 always runs on it)"))
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")

@@ -14,7 +14,8 @@ from headstart.data.sources import prepare_source
 from headstart.errors import HeadstartError
 from headstart.features.cache import Shard
 from headstart.features.dataset import plan_extraction
-from headstart.quantization import INT8_ENGINE, quantized_backbone, representative_rows
+from headstart.config import INT8_ENGINE
+from headstart.edge.int8.quantization import quantized_backbone, representative_rows
 
 
 def _is_transient(task, task_run, state) -> bool:

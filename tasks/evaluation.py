@@ -1,4 +1,4 @@
-"""Prefect tasks around headstart.evaluation and headstart.plots: evaluate and visualize."""
+"""Prefect tasks around headstart.evaluation.metrics and headstart.reporting.plots: evaluate and visualize."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from headstart.config import TrainConfig
-from headstart.evaluation import evaluate_split
+from headstart.evaluation.metrics import evaluate_split
 from headstart.features.dataset import FeatureSet
-from headstart.fine_tuning import FineTuningResult
+from headstart.training.fine_tuning import FineTuningResult
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -24,7 +24,7 @@ def visualize(config: TrainConfig, history: dict, metrics: dict, probabilities: 
     """Renders the run's plots as PNG bytes, by file name; with the closest test / training pairs
     where `near_duplicates` (the near_duplicates step's report) flagged any, and the fine-tuning
     curves where it ran."""
-    from headstart.plots import plot_run
+    from headstart.reporting.plots import plot_run
 
     pairs = near_duplicates["splits"]["test"]["pairs"] if near_duplicates is not None else []
     return plot_run(history, metrics, *features.labels_and_paths("test"), probabilities, config.seed, pairs,

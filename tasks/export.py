@@ -1,4 +1,4 @@
-"""Prefect task around headstart.export: export."""
+"""Prefect task around headstart.edge.export: export."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from headstart.data.manifest import Manifest
-from headstart.export import QUANTIZATIONS, ExportImages, export_rows, export_tflite
-from headstart.runs import Run
+from headstart.edge.export import QUANTIZATIONS, ExportImages, export_rows, export_tflite
+from headstart.registry.runs import Run
 
 
 @task(name="export", cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""The Prefect task around headstart.fine_tuning: fine_tune, after train_head."""
+"""The Prefect task around headstart.training.fine_tuning: fine_tune, after train_head."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prefect.logging import get_run_logger
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.features.dataset import FeatureSet
-from headstart.fine_tuning import FineTuningResult, TuningSettings, activation_entries, fine_tune_classifier
+from headstart.training.fine_tuning import FineTuningResult, TuningSettings, activation_entries, fine_tune_classifier
 from tasks.progress import DashboardProgress
 
 
@@ -19,7 +19,7 @@ from tasks.progress import DashboardProgress
 def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classifier, features: FeatureSet) -> FineTuningResult:
     """Fine-tunes the backbone's stages from --fine-tune-from up with the head, on activations
     cached below them; returns the fine-tuned backbone, written as a TF Hub module into the cache
-    under the run's training key (see headstart.fine_tuning)."""
+    under the run's training key (see headstart.training.fine_tuning)."""
     destination = Path(config.cache_dir) / "backbones" / f"fine-tuned-{training_key}"
     with DashboardProgress(activation_entries(features, config.fine_tune_flip), f"fine-tune: activations into stage {config.fine_tune_from}") as activations, \
             DashboardProgress(config.fine_tune_epochs, f"fine-tune: at most {config.fine_tune_epochs} epochs", unit="epoch") as epochs:

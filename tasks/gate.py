@@ -1,4 +1,4 @@
-"""Prefect tasks around headstart.promotion and headstart.registry: gate, promote."""
+"""Prefect tasks around headstart.promotion.decide and headstart.registry.versions: gate, promote."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from headstart import promotion, registry
+from headstart.promotion import decide as promotion
+from headstart.registry import versions as registry
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.features.dataset import FeatureSet
-from headstart.gate import GateDecision
-from headstart.report import gate_rows
-from headstart.runs import Run
+from headstart.promotion.mcnemar import GateDecision
+from headstart.reporting.dashboard import gate_rows
+from headstart.registry.runs import Run
 
 
 @task(name="gate", cache_policy=NO_CACHE)

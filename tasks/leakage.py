@@ -1,4 +1,4 @@
-"""Prefect task around headstart.leakage: near_duplicates."""
+"""Prefect task around headstart.evaluation.near_duplicates: near_duplicates."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from prefect.logging import get_run_logger
 
 from headstart.config import TrainConfig
 from headstart.features.dataset import FeatureSet
-from headstart.leakage import find_near_duplicates, near_duplicate_report
-from headstart.runs import near_duplicates_summary
+from headstart.evaluation.near_duplicates import find_near_duplicates, near_duplicate_report
+from headstart.registry.runs import near_duplicates_summary
 
 
 @task(name="near_duplicates", cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""Prefect tasks around headstart.model: build_model and train_head."""
+"""Prefect tasks around headstart.training.head: build_model and train_head."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def build_model(config: TrainConfig, backbone: Backbone, class_names: tuple[str,
 
     The backbone layer is the one the extraction context loaded beside the extraction, if it did.
     """
-    from headstart.model import HEAD_DENSE, build_classifier
+    from headstart.training.head import HEAD_DENSE, build_classifier
 
     classifier = build_classifier(context.keras_layer(backbone), len(class_names), config.image_size, config.dropout, config.seed)
     if head_from is not None:
@@ -29,8 +29,8 @@ def build_model(config: TrainConfig, backbone: Backbone, class_names: tuple[str,
 
 @task(name="train_head", cache_policy=NO_CACHE)
 def train_head(config: TrainConfig, classifier, features: FeatureSet) -> dict[str, list[float]]:
-    """Fits the classifier's head on the cached features of the train split (see headstart.model)."""
-    from headstart.model import train_head as fit_head
+    """Fits the classifier's head on the cached features of the train split (see headstart.training.head)."""
+    from headstart.training.head import train_head as fit_head
 
     with DashboardProgress(config.epochs, f"train head: at most {config.epochs} epochs", unit="epoch") as progress:
         def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:

@@ -1,4 +1,4 @@
-"""Prefect task around headstart.prediction: predict, with its summary table."""
+"""Prefect task around headstart.serving.predict: predict, with its summary table."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from headstart.config import PredictConfig
 from headstart.features.extraction import ExtractionSettings
-from headstart.prediction import Predictions, predict_with_model, write_predictions
+from headstart.serving.predict import Predictions, predict_with_model, write_predictions
 
 
 @task(name="predict", cache_policy=NO_CACHE)

@@ -15,11 +15,11 @@ from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
-from headstart.fine_tuning import FineTuningResult
-from headstart.gate import GateDecision
-from headstart.report import report_markdown, run_tables
-from headstart.reuse import in_registry, record_run
-from headstart.runs import Run, copy_run, write_run
+from headstart.training.fine_tuning import FineTuningResult
+from headstart.promotion.mcnemar import GateDecision
+from headstart.reporting.dashboard import report_markdown, run_tables
+from headstart.registry.reuse import in_registry, record_run
+from headstart.registry.runs import Run, copy_run, write_run
 
 
 @task(name="publish", cache_policy=NO_CACHE)

@@ -57,7 +57,7 @@ def colour_folder(tmp_path) -> Path:
 def tiny_backbone_dir(tmp_path_factory) -> Path:
     """A small convolutional feature extractor exported exactly like the bundled backbone."""
     from headstart.backbone.hub_module import export_hub_module
-    from headstart.keras import keras
+    from headstart.infra.keras import keras
 
     inputs = keras.Input((None, None, 3))
     x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed=1))(inputs)

@@ -12,10 +12,10 @@ from conftest import FIXTURES
 from headstart.backbone.checkpoint import read_legacy_checkpoint
 from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path, resolve_backbone
 from headstart.backbone.mobilenet import HEAD, build_mobilenet_v2, build_mobilenet_v2_split, channels_into, imagenet_classifier
-from headstart.downloads import DownloadPolicy
+from headstart.infra.downloads import DownloadPolicy
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext
-from headstart.preprocessing import resize_images
+from headstart.data.preprocessing import resize_images
 
 TOLERANCE = 1e-4
 
@@ -85,7 +85,7 @@ def test_hub_module_resizes_any_size_inside(reference, bundled_224):
 
 
 def test_hub_module_exposes_its_variables_for_fine_tuning(bundled_224, reference):
-    from headstart.keras import tf
+    from headstart.infra.keras import tf
 
     module = tf.saved_model.load(str(bundled_224.module_path))
     # Every convolution's kernel and bias (52 convolutions, BatchNorm folded into them), all trainable.
@@ -138,7 +138,7 @@ def test_loading_a_hub_layer_does_not_import_keras_3_nor_change_the_environment(
         "import os, sys; from pathlib import Path; environment = dict(os.environ); "
         "from headstart.backbone.handles import resolve_backbone; "
         f"layer = resolve_backbone({str(tiny_backbone_dir)!r}, 32, Path({str(tmp_path)!r})).keras_layer(); "
-        "from headstart.keras import tf; "
+        "from headstart.infra.keras import tf; "
         "print(type(layer).__module__, 'keras' in sys.modules, dict(os.environ) == environment, tf.keras.Model.__module__.startswith('tf_keras'))"
     )
     environment = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}

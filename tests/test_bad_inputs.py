@@ -50,7 +50,7 @@ def _trained(corpus: Path, manifest) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", [name for name in TRAINS if name != "unreadable.png" or AS_ROOT])
 def test_this_file_trains_decoded_to_rgb(name, corpus, scanned):
-    from headstart.preprocessing import decoded_batches
+    from headstart.data.preprocessing import decoded_batches
 
     manifest, report = scanned
     paths = _trained(corpus, manifest)
@@ -132,7 +132,7 @@ def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cac
     from headstart.features.cache import FeatureCache
     from headstart.features.dataset import assemble_features, plan_extraction
     from headstart.features.extraction import ExtractionContext, ExtractionSettings
-    from headstart.storage import file_sha256
+    from headstart.infra.storage import file_sha256
 
     config = TrainConfig(data=str(colour_folder), cache_dir=tmp_path / "cache")
     backbone = resolve_backbone(str(tiny_backbone_dir), 32, config.cache_dir)
@@ -239,7 +239,7 @@ def test_a_file_without_read_permission_is_skipped_with_its_reason_where_permiss
             rgb(index + (100 if name == "b" else 0)).save(tmp_path / "data" / name / f"{index}.png")
     os.chmod(tmp_path / "data" / "a" / "0.png", 0)
     script = ("import json; from pathlib import Path; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
-              "from headstart.prediction import list_images; "
+              "from headstart.serving.predict import list_images; "
               f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}))[1].skipped "
               f"+ list_images([Path({str(tmp_path / 'data' / 'a')!r})])[1]))")
     result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", script],

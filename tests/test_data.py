@@ -18,7 +18,7 @@ from headstart.data.folders import list_class_files
 from headstart.data.images import load_image
 from headstart.data.manifest import DataReport, assign_split, real_paths
 from headstart.data.sources import prepare_source
-from headstart.downloads import DownloadPolicy, download
+from headstart.infra.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError
 
 

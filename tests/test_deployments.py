@@ -156,7 +156,7 @@ def _labels_swapped_outside_the_test_split(source: Path, destination: Path) -> P
     """The same images, each training and validation image filed under the other class: a model
     trained on them gets the (correctly filed) test images wrong."""
     from headstart.data.manifest import assign_split
-    from headstart.storage import file_sha256
+    from headstart.infra.storage import file_sha256
 
     names = sorted(COLOURS)
     for name in names:

@@ -23,7 +23,7 @@ from headstart.config import TrainConfig
 from headstart.data.cifar10 import fetch_cifar10_archive
 from headstart.data.manifest import DataReport
 from headstart.data.sources import prepare_source
-from headstart.downloads import DownloadPolicy, download
+from headstart.infra.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError
 
 FAST = DownloadPolicy(attempts=3, backoff_seconds=0.01, timeout=0.3)
@@ -189,7 +189,7 @@ def test_a_download_killed_halfway_is_never_used_and_what_it_left_is_cleared_lat
 
 
 def test_a_temporary_file_still_being_written_is_not_taken_for_a_dead_one(tmp_path):
-    from headstart.storage import remove_stale_temporaries
+    from headstart.infra.storage import remove_stale_temporaries
 
     (tmp_path / "staging.1.tmp").mkdir()
     (tmp_path / "staging.1.tmp" / "part").write_bytes(b"written a moment ago")
@@ -202,10 +202,10 @@ def test_a_temporary_file_still_being_written_is_not_taken_for_a_dead_one(tmp_pa
 
 
 def test_the_backoff_doubles_between_attempts(misbehaving, tmp_path, monkeypatch):
-    import headstart.downloads
+    import headstart.infra.downloads
 
     waits = []
-    monkeypatch.setattr(headstart.downloads.time, "sleep", waits.append)
+    monkeypatch.setattr(headstart.infra.downloads.time, "sleep", waits.append)
     server = misbehaving(b"payload", "http 500")
     with pytest.raises(HeadstartError, match=r"HTTP 500 .*\(4 attempts\)"):
         download(server.url("file.bin"), tmp_path / "file.bin", policy=DownloadPolicy(attempts=4, backoff_seconds=0.5))
@@ -312,7 +312,7 @@ def test_a_module_archive_that_unpacks_to_more_than_the_disk_has_free_is_refused
     import collections
     import shutil
 
-    import headstart.archives
+    import headstart.infra.archives
 
     zeros = 64 << 20
     archive = _tar_gz(lambda tar: (_add_module(tar, tiny_backbone_dir), _add_file(tar, "zeros.bin", bytes(zeros))))
@@ -320,7 +320,7 @@ def test_a_module_archive_that_unpacks_to_more_than_the_disk_has_free_is_refused
     free = zeros // 2
     real_disk_usage = shutil.disk_usage
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(headstart.archives.shutil, "disk_usage", lambda path: usage(real_disk_usage(path).total, 0, free))
+    monkeypatch.setattr(headstart.infra.archives.shutil, "disk_usage", lambda path: usage(real_disk_usage(path).total, 0, free))
     server = misbehaving(archive, None)
     with pytest.raises(HeadstartError, match=rf"the archive unpacks to \d+ bytes, more than the {free} free in .*tfhub"):
         resolve_backbone(server.url("module.tar.gz"), 32, tmp_path / "cache", FAST)

@@ -14,8 +14,8 @@ import pytest
 from conftest import FIXTURES, write_class_images
 from headstart.config import TrainConfig
 from headstart.errors import HeadstartError
-from headstart.quantization import RANGE_ENDS
-from headstart.runs import Run
+from headstart.edge.int8.quantization import RANGE_ENDS
+from headstart.registry.runs import Run
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def exported_run(prefect_harness, colours, tiny_backbone_dir, tmp_path_factory) 
 def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(exported_run):
     from prefect.artifacts import Artifact
 
-    from headstart.tflite_file import TFLiteClassifier, read_labels
+    from headstart.edge.tflite_file import TFLiteClassifier, read_labels
 
     exports = exported_run.metrics["exports"]
     assert set(exports) == {"none", "int8"}
@@ -73,7 +73,7 @@ def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(expo
 
     from ai_edge_litert import schema_py_generated as schema
 
-    from headstart.tflite_file import embed_labels
+    from headstart.edge.tflite_file import embed_labels
 
     spec = importlib.util.spec_from_file_location("tflite_metadata_schema", FIXTURES / "tflite_metadata_schema.py")
     metadata_schema = importlib.util.module_from_spec(spec)
@@ -113,7 +113,7 @@ def _cli(*args, tmp_path):
 
 def test_predict_from_a_tflite_file_imports_no_tensorflow_and_agrees_with_the_run(exported_run, colours, tmp_path):
     from headstart.features.extraction import ExtractionContext
-    from headstart.prediction import predict_images
+    from headstart.serving.predict import predict_images
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     probe = ("import json, sys; from flows.cli import main; status = main(sys.argv[1:]); "
@@ -156,13 +156,13 @@ def test_export_command_writes_where_asked_and_records_the_figures(exported_run,
 
 
 def test_export_can_fail_a_script_when_the_file_misses_its_target(exported_run, tmp_path, monkeypatch, capsys):
-    import headstart.export
+    import headstart.edge.export
     from flows.cli import main
 
     output = tmp_path / "strict.tflite"
     arguments = ["export", "--model", str(exported_run.path), "--output", str(output), "--require-target"]
     assert main(arguments) == 0
-    monkeypatch.setattr(headstart.export, "FLOAT_TOLERANCE", -1.0)  # a target no file meets
+    monkeypatch.setattr(headstart.edge.export, "FLOAT_TOLERANCE", -1.0)  # a target no file meets
     assert main(arguments) == 1 and output.is_file()
     assert "NOT met" in capsys.readouterr().err
 
@@ -170,12 +170,12 @@ def test_export_can_fail_a_script_when_the_file_misses_its_target(exported_run, 
 def test_int8_features_are_cached_under_their_own_key(prefect_harness, colours, tiny_backbone_dir, tmp_path):
     from flows.train import train
     from headstart.backbone.handles import resolve_backbone
-    from headstart.export import export_tflite
+    from headstart.edge.export import export_tflite
     from headstart.features.cache import FeatureCache
     from headstart.features.extraction import ExtractionContext
-    from headstart.inference import evaluate_folder, predict_files
-    from headstart.prediction import predict_images
-    from headstart.quantization import quantized_backbone
+    from headstart.serving.inference import evaluate_folder, predict_files
+    from headstart.serving.predict import predict_images
+    from headstart.edge.int8.quantization import quantized_backbone
 
     float_run = Run(train(**_config(colours, tiny_backbone_dir, tmp_path).model_dump()))
     int8_run = Run(train(**_config(colours, tiny_backbone_dir, tmp_path, engine="litert-int8").model_dump()))
@@ -226,7 +226,7 @@ def test_the_predict_flow_takes_a_tflite_file_too(exported_run, colours, tmp_pat
 
 
 def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, colours, tmp_path):
-    from headstart.export import ExportImages, export_tflite
+    from headstart.edge.export import ExportImages, export_tflite
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     blue = sorted(str(path) for path in (colours / "blue").glob("*.png"))[:6]
@@ -238,7 +238,7 @@ def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, c
 def test_the_int8_export_keeps_the_file_closest_to_the_keras_model_not_the_first(exported_run):
     """Two candidates that agree on every validation decision, the int8 file first: the float32
     file moves no probability, so it is the one kept."""
-    from headstart.export import closest_variant, convert_classifier, export_images
+    from headstart.edge.export import closest_variant, convert_classifier, export_images
 
     images = export_images(exported_run)
     int8, _ = convert_classifier(exported_run, "int8", images, range_ends=(99.99,))
@@ -249,7 +249,7 @@ def test_the_int8_export_keeps_the_file_closest_to_the_keras_model_not_the_first
 
 
 def test_the_divergence_that_chooses_an_int8_file_counts_every_probability():
-    from headstart.export import mean_divergence
+    from headstart.edge.export import mean_divergence
 
     expected = np.array([[0.9, 0.1], [0.6, 0.4]])
     assert mean_divergence(expected, expected) == pytest.approx(0.0, abs=1e-6)

@@ -21,7 +21,7 @@ from headstart.features.dataset import plan_extraction
 from headstart.features.encoding import features_matrix
 from headstart.features.engines import KerasEngine, choose_engine
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.preprocessing import decoded_batches, image_batches, resize_images
+from headstart.data.preprocessing import decoded_batches, image_batches, resize_images
 
 
 @pytest.fixture

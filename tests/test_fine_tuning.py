@@ -16,9 +16,9 @@ from headstart.data.images import load_image
 from headstart.data.sources import prepare_source
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.fine_tuning import (ActivationCache, Entry, SplitBackbone, TuningSettings, cache_activations, entry_key,
+from headstart.training.fine_tuning import (ActivationCache, Entry, SplitBackbone, TuningSettings, cache_activations, entry_key,
                                    fine_tune_classifier, selected_epoch)
-from headstart.model import HEAD_DENSE, build_classifier, train_head
+from headstart.training.head import HEAD_DENSE, build_classifier, train_head
 
 CUT = 14  # at 32 px: activations of 2×2×96 entering block 14, so blocks 14–17 and the last convolution train
 
@@ -103,7 +103,7 @@ def _fine_tuned(config, features, bundled_32, destination, epochs=3, learning_ra
 
 
 def _module_variables(module_path: Path) -> dict[str, np.ndarray]:
-    from headstart.keras import tf
+    from headstart.infra.keras import tf
 
     return {variable.name: variable.numpy() for variable in tf.saved_model.load(str(module_path)).variables}
 
@@ -164,7 +164,7 @@ def test_the_epoch_kept_is_the_latest_within_one_standard_error_of_the_best():
 
 
 def test_a_mirror_averaged_backbone_averages_the_features_of_each_image_and_its_mirror(bundled_32, tmp_path):
-    from headstart.keras import tf
+    from headstart.infra.keras import tf
 
     split = SplitBackbone(bundled_32, CUT)
     plain, averaged = split.export(tmp_path / "plain", "plain"), split.export(tmp_path / "averaged", "averaged", mirror_average=True)
@@ -180,7 +180,7 @@ def test_a_mirror_averaged_backbone_averages_the_features_of_each_image_and_its_
 
 
 def test_cutmix_takes_one_rectangle_from_a_partner_and_blends_the_labels_by_its_area():
-    from headstart.fine_tuning import _cut_and_mixed
+    from headstart.training.fine_tuning import _cut_and_mixed
 
     batch = np.arange(6, dtype=np.float32)[:, None, None, None] * np.ones((6, 8, 8, 3), np.float32)
     targets = np.eye(6, dtype=np.float32)
@@ -198,7 +198,7 @@ def test_cutmix_takes_one_rectangle_from_a_partner_and_blends_the_labels_by_its_
 
 
 def test_fine_tuning_settings_count_towards_the_training_key_only_where_it_runs(colour_folder):
-    from headstart.reuse import training_key
+    from headstart.registry.reuse import training_key
 
     base = TrainConfig(data=str(colour_folder))
     assert training_key(base, "m", "b") == training_key(base.model_copy(update={"fine_tune_epochs": 3}), "m", "b")
@@ -220,8 +220,8 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     from prefect.artifacts import Artifact
 
     from flows.train import train
-    from headstart.plots import FINE_TUNING_PLOT
-    from headstart.runs import Run
+    from headstart.reporting.plots import FINE_TUNING_PLOT
+    from headstart.registry.runs import Run
 
     config = _fine_tune_config(colour_folder, tmp_path)
     run = Run.if_complete(Path(train(**config.model_dump())))
@@ -254,9 +254,9 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
 def _serves_what_evaluation_measured(run, tmp_path):
     """The run's saved model, loaded and served from raw pixels, and `predict` give the
     probabilities evaluation measured on the fine-tuned backbone's features."""
-    from headstart.evaluation import evaluate_split
+    from headstart.evaluation.metrics import evaluate_split
     from headstart.features.dataset import FeatureSet
-    from headstart.prediction import predict_images
+    from headstart.serving.predict import predict_images
 
     features_file = sorted((tmp_path / "cache" / "datasets").glob(f"*-{run.backbone.fingerprint}-32px-*.parquet"))
     assert len(features_file) == 1

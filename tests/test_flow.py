@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from headstart.config import TrainConfig
-from headstart.runs import RUN_FILES, Run
+from headstart.registry.runs import RUN_FILES, Run
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     from prefect.artifacts import Artifact
 
     from flows.train import train
-    from headstart.plots import PLOT_FILES
+    from headstart.reporting.plots import PLOT_FILES
 
     # A threshold no two different images reach: the tiny backbone's 16 features make every
     # image of a class alike (tests/test_leakage.py checks the near-duplicates with another).
@@ -100,7 +100,7 @@ def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(pref
     from prefect.artifacts import Artifact
 
     from flows.train import train
-    from headstart import registry
+    from headstart.registry import versions as registry
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
     first = Path(train(**config.model_dump()))
@@ -153,7 +153,7 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     from flows.train import train
     from headstart.backbone.handles import resolve_backbone
     from headstart.features.dataset import FeatureSet
-    from headstart.promotion import run_probabilities
+    from headstart.promotion.decide import run_probabilities
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
     champion = Run(train(**config.model_dump()))
@@ -205,7 +205,7 @@ def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(pre
     from prefect.artifacts import Artifact
 
     from flows.train import train
-    from headstart import registry
+    from headstart.registry import versions as registry
 
     root = tmp_path / "artifacts"
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path, gate=False)
@@ -255,7 +255,7 @@ def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour
 
 def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
     from flows.train import train
-    from headstart import runs
+    from headstart.registry import runs
 
     def crash(self, classifier, backbone):
         raise OSError("disk full")
@@ -369,10 +369,10 @@ def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start
     import pyarrow.parquet as pq
     from prefect.artifacts import Artifact
 
-    import headstart.prediction
+    import headstart.serving.predict
     from flows.predict import predict
     from flows.train import train
-    from headstart import registry
+    from headstart.registry import versions as registry
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
     first = Path(train(**config.model_dump()))
@@ -380,7 +380,7 @@ def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start
     second = Path(train(**config.model_copy(update={"data": str(swapped), "gate": False}).model_dump()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
 
-    real_batches = headstart.prediction.decoded_batches
+    real_batches = headstart.serving.predict.decoded_batches
     batches_seen = []
 
     def batches_then_a_retrain_promotes(*args, **kwargs):
@@ -390,12 +390,12 @@ def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start
             if len(batches_seen) == 1:  # the retrain finishes while the first batch is being labelled
                 registry.promote(tmp_path / "artifacts", second.name, "retrained", by="gate")
 
-    monkeypatch.setattr(headstart.prediction, "decoded_batches", batches_then_a_retrain_promotes)
+    monkeypatch.setattr(headstart.serving.predict, "decoded_batches", batches_then_a_retrain_promotes)
     places = dict(artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache", batch_size=8)
     predict(inputs=[str(colour_folder)], output=tmp_path / "during.parquet", **places)
     assert len(batches_seen) == 6 and registry.champion_version(tmp_path / "artifacts") == second.name
     assert first.name in Artifact.get("headstart-predictions").description
-    monkeypatch.setattr(headstart.prediction, "decoded_batches", real_batches)
+    monkeypatch.setattr(headstart.serving.predict, "decoded_batches", real_batches)
     predict(inputs=[str(colour_folder)], output=tmp_path / "after.parquet", **places)
 
     def labels_by_path(name):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from headstart import gate
+from headstart.promotion import mcnemar as gate
 
 
 @pytest.mark.parametrize("b, c, expected", [

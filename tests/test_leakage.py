@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from headstart import leakage
+from headstart.evaluation import near_duplicates as leakage
 from headstart.features.dataset import FeatureSet
 from headstart.features.encoding import features_column
-from headstart.leakage import accuracy_with_and_without, find_near_duplicates, near_duplicate_report, nearest_neighbours
+from headstart.evaluation.near_duplicates import accuracy_with_and_without, find_near_duplicates, near_duplicate_report, nearest_neighbours
 
 
 def _planted(dimensions: int = 48, references: int = 300, seed: int = 0):
@@ -133,7 +133,7 @@ def pixel_backbone_dir(tmp_path_factory) -> Path:
     unlike the tiny convolutional one, it tells two different images apart, and a re-encoded or
     shifted copy from its original only a little, as MobileNetV2 does at its own scale."""
     from headstart.backbone.hub_module import export_hub_module
-    from headstart.keras import keras
+    from headstart.infra.keras import keras
 
     inputs = keras.Input((32, 32, 3))
     network = keras.Model(inputs, keras.layers.Flatten()(keras.layers.AveragePooling2D(4)(inputs)))
@@ -167,8 +167,8 @@ def test_a_shifted_reencoded_copy_of_a_training_image_in_the_test_split_is_flagg
     from headstart.config import TrainConfig
     from headstart.data.images import load_image
     from headstart.data.manifest import assign_split
-    from headstart.plots import NEAR_DUPLICATES_PLOT, PLOT_FILES
-    from headstart.runs import Run
+    from headstart.reporting.plots import NEAR_DUPLICATES_PLOT, PLOT_FILES
+    from headstart.registry.runs import Run
 
     config = TrainConfig.smoke(data=str(tmp_path / "data"), backbone=str(pixel_backbone_dir), artifacts_root=tmp_path / "artifacts",
                                cache_dir=tmp_path / "cache", epochs=40, learning_rate=0.1, batch_size=8, patience=40,

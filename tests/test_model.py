@@ -8,7 +8,7 @@ from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.sources import prepare_source
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.model import build_classifier, predict_from_features, train_head
+from headstart.training.head import build_classifier, predict_from_features, train_head
 
 
 def _features(config, backbone, cache_dir, **assemble_options):
@@ -91,7 +91,7 @@ def test_early_stopping_keeps_the_best_epoch(setup):
 
 
 def test_whole_batches_carry_the_remainder_across_chunks():
-    from headstart.model import _whole_batches
+    from headstart.training.head import _whole_batches
 
     chunks = [(np.arange(n, dtype=np.float32)[:, None] + offset, np.arange(n) + offset) for n, offset in ((5, 0), (7, 5), (2, 12))]
     sizes = [len(labels) for _, labels in _whole_batches(iter(chunks), 4)]

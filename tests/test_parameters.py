@@ -29,7 +29,7 @@ def test_flow_parameters_are_validated_like_the_config():
 
 
 def test_native_start_up_notices_are_dropped_and_every_other_line_kept(capfd):
-    from headstart.quiet import native_notices_dropped
+    from headstart.infra.native_logs import native_notices_dropped
 
     with native_notices_dropped():
         os.write(2, b"I0000 00:00:1.0  123 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n")

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import write_class_images
 from headstart.errors import HeadstartError
-from headstart.prediction import Predictions, list_images, write_predictions
+from headstart.serving.predict import Predictions, list_images, write_predictions
 
 
 def test_folders_are_walked_and_what_cannot_be_used_is_listed_with_its_reason(tmp_path):

@@ -4,8 +4,8 @@ percentile), and channels equalized where they can be scaled."""
 import numpy as np
 import pytest
 
-from headstart.keras import keras, tf
-from headstart.quantization import full_integer
+from headstart.infra.keras import keras, tf
+from headstart.edge.int8.quantization import full_integer
 
 
 def _int8_tensor(flatbuffer: bytes, operation: str, first: bool = False) -> tuple[float, int]:
@@ -76,7 +76,7 @@ def test_a_narrow_channel_before_a_depthwise_convolution_keeps_its_precision(mon
     """Two channels into a depthwise convolution, one a hundred times narrower than the other: with
     one int8 scale for both, the narrow one keeps about two steps; equalized, it keeps sixteen
     times as many, and the model still computes what the float model does."""
-    import headstart.equalization
+    import headstart.edge.int8.equalization
 
     images = keras.Input((6, 6, 2))
     convolution, depthwise = keras.layers.Conv2D(2, 1, activation=keras.activations.relu), keras.layers.DepthwiseConv2D(3)
@@ -94,7 +94,7 @@ def test_a_narrow_channel_before_a_depthwise_convolution_keeps_its_precision(mon
         return float(np.abs(_run(flatbuffer, test)[..., 1] - narrow).max() / np.abs(narrow).max())
 
     equalized = narrow_channel_error()
-    monkeypatch.setattr(headstart.equalization, "equalize", lambda model, pairs, maxima: 0)
+    monkeypatch.setattr(headstart.edge.int8.equalization, "equalize", lambda model, pairs, maxima: 0)
     assert equalized < 0.05 and equalized * 4 < narrow_channel_error()
 
 
@@ -104,7 +104,7 @@ def test_a_narrow_channel_of_a_residual_sum_keeps_its_precision(monkeypatch):
     scaled as one group (both projections alike, the readers' inputs divided back), so the narrow
     channel gets sixteen times the steps of its sum's one int8 scale, and the model still computes
     what the float model does."""
-    import headstart.equalization
+    import headstart.edge.int8.equalization
 
     images = keras.Input((6, 6, 2))
     first, expansion, second = keras.layers.Conv2D(2, 1), keras.layers.Conv2D(4, 1, activation=keras.activations.relu), keras.layers.Conv2D(2, 1)
@@ -122,8 +122,8 @@ def test_a_narrow_channel_of_a_residual_sum_keeps_its_precision(monkeypatch):
     batches = [np.random.default_rng(seed).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32) for seed in range(50)]
     test = np.random.default_rng(99).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32)
     expected = network(test).numpy()[..., 1]
-    found, scalable_channels = [], headstart.equalization.scalable_channels
-    monkeypatch.setattr(headstart.equalization, "scalable_channels", lambda model: found.extend(scalable_channels(model)) or found)
+    found, scalable_channels = [], headstart.edge.int8.equalization.scalable_channels
+    monkeypatch.setattr(headstart.edge.int8.equalization, "scalable_channels", lambda model: found.extend(scalable_channels(model)) or found)
 
     def narrow_channel_error() -> float:
         (flatbuffer,) = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches)).values()
@@ -131,14 +131,14 @@ def test_a_narrow_channel_of_a_residual_sum_keeps_its_precision(monkeypatch):
 
     equalized = narrow_channel_error()
     assert [(len(group.tensors), len(group.producers), len(group.readers)) for group in found] == [(3, 2, 2)]
-    monkeypatch.setattr(headstart.equalization, "equalize", lambda model, groups, ranges: 0)
+    monkeypatch.setattr(headstart.edge.int8.equalization, "equalize", lambda model, groups, ranges: 0)
     assert equalized < 0.05 and equalized * 4 < narrow_channel_error()
 
 
 def test_a_residual_sum_read_by_anything_but_a_convolution_is_left_as_it_is(monkeypatch):
     """A sum that a pooling reads (no filter there to divide a scaled channel back) is not scaled:
     the int8 model still computes the float model's values."""
-    import headstart.equalization
+    import headstart.edge.int8.equalization
 
     images = keras.Input((6, 6, 2))
     first, second = keras.layers.Conv2D(2, 1), keras.layers.Conv2D(2, 1)
@@ -147,8 +147,8 @@ def test_a_residual_sum_read_by_anything_but_a_convolution_is_left_as_it_is(monk
     first.set_weights([np.diag([5.0, 0.05]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.1, 0.001], np.float32)])
     second.set_weights([np.diag([0.5, 0.005]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.3, 0.003], np.float32)])
     batches = [np.random.default_rng(seed).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32) for seed in range(50)]
-    found, scalable_channels = [], headstart.equalization.scalable_channels
-    monkeypatch.setattr(headstart.equalization, "scalable_channels", lambda model: found.extend(scalable_channels(model)) or found)
+    found, scalable_channels = [], headstart.edge.int8.equalization.scalable_channels
+    monkeypatch.setattr(headstart.edge.int8.equalization, "scalable_channels", lambda model: found.extend(scalable_channels(model)) or found)
 
     (flatbuffer,) = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches)).values()
     test = np.random.default_rng(99).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32)
@@ -161,7 +161,7 @@ def test_depthwise_taps_are_rounded_so_that_their_errors_cancel_on_smooth_images
     taps of 0.57 int8 steps, each rounded to its nearest step, add 3.4 steps to that sum; rounded so
     that their errors cancel on the calibration images, the sum stays within a step, and the largest
     tap keeps its 127 steps, so the converter's grid is the one they were rounded to."""
-    import headstart.rounding
+    import headstart.edge.int8.rounding
 
     images = keras.Input((8, 8, 1))
     depthwise = keras.layers.DepthwiseConv2D(3)
@@ -181,7 +181,7 @@ def test_depthwise_taps_are_rounded_so_that_their_errors_cancel_on_smooth_images
         return interpreter.get_tensor(operation["inputs"][1]).astype(np.int64)
 
     rounded = taps_in_steps()
-    monkeypatch.setattr(headstart.rounding, "round_compensating", lambda model, batches: 0)
+    monkeypatch.setattr(headstart.edge.int8.rounding, "round_compensating", lambda model, batches: 0)
     nearest = taps_in_steps()
     assert nearest.sum() == 127 + 8 and nearest.max() == 127
     assert abs(rounded.sum() - (127 + 8 * 0.57)) <= 1.0 and rounded.max() == 127
@@ -192,7 +192,7 @@ def test_rounding_together_moves_a_convolutions_output_less_than_rounding_each_w
     error compensated in the weights after it, every weight is on its row's int8 grid, each row's
     largest keeps its 127 steps, and the output moves less than with each weight at its nearest
     step: never more than 0.8 times as far, on average less than half."""
-    from headstart.rounding import round_rows
+    from headstart.edge.int8.rounding import round_rows
 
     ratios = []
     for seed in range(10):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from headstart import registry
+from headstart.registry import versions as registry
 from headstart.errors import HeadstartError
-from headstart.runs import CLASS_NAMES_FILE, CONFIG_FILE, LINEAGE_FILE, METRICS_FILE, RUN_FILES
+from headstart.registry.runs import CLASS_NAMES_FILE, CONFIG_FILE, LINEAGE_FILE, METRICS_FILE, RUN_FILES
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_models_command_lists_promotes_and_rolls_back(root):
 
 
 def test_promotions_from_processes_at_once_lose_no_history_entry(root):
-    script = ("import sys; from pathlib import Path; from headstart import registry\n"
+    script = ("import sys; from pathlib import Path; from headstart.registry import versions as registry\n"
               "for i in range(25): registry.promote(Path(sys.argv[1]), sys.argv[2], f'{sys.argv[2]} {i}')")
     versions = ["20261201-030000-000000", "20261202-030000-000001"]
     writers = [subprocess.Popen([sys.executable, "-c", script, str(root), version], cwd=PROJECT) for version in versions]

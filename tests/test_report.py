@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from headstart.evaluation import classification_metrics, format_metrics
-from headstart.gate import GateDecision
-from headstart.report import DATA_TABLE_FILES, data_rows, gate_rows, metrics_rows
+from headstart.evaluation.metrics import classification_metrics, format_metrics
+from headstart.promotion.mcnemar import GateDecision
+from headstart.reporting.dashboard import DATA_TABLE_FILES, data_rows, gate_rows, metrics_rows
 
 
 def _metrics():
@@ -41,7 +41,7 @@ def test_the_data_table_lists_each_file_left_out_with_its_reason_and_counts_the_
 
 
 def test_the_near_duplicates_table_lists_every_pair_with_the_same_columns_or_says_there_are_none():
-    from headstart.report import near_duplicate_rows
+    from headstart.reporting.dashboard import near_duplicate_rows
 
     pair = {"path": "/d/test/cat/1.jpg", "label": "cat", "train_path": "/d/train/dog/2.jpg", "train_label": "dog", "similarity": 0.912345}
     flagged = {"threshold": 0.88, "splits": {"test": {"pairs": [pair]}, "validation": {"pairs": [{**pair, "similarity": 0.9}]}}}

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from headstart import __version__
 from headstart.config import RESULT_NEUTRAL, TrainConfig
-from headstart.reuse import training_key
+from headstart.registry.reuse import training_key
 
 
 def _key(config: TrainConfig) -> str:
@@ -65,8 +65,8 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
 def test_the_index_finds_the_run_under_the_artifacts_root_asked_for(tmp_path, monkeypatch):
     """A key's result held under two artifacts roots: each root finds its own, another root the
     first; an index entry written before entries kept one run per root still finds its run."""
-    import headstart.runs
-    from headstart.reuse import find_identical_run, record_run
+    import headstart.registry.runs
+    from headstart.registry.reuse import find_identical_run, record_run
 
     runs = {}
     for root in ("a", "b"):
@@ -75,7 +75,7 @@ def test_the_index_finds_the_run_under_the_artifacts_root_asked_for(tmp_path, mo
         (runs[root] / "config.json").write_text(json.dumps({"training_key": "k"}))
         (runs[root] / "class_names.json").write_text('["cat", "dog"]')
     # A directory with these two counts as complete here: the other run files are not the point.
-    monkeypatch.setattr(headstart.runs, "REQUIRED_RUN_FILES", ("config.json", "class_names.json"))
+    monkeypatch.setattr(headstart.registry.runs, "REQUIRED_RUN_FILES", ("config.json", "class_names.json"))
     record_run(tmp_path / "cache", "k", runs["a"])
     record_run(tmp_path / "cache", "k", runs["b"])
     assert find_identical_run(tmp_path / "cache", "k", tmp_path / "a") == runs["a"]

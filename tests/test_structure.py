@@ -1,54 +1,70 @@
-"""The core's shape: no module of headstart/ imports Prefect, only those that compute with
-TensorFlow import it, and no two modules of headstart/ import each other in a loop."""
+"""The core's shape: its folders are the pipeline's stages, each importing only the stages below
+it (the order is declared once, here); no import cycle; no module of headstart/ imports Prefect;
+only the modules that compute with TensorFlow import it when they load."""
 
 import ast
 import json
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import headstart
-
 PROJECT = Path(__file__).resolve().parents[1]
-CORE_MODULES = sorted(module.name for module in pkgutil.walk_packages(headstart.__path__, "headstart."))
+CORE = PROJECT / "headstart"
+
+# The wings of headstart/, lowest first: a module may import its own wing and the ones before it.
+WING_ORDER = (
+    "errors", "config", "infra", "data", "backbone", "features", "training", "evaluation",
+    "registry", "edge", "serving", "promotion", "reporting",
+)
 # The modules whose work is TensorFlow's: the Keras switch, the network graph, the TF Hub export,
 # the classifier. Every other core module imports TensorFlow only inside the functions that use it.
-NEEDS_TENSORFLOW = {"headstart.keras", "headstart.backbone.mobilenet", "headstart.backbone.hub_module", "headstart.model"}
+NEEDS_TENSORFLOW = {"headstart.infra.keras", "headstart.backbone.mobilenet", "headstart.backbone.hub_module", "headstart.training.head"}
+TENSORFLOW_PACKAGES = {"tensorflow", "tf_keras", "tensorflow_hub"}
 
 
-def test_the_core_modules_are_the_ones_this_test_knows():
-    assert NEEDS_TENSORFLOW <= set(CORE_MODULES)
-    assert {"headstart.config", "headstart.features.extraction", "headstart.runs", "headstart.inference"} <= set(CORE_MODULES)
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PROJECT).with_suffix("").parts).removesuffix(".__init__")
 
 
-def test_importing_a_core_module_pulls_in_no_prefect_and_tensorflow_only_where_needed():
-    probe = "import importlib, json, sys; importlib.import_module(sys.argv[1]); print(json.dumps(['prefect' in sys.modules, 'tensorflow' in sys.modules]))"
-    children = {name: subprocess.Popen([sys.executable, "-c", probe, name], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for name in CORE_MODULES}
-    imported = {}
-    for name, child in children.items():
-        out, err = child.communicate(timeout=300)
-        assert child.returncode == 0, f"{name}: {err[-2000:]}"
-        imported[name] = json.loads(out.strip().splitlines()[-1])
-    assert [name for name, (prefect, _) in imported.items() if prefect] == []
-    assert {name for name, (_, tensorflow) in imported.items() if tensorflow} == NEEDS_TENSORFLOW
+SOURCES = {_module_name(path): path for path in sorted(CORE.rglob("*.py"))}
 
 
-def _core_imports(path: Path, module: str) -> set[str]:
-    """The core modules this file imports, at its top or inside a function."""
+def _imports(tree: ast.Module, top_level_only: bool) -> set[str]:
+    """Every module named by the file's import statements (at its top only, or anywhere)."""
+    nodes = _run_when_loaded(tree.body) if top_level_only else list(ast.walk(tree))
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-        else:
-            continue
-        found |= {target for target in targets if target in CORE_MODULES and target != module}
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
     return found
+
+
+def _run_when_loaded(statements: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements a module runs as it loads: its top level, into `with`, `try` and `if`
+    blocks, but not into functions, classes or `if TYPE_CHECKING:`."""
+    found = []
+    for statement in statements:
+        found.append(statement)
+        if isinstance(statement, ast.If) and "TYPE_CHECKING" in ast.unparse(statement.test):
+            continue
+        if isinstance(statement, (ast.With, ast.Try, ast.If)):
+            found += _run_when_loaded(statement.body)
+            found += _run_when_loaded(getattr(statement, "orelse", []) + getattr(statement, "finalbody", []))
+            for handler in getattr(statement, "handlers", []):
+                found += _run_when_loaded(handler.body)
+    return found
+
+
+TREES = {name: ast.parse(path.read_text()) for name, path in SOURCES.items()}
+GRAPH = {name: {target for target in _imports(tree, False) if target in SOURCES and target != name} for name, tree in TREES.items()}
+
+
+def _wing(module: str) -> str:
+    return module.split(".")[1] if module != "headstart" else "errors"
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -71,12 +87,23 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+def test_the_core_is_wings_with_few_modules_at_its_top():
+    top_level = sorted(path.name for path in CORE.glob("*.py"))
+    assert len(top_level) <= 4, top_level
+    folders = {path.name for path in CORE.iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert folders <= set(WING_ORDER), f"declare the new wing in WING_ORDER: {sorted(folders - set(WING_ORDER))}"
+    assert {_wing(module) for module in SOURCES} <= set(WING_ORDER)
+
+
+def test_no_module_imports_a_wing_above_its_own():
+    assert GRAPH["headstart.features.extraction"]  # the graph sees imports at all
+    upward = [f"{module} imports {target}" for module, targets in GRAPH.items() for target in sorted(targets)
+              if WING_ORDER.index(_wing(target)) > WING_ORDER.index(_wing(module))]
+    assert upward == []
+
+
 def test_no_import_cycle_inside_the_core():
-    files = {name: PROJECT / (name.replace(".", "/") + ".py") for name in CORE_MODULES}
-    files = {name: path if path.exists() else path.with_suffix("") / "__init__.py" for name, path in files.items()}
-    graph = {name: _core_imports(path, name) for name, path in files.items()}
-    assert graph["headstart.features.extraction"]  # the graph sees imports at all
-    assert _cycles(graph) == []
+    assert _cycles(GRAPH) == []
 
 
 @pytest.mark.parametrize("graph, cycle", [
@@ -85,3 +112,46 @@ def test_no_import_cycle_inside_the_core():
 ])
 def test_the_cycle_check_finds_cycles(graph, cycle):
     assert _cycles(graph) == [cycle]
+
+
+def test_the_wing_check_finds_an_upward_import():
+    module, target = "headstart.features.engines", "headstart.edge.int8.quantization"
+    assert WING_ORDER.index(_wing(target)) > WING_ORDER.index(_wing(module))
+
+
+def _loads_at_import(module: str, top_level: dict[str, set[str]], seen: set[str]) -> set[str]:
+    """The outside packages a module's loading pulls in, through its top-level imports and those of
+    the core modules it imports at its top."""
+    if module in seen:
+        return set()
+    seen.add(module)
+    found = {target.split(".")[0] for target in top_level[module] if not target.startswith("headstart")}
+    for target in top_level[module]:
+        if target in SOURCES:
+            found |= _loads_at_import(target, top_level, seen)
+        parent = target.rpartition(".")[0]
+        if parent in SOURCES and target not in SOURCES:  # `from headstart.x import name`
+            found |= _loads_at_import(parent, top_level, seen)
+    # A package's __init__ loads with each of its modules.
+    package = module.rpartition(".")[0]
+    if package in SOURCES:
+        found |= _loads_at_import(package, top_level, seen)
+    return found
+
+
+def test_no_core_module_imports_prefect_and_only_the_tensorflow_ones_load_it():
+    anywhere = {name: _imports(tree, False) for name, tree in TREES.items()}
+    assert [name for name, targets in anywhere.items() if any(t.split(".")[0] in ("prefect", "prefect_dask") for t in targets)] == []
+    top_level = {name: _imports(tree, True) for name, tree in TREES.items()}
+    loading = {name: _loads_at_import(name, top_level, set()) for name in SOURCES}
+    assert {name for name, packages in loading.items() if packages & TENSORFLOW_PACKAGES} == NEEDS_TENSORFLOW
+
+
+def test_loading_the_core_without_its_tensorflow_modules_pulls_in_neither_prefect_nor_tensorflow():
+    """The static check above, confirmed once by Python itself in one fresh interpreter."""
+    light = sorted(set(SOURCES) - NEEDS_TENSORFLOW)
+    probe = ("import importlib, json, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\n"
+             "print(json.dumps(sorted(p for p in ('prefect', 'tensorflow', 'tf_keras', 'tensorflow_hub') if p in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe, *light], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

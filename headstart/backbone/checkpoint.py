@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart.errors import HeadstartError
-from headstart.storage import file_sha256
+from headstart.infra.storage import file_sha256
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 

@@ -16,13 +16,13 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from headstart.archives import unpack_tar
+from headstart.infra.archives import unpack_tar
 from headstart.backbone.checkpoint import read_legacy_checkpoint
-from headstart.downloads import DownloadError, DownloadPolicy, download
+from headstart.config import BUNDLED_HANDLE
+from headstart.infra.downloads import DownloadError, DownloadPolicy, download
 from headstart.errors import HeadstartError, first_line
-from headstart.storage import remove_stale_temporaries
+from headstart.infra.storage import remove_stale_temporaries
 
-BUNDLED_HANDLE = "bundled:mobilenet_v2"
 CHECKPOINT_SHA256_PREFIX = "b0353104"
 # Bump when the conversion changes, so that exports cached by an older version are not reused.
 CONVERTER_VERSION = "7"
@@ -51,7 +51,7 @@ def bundled_module_path(cache_dir: Path, image_size: int) -> Path:
 @dataclass(frozen=True)
 class Backbone:
     """A resolved backbone: where its SavedModel lies and a fingerprint of its exact weights; for
-    a backbone quantized to int8 (headstart.quantization), the LiteRT model that is its forward pass."""
+    a backbone quantized to int8 (headstart.edge.int8.quantization), the LiteRT model that is its forward pass."""
 
     handle: str
     module_path: Path
@@ -61,7 +61,7 @@ class Backbone:
 
     def keras_layer(self, trainable: bool = False):
         """A new hub.KerasLayer of the module; a module that does not load is a one-line error."""
-        from headstart.keras import hub
+        from headstart.infra.keras import hub
 
         try:
             layer = hub.KerasLayer(str(self.module_path), trainable=False, name="backbone")

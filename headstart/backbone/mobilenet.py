@@ -4,7 +4,7 @@ The network computes exactly what torchvision computes (parity ≤ 1e-4 with tor
 see tests/test_backbone.py): BatchNorm in inference mode with epsilon 1e-5 (folded into the
 convolution before it), symmetric (k-1)//2 zero padding before every 3×3 convolution, ReLU6,
 residual adds where stride is 1 and channels match, global average pooling to 1280 features.
-Its input is already normalised with ImageNet's mean and std (see headstart.preprocessing).
+Its input is already normalised with ImageNet's mean and std (see headstart.data.preprocessing).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from headstart.backbone.stages import HEAD, STEM, blocks, channels_into
-from headstart.keras import keras
+from headstart.infra.keras import keras
 
 FEATURE_DIM = 1280
 BATCH_NORM_EPSILON = 1e-5  # torch's default; Keras' default of 1e-3 would shift every feature.

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from headstart.data.manifest import DataReport
-from headstart.downloads import DownloadPolicy, download
+from headstart.infra.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError, first_line
-from headstart.storage import atomic_path, file_digest, file_sha256
+from headstart.infra.storage import atomic_path, file_digest, file_sha256
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from headstart.data.images import check_image
 from headstart.errors import HeadstartError
-from headstart.storage import file_sha256, write_parquet_atomic
+from headstart.infra.storage import file_sha256, write_parquet_atomic
 
 SPLITS = ("train", "validation", "test")
 

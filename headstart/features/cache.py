@@ -21,7 +21,7 @@ from headstart.backbone.handles import Backbone
 from headstart.data.manifest import Manifest
 from headstart.errors import first_line
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, features_column
-from headstart.storage import write_parquet_atomic
+from headstart.infra.storage import write_parquet_atomic
 
 # A shard to extract: (content hash, path) of each of its images.
 Shard = list[tuple[str, str]]

@@ -20,7 +20,7 @@ from headstart.data.manifest import SPLITS, Manifest
 from headstart.features.cache import FeatureCache, Shard, missing_shards
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, as_binary_column, features_matrix
 from headstart.features.streams import FeatureStream
-from headstart.storage import atomic_path, remove_stale_temporaries
+from headstart.infra.storage import atomic_path, remove_stale_temporaries
 
 # Bump when the layout of a dataset's features file changes, so that older files are not read
 # (3: features as fixed-size binary rather than list<float32>).

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from headstart.backbone.handles import Backbone
+from headstart.config import INT8_ENGINE
 from headstart.errors import HeadstartError, first_line
-from headstart.preprocessing import resize_batch, resize_images, shrunk_to_fit
-from headstart.quantization import INT8_ENGINE
-from headstart.quiet import native_notices_dropped
-from headstart.storage import atomic_path, write_json_atomic
+from headstart.data.preprocessing import resize_batch, resize_images, shrunk_to_fit
+from headstart.infra.native_logs import native_notices_dropped
+from headstart.infra.storage import atomic_path, write_json_atomic
 
 PARITY_TOLERANCE = 1e-4
 
@@ -30,7 +30,7 @@ class KerasEngine:
     name = "keras"
 
     def __init__(self, backbone: Backbone):
-        from headstart.keras import tf
+        from headstart.infra.keras import tf
 
         layer = backbone.keras_layer()
         self.image_size = backbone.image_size
@@ -135,7 +135,7 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
     from ai_edge_litert.interpreter import Interpreter
 
     from headstart.backbone.hub_module import litert_function
-    from headstart.keras import tf
+    from headstart.infra.keras import tf
 
     module = tf.saved_model.load(str(backbone.module_path))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([litert_function(module, size)], module)

@@ -22,10 +22,11 @@ from typing import Literal
 
 
 from headstart.backbone.handles import Backbone
+from headstart.config import Engine
 from headstart.features.cache import FeatureCache, Shard
 from headstart.features.engines import choose_engine, litert_ready_without_tensorflow
-from headstart.preprocessing import apply_to_decoded, decoded_batches
-from headstart.storage import release_freed_memory
+from headstart.data.preprocessing import apply_to_decoded, decoded_batches
+from headstart.infra.storage import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ExtractionSettings:
     """How the forward pass runs: engine, threads, images per batch. Small, so it travels to
     Dask workers and child processes."""
 
-    engine: Literal["auto", "litert", "keras", "litert-int8"] = "auto"
+    engine: Engine = "auto"
     threads: int | None = None
     batch_size: int = 64
 

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 
 from headstart import __version__
 from headstart.backbone.handles import Backbone
-from headstart.drift import data_index, feature_reference
+from headstart.evaluation.drift import data_index, feature_reference
 from headstart.errors import HeadstartError
-from headstart.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
 if TYPE_CHECKING:
     from headstart.config import TrainConfig
@@ -127,7 +127,7 @@ class RunWriter:
 
     def save_classifier(self, classifier, backbone: Backbone) -> None:
         """Saves the end-to-end model as .keras and as a self-contained serving SavedModel."""
-        from headstart.keras import tf
+        from headstart.infra.keras import tf
 
         shutil.copytree(backbone.module_path, self.staging / BACKBONE_DIR)
         if backbone.litert_model is not None:
@@ -189,7 +189,7 @@ def write_run(
     near_duplicates: dict | None = None, fine_tuning: tuple[dict, dict] | None = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
-    `near_duplicates` (headstart.leakage.near_duplicate_report) goes into the data report, its
+    `near_duplicates` (headstart.evaluation.near_duplicates.near_duplicate_report) goes into the data report, its
     test-split figures into metrics.json and the model card. `fine_tuning`, (history, summary)
     where the backbone was fine-tuned, goes into history.json and metrics.json."""
     config_values = config.model_dump(mode="json")
@@ -405,7 +405,7 @@ class Run:
         serving = self.path / SERVING_DIR
         if not (serving / "saved_model.pb").is_file():
             raise HeadstartError(f"{self.path} has no serving model ({SERVING_DIR}/saved_model.pb)")
-        from headstart.keras import tf
+        from headstart.infra.keras import tf
 
         signature = tf.saved_model.load(str(serving)).signatures["serving_default"]
 
@@ -416,8 +416,8 @@ class Run:
 
     def keras_model(self):
         """The .keras model, its backbone taken from the run directory itself."""
-        from headstart.keras import hub, keras
-        from headstart.model import ImagePreprocessing
+        from headstart.infra.keras import hub, keras
+        from headstart.training.head import ImagePreprocessing
 
         module = str(self.path / BACKBONE_DIR)
 

@@ -42,7 +42,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
 def evaluate_split(classifier, features: FeatureSet, split: str, class_names: list[str]) -> tuple[dict, np.ndarray]:
     """Metrics of the classifier on one split, and its probabilities there (in the file's row order),
     from the cached features: the backbone does not run again."""
-    from headstart.model import predict_from_features
+    from headstart.training.head import predict_from_features
 
     probabilities, labels = [], []
     for chunk_features, chunk_labels in features.stream(split).chunks():  # one row group at a time

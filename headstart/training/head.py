@@ -11,8 +11,8 @@ from typing import Callable
 import numpy as np
 
 from headstart.features.streams import FeatureStream, InMemoryFeatures
-from headstart.keras import keras, tf
-from headstart.preprocessing import resize_images
+from headstart.infra.keras import keras, tf
+from headstart.data.preprocessing import resize_images
 
 HEAD_DROPOUT = "head_dropout"
 HEAD_DENSE = "head_dense"

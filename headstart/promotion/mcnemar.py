@@ -34,7 +34,7 @@ class GateDecision:
     alpha: float | None = None
     floor: float | None = None
     notes: list[str] = field(default_factory=list)
-    # What changed in the data since the champion was trained (headstart.drift), where there is one.
+    # What changed in the data since the champion was trained (headstart.evaluation.drift), where there is one.
     drift: dict | None = None
 
     def to_dict(self) -> dict:

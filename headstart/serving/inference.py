@@ -9,10 +9,10 @@ import numpy as np
 from headstart.data.folders import list_class_files
 from headstart.data.manifest import DataReport
 from headstart.errors import HeadstartError
-from headstart.evaluation import classification_metrics
-from headstart.prediction import list_images
-from headstart.preprocessing import apply_to_decoded, decoded_batches, image_batches
-from headstart.runs import Run
+from headstart.evaluation.metrics import classification_metrics
+from headstart.serving.predict import list_images
+from headstart.data.preprocessing import apply_to_decoded, decoded_batches, image_batches
+from headstart.registry.runs import Run
 
 
 def predict_files(
@@ -25,8 +25,8 @@ def predict_files(
     if backbone.litert_model is not None:
         # The head learnt int8 features: the serving model's float backbone would feed it others.
         from headstart.features.engines import choose_engine
-        from headstart.model import predict_from_features
-        from headstart.quantization import INT8_ENGINE
+        from headstart.training.head import predict_from_features
+        from headstart.config import INT8_ENGINE
 
         engine, head = choose_engine(backbone, INT8_ENGINE, run.path, threads=None).engine, run.keras_model()
         probabilities, kept, unusable = apply_to_decoded(decoded_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),

@@ -25,8 +25,8 @@ from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX,
 from headstart.errors import HeadstartError
 from headstart.features.cache import FeatureCache
 from headstart.features.encoding import column_matrix
-from headstart.preprocessing import decoded_batches
-from headstart.storage import remove_stale_temporaries
+from headstart.data.preprocessing import decoded_batches
+from headstart.infra.storage import remove_stale_temporaries
 
 logger = logging.getLogger("headstart")
 
@@ -101,8 +101,8 @@ class SplitBackbone:
     def activations(self, images: list[np.ndarray], flipped: list[bool]) -> np.ndarray:
         """The lower stages' output for float images in [0, 1] (any sizes), each mirrored where `flipped`,
         resized and normalised exactly as the backbone module does it."""
-        from headstart.keras import tf
-        from headstart.preprocessing import imagenet_normalization, resize_batch
+        from headstart.infra.keras import tf
+        from headstart.data.preprocessing import imagenet_normalization, resize_batch
 
         if self._lower_pass is None:
             normalize = imagenet_normalization()
@@ -229,7 +229,7 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
     (`selected_epoch`). Returns the per-epoch history (its validation scores start with
     epoch 0, the network before fine-tuning) and the epoch kept (0: fine-tuning did not help).
     """
-    from headstart.keras import keras, tf
+    from headstart.infra.keras import keras, tf
 
     keras.utils.set_random_seed(settings.seed)
     tf.config.experimental.enable_op_determinism()
@@ -357,7 +357,7 @@ def _cut_and_mixed(batch: np.ndarray, targets: np.ndarray, alpha: float, generat
 
 
 def _correct(labels, probabilities):
-    from headstart.keras import tf
+    from headstart.infra.keras import tf
 
     return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, axis=-1), tf.cast(labels, tf.int64)), tf.float32))
 
@@ -385,7 +385,7 @@ def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Pa
     (and their mirrors, where `flip`), selecting on the validation split. The test split is not read.
     The fine-tuned network is written to `destination` as a TF Hub module (averaging the features of
     each image and its mirror image, where `mirror_average`)."""
-    from headstart.model import HEAD_DENSE, HEAD_DROPOUT
+    from headstart.training.head import HEAD_DENSE, HEAD_DROPOUT
 
     split = SplitBackbone(backbone, cut)
     cache = ActivationCache(cache_dir, backbone, cut)

@@ -20,9 +20,9 @@ from headstart.data.folders import image_files
 from headstart.data.images import check_image
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.preprocessing import apply_to_decoded, decoded_batches
-from headstart.runs import Run
-from headstart.storage import atomic_path
+from headstart.data.preprocessing import apply_to_decoded, decoded_batches
+from headstart.registry.runs import Run
+from headstart.infra.storage import atomic_path
 
 # Classes listed per image, most probable first, where a model has more than two.
 TOP_K = 3
@@ -79,7 +79,7 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
     predictions = Predictions(run.class_names, skipped=skipped)
     if not usable:
         return predictions
-    from headstart.model import predict_from_features
+    from headstart.training.head import predict_from_features
 
     backbone = run.backbone
     engine = context.engine(backbone)
@@ -96,7 +96,7 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
 def predict_with_tflite(model_path: Path, inputs: list[Path], threads: int | None = None) -> Predictions:
     """Predictions of a .tflite classifier written by `headstart export`, run with LiteRT alone
     (no TensorFlow on this path): images decoded and shrunk as for the exported model's checks."""
-    from headstart.tflite_file import TFLiteClassifier, uint8_images
+    from headstart.edge.tflite_file import TFLiteClassifier, uint8_images
 
     model = TFLiteClassifier(model_path, threads)
     usable, skipped = list_images(inputs)
@@ -117,7 +117,7 @@ def predict_with_model(model: str, inputs: list[Path], artifacts_root: Path, cac
     directory of the registry under `artifacts_root`."""
     if model.lower().endswith(".tflite"):
         return predict_with_tflite(Path(model), inputs, settings.threads), Path(model).name
-    from headstart import registry
+    from headstart.registry import versions as registry
 
     run = registry.resolve(Path(artifacts_root), model)
     with ExtractionContext(Path(cache_dir), settings) as context:

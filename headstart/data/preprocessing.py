@@ -27,7 +27,7 @@ def resize_images(images, image_size: int):
     Antialiasing matters when photos are shrunk; at scale 1 it is the identity, so resizing an
     already-resized batch again changes nothing.
     """
-    from headstart.keras import tf
+    from headstart.infra.keras import tf
 
     return tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
 
@@ -38,7 +38,7 @@ def enlarge_images(images, image_size: int):
     Where no side shrinks, antialiasing changes nothing (measured ≤ 2e-7; the tests check 1e-6)
     and costs 2.7× the time; LiteRT has this resize and not the antialiased one.
     """
-    from headstart.keras import tf
+    from headstart.infra.keras import tf
 
     return tf.image.resize(images, (image_size, image_size), method="bilinear")
 
@@ -54,7 +54,7 @@ def imagenet_normalization():
     bits less precise than the pixels, and that input noise grew through the network until int8
     models disagreed with the float one on many more images (README, "On phones and boards").
     """
-    from headstart.keras import tf
+    from headstart.infra.keras import tf
 
     scale = tf.constant(1.0 / np.array(IMAGENET_STD, np.float64), tf.float32)
     offset = tf.constant(-np.array(IMAGENET_MEAN, np.float64) / np.array(IMAGENET_STD, np.float64), tf.float32)

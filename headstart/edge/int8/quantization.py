@@ -2,12 +2,12 @@
 
 Two things are quantized this way: the frozen backbone, as the `litert-int8` feature-extraction
 engine (`quantized_backbone`), and the whole classifier, as an int8 `.tflite` export
-(headstart.export). Both use the TFLite converter's post-training quantization (int8 weights per
+(headstart.edge.export). Both use the TFLite converter's post-training quantization (int8 weights per
 output channel, one int8 scale per activation tensor) with four steps of our own in between:
 the channels of tensors that allow it (those feeding depthwise convolutions, and the projections
-with the residual sums over them) are equalized first (headstart.equalization), so that no
+with the residual sums over them) are equalized first (headstart.edge.int8.equalization), so that no
 channel keeps only a few of its tensor's steps; the convolutions' weights are rounded to int8 so
-that their errors cancel on the representative images (headstart.rounding), not each to its
+that their errors cancel on the representative images (headstart.edge.int8.rounding), not each to its
 nearest step; the ranges are then measured on those images (`measured_ranges`) rather than taken
 from the converter's calibration, which widens some; and a ReLU6 output's range ends at a high
 percentile of its values there (RANGE_ENDS) rather than at its maximum: the int8 steps then
@@ -31,11 +31,10 @@ import numpy as np
 
 from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError, first_line
-from headstart.preprocessing import decoded_batches
-from headstart.storage import atomic_path
-from headstart.tflite_weights import fused_activation, operator_kind, tensor_values
+from headstart.data.preprocessing import decoded_batches
+from headstart.infra.storage import atomic_path
+from headstart.edge.int8.tflite_weights import fused_activation, operator_kind, tensor_values
 
-INT8_ENGINE = "litert-int8"
 # Training images that calibrate activation ranges: a few hundred is the usual advice; more
 # lengthened the conversion without helping the classifier export (README, "On phones and boards").
 REPRESENTATIVE_IMAGES = 200
@@ -44,7 +43,7 @@ MINIMUM_CALIBRATION_IMAGES = 10
 CALIBRATION_DECODE_BATCH = 64
 # Where a ReLU6 output's int8 range may end, as percentiles of its calibration values: the int8
 # export takes the one whose file comes closest to the float model on the run's validation split
-# (headstart.export). The first, the one both runs in the README chose, is what the int8 engine
+# (headstart.edge.export). The first, the one both runs in the README chose, is what the int8 engine
 # uses, having no classifier yet to choose with, and the export where a run has no validation images. Below 99.9 both runs measured in the README agreed less; so did the maximum
 # (100) while the ranges came from the converter's calibration (measured now, it is within chance).
 RANGE_ENDS = (99.99, 99.97, 99.95, 99.9)
@@ -70,8 +69,8 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
 
     The converter's own steps, with ours in between: it marks the tensors to quantize in a float
     model (its calibration, on one batch), the channels are equalized where they can be scaled
-    (headstart.equalization), the convolutions' weights are put on their int8 grids so that their
-    rounding errors cancel on the batches (headstart.rounding), the ranges are measured on that
+    (headstart.edge.int8.equalization), the convolutions' weights are put on their int8 grids so that their
+    rounding errors cancel on the batches (headstart.edge.int8.rounding), the ranges are measured on that
     model (`measured_ranges`), then the same quantizer its `convert()` calls quantizes. The converter is reached through private hooks
     (the calibration-only switch and `mlir_quantize`), which its own quantization debugger uses too;
     they are pinned with TensorFlow in uv.lock, and tests/test_quantization.py checks the ranges on every upgrade.
@@ -79,9 +78,9 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from headstart.equalization import equalize, scalable_channels
-    from headstart.keras import tf
-    from headstart.rounding import round_compensating
+    from headstart.edge.int8.equalization import equalize, scalable_channels
+    from headstart.infra.keras import tf
+    from headstart.edge.int8.rounding import round_compensating
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -194,8 +193,8 @@ def _calibration_images(rows: list[dict], image_size: int) -> list[np.ndarray]:
 
 def _convert_backbone(backbone: Backbone, images: list[np.ndarray]) -> bytes:
     from headstart.backbone.hub_module import litert_function
-    from headstart.keras import tf
-    from headstart.quiet import native_notices_dropped
+    from headstart.infra.keras import tf
+    from headstart.infra.native_logs import native_notices_dropped
 
     module = tf.saved_model.load(str(backbone.module_path))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([litert_function(module, backbone.image_size)], module)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 
-from headstart import drift
-from headstart.gate import GateDecision
-from headstart.runs import DATA_REPORT_FILE, RUN_FILES, Run, near_duplicates_summary
+from headstart.evaluation import drift
+from headstart.promotion.mcnemar import GateDecision
+from headstart.registry.runs import DATA_REPORT_FILE, RUN_FILES, Run, near_duplicates_summary
 
 # Files listed one by one in the data table; the rest are counted in one row (all are in the data report).
 DATA_TABLE_FILES = 500

@@ -16,7 +16,7 @@ the reading convolutions' filters divided by s for that input channel. Two kinds
 - tensors no activation separates, read only by convolutions: a projection's output and the
   residual sums over it, with every projection writing into those sums scaled alike. The reading
   (expansion) convolutions' filters are quantized per output channel, so a divided input column
-  keeps fewer of its row's steps; their rounding (headstart.rounding) weighs that against the
+  keeps fewer of its row's steps; their rounding (headstart.edge.int8.rounding) weighs that against the
   activation steps gained.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.tflite_weights import buffer_holders, fused_activation, is_depthwise, operator_kind, owns_weights, set_weights, weights
+from headstart.edge.int8.tflite_weights import buffer_holders, fused_activation, is_depthwise, operator_kind, owns_weights, set_weights, weights
 
 # tflite::ActivationFunctionType values under which a channel scaled up by s stays s times the value.
 NO_ACTIVATION = 0

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from headstart.errors import HeadstartError
-from headstart.runs import Run
-from headstart.storage import write_json_atomic
+from headstart.registry.runs import Run
+from headstart.infra.storage import write_json_atomic
 
 CHAMPION = "champion"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from headstart import __version__
 from headstart.config import TrainConfig
-from headstart.runs import Run
-from headstart.storage import write_json_atomic
+from headstart.registry.runs import Run
+from headstart.infra.storage import write_json_atomic
 
 
 def training_key(config: TrainConfig, manifest_fingerprint: str, backbone_fingerprint: str) -> str:

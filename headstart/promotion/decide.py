@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import drift, gate, registry
+from headstart.evaluation import drift
+from headstart.promotion import mcnemar as gate
+from headstart.registry import versions as registry
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.data.manifest import assign_split
 from headstart.errors import HeadstartError
 from headstart.features.dataset import FeatureSet
-from headstart.runs import Run
+from headstart.registry.runs import Run
 
 
 def decide(config: TrainConfig, backbone: Backbone, features: FeatureSet, probabilities: np.ndarray, class_names: list[str]) -> gate.GateDecision:
@@ -87,10 +89,10 @@ def run_probabilities(
         return np.zeros((0, len(run.class_names)), np.float32), fair
     same_features = run.config.get("backbone_fingerprint") == backbone.fingerprint and run.image_size == backbone.image_size
     if same_features:
-        from headstart.model import predict_from_features
+        from headstart.training.head import predict_from_features
 
         return predict_from_features(run.keras_model(), features.load("test")[0][fair]), fair
-    from headstart.inference import predict_files
+    from headstart.serving.inference import predict_files
 
     positions = np.flatnonzero(fair)
     probabilities, kept, _ = predict_files(run, [Path(paths[i]) for i in positions], expected_hashes=[hashes[i] for i in positions])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headstart.errors import HeadstartError, first_line
-from headstart.storage import atomic_path, file_digest, remove_stale_temporaries, temporary_pattern
+from headstart.infra.storage import atomic_path, file_digest, remove_stale_temporaries, temporary_pattern
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ class TFLiteClassifier:
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities [n, classes] of uint8 RGB images [h, w, 3], each no larger than the model's size."""
-        from headstart.quiet import native_notices_dropped
+        from headstart.infra.native_logs import native_notices_dropped
 
         outputs = []
         for image in images:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from headstart.tflite_weights import buffer_holders, is_depthwise, operator_kind, owns_weights, set_weights, tensor_values, weights
+from headstart.edge.int8.tflite_weights import buffer_holders, is_depthwise, operator_kind, owns_weights, set_weights, tensor_values, weights
 
 INT8_STEPS = 127  # per-channel int8 weights are symmetric: −127 … 127 steps
 # Added to the diagonal of H, as a share of its mean, so that inputs that never varied on the

@@ -1,7 +1,7 @@
 """A trained run as one .tflite file for phones and boards: float32, or full-integer int8.
 
 The file is the whole classifier: uint8 RGB pixels [1, size, size, 3] in, one float32 probability
-per class out, the class names packed inside (headstart.tflite_file). It enlarges smaller images
+per class out, the class names packed inside (headstart.edge.tflite_file). It enlarges smaller images
 itself with the same bilinear resize training used, so an image goes in at its own size where it
 is no larger. Every export is checked against the run's own Keras model on the run's test split,
 and the figures go into the run's metrics.json and model card:
@@ -22,10 +22,10 @@ from typing import Literal
 import numpy as np
 
 from headstart.errors import HeadstartError
-from headstart.quantization import RANGE_ENDS, full_integer, representative_rows
-from headstart.runs import BACKBONE_DIR, MODEL_CARD_FILE, Run
-from headstart.storage import atomic_path, write_bytes_atomic
-from headstart.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+from headstart.edge.int8.quantization import RANGE_ENDS, full_integer, representative_rows
+from headstart.registry.runs import BACKBONE_DIR, MODEL_CARD_FILE, Run
+from headstart.infra.storage import atomic_path, write_bytes_atomic
+from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
 
 Quantization = Literal["none", "int8"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8")
@@ -118,8 +118,8 @@ def convert_classifier(run: Run, quantize: Quantization, images: ExportImages, r
     `images.representative`), kept is the one closest to the Keras model on the validation images
     (`closest_variant`); a run without validation images takes the first range end."""
     from headstart.backbone.hub_module import litert_function
-    from headstart.keras import tf
-    from headstart.model import HEAD_DENSE
+    from headstart.infra.keras import tf
+    from headstart.training.head import HEAD_DENSE
 
     size = run.image_size
     module = tf.saved_model.load(str(run.path / BACKBONE_DIR))
@@ -137,7 +137,7 @@ def convert_classifier(run: Run, quantize: Quantization, images: ExportImages, r
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([classify.get_concrete_function()], module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    from headstart.quiet import native_notices_dropped
+    from headstart.infra.native_logs import native_notices_dropped
 
     with native_notices_dropped(), native_notices_dropped(1):
         if quantize != "int8":
@@ -184,7 +184,7 @@ def calibration_images(paths: list[str], image_size: int):
     """Float32 [1, size, size, 3] pixels 0–255 of the images, at the model's size (as the model's
     own resize makes them). The first has one black and one white pixel, so the uint8 input is
     calibrated to exactly 0–255 and raw pixels go in as they are."""
-    from headstart.preprocessing import resize_batch
+    from headstart.data.preprocessing import resize_batch
 
     for position, (_, image) in enumerate(uint8_images(paths, image_size)):
         pixels = resize_batch([image.astype(np.float32)], image_size)

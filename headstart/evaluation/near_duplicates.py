@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.parquet as pq
 
+from headstart.config import DEFAULT_NEAR_DUPLICATE_THRESHOLD
 from headstart.features.encoding import features_matrix
 
 if TYPE_CHECKING:
     from headstart.features.dataset import FeatureSet
 
-# See benchmarks/results/leakage-calibration.md for the measurements behind it.
-DEFAULT_THRESHOLD = 0.88
 # The held-out splits checked against train: test, whose accuracy is reported, and validation,
 # whose loss decides when training stops.
 CHECKED_SPLITS = ("test", "validation")
@@ -116,7 +115,7 @@ class LeakageCheck:
             for name, check in self.splits.items()}}
 
 
-def find_near_duplicates(features: "FeatureSet", class_names: list[str], threshold: float = DEFAULT_THRESHOLD,
+def find_near_duplicates(features: "FeatureSet", class_names: list[str], threshold: float = DEFAULT_NEAR_DUPLICATE_THRESHOLD,
                          splits: tuple[str, ...] = CHECKED_SPLITS) -> LeakageCheck:
     """Every image of `splits` against every training image, from the dataset's features file,
     one training row group at a time."""

@@ -11,7 +11,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 
-from headstart.quiet import native_notices_dropped
+from headstart.infra.native_logs import native_notices_dropped
 
 
 @contextmanager

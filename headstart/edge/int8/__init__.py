@@ -1,0 +1,1 @@
+"""Full-integer int8 conversion: channel equalization, rounding, range measurement."""

@@ -1,0 +1,1 @@
+"""Measuring a trained model: metrics, near-duplicates of training images, drift since the champion."""

@@ -1,0 +1,1 @@
+"""The gate: does a candidate replace the champion (McNemar test, the decision)?"""

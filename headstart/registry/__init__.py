@@ -1,0 +1,1 @@
+"""Run directories, the registry's versions and champion, and reuse of identical runs."""

@@ -1,0 +1,1 @@
+"""Using a finished run: prediction on image files, evaluation on a labelled folder."""
