@@ -82,8 +82,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from headstart.edge.export import export_images
-    from headstart.registry.runs import Run
     from headstart.edge.tflite_file import uint8_images
+    from headstart.registry.runs import Run
 
     run = Run(args.run)
     images = export_images(run)
@@ -91,20 +91,28 @@ def main() -> None:
     signal: dict[str, float] = {}
     noise: dict[str, float] = {}
     order: dict[str, int] = {}
-    for _, pixels in list(uint8_images(images.test, run.image_size))[:args.images]:
+    for _, pixels in list(uint8_images(images.test, run.image_size))[: args.images]:
         reference, quantized = activations(float32, pixels), activations(int8, pixels)
         for name, (index, values) in quantized.items():
             if name in reference and reference[name][1].shape == values.shape and values.size > 100:
                 truth = reference[name][1].astype(np.float64)
-                signal[name] = signal.get(name, 0.0) + float((truth ** 2).sum())
+                signal[name] = signal.get(name, 0.0) + float((truth**2).sum())
                 noise[name] = noise.get(name, 0.0) + float(((values - truth) ** 2).sum())
                 order[name] = index
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
-    lines = [f"# int8 against float32, tensor by tensor (run {run.path.name}, {run.image_size} px, {args.images} test images, commit {commit})", "",
-             "| tensor | signal-to-noise ratio |", "|---|---|"]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+    ).stdout.strip()
+    lines = [
+        f"# int8 against float32, tensor by tensor (run {run.path.name}, {run.image_size} px, {args.images} test images, commit {commit})",
+        "",
+        "| tensor | signal-to-noise ratio |",
+        "|---|---|",
+    ]
     for name in sorted(order, key=order.get):
         if signal[name] > 0 and noise[name] > 0:  # constants come out exact
-            layer = name.split(";")[-1].removeprefix("mobilenet_v2_torchvision/").removesuffix("/BiasAdd/ReadVariableOp1")
+            layer = (
+                name.split(";")[-1].removeprefix("mobilenet_v2_torchvision/").removesuffix("/BiasAdd/ReadVariableOp1")
+            )
             lines.append(f"| `{layer}` | {10 * np.log10(signal[name] / noise[name]):.1f} dB |")
     text = "\n".join(lines) + "\n"
     print(text)

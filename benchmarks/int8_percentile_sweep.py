@@ -33,28 +33,47 @@ def main() -> None:
     import numpy as np
 
     from headstart.edge.export import compare_with_keras, convert_classifier, export_images, mean_divergence
-    from headstart.registry.runs import Run
     from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+    from headstart.registry.runs import Run
 
     run = Run(args.run)
     images = export_images(run)
     validation = [pixels for _, pixels in uint8_images(images.validation, run.image_size)]
     serving = run.serving_model()
     expected = np.concatenate([serving(pixels[np.newaxis].astype(np.float32)) for pixels in validation])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
-    with tempfile.TemporaryDirectory() as scratch, open(PROJECT / "benchmarks" / "results" / "int8-percentile-sweep.jsonl", "a") as results:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+    ).stdout.strip()
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        open(PROJECT / "benchmarks" / "results" / "int8-percentile-sweep.jsonl", "a") as results,
+    ):
         for percentile in (float(value) for value in args.percentiles.split(",")):
             started = time.perf_counter()
             model_file = Path(scratch) / f"int8-{percentile}.tflite"
-            model_file.write_bytes(embed_labels(convert_classifier(run, "int8", images, (percentile,))[0], run.class_names, run.image_size, "sweep"))
+            model_file.write_bytes(
+                embed_labels(
+                    convert_classifier(run, "int8", images, (percentile,))[0], run.class_names, run.image_size, "sweep"
+                )
+            )
             seconds = time.perf_counter() - started
             model = TFLiteClassifier(model_file)
             record = compare_with_keras(run, model, images, "int8")
             probabilities = np.concatenate([model([pixels]) for pixels in validation])
-            line = {"run": run.path.name, "commit": commit, "image_size": run.image_size, "percentile": percentile, "seconds_to_convert": seconds,
-                    **{key: record[key] for key in ("test_images", "top1_agreement", "accuracy", "keras_accuracy", "meets_target")},
-                    "validation_images": len(validation), "validation_divergence": mean_divergence(expected, probabilities),
-                    "validation_agreement": float((probabilities.argmax(1) == expected.argmax(1)).mean())}
+            line = {
+                "run": run.path.name,
+                "commit": commit,
+                "image_size": run.image_size,
+                "percentile": percentile,
+                "seconds_to_convert": seconds,
+                **{
+                    key: record[key]
+                    for key in ("test_images", "top1_agreement", "accuracy", "keras_accuracy", "meets_target")
+                },
+                "validation_images": len(validation),
+                "validation_divergence": mean_divergence(expected, probabilities),
+                "validation_agreement": float((probabilities.argmax(1) == expected.argmax(1)).mean()),
+            }
             print(json.dumps(line), flush=True)
             results.write(json.dumps(line) + "\n")
 

@@ -47,16 +47,18 @@ def main() -> None:
     from headstart.backbone.checkpoint import read_legacy_checkpoint
     from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
     from headstart.backbone.mobilenet import build_mobilenet_v2
-    from headstart.edge.export import ExportImages, calibration_images, compare_with_keras, listed_again
-    from headstart.infra.keras import keras, tf
-    from headstart.training.head import HEAD_DENSE
     from headstart.data.preprocessing import enlarge_images, imagenet_normalization
-    from headstart.registry.runs import Run
+    from headstart.edge.export import ExportImages, calibration_images, compare_with_keras, listed_again
     from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_image
+    from headstart.infra.keras import keras, tf
+    from headstart.registry.runs import Run
+    from headstart.training.head import HEAD_DENSE
 
     run = Run(args.run)
     if run.config["backbone"] != BUNDLED_HANDLE or run.config.get("fine_tune"):
-        sys.exit("int8_qat_study: give a run of the bundled backbone without --fine-tune (the study rebuilds that network)")
+        sys.exit(
+            "int8_qat_study: give a run of the bundled backbone without --fine-tune (the study rebuilds that network)"
+        )
     size = run.image_size
     listing = listed_again(run)
     images = ExportImages.from_manifest(listing, run)
@@ -65,22 +67,33 @@ def main() -> None:
     normalize = imagenet_normalization()
 
     def normalized(paths):
-        return np.concatenate([normalize(enlarge_images(uint8_image(Path(path), size)[None].astype(np.float32) / 255.0, size)).numpy() for path in paths])
+        return np.concatenate(
+            [
+                normalize(enlarge_images(uint8_image(Path(path), size)[None].astype(np.float32) / 255.0, size)).numpy()
+                for path in paths
+            ]
+        )
 
     started = time.perf_counter()
     inputs = normalized(train_paths)
     network = build_mobilenet_v2(read_legacy_checkpoint(bundled_checkpoint_path(), CHECKPOINT_SHA256_PREFIX))
     kernel, bias = run.keras_model().get_layer(HEAD_DENSE).get_weights()
     image = keras.Input((size, size, 3))
-    flat = keras.models.clone_model(network, input_tensors=image)  # the network's layers inline, as quantize_model needs
+    flat = keras.models.clone_model(
+        network, input_tensors=image
+    )  # the network's layers inline, as quantize_model needs
     flat.set_weights(network.get_weights())
     logits_layer = keras.layers.Dense(kernel.shape[1], name="logits")
     teacher = keras.Model(image, logits_layer(flat.output))
     logits_layer.set_weights([kernel, bias])
-    targets = np.concatenate([teacher.predict(inputs[start:start + 256], verbose=0) for start in range(0, len(inputs), 256)])
+    targets = np.concatenate(
+        [teacher.predict(inputs[start : start + 256], verbose=0) for start in range(0, len(inputs), 256)]
+    )
     student = tfmot.quantization.keras.quantize_model(teacher)
     student.compile(keras.optimizers.Adam(args.learning_rate), loss="mse")
-    history = student.fit(inputs, targets, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=2).history
+    history = student.fit(
+        inputs, targets, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=2
+    ).history
     trained = time.perf_counter() - started
 
     @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="image")])
@@ -97,10 +110,29 @@ def main() -> None:
         model_file = Path(scratch) / "qat-int8.tflite"
         model_file.write_bytes(embed_labels(converter.convert(), run.class_names, size, "quantization-aware study"))
         record = compare_with_keras(run, TFLiteClassifier(model_file), images, "int8")
-    result = {"run": run.path.name, "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip(),
-              "training_images": len(train_paths), "epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-              "loss": history["loss"], "seconds_to_train": trained, **{key: record[key] for key in
-              ("test_images", "top1_agreement", "accuracy", "keras_accuracy", "max_probability_difference", "meets_target")}}
+    result = {
+        "run": run.path.name,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+        ).stdout.strip(),
+        "training_images": len(train_paths),
+        "epochs": args.epochs,
+        "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size,
+        "loss": history["loss"],
+        "seconds_to_train": trained,
+        **{
+            key: record[key]
+            for key in (
+                "test_images",
+                "top1_agreement",
+                "accuracy",
+                "keras_accuracy",
+                "max_probability_difference",
+                "meets_target",
+            )
+        },
+    }
     print(json.dumps(result))
     with open(PROJECT / "benchmarks" / "results" / "int8-qat-study.jsonl", "a") as results:
         results.write(json.dumps(result) + "\n")

@@ -24,9 +24,20 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 # Groups of MobileNetV2 stages, by the stage names in the tensors' names.
-GROUPS = {"normalisation (before the stem)": "input", "stem": "stem", "block 1": (1, 1), "blocks 2–3": (2, 3), "blocks 4–6": (4, 6),
-          "blocks 7–10": (7, 10), "blocks 11–13": (11, 13), "blocks 14–16": (14, 16), "block 17": (17, 17),
-          "head convolution, pooling and dense layer": "head", "normalisation to block 1": ("input", 1), "normalisation to block 3": ("input", 3)}
+GROUPS = {
+    "normalisation (before the stem)": "input",
+    "stem": "stem",
+    "block 1": (1, 1),
+    "blocks 2–3": (2, 3),
+    "blocks 4–6": (4, 6),
+    "blocks 7–10": (7, 10),
+    "blocks 11–13": (11, 13),
+    "blocks 14–16": (14, 16),
+    "block 17": (17, 17),
+    "head convolution, pooling and dense layer": "head",
+    "normalisation to block 1": ("input", 1),
+    "normalisation to block 3": ("input", 3),
+}
 
 
 def stage(name: str) -> str | int:
@@ -36,7 +47,11 @@ def stage(name: str) -> str | int:
         return int(found.group(1))
     if "stem_" in name:
         return "stem"
-    return "head" if any(part in name for part in ("head_conv", "global_pool", "MatMul", "StatefulPartitionedCall")) else "input"
+    return (
+        "head"
+        if any(part in name for part in ("head_conv", "global_pool", "MatMul", "StatefulPartitionedCall"))
+        else "input"
+    )
 
 
 def in_group(position: str | int, group) -> bool:
@@ -53,7 +68,12 @@ def float_probabilities(flatbuffer: bytes, pixels: list[np.ndarray]) -> np.ndarr
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=flatbuffer)
-    index, output, shape, probabilities = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"], None, []
+    index, output, shape, probabilities = (
+        interpreter.get_input_details()[0]["index"],
+        interpreter.get_output_details()[0]["index"],
+        None,
+        [],
+    )
     for image in pixels:
         if image.shape != shape:  # smaller images go in at their own size
             interpreter.resize_tensor_input(index, [1, *image.shape])
@@ -66,14 +86,14 @@ def float_probabilities(flatbuffer: bytes, pixels: list[np.ndarray]) -> np.ndarr
 
 
 def main() -> None:
+    from int8_error_by_layer import int8_and_its_float_model
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
 
     from headstart.edge.export import export_images, mean_divergence
+    from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
     from headstart.infra.keras import tf
     from headstart.registry.runs import Run
-    from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
-    from int8_error_by_layer import int8_and_its_float_model
 
     run = Run(Path(sys.argv[1]))
     images = export_images(run)
@@ -88,7 +108,9 @@ def main() -> None:
         if denylisted is None:  # the float model itself: weights on their int8 grid, activations float32
             probabilities = float_probabilities(start, pixels)
         else:
-            flatbuffer = mlir_quantize(start, input_data_type=tf.uint8, output_data_type=tf.float32, denylisted_nodes=denylisted or None)
+            flatbuffer = mlir_quantize(
+                start, input_data_type=tf.uint8, output_data_type=tf.float32, denylisted_nodes=denylisted or None
+            )
             with tempfile.TemporaryDirectory() as scratch:
                 path = Path(scratch) / "model.tflite"
                 path.write_bytes(embed_labels(flatbuffer, run.class_names, run.image_size, "sensitivity"))
@@ -96,12 +118,24 @@ def main() -> None:
                 probabilities = np.concatenate([model([image]) for image in pixels])
         return float((probabilities.argmax(1) == expected.argmax(1)).mean()), mean_divergence(expected, probabilities)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True).stdout.strip()
-    lines = [f"# int8 with one part of the network left in float32 (run {run.path.name}, {run.image_size} px, "
-             f"ReLU6 ranges at the {chosen['range_end_percentile']:g}th percentile, {len(pixels)} validation images, commit {commit})", "",
-             "| left in float32 | top-1 agreement with the Keras model | mean divergence |", "|---|---|---|"]
-    for label, group in [("nothing (the int8 export)", ()), *GROUPS.items(), ("every activation (int8 weights only)", None)]:
-        agreement, divergence = closeness(None if group is None else [name for name in names if group and in_group(stage(name), group)])
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+    ).stdout.strip()
+    lines = [
+        f"# int8 with one part of the network left in float32 (run {run.path.name}, {run.image_size} px, "
+        f"ReLU6 ranges at the {chosen['range_end_percentile']:g}th percentile, {len(pixels)} validation images, commit {commit})",
+        "",
+        "| left in float32 | top-1 agreement with the Keras model | mean divergence |",
+        "|---|---|---|",
+    ]
+    for label, group in [
+        ("nothing (the int8 export)", ()),
+        *GROUPS.items(),
+        ("every activation (int8 weights only)", None),
+    ]:
+        agreement, divergence = closeness(
+            None if group is None else [name for name in names if group and in_group(stage(name), group)]
+        )
         lines.append(f"| {label} | {agreement:.2%} | {divergence:.4f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

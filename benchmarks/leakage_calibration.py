@@ -28,13 +28,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from headstart.backbone.handles import resolve_backbone
+from headstart.config import DEFAULT_NEAR_DUPLICATE_THRESHOLD as DEFAULT_THRESHOLD
 from headstart.config import TrainConfig
+from headstart.data.preprocessing import decoded_batches
 from headstart.data.sources import prepare_source
+from headstart.evaluation.near_duplicates import find_near_duplicates, unit_rows
 from headstart.features.dataset import FeatureSet, dataset_features_path
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.config import DEFAULT_NEAR_DUPLICATE_THRESHOLD as DEFAULT_THRESHOLD
-from headstart.evaluation.near_duplicates import find_near_duplicates, unit_rows
-from headstart.data.preprocessing import decoded_batches
 
 RESULTS = Path(__file__).parent / "results"
 BINS = (0.0, 0.6, 0.7, 0.75, 0.8, 0.82, 0.84, 0.86, 0.87, 0.88, 0.89, 0.9, 0.92, 0.94, 0.96, 0.98, 1.0001)
@@ -55,7 +55,7 @@ def _shift(image: Image.Image, pixels: int) -> Image.Image:
     """Moved right and down by `pixels`, the uncovered edge repeated (as a slightly shifted crop would look)."""
     array = np.asarray(image)
     padded = np.pad(array, ((pixels, 0), (pixels, 0), (0, 0)), mode="edge")
-    return Image.fromarray(padded[:array.shape[0], :array.shape[1]])
+    return Image.fromarray(padded[: array.shape[0], : array.shape[1]])
 
 
 def _crop(image: Image.Image, fraction: float) -> Image.Image:
@@ -69,13 +69,23 @@ MODIFICATIONS = {
     "JPEG quality 90": (lambda image: _jpeg(image, 90), True),
     "JPEG quality 75": (lambda image: _jpeg(image, 75), True),
     "JPEG quality 50": (lambda image: _jpeg(image, 50), True),
-    "resized to 2× (bicubic)": (lambda image: image.resize((image.width * 2, image.height * 2), Image.Resampling.BICUBIC), True),
-    "resized to 0.75× and back": (lambda image: image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.BILINEAR)
-                                  .resize(image.size, Image.Resampling.BILINEAR), True),
+    "resized to 2× (bicubic)": (
+        lambda image: image.resize((image.width * 2, image.height * 2), Image.Resampling.BICUBIC),
+        True,
+    ),
+    "resized to 0.75× and back": (
+        lambda image: image.resize((image.width * 3 // 4, image.height * 3 // 4), Image.Resampling.BILINEAR).resize(
+            image.size, Image.Resampling.BILINEAR
+        ),
+        True,
+    ),
     "shifted 1 px": (lambda image: _shift(image, 1), True),
     "shifted 2 px": (lambda image: _shift(image, 2), True),
     "brightness +5 %": (lambda image: ImageEnhance.Brightness(image).enhance(1.05), True),
-    "shifted 1 px, brightness +5 %, JPEG 75": (lambda image: _jpeg(ImageEnhance.Brightness(_shift(image, 1)).enhance(1.05), 75), True),
+    "shifted 1 px, brightness +5 %, JPEG 75": (
+        lambda image: _jpeg(ImageEnhance.Brightness(_shift(image, 1)).enhance(1.05), 75),
+        True,
+    ),
     "mirrored (left-right)": (ImageOps.mirror, False),
     "cropped 10 % (5 % each side)": (lambda image: _crop(image, 0.1), False),
     "cropped 20 %": (lambda image: _crop(image, 0.2), False),
@@ -84,10 +94,14 @@ MODIFICATIONS = {
 
 def _features(paths: list[str], backbone, context: ExtractionContext) -> np.ndarray:
     engine = context.engine(backbone)
-    return np.concatenate([engine(images, context.forward_threads()) for images in decoded_batches(paths, backbone.image_size, 64)])
+    return np.concatenate(
+        [engine(images, context.forward_threads()) for images in decoded_batches(paths, backbone.image_size, 64)]
+    )
 
 
-def synthetic_similarities(train_paths: list[str], backbone, context: ExtractionContext, scratch: Path) -> dict[str, np.ndarray]:
+def synthetic_similarities(
+    train_paths: list[str], backbone, context: ExtractionContext, scratch: Path
+) -> dict[str, np.ndarray]:
     """Each modification's cosine similarity between a modified copy and its original, per sampled image."""
     originals = _features(train_paths, backbone, context)
     results = {}
@@ -134,48 +148,83 @@ def main() -> None:
     backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
     features_path = dataset_features_path(manifest, backbone, config.cache_dir)
     if not features_path.exists():
-        raise SystemExit(f"no features file {features_path}: run `headstart train --data {args.data} --cache-dir {args.cache_dir}` first")
+        raise SystemExit(
+            f"no features file {features_path}: run `headstart train --data {args.data} --cache-dir {args.cache_dir}` first"
+        )
     features = FeatureSet(features_path, 0, 0, "cache")
     check = find_near_duplicates(features, list(manifest.class_names), threshold=0.0)
 
-    lines = [f"# Near-duplicate threshold: calibration on `{Path(args.data).name}`", "",
-             f"Written by `benchmarks/leakage_calibration.py`; bundled MobileNetV2 at {config.image_size} px (the defaults), "
-             f"{check.train_images} training images. Threshold in use: **{DEFAULT_THRESHOLD}**.", "",
-             "## 1. Each held-out image's cosine similarity to its nearest training image", "",
-             "| similarity | " + " | ".join(check.splits) + " |", "|---|" + "---|" * len(check.splits)]
+    lines = [
+        f"# Near-duplicate threshold: calibration on `{Path(args.data).name}`",
+        "",
+        f"Written by `benchmarks/leakage_calibration.py`; bundled MobileNetV2 at {config.image_size} px (the defaults), "
+        f"{check.train_images} training images. Threshold in use: **{DEFAULT_THRESHOLD}**.",
+        "",
+        "## 1. Each held-out image's cosine similarity to its nearest training image",
+        "",
+        "| similarity | " + " | ".join(check.splits) + " |",
+        "|---|" + "---|" * len(check.splits),
+    ]
     histograms = {split: np.histogram(result.similarities, bins=BINS)[0] for split, result in check.splits.items()}
     for index in range(len(BINS) - 1):
         upper = "1" if BINS[index + 1] > 1 else f"{BINS[index + 1]:.2f}"
-        lines.append(f"| {BINS[index]:.2f}–{upper} | " + " | ".join(str(histograms[split][index]) for split in check.splits) + " |")
+        lines.append(
+            f"| {BINS[index]:.2f}–{upper} | "
+            + " | ".join(str(histograms[split][index]) for split in check.splits)
+            + " |"
+        )
     lines.append("")
     for split, result in check.splits.items():
         quantiles = np.quantile(result.similarities, [0.5, 0.9, 0.99, 1.0])
-        lines.append(f"{split} ({result.images} images): median {quantiles[0]:.3f}, 90th percentile {quantiles[1]:.3f}, "
-                     f"99th {quantiles[2]:.3f}, max {quantiles[3]:.3f}.")
-    lines += ["", "Images flagged at each candidate threshold:", "",
-              "| threshold | " + " | ".join(check.splits) + " |", "|---|" + "---|" * len(check.splits)]
+        lines.append(
+            f"{split} ({result.images} images): median {quantiles[0]:.3f}, 90th percentile {quantiles[1]:.3f}, "
+            f"99th {quantiles[2]:.3f}, max {quantiles[3]:.3f}."
+        )
+    lines += [
+        "",
+        "Images flagged at each candidate threshold:",
+        "",
+        "| threshold | " + " | ".join(check.splits) + " |",
+        "|---|" + "---|" * len(check.splits),
+    ]
     for candidate in CANDIDATES:
-        lines.append(f"| {candidate:.2f} | " + " | ".join(str(int((result.similarities >= candidate).sum())) for result in check.splits.values()) + " |")
+        lines.append(
+            f"| {candidate:.2f} | "
+            + " | ".join(str(int((result.similarities >= candidate).sum())) for result in check.splits.values())
+            + " |"
+        )
 
     train_features, train_labels, train_paths = features.load("train")
     sample = np.linspace(0, len(train_paths) - 1, SYNTHETIC_SAMPLES).round().astype(int)
     with ExtractionContext(config.cache_dir, ExtractionSettings()) as context, tempfile.TemporaryDirectory() as scratch:
         synthetic = synthetic_similarities([train_paths[i] for i in sample], backbone, context, Path(scratch))
     others = nearest_other_image(train_features, train_labels, sample)
-    lines += ["", f"## 2. Synthetic copies of {SYNTHETIC_SAMPLES} training images against their originals", "",
-              "Each copy is decoded and extracted exactly as a dataset image is. Must it count as the same photo: yes for the "
-              "modifications a re-upload or a re-save makes; mirrored and cropped copies are shown for information.", "",
-              "| copy | same photo | min | 1st percentile | median | " + " | ".join(f"≥ {c:.2f}" for c in CANDIDATES) + " |",
-              "|---|---|---|---|---|" + "---|" * len(CANDIDATES)]
+    lines += [
+        "",
+        f"## 2. Synthetic copies of {SYNTHETIC_SAMPLES} training images against their originals",
+        "",
+        "Each copy is decoded and extracted exactly as a dataset image is. Must it count as the same photo: yes for the "
+        "modifications a re-upload or a re-save makes; mirrored and cropped copies are shown for information.",
+        "",
+        "| copy | same photo | min | 1st percentile | median | " + " | ".join(f"≥ {c:.2f}" for c in CANDIDATES) + " |",
+        "|---|---|---|---|---|" + "---|" * len(CANDIDATES),
+    ]
 
     def row(name: str, same: str, values: np.ndarray) -> str:
-        return (f"| {name} | {same} | {values.min():.3f} | {np.quantile(values, 0.01):.3f} | {np.median(values):.3f} | "
-                + " | ".join(f"{(values >= c).mean():.1%}" for c in CANDIDATES) + " |")
+        return (
+            f"| {name} | {same} | {values.min():.3f} | {np.quantile(values, 0.01):.3f} | {np.median(values):.3f} | "
+            + " | ".join(f"{(values >= c).mean():.1%}" for c in CANDIDATES)
+            + " |"
+        )
 
-    lines += [row(name, "yes" if MODIFICATIONS[name][1] else "for information", values) for name, values in synthetic.items()]
+    lines += [
+        row(name, "yes" if MODIFICATIONS[name][1] else "for information", values) for name, values in synthetic.items()
+    ]
     lines.append(row("the nearest *other* training image of the same class", "no, unless a real duplicate", others))
 
-    pairs = sorted((pair for result in check.splits.values() for pair in result.pairs), key=lambda pair: -pair.similarity)
+    pairs = sorted(
+        (pair for result in check.splits.values() for pair in result.pairs), key=lambda pair: -pair.similarity
+    )
     lines += ["", "## 3. Real pairs by similarity band (held-out image left, nearest training image right)", ""]
     for low, high in BANDS:
         band = [pair for pair in pairs if low <= pair.similarity < high]

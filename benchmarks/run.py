@@ -51,8 +51,12 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
         port = probe.getsockname()[1]
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api"
     for _ in range(180):
         try:
@@ -71,9 +75,26 @@ def run_train(data: Path, work: Path, image_size: int, epochs: int, extra: tuple
     """Runs `headstart train` as a user would; returns wall time, peak RSS and the run's metrics."""
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL}
     command = [
-        "/usr/bin/time", "-f", "%M", "-o", str(work / "rss.txt"), sys.executable, "-m", "flows.cli", "train",
-        "--data", str(data), "--image-size", str(image_size), "--epochs", str(epochs),
-        "--artifacts-root", str(work / "artifacts"), "--cache-dir", str(work / "cache"), *extra,
+        "/usr/bin/time",
+        "-f",
+        "%M",
+        "-o",
+        str(work / "rss.txt"),
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "train",
+        "--data",
+        str(data),
+        "--image-size",
+        str(image_size),
+        "--epochs",
+        str(epochs),
+        "--artifacts-root",
+        str(work / "artifacts"),
+        "--cache-dir",
+        str(work / "cache"),
+        *extra,
     ]
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -83,8 +104,13 @@ def run_train(data: Path, work: Path, image_size: int, epochs: int, extra: tuple
         raise RuntimeError(f"headstart train failed: {result.stderr[-2000:]}")
     run_dir = Path(result.stdout.strip().splitlines()[-1])
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"seconds": seconds, "peak_rss_mb": int((work / "rss.txt").read_text().split()[-1]) / 1024,
-            "accuracy": metrics["accuracy"], "run_dir": str(run_dir), "cache_dir": str(work / "cache")}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": int((work / "rss.txt").read_text().split()[-1]) / 1024,
+        "accuracy": metrics["accuracy"],
+        "run_dir": str(run_dir),
+        "cache_dir": str(work / "cache"),
+    }
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -103,15 +129,20 @@ def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int,
 
     from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
     from headstart.data.images import load_image
-    from headstart.infra.keras import hub, keras
     from headstart.data.preprocessing import resize_images
+    from headstart.infra.keras import hub, keras
 
     start = time.perf_counter()
     table = pq.read_table(manifest_path).to_pydict()
 
     def images_of(split):
         chosen = [i for i, s in enumerate(table["split"]) if s == split]
-        pixels = np.stack([resize_images(load_image(table["path"][i])[None].astype(np.float32) / 255.0, image_size)[0].numpy() for i in chosen])
+        pixels = np.stack(
+            [
+                resize_images(load_image(table["path"][i])[None].astype(np.float32) / 255.0, image_size)[0].numpy()
+                for i in chosen
+            ]
+        )
         return pixels, np.array([table["label"][i] for i in chosen])
 
     train, validation, test = images_of("train"), images_of("validation"), images_of("test")
@@ -119,7 +150,9 @@ def baseline(manifest_path: Path, image_size: int, epochs: int, batch_size: int,
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3))
     features = hub.KerasLayer(str(backbone.module_path), trainable=False)(inputs)
-    outputs = keras.layers.Dense(int(max(table["label"])) + 1, activation="softmax")(keras.layers.Dropout(0.2)(features))
+    outputs = keras.layers.Dense(int(max(table["label"])) + 1, activation="softmax")(
+        keras.layers.Dropout(0.2)(features)
+    )
     model = keras.Model(inputs, outputs)
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
     model.fit(*train, validation_data=validation, epochs=epochs, batch_size=batch_size, verbose=0)
@@ -154,11 +187,19 @@ def throughput(image_sizes: list[int], images: int, cache_dir: Path, rounds: int
             engine(batch)  # warm-up: tracing, allocation
         rates = take_turns(engines, batch, images, rounds)
         for name, engine in engines.items():
-            row = {"engine": name, "image_size": size, "images_per_second": float(np.median(rates[name])), "rounds": rates[name]}
+            row = {
+                "engine": name,
+                "image_size": size,
+                "images_per_second": float(np.median(rates[name])),
+                "rounds": rates[name],
+            }
             if isinstance(engine, LiteRTEngine):
                 row["max_difference_from_tensorflow"] = engine.parity
             rows.append(row)
-            print(f"  {name:13s} {size:4d} px  {row['images_per_second']:7.1f} img/s (median of {', '.join(f'{r:.0f}' for r in rates[name])})", flush=True)
+            print(
+                f"  {name:13s} {size:4d} px  {row['images_per_second']:7.1f} img/s (median of {', '.join(f'{r:.0f}' for r in rates[name])})",
+                flush=True,
+            )
     return rows
 
 
@@ -180,9 +221,17 @@ def warm_up(data: Path) -> None:
     """One-time costs of a fresh machine, paid before any timing: Python compiling the bytecode of
     every module a run imports (a fresh environment has none), and the images' first read from
     disk. Otherwise they would all land on whichever run comes first, here the cold `train`."""
-    subprocess.run([sys.executable, "-c", "import flows.train, headstart.infra.keras, headstart.features.engines, headstart.training.head, headstart.reporting.plots, "
-                    "headstart.backbone.mobilenet, headstart.backbone.hub_module, tasks.evaluation, tasks.model, ai_edge_litert.interpreter, prefect_dask"],
-                   cwd=PROJECT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import flows.train, headstart.infra.keras, headstart.features.engines, headstart.training.head, headstart.reporting.plots, "
+            "headstart.backbone.mobilenet, headstart.backbone.hub_module, tasks.evaluation, tasks.model, ai_edge_litert.interpreter, prefect_dask",
+        ],
+        cwd=PROJECT,
+        check=True,
+        capture_output=True,
+    )
     for path in data.rglob("*"):
         if path.is_file():
             path.read_bytes()
@@ -200,14 +249,18 @@ def make_folder(source: Path, destination: Path, count: int, per_class_offset: i
         originals = files[name]
         for index in range(per_class_offset, per_class_offset + per_class):
             original = originals[index % len(originals)]
-            target = destination / name / (f"{index:06d}{original.suffix}" if index < len(originals) else f"{index:06d}.png")
+            target = (
+                destination / name / (f"{index:06d}{original.suffix}" if index < len(originals) else f"{index:06d}.png")
+            )
             if target.exists():
                 continue
             if index < len(originals):
                 os.symlink(original.resolve(), target)
             else:
                 pixels = np.asarray(Image.open(original).convert("RGB")).copy()
-                pixels[index % pixels.shape[0], (index // pixels.shape[0]) % pixels.shape[1], index % 3] ^= 1 + (index // len(originals)) % 255
+                pixels[index % pixels.shape[0], (index // pixels.shape[0]) % pixels.shape[1], index % 3] ^= (
+                    1 + (index // len(originals)) % 255
+                )
                 Image.fromarray(pixels).save(target)
     return destination
 
@@ -220,7 +273,9 @@ def main() -> None:
     parser.add_argument("--throughput-sizes", default="96,128,160,224")
     parser.add_argument("--rss-sizes", default="2000,10000,50000")
     parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each short `train` measurement; each reports its median")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each short `train` measurement; each reports its median"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for checking the script itself")
     args = parser.parse_args()
     if not args.data.is_dir():
@@ -237,9 +292,15 @@ def main() -> None:
     data = args.data if not args.quick else make_folder(args.data, work / "quick-data", 400)
     try:
         print(f"cold headstart train, {args.repeats} times …", flush=True)
-        colds = [run_train(data, work / f"cold-{attempt}", args.image_size, args.epochs, ("--engine", "auto")) for attempt in range(args.repeats)]
+        colds = [
+            run_train(data, work / f"cold-{attempt}", args.image_size, args.epochs, ("--engine", "auto"))
+            for attempt in range(args.repeats)
+        ]
         cold = results["headstart_cold"] = median_run(colds)
-        print(f"  {_seconds(colds)}; median {cold['seconds']:.1f} s, accuracy {cold['accuracy']:.4f}, peak RSS {cold['peak_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"  {_seconds(colds)}; median {cold['seconds']:.1f} s, accuracy {cold['accuracy']:.4f}, peak RSS {cold['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
         warms = [run_train(data, work / "cold-0", args.image_size, args.epochs) for _ in range(args.repeats)]
         warm = results["headstart_warm"] = median_run(warms)
         print(f"  warm re-run {_seconds(warms)}; median {warm['seconds']:.1f} s", flush=True)
@@ -258,24 +319,41 @@ def main() -> None:
             shutil.copytree(work / "cache-before-adding", work / "grown-run" / "cache")
             added_runs.append(run_train(grown, work / "grown-run", args.image_size, args.epochs))
         added = median_run(added_runs)
-        results["headstart_plus_10_percent"] = {**added, "images_before": subset_count, "cold_seconds_before": base["seconds"]}
-        print(f"  cold on {subset_count} images {base['seconds']:.1f} s; after adding {everything - subset_count}: {_seconds(added_runs)}; median {added['seconds']:.1f} s", flush=True)
+        results["headstart_plus_10_percent"] = {
+            **added,
+            "images_before": subset_count,
+            "cold_seconds_before": base["seconds"],
+        }
+        print(
+            f"  cold on {subset_count} images {base['seconds']:.1f} s; after adding {everything - subset_count}: {_seconds(added_runs)}; median {added['seconds']:.1f} s",
+            flush=True,
+        )
 
         if not args.skip_baseline:
             print("seed-style baseline …", flush=True)
             manifest = sorted((work / "cold-0" / "cache" / "manifests").glob("*.parquet"), key=os.path.getmtime)[-1]
-            code = (f"import json, sys; sys.path.insert(0, {str(PROJECT / 'benchmarks')!r}); import run; "
-                    f"print(json.dumps(run.baseline(__import__('pathlib').Path({str(manifest)!r}), {args.image_size}, {args.epochs}, 64, 0)))")
+            code = (
+                f"import json, sys; sys.path.insert(0, {str(PROJECT / 'benchmarks')!r}); import run; "
+                f"print(json.dumps(run.baseline(__import__('pathlib').Path({str(manifest)!r}), {args.image_size}, {args.epochs}, 64, 0)))"
+            )
             start_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             output = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True)
             if output.returncode != 0:
                 raise RuntimeError(output.stderr[-2000:])
-            results["baseline"] = {**json.loads(output.stdout.strip().splitlines()[-1]),
-                                   "peak_rss_mb": max(start_rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024}
-            print(f"  {results['baseline']['seconds']:.1f} s, accuracy {results['baseline']['accuracy']:.4f}", flush=True)
+            results["baseline"] = {
+                **json.loads(output.stdout.strip().splitlines()[-1]),
+                "peak_rss_mb": max(start_rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024,
+            }
+            print(
+                f"  {results['baseline']['seconds']:.1f} s, accuracy {results['baseline']['accuracy']:.4f}", flush=True
+            )
 
         print("extraction throughput …", flush=True)
-        results["throughput"] = throughput([int(s) for s in args.throughput_sizes.split(",")], 640 if not args.quick else 128, work / "throughput-cache")
+        results["throughput"] = throughput(
+            [int(s) for s in args.throughput_sizes.split(",")],
+            640 if not args.quick else 128,
+            work / "throughput-cache",
+        )
 
         print("peak RSS against dataset size …", flush=True)
         rss_rows = []
@@ -294,7 +372,10 @@ def main() -> None:
 
 def report(results: dict, file_name: str) -> None:
     cold, warm, added = results["headstart_cold"], results["headstart_warm"], results["headstart_plus_10_percent"]
-    lines = [f"| measurement ({results['image_size']} px, {results['epochs']} epochs, {results['machine']['cores']} cores) | value |", "|---|---|"]
+    lines = [
+        f"| measurement ({results['image_size']} px, {results['epochs']} epochs, {results['machine']['cores']} cores) | value |",
+        "|---|---|",
+    ]
     if "baseline" in results:
         base = results["baseline"]
         lines += [
@@ -310,11 +391,15 @@ def report(results: dict, file_name: str) -> None:
     for row in results["throughput"]:
         lines.append(f"| extraction, {row['engine']}, {row['image_size']} px | {row['images_per_second']:.0f} img/s |")
         if "max_difference_from_tensorflow" in row:
-            lines.append(f"| LiteRT parity with TensorFlow (max abs difference), {row['image_size']} px | {row['max_difference_from_tensorflow']:.1e} |")
+            lines.append(
+                f"| LiteRT parity with TensorFlow (max abs difference), {row['image_size']} px | {row['max_difference_from_tensorflow']:.1e} |"
+            )
     by_size = {(r["engine"], r["image_size"]): r["images_per_second"] for r in results["throughput"]}
     for size in sorted({r["image_size"] for r in results["throughput"]}):
         if ("litert", size) in by_size and ("keras predict", size) in by_size:
-            lines.append(f"| LiteRT / Keras predict at {size} px | {by_size[('litert', size)] / by_size[('keras predict', size)]:.2f}× |")
+            lines.append(
+                f"| LiteRT / Keras predict at {size} px | {by_size[('litert', size)] / by_size[('keras predict', size)]:.2f}× |"
+            )
     for row in results["peak_rss"]:
         lines.append(f"| peak RSS, cold `train` on {row['images']} images | {row['peak_rss_mb']:.0f} MB |")
     table = "\n".join(lines)

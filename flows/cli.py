@@ -58,7 +58,9 @@ def _train(args) -> int:
     if config.data != "cifar10" and not Path(config.data).is_dir():
         from headstart.errors import HeadstartError
 
-        raise HeadstartError(f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders, or 'cifar10')")
+        raise HeadstartError(
+            f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders, or 'cifar10')"
+        )
     from flows.train import train
 
     _install_log_filter()
@@ -82,8 +84,11 @@ def _prefect_server():
         return contextlib.nullcontext()
     url = local_server_url()
     if not is_healthy(url):
-        print("headstart: no Prefect server is running, so a temporary one starts for this run; "
-              "`uv run headstart server start` keeps one (and its dashboard) running", file=sys.stderr)
+        print(
+            "headstart: no Prefect server is running, so a temporary one starts for this run; "
+            "`uv run headstart server start` keeps one (and its dashboard) running",
+            file=sys.stderr,
+        )
         return contextlib.nullcontext()
     print(f"headstart: reporting to the Prefect server at {url} (dashboard there)", file=sys.stderr)
     return temporary_settings({PREFECT_API_URL: f"{url}/api"})
@@ -95,7 +100,11 @@ def _server(args) -> int:
     if args.action == "start":
         print(f"Prefect server running at {local_server.start()} (dashboard there; `headstart server stop` ends it)")
     elif args.action == "stop":
-        print("Prefect server stopped" if local_server.stop() else "no server started by `headstart server start` is running")
+        print(
+            "Prefect server stopped"
+            if local_server.stop()
+            else "no server started by `headstart server start` is running"
+        )
     else:
         url = local_server.local_server_url()
         print(f"Prefect server at {url}: " + ("running" if local_server.is_healthy(url) else "not running"))
@@ -111,8 +120,8 @@ def _serve(args) -> int:
 
 def _evaluate(args) -> int:
     from headstart.evaluation.metrics import format_metrics
-    from headstart.serving.inference import evaluate_folder
     from headstart.registry.runs import Run
+    from headstart.serving.inference import evaluate_folder
 
     metrics = evaluate_folder(Run(Path(args.model)), Path(args.data), args.batch_size)
     if args.json:
@@ -128,12 +137,20 @@ def _predict(args) -> int:
     from headstart.features.extraction import ExtractionSettings
     from headstart.serving.predict import predict_with_model, write_predictions
 
-    predictions, _ = predict_with_model(args.model, [Path(path) for path in args.paths], Path(args.artifacts_root), Path(args.cache_dir),
-                                        ExtractionSettings(args.engine, args.threads, args.batch_size))
+    predictions, _ = predict_with_model(
+        args.model,
+        [Path(path) for path in args.paths],
+        Path(args.artifacts_root),
+        Path(args.cache_dir),
+        ExtractionSettings(args.engine, args.threads, args.batch_size),
+    )
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     if args.output:
-        print(f"{len(predictions.paths)} predictions written to {write_predictions(predictions, Path(args.output))}", file=sys.stderr)
+        print(
+            f"{len(predictions.paths)} predictions written to {write_predictions(predictions, Path(args.output))}",
+            file=sys.stderr,
+        )
     for row, probabilities in zip(predictions.rows(), predictions.probabilities):
         if args.json:
             print(json.dumps({**row, "probabilities": dict(zip(predictions.class_names, map(float, probabilities)))}))
@@ -143,12 +160,16 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
-    from headstart.registry import versions as registry
     from headstart.edge.export import export_images, export_tflite
+    from headstart.registry import versions as registry
 
     run = registry.resolve(Path(args.artifacts_root), args.model)
-    record = export_tflite(run, args.quantize, export_images(run, Path(args.cache_dir) if args.cache_dir else None),
-                           Path(args.output) if args.output else None)
+    record = export_tflite(
+        run,
+        args.quantize,
+        export_images(run, Path(args.cache_dir) if args.cache_dir else None),
+        Path(args.output) if args.output else None,
+    )
     print(f"headstart: {record['summary']}", file=sys.stderr)
     print(run.path / record["file"], flush=True)
     return 1 if args.require_target and not record["meets_target"] else 0
@@ -177,9 +198,13 @@ def _models(args) -> int:
     print(f"  {'version':<{width}}  accuracy  test images  classes / created")
     for row in rows:
         accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
-        print(f"{'*' if row.champion else ' '} {row.version:<{width}}  {accuracy:<8}  {row.n if row.n is not None else '-':<11}  "
-              f"{', '.join(row.class_names)} / {row.created_at}")
-    print("\n* champion" if any(row.champion for row in rows) else "\nno champion yet: `headstart models promote VERSION`")
+        print(
+            f"{'*' if row.champion else ' '} {row.version:<{width}}  {accuracy:<8}  {row.n if row.n is not None else '-':<11}  "
+            f"{', '.join(row.class_names)} / {row.created_at}"
+        )
+    print(
+        "\n* champion" if any(row.champion for row in rows) else "\nno champion yet: `headstart models promote VERSION`"
+    )
     return 0
 
 
@@ -188,56 +213,144 @@ def _comma_separated(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="headstart", description="Transfer learning for image classification: a frozen ImageNet MobileNetV2 and a new head, as a Prefect flow.")
+    parser = argparse.ArgumentParser(
+        prog="headstart",
+        description="Transfer learning for image classification: a frozen ImageNet MobileNetV2 and a new head, as a Prefect flow.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a classifier; prints the run directory last", argument_default=argparse.SUPPRESS)
+    train = commands.add_parser(
+        "train", help="train a classifier; prints the run directory last", argument_default=argparse.SUPPRESS
+    )
     train.add_argument("--data", required=True, help="'cifar10' or a folder with one sub-folder of images per class")
-    train.add_argument("--classes", type=_comma_separated, help="comma-separated classes (default: cat,dog for cifar10; all sub-folders otherwise)")
+    train.add_argument(
+        "--classes",
+        type=_comma_separated,
+        help="comma-separated classes (default: cat,dog for cifar10; all sub-folders otherwise)",
+    )
     train.add_argument("--image-size", type=int, help="side in pixels the backbone sees (default 160)")
-    train.add_argument("--epochs", type=int, help="maximum epochs of head training (default 30, early stopping on validation loss)")
+    train.add_argument(
+        "--epochs", type=int, help="maximum epochs of head training (default 30, early stopping on validation loss)"
+    )
     train.add_argument("--batch-size", type=int)
     train.add_argument("--dropout", type=float)
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping (default 5)")
     train.add_argument("--seed", type=int)
-    train.add_argument("--fine-tune", dest="fine_tune", action="store_const", const=True,
-                       help="after the head, also train the backbone's top stages with it, on activations cached below them (bundled backbone)")
-    train.add_argument("--fine-tune-from", type=int, help="first stage fine-tuned: 1–17 an inverted-residual block, 18 the last 1×1 convolution (default 4)")
-    train.add_argument("--fine-tune-epochs", type=int, help="fine-tuning epochs; the learning rate decays over them (default 8)")
-    train.add_argument("--fine-tune-learning-rate", type=float, help="Adam's initial learning rate for fine-tuning (default 3e-4)")
-    train.add_argument("--fine-tune-patience", type=int, help="fine-tuning epochs without a better validation accuracy before it stops (default 3)")
-    train.add_argument("--no-fine-tune-flip", dest="fine_tune_flip", action="store_const", const=False,
-                       help="do not mirror training images at random in fine-tuning")
-    train.add_argument("--fine-tune-shift", type=float, help="share of the image side a training image may move each way in fine-tuning (default 0.1)")
+    train.add_argument(
+        "--fine-tune",
+        dest="fine_tune",
+        action="store_const",
+        const=True,
+        help="after the head, also train the backbone's top stages with it, on activations cached below them (bundled backbone)",
+    )
+    train.add_argument(
+        "--fine-tune-from",
+        type=int,
+        help="first stage fine-tuned: 1–17 an inverted-residual block, 18 the last 1×1 convolution (default 4)",
+    )
+    train.add_argument(
+        "--fine-tune-epochs", type=int, help="fine-tuning epochs; the learning rate decays over them (default 8)"
+    )
+    train.add_argument(
+        "--fine-tune-learning-rate", type=float, help="Adam's initial learning rate for fine-tuning (default 3e-4)"
+    )
+    train.add_argument(
+        "--fine-tune-patience",
+        type=int,
+        help="fine-tuning epochs without a better validation accuracy before it stops (default 3)",
+    )
+    train.add_argument(
+        "--no-fine-tune-flip",
+        dest="fine_tune_flip",
+        action="store_const",
+        const=False,
+        help="do not mirror training images at random in fine-tuning",
+    )
+    train.add_argument(
+        "--fine-tune-shift",
+        type=float,
+        help="share of the image side a training image may move each way in fine-tuning (default 0.1)",
+    )
     train.add_argument("--fine-tune-mixup", type=float, help="mixup's alpha in fine-tuning, 0 for none (default 0)")
-    train.add_argument("--fine-tune-mirror-average", action="store_const", const=True,
-                       help="the fine-tuned backbone averages the features of each image and of its mirror image (twice its work per image)")
+    train.add_argument(
+        "--fine-tune-mirror-average",
+        action="store_const",
+        const=True,
+        help="the fine-tuned backbone averages the features of each image and of its mirror image (twice its work per image)",
+    )
     train.add_argument("--fine-tune-cutmix", type=float, help="CutMix's alpha in fine-tuning, 0 for none (default 0)")
-    train.add_argument("--near-duplicate-threshold", type=float,
-                       help="feature cosine similarity from which a test image counts as a near-duplicate of a training image (default 0.88)")
-    train.add_argument("--backbone", help="'bundled:mobilenet_v2' (default), a TF Hub handle, a SavedModel folder or a URL of a .tar.gz module")
-    train.add_argument("--engine", choices=["auto", "litert", "keras", "litert-int8"], help="what runs the frozen forward pass (default auto)")
+    train.add_argument(
+        "--near-duplicate-threshold",
+        type=float,
+        help="feature cosine similarity from which a test image counts as a near-duplicate of a training image (default 0.88)",
+    )
+    train.add_argument(
+        "--backbone",
+        help="'bundled:mobilenet_v2' (default), a TF Hub handle, a SavedModel folder or a URL of a .tar.gz module",
+    )
+    train.add_argument(
+        "--engine",
+        choices=["auto", "litert", "keras", "litert-int8"],
+        help="what runs the frozen forward pass (default auto)",
+    )
     train.add_argument("--threads", type=int, help="threads for feature extraction (default: all cores)")
-    train.add_argument("--task-runner", choices=["local", "dask"], help="run feature extraction here (default) or on a Dask cluster")
-    train.add_argument("--dask-address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
+    train.add_argument(
+        "--task-runner", choices=["local", "dask"], help="run feature extraction here (default) or on a Dask cluster"
+    )
+    train.add_argument(
+        "--dask-address",
+        help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (default: a local cluster)",
+    )
     train.add_argument("--dask-workers", type=int, help="workers of the local Dask cluster (default 2)")
     train.add_argument("--extraction-batch-size", type=int, help="images per forward pass (default 64)")
-    train.add_argument("--extraction-shard-size", type=int, help="images per cache shard and extraction task (default 1024)")
+    train.add_argument(
+        "--extraction-shard-size", type=int, help="images per cache shard and extraction task (default 1024)"
+    )
     train.add_argument("--validation-fraction", type=float, help="share of images for validation (default 0.1)")
-    train.add_argument("--test-fraction", type=float, help="share of a folder's images held out for testing (default 0.1)")
+    train.add_argument(
+        "--test-fraction", type=float, help="share of a folder's images held out for testing (default 0.1)"
+    )
     train.add_argument("--max-images-per-class", type=int, help="use at most this many training images per class")
     train.add_argument("--cifar10-source", help="URL or path of the CIFAR-10 python archive")
-    train.add_argument("--no-reuse", dest="reuse_identical_runs", action="store_const", const=False,
-                       help="retrain even when an earlier run had identical inputs (by default that run is copied)")
-    train.add_argument("--no-gate", dest="gate", action="store_const", const=False,
-                       help="do not compare with the champion or promote (by default the new model replaces the champion only when it is not worse)")
-    train.add_argument("--gate-tolerance", type=float, help="accuracy the new model may lose against the champion and still be promoted (default 0)")
-    train.add_argument("--gate-alpha", type=float, help="significance level of the McNemar test that keeps a worse model out (default 0.05)")
-    train.add_argument("--gate-floor", type=float, help="accuracy the first model must beat (default: always predicting the most common class)")
-    train.add_argument("--export", choices=["none", "tflite"], help="also write the run's classifier as .tflite files, float32 and int8 (default none)")
+    train.add_argument(
+        "--no-reuse",
+        dest="reuse_identical_runs",
+        action="store_const",
+        const=False,
+        help="retrain even when an earlier run had identical inputs (by default that run is copied)",
+    )
+    train.add_argument(
+        "--no-gate",
+        dest="gate",
+        action="store_const",
+        const=False,
+        help="do not compare with the champion or promote (by default the new model replaces the champion only when it is not worse)",
+    )
+    train.add_argument(
+        "--gate-tolerance",
+        type=float,
+        help="accuracy the new model may lose against the champion and still be promoted (default 0)",
+    )
+    train.add_argument(
+        "--gate-alpha",
+        type=float,
+        help="significance level of the McNemar test that keeps a worse model out (default 0.05)",
+    )
+    train.add_argument(
+        "--gate-floor",
+        type=float,
+        help="accuracy the first model must beat (default: always predicting the most common class)",
+    )
+    train.add_argument(
+        "--export",
+        choices=["none", "tflite"],
+        help="also write the run's classifier as .tflite files, float32 and int8 (default none)",
+    )
     train.add_argument("--artifacts-root", help="where run directories go (default ./artifacts)")
-    train.add_argument("--cache-dir", help="where downloads, backbones and features are cached (default ./.cache/headstart)")
+    train.add_argument(
+        "--cache-dir", help="where downloads, backbones and features are cached (default ./.cache/headstart)"
+    )
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="measure a trained run on a labelled folder")
@@ -248,28 +361,63 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser("predict", help="label image files and folders with a trained model")
-    predict.add_argument("--model", default="champion",
-                         help="'champion' (default), a version listed by 'headstart models', a run directory, or a .tflite file written by 'headstart export' (run with LiteRT alone)")
+    predict.add_argument(
+        "--model",
+        default="champion",
+        help="'champion' (default), a version listed by 'headstart models', a run directory, or a .tflite file written by 'headstart export' (run with LiteRT alone)",
+    )
     predict.add_argument("paths", nargs="+", help="image files and folders of images")
-    predict.add_argument("--output", help="write path, label, probability (and the top classes) to a .csv or .parquet file")
+    predict.add_argument(
+        "--output", help="write path, label, probability (and the top classes) to a .csv or .parquet file"
+    )
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
-    predict.add_argument("--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)")
-    predict.add_argument("--cache-dir", default=".cache/headstart", help="where the converted LiteRT model is cached (default ./.cache/headstart)")
-    predict.add_argument("--engine", choices=["auto", "litert", "keras", "litert-int8"], default="auto", help="what runs the frozen forward pass (default auto)")
+    predict.add_argument(
+        "--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)"
+    )
+    predict.add_argument(
+        "--cache-dir",
+        default=".cache/headstart",
+        help="where the converted LiteRT model is cached (default ./.cache/headstart)",
+    )
+    predict.add_argument(
+        "--engine",
+        choices=["auto", "litert", "keras", "litert-int8"],
+        default="auto",
+        help="what runs the frozen forward pass (default auto)",
+    )
     predict.add_argument("--threads", type=int, help="threads for the forward pass (default: all cores)")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.set_defaults(handler=_predict)
 
-    export = commands.add_parser("export", help="write a trained model as one .tflite file for phones and boards, class names inside")
-    export.add_argument("--model", default="champion", help="'champion' (default), a version listed by 'headstart models', or a run directory")
+    export = commands.add_parser(
+        "export", help="write a trained model as one .tflite file for phones and boards, class names inside"
+    )
+    export.add_argument(
+        "--model",
+        default="champion",
+        help="'champion' (default), a version listed by 'headstart models', or a run directory",
+    )
     export.add_argument("--format", choices=["tflite"], default="tflite", help="file format (default tflite)")
-    export.add_argument("--quantize", choices=["none", "int8"], default="none",
-                        help="none: float32 weights and activations (default); int8: full-integer, calibrated on the run's training images")
-    export.add_argument("--output", help="the file to write (default: exports/model-float32.tflite or model-int8.tflite in the run)")
-    export.add_argument("--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)")
-    export.add_argument("--cache-dir", help="where the run's data listing is cached (default: the run's own cache directory)")
-    export.add_argument("--require-target", action="store_true",
-                        help="exit with status 1 when the file misses its parity target (it is written and recorded all the same)")
+    export.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="none: float32 weights and activations (default); int8: full-integer, calibrated on the run's training images",
+    )
+    export.add_argument(
+        "--output", help="the file to write (default: exports/model-float32.tflite or model-int8.tflite in the run)"
+    )
+    export.add_argument(
+        "--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)"
+    )
+    export.add_argument(
+        "--cache-dir", help="where the run's data listing is cached (default: the run's own cache directory)"
+    )
+    export.add_argument(
+        "--require-target",
+        action="store_true",
+        help="exit with status 1 when the file misses its parity target (it is written and recorded all the same)",
+    )
     export.set_defaults(handler=_export)
 
     models = commands.add_parser("models", help="list the registry's versions, newest first; promote one, or roll back")
@@ -277,19 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print one JSON list")
     actions = models.add_subparsers(dest="action")
     root_option = argparse.ArgumentParser(add_help=False)
-    root_option.add_argument("--artifacts-root", default=argparse.SUPPRESS, help="where run directories go (default ./artifacts)")
+    root_option.add_argument(
+        "--artifacts-root", default=argparse.SUPPRESS, help="where run directories go (default ./artifacts)"
+    )
     promote = actions.add_parser("promote", parents=[root_option], help="make a version the champion")
     promote.add_argument("version", help="a version listed by 'headstart models'")
     promote.add_argument("--reason", default="promoted by hand", help="recorded in the champion's history")
-    rollback = actions.add_parser("rollback", parents=[root_option], help="make the previous champion the champion again")
+    rollback = actions.add_parser(
+        "rollback", parents=[root_option], help="make the previous champion the champion again"
+    )
     rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the champion's history")
     models.set_defaults(handler=_models)
 
-    server = commands.add_parser("server", help="keep a local Prefect server (and its dashboard) running between commands")
+    server = commands.add_parser(
+        "server", help="keep a local Prefect server (and its dashboard) running between commands"
+    )
     server.add_argument("action", choices=["start", "stop", "status"])
     server.set_defaults(handler=_server)
 
-    serve = commands.add_parser("serve", help="run prefect.yaml's deployments (schedules included) from this process, without a worker")
+    serve = commands.add_parser(
+        "serve", help="run prefect.yaml's deployments (schedules included) from this process, without a worker"
+    )
     serve.set_defaults(handler=_serve)
     return parser
 

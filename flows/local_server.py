@@ -60,8 +60,13 @@ def start(timeout: float = 180) -> str:
         return url
     home = _home()
     with open(home / LOG_FILE, "ab") as log:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     (home / PID_FILE).write_text(str(server.pid))
     deadline = time.monotonic() + timeout
     while not is_healthy(url, timeout=2):

@@ -25,10 +25,14 @@ def parameters_from(config_type: type[BaseModel]) -> Callable[[Body], Body]:
 
     def with_signature(body: Body) -> Body:
         fields = config_type.model_fields
-        body.__signature__ = inspect.Signature([_parameter(name, field) for name, field in fields.items()],
-                                               return_annotation=inspect.signature(body).return_annotation)
+        body.__signature__ = inspect.Signature(
+            [_parameter(name, field) for name, field in fields.items()],
+            return_annotation=inspect.signature(body).return_annotation,
+        )
         # Prefect reads each parameter's description from the docstring's Args section.
-        described = [f"    {name}: {' '.join(field.description.split())}" for name, field in fields.items() if field.description]
+        described = [
+            f"    {name}: {' '.join(field.description.split())}" for name, field in fields.items() if field.description
+        ]
         body.__doc__ = inspect.cleandoc(body.__doc__ or "") + "\n\nArgs:\n" + "\n".join(described)
         return body
 

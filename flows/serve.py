@@ -21,10 +21,19 @@ def project_deployments(project_file: Path = PROJECT / "prefect.yaml") -> list:
     for entry in yaml.safe_load(project_file.read_text())["deployments"]:
         path, function = entry["entrypoint"].rsplit(":", 1)
         flow = load_flow_from_entrypoint(f"{project_file.parent / path}:{function}")
-        schedules = [Cron(schedule["cron"], timezone=schedule.get("timezone"), active=schedule.get("active", True))
-                     for schedule in entry.get("schedules") or []]
-        deployments.append(flow.to_deployment(name=entry["name"], description=entry.get("description"), tags=entry.get("tags"),
-                                              parameters=entry.get("parameters") or {}, schedules=schedules))
+        schedules = [
+            Cron(schedule["cron"], timezone=schedule.get("timezone"), active=schedule.get("active", True))
+            for schedule in entry.get("schedules") or []
+        ]
+        deployments.append(
+            flow.to_deployment(
+                name=entry["name"],
+                description=entry.get("description"),
+                tags=entry.get("tags"),
+                parameters=entry.get("parameters") or {},
+                schedules=schedules,
+            )
+        )
     return deployments
 
 

@@ -48,7 +48,9 @@ def train(**parameters) -> str:
             _import_in_background("headstart.reporting.plots")
         features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
-        previous = find_identical_run(config.cache_dir, key, config.artifacts_root) if config.reuse_identical_runs else None
+        previous = (
+            find_identical_run(config.cache_dir, key, config.artifacts_root) if config.reuse_identical_runs else None
+        )
         if previous is not None:
             return _reused(config, key, previous, manifest, backbone, features)
         classifier = build_model(config, backbone, manifest.class_names, extraction)
@@ -70,13 +72,17 @@ def train(**parameters) -> str:
     leakage = near_duplicates(config, frozen_features, probabilities, manifest.class_names)
     decision = gate(config, backbone, features, probabilities, manifest.class_names) if config.gate else None
     figures = visualize(config, history, metrics, probabilities, features, leakage, tuned)
-    run_dir = publish(config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned)
+    run_dir = publish(
+        config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned
+    )
     if config.export == "tflite":
         export(run_dir, manifest)
     if decision is not None and decision.promote:
         promote(config, run_dir, decision)
-    print(f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
-          + (f"; gate: {decision.reason}" if decision is not None else "; gate off"))
+    print(
+        f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
+        + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
+    )
     return run_dir
 
 
@@ -89,8 +95,10 @@ def _reused(config: TrainConfig, key: str, previous, manifest, backbone, feature
     decision = gate_identical_run(config, run_dir, backbone, features, manifest.class_names) if config.gate else None
     if decision is not None and decision.promote:
         promote(config, run_dir, decision)
-    print(f"headstart: every input matches {previous}; nothing trained; run directory {run_dir}"
-          + (f"; gate: {decision.reason}" if decision is not None else "; gate off"))
+    print(
+        f"headstart: every input matches {previous}; nothing trained; run directory {run_dir}"
+        + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
+    )
     return run_dir
 
 
@@ -101,7 +109,10 @@ def _features(config: TrainConfig, manifest, report, backbone, shards, extractio
     if shards:
         with extraction_runner(config) as runner:
             labels = [f"{i + 1}/{len(shards)}" for i in range(len(shards))]
-            extracted = runner.map(extract_features, {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels}).result()
+            extracted = runner.map(
+                extract_features,
+                {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels},
+            ).result()
     return assemble_features(manifest, report, backbone, config.cache_dir, extracted)
 
 
@@ -114,13 +125,16 @@ def extraction_runner(config: TrainConfig) -> TaskRunner:
 
         if config.dask_address:
             return DaskTaskRunner(address=config.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_workers, "threads_per_worker": 1, "processes": True})
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": config.dask_workers, "threads_per_worker": 1, "processes": True}
+        )
     return ThreadPoolTaskRunner(max_workers=1)
 
 
 def _import_in_background(module: str) -> None:
     """Starts importing a module (matplotlib's ~0.4 s for the plots) on a thread of its own; a
     failure is left for the step that uses the module to report."""
+
     def load() -> None:
         with contextlib.suppress(Exception):
             importlib.import_module(module)

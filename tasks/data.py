@@ -8,14 +8,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from headstart.backbone.handles import Backbone, resolve_backbone
-from headstart.config import TrainConfig
+from headstart.config import INT8_ENGINE, TrainConfig
 from headstart.data.manifest import DataReport, Manifest
 from headstart.data.sources import prepare_source
+from headstart.edge.int8.quantization import quantized_backbone, representative_rows
 from headstart.errors import HeadstartError
 from headstart.features.cache import Shard
 from headstart.features.dataset import plan_extraction
-from headstart.config import INT8_ENGINE
-from headstart.edge.int8.quantization import quantized_backbone, representative_rows
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -43,5 +42,7 @@ def preprocess(config: TrainConfig, manifest: Manifest) -> tuple[Backbone, list[
     lists, as shards, the images whose features are not cached yet."""
     backbone = resolve_backbone(config.backbone, config.image_size, Path(config.cache_dir))
     if config.engine == INT8_ENGINE:
-        backbone = quantized_backbone(backbone, representative_rows(manifest.read().to_pylist()), Path(config.cache_dir))
+        backbone = quantized_backbone(
+            backbone, representative_rows(manifest.read().to_pylist()), Path(config.cache_dir)
+        )
     return backbone, plan_extraction(manifest, backbone, Path(config.cache_dir), config.extraction_shard_size)

@@ -19,13 +19,27 @@ def evaluate(classifier, features: FeatureSet, class_names: tuple[str, ...]) -> 
 
 
 @task(name="visualize", cache_policy=NO_CACHE)
-def visualize(config: TrainConfig, history: dict, metrics: dict, probabilities: np.ndarray, features: FeatureSet,
-              near_duplicates: dict | None = None, fine_tuning: FineTuningResult | None = None) -> dict[str, bytes]:
+def visualize(
+    config: TrainConfig,
+    history: dict,
+    metrics: dict,
+    probabilities: np.ndarray,
+    features: FeatureSet,
+    near_duplicates: dict | None = None,
+    fine_tuning: FineTuningResult | None = None,
+) -> dict[str, bytes]:
     """Renders the run's plots as PNG bytes, by file name; with the closest test / training pairs
     where `near_duplicates` (the near_duplicates step's report) flagged any, and the fine-tuning
     curves where it ran."""
     from headstart.reporting.plots import plot_run
 
     pairs = near_duplicates["splits"]["test"]["pairs"] if near_duplicates is not None else []
-    return plot_run(history, metrics, *features.labels_and_paths("test"), probabilities, config.seed, pairs,
-                    fine_tuning.history if fine_tuning is not None else None)
+    return plot_run(
+        history,
+        metrics,
+        *features.labels_and_paths("test"),
+        probabilities,
+        config.seed,
+        pairs,
+        fine_tuning.history if fine_tuning is not None else None,
+    )

@@ -24,5 +24,9 @@ def export(run_dir: str, manifest: Manifest) -> list[dict]:
     logger = get_run_logger()
     for record in records:
         (logger.info if record["meets_target"] else logger.warning)("export: %s", record["summary"])
-    create_table_artifact(key="headstart-export", table=export_rows(records), description="the run as .tflite files, measured against its Keras model")
+    create_table_artifact(
+        key="headstart-export",
+        table=export_rows(records),
+        description="the run as .tflite files, measured against its Keras model",
+    )
     return records

@@ -11,7 +11,8 @@ from prefect.logging import get_run_logger
 from headstart.backbone.handles import Backbone
 from headstart.data.manifest import DataReport, Manifest, without_images
 from headstart.features.cache import Shard
-from headstart.features.dataset import FeatureSet, assemble_features as assemble, plan_extraction
+from headstart.features.dataset import FeatureSet, plan_extraction
+from headstart.features.dataset import assemble_features as assemble
 from headstart.features.extraction import ExtractedShard, ExtractionContext
 from tasks.progress import DashboardProgress
 
@@ -34,7 +35,11 @@ def extract_features(shard: Shard, backbone: Backbone, context: ExtractionContex
 
 @task(name="assemble_features", cache_policy=NO_CACHE)
 def assemble_features(
-    manifest: Manifest, report: DataReport, backbone: Backbone, cache_dir: Path, shards: list[ExtractedShard],
+    manifest: Manifest,
+    report: DataReport,
+    backbone: Backbone,
+    cache_dir: Path,
+    shards: list[ExtractedShard],
 ) -> tuple[FeatureSet, Manifest, DataReport]:
     """Collects the dataset's features from the cache into one Parquet file, the handle training
     reads; images whose files changed since the scan are left out of the manifest and listed in
@@ -43,5 +48,7 @@ def assemble_features(
     for _, path, reason in left_out:
         get_run_logger().warning("left out %s: %s", path, reason)
     manifest, report = without_images(manifest, report, left_out, cache_dir)
-    features = assemble(manifest, backbone, cache_dir, sum(shard.extracted for shard in shards), shards[0].engine if shards else "cache")
+    features = assemble(
+        manifest, backbone, cache_dir, sum(shard.extracted for shard in shards), shards[0].engine if shards else "cache"
+    )
     return features, manifest, report

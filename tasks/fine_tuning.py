@@ -16,21 +16,52 @@ from tasks.progress import DashboardProgress
 
 
 @task(name="fine_tune", cache_policy=NO_CACHE)
-def fine_tune(config: TrainConfig, training_key: str, backbone: Backbone, classifier, features: FeatureSet) -> FineTuningResult:
+def fine_tune(
+    config: TrainConfig, training_key: str, backbone: Backbone, classifier, features: FeatureSet
+) -> FineTuningResult:
     """Fine-tunes the backbone's stages from --fine-tune-from up with the head, on activations
     cached below them; returns the fine-tuned backbone, written as a TF Hub module into the cache
     under the run's training key (see headstart.training.fine_tuning)."""
     destination = Path(config.cache_dir) / "backbones" / f"fine-tuned-{training_key}"
-    with DashboardProgress(activation_entries(features, config.fine_tune_flip), f"fine-tune: activations into stage {config.fine_tune_from}") as activations, \
-            DashboardProgress(config.fine_tune_epochs, f"fine-tune: at most {config.fine_tune_epochs} epochs", unit="epoch") as epochs:
-        def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
-            scores = ", ".join(f"{name} {history[name][-1]:.4f}" for name in ("loss", "accuracy", "val_loss", "val_accuracy"))
-            epochs.update(1, f"fine-tune: epoch {epoch} of at most {config.fine_tune_epochs} ({history['seconds'][-1]:.0f} s); {scores}")
-            # An epoch takes a while: a line for each in the flow run's log, as well as the progress bar.
-            get_run_logger().info("fine-tune epoch %d of at most %d: %.0f s; %s", epoch, config.fine_tune_epochs, history["seconds"][-1], scores)
+    with (
+        DashboardProgress(
+            activation_entries(features, config.fine_tune_flip),
+            f"fine-tune: activations into stage {config.fine_tune_from}",
+        ) as activations,
+        DashboardProgress(
+            config.fine_tune_epochs, f"fine-tune: at most {config.fine_tune_epochs} epochs", unit="epoch"
+        ) as epochs,
+    ):
 
-        result = fine_tune_classifier(classifier, backbone, features, config.cache_dir, destination, config.fine_tune_from,
-                                      TuningSettings.from_config(config), config.fine_tune_flip, config.fine_tune_mirror_average,
-                                      activations, epoch_done)
+        def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
+            scores = ", ".join(
+                f"{name} {history[name][-1]:.4f}" for name in ("loss", "accuracy", "val_loss", "val_accuracy")
+            )
+            epochs.update(
+                1,
+                f"fine-tune: epoch {epoch} of at most {config.fine_tune_epochs} ({history['seconds'][-1]:.0f} s); {scores}",
+            )
+            # An epoch takes a while: a line for each in the flow run's log, as well as the progress bar.
+            get_run_logger().info(
+                "fine-tune epoch %d of at most %d: %.0f s; %s",
+                epoch,
+                config.fine_tune_epochs,
+                history["seconds"][-1],
+                scores,
+            )
+
+        result = fine_tune_classifier(
+            classifier,
+            backbone,
+            features,
+            config.cache_dir,
+            destination,
+            config.fine_tune_from,
+            TuningSettings.from_config(config),
+            config.fine_tune_flip,
+            config.fine_tune_mirror_average,
+            activations,
+            epoch_done,
+        )
         epochs.finish(f"fine-tune: {result.outcome()}")
     return result

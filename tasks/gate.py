@@ -10,24 +10,32 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from headstart.promotion import decide as promotion
-from headstart.registry import versions as registry
 from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.features.dataset import FeatureSet
+from headstart.promotion import decide as promotion
 from headstart.promotion.mcnemar import GateDecision
-from headstart.reporting.dashboard import gate_rows
+from headstart.registry import versions as registry
 from headstart.registry.runs import Run
+from headstart.reporting.dashboard import gate_rows
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate(config: TrainConfig, backbone: Backbone, features: FeatureSet, probabilities: np.ndarray, class_names: tuple[str, ...]) -> GateDecision:
+def gate(
+    config: TrainConfig,
+    backbone: Backbone,
+    features: FeatureSet,
+    probabilities: np.ndarray,
+    class_names: tuple[str, ...],
+) -> GateDecision:
     """Scores the new model against the champion on the same images and decides whether it takes over."""
     return _announced(promotion.decide(config, backbone, features, probabilities, list(class_names)))
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate_identical_run(config: TrainConfig, run_dir: str, backbone: Backbone, features: FeatureSet, class_names: tuple[str, ...]) -> GateDecision:
+def gate_identical_run(
+    config: TrainConfig, run_dir: str, backbone: Backbone, features: FeatureSet, class_names: tuple[str, ...]
+) -> GateDecision:
     """The gate for an earlier run standing in for this one: scored and judged as a new model, unless it is the champion already."""
     return _announced(promotion.decide_for_identical_run(config, Run(run_dir), backbone, features, list(class_names)))
 

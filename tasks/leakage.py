@@ -8,13 +8,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from headstart.config import TrainConfig
-from headstart.features.dataset import FeatureSet
 from headstart.evaluation.near_duplicates import find_near_duplicates, near_duplicate_report
+from headstart.features.dataset import FeatureSet
 from headstart.registry.runs import near_duplicates_summary
 
 
 @task(name="near_duplicates", cache_policy=NO_CACHE)
-def near_duplicates(config: TrainConfig, features: FeatureSet, probabilities: np.ndarray, class_names: tuple[str, ...]) -> dict:
+def near_duplicates(
+    config: TrainConfig, features: FeatureSet, probabilities: np.ndarray, class_names: tuple[str, ...]
+) -> dict:
     """Test and validation images whose nearest training image is a near-duplicate, from the cached
     features, and the test accuracy with and without them (as the data report records it)."""
     check = find_near_duplicates(features, list(class_names), config.near_duplicate_threshold)

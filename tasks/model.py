@@ -13,7 +13,9 @@ from tasks.progress import DashboardProgress
 
 
 @task(name="build_model", cache_policy=NO_CACHE)
-def build_model(config: TrainConfig, backbone: Backbone, class_names: tuple[str, ...], context: ExtractionContext, head_from=None):
+def build_model(
+    config: TrainConfig, backbone: Backbone, class_names: tuple[str, ...], context: ExtractionContext, head_from=None
+):
     """The end-to-end Functional model: images → frozen backbone → Dropout → Dense; the head's
     weights those of `head_from` (a classifier trained before) where given.
 
@@ -21,7 +23,9 @@ def build_model(config: TrainConfig, backbone: Backbone, class_names: tuple[str,
     """
     from headstart.training.head import HEAD_DENSE, build_classifier
 
-    classifier = build_classifier(context.keras_layer(backbone), len(class_names), config.image_size, config.dropout, config.seed)
+    classifier = build_classifier(
+        context.keras_layer(backbone), len(class_names), config.image_size, config.dropout, config.seed
+    )
     if head_from is not None:
         classifier.get_layer(HEAD_DENSE).set_weights(head_from.get_layer(HEAD_DENSE).get_weights())
     return classifier
@@ -33,15 +37,28 @@ def train_head(config: TrainConfig, classifier, features: FeatureSet) -> dict[st
     from headstart.training.head import train_head as fit_head
 
     with DashboardProgress(config.epochs, f"train head: at most {config.epochs} epochs", unit="epoch") as progress:
+
         def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
             scores = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items())
             progress.update(1, f"train head: epoch {epoch + 1} of at most {config.epochs}; {scores}")
 
         history = fit_head(
-            classifier, features.stream("train"), features.stream("validation"), epochs=config.epochs,
-            batch_size=config.batch_size, learning_rate=config.learning_rate, patience=config.patience, seed=config.seed,
+            classifier,
+            features.stream("train"),
+            features.stream("validation"),
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            patience=config.patience,
+            seed=config.seed,
             on_epoch=epoch_done,
         )
-        progress.finish(f"train head: {len(history['loss'])} epochs" + (
-            f" (stopped early: validation loss stalled for {config.patience})" if len(history["loss"]) < config.epochs else ""))
+        progress.finish(
+            f"train head: {len(history['loss'])} epochs"
+            + (
+                f" (stopped early: validation loss stalled for {config.patience})"
+                if len(history["loss"]) < config.epochs
+                else ""
+            )
+        )
     return history

@@ -16,11 +16,21 @@ from headstart.serving.predict import Predictions, predict_with_model, write_pre
 @task(name="predict", cache_policy=NO_CACHE)
 def predict(config: PredictConfig) -> Predictions:
     """Labels the inputs with the chosen model; writes the output file where one is asked for."""
-    predictions, model = predict_with_model(config.model, [Path(path) for path in config.inputs], config.artifacts_root, config.cache_dir,
-                                            ExtractionSettings(config.engine, config.threads, config.batch_size))
+    predictions, model = predict_with_model(
+        config.model,
+        [Path(path) for path in config.inputs],
+        config.artifacts_root,
+        config.cache_dir,
+        ExtractionSettings(config.engine, config.threads, config.batch_size),
+    )
     output = write_predictions(predictions, config.output) if config.output else None
     rows = [{"label": label, "images": count} for label, count in predictions.counts().items()] + [
-        {"label": "(unreadable, skipped)", "images": len(predictions.skipped)}]
-    create_table_artifact(key="headstart-predictions", table=rows,
-                          description=f"{len(predictions.paths)} images labelled by {model}" + (f"; written to {Path(output).resolve()}" if output else ""))
+        {"label": "(unreadable, skipped)", "images": len(predictions.skipped)}
+    ]
+    create_table_artifact(
+        key="headstart-predictions",
+        table=rows,
+        description=f"{len(predictions.paths)} images labelled by {model}"
+        + (f"; written to {Path(output).resolve()}" if output else ""),
+    )
     return predictions

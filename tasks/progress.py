@@ -17,7 +17,9 @@ class DashboardProgress:
         self.total, self.description, self.interval = max(total, 1), description, interval
         self.done = 0
         self._written_at = time.monotonic()
-        self._bar = tqdm(total=total, desc=description, unit=unit, disable=None)  # None: no bar unless stderr is a terminal
+        self._bar = tqdm(
+            total=total, desc=description, unit=unit, disable=None
+        )  # None: no bar unless stderr is a terminal
         self._artifact = create_progress_artifact(0.0, description=description)
 
     def update(self, n: int = 1, description: str | None = None) -> None:
@@ -36,7 +38,9 @@ class DashboardProgress:
 
     def _write(self) -> None:
         self._written_at = time.monotonic()
-        update_progress_artifact(self._artifact, min(100.0, 100.0 * self.done / self.total), description=self.description)
+        update_progress_artifact(
+            self._artifact, min(100.0, 100.0 * self.done / self.total), description=self.description
+        )
 
     def __enter__(self) -> "DashboardProgress":
         return self

@@ -15,24 +15,45 @@ from headstart.backbone.handles import Backbone
 from headstart.config import TrainConfig
 from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
-from headstart.training.fine_tuning import FineTuningResult
 from headstart.promotion.mcnemar import GateDecision
-from headstart.reporting.dashboard import report_markdown, run_tables
 from headstart.registry.reuse import in_registry, record_run
 from headstart.registry.runs import Run, copy_run, write_run
+from headstart.reporting.dashboard import report_markdown, run_tables
+from headstart.training.fine_tuning import FineTuningResult
 
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish(
-    config: TrainConfig, training_key: str, classifier, backbone: Backbone, features: FeatureSet,
-    report: DataReport, history: dict, metrics: dict, figures: dict[str, bytes], decision: GateDecision | None = None,
-    near_duplicates: dict | None = None, fine_tuning: FineTuningResult | None = None,
+    config: TrainConfig,
+    training_key: str,
+    classifier,
+    backbone: Backbone,
+    features: FeatureSet,
+    report: DataReport,
+    history: dict,
+    metrics: dict,
+    figures: dict[str, bytes],
+    decision: GateDecision | None = None,
+    near_duplicates: dict | None = None,
+    fine_tuning: FineTuningResult | None = None,
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
-    run_dir = write_run(config.artifacts_root, config=config, training_key=training_key, classifier=classifier, backbone=backbone,
-                        features=features, data_report=report.to_dict(), history=history, metrics=metrics, figures=figures,
-                        flow_run_id=flow_run.id, gate=decision.to_dict() if decision is not None else None, near_duplicates=near_duplicates,
-                        fine_tuning=(fine_tuning.history, fine_tuning.summary) if fine_tuning is not None else None)
+    run_dir = write_run(
+        config.artifacts_root,
+        config=config,
+        training_key=training_key,
+        classifier=classifier,
+        backbone=backbone,
+        features=features,
+        data_report=report.to_dict(),
+        history=history,
+        metrics=metrics,
+        figures=figures,
+        flow_run_id=flow_run.id,
+        gate=decision.to_dict() if decision is not None else None,
+        near_duplicates=near_duplicates,
+        fine_tuning=(fine_tuning.history, fine_tuning.summary) if fine_tuning is not None else None,
+    )
     record_run(config.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir))
 
@@ -42,9 +63,14 @@ def reuse_identical_run(config: TrainConfig, training_key: str, previous: Path) 
     """An earlier run whose inputs were all identical stands for this one (training would reproduce
     it exactly): the version itself where it is in this run's registry, else a copy of it there."""
     if in_registry(config.artifacts_root, previous):
-        get_run_logger().info("Every input matches version %s; it stands for this run, nothing is trained (--no-reuse to retrain)", Path(previous).name)
+        get_run_logger().info(
+            "Every input matches version %s; it stands for this run, nothing is trained (--no-reuse to retrain)",
+            Path(previous).name,
+        )
         return publish_prefect_artifacts(Run(previous))
-    get_run_logger().info("Every input matches run %s; copying it instead of retraining (--no-reuse to retrain)", previous)
+    get_run_logger().info(
+        "Every input matches run %s; copying it instead of retraining (--no-reuse to retrain)", previous
+    )
     copied = copy_run(config.artifacts_root, previous, flow_run.id)
     record_run(config.cache_dir, training_key, copied)
     return publish_prefect_artifacts(Run(copied))
@@ -53,8 +79,11 @@ def reuse_identical_run(config: TrainConfig, training_key: str, previous: Path) 
 def publish_prefect_artifacts(run: Run) -> str:
     """The report (plots embedded) and the run's tables (metrics, data, near-duplicates) as Prefect
     artifacts; returns the run directory."""
-    create_markdown_artifact(key="headstart-report", markdown=report_markdown(run, socket.gethostname(), flow_run.ui_url),
-                             description=f"Training report, test accuracy {run.metrics['accuracy']:.4f}")
+    create_markdown_artifact(
+        key="headstart-report",
+        markdown=report_markdown(run, socket.gethostname(), flow_run.ui_url),
+        description=f"Training report, test accuracy {run.metrics['accuracy']:.4f}",
+    )
     for key, rows, description in run_tables(run):
         create_table_artifact(key=key, table=rows, description=description)
     return str(run.path)

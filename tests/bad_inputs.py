@@ -14,14 +14,40 @@ import numpy as np
 from PIL import Image
 
 # name (under cat/ unless it says dog/) → what must happen, and a word the skip reason must hold.
-TRAINS = ["alpha.png", "palette-transparent.png", "sixteen-bit.png", "sixteen-bit-gray.tiff", "gray.jpg", "cmyk.jpg",
-          "animated.gif", "image.webp", "image.bmp", "rotated.jpg", "one-pixel.png", "wide.png", "outside-link.png",
-          "with space.png", "nested/deep.png", "unreadable.png"]
-SKIPPED = {"zero.jpg": "empty file", "truncated.jpg": "truncated", "truncated.png": "truncated", "text.jpg": "cannot identify",
-           "error-page.png": "cannot identify", "photo.heic": "HEIC", "bomb.png": "exceeds limit", ".hidden.png": "hidden file",
-           ".DS_Store": "hidden file", "Thumbs.db": "not an image", "notes.txt": "not an image", "loop-a.jpg": "leads nowhere",
-           "non-utf8-\\udcff.png": "UTF-8", "dog/same-as-cat-plain-0.png": "same image"}
-
+TRAINS = [
+    "alpha.png",
+    "palette-transparent.png",
+    "sixteen-bit.png",
+    "sixteen-bit-gray.tiff",
+    "gray.jpg",
+    "cmyk.jpg",
+    "animated.gif",
+    "image.webp",
+    "image.bmp",
+    "rotated.jpg",
+    "one-pixel.png",
+    "wide.png",
+    "outside-link.png",
+    "with space.png",
+    "nested/deep.png",
+    "unreadable.png",
+]
+SKIPPED = {
+    "zero.jpg": "empty file",
+    "truncated.jpg": "truncated",
+    "truncated.png": "truncated",
+    "text.jpg": "cannot identify",
+    "error-page.png": "cannot identify",
+    "photo.heic": "HEIC",
+    "bomb.png": "exceeds limit",
+    ".hidden.png": "hidden file",
+    ".DS_Store": "hidden file",
+    "Thumbs.db": "not an image",
+    "notes.txt": "not an image",
+    "loop-a.jpg": "leads nowhere",
+    "non-utf8-\\udcff.png": "UTF-8",
+    "dog/same-as-cat-plain-0.png": "same image",
+}
 
 
 def rgb(seed: int, size: tuple[int, int] = (40, 40)) -> Image.Image:
@@ -37,11 +63,17 @@ def encoded(image: Image.Image, format: str) -> bytes:
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header declaring width × height pixels, with almost no data behind it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_corpus(root: Path) -> Path:
@@ -87,6 +119,6 @@ def write_corpus(root: Path) -> Path:
     rgb(18).save(os.fsencode(cat) + b"/non-utf8-\xff.png")
     (cat / "nested").mkdir()
     rgb(19).save(cat / "nested" / "deep.png")
-    rgb(0).save(dog / "same-as-cat-plain-0.png")   # same bytes as cat/plain-0.png
+    rgb(0).save(dog / "same-as-cat-plain-0.png")  # same bytes as cat/plain-0.png
     (root / "empty-class").mkdir()
     return root

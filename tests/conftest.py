@@ -19,11 +19,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def pytest_addoption(parser):
-    parser.addoption("--refresh-docs", action="store_true",
-                     help="keep the dashboard screenshot the end-to-end test takes as docs/dashboard-report.png, for the README")
+    parser.addoption(
+        "--refresh-docs",
+        action="store_true",
+        help="keep the dashboard screenshot the end-to-end test takes as docs/dashboard-report.png, for the README",
+    )
 
 
-def write_class_images(root: Path, class_colours: dict[str, tuple[int, int, int]], per_class: int, size: int = 32, seed: int = 0) -> Path:
+def write_class_images(
+    root: Path, class_colours: dict[str, tuple[int, int, int]], per_class: int, size: int = 32, seed: int = 0
+) -> Path:
     """Noisy images whose dominant colour is their class: easy to learn, all distinct."""
     generator = np.random.default_rng(seed)
     for name, colour in class_colours.items():
@@ -60,7 +65,9 @@ def tiny_backbone_dir(tmp_path_factory) -> Path:
     from headstart.infra.keras import keras
 
     inputs = keras.Input((None, None, 3))
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed=1))(inputs)
+    x = keras.layers.Conv2D(
+        8, 3, strides=2, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed=1)
+    )(inputs)
     x = keras.layers.Conv2D(16, 3, activation="relu", kernel_initializer=keras.initializers.GlorotUniform(seed=2))(x)
     features = keras.layers.GlobalAveragePooling2D()(x)
     network = keras.Model(inputs, features)

@@ -56,8 +56,13 @@ def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]
         extra["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     log_path = home / "server.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=prefect_env(home, **extra), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=prefect_env(home, **extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_until_healthy(url, server, log_path)
@@ -81,8 +86,14 @@ def process_worker(home: Path, api_url: str, pool: str, log_path: Path) -> Itera
     """`prefect worker start --pool POOL` from the project root, polling every 2 s."""
     env = prefect_env(home, api_url, PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="2")
     with open(log_path, "w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool], cwd=PROJECT, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
+            cwd=PROJECT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield worker
         finally:
@@ -136,12 +147,34 @@ def postgres_database() -> Iterator[str]:
 
     try:
         run(str(binaries / "initdb"), "-D", str(data), "-U", "headstart", "--auth=trust", "-E", "UTF8")
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(directory / "postgres.log"), "-w", "-t", "120",
-            "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {directory}", "start")
+        run(
+            str(binaries / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(directory / "postgres.log"),
+            "-w",
+            "-t",
+            "120",
+            "-o",
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {directory}",
+            "start",
+        )
         try:
             psql = binaries / "psql" if (binaries / "psql").exists() else Path(shutil.which("psql") or "psql")
-            run(str(psql), "-h", "127.0.0.1", "-p", str(port), "-U", "headstart", "-d", "postgres",
-                "-c", "CREATE DATABASE prefect")
+            run(
+                str(psql),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "headstart",
+                "-d",
+                "postgres",
+                "-c",
+                "CREATE DATABASE prefect",
+            )
             yield f"postgresql+asyncpg://headstart@127.0.0.1:{port}/prefect"
         finally:
             run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")

@@ -7,15 +7,27 @@ import tarfile
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES
+
 from headstart.backbone.checkpoint import read_legacy_checkpoint
-from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path, resolve_backbone
-from headstart.backbone.mobilenet import HEAD, build_mobilenet_v2, build_mobilenet_v2_split, channels_into, imagenet_classifier
-from headstart.infra.downloads import DownloadPolicy
+from headstart.backbone.handles import (
+    BUNDLED_HANDLE,
+    CHECKPOINT_SHA256_PREFIX,
+    Backbone,
+    bundled_checkpoint_path,
+    resolve_backbone,
+)
+from headstart.backbone.mobilenet import (
+    HEAD,
+    build_mobilenet_v2,
+    build_mobilenet_v2_split,
+    channels_into,
+    imagenet_classifier,
+)
+from headstart.data.preprocessing import resize_images
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext
-from headstart.data.preprocessing import resize_images
+from headstart.infra.downloads import DownloadPolicy
 
 TOLERANCE = 1e-4
 
@@ -108,7 +120,9 @@ def test_export_is_cached_and_fingerprinted(bundled_224, monkeypatch):
     assert again.fingerprint == bundled_224.fingerprint
 
 
-def test_remote_compressed_module_loads_by_url_into_each_callers_cache(tmp_path, bundled_224, serve_directory, reference):
+def test_remote_compressed_module_loads_by_url_into_each_callers_cache(
+    tmp_path, bundled_224, serve_directory, reference
+):
     archive = tmp_path / "site" / "mobilenet_v2.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
@@ -170,10 +184,13 @@ def test_a_module_that_does_not_load_is_a_one_line_error_where_the_layer_is_need
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("handle, message", [
-    ("no/such/dir", "neither"),
-    ("http://127.0.0.1:9/missing.tar.gz", "could not load backbone"),
-])
+@pytest.mark.parametrize(
+    "handle, message",
+    [
+        ("no/such/dir", "neither"),
+        ("http://127.0.0.1:9/missing.tar.gz", "could not load backbone"),
+    ],
+)
 def test_bad_handles_are_one_line_errors(handle, message, tmp_path):
     with pytest.raises(HeadstartError, match=message) as raised:
         resolve_backbone(handle, 32, tmp_path, DownloadPolicy(attempts=2, backoff_seconds=0.01))

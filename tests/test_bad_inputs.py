@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bad_inputs import SKIPPED, TRAINS, encoded, rgb, write_corpus
 from servers import PROJECT, prefect_env
 
@@ -43,8 +42,12 @@ def _relative(corpus: Path, path: str) -> str:
 
 def _trained(corpus: Path, manifest) -> dict[str, str]:
     """The corpus's name of each manifest path (which has its symlinks resolved) → that path."""
-    names = {os.path.realpath(os.path.join(folder, name)): _relative(corpus, os.path.join(folder, name))
-             for folder, _, files in os.walk(corpus) for name in files if os.path.exists(os.path.join(folder, name))}
+    names = {
+        os.path.realpath(os.path.join(folder, name)): _relative(corpus, os.path.join(folder, name))
+        for folder, _, files in os.walk(corpus)
+        for name in files
+        if os.path.exists(os.path.join(folder, name))
+    }
     return {names[path]: path for path in manifest.read().column("path").to_pylist()}
 
 
@@ -54,7 +57,9 @@ def test_this_file_trains_decoded_to_rgb(name, corpus, scanned):
 
     manifest, report = scanned
     paths = _trained(corpus, manifest)
-    assert name in paths, f"{name} is not in the manifest; the report says {[s for s in report.skipped if name in s['path']]}"
+    assert name in paths, (
+        f"{name} is not in the manifest; the report says {[s for s in report.skipped if name in s['path']]}"
+    )
     (batch,) = list(decoded_batches([paths[name]], 32, 8))
     (image,) = batch.images
     assert image.ndim == 3 and image.shape[2] == 3 and np.isfinite(image).all()
@@ -68,7 +73,9 @@ def test_decoding_keeps_what_the_file_means(corpus):
     sixteen = load_image(cat / "sixteen-bit.png")
     assert 100 < sixteen.mean() < 150 and sixteen.max() < 255  # its top 8 bits, not clipped to white
     np.testing.assert_array_equal(load_image(cat / "sixteen-bit-gray.tiff"), sixteen)
-    np.testing.assert_array_equal(load_image(cat / "animated.gif"), np.asarray(rgb(7).quantize().convert("RGB")))  # the first frame
+    np.testing.assert_array_equal(
+        load_image(cat / "animated.gif"), np.asarray(rgb(7).quantize().convert("RGB"))
+    )  # the first frame
     assert load_image(cat / "gray.jpg").shape == (40, 40, 3) and load_image(cat / "cmyk.jpg").shape == (40, 40, 3)
 
 
@@ -91,8 +98,11 @@ def test_every_file_of_the_corpus_is_accounted_for(corpus, scanned):
     manifest, report = scanned
     trained = set(_trained(corpus, manifest))
     skipped = {_relative(corpus, entry["path"]) for entry in report.skipped}
-    on_disk = {_relative(corpus, os.path.join(folder, name).encode("utf-8", "backslashreplace").decode())
-               for folder, _, names in os.walk(corpus / "cat") for name in names} | {f"dog/{p.name}" for p in (corpus / "dog").iterdir()}
+    on_disk = {
+        _relative(corpus, os.path.join(folder, name).encode("utf-8", "backslashreplace").decode())
+        for folder, _, names in os.walk(corpus / "cat")
+        for name in names
+    } | {f"dog/{p.name}" for p in (corpus / "dog").iterdir()}
     assert on_disk - trained - skipped == {"loop-b.jpg"} - skipped  # both links of the loop are reported
     assert not trained & skipped
 
@@ -102,26 +112,55 @@ def test_train_evaluate_and_predict_on_the_corpus_end_without_a_traceback(corpus
     places = ["--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "cache")]
 
     def headstart(*args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                                env=prefect_env(tmp_path / "prefect"))
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=prefect_env(tmp_path / "prefect"),
+        )
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         return result
 
-    trained = headstart("train", "--data", str(corpus), "--classes", "cat,dog", "--backbone", str(tiny_backbone_dir),
-                        "--image-size", "32", "--epochs", "2", "--no-gate", *places)
+    trained = headstart(
+        "train",
+        "--data",
+        str(corpus),
+        "--classes",
+        "cat,dog",
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--no-gate",
+        *places,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     run = trained.stdout.strip().splitlines()[-1]
     evaluated = headstart("evaluate", "--model", run, "--data", str(corpus))
     assert evaluated.returncode == 0 and "files skipped" in evaluated.stdout
     predicted = headstart("predict", "--model", run, str(corpus / "cat"), *places)
-    assert predicted.returncode == 0 and predicted.stderr.count("headstart: skipped") >= len([n for n in SKIPPED if not n.startswith("dog/")])
+    assert predicted.returncode == 0 and predicted.stderr.count("headstart: skipped") >= len(
+        [n for n in SKIPPED if not n.startswith("dog/")]
+    )
     # Without --classes the empty folder is a class with no images: one line, exit code 2.
-    empty = headstart("train", "--data", str(corpus), "--backbone", str(tiny_backbone_dir), "--image-size", "32", *places)
+    empty = headstart(
+        "train", "--data", str(corpus), "--backbone", str(tiny_backbone_dir), "--image-size", "32", *places
+    )
     errors = [line for line in empty.stderr.splitlines() if line.startswith("headstart: error:")]
-    assert empty.returncode == 2 and len(errors) == 1 and errors[0].startswith("headstart: error: class 'empty-class' has no usable")
+    assert (
+        empty.returncode == 2
+        and len(errors) == 1
+        and errors[0].startswith("headstart: error: class 'empty-class' has no usable")
+    )
 
 
-def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cached_under_its_old_hash(colour_folder, tiny_backbone_dir, tmp_path):
+def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cached_under_its_old_hash(
+    colour_folder, tiny_backbone_dir, tmp_path
+):
     """Rewritten with other pixels, truncated, or removed after the scan hashed it: each file is
     left out of the run with its reason, and no features are cached under a hash its file no
     longer has; the next scan takes the rewritten file's new content."""
@@ -148,9 +187,14 @@ def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cac
         extracted = context.extract_shard(shard, backbone)
     reasons = {path: reason for _, path, reason in extracted.left_out}
     assert set(reasons) == {rewritten, truncated, removed} and extracted.extracted == len(scanned) - 3
-    assert reasons[rewritten].startswith("changed after it was scanned") and "changed after it was scanned" in reasons[truncated]
+    assert (
+        reasons[rewritten].startswith("changed after it was scanned")
+        and "changed after it was scanned" in reasons[truncated]
+    )
     assert "could not be read" in reasons[removed] and "FileNotFoundError" in reasons[removed]
-    assert FeatureCache(config.cache_dir, backbone).cached_hashes() == set(scanned.values()) - {scanned[p] for p in reasons}
+    assert FeatureCache(config.cache_dir, backbone).cached_hashes() == set(scanned.values()) - {
+        scanned[p] for p in reasons
+    }
 
     smaller, report = without_images(manifest, report, list(extracted.left_out), config.cache_dir)
     assert smaller.fingerprint != manifest.fingerprint and smaller.read().num_rows == len(scanned) - 3
@@ -160,7 +204,11 @@ def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cac
 
     again, _ = prepare_source(config)
     hashes = dict(zip(again.read().column("path").to_pylist(), again.read().column("sha256").to_pylist()))
-    assert hashes[rewritten] == file_sha256(Path(rewritten)) != scanned[rewritten] and truncated not in hashes and removed not in hashes
+    assert (
+        hashes[rewritten] == file_sha256(Path(rewritten)) != scanned[rewritten]
+        and truncated not in hashes
+        and removed not in hashes
+    )
 
 
 def _images_landing_in(split: str, count: int, first_seed: int) -> list[bytes]:
@@ -193,16 +241,22 @@ def test_a_class_too_small_to_split_stops_with_one_line_or_trains_with_a_note(tm
     from headstart.data.sources import prepare_source
     from headstart.errors import HeadstartError
 
-    none_in_training = _two_class_folder(tmp_path / "a", _images_landing_in("test", 1, 700) + _images_landing_in("validation", 1, 800))
+    none_in_training = _two_class_folder(
+        tmp_path / "a", _images_landing_in("test", 1, 700) + _images_landing_in("validation", 1, 800)
+    )
     with pytest.raises(HeadstartError) as stopped:
         prepare_source(TrainConfig(data=str(none_in_training), cache_dir=tmp_path / "cache"))
     message = str(stopped.value)
-    assert message.startswith("class 'small' has 2 usable images in") and message.endswith("put none in training: give it more images")
+    assert message.startswith("class 'small' has 2 usable images in") and message.endswith(
+        "put none in training: give it more images"
+    )
 
     none_in_test = _two_class_folder(tmp_path / "b", _images_landing_in("train", 2, 900))
     manifest, report = prepare_source(TrainConfig(data=str(none_in_test), cache_dir=tmp_path / "cache"))
     assert report.counts["train"]["small"] == 2 and report.counts["test"]["small"] == 0
-    assert report.notes == ["class 'small' has no test images (of its 2): its test metrics are not measured; give it more images"]
+    assert report.notes == [
+        "class 'small' has no test images (of its 2): its test metrics are not measured; give it more images"
+    ]
 
 
 def test_the_same_image_twice_trains_once_and_never_in_two_splits(tmp_path):
@@ -221,10 +275,14 @@ def test_the_same_image_twice_trains_once_and_never_in_two_splits(tmp_path):
     table = build_manifest(files, ["a"], report, tmp_path / "cache", 0.0, 0.1).read().to_pydict()
     assert table["path"] == [str(original), str(other)] and table["split"] == ["train", "test"]
     assert {Path(entry["path"]).name: entry["reason"] for entry in report.skipped} == {
-        "x-copy.png": f"duplicate of {original}", "t.png": f"duplicate of {original}"}
+        "x-copy.png": f"duplicate of {original}",
+        "t.png": f"duplicate of {original}",
+    }
 
 
-@pytest.mark.skipif(not AS_ROOT, reason="as another user than root the corpus test above already finds the unreadable file skipped")
+@pytest.mark.skipif(
+    not AS_ROOT, reason="as another user than root the corpus test above already finds the unreadable file skipped"
+)
 def test_a_file_without_read_permission_is_skipped_with_its_reason_where_permissions_apply(tmp_path):
     """Root reads any file through its capabilities CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so the
     scan runs in a child process without them, as a worker under a service account would."""
@@ -238,12 +296,19 @@ def test_a_file_without_read_permission_is_skipped_with_its_reason_where_permiss
         for index in range(12):
             rgb(index + (100 if name == "b" else 0)).save(tmp_path / "data" / name / f"{index}.png")
     os.chmod(tmp_path / "data" / "a" / "0.png", 0)
-    script = ("import json; from pathlib import Path; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
-              "from headstart.serving.predict import list_images; "
-              f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}))[1].skipped "
-              f"+ list_images([Path({str(tmp_path / 'data' / 'a')!r})])[1]))")
-    result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", script],
-                            cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    script = (
+        "import json; from pathlib import Path; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
+        "from headstart.serving.predict import list_images; "
+        f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}))[1].skipped "
+        f"+ list_images([Path({str(tmp_path / 'data' / 'a')!r})])[1]))"
+    )
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", script],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     scanned, listed_for_predict = json.loads(result.stdout.strip().splitlines()[-1])
     for entry in (scanned, listed_for_predict):  # train's scan and predict's check give the same reason
@@ -265,10 +330,28 @@ def test_a_dataset_of_fewer_than_two_classes_stops_with_one_line_and_exit_code_2
         for index in range(3):
             rgb(index).save(tmp_path / "data" / name / f"{index}.png")
     (tmp_path / "data").mkdir(exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
-                             "--artifacts-root", str(tmp_path / "artifacts")], cwd=PROJECT, capture_output=True, text=True, timeout=300,
-                            env=prefect_env(tmp_path / "prefect"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "train",
+            "--data",
+            str(tmp_path / "data"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--artifacts-root",
+            str(tmp_path / "artifacts"),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=prefect_env(tmp_path / "prefect"),
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("headstart: error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert errors == [f"headstart: error: {tmp_path / 'data'} needs at least two class sub-folders of images, found {len(classes)}"]
+    assert errors == [
+        f"headstart: error: {tmp_path / 'data'} needs at least two class sub-folders of images, found {len(classes)}"
+    ]
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())

@@ -7,11 +7,10 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-
 from conftest import RunsACommand
 
-from headstart.backbone.handles import CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
 from headstart.backbone.checkpoint import LEGACY_MAGIC_NUMBER, read_legacy_checkpoint
+from headstart.backbone.handles import CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
 from headstart.errors import HeadstartError
 
 
@@ -86,11 +85,15 @@ def write_legacy_checkpoint(path, storages: dict[str, np.ndarray], tensors: dict
 def test_reads_tensors_views_and_strides(tmp_path):
     storage = np.arange(12, dtype=np.float32)
     path = tmp_path / "small.pth"
-    write_legacy_checkpoint(path, {"0": storage}, {
-        "matrix": _Tensor("0", 0, (3, 4), (4, 1)),
-        "transposed": _Tensor("0", 0, (4, 3), (1, 4)),
-        "tail": _Tensor("0", 8, (4,), (1,)),
-    })
+    write_legacy_checkpoint(
+        path,
+        {"0": storage},
+        {
+            "matrix": _Tensor("0", 0, (3, 4), (4, 1)),
+            "transposed": _Tensor("0", 0, (4, 3), (1, 4)),
+            "tail": _Tensor("0", 8, (4,), (1,)),
+        },
+    )
     state = read_legacy_checkpoint(path)
     np.testing.assert_array_equal(state["matrix"], storage.reshape(3, 4))
     np.testing.assert_array_equal(state["transposed"], storage.reshape(3, 4).T)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import write_class_images
 from servers import PROJECT, prefect_env, prefect_server
 
@@ -23,9 +22,15 @@ from servers import PROJECT, prefect_env, prefect_server
 def test_a_staging_directory_is_removed_only_once_its_writer_is_dead(tmp_path):
     from headstart.registry.runs import OWNER_FILE, remove_abandoned_staging
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    owners = {".a.partial": f"{socket.gethostname()} {dead}", ".b.partial": f"{socket.gethostname()} {os.getpid()}",
-              ".c.partial": None, ".d.partial": f"another-host {dead}"}
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    owners = {
+        ".a.partial": f"{socket.gethostname()} {dead}",
+        ".b.partial": f"{socket.gethostname()} {os.getpid()}",
+        ".c.partial": None,
+        ".d.partial": f"another-host {dead}",
+    }
     for name, owner in owners.items():
         (tmp_path / name).mkdir()
         if owner:
@@ -44,8 +49,25 @@ def server(tmp_path_factory):
 def _train(env, data: Path, work: Path, cache: Path, *extra: str) -> subprocess.Popen:
     """`headstart train` in the background, its output in files (a pipe nobody reads could stall it)."""
     work.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "flows.cli", "train", "--data", str(data), "--image-size", "96", "--engine", "keras",
-               "--extraction-shard-size", "16", "--artifacts-root", str(work / "artifacts"), "--cache-dir", str(cache), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "train",
+        "--data",
+        str(data),
+        "--image-size",
+        "96",
+        "--engine",
+        "keras",
+        "--extraction-shard-size",
+        "16",
+        "--artifacts-root",
+        str(work / "artifacts"),
+        "--cache-dir",
+        str(cache),
+        *extra,
+    ]
     with open(work / "stdout.txt", "w") as stdout, open(work / "stderr.txt", "w") as stderr:
         return subprocess.Popen(command, cwd=PROJECT, env=env, stdout=stdout, stderr=stderr)
 
@@ -53,7 +75,9 @@ def _train(env, data: Path, work: Path, cache: Path, *extra: str) -> subprocess.
 def _kill_when(process: subprocess.Popen, condition, work: Path, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, f"the run ended before the moment to kill it: {(work / 'stderr.txt').read_text()[-3000:]}"
+        assert process.poll() is None, (
+            f"the run ended before the moment to kill it: {(work / 'stderr.txt').read_text()[-3000:]}"
+        )
         assert time.monotonic() < deadline
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
@@ -89,10 +113,21 @@ def test_a_run_killed_midway_leaves_nothing_partial_and_the_next_one_completes(m
     assert again.wait(timeout=600) == 0, (work / "stderr.txt").read_text()[-3000:]
     run = Path((work / "stdout.txt").read_text().strip().splitlines()[-1])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["features_reused"] == features_left and metrics["features_reused"] + metrics["features_extracted"] == 120
+    assert (
+        metrics["features_reused"] == features_left
+        and metrics["features_reused"] + metrics["features_extracted"] == 120
+    )
     assert [path.name for path in (work / "artifacts").glob(".*")] == []  # no staging directory left behind
-    versions = json.loads(subprocess.run([sys.executable, "-m", "flows.cli", "models", "--json", "--artifacts-root", str(work / "artifacts")],
-                                         cwd=PROJECT, env=server, capture_output=True, text=True, check=True).stdout)
+    versions = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "models", "--json", "--artifacts-root", str(work / "artifacts")],
+            cwd=PROJECT,
+            env=server,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert [version["path"] for version in versions if version["champion"]] == [str(run)]
     assert len(versions) == 2  # the first run and this one: the killed run left no version
 
@@ -101,15 +136,33 @@ def test_a_run_killed_midway_leaves_nothing_partial_and_the_next_one_completes(m
 def test_two_runs_started_at_once_on_one_cache_and_registry_both_finish_correctly(server, tmp_path):
     data = write_class_images(tmp_path / "data", {"day": (230, 200, 40), "night": (20, 30, 90)}, per_class=60)
     cache = tmp_path / "cache"
-    runs = [_train(server, data, tmp_path / name, cache, "--artifacts-root", str(tmp_path / "artifacts")) for name in ("one", "two")]
-    assert [run.wait(timeout=600) for run in runs] == [0, 0], [(tmp_path / name / "stderr.txt").read_text()[-2000:] for name in ("one", "two")]
+    runs = [
+        _train(server, data, tmp_path / name, cache, "--artifacts-root", str(tmp_path / "artifacts"))
+        for name in ("one", "two")
+    ]
+    assert [run.wait(timeout=600) for run in runs] == [0, 0], [
+        (tmp_path / name / "stderr.txt").read_text()[-2000:] for name in ("one", "two")
+    ]
     run_dirs = [Path((tmp_path / name / "stdout.txt").read_text().strip().splitlines()[-1]) for name in ("one", "two")]
     metrics = [json.loads((run / "metrics.json").read_text()) for run in run_dirs]
-    assert [m["accuracy"] for m in metrics] == [1.0, 1.0] and metrics[0]["confusion_matrix"] == metrics[1]["confusion_matrix"]
+    assert [m["accuracy"] for m in metrics] == [1.0, 1.0] and metrics[0]["confusion_matrix"] == metrics[1][
+        "confusion_matrix"
+    ]
     stored = [pq.read_table(shard) for shard in _shards(cache)]  # every shard reads back whole
-    assert sorted(sha for table in stored for sha in table.column("sha256").to_pylist()) == sorted(set(
-        sha for table in stored for sha in table.column("sha256").to_pylist())) and sum(t.num_rows for t in stored) == 120
-    versions = json.loads(subprocess.run([sys.executable, "-m", "flows.cli", "models", "--json", "--artifacts-root", str(tmp_path / "artifacts")],
-                                         cwd=PROJECT, env=server, capture_output=True, text=True, check=True).stdout)
+    assert (
+        sorted(sha for table in stored for sha in table.column("sha256").to_pylist())
+        == sorted(set(sha for table in stored for sha in table.column("sha256").to_pylist()))
+        and sum(t.num_rows for t in stored) == 120
+    )
+    versions = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "models", "--json", "--artifacts-root", str(tmp_path / "artifacts")],
+            cwd=PROJECT,
+            env=server,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert sorted(v["path"] for v in versions) == sorted(map(str, run_dirs))
     assert sum(v["champion"] for v in versions) == 1

@@ -26,12 +26,22 @@ def test_dask_run_equals_local_run(prefect_harness, colour_folder, tiny_backbone
 
     from flows.train import train
 
-    common = dict(data=str(colour_folder), backbone=str(tiny_backbone_dir), extraction_shard_size=10, epochs=5, engine="litert")
+    common = dict(
+        data=str(colour_folder), backbone=str(tiny_backbone_dir), extraction_shard_size=10, epochs=5, engine="litert"
+    )
     local = TrainConfig.smoke(artifacts_root=tmp_path / "local-runs", cache_dir=tmp_path / "local-cache", **common)
     local_run = Path(train(**local.model_dump()))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
-        distributed = TrainConfig.smoke(artifacts_root=tmp_path / "dask-runs", cache_dir=tmp_path / "dask-cache",
-                                        task_runner="dask", dask_address=cluster.scheduler_address, **common)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        distributed = TrainConfig.smoke(
+            artifacts_root=tmp_path / "dask-runs",
+            cache_dir=tmp_path / "dask-cache",
+            task_runner="dask",
+            dask_address=cluster.scheduler_address,
+            **common,
+        )
         with get_task_stream(client) as stream:
             dask_run = Path(train(**distributed.model_dump()))
         workers = set(cluster.workers[name].worker_address for name in cluster.workers)

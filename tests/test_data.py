@@ -9,17 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RunsACommand, write_class_images
 from PIL import Image
 
-from conftest import RunsACommand, write_class_images
 from headstart.config import TrainConfig
 from headstart.data.cifar10 import CIFAR10_CLASSES
 from headstart.data.folders import list_class_files
 from headstart.data.images import load_image
 from headstart.data.manifest import DataReport, assign_split, real_paths
 from headstart.data.sources import prepare_source
-from headstart.infra.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError
+from headstart.infra.downloads import DownloadPolicy, download
 
 
 def _config(tmp_path, **values):
@@ -27,7 +27,9 @@ def _config(tmp_path, **values):
 
 
 def test_folder_source_lists_classes_and_splits(colour_folder, tmp_path):
-    manifest, report = prepare_source(_config(tmp_path, data=str(colour_folder), test_fraction=0.25, validation_fraction=0.25))
+    manifest, report = prepare_source(
+        _config(tmp_path, data=str(colour_folder), test_fraction=0.25, validation_fraction=0.25)
+    )
     table = manifest.read().to_pydict()
     assert manifest.class_names == ("blue", "red")
     assert len(table["path"]) == 48
@@ -52,8 +54,17 @@ def test_bad_files_are_skipped_and_reported(colour_folder, tmp_path):
 
 def test_listing_and_resolving_agree_with_rglob_and_path_resolve(tmp_path):
     root = tmp_path / "data"
-    for relative in ("red/a.png", "red/A.PNG", "red/b/y.png", "red/b-c/x.png", "red/b.c/w.png", "red/.hidden/z.png", "red/.h.png",
-                     "elsewhere/t.png", "elsewhere/deep/u.png"):
+    for relative in (
+        "red/a.png",
+        "red/A.PNG",
+        "red/b/y.png",
+        "red/b-c/x.png",
+        "red/b.c/w.png",
+        "red/.hidden/z.png",
+        "red/.h.png",
+        "elsewhere/t.png",
+        "elsewhere/deep/u.png",
+    ):
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_bytes(b"")
     (root / "red" / "linked-folder").symlink_to(root / "elsewhere")
@@ -64,12 +75,28 @@ def test_listing_and_resolving_agree_with_rglob_and_path_resolve(tmp_path):
     (root / "via-link").symlink_to(root / "red")
 
     listed = [path for path, _, _ in list_class_files(root, ["red"], DataReport(source=str(root), class_names=["red"]))]
-    by_rglob = [path for path in sorted((root / "red").rglob("*"))
-                if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    by_rglob = [
+        path
+        for path in sorted((root / "red").rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    ]
     assert listed == by_rglob
     assert {str(path.relative_to(root / "red")) for path in listed} == {
-        "a.png", "A.PNG", "b/y.png", "b-c/x.png", "b.c/w.png", "absolute.png", "relative.png", "chained.png"}
-    through_links = [*listed, root / "via-link" / "chained.png", root / "via-link" / "b" / "y.png", root / "red" / "linked-folder" / "deep" / "u.png"]
+        "a.png",
+        "A.PNG",
+        "b/y.png",
+        "b-c/x.png",
+        "b.c/w.png",
+        "absolute.png",
+        "relative.png",
+        "chained.png",
+    }
+    through_links = [
+        *listed,
+        root / "via-link" / "chained.png",
+        root / "via-link" / "b" / "y.png",
+        root / "red" / "linked-folder" / "deep" / "u.png",
+    ]
     assert real_paths(through_links) == [str(path.resolve()) for path in through_links]
 
 
@@ -120,19 +147,24 @@ def test_exif_orientation_is_applied(tmp_path):
 
 # --- CIFAR-10 in its real format, served from 127.0.0.1 ---------------------------------------
 
+
 def _cifar_batch(labels: list[int], seed: int) -> bytes:
     generator = np.random.default_rng(seed)
     data = generator.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
-    return pickle.dumps({b"batch_label": b"batch", b"labels": labels, b"data": data, b"filenames": [b"x.png"] * len(labels)}, protocol=2)
+    return pickle.dumps(
+        {b"batch_label": b"batch", b"labels": labels, b"data": data, b"filenames": [b"x.png"] * len(labels)}, protocol=2
+    )
 
 
 def make_cifar_archive(path, per_batch: int = 20) -> None:
     """A miniature cifar-10-python.tar.gz: same members, same pickled dicts, fewer images."""
     with tarfile.open(path, "w:gz") as tar:
+
         def add(name, data):
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
         for index in range(1, 6):
             add(f"data_batch_{index}", _cifar_batch([i % 10 for i in range(per_batch)], index))
         add("test_batch", _cifar_batch([i % 10 for i in range(per_batch)], 99))
@@ -150,16 +182,24 @@ def test_cifar10_downloaded_from_a_local_server(tmp_path, serve_directory):
     assert report.counts["test"] == {"cat": 2, "dog": 2}  # the official test batch, 2 of each
     assert sum(report.counts["train"].values()) + sum(report.counts["validation"].values()) == 20
     assert any("not the official" in note for note in report.notes)
-    first_cat = next(p for p, c, s in zip(table["path"], table["class_name"], table["split"]) if c == "cat" and s == "test")
+    first_cat = next(
+        p for p, c, s in zip(table["path"], table["class_name"], table["split"]) if c == "cat" and s == "test"
+    )
     assert load_image(first_cat).shape == (32, 32, 3)
 
 
 def test_cifar10_from_a_local_archive_with_other_classes(tmp_path):
     make_cifar_archive(tmp_path / "cifar.tar.gz")
-    manifest, _ = prepare_source(_config(tmp_path, data="cifar10", cifar10_source=str(tmp_path / "cifar.tar.gz"), classes=("ship", "truck", "frog")))
+    manifest, _ = prepare_source(
+        _config(
+            tmp_path, data="cifar10", cifar10_source=str(tmp_path / "cifar.tar.gz"), classes=("ship", "truck", "frog")
+        )
+    )
     assert manifest.class_names == ("ship", "truck", "frog")
     with pytest.raises(HeadstartError, match="unknown CIFAR-10 class"):
-        prepare_source(_config(tmp_path, data="cifar10", cifar10_source=str(tmp_path / "cifar.tar.gz"), classes=("cat", "unicorn")))
+        prepare_source(
+            _config(tmp_path, data="cifar10", cifar10_source=str(tmp_path / "cifar.tar.gz"), classes=("cat", "unicorn"))
+        )
 
 
 def test_cifar10_batch_with_code_is_refused(tmp_path):
@@ -177,9 +217,14 @@ def test_cifar10_batch_with_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("labels, problem", [([0, 10], "label 10 is not one of the 10 classes"),
-                                             ([0, -1], "label -1 is not one of the 10 classes"),
-                                             ([0], "a batch has 2 images but 1 labels")])
+@pytest.mark.parametrize(
+    "labels, problem",
+    [
+        ([0, 10], "label 10 is not one of the 10 classes"),
+        ([0, -1], "label -1 is not one of the 10 classes"),
+        ([0], "a batch has 2 images but 1 labels"),
+    ],
+)
 def test_cifar10_batch_with_impossible_labels_is_refused(labels, problem, tmp_path):
     archive = tmp_path / "bad-labels.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

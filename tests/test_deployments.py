@@ -23,7 +23,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import write_class_images
 from servers import PROJECT, postgres_database, postgres_unavailable, prefect_env, prefect_server, process_worker
 
@@ -32,8 +31,11 @@ COLOURS = {"day": (230, 200, 40), "night": (20, 30, 90)}
 
 
 def _api(url: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(f"{url}/api{path}", data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/api{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -45,16 +47,35 @@ class Deployed:
         self.url, self.home, self.work, self.worker_log = url, home, work, worker_log
 
     def prefect(self, *args: str, timeout: float = 120) -> str:
-        result = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=PROJECT, capture_output=True, text=True, timeout=timeout,
-                                env=prefect_env(self.home, f"{self.url}/api", PWD=str(PROJECT), COLUMNS="250"))
-        assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=prefect_env(self.home, f"{self.url}/api", PWD=str(PROJECT), COLUMNS="250"),
+        )
+        assert result.returncode == 0, (
+            f"prefect {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
         return result.stdout
 
     def run(self, deployment: str, **parameters) -> dict:
         """Triggers a run with `--param NAME=VALUE` per parameter, waits for it, returns the flow run."""
         options = [item for name, value in parameters.items() for item in ("--param", f"{name}={json.dumps(value)}")]
         try:
-            output = self.prefect("deployment", "run", deployment, *options, "--watch", "--watch-interval", "2", "--watch-timeout", "900", timeout=960)
+            output = self.prefect(
+                "deployment",
+                "run",
+                deployment,
+                *options,
+                "--watch",
+                "--watch-interval",
+                "2",
+                "--watch-timeout",
+                "900",
+                timeout=960,
+            )
         except AssertionError as failure:
             raise AssertionError(f"{failure}\nworker log:\n{self.worker_log.read_text()[-4000:]}") from None
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
@@ -64,8 +85,14 @@ class Deployed:
         return _api(self.url, "/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
 
     def headstart(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, capture_output=True, text=True, timeout=300,
-                                env=prefect_env(self.home, f"{self.url}/api"))
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=prefect_env(self.home, f"{self.url}/api"),
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
@@ -76,7 +103,7 @@ def deployed(request, tmp_path_factory):
         pytest.skip(reason)
     home = tmp_path_factory.mktemp(f"prefect-home-{request.param}")
     work = tmp_path_factory.mktemp(f"deployments-{request.param}")
-    with (postgres_database() if request.param == "postgresql" else _no_database()) as database_url:
+    with postgres_database() if request.param == "postgresql" else _no_database() as database_url:
         with prefect_server(home, database_url) as url:
             setup = Deployed(url, home, work, work / "worker.log")
             # The README's commands, in its order.
@@ -99,7 +126,9 @@ def test_prefect_yaml_deploys_three_deployments_with_the_nightly_schedule(deploy
     listing = deployed.prefect("deployment", "ls")
     assert {"train/train", "train/retrain-nightly", "predict/predict"} <= set(re.findall(r"\b(\w+/[\w-]+)\b", listing))
     by_name = {d["name"]: d for d in _api(deployed.url, "/deployments/filter", {})}
-    assert [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in by_name["retrain-nightly"]["schedules"]] == [("0 3 * * *", "UTC")]
+    assert [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in by_name["retrain-nightly"]["schedules"]] == [
+        ("0 3 * * *", "UTC")
+    ]
     assert by_name["train"]["schedules"] == [] and by_name["retrain-nightly"]["parameters"]["gate"] is True
     assert all(d["work_pool_name"] == "headstart" for d in by_name.values())
     # The run form shows every config field with its description.
@@ -121,19 +150,29 @@ def test_train_then_a_worse_retrain_then_predict(deployed):
     run_dir = Path(_persisted_result(first))
     assert champion["path"] == str(run_dir) and json.loads((run_dir / "metrics.json").read_text())["accuracy"] == 1.0
     config = json.loads((run_dir / "config.json").read_text())
-    assert (config["image_size"], config["learning_rate"], config["epochs"]) == (96, 0.01, 30)  # the other fields keep their defaults
+    assert (config["image_size"], config["learning_rate"], config["epochs"]) == (
+        96,
+        0.01,
+        30,
+    )  # the other fields keep their defaults
     artifacts = deployed.artifacts(first)
     progress = [a for a in artifacts if a["type"] == "progress"]
     assert progress and all(a["data"] == 100.0 for a in progress)
-    assert any("train head" in a["description"] for a in progress) and any("extract features" in a["description"] for a in progress)
+    assert any("train head" in a["description"] for a in progress) and any(
+        "extract features" in a["description"] for a in progress
+    )
 
     second = deployed.run("train/retrain-nightly", data=str(worse), image_size=96, learning_rate=0.01, **places)
     assert second["state"]["type"] == "COMPLETED"  # a kept champion is not a failure
-    assert second["parameters"]["gate"] is True and second["parameters"]["data"] == str(worse)  # the deployment's value merged with the run's
+    assert second["parameters"]["gate"] is True and second["parameters"]["data"] == str(
+        worse
+    )  # the deployment's value merged with the run's
     assert _champion(deployed, work)["version"] == champion["version"]
     gate = next(a for a in deployed.artifacts(second) if a["key"] == "headstart-gate")
     figures = {row["figure"]: row["value"] for row in json.loads(gate["data"])}
-    assert figures["decision"] == "keep the champion" and figures["reason"].startswith(f"kept champion {champion['version']}")
+    assert figures["decision"] == "keep the champion" and figures["reason"].startswith(
+        f"kept champion {champion['version']}"
+    )
     assert figures["champion_accuracy"] == 1.0 and figures["candidate_accuracy"] < 0.5
 
     inbox = work / "inbox"
@@ -184,8 +223,14 @@ def test_headstart_serve_runs_the_same_deployments_without_a_worker(tmp_path):
     home.mkdir()
     data = write_class_images(tmp_path / "data", COLOURS, per_class=40)
     with prefect_server(home) as url, open(tmp_path / "serve.log", "w") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT,
-                                 env=prefect_env(home, f"{url}/api"), start_new_session=True)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve"],
+            cwd=PROJECT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=prefect_env(home, f"{url}/api"),
+            start_new_session=True,
+        )
         try:
             served = Deployed(url, home, tmp_path, tmp_path / "serve.log")
             deadline = time.monotonic() + 180
@@ -194,8 +239,13 @@ def test_headstart_serve_runs_the_same_deployments_without_a_worker(tmp_path):
                 time.sleep(1)
             nightly = next(d for d in _api(url, "/deployments/filter", {}) if d["name"] == "retrain-nightly")
             assert nightly["work_pool_name"] is None and nightly["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
-            flow_run = served.run("train/train", data=str(data), image_size=96, artifacts_root=str(tmp_path / "artifacts"),
-                                  cache_dir=str(tmp_path / "cache"))
+            flow_run = served.run(
+                "train/train",
+                data=str(data),
+                image_size=96,
+                artifacts_root=str(tmp_path / "artifacts"),
+                cache_dir=str(tmp_path / "cache"),
+            )
             assert flow_run["state"]["type"] == "COMPLETED"
             assert _champion(served, tmp_path)["path"] == _persisted_result(flow_run)
         finally:

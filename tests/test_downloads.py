@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from misbehaving_http import FAULTS, STALL_MID_FILE, TRICKLE, MisbehavingServer
 from test_data import make_cifar_archive
+
 from headstart.backbone.handles import download_hub_module, fingerprint_module, resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.cifar10 import fetch_cifar10_archive
 from headstart.data.manifest import DataReport
 from headstart.data.sources import prepare_source
-from headstart.infra.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError
+from headstart.infra.downloads import DownloadPolicy, download
 
 FAST = DownloadPolicy(attempts=3, backoff_seconds=0.01, timeout=0.3)
 RETRIED = ("timeout", "http 500", "reset mid-file", "short body")
@@ -40,9 +40,18 @@ EXPECTED_ERRORS = {
     ("http 500", "tf hub module"): r"could not load backbone .*: HTTP 500 Internal Server Error \(3 attempts\)$",
     ("reset mid-file", "cifar archive"): r"could not download .*: the server reset the connection \(3 attempts\)$",
     ("reset mid-file", "tf hub module"): r"could not load backbone .*: the server reset the connection \(3 attempts\)$",
-    ("short body", "cifar archive"): r"could not download .*: the server sent \d+ of the \d+ bytes it announced \(3 attempts\)$",
-    ("short body", "tf hub module"): r"could not load backbone .*: the server sent \d+ of the \d+ bytes it announced \(3 attempts\)$",
-    ("wrong content", "cifar archive"): r"did not serve a usable CIFAR-10 archive: not a readable tar\.gz .*; it was removed from the cache$",
+    (
+        "short body",
+        "cifar archive",
+    ): r"could not download .*: the server sent \d+ of the \d+ bytes it announced \(3 attempts\)$",
+    (
+        "short body",
+        "tf hub module",
+    ): r"could not load backbone .*: the server sent \d+ of the \d+ bytes it announced \(3 attempts\)$",
+    (
+        "wrong content",
+        "cifar archive",
+    ): r"did not serve a usable CIFAR-10 archive: not a readable tar\.gz .*; it was removed from the cache$",
     ("wrong content", "tf hub module"): r"could not load backbone .*: not a readable tar archive",
     ("redirect loop", "cifar archive"): r"could not download .*: too many redirects \(the last was HTTP 302\)$",
     ("redirect loop", "tf hub module"): r"could not load backbone .*: too many redirects \(the last was HTTP 302\)$",
@@ -80,6 +89,7 @@ def module_archive(tiny_backbone_dir) -> bytes:
     def add(tar):
         for item in sorted(tiny_backbone_dir.iterdir()):
             tar.add(item, arcname=item.name)
+
     return _tar_gz(add)
 
 
@@ -121,7 +131,9 @@ class HubModule:
 def source(request):
     if request.param == "cifar archive":
         return request.param, CifarArchive(request.getfixturevalue("cifar_archive"))
-    return request.param, HubModule(request.getfixturevalue("module_archive"), request.getfixturevalue("tiny_backbone_dir"))
+    return request.param, HubModule(
+        request.getfixturevalue("module_archive"), request.getfixturevalue("tiny_backbone_dir")
+    )
 
 
 def _files_left(cache_dir: Path) -> list[Path]:
@@ -158,7 +170,7 @@ def test_a_fault_that_clears_is_retried_with_backoff(fault, source, misbehaving,
 # What each source's download runs in a process of its own, to be killed halfway.
 FETCH_IN_A_CHILD = {
     "cifar archive": "from headstart.data.cifar10 import fetch_cifar10_archive; from headstart.data.manifest import DataReport; "
-                     "fetch_cifar10_archive(URL, CACHE, DataReport(source=URL, class_names=[]))",
+    "fetch_cifar10_archive(URL, CACHE, DataReport(source=URL, class_names=[]))",
     "tf hub module": "from headstart.backbone.handles import download_hub_module; download_hub_module(URL, CACHE / 'tfhub')",
 }
 
@@ -218,8 +230,14 @@ def test_a_server_that_trickles_is_given_up_at_the_deadline_mid_file(misbehaving
     8 minutes: the download stops at its 1 s deadline, is not tried again, and leaves nothing."""
     server = misbehaving(bytes(10_000), TRICKLE)
     started = time.monotonic()
-    with pytest.raises(HeadstartError, match=r"could not download .*: not complete within 1 s \(\d+ bytes of 10000 received\)$"):
-        download(server.url("file.bin"), tmp_path / "file.bin", policy=DownloadPolicy(attempts=3, backoff_seconds=0.01, timeout=0.3, deadline_seconds=1.0))
+    with pytest.raises(
+        HeadstartError, match=r"could not download .*: not complete within 1 s \(\d+ bytes of 10000 received\)$"
+    ):
+        download(
+            server.url("file.bin"),
+            tmp_path / "file.bin",
+            policy=DownloadPolicy(attempts=3, backoff_seconds=0.01, timeout=0.3, deadline_seconds=1.0),
+        )
     assert time.monotonic() - started < 5 and server.hits == 1
     assert list(tmp_path.iterdir()) == []
 
@@ -228,7 +246,11 @@ def test_no_attempt_starts_that_the_deadline_leaves_no_time_for(misbehaving, tmp
     """Waits of 0.2 s and 0.4 s fit in a 1 s deadline; the 0.8 s before a fourth attempt does not."""
     server = misbehaving(b"payload", "http 500")
     with pytest.raises(HeadstartError, match=r"HTTP 500 .*\(3 attempts; no time left for another within 1 s\)$"):
-        download(server.url("file.bin"), tmp_path / "file.bin", policy=DownloadPolicy(attempts=10, backoff_seconds=0.2, deadline_seconds=1.0))
+        download(
+            server.url("file.bin"),
+            tmp_path / "file.bin",
+            policy=DownloadPolicy(attempts=10, backoff_seconds=0.2, deadline_seconds=1.0),
+        )
     assert server.hits == 3
 
 
@@ -253,6 +275,7 @@ def test_a_download_is_checked_against_its_checksum_before_it_is_kept(misbehavin
 
 # --- Hostile archives --------------------------------------------------------------------------
 
+
 def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
@@ -270,23 +293,34 @@ HOSTILE_MEMBERS = {
     "character device": (lambda root: _member("null", tarfile.CHRTYPE), "is a character device"),
     "block device": (lambda root: _member("disk", tarfile.BLKTYPE), "is a block device"),
     "fifo": (lambda root: _member("pipe", tarfile.FIFOTYPE), "is a FIFO"),
-    "absolute symlink": (lambda root: _member("variables/passwd", tarfile.SYMTYPE, "/etc/passwd"),
-                         "is a symlink to '/etc/passwd', outside the destination"),
-    "symlink up and out": (lambda root: _member("variables/escaped", tarfile.SYMTYPE, "../" + ESCAPE),
-                           "is a symlink to '../../../../../escaped', outside the destination"),
-    "hard link out": (lambda root: _member("linked", tarfile.LNKTYPE, "../../x"), "is a hard link to '../../x', outside the destination"),
+    "absolute symlink": (
+        lambda root: _member("variables/passwd", tarfile.SYMTYPE, "/etc/passwd"),
+        "is a symlink to '/etc/passwd', outside the destination",
+    ),
+    "symlink up and out": (
+        lambda root: _member("variables/escaped", tarfile.SYMTYPE, "../" + ESCAPE),
+        "is a symlink to '../../../../../escaped', outside the destination",
+    ),
+    "hard link out": (
+        lambda root: _member("linked", tarfile.LNKTYPE, "../../x"),
+        "is a hard link to '../../x', outside the destination",
+    ),
 }
 
 
 @pytest.mark.parametrize("hostile", HOSTILE_MEMBERS)
-def test_a_module_archive_with_a_hostile_member_is_refused_and_nothing_is_unpacked(hostile, tiny_backbone_dir, misbehaving, tmp_path):
+def test_a_module_archive_with_a_hostile_member_is_refused_and_nothing_is_unpacked(
+    hostile, tiny_backbone_dir, misbehaving, tmp_path
+):
     make_member, problem = HOSTILE_MEMBERS[hostile]
     member = make_member(tmp_path)
 
     archive = _tar_gz(lambda tar: _add_hostile(tar, tiny_backbone_dir, member))
     server = misbehaving(archive, None)
     cache_dir = tmp_path / "cache"
-    with pytest.raises(HeadstartError, match=r"could not load backbone .*: archive member (.+) " + re.escape(problem) + "$") as raised:
+    with pytest.raises(
+        HeadstartError, match=r"could not load backbone .*: archive member (.+) " + re.escape(problem) + "$"
+    ) as raised:
         resolve_backbone(server.url("module.tar.gz"), 32, cache_dir, FAST)
     assert repr(member.name) in str(raised.value)
     assert _files_left(cache_dir) == []
@@ -308,7 +342,9 @@ def _add_hostile(tar: tarfile.TarFile, module_dir: Path, member: tarfile.TarInfo
         tar.addfile(member)
 
 
-def test_a_module_archive_that_unpacks_to_more_than_the_disk_has_free_is_refused(tiny_backbone_dir, misbehaving, tmp_path, monkeypatch):
+def test_a_module_archive_that_unpacks_to_more_than_the_disk_has_free_is_refused(
+    tiny_backbone_dir, misbehaving, tmp_path, monkeypatch
+):
     import collections
     import shutil
 
@@ -320,15 +356,21 @@ def test_a_module_archive_that_unpacks_to_more_than_the_disk_has_free_is_refused
     free = zeros // 2
     real_disk_usage = shutil.disk_usage
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(headstart.infra.archives.shutil, "disk_usage", lambda path: usage(real_disk_usage(path).total, 0, free))
+    monkeypatch.setattr(
+        headstart.infra.archives.shutil, "disk_usage", lambda path: usage(real_disk_usage(path).total, 0, free)
+    )
     server = misbehaving(archive, None)
-    with pytest.raises(HeadstartError, match=rf"the archive unpacks to \d+ bytes, more than the {free} free in .*tfhub"):
+    with pytest.raises(
+        HeadstartError, match=rf"the archive unpacks to \d+ bytes, more than the {free} free in .*tfhub"
+    ):
         resolve_backbone(server.url("module.tar.gz"), 32, tmp_path / "cache", FAST)
     assert _files_left(tmp_path / "cache") == []
 
 
 def test_a_module_archive_without_a_savedmodel_is_refused(misbehaving, tmp_path):
-    server = misbehaving(_tar_gz(lambda tar: _add_file(tar, "model/saved_model.pb", b"nested one level too deep")), None)
+    server = misbehaving(
+        _tar_gz(lambda tar: _add_file(tar, "model/saved_model.pb", b"nested one level too deep")), None
+    )
     with pytest.raises(HeadstartError, match=r"no saved_model\.pb at its top level$"):
         resolve_backbone(server.url("module.tar.gz"), 32, tmp_path / "cache", FAST)
     assert _files_left(tmp_path / "cache") == []
@@ -374,16 +416,36 @@ def test_the_cli_reports_a_broken_download_and_a_hostile_module_in_one_line(colo
     from servers import PROJECT, prefect_env
 
     def train(*args: str) -> list[str]:
-        result = subprocess.run([sys.executable, "-m", "flows.cli", "train", *args, "--image-size", "32", "--no-gate",
-                                 "--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "cache")],
-                                cwd=PROJECT, capture_output=True, text=True, timeout=600, env=prefect_env(tmp_path / "prefect"))
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "train",
+                *args,
+                "--image-size",
+                "32",
+                "--no-gate",
+                "--artifacts-root",
+                str(tmp_path / "artifacts"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=prefect_env(tmp_path / "prefect"),
+        )
         assert "Traceback" not in result.stderr and result.returncode == 2, result.stderr[-3000:]
         return [line for line in result.stderr.splitlines() if line.startswith("headstart: error:")]
 
     missing = misbehaving(b"", "http 404")
     assert train("--data", "cifar10", "--cifar10-source", missing.url("cifar-10-python.tar.gz")) == [
-        f"headstart: error: could not download {missing.url('cifar-10-python.tar.gz')}: HTTP 404 Not Found"]
+        f"headstart: error: could not download {missing.url('cifar-10-python.tar.gz')}: HTTP 404 Not Found"
+    ]
     hostile = misbehaving(_tar_gz(lambda tar: tar.addfile(_member(ESCAPE))), None)
     assert train("--data", str(colour_folder), "--backbone", hostile.url("module.tar.gz")) == [
-        f"headstart: error: could not load backbone {hostile.url('module.tar.gz')}: archive member '{ESCAPE}' has a '..' component"]
+        f"headstart: error: could not load backbone {hostile.url('module.tar.gz')}: archive member '{ESCAPE}' has a '..' component"
+    ]
     assert missing.hits == 1

@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from servers import PROJECT, free_port, prefect_env
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +24,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _api(url: str, path: str, body: dict) -> list | dict:
-    request = urllib.request.Request(f"{url}/api{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/api{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -36,11 +37,22 @@ def prefect_server_running(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     # No API URL: commands find the server on the host and port Prefect's settings name.
-    env = prefect_env(home, PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
-                      PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
+    env = prefect_env(
+        home,
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_SERVER_API_PORT=str(port),
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
+    )
 
     def headstart_server(action: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "flows.cli", "server", action], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "server", action],
+            cwd=PROJECT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
@@ -59,9 +71,25 @@ def trained_run(prefect_server_running, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     # The project's own demo set, at a small image size: real cats and dogs on the report.
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "train", "--data", str(PROJECT / "examples" / "cats-vs-dogs"), "--image-size", "96",
-         "--artifacts-root", str(work / "artifacts"), "--cache-dir", str(work / "cache")],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "train",
+            "--data",
+            str(PROJECT / "examples" / "cats-vs-dogs"),
+            "--image-size",
+            "96",
+            "--artifacts-root",
+            str(work / "artifacts"),
+            "--cache-dir",
+            str(work / "cache"),
+        ],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"reporting to the Prefect server at {url}" in result.stderr
@@ -73,10 +101,16 @@ def test_the_run_is_recorded_on_the_server(trained_run):
     flow_runs = _api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["train"]}}})
     assert [run["state"]["type"] for run in flow_runs] == ["COMPLETED"]
     task_runs = _api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_runs[0]["id"]]}}})
-    assert {"download", "preprocess", "build_model", "train_head", "evaluate", "visualize", "publish"} <= {t["name"].rsplit("-", 1)[0] for t in task_runs}
+    assert {"download", "preprocess", "build_model", "train_head", "evaluate", "visualize", "publish"} <= {
+        t["name"].rsplit("-", 1)[0] for t in task_runs
+    }
     artifacts = _api(url, "/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_runs[0]["id"]]}}})
     by_key = {artifact["key"]: artifact for artifact in artifacts}
-    assert by_key["headstart-report"]["data"].count("data:image/png;base64,") == len(list((run_dir / "plots").glob("*.png"))) >= 4
+    assert (
+        by_key["headstart-report"]["data"].count("data:image/png;base64,")
+        == len(list((run_dir / "plots").glob("*.png")))
+        >= 4
+    )
     assert {"headstart-metrics", "headstart-data", "headstart-near-duplicates", "headstart-gate"} <= set(by_key)
     assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] >= 0.65  # chance: 0.5
 
@@ -92,28 +126,47 @@ def test_the_dashboard_renders_the_report_the_gate_and_the_progress(trained_run,
     progress = [artifact for artifact in artifacts if artifact["type"] == "progress"]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 2000})
 
-        page.goto(f"{url}/artifacts/artifact/{by_key['headstart-report']['id']}", wait_until="networkidle", timeout=120_000)
+        page.goto(
+            f"{url}/artifacts/artifact/{by_key['headstart-report']['id']}", wait_until="networkidle", timeout=120_000
+        )
         plots = page.locator("img[src^='data:image/png;base64,']")
         plots.first.wait_for(state="visible", timeout=60_000)
         assert plots.count() == len(list((run_dir / "plots").glob("*.png")))
         widths = plots.evaluate_all("images => images.map(image => image.complete ? image.naturalWidth : 0)")
         assert all(width > 100 for width in widths)
         assert "Test accuracy" in page.content()
-        report_screenshot = PROJECT / "docs" / "dashboard-report.png" if request.config.getoption("--refresh-docs") else tmp_path / "report.png"
+        report_screenshot = (
+            PROJECT / "docs" / "dashboard-report.png"
+            if request.config.getoption("--refresh-docs")
+            else tmp_path / "report.png"
+        )
         page.screenshot(path=str(report_screenshot), full_page=True)
 
-        page.goto(f"{url}/artifacts/artifact/{by_key['headstart-gate']['id']}", wait_until="networkidle", timeout=120_000)
+        page.goto(
+            f"{url}/artifacts/artifact/{by_key['headstart-gate']['id']}", wait_until="networkidle", timeout=120_000
+        )
         page.get_by_text("first model promoted", exact=False).first.wait_for(state="visible", timeout=60_000)
         assert page.locator("table").count() >= 1 and "candidate_accuracy" in page.locator("table").first.inner_text()
         page.screenshot(path=str(tmp_path / "gate.png"), full_page=True)
 
-        assert {artifact["description"].split(":")[0].split(",")[0] for artifact in progress} == {"extract features", "train head"}
+        assert {artifact["description"].split(":")[0].split(",")[0] for artifact in progress} == {
+            "extract features",
+            "train head",
+        }
         for artifact in progress:
             page.goto(f"{url}/artifacts/artifact/{artifact['id']}", wait_until="networkidle", timeout=120_000)
             page.get_by_text("Progress: 100%").wait_for(state="visible", timeout=60_000)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, write_class_images
+
 from headstart.config import TrainConfig
-from headstart.errors import HeadstartError
 from headstart.edge.int8.quantization import RANGE_ENDS
+from headstart.errors import HeadstartError
 from headstart.registry.runs import Run
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -23,12 +23,20 @@ PROJECT = Path(__file__).resolve().parents[1]
 def _config(folder: Path, backbone_dir: Path, root: Path, **overrides) -> TrainConfig:
     values = dict(epochs=40, learning_rate=0.1, batch_size=8, patience=40, test_fraction=0.25, gate=False)
     values.update(overrides)
-    return TrainConfig.smoke(data=str(folder), backbone=str(backbone_dir), artifacts_root=root / "artifacts", cache_dir=root / "cache", **values)
+    return TrainConfig.smoke(
+        data=str(folder),
+        backbone=str(backbone_dir),
+        artifacts_root=root / "artifacts",
+        cache_dir=root / "cache",
+        **values,
+    )
 
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
-    return write_class_images(tmp_path_factory.mktemp("colours") / "data", {"red": (200, 40, 40), "blue": (40, 40, 200)}, per_class=24)
+    return write_class_images(
+        tmp_path_factory.mktemp("colours") / "data", {"red": (200, 40, 40), "blue": (40, 40, 200)}, per_class=24
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,9 @@ def exported_run(prefect_harness, colours, tiny_backbone_dir, tmp_path_factory) 
     """A run trained by the flow with --export tflite."""
     from flows.train import train
 
-    return Run(train(**_config(colours, tiny_backbone_dir, tmp_path_factory.mktemp("exported"), export="tflite").model_dump()))
+    return Run(
+        train(**_config(colours, tiny_backbone_dir, tmp_path_factory.mktemp("exported"), export="tflite").model_dump())
+    )
 
 
 def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(exported_run):
@@ -48,18 +58,30 @@ def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(
     assert set(exports) == {"none", "int8"}
     float32, int8 = exports["none"], exports["int8"]
     assert float32["file"] == "exports/model-float32.tflite" and int8["file"] == "exports/model-int8.tflite"
-    assert float32["max_probability_difference"] <= 1e-4 and float32["top1_agreement"] == 1.0 and float32["meets_target"]
-    assert float32["test_images"] == exported_run.metrics["n"] and float32["accuracy"] == float32["keras_accuracy"] == exported_run.metrics["accuracy"]
+    assert (
+        float32["max_probability_difference"] <= 1e-4 and float32["top1_agreement"] == 1.0 and float32["meets_target"]
+    )
+    assert (
+        float32["test_images"] == exported_run.metrics["n"]
+        and float32["accuracy"] == float32["keras_accuracy"] == exported_run.metrics["accuracy"]
+    )
     # Two colours far apart: int8 keeps every decision of so easy a model.
     assert int8["top1_agreement"] == 1.0 and int8["bytes"] < float32["bytes"]
     # Its ranges were chosen on the validation split, which the file agrees with as well.
-    assert int8["range_end_percentile"] in RANGE_ENDS and int8["validation_agreement"] == 1.0 and int8["validation_images"] >= 1
+    assert (
+        int8["range_end_percentile"] in RANGE_ENDS
+        and int8["validation_agreement"] == 1.0
+        and int8["validation_images"] >= 1
+    )
     assert 0.0 <= int8["validation_divergence"] < 0.01
     for record in (float32, int8):
         model_file = exported_run.path / record["file"]
         assert model_file.stat().st_size == record["bytes"]
         assert read_labels(model_file.read_bytes()) == exported_run.class_names == ["blue", "red"]
-    assert not TFLiteClassifier(exported_run.path / float32["file"]).quantized and TFLiteClassifier(exported_run.path / int8["file"]).quantized
+    assert (
+        not TFLiteClassifier(exported_run.path / float32["file"]).quantized
+        and TFLiteClassifier(exported_run.path / int8["file"]).quantized
+    )
     assert "## On devices (.tflite)" in exported_run.model_card and "`model-int8.tflite`" in exported_run.model_card
     assert f"ReLU6 ranges end at the {int8['range_end_percentile']:g}th percentile" in exported_run.model_card
     artifact = Artifact.get("headstart-export")
@@ -85,21 +107,28 @@ def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(expo
     record = root.Buffers(root.Metadata(names.index(b"TFLITE_METADATA")).Buffer()).DataAsNumpy().tobytes()
     # Read with the official metadata schema: what TFLite's metadata tools and Model Maker's readers see.
     assert metadata_schema.ModelMetadata.ModelMetadataBufferHasIdentifier(record, 0)
-    metadata = metadata_schema.ModelMetadataT.InitFromObj(metadata_schema.ModelMetadata.GetRootAsModelMetadata(record, 0))
+    metadata = metadata_schema.ModelMetadataT.InitFromObj(
+        metadata_schema.ModelMetadata.GetRootAsModelMetadata(record, 0)
+    )
     assert metadata.minParserVersion == b"1.0.0" and b"blue, red" in metadata.description
     (subgraph,) = metadata.subgraphMetadata
     (image,), (probability,) = subgraph.inputTensorMetadata, subgraph.outputTensorMetadata
     assert image.content.contentPropertiesType == metadata_schema.ContentProperties.ImageProperties
     assert image.content.contentProperties.colorSpace == metadata_schema.ColorSpaceType.RGB
-    assert (image.content.contentProperties.defaultSize.width, image.content.contentProperties.defaultSize.height) == (32, 32)
+    assert (image.content.contentProperties.defaultSize.width, image.content.contentProperties.defaultSize.height) == (
+        32,
+        32,
+    )
     (normalization,) = image.processUnits
-    assert list(normalization.options.mean) == [0.0] and list(normalization.options.std) == [1.0]  # 0–255 pixels as they are
+    assert list(normalization.options.mean) == [0.0] and list(normalization.options.std) == [
+        1.0
+    ]  # 0–255 pixels as they are
     assert list(image.stats.min) == [0.0] and list(image.stats.max) == [255.0]
     (labels,) = probability.associatedFiles
     assert labels.name == b"labels.txt" and labels.type == metadata_schema.AssociatedFileType.TENSOR_AXIS_LABELS
     assert zipfile.ZipFile(io.BytesIO(model)).read("labels.txt") == b"blue\nred\n"
     # Embedding again replaces the record and the labels instead of piling them up.
-    relabelled = embed_labels(model[:model.rfind(b"PK\x03\x04")], ["bleu", "rouge"], 32, "again")
+    relabelled = embed_labels(model[: model.rfind(b"PK\x03\x04")], ["bleu", "rouge"], 32, "again")
     again = schema.Model.GetRootAs(relabelled, 0)
     assert [again.Metadata(i).Name() for i in range(again.MetadataLength())].count(b"TFLITE_METADATA") == 1
     assert zipfile.ZipFile(io.BytesIO(relabelled)).read("labels.txt") == "bleu\nrouge\n".encode()
@@ -108,7 +137,9 @@ def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(expo
 def _cli(*args, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_predict_from_a_tflite_file_imports_no_tensorflow_and_agrees_with_the_run(exported_run, colours, tmp_path):
@@ -116,10 +147,27 @@ def test_predict_from_a_tflite_file_imports_no_tensorflow_and_agrees_with_the_ru
     from headstart.serving.predict import predict_images
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
-    probe = ("import json, sys; from flows.cli import main; status = main(sys.argv[1:]); "
-             "print(json.dumps({'status': status, 'tensorflow': 'tensorflow' in sys.modules}))")
-    result = subprocess.run([sys.executable, "-c", probe, "predict", "--model", str(exported_run.path / "exports" / "model-float32.tflite"),
-                             str(colours), str(tmp_path / "broken.png"), "--json"], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    probe = (
+        "import json, sys; from flows.cli import main; status = main(sys.argv[1:]); "
+        "print(json.dumps({'status': status, 'tensorflow': 'tensorflow' in sys.modules}))"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            probe,
+            "predict",
+            "--model",
+            str(exported_run.path / "exports" / "model-float32.tflite"),
+            str(colours),
+            str(tmp_path / "broken.png"),
+            "--json",
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[-1] == {"status": 0, "tensorflow": False}, result.stderr[-2000:]
     assert "broken.png" in result.stderr and "Traceback" not in result.stderr
@@ -139,20 +187,29 @@ def test_a_tflite_file_without_class_names_or_not_a_model_is_a_one_line_error(ex
     (tmp_path / "notes.tflite").write_text("not a model")
     backbone = resolve_backbone(str(exported_run.path / "backbone"), 32, tmp_path / "cache")
     unlabelled = convert_to_litert(backbone, tmp_path / "cache")
-    for model, message in [(tmp_path / "missing.tflite", "model file not found"), (tmp_path / "notes.tflite", "not a .tflite model with class names"),
-                           (unlabelled, "not a .tflite model with class names")]:
+    for model, message in [
+        (tmp_path / "missing.tflite", "model file not found"),
+        (tmp_path / "notes.tflite", "not a .tflite model with class names"),
+        (unlabelled, "not a .tflite model with class names"),
+    ]:
         result = _cli("predict", "--model", str(model), str(colours), tmp_path=tmp_path)
-        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+            result.stderr
+        )
 
 
 def test_export_command_writes_where_asked_and_records_the_figures(exported_run, tmp_path):
     output = tmp_path / "out" / "classifier.tflite"
-    result = _cli("export", "--model", str(exported_run.path), "--quantize", "none", "--output", str(output), tmp_path=tmp_path)
+    result = _cli(
+        "export", "--model", str(exported_run.path), "--quantize", "none", "--output", str(output), tmp_path=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(output) and output.is_file()
     assert "float32" in result.stderr and ": met" in result.stderr
     assert json.loads((exported_run.path / "metrics.json").read_text())["exports"]["none"]["file"] == str(output)
-    assert sorted(path.name for path in output.parent.iterdir()) == ["classifier.tflite"]  # no temporary file left behind
+    assert sorted(path.name for path in output.parent.iterdir()) == [
+        "classifier.tflite"
+    ]  # no temporary file left behind
 
 
 def test_export_can_fail_a_script_when_the_file_misses_its_target(exported_run, tmp_path, monkeypatch, capsys):
@@ -171,20 +228,27 @@ def test_int8_features_are_cached_under_their_own_key(prefect_harness, colours, 
     from flows.train import train
     from headstart.backbone.handles import resolve_backbone
     from headstart.edge.export import export_tflite
+    from headstart.edge.int8.quantization import quantized_backbone
     from headstart.features.cache import FeatureCache
     from headstart.features.extraction import ExtractionContext
     from headstart.serving.inference import evaluate_folder, predict_files
     from headstart.serving.predict import predict_images
-    from headstart.edge.int8.quantization import quantized_backbone
 
     float_run = Run(train(**_config(colours, tiny_backbone_dir, tmp_path).model_dump()))
     int8_run = Run(train(**_config(colours, tiny_backbone_dir, tmp_path, engine="litert-int8").model_dump()))
-    assert int8_run.config["backbone_fingerprint"] == f"{float_run.config['backbone_fingerprint']}-int8-" + int8_run.config["backbone_fingerprint"][-12:]
+    assert (
+        int8_run.config["backbone_fingerprint"]
+        == f"{float_run.config['backbone_fingerprint']}-int8-" + int8_run.config["backbone_fingerprint"][-12:]
+    )
     assert int8_run.config["training_key"] != float_run.config["training_key"]  # never a reuse of the float run
     assert sorted(path.name for path in (tmp_path / "cache" / "features").iterdir()) == sorted(
-        f"{run.config['backbone_fingerprint']}-32px" for run in (float_run, int8_run))
+        f"{run.config['backbone_fingerprint']}-32px" for run in (float_run, int8_run)
+    )
     assert (int8_run.path / "backbone-int8.tflite").is_file() and int8_run.metrics["engine"] == "litert-int8"
-    assert int8_run.backbone.litert_model == int8_run.path / "backbone-int8.tflite" and float_run.backbone.litert_model is None
+    assert (
+        int8_run.backbone.litert_model == int8_run.path / "backbone-int8.tflite"
+        and float_run.backbone.litert_model is None
+    )
     with pytest.raises(HeadstartError, match="trained on int8 features"):
         export_tflite(int8_run, "none", None)  # its Keras model holds the float backbone, not what was measured
     # Predicting and evaluating with the int8 run run its int8 backbone, whichever path is taken.
@@ -195,11 +259,20 @@ def test_int8_features_are_cached_under_their_own_key(prefect_harness, colours, 
     assert evaluate_folder(int8_run, colours)["accuracy"] >= 0.9
 
     backbone = resolve_backbone(str(tiny_backbone_dir), 32, tmp_path / "cache")
-    rows = [{"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "split": "train"} for path in sorted(colours.glob("*/*.png"))]
-    first, again, other = (quantized_backbone(backbone, chosen, tmp_path / "cache") for chosen in (rows[:20], rows[:20], rows[-20:]))
-    assert first == again and first.fingerprint != other.fingerprint != backbone.fingerprint  # another calibration set: another backbone
+    rows = [
+        {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "split": "train"}
+        for path in sorted(colours.glob("*/*.png"))
+    ]
+    first, again, other = (
+        quantized_backbone(backbone, chosen, tmp_path / "cache") for chosen in (rows[:20], rows[:20], rows[-20:])
+    )
+    assert (
+        first == again and first.fingerprint != other.fingerprint != backbone.fingerprint
+    )  # another calibration set: another backbone
     assert len({FeatureCache(tmp_path / "cache", chosen).directory for chosen in (backbone, first, other)}) == 3
-    with pytest.raises(HeadstartError, match="only 0 were usable"):  # files no longer holding the listed contents calibrate nothing
+    with pytest.raises(
+        HeadstartError, match="only 0 were usable"
+    ):  # files no longer holding the listed contents calibrate nothing
         quantized_backbone(backbone, [{**row, "sha256": "0" * 64} for row in rows], tmp_path / "cache")
 
 
@@ -207,8 +280,17 @@ def test_the_int8_engine_refuses_what_it_cannot_do(exported_run, tmp_path):
 
     with pytest.raises(ValueError, match="choose one of them"):
         TrainConfig.smoke(data="x", fine_tune=True, engine="litert-int8")
-    result = _cli("predict", "--model", str(exported_run.path), "--engine", "litert-int8", str(exported_run.path / "plots"),
-                  "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
+    result = _cli(
+        "predict",
+        "--model",
+        str(exported_run.path),
+        "--engine",
+        "litert-int8",
+        str(exported_run.path / "plots"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        tmp_path=tmp_path,
+    )
     assert result.returncode == 2 and "is float32" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -219,7 +301,9 @@ def test_the_predict_flow_takes_a_tflite_file_too(exported_run, colours, tmp_pat
     from flows.predict import predict
 
     output = tmp_path / "labels.parquet"
-    summary = predict(inputs=[str(colours)], model=str(exported_run.path / "exports" / "model-int8.tflite"), output=output)
+    summary = predict(
+        inputs=[str(colours)], model=str(exported_run.path / "exports" / "model-int8.tflite"), output=output
+    )
     assert summary.startswith("48 images labelled (blue 24, red 24)")
     assert pq.read_table(output).num_rows == 48
     assert "labelled by model-int8.tflite" in Artifact.get("headstart-predictions").description
@@ -245,7 +329,11 @@ def test_the_int8_export_keeps_the_file_closest_to_the_keras_model_not_the_first
     float32, _ = convert_classifier(exported_run, "none", images)
     kept, chosen = closest_variant(exported_run, {1.0: int8, 2.0: float32}, images.validation)
     assert kept == float32 and chosen["range_end_percentile"] == 2.0
-    assert chosen["validation_agreement"] == 1.0 and chosen["validation_divergence"] < 1e-6 and chosen["validation_images"] == len(images.validation)
+    assert (
+        chosen["validation_agreement"] == 1.0
+        and chosen["validation_divergence"] < 1e-6
+        and chosen["validation_images"] == len(images.validation)
+    )
 
 
 def test_the_divergence_that_chooses_an_int8_file_counts_every_probability():
@@ -255,6 +343,10 @@ def test_the_divergence_that_chooses_an_int8_file_counts_every_probability():
     assert mean_divergence(expected, expected) == pytest.approx(0.0, abs=1e-6)
     # The same decisions, moved probabilities: no disagreement, yet a divergence.
     moved = np.array([[0.8, 0.2], [0.55, 0.45]])
-    by_hand = np.mean([0.9 * np.log(0.9 / 0.8) + 0.1 * np.log(0.1 / 0.2), 0.6 * np.log(0.6 / 0.55) + 0.4 * np.log(0.4 / 0.45)])
+    by_hand = np.mean(
+        [0.9 * np.log(0.9 / 0.8) + 0.1 * np.log(0.1 / 0.2), 0.6 * np.log(0.6 / 0.55) + 0.4 * np.log(0.4 / 0.45)]
+    )
     assert mean_divergence(expected, moved) == pytest.approx(by_hand, rel=1e-4)
-    assert mean_divergence(expected, np.array([[1.0, 0.0], [0.6, 0.4]])) > 0  # an int8 probability of exactly 0 stays finite
+    assert (
+        mean_divergence(expected, np.array([[1.0, 0.0], [0.6, 0.4]])) > 0
+    )  # an int8 probability of exactly 0 stays finite

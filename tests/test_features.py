@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import extract_dataset, write_class_images
+
 from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.images import load_image
+from headstart.data.preprocessing import decoded_batches, image_batches, resize_images
 from headstart.data.sources import prepare_source
 from headstart.errors import HeadstartError
 from headstart.features.cache import FeatureCache
@@ -21,7 +22,6 @@ from headstart.features.dataset import plan_extraction
 from headstart.features.encoding import features_matrix
 from headstart.features.engines import KerasEngine, choose_engine
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.data.preprocessing import decoded_batches, image_batches, resize_images
 
 
 @pytest.fixture
@@ -37,10 +37,13 @@ def _keras_context(cache_dir, **settings):
     return ExtractionContext(cache_dir, ExtractionSettings("keras", **settings))
 
 
-@pytest.mark.parametrize("sizes, batch_size", [
-    ((48,) * 5, 2),  # shrunk, with antialiasing
-    ((20, 20, 20, 32, 32), 4),  # enlarged without antialiasing, and scale 1 in the same batch (resized one by one)
-])
+@pytest.mark.parametrize(
+    "sizes, batch_size",
+    [
+        ((48,) * 5, 2),  # shrunk, with antialiasing
+        ((20, 20, 20, 32, 32), 4),  # enlarged without antialiasing, and scale 1 in the same batch (resized one by one)
+    ],
+)
 def test_streamed_batches_equal_eager_preprocessing(tmp_path, sizes, batch_size):
     for index, size in enumerate(sizes):
         write_class_images(tmp_path / str(index), {"a": (100, 10 * index, 100)}, per_class=1, size=size, seed=index)
@@ -57,7 +60,9 @@ def test_decoded_batches_shrink_large_images_at_once_and_leave_small_ones(tmp_pa
     paths = sorted(str(p) for p in tmp_path.glob("*/*.png"))
     images = [image for batch in decoded_batches(paths, 32, batch_size=3) for image in batch.images]
     assert [image.shape for image in images] == [(32, 32, 3)] * 2 + [(20, 20, 3)] * 2
-    np.testing.assert_allclose(images[0], resize_images(load_image(paths[0])[None].astype(np.float32) / 255.0, 32).numpy()[0], atol=1e-6)
+    np.testing.assert_allclose(
+        images[0], resize_images(load_image(paths[0])[None].astype(np.float32) / 255.0, 32).numpy()[0], atol=1e-6
+    )
     np.testing.assert_allclose(images[2], load_image(paths[2]).astype(np.float32) / 255.0)
 
 
@@ -69,7 +74,10 @@ def test_litert_engine_agrees_with_tensorflow(tiny, tmp_path):
     assert np.abs(choice.engine(images) - KerasEngine(tiny)(images)).max() <= 1e-4
     assert 0 <= choice.engine.parity <= 1e-4
     # Enlarged inside the LiteRT model, shrunk with antialiasing before it, or neither; in any order.
-    mixed = [generator.random(shape, dtype=np.float32) for shape in ((12, 20, 3), (32, 32, 3), (48, 40, 3), (12, 20, 3), (7, 90, 3))]
+    mixed = [
+        generator.random(shape, dtype=np.float32)
+        for shape in ((12, 20, 3), (32, 32, 3), (48, 40, 3), (12, 20, 3), (7, 90, 3))
+    ]
     expected = np.concatenate([KerasEngine(tiny)(image[np.newaxis]) for image in mixed])
     assert np.abs(choice.engine(mixed) - expected).max() <= 1e-4
 
@@ -132,7 +140,10 @@ def _cached_features(cache_dir, tiny):
 def test_a_converted_litert_model_extracts_in_a_child_process(colour_folder, tiny, tmp_path, caplog):
     shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
     progress = _Progress()
-    with caplog.at_level(logging.INFO), ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4), child_process="always") as context:
+    with (
+        caplog.at_level(logging.INFO),
+        ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4), child_process="always") as context,
+    ):
         assert context.extract_shard(shard, tiny, progress).engine == "litert"
     assert "in a child process" in caplog.text and "extracting here instead" not in caplog.text
     assert progress.n == len(shard)
@@ -251,7 +262,9 @@ def test_litert_failure_is_an_error_when_asked_for_and_a_fallback_otherwise(tiny
         choose_engine(tiny, "litert", tmp_path, None)
 
 
-def test_dataset_file_is_independent_of_the_cache_layout_and_streams_each_train_row_once(colour_folder, tiny, tmp_path, monkeypatch):
+def test_dataset_file_is_independent_of_the_cache_layout_and_streams_each_train_row_once(
+    colour_folder, tiny, tmp_path, monkeypatch
+):
     manifest = _manifest(colour_folder, tmp_path)
     # Eight rows per row group: several row groups per split.
     fine = extract_dataset(manifest, tiny, _keras_context(tmp_path / "fine"), shard_size=7, rows_per_group=8)
@@ -277,7 +290,11 @@ def test_dataset_file_is_independent_of_the_cache_layout_and_streams_each_train_
     assert not np.array_equal(streamed, next_epoch)
 
     reads = []
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, group, **kwargs: reads.append(group) or real_read(self, group, **kwargs))
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_group",
+        lambda self, group, **kwargs: reads.append(group) or real_read(self, group, **kwargs),
+    )
     resident = stream.kept_in_memory(max_bytes=10**9)
     for epoch_number in (0, 1):
         kept = np.concatenate([features for features, _ in resident.shuffled_chunks(seed=1, epoch=epoch_number)])
@@ -301,7 +318,11 @@ def test_planning_clears_what_a_killed_extraction_left_and_keeps_what_is_being_w
 
     manifest = _manifest(colour_folder, tmp_path)
     shards_dir, datasets_dir = FeatureCache(tmp_path / "cache", tiny).directory, tmp_path / "cache" / "datasets"
-    left = [shards_dir / ".shard-0123.parquet.x1.tmp", datasets_dir / ".0123-ab-32px-v3.parquet.x2.tmp", datasets_dir / ".assemble-x3"]
+    left = [
+        shards_dir / ".shard-0123.parquet.x1.tmp",
+        datasets_dir / ".0123-ab-32px-v3.parquet.x2.tmp",
+        datasets_dir / ".assemble-x3",
+    ]
     fresh = [shards_dir / ".shard-4567.parquet.y1.tmp", datasets_dir / ".assemble-y2"]
     for path in left + fresh:
         path.parent.mkdir(parents=True, exist_ok=True)

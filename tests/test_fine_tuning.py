@@ -8,16 +8,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import extract_dataset
+
 from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.images import load_image
 from headstart.data.sources import prepare_source
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.training.fine_tuning import (ActivationCache, Entry, SplitBackbone, TuningSettings, cache_activations, entry_key,
-                                   fine_tune_classifier, selected_epoch)
+from headstart.training.fine_tuning import (
+    ActivationCache,
+    Entry,
+    SplitBackbone,
+    TuningSettings,
+    cache_activations,
+    entry_key,
+    fine_tune_classifier,
+    selected_epoch,
+)
 from headstart.training.head import HEAD_DENSE, build_classifier, train_head
 
 CUT = 14  # at 32 px: activations of 2×2×96 entering block 14, so blocks 14–17 and the last convolution train
@@ -97,8 +105,16 @@ def _fine_tuned(config, features, bundled_32, destination, epochs=3, learning_ra
     classifier = build_classifier(bundled_32.keras_layer(), 2, 32, 0.2, 0)
     train_head(classifier, features.stream("train"), features.stream("validation"), 3, 8, 1e-2, 3, 0)
     head = [weight.copy() for weight in classifier.get_layer(HEAD_DENSE).get_weights()]
-    result = fine_tune_classifier(classifier, bundled_32, features, config.cache_dir, destination, CUT,
-                                  TuningSettings(epochs, 8, learning_rate, epochs, seed=0), flip=True)
+    result = fine_tune_classifier(
+        classifier,
+        bundled_32,
+        features,
+        config.cache_dir,
+        destination,
+        CUT,
+        TuningSettings(epochs, 8, learning_rate, epochs, seed=0),
+        flip=True,
+    )
     return result, head, classifier
 
 
@@ -126,7 +142,9 @@ def test_fine_tuning_changes_only_the_stages_above_the_cut(dataset, bundled_32, 
     assert not all(np.array_equal(a, b) for a, b in zip(head_before, classifier.get_layer(HEAD_DENSE).get_weights()))
     summary = result.summary
     assert summary["from_stage"] == CUT and summary["epochs_run"] == 3 and 0 <= summary["best_epoch"] <= 3
-    assert summary["activations"]["computed"] == 2 * len(features.rows("train", ["sha256"])["sha256"]) + len(features.rows("validation", ["sha256"])["sha256"])
+    assert summary["activations"]["computed"] == 2 * len(features.rows("train", ["sha256"])["sha256"]) + len(
+        features.rows("validation", ["sha256"])["sha256"]
+    )
     assert len(result.history["val_accuracy"]) == 4 and len(result.history["seconds"]) == 3
 
 
@@ -134,12 +152,17 @@ def test_fine_tuning_is_deterministic_and_reuses_the_cached_activations(dataset,
     config, features = dataset
     first, _, _ = _fine_tuned(config, features, bundled_32, tmp_path / "first", epochs=2)
     second, _, _ = _fine_tuned(config, features, bundled_32, tmp_path / "second", epochs=2)
-    assert second.summary["activations"]["computed"] == 0 and second.summary["activations"]["reused"] == first.summary["activations"]["computed"]
+    assert (
+        second.summary["activations"]["computed"] == 0
+        and second.summary["activations"]["reused"] == first.summary["activations"]["computed"]
+    )
     assert first.backbone.fingerprint == second.backbone.fingerprint
     assert first.history == {**second.history, "seconds": first.history["seconds"]}
 
 
-def test_fine_tuning_needs_the_bundled_backbone_and_a_validation_split(colour_folder, tiny_backbone_dir, bundled_32, tmp_path):
+def test_fine_tuning_needs_the_bundled_backbone_and_a_validation_split(
+    colour_folder, tiny_backbone_dir, bundled_32, tmp_path
+):
     config = TrainConfig.smoke(data=str(colour_folder), cache_dir=tmp_path / "cache", backbone=str(tiny_backbone_dir))
     tiny = resolve_backbone(config.backbone, 32, config.cache_dir)
     with pytest.raises(HeadstartError, match="fine-tuning needs the bundled backbone"):
@@ -150,7 +173,9 @@ def test_fine_tuning_needs_the_bundled_backbone_and_a_validation_split(colour_fo
         TrainConfig.smoke(data=str(colour_folder), fine_tune=True, validation_fraction=0.0)
     # A split that comes out empty all the same (a folder too small for one) is one line too.
     config = TrainConfig.smoke(data=str(colour_folder), cache_dir=tmp_path / "cache", validation_fraction=0.0)
-    features = extract_dataset(prepare_source(config)[0], bundled_32, ExtractionContext(config.cache_dir, ExtractionSettings("keras")))
+    features = extract_dataset(
+        prepare_source(config)[0], bundled_32, ExtractionContext(config.cache_dir, ExtractionSettings("keras"))
+    )
     with pytest.raises(HeadstartError, match="validation split, which is empty"):
         _fine_tuned(config, features, bundled_32, tmp_path / "tuned")
 
@@ -167,16 +192,24 @@ def test_a_mirror_averaged_backbone_averages_the_features_of_each_image_and_its_
     from headstart.infra.keras import tf
 
     split = SplitBackbone(bundled_32, CUT)
-    plain, averaged = split.export(tmp_path / "plain", "plain"), split.export(tmp_path / "averaged", "averaged", mirror_average=True)
+    plain, averaged = (
+        split.export(tmp_path / "plain", "plain"),
+        split.export(tmp_path / "averaged", "averaged", mirror_average=True),
+    )
     assert averaged.fingerprint != plain.fingerprint
     images = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
     mirrored = np.ascontiguousarray(images[:, :, ::-1])
-    plain_features, averaged_features = tf.saved_model.load(str(plain.module_path)), tf.saved_model.load(str(averaged.module_path))
+    plain_features, averaged_features = (
+        tf.saved_model.load(str(plain.module_path)),
+        tf.saved_model.load(str(averaged.module_path)),
+    )
     expected = (plain_features(images).numpy() + plain_features(mirrored).numpy()) / 2
     tolerance = 1e-5 * np.abs(expected).max()
     np.testing.assert_allclose(averaged_features(images).numpy(), expected, atol=tolerance)
     np.testing.assert_allclose(averaged_features(mirrored).numpy(), averaged_features(images).numpy(), atol=tolerance)
-    assert not np.allclose(plain_features(images).numpy(), expected, atol=tolerance)  # the mirror does change the features
+    assert not np.allclose(
+        plain_features(images).numpy(), expected, atol=tolerance
+    )  # the mirror does change the features
 
 
 def test_cutmix_takes_one_rectangle_from_a_partner_and_blends_the_labels_by_its_area():
@@ -192,7 +225,7 @@ def test_cutmix_takes_one_rectangle_from_a_partner_and_blends_the_labels_by_its_
             assert len(partner) <= 1  # one partner, one rectangle
             rows, columns = np.nonzero(taken)
             if len(rows):
-                assert taken[rows.min():rows.max() + 1, columns.min():columns.max() + 1].all()
+                assert taken[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1].all()
                 assert target[int(partner[0])] == pytest.approx(taken.mean())
             assert target[int(source[0, 0, 0])] == pytest.approx(1 - taken.mean()) and target.sum() == pytest.approx(1)
 
@@ -209,25 +242,44 @@ def test_fine_tuning_settings_count_towards_the_training_key_only_where_it_runs(
 
 
 def _fine_tune_config(folder, tmp_path, **overrides):
-    values = dict(epochs=20, learning_rate=0.05, batch_size=8, patience=20, test_fraction=0.25, validation_fraction=0.2,
-                  near_duplicate_threshold=1.0, fine_tune=True, fine_tune_from=CUT, fine_tune_epochs=2, fine_tune_learning_rate=1e-3,
-                  artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache", gate=False)
+    values = dict(
+        epochs=20,
+        learning_rate=0.05,
+        batch_size=8,
+        patience=20,
+        test_fraction=0.25,
+        validation_fraction=0.2,
+        near_duplicate_threshold=1.0,
+        fine_tune=True,
+        fine_tune_from=CUT,
+        fine_tune_epochs=2,
+        fine_tune_learning_rate=1e-3,
+        artifacts_root=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache",
+        gate=False,
+    )
     values.update(overrides)
     return TrainConfig.smoke(data=str(folder), **values)
 
 
-def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctly(prefect_harness, colour_folder, tmp_path):
+def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctly(
+    prefect_harness, colour_folder, tmp_path
+):
     from prefect.artifacts import Artifact
 
     from flows.train import train
-    from headstart.reporting.plots import FINE_TUNING_PLOT
     from headstart.registry.runs import Run
+    from headstart.reporting.plots import FINE_TUNING_PLOT
 
     config = _fine_tune_config(colour_folder, tmp_path)
     run = Run.if_complete(Path(train(**config.model_dump())))
     fine_tuning = run.metrics["fine_tuning"]
     assert fine_tuning["from_stage"] == CUT and fine_tuning["epochs_run"] == 2
-    assert run.backbone.fingerprint == run.lineage["backbone"]["fingerprint"] != fine_tuning["base_backbone"]["fingerprint"]
+    assert (
+        run.backbone.fingerprint
+        == run.lineage["backbone"]["fingerprint"]
+        != fine_tuning["base_backbone"]["fingerprint"]
+    )
     assert len(run.history["fine_tuning"]["loss"]) == 2 and "Fine-tuned: stages 14–18" in run.model_card
     assert f"**Fine-tuned** from stage {CUT} in 2 epochs" in Artifact.get("headstart-report").data
     assert (run.path / "plots" / FINE_TUNING_PLOT).read_bytes().startswith(b"\x89PNG")
@@ -240,7 +292,15 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     # Other fine-tuning settings: trained anew, on the cached activations.
     assert Path(train(**config.model_copy(update={"gate": True}).model_dump())) == run.path
     assert f"accuracy {run.metrics['accuracy']:.4f}" in Artifact.get("headstart-gate").description
-    longer = Run(Path(train(**_fine_tune_config(colour_folder, tmp_path, fine_tune_epochs=3, fine_tune_mirror_average=True).model_dump())))
+    longer = Run(
+        Path(
+            train(
+                **_fine_tune_config(
+                    colour_folder, tmp_path, fine_tune_epochs=3, fine_tune_mirror_average=True
+                ).model_dump()
+            )
+        )
+    )
     assert "reused_from" not in longer.config and longer.metrics["fine_tuning"]["epochs_run"] == 3
     assert longer.metrics["fine_tuning"]["activations"]["computed"] == 0
     # Its backbone averages each image's features with its mirror's: served the same way too.

@@ -19,8 +19,11 @@ def _smoke_config(folder, backbone_dir, tmp_path, **overrides):
     values = dict(epochs=40, learning_rate=0.1, batch_size=8, patience=40, test_fraction=0.25)
     values.update(overrides)
     return TrainConfig.smoke(
-        data=str(folder), backbone=str(backbone_dir), artifacts_root=tmp_path / "artifacts",
-        cache_dir=tmp_path / "cache", **values,
+        data=str(folder),
+        backbone=str(backbone_dir),
+        artifacts_root=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache",
+        **values,
     )
 
 
@@ -32,7 +35,9 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
 
     # A threshold no two different images reach: the tiny backbone's 16 features make every
     # image of a class alike (tests/test_leakage.py checks the near-duplicates with another).
-    run_dir = Path(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, near_duplicate_threshold=1.0).model_dump()))
+    run_dir = Path(
+        train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, near_duplicate_threshold=1.0).model_dump())
+    )
     assert run_dir.parent == (tmp_path / "artifacts").resolve()
     assert {p.name for p in run_dir.iterdir()} == set(RUN_FILES)
     run = Run.if_complete(run_dir)
@@ -45,9 +50,15 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert not list((tmp_path / "artifacts").glob(".*"))  # no staging leftovers
     lineage = run.lineage
     assert lineage["version"] == run_dir.name and lineage["flow_run_id"] and lineage["class_names"] == ["blue", "red"]
-    assert sum(split["images"] for split in lineage["data"]["splits"].values()) == 48 == run.metrics["n"] + sum(
-        lineage["data"]["splits"][split]["images"] for split in ("train", "validation"))
-    assert lineage["backbone"]["fingerprint"] == run.config["backbone_fingerprint"] and lineage["parameters"]["epochs"] == 40
+    assert (
+        sum(split["images"] for split in lineage["data"]["splits"].values())
+        == 48
+        == run.metrics["n"] + sum(lineage["data"]["splits"][split]["images"] for split in ("train", "validation"))
+    )
+    assert (
+        lineage["backbone"]["fingerprint"] == run.config["backbone_fingerprint"]
+        and lineage["parameters"]["epochs"] == 40
+    )
 
     report = Artifact.get("headstart-report")
     assert report is not None and report.data.count("data:image/png;base64,") == len(PLOT_FILES)
@@ -55,10 +66,16 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert table is not None and "blue" in table.data
     assert "no near-duplicates at or above 1.0" in Artifact.get("headstart-near-duplicates").data
     data = Artifact.get("headstart-data")
-    assert data is not None and "every file was used" in data.data and data.description.startswith("48 images used, 0 files skipped")
+    assert (
+        data is not None
+        and "every file was used" in data.data
+        and data.description.startswith("48 images used, 0 files skipped")
+    )
 
 
-def test_the_flow_extracts_every_shard_within_one_extraction_context(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+def test_the_flow_extracts_every_shard_within_one_extraction_context(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path
+):
     import logging
 
     from flows.train import train
@@ -71,16 +88,24 @@ def test_the_flow_extracts_every_shard_within_one_extraction_context(prefect_har
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, engine="keras", extraction_shard_size=10).model_dump())
+        train(
+            **_smoke_config(
+                colour_folder, tiny_backbone_dir, tmp_path, engine="keras", extraction_shard_size=10
+            ).model_dump()
+        )
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert len(list((tmp_path / "cache" / "features").rglob("shard-*.parquet"))) == 5
     # One engine, built for the first shard and kept for the other four.
-    assert [message for message in messages if message.startswith("feature extraction engine")] == ["feature extraction engine: keras (requested)"]
+    assert [message for message in messages if message.startswith("feature extraction engine")] == [
+        "feature extraction engine: keras (requested)"
+    ]
 
 
-def _with_swapped_training_labels(folder: Path, destination: Path, validation_fraction: float, test_fraction: float) -> Path:
+def _with_swapped_training_labels(
+    folder: Path, destination: Path, validation_fraction: float, test_fraction: float
+) -> Path:
     """The folder's images with their test split under the right class and every other image under the other one."""
     import hashlib
 
@@ -96,7 +121,9 @@ def _with_swapped_training_labels(folder: Path, destination: Path, validation_fr
     return destination
 
 
-def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path
+):
     from prefect.artifacts import Artifact
 
     from flows.train import train
@@ -105,14 +132,21 @@ def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(pref
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
     first = Path(train(**config.model_dump()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
-    assert Run(first).lineage["gate"]["promote"] and Run(first).lineage["gate"]["reason"].startswith("first model promoted")
+    assert Run(first).lineage["gate"]["promote"] and Run(first).lineage["gate"]["reason"].startswith(
+        "first model promoted"
+    )
 
-    worse = _with_swapped_training_labels(colour_folder, tmp_path / "worse", config.validation_fraction, config.test_fraction)
+    worse = _with_swapped_training_labels(
+        colour_folder, tmp_path / "worse", config.validation_fraction, config.test_fraction
+    )
     second = Path(train(**config.model_copy(update={"data": str(worse)}).model_dump()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
     decision = Run(second).lineage["gate"]
     assert not decision["promote"] and decision["champion"] == first.name
-    assert decision["images"] == Run(second).metrics["n"] and decision["candidate_accuracy"] < decision["champion_accuracy"]
+    assert (
+        decision["images"] == Run(second).metrics["n"]
+        and decision["candidate_accuracy"] < decision["champion_accuracy"]
+    )
     assert decision["candidate_only_wrong"] > decision["candidate_only_right"]
     table = Artifact.get("headstart-gate")
     assert "keep the champion" in table.data and first.name in table.data
@@ -120,15 +154,22 @@ def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(pref
     # The same images, labelled otherwise: none new, none gone, each class as large as before.
     drift = decision["drift"]
     assert (drift["new_images"], drift["images_gone"], drift["images"]) == (0, 0, 48)
-    assert sum(c["images"] for c in drift["per_class"].values()) == sum(c["champion_images"] for c in drift["per_class"].values()) == 48
+    assert (
+        sum(c["images"] for c in drift["per_class"].values())
+        == sum(c["champion_images"] for c in drift["per_class"].values())
+        == 48
+    )
     assert drift["new_images_mean_feature_shift"] is None and "drift" in table.data
 
 
-def test_the_drift_note_counts_new_images_and_how_far_their_mean_feature_moved(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+def test_the_drift_note_counts_new_images_and_how_far_their_mean_feature_moved(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path
+):
     import shutil
 
-    from flows.train import train
     from conftest import write_class_images
+
+    from flows.train import train
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
     train(**config.model_dump())
@@ -139,13 +180,18 @@ def test_the_drift_note_counts_new_images_and_how_far_their_mean_feature_moved(p
         shutil.copy(image, grown / "red" / f"new-{image.name}")
     drift = Run(train(**config.model_copy(update={"data": str(grown)}).model_dump())).lineage["gate"]["drift"]
     assert (drift["new_images"], drift["images_gone"], drift["images"], drift["champion_images"]) == (12, 0, 60, 48)
-    assert drift["per_class"] == {"blue": {"images": 24, "champion_images": 24}, "red": {"images": 36, "champion_images": 24}}
+    assert drift["per_class"] == {
+        "blue": {"images": 24, "champion_images": 24},
+        "red": {"images": 36, "champion_images": 24},
+    }
     # Pale red images lie far from the champion's training mean; the whole set moves less, but more than chance.
     assert drift["new_images_mean_feature_shift"] > 3 * drift["new_images_shift_by_chance"]
     assert drift["new_images_mean_feature_shift"] > drift["mean_feature_shift"] > drift["mean_feature_shift_by_chance"]
 
 
-def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path
+):
     import dataclasses
 
     import numpy as np
@@ -164,7 +210,9 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     fair = np.ones(len(test["path"]), bool)
     from_features, scored = run_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
     other_backbone = dataclasses.replace(backbone, fingerprint="another backbone")
-    from_images, scored_from_images = run_probabilities(champion, other_backbone, features, fair, test["path"], test["sha256"])
+    from_images, scored_from_images = run_probabilities(
+        champion, other_backbone, features, fair, test["path"], test["sha256"]
+    )
     assert from_features.shape == (len(fair), 2) and scored.all() and scored_from_images.all()
     np.testing.assert_allclose(from_features, from_images, atol=1e-4)
     # A test image rewritten since the scan is left out of the champion's scores, never scored on its new pixels.
@@ -174,21 +222,27 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(pref
     np.testing.assert_allclose(rescored, from_images[1:], atol=1e-4)
 
 
-def test_predictions_through_the_fast_engine_equal_the_serving_models(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+def test_predictions_through_the_fast_engine_equal_the_serving_models(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path
+):
     import numpy as np
     import pyarrow.parquet as pq
     from prefect.artifacts import Artifact
 
     from flows.predict import predict
-    from headstart.data.images import load_image
-
     from flows.train import train
+    from headstart.data.images import load_image
 
     run = Run(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump()))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     output = tmp_path / "out" / "predictions.parquet"
-    summary = predict(inputs=[str(colour_folder), str(tmp_path / "broken.png")], output=output,
-                      artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache", engine="litert")
+    summary = predict(
+        inputs=[str(colour_folder), str(tmp_path / "broken.png")],
+        output=output,
+        artifacts_root=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache",
+        engine="litert",
+    )
     assert summary.startswith("48 images labelled") and summary.endswith("1 skipped")
     table = pq.read_table(output).to_pydict()
     paths = sorted(str(path) for path in colour_folder.glob("*/*.png"))
@@ -201,7 +255,9 @@ def test_predictions_through_the_fast_engine_equal_the_serving_models(prefect_ha
     assert artifact is not None and "(unreadable, skipped)" in artifact.data and str(output) in artifact.description
 
 
-def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path
+):
     from prefect.artifacts import Artifact
 
     from flows.train import train
@@ -223,21 +279,29 @@ def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(pre
 
     # Under another artifacts root the earlier run is copied, as a version of that registry.
     elsewhere = Path(train(**config.model_copy(update={"artifacts_root": tmp_path / "elsewhere"}).model_dump()))
-    assert Path(train(**config.model_copy(update={"artifacts_root": tmp_path / "elsewhere"}).model_dump())) == elsewhere  # copied once
+    assert (
+        Path(train(**config.model_copy(update={"artifacts_root": tmp_path / "elsewhere"}).model_dump())) == elsewhere
+    )  # copied once
     retrained = Path(train(**config.model_copy(update={"reuse_identical_runs": False}).model_dump()))
     assert elsewhere.parent == tmp_path / "elsewhere" and len({first, elsewhere, retrained}) == 3
     assert json.loads((elsewhere / "config.json").read_text())["reused_from"] == str(first)
     first_lineage, copied_lineage = Run(first).lineage, Run(elsewhere).lineage
     assert copied_lineage["version"] == elsewhere.name and copied_lineage["reused_from"] == str(first)
-    assert copied_lineage["flow_run_id"] != first_lineage["flow_run_id"] and copied_lineage["data"] == first_lineage["data"]
+    assert (
+        copied_lineage["flow_run_id"] != first_lineage["flow_run_id"]
+        and copied_lineage["data"] == first_lineage["data"]
+    )
     assert "reused_from" not in first_lineage  # the copy did not write through its link
     assert "reused_from" not in json.loads((retrained / "config.json").read_text())
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (first, elsewhere, retrained)]
     assert metrics[0] == metrics[1]
-    assert {k: v for k, v in metrics[0].items() if not k.startswith(("features_", "engine"))} == \
-        {k: v for k, v in metrics[2].items() if not k.startswith(("features_", "engine"))}
+    assert {k: v for k, v in metrics[0].items() if not k.startswith(("features_", "engine"))} == {
+        k: v for k, v in metrics[2].items() if not k.startswith(("features_", "engine"))
+    }
     assert json.loads((first / "history.json").read_text()) == json.loads((retrained / "history.json").read_text())
-    assert "reused_from" not in json.loads((first / "config.json").read_text())  # the copy did not write through its link
+    assert "reused_from" not in json.loads(
+        (first / "config.json").read_text()
+    )  # the copy did not write through its link
 
 
 def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
@@ -268,10 +332,13 @@ def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, ti
 
 # --- the command line -------------------------------------------------------------------------------
 
+
 def _headstart(*args, tmp_path, check=True):
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600
+    )
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-3000:])
     return result
@@ -279,9 +346,25 @@ def _headstart(*args, tmp_path, check=True):
 
 def test_cli_train_evaluate_predict(colour_folder, tiny_backbone_dir, tmp_path):
     trained = _headstart(
-        "train", "--data", str(colour_folder), "--backbone", str(tiny_backbone_dir), "--image-size", "32",
-        "--epochs", "40", "--learning-rate", "0.1", "--batch-size", "8", "--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "cache"),
-        tmp_path=tmp_path)
+        "train",
+        "--data",
+        str(colour_folder),
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--image-size",
+        "32",
+        "--epochs",
+        "40",
+        "--learning-rate",
+        "0.1",
+        "--batch-size",
+        "8",
+        "--artifacts-root",
+        str(tmp_path / "artifacts"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        tmp_path=tmp_path,
+    )
     run_dir = trained.stdout.strip().splitlines()[-1]
     assert Path(run_dir, "metrics.json").is_file()
 
@@ -291,7 +374,16 @@ def test_cli_train_evaluate_predict(colour_folder, tiny_backbone_dir, tmp_path):
 
     red = sorted((colour_folder / "red").glob("*.png"))[0]
     (tmp_path / "bad.jpg").write_bytes(b"nope")
-    predicted = _headstart("predict", "--model", run_dir, str(red), str(tmp_path / "bad.jpg"), "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
+    predicted = _headstart(
+        "predict",
+        "--model",
+        run_dir,
+        str(red),
+        str(tmp_path / "bad.jpg"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        tmp_path=tmp_path,
+    )
     path, label, probability = predicted.stdout.strip().split("\t")
     assert path == str(red) and label == "red" and 0.5 < float(probability) <= 1.0
     assert "bad.jpg" in predicted.stderr and "Traceback" not in predicted.stderr
@@ -299,8 +391,17 @@ def test_cli_train_evaluate_predict(colour_folder, tiny_backbone_dir, tmp_path):
     # The champion (the gate promoted this first run), over a folder, into a CSV file.
     (colour_folder / "blue" / "notes.txt").write_text("not an image")
     output = tmp_path / "predictions.csv"
-    labelled = _headstart("predict", str(colour_folder), "--output", str(output), "--artifacts-root", str(tmp_path / "artifacts"),
-                          "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path)
+    labelled = _headstart(
+        "predict",
+        str(colour_folder),
+        "--output",
+        str(output),
+        "--artifacts-root",
+        str(tmp_path / "artifacts"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        tmp_path=tmp_path,
+    )
     assert "48 predictions written" in labelled.stderr and "notes.txt: not an image file" in labelled.stderr
     import csv
 
@@ -309,13 +410,16 @@ def test_cli_train_evaluate_predict(colour_folder, tiny_backbone_dir, tmp_path):
     assert len(rows) == 48 and sum(row["label"] == Path(row["path"]).parent.name for row in rows) >= 44
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--data", "/no/such/folder"], "data folder not found"),
-    (["train", "--data", "x", "--image-size", "7"], "image_size"),
-    (["train", "--data", "x", "--dropout", "1.5"], "dropout"),
-    (["train", "--data", "x", "--classes", "cat"], "at least two classes"),
-    (["evaluate", "--model", "/no/such/run", "--data", "/tmp"], "not a headstart run directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "/no/such/folder"], "data folder not found"),
+        (["train", "--data", "x", "--image-size", "7"], "image_size"),
+        (["train", "--data", "x", "--dropout", "1.5"], "dropout"),
+        (["train", "--data", "x", "--classes", "cat"], "at least two classes"),
+        (["evaluate", "--model", "/no/such/run", "--data", "/tmp"], "not a headstart run directory"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
     result = _headstart(*args, tmp_path=tmp_path, check=False)
     assert result.returncode == 2
@@ -328,20 +432,29 @@ def test_cli_bad_data_inside_the_flow_is_one_line(tmp_path):
     for name in ("a", "b"):
         (tmp_path / "data" / name).mkdir(parents=True)
         (tmp_path / "data" / name / "x.jpg").write_bytes(b"garbage")
-    result = _headstart("train", "--data", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), tmp_path=tmp_path, check=False)
+    result = _headstart(
+        "train",
+        "--data",
+        str(tmp_path / "data"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        tmp_path=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2
     assert "no usable images" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and_reported(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
+def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and_reported(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch
+):
     from prefect.artifacts import Artifact
 
     import tasks.data
-    from headstart.features.cache import FeatureCache
-    from headstart.backbone.handles import resolve_backbone
-
     from flows.train import train
+    from headstart.backbone.handles import resolve_backbone
+    from headstart.features.cache import FeatureCache
 
     real_prepare_source = tasks.data.prepare_source
     rewritten = {}
@@ -357,7 +470,11 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
     monkeypatch.setattr(tasks.data, "prepare_source", prepare_then_rewrite)
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path, gate=False)
     run = Run(train(**config.model_dump()))
-    (entry,) = [entry for entry in json.loads((run.path / "data_report.json").read_text())["skipped"] if entry["path"] == rewritten["path"]]
+    (entry,) = [
+        entry
+        for entry in json.loads((run.path / "data_report.json").read_text())["skipped"]
+        if entry["path"] == rewritten["path"]
+    ]
     assert entry["reason"].startswith("changed after it was scanned")
     assert rewritten["path"] in Artifact.get("headstart-data").data
     assert sum(split["images"] for split in run.lineage["data"]["splits"].values()) == 47
@@ -365,7 +482,9 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
     assert rewritten["sha256"] not in FeatureCache(config.cache_dir, backbone).cached_hashes()
 
 
-def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start_to_end(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
+def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start_to_end(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch
+):
     import pyarrow.parquet as pq
     from prefect.artifacts import Artifact
 
@@ -376,7 +495,9 @@ def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
     first = Path(train(**config.model_dump()))
-    swapped = _with_swapped_training_labels(colour_folder, tmp_path / "swapped", config.validation_fraction, config.test_fraction)
+    swapped = _with_swapped_training_labels(
+        colour_folder, tmp_path / "swapped", config.validation_fraction, config.test_fraction
+    )
     second = Path(train(**config.model_copy(update={"data": str(swapped), "gate": False}).model_dump()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
 

@@ -6,14 +6,17 @@ import pytest
 from headstart.promotion import mcnemar as gate
 
 
-@pytest.mark.parametrize("b, c, expected", [
-    (0, 0, 1.0),
-    (5, 0, 1 / 32),                      # P(B ≥ 5), B ~ Bin(5, 1/2): only 5 of 5
-    (0, 5, 1.0),                         # P(B ≥ 0)
-    (3, 1, (4 + 1) / 16),                # C(4,3) + C(4,4) over 2^4
-    (7, 3, (120 + 45 + 10 + 1) / 1024),  # C(10,7..10) over 2^10 = 0.171875
-    (9, 1, (10 + 1) / 1024),
-])
+@pytest.mark.parametrize(
+    "b, c, expected",
+    [
+        (0, 0, 1.0),
+        (5, 0, 1 / 32),  # P(B ≥ 5), B ~ Bin(5, 1/2): only 5 of 5
+        (0, 5, 1.0),  # P(B ≥ 0)
+        (3, 1, (4 + 1) / 16),  # C(4,3) + C(4,4) over 2^4
+        (7, 3, (120 + 45 + 10 + 1) / 1024),  # C(10,7..10) over 2^10 = 0.171875
+        (9, 1, (10 + 1) / 1024),
+    ],
+)
 def test_exact_one_sided_mcnemar_against_the_hand_computed_binomial(b, c, expected):
     assert gate.mcnemar_worse_p_value(b, c) == pytest.approx(expected, rel=1e-12)
 
@@ -57,7 +60,11 @@ def test_the_first_model_must_beat_the_most_common_class_or_the_floor():
 
 def test_a_first_model_on_a_one_class_test_split_is_not_promoted_and_the_reason_says_why():
     decision = gate.first_model(np.ones(2, bool), np.zeros(2, int))
-    assert not decision.promote and "every test image is of one class" in decision.reason and "headstart models promote" in decision.reason
+    assert (
+        not decision.promote
+        and "every test image is of one class" in decision.reason
+        and "headstart models promote" in decision.reason
+    )
 
 
 def test_a_candidate_for_other_classes_is_never_promoted_automatically():

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import extract_dataset
+
 from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.sources import prepare_source
@@ -62,16 +62,29 @@ def test_training_learns_and_is_deterministic(setup):
 
 def test_a_split_kept_in_memory_trains_exactly_as_the_streamed_split(setup):
     config, backbone, _ = setup
-    features = _features(config, backbone, config.cache_dir / "grouped", rows_per_group=8)  # several row groups per split
+    features = _features(
+        config, backbone, config.cache_dir / "grouped", rows_per_group=8
+    )  # several row groups per split
     results = []
     for resident_bytes in (10**9, 0):
         classifier = _classifier(backbone)
-        history = train_head(classifier, features.stream("train"), features.stream("validation"), 4, 5, 3e-2, 5, seed=3,
-                             resident_bytes=resident_bytes)
+        history = train_head(
+            classifier,
+            features.stream("train"),
+            features.stream("validation"),
+            4,
+            5,
+            3e-2,
+            5,
+            seed=3,
+            resident_bytes=resident_bytes,
+        )
         results.append((history, classifier.get_layer("head_dense").get_weights()))
     assert len(features.stream("train").groups) >= 3
     (in_memory_history, _), (streamed_history, _) = results
-    assert in_memory_history["loss"] == pytest.approx(streamed_history["loss"], rel=1e-12, abs=0)  # float64 sums, grouped differently
+    assert in_memory_history["loss"] == pytest.approx(
+        streamed_history["loss"], rel=1e-12, abs=0
+    )  # float64 sums, grouped differently
     assert {**in_memory_history, "loss": None} == {**streamed_history, "loss": None}
     for in_memory, streamed in zip(results[0][1], results[1][1]):
         np.testing.assert_array_equal(in_memory, streamed)
@@ -93,7 +106,10 @@ def test_early_stopping_keeps_the_best_epoch(setup):
 def test_whole_batches_carry_the_remainder_across_chunks():
     from headstart.training.head import _whole_batches
 
-    chunks = [(np.arange(n, dtype=np.float32)[:, None] + offset, np.arange(n) + offset) for n, offset in ((5, 0), (7, 5), (2, 12))]
+    chunks = [
+        (np.arange(n, dtype=np.float32)[:, None] + offset, np.arange(n) + offset)
+        for n, offset in ((5, 0), (7, 5), (2, 12))
+    ]
     sizes = [len(labels) for _, labels in _whole_batches(iter(chunks), 4)]
     assert sizes == [4, 8, 2]
     assert np.concatenate([labels for _, labels in _whole_batches(iter(chunks), 4)]).tolist() == list(range(14))

@@ -32,12 +32,20 @@ def test_native_start_up_notices_are_dropped_and_every_other_line_kept(capfd):
     from headstart.infra.native_logs import native_notices_dropped
 
     with native_notices_dropped():
-        os.write(2, b"I0000 00:00:1.0  123 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n")
+        os.write(
+            2,
+            b"I0000 00:00:1.0  123 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n",
+        )
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
-        os.write(2, b"I0000 00:00:1.0  123 port.cc:153] oneDNN custom operations are on. You may see slightly different numerical results\n")
+        os.write(
+            2,
+            b"I0000 00:00:1.0  123 port.cc:153] oneDNN custom operations are on. You may see slightly different numerical results\n",
+        )
         os.write(2, b"a real error\n")
     with native_notices_dropped(1):  # the TFLite quantizer reports its settings on standard output
-        os.write(1, b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: FLOAT32\n")
+        os.write(
+            1, b"fully_quantize: 0, inference_type: 6, input_inference_type: UINT8, output_inference_type: FLOAT32\n"
+        )
         os.write(1, b"a real line\n")
     captured = capfd.readouterr()
     assert captured.err == "a real error\n" and captured.out == "a real line\n"

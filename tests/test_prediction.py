@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import write_class_images
+
 from headstart.errors import HeadstartError
 from headstart.serving.predict import Predictions, list_images, write_predictions
 
@@ -23,7 +23,9 @@ def test_folders_are_walked_and_what_cannot_be_used_is_listed_with_its_reason(tm
 
 
 def _three_classes():
-    return Predictions(["cat", "dog", "fox"], ["x.jpg", "y.jpg"], np.array([[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]], np.float32))
+    return Predictions(
+        ["cat", "dog", "fox"], ["x.jpg", "y.jpg"], np.array([[0.2, 0.3, 0.5], [0.7, 0.2, 0.1]], np.float32)
+    )
 
 
 def test_more_than_two_classes_list_the_top_ones(tmp_path):

@@ -4,8 +4,8 @@ percentile), and channels equalized where they can be scaled."""
 import numpy as np
 import pytest
 
-from headstart.infra.keras import keras, tf
 from headstart.edge.int8.quantization import full_integer
+from headstart.infra.keras import keras, tf
 
 
 def _int8_tensor(flatbuffer: bytes, operation: str, first: bool = False) -> tuple[float, int]:
@@ -48,11 +48,18 @@ def test_int8_ranges_of_relu6_outputs_end_at_a_percentile_not_at_a_rare_peak():
     batches[7][0, 2, 2, 0] = 5.0
 
     files = full_integer(_converter(network, [1, 4, 4, 1]), lambda: iter(batches), range_ends=(99.9, 100.0))
-    (narrowed, stretched) = ((127 - zero_point) * scale for scale, zero_point in (_int8_tensor(files[end], "CONV_2D") for end in (99.9, 100.0)))
+    (narrowed, stretched) = (
+        (127 - zero_point) * scale
+        for scale, zero_point in (_int8_tensor(files[end], "CONV_2D") for end in (99.9, 100.0))
+    )
     assert 0.95 < narrowed < 1.05 and stretched > 4.9
     from ai_edge_litert.interpreter import Interpreter
 
-    assert {details["op_name"] for details in Interpreter(model_content=files[99.9])._get_ops_details()} <= {"QUANTIZE", "CONV_2D", "DEQUANTIZE"}
+    assert {details["op_name"] for details in Interpreter(model_content=files[99.9])._get_ops_details()} <= {
+        "QUANTIZE",
+        "CONV_2D",
+        "DEQUANTIZE",
+    }
 
 
 def test_a_range_is_the_tensors_own_even_where_an_operation_after_it_works_in_place():
@@ -79,7 +86,10 @@ def test_a_narrow_channel_before_a_depthwise_convolution_keeps_its_precision(mon
     import headstart.edge.int8.equalization
 
     images = keras.Input((6, 6, 2))
-    convolution, depthwise = keras.layers.Conv2D(2, 1, activation=keras.activations.relu), keras.layers.DepthwiseConv2D(3)
+    convolution, depthwise = (
+        keras.layers.Conv2D(2, 1, activation=keras.activations.relu),
+        keras.layers.DepthwiseConv2D(3),
+    )
     network = keras.Model(images, depthwise(keras.layers.ZeroPadding2D(1)(convolution(images))))
     convolution.set_weights([np.diag([5.0, 0.05]).astype(np.float32).reshape(1, 1, 2, 2), np.zeros(2, np.float32)])
     # The depthwise filter makes both of its outputs equally wide, so only its input's scale differs.
@@ -107,23 +117,38 @@ def test_a_narrow_channel_of_a_residual_sum_keeps_its_precision(monkeypatch):
     import headstart.edge.int8.equalization
 
     images = keras.Input((6, 6, 2))
-    first, expansion, second = keras.layers.Conv2D(2, 1), keras.layers.Conv2D(4, 1, activation=keras.activations.relu), keras.layers.Conv2D(2, 1)
+    first, expansion, second = (
+        keras.layers.Conv2D(2, 1),
+        keras.layers.Conv2D(4, 1, activation=keras.activations.relu),
+        keras.layers.Conv2D(2, 1),
+    )
     reader = keras.layers.Conv2D(2, 1, activation=keras.activations.relu)
     projected = first(images)
     network = keras.Model(images, reader(keras.layers.Add()([projected, second(expansion(projected))])))
     narrow = np.diag([5.0, 0.05]).astype(np.float32).reshape(1, 1, 2, 2)
     # Biases of their own: the converter would let equal ones share a buffer, and shared weights are left alone.
     first.set_weights([narrow, np.array([0.1, 0.001], np.float32)])
-    expansion.set_weights([np.random.default_rng(1).uniform(0.5, 1.5, (1, 1, 2, 4)).astype(np.float32), np.full(4, 0.2, np.float32)])
-    second.set_weights([np.random.default_rng(2).uniform(0.1, 0.2, (1, 1, 4, 2)).astype(np.float32) * np.array([1.0, 0.01], np.float32),
-                        np.array([0.3, 0.003], np.float32)])
+    expansion.set_weights(
+        [np.random.default_rng(1).uniform(0.5, 1.5, (1, 1, 2, 4)).astype(np.float32), np.full(4, 0.2, np.float32)]
+    )
+    second.set_weights(
+        [
+            np.random.default_rng(2).uniform(0.1, 0.2, (1, 1, 4, 2)).astype(np.float32)
+            * np.array([1.0, 0.01], np.float32),
+            np.array([0.3, 0.003], np.float32),
+        ]
+    )
     # The reader makes both of its outputs equally wide, so only the sum's scale differs between them.
     reader.set_weights([np.diag([1.0, 100.0]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.4, 0.0], np.float32)])
     batches = [np.random.default_rng(seed).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32) for seed in range(50)]
     test = np.random.default_rng(99).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32)
     expected = network(test).numpy()[..., 1]
     found, scalable_channels = [], headstart.edge.int8.equalization.scalable_channels
-    monkeypatch.setattr(headstart.edge.int8.equalization, "scalable_channels", lambda model: found.extend(scalable_channels(model)) or found)
+    monkeypatch.setattr(
+        headstart.edge.int8.equalization,
+        "scalable_channels",
+        lambda model: found.extend(scalable_channels(model)) or found,
+    )
 
     def narrow_channel_error() -> float:
         (flatbuffer,) = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches)).values()
@@ -143,12 +168,20 @@ def test_a_residual_sum_read_by_anything_but_a_convolution_is_left_as_it_is(monk
     images = keras.Input((6, 6, 2))
     first, second = keras.layers.Conv2D(2, 1), keras.layers.Conv2D(2, 1)
     projected = first(images)
-    network = keras.Model(images, keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([projected, second(projected)])))
+    network = keras.Model(
+        images, keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([projected, second(projected)]))
+    )
     first.set_weights([np.diag([5.0, 0.05]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.1, 0.001], np.float32)])
-    second.set_weights([np.diag([0.5, 0.005]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.3, 0.003], np.float32)])
+    second.set_weights(
+        [np.diag([0.5, 0.005]).astype(np.float32).reshape(1, 1, 2, 2), np.array([0.3, 0.003], np.float32)]
+    )
     batches = [np.random.default_rng(seed).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32) for seed in range(50)]
     found, scalable_channels = [], headstart.edge.int8.equalization.scalable_channels
-    monkeypatch.setattr(headstart.edge.int8.equalization, "scalable_channels", lambda model: found.extend(scalable_channels(model)) or found)
+    monkeypatch.setattr(
+        headstart.edge.int8.equalization,
+        "scalable_channels",
+        lambda model: found.extend(scalable_channels(model)) or found,
+    )
 
     (flatbuffer,) = full_integer(_converter(network, [1, 6, 6, 2]), lambda: iter(batches)).values()
     test = np.random.default_rng(99).uniform(0, 1, (1, 6, 6, 2)).astype(np.float32)
@@ -177,7 +210,9 @@ def test_depthwise_taps_are_rounded_so_that_their_errors_cancel_on_smooth_images
         (flatbuffer,) = full_integer(_converter(network, [1, 8, 8, 1]), lambda: iter(batches)).values()
         interpreter = Interpreter(model_content=flatbuffer)
         interpreter.allocate_tensors()
-        (operation,) = [details for details in interpreter._get_ops_details() if details["op_name"] == "DEPTHWISE_CONV_2D"]
+        (operation,) = [
+            details for details in interpreter._get_ops_details() if details["op_name"] == "DEPTHWISE_CONV_2D"
+        ]
         return interpreter.get_tensor(operation["inputs"][1]).astype(np.int64)
 
     rounded = taps_in_steps()
@@ -197,11 +232,16 @@ def test_rounding_together_moves_a_convolutions_output_less_than_rounding_each_w
     ratios = []
     for seed in range(10):
         generator = np.random.default_rng(seed)
-        inputs = generator.normal(0, 1, (2000, 4)) @ generator.normal(0, 1, (4, 24)) + 2.0  # 24 channels, rank 4, not centred
+        inputs = (
+            generator.normal(0, 1, (2000, 4)) @ generator.normal(0, 1, (4, 24)) + 2.0
+        )  # 24 channels, rank 4, not centred
         rows = generator.normal(0, 1, (8, 24))
         steps = np.abs(rows).max(axis=1, keepdims=True) / 127
         rounded, nearest = round_rows(rows, inputs.T @ inputs), np.round(rows / steps) * steps
-        assert np.allclose(rounded / steps, np.round(rounded / steps), atol=1e-6) and np.abs(rounded / steps).max() <= 127 + 1e-6
+        assert (
+            np.allclose(rounded / steps, np.round(rounded / steps), atol=1e-6)
+            and np.abs(rounded / steps).max() <= 127 + 1e-6
+        )
         assert np.allclose(np.abs(rounded).max(axis=1), np.abs(rows).max(axis=1))
         ratios.append(np.linalg.norm(inputs @ (rounded - rows).T) / np.linalg.norm(inputs @ (nearest - rows).T))
     assert max(ratios) < 0.8 and np.mean(ratios) < 0.5

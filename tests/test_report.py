@@ -8,7 +8,9 @@ from headstart.reporting.dashboard import DATA_TABLE_FILES, data_rows, gate_rows
 
 
 def _metrics():
-    return classification_metrics(np.array([0, 0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.1, 0.9]]), ["cat", "dog"])
+    return classification_metrics(
+        np.array([0, 0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.1, 0.9]]), ["cat", "dog"]
+    )
 
 
 def test_every_row_of_the_metrics_table_has_the_same_columns_and_the_last_one_the_accuracy():
@@ -24,10 +26,21 @@ def test_the_terminal_report_keeps_its_columns_apart_for_short_class_names():
 
 
 def test_the_gate_table_has_one_figure_per_row():
-    decision = GateDecision(False, "kept champion v1: …", 12, 0.5, 1.0, "v1", 6, 0, 1 / 64, 0.0, 0.05, notes=["all 12 test images"])
+    decision = GateDecision(
+        False, "kept champion v1: …", 12, 0.5, 1.0, "v1", 6, 0, 1 / 64, 0.0, 0.05, notes=["all 12 test images"]
+    )
     rows = gate_rows(decision)
-    assert rows[0] == {"figure": "decision", "value": "keep the champion"} and rows[-1] == {"figure": "note", "value": "all 12 test images"}
-    assert {row["figure"] for row in rows} >= {"reason", "candidate_accuracy", "champion_accuracy", "candidate_only_wrong", "p_value"}
+    assert rows[0] == {"figure": "decision", "value": "keep the champion"} and rows[-1] == {
+        "figure": "note",
+        "value": "all 12 test images",
+    }
+    assert {row["figure"] for row in rows} >= {
+        "reason",
+        "candidate_accuracy",
+        "champion_accuracy",
+        "candidate_only_wrong",
+        "p_value",
+    }
     assert all(list(row) == ["figure", "value"] for row in rows)
 
 
@@ -43,10 +56,22 @@ def test_the_data_table_lists_each_file_left_out_with_its_reason_and_counts_the_
 def test_the_near_duplicates_table_lists_every_pair_with_the_same_columns_or_says_there_are_none():
     from headstart.reporting.dashboard import near_duplicate_rows
 
-    pair = {"path": "/d/test/cat/1.jpg", "label": "cat", "train_path": "/d/train/dog/2.jpg", "train_label": "dog", "similarity": 0.912345}
-    flagged = {"threshold": 0.88, "splits": {"test": {"pairs": [pair]}, "validation": {"pairs": [{**pair, "similarity": 0.9}]}}}
+    pair = {
+        "path": "/d/test/cat/1.jpg",
+        "label": "cat",
+        "train_path": "/d/train/dog/2.jpg",
+        "train_label": "dog",
+        "similarity": 0.912345,
+    }
+    flagged = {
+        "threshold": 0.88,
+        "splits": {"test": {"pairs": [pair]}, "validation": {"pairs": [{**pair, "similarity": 0.9}]}},
+    }
     rows = near_duplicate_rows(flagged)
-    assert [(row["split"], row["similarity"], row["its_class"]) for row in rows] == [("test", 0.9123, "dog"), ("validation", 0.9, "dog")]
+    assert [(row["split"], row["similarity"], row["its_class"]) for row in rows] == [
+        ("test", 0.9123, "dog"),
+        ("validation", 0.9, "dog"),
+    ]
     assert len({tuple(row) for row in rows}) == 1
     (none,) = near_duplicate_rows({"threshold": 0.88, "splits": {"test": {"pairs": []}, "validation": {"pairs": []}}})
     assert none["image"] == "no near-duplicates at or above 0.88" and list(none) == list(rows[0])

@@ -22,24 +22,63 @@ def test_a_new_field_counts_towards_the_key_unless_it_is_marked_neutral():
     base = WithNewFields(data="photos")
     assert _key(base.model_copy(update={"label_smoothing": 0.1})) != _key(base)
     assert _key(base.model_copy(update={"progress_bars": False})) == _key(base)
-    assert "label_smoothing" in WithNewFields.counted_by_value() and "progress_bars" not in WithNewFields.counted_by_value()
+    assert (
+        "label_smoothing" in WithNewFields.counted_by_value()
+        and "progress_bars" not in WithNewFields.counted_by_value()
+    )
 
 
 def test_every_counted_field_changes_the_key_and_no_marked_one_does():
     base = TrainConfig(data="photos")
-    changed = {"image_size": 224, "epochs": 7, "batch_size": 32, "dropout": 0.5, "learning_rate": 0.01, "patience": 2, "seed": 3,
-               "near_duplicate_threshold": 0.95}
+    changed = {
+        "image_size": 224,
+        "epochs": 7,
+        "batch_size": 32,
+        "dropout": 0.5,
+        "learning_rate": 0.01,
+        "patience": 2,
+        "seed": 3,
+        "near_duplicate_threshold": 0.95,
+    }
     assert set(changed) == set(TrainConfig.counted_by_value())
     for name, value in changed.items():
         assert _key(base.model_copy(update={name: value})) != _key(base), name
-    neutral = {"data": "elsewhere", "classes": ("a", "b"), "validation_fraction": 0.2, "test_fraction": 0.2, "max_images_per_class": 3,
-               "backbone": "/some/savedmodel", "engine": "keras", "threads": 1, "extraction_batch_size": 8, "extraction_shard_size": 9,
-               "task_runner": "dask", "dask_address": "tcp://x:1", "dask_workers": 4, "reuse_identical_runs": False,
-               "artifacts_root": "/tmp/a", "cache_dir": "/tmp/c", "cifar10_source": "/tmp/cifar.tar.gz",
-               "gate": False, "gate_tolerance": 0.01, "gate_alpha": 0.01, "gate_floor": 0.6, "export": "tflite"}
+    neutral = {
+        "data": "elsewhere",
+        "classes": ("a", "b"),
+        "validation_fraction": 0.2,
+        "test_fraction": 0.2,
+        "max_images_per_class": 3,
+        "backbone": "/some/savedmodel",
+        "engine": "keras",
+        "threads": 1,
+        "extraction_batch_size": 8,
+        "extraction_shard_size": 9,
+        "task_runner": "dask",
+        "dask_address": "tcp://x:1",
+        "dask_workers": 4,
+        "reuse_identical_runs": False,
+        "artifacts_root": "/tmp/a",
+        "cache_dir": "/tmp/c",
+        "cifar10_source": "/tmp/cifar.tar.gz",
+        "gate": False,
+        "gate_tolerance": 0.01,
+        "gate_alpha": 0.01,
+        "gate_floor": 0.6,
+        "export": "tflite",
+    }
     # Fine-tuning's settings count where it runs, and not at all where it does not.
-    fine_tuning = {"fine_tune_from": 7, "fine_tune_epochs": 3, "fine_tune_learning_rate": 1e-4, "fine_tune_patience": 1,
-                   "fine_tune_flip": False, "fine_tune_shift": 0.0, "fine_tune_mixup": 0.2, "fine_tune_cutmix": 1.0, "fine_tune_mirror_average": True}
+    fine_tuning = {
+        "fine_tune_from": 7,
+        "fine_tune_epochs": 3,
+        "fine_tune_learning_rate": 1e-4,
+        "fine_tune_patience": 1,
+        "fine_tune_flip": False,
+        "fine_tune_shift": 0.0,
+        "fine_tune_mixup": 0.2,
+        "fine_tune_cutmix": 1.0,
+        "fine_tune_mirror_average": True,
+    }
     assert set(neutral) | set(changed) | set(fine_tuning) | {"fine_tune"} == set(TrainConfig.model_fields)
     for name, value in neutral.items():
         assert _key(base.model_copy(update={name: value})) == _key(base), name
@@ -56,10 +95,23 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
     config = TrainConfig(data="photos", image_size=96, epochs=12, seed=4)
     # The near-duplicate threshold joined the key with the check itself, so that runs indexed before
     # it (which have no near-duplicate report) are retrained rather than copied.
-    written_by_earlier_versions = {"manifest": "m" * 16, "backbone": "b" * 16, "headstart": __version__, "image_size": 96, "epochs": 12,
-                                   "batch_size": 64, "dropout": 0.2, "learning_rate": 1e-3, "patience": 5, "seed": 4,
-                                   "near_duplicate_threshold": 0.88}
-    assert _key(config) == hashlib.sha256(json.dumps(written_by_earlier_versions, sort_keys=True).encode()).hexdigest()[:20]
+    written_by_earlier_versions = {
+        "manifest": "m" * 16,
+        "backbone": "b" * 16,
+        "headstart": __version__,
+        "image_size": 96,
+        "epochs": 12,
+        "batch_size": 64,
+        "dropout": 0.2,
+        "learning_rate": 1e-3,
+        "patience": 5,
+        "seed": 4,
+        "near_duplicate_threshold": 0.88,
+    }
+    assert (
+        _key(config)
+        == hashlib.sha256(json.dumps(written_by_earlier_versions, sort_keys=True).encode()).hexdigest()[:20]
+    )
 
 
 def test_the_index_finds_the_run_under_the_artifacts_root_asked_for(tmp_path, monkeypatch):

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import yaml
-
 from servers import PROJECT
 
 
@@ -15,7 +14,10 @@ def test_serve_builds_exactly_the_deployments_of_prefect_yaml():
     assert set(served) == set(spec) == {"train", "retrain-nightly", "predict"}
     for name, entry in spec.items():
         assert served[name].parameters == entry["parameters"] and served[name].tags == entry["tags"]
-        (path, function), (entry_path, entry_function) = served[name].entrypoint.rsplit(":", 1), entry["entrypoint"].rsplit(":", 1)
+        (path, function), (entry_path, entry_function) = (
+            served[name].entrypoint.rsplit(":", 1),
+            entry["entrypoint"].rsplit(":", 1),
+        )
         assert (Path(path).resolve(), function) == ((PROJECT / entry_path).resolve(), entry_function)
     (nightly,) = served["retrain-nightly"].schedules
     assert (nightly.schedule.cron, nightly.schedule.timezone, nightly.active) == ("0 3 * * *", "UTC", True)

@@ -15,12 +15,28 @@ CORE = PROJECT / "headstart"
 
 # The wings of headstart/, lowest first: a module may import its own wing and the ones before it.
 WING_ORDER = (
-    "errors", "config", "infra", "data", "backbone", "features", "training", "evaluation",
-    "registry", "edge", "serving", "promotion", "reporting",
+    "errors",
+    "config",
+    "infra",
+    "data",
+    "backbone",
+    "features",
+    "training",
+    "evaluation",
+    "registry",
+    "edge",
+    "serving",
+    "promotion",
+    "reporting",
 )
 # The modules whose work is TensorFlow's: the Keras switch, the network graph, the TF Hub export,
 # the classifier. Every other core module imports TensorFlow only inside the functions that use it.
-NEEDS_TENSORFLOW = {"headstart.infra.keras", "headstart.backbone.mobilenet", "headstart.backbone.hub_module", "headstart.training.head"}
+NEEDS_TENSORFLOW = {
+    "headstart.infra.keras",
+    "headstart.backbone.mobilenet",
+    "headstart.backbone.hub_module",
+    "headstart.training.head",
+}
 TENSORFLOW_PACKAGES = {"tensorflow", "tf_keras", "tensorflow_hub"}
 
 
@@ -60,7 +76,10 @@ def _run_when_loaded(statements: list[ast.stmt]) -> list[ast.stmt]:
 
 
 TREES = {name: ast.parse(path.read_text()) for name, path in SOURCES.items()}
-GRAPH = {name: {target for target in _imports(tree, False) if target in SOURCES and target != name} for name, tree in TREES.items()}
+GRAPH = {
+    name: {target for target in _imports(tree, False) if target in SOURCES and target != name}
+    for name, tree in TREES.items()
+}
 
 
 def _wing(module: str) -> str:
@@ -72,7 +91,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
     def visit(node):
         if node in visiting:
-            cycles.append(visiting[visiting.index(node):] + [node])
+            cycles.append(visiting[visiting.index(node) :] + [node])
             return
         if node in done:
             return
@@ -97,8 +116,12 @@ def test_the_core_is_wings_with_few_modules_at_its_top():
 
 def test_no_module_imports_a_wing_above_its_own():
     assert GRAPH["headstart.features.extraction"]  # the graph sees imports at all
-    upward = [f"{module} imports {target}" for module, targets in GRAPH.items() for target in sorted(targets)
-              if WING_ORDER.index(_wing(target)) > WING_ORDER.index(_wing(module))]
+    upward = [
+        f"{module} imports {target}"
+        for module, targets in GRAPH.items()
+        for target in sorted(targets)
+        if WING_ORDER.index(_wing(target)) > WING_ORDER.index(_wing(module))
+    ]
     assert upward == []
 
 
@@ -106,10 +129,13 @@ def test_no_import_cycle_inside_the_core():
     assert _cycles(GRAPH) == []
 
 
-@pytest.mark.parametrize("graph, cycle", [
-    ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
-])
+@pytest.mark.parametrize(
+    "graph, cycle",
+    [
+        ({"a": {"b"}, "b": {"a"}}, ["a", "b", "a"]),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+    ],
+)
 def test_the_cycle_check_finds_cycles(graph, cycle):
     assert _cycles(graph) == [cycle]
 
@@ -141,7 +167,11 @@ def _loads_at_import(module: str, top_level: dict[str, set[str]], seen: set[str]
 
 def test_no_core_module_imports_prefect_and_only_the_tensorflow_ones_load_it():
     anywhere = {name: _imports(tree, False) for name, tree in TREES.items()}
-    assert [name for name, targets in anywhere.items() if any(t.split(".")[0] in ("prefect", "prefect_dask") for t in targets)] == []
+    assert [
+        name
+        for name, targets in anywhere.items()
+        if any(t.split(".")[0] in ("prefect", "prefect_dask") for t in targets)
+    ] == []
     top_level = {name: _imports(tree, True) for name, tree in TREES.items()}
     loading = {name: _loads_at_import(name, top_level, set()) for name in SOURCES}
     assert {name for name, packages in loading.items() if packages & TENSORFLOW_PACKAGES} == NEEDS_TENSORFLOW
@@ -150,8 +180,12 @@ def test_no_core_module_imports_prefect_and_only_the_tensorflow_ones_load_it():
 def test_loading_the_core_without_its_tensorflow_modules_pulls_in_neither_prefect_nor_tensorflow():
     """The static check above, confirmed once by Python itself in one fresh interpreter."""
     light = sorted(set(SOURCES) - NEEDS_TENSORFLOW)
-    probe = ("import importlib, json, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\n"
-             "print(json.dumps(sorted(p for p in ('prefect', 'tensorflow', 'tf_keras', 'tensorflow_hub') if p in sys.modules)))")
-    done = subprocess.run([sys.executable, "-c", probe, *light], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    probe = (
+        "import importlib, json, sys\nfor name in sys.argv[1:]: importlib.import_module(name)\n"
+        "print(json.dumps(sorted(p for p in ('prefect', 'tensorflow', 'tf_keras', 'tensorflow_hub') if p in sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *light], cwd=PROJECT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -57,7 +57,7 @@ class _PendingTensor:
         base = self.storage.array
         itemsize = base.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
-            base[self.offset:],
+            base[self.offset :],
             shape=self.shape,
             strides=tuple(s * itemsize for s in self.stride),
         )
@@ -80,7 +80,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
-        raise HeadstartError(f"checkpoint refers to {module}.{name}, which a weights file never needs; refusing to load it")
+        raise HeadstartError(
+            f"checkpoint refers to {module}.{name}, which a weights file never needs; refusing to load it"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):

@@ -16,11 +16,11 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from headstart.infra.archives import unpack_tar
 from headstart.backbone.checkpoint import read_legacy_checkpoint
 from headstart.config import BUNDLED_HANDLE
-from headstart.infra.downloads import DownloadError, DownloadPolicy, download
 from headstart.errors import HeadstartError, first_line
+from headstart.infra.archives import unpack_tar
+from headstart.infra.downloads import DownloadError, DownloadPolicy, download
 from headstart.infra.storage import remove_stale_temporaries
 
 CHECKPOINT_SHA256_PREFIX = "b0353104"
@@ -66,7 +66,9 @@ class Backbone:
         try:
             layer = hub.KerasLayer(str(self.module_path), trainable=False, name="backbone")
         except Exception as error:  # SavedModel loading fails in many types; all mean a broken module.
-            raise HeadstartError(f"could not load backbone {self.handle} from {self.module_path}: {first_line(error)}") from None
+            raise HeadstartError(
+                f"could not load backbone {self.handle} from {self.module_path}: {first_line(error)}"
+            ) from None
         layer.trainable = trainable
         return layer
 
@@ -83,7 +85,9 @@ def fingerprint_module(module_path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def resolve_backbone(handle: str, image_size: int, cache_dir: Path, download_policy: DownloadPolicy = DownloadPolicy()) -> Backbone:
+def resolve_backbone(
+    handle: str, image_size: int, cache_dir: Path, download_policy: DownloadPolicy = DownloadPolicy()
+) -> Backbone:
     """Turns a handle (bundled, local SavedModel, TF Hub / Kaggle URL, URL of a .tar.gz) into a Backbone."""
     if handle == BUNDLED_HANDLE:
         module_path = bundled_module_path(cache_dir, image_size)
@@ -96,8 +100,12 @@ def resolve_backbone(handle: str, image_size: int, cache_dir: Path, download_pol
         elif handle.startswith(("http://", "https://")):
             module_path = download_hub_module(handle, Path(cache_dir) / "tfhub", download_policy)
         else:
-            raise HeadstartError(f"backbone {handle!r} is neither '{BUNDLED_HANDLE}', a SavedModel directory nor an http(s) URL")
-    return Backbone(handle=handle, module_path=module_path, fingerprint=fingerprint_module(module_path), image_size=image_size)
+            raise HeadstartError(
+                f"backbone {handle!r} is neither '{BUNDLED_HANDLE}', a SavedModel directory nor an http(s) URL"
+            )
+    return Backbone(
+        handle=handle, module_path=module_path, fingerprint=fingerprint_module(module_path), image_size=image_size
+    )
 
 
 def download_hub_module(url: str, hub_cache_dir: Path, policy: DownloadPolicy = DownloadPolicy()) -> Path:

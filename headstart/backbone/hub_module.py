@@ -12,8 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from headstart.infra.keras import keras, tf
 from headstart.data.preprocessing import enlarge_images, imagenet_normalization, resize_images
+from headstart.infra.keras import keras, tf
 
 # The signature of headstart's modules that LiteRT converts: images no larger than the module's
 # size, enlarged with a plain bilinear resize (all that antialiasing amounts to when no side

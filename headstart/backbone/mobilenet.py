@@ -16,6 +16,8 @@ from headstart.infra.keras import keras
 
 FEATURE_DIM = 1280
 BATCH_NORM_EPSILON = 1e-5  # torch's default; Keras' default of 1e-3 would shift every feature.
+
+
 def _conv_bn(x, state, prefix, filters, kernel_size, stride, depthwise, relu6, name):
     """A convolution and the BatchNorm after it, folded into one convolution with a bias."""
     if kernel_size > 1:
@@ -43,7 +45,9 @@ def _folded_batch_norm(state, prefix) -> tuple[np.ndarray, np.ndarray]:
     affine map; folded into the convolution before it, it costs no operations and no variables
     of its own (262 variables became 104, which every export, load and save of a model handles).
     """
-    gamma, beta, mean, variance = (state[f"{prefix}.{key}"].astype(np.float64) for key in ("weight", "bias", "running_mean", "running_var"))
+    gamma, beta, mean, variance = (
+        state[f"{prefix}.{key}"].astype(np.float64) for key in ("weight", "bias", "running_mean", "running_var")
+    )
     scale = gamma / np.sqrt(variance + BATCH_NORM_EPSILON)
     return scale, (beta - mean * scale).astype(np.float32)
 
@@ -58,7 +62,9 @@ def _inverted_residual(x, state, index, expansion, in_channels, channels, stride
     project = keras.layers.Conv2D(channels, 1, name=f"{name}_project_conv")
     x = project(x)
     scale, shift = _folded_batch_norm(state, f"{prefix}.{layer + 2}")
-    project.set_weights([(state[f"{prefix}.{layer + 1}.weight"].transpose(2, 3, 1, 0) * scale).astype(np.float32), shift])
+    project.set_weights(
+        [(state[f"{prefix}.{layer + 1}.weight"].transpose(2, 3, 1, 0) * scale).astype(np.float32), shift]
+    )
     if stride == 1 and in_channels == channels:
         x = keras.layers.Add(name=f"{name}_add")([block_input, x])
     return x

@@ -6,7 +6,15 @@ Plain Python, without TensorFlow: the configuration checks a cut point before an
 from headstart.config import LAST_STAGE
 
 # torchvision's inverted-residual settings: expansion t, output channels c, repeats n, stride s.
-INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+INVERTED_RESIDUAL_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 # The network's stages as torchvision numbers them: 0 the stem, 1–17 the inverted-residual
 # blocks, 18 the final 1×1 convolution; then global pooling.

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from headstart.data.manifest import DataReport
-from headstart.infra.downloads import DownloadPolicy, download
 from headstart.errors import HeadstartError, first_line
+from headstart.infra.downloads import DownloadPolicy, download
 from headstart.infra.storage import atomic_path, file_digest, file_sha256
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -30,9 +30,12 @@ class _CifarUnpickler(pickle.Unpickler):
     """Builds only numpy arrays, lists and dicts: a CIFAR batch needs nothing else."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
     }
 
@@ -45,9 +48,11 @@ class _CifarUnpickler(pickle.Unpickler):
 def _allowed_global(name: str):
     if name == "encode":
         import codecs
+
         return codecs.encode
     if name in ("_reconstruct", "scalar"):
         from numpy._core import multiarray
+
         return getattr(multiarray, name)
     return getattr(np, name)
 
@@ -64,7 +69,9 @@ def _read_cifar_batch(data: bytes) -> tuple[np.ndarray, list[int]]:
     return images, labels
 
 
-def fetch_cifar10_archive(source: str, cache_dir: Path, report: DataReport, policy: DownloadPolicy = DownloadPolicy()) -> Path:
+def fetch_cifar10_archive(
+    source: str, cache_dir: Path, report: DataReport, policy: DownloadPolicy = DownloadPolicy()
+) -> Path:
     """The archive at source (a URL, downloaded once into the cache, or a local path).
 
     The official URL must serve the official file: its md5 is checked before the download takes
@@ -82,14 +89,20 @@ def fetch_cifar10_archive(source: str, cache_dir: Path, report: DataReport, poli
     name = source.rstrip("/").rsplit("/", 1)[-1] or "cifar-10-python.tar.gz"
     url_key = hashlib.sha256(source.encode()).hexdigest()[:8]
     official = source.startswith("https://www.cs.toronto.edu/")
-    archive = download(source, Path(cache_dir) / "downloads" / f"{url_key}-{name}",
-                       checksum=f"md5:{CIFAR10_MD5}" if official else None, policy=policy)
+    archive = download(
+        source,
+        Path(cache_dir) / "downloads" / f"{url_key}-{name}",
+        checksum=f"md5:{CIFAR10_MD5}" if official else None,
+        policy=policy,
+    )
     try:
         if not official and _note_unofficial(archive, report):
             _require_cifar_members(archive)
     except HeadstartError as error:
         archive.unlink(missing_ok=True)
-        raise HeadstartError(f"{source} did not serve a usable CIFAR-10 archive: {error}; it was removed from the cache") from None
+        raise HeadstartError(
+            f"{source} did not serve a usable CIFAR-10 archive: {error}; it was removed from the cache"
+        ) from None
     return archive
 
 
@@ -116,7 +129,9 @@ def extract_cifar10(archive: Path, classes: tuple[str, ...], cache_dir: Path) ->
     """Writes the chosen classes of both official splits as PNG files; returns (path, label, split)."""
     unknown = [name for name in classes if name not in CIFAR10_CLASSES]
     if unknown:
-        raise HeadstartError(f"unknown CIFAR-10 class(es) {', '.join(unknown)}; choose from {', '.join(CIFAR10_CLASSES)}")
+        raise HeadstartError(
+            f"unknown CIFAR-10 class(es) {', '.join(unknown)}; choose from {', '.join(CIFAR10_CLASSES)}"
+        )
     archive_key = file_sha256(archive)[:16]
     root = Path(cache_dir) / "cifar10" / archive_key
     done_marker = root / "complete"

@@ -11,7 +11,9 @@ from headstart.data.manifest import DataReport
 from headstart.errors import HeadstartError
 
 
-def list_image_folder(root: Path, classes: tuple[str, ...] | None, report: DataReport) -> tuple[list[tuple[Path, int, None]], list[str]]:
+def list_image_folder(
+    root: Path, classes: tuple[str, ...] | None, report: DataReport
+) -> tuple[list[tuple[Path, int, None]], list[str]]:
     """Lists an image_dataset_from_directory-style folder: root/CLASS/**/IMAGE."""
     root = Path(root)
     if not root.is_dir():
@@ -23,7 +25,9 @@ def list_image_folder(root: Path, classes: tuple[str, ...] | None, report: DataR
     else:
         missing = [name for name in classes if name not in available]
         if missing:
-            raise HeadstartError(f"class folder(s) {', '.join(missing)} not found in {root}; it has: {', '.join(available) or 'none'}")
+            raise HeadstartError(
+                f"class folder(s) {', '.join(missing)} not found in {root}; it has: {', '.join(available) or 'none'}"
+            )
         class_names = list(classes)
     if len(class_names) < 2:
         raise HeadstartError(f"{root} needs at least two class sub-folders of images, found {len(class_names)}")
@@ -48,7 +52,12 @@ def image_files(directory: Path) -> tuple[list[Path], list[dict[str, str]]]:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(path)
         elif path.suffix.lower() in UNREADABLE_IMAGE_SUFFIXES:
-            others.append({"path": str(path), "reason": f"{path.suffix.lower()[1:].upper()} images cannot be decoded here; convert them to JPEG or PNG"})
+            others.append(
+                {
+                    "path": str(path),
+                    "reason": f"{path.suffix.lower()[1:].upper()} images cannot be decoded here; convert them to JPEG or PNG",
+                }
+            )
         else:
             others.append({"path": str(path), "reason": "not an image file"})
     return images, others
@@ -72,16 +81,28 @@ def visible_files(directory: Path) -> tuple[list[Path], list[dict[str, str]]]:
         for entry in entries:
             if not _is_utf8(entry.path):
                 printable = entry.path.encode("utf-8", "backslashreplace").decode("utf-8")
-                left_out.append({"path": printable, "reason": "its name is not valid UTF-8, which the dataset files require: rename it"})
+                left_out.append(
+                    {
+                        "path": printable,
+                        "reason": "its name is not valid UTF-8, which the dataset files require: rename it",
+                    }
+                )
             elif entry.name.startswith("."):
-                left_out.append({"path": entry.path, "reason": "hidden " + ("folder" if entry.is_dir(follow_symlinks=False) else "file")})
+                left_out.append(
+                    {
+                        "path": entry.path,
+                        "reason": "hidden " + ("folder" if entry.is_dir(follow_symlinks=False) else "file"),
+                    }
+                )
             elif entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
             elif entry.is_symlink() and not os.path.exists(entry.path):
                 left_out.append({"path": entry.path, "reason": "a link that leads nowhere (broken, or a loop)"})
             elif entry.is_file():
                 found.append(entry.path)
-    return [Path(path) for path in sorted(found, key=_listing_order)], sorted(left_out, key=lambda entry: _listing_order(entry["path"]))
+    return [Path(path) for path in sorted(found, key=_listing_order)], sorted(
+        left_out, key=lambda entry: _listing_order(entry["path"])
+    )
 
 
 def _is_utf8(path: str) -> bool:

@@ -34,7 +34,9 @@ def load_image(path: Path, draft_size: int | None = None, expected_sha256: str |
         data = Path(path).read_bytes()
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
-            raise ImageChanged(f"changed after it was scanned (content hash {expected_sha256[:12]}… then, {actual[:12]}… now)")
+            raise ImageChanged(
+                f"changed after it was scanned (content hash {expected_sha256[:12]}… then, {actual[:12]}… now)"
+            )
         source = io.BytesIO(data)
     with Image.open(source) as image:
         if draft_size is not None:
@@ -61,7 +63,11 @@ def check_image(path: Path) -> str | None:
             image.load()
             if image.width < 1 or image.height < 1:
                 return "empty image"
-    except (PermissionError, FileNotFoundError, IsADirectoryError) as error:  # the file system's word, not the decoder's
+    except (
+        PermissionError,
+        FileNotFoundError,
+        IsADirectoryError,
+    ) as error:  # the file system's word, not the decoder's
         return f"cannot read: {error.strerror}"
     except Exception as error:  # PIL raises many types for damaged files; each means 'unusable'.
         return f"cannot decode: {type(error).__name__}" + (f": {first_line(error)}" if str(error).strip() else "")

@@ -35,7 +35,13 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "class_names": self.class_names, "counts": self.counts, "skipped": self.skipped, "notes": self.notes}
+        return {
+            "source": self.source,
+            "class_names": self.class_names,
+            "counts": self.counts,
+            "skipped": self.skipped,
+            "notes": self.notes,
+        }
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,7 @@ class Manifest:
 
 # --- splitting --------------------------------------------------------------------------------
 
+
 def hash_fraction(sha256: str) -> float:
     """Maps a content hash to a number in [0, 1), uniformly and stably."""
     return int(sha256[:13], 16) / 16**13
@@ -67,6 +74,7 @@ def assign_split(sha256: str, validation_fraction: float, test_fraction: float) 
 
 
 # --- scanning files into a manifest ----------------------------------------------------------
+
 
 def _scan_cache_path(cache_dir: Path) -> Path:
     return Path(cache_dir) / "scan-cache.parquet"
@@ -88,13 +96,15 @@ def _load_scan_cache(cache_dir: Path) -> dict[tuple[str, int, int], tuple[str, s
 
 def _save_scan_cache(cache_dir: Path, entries: dict[tuple[str, int, int], tuple[str, str]]) -> None:
     keys = list(entries)
-    table = pa.table({
-        "path": [k[0] for k in keys],
-        "size": pa.array([k[1] for k in keys], pa.int64()),
-        "mtime_ns": pa.array([k[2] for k in keys], pa.int64()),
-        "sha256": [entries[k][0] for k in keys],
-        "error": [entries[k][1] for k in keys],
-    })
+    table = pa.table(
+        {
+            "path": [k[0] for k in keys],
+            "size": pa.array([k[1] for k in keys], pa.int64()),
+            "mtime_ns": pa.array([k[2] for k in keys], pa.int64()),
+            "sha256": [entries[k][0] for k in keys],
+            "error": [entries[k][1] for k in keys],
+        }
+    )
     write_parquet_atomic(_scan_cache_path(cache_dir), table)
 
 
@@ -119,7 +129,9 @@ def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool =
             if key not in cache:
                 cache[key] = (file_sha256(Path(path)), check_image(Path(path)) or "")
                 changed = True
-        except OSError as error:  # unreadable (permissions, I/O) or gone since listed: a reason, and looked at afresh next time
+        except (
+            OSError
+        ) as error:  # unreadable (permissions, I/O) or gone since listed: a reason, and looked at afresh next time
             results.append(("", f"cannot read: {error.strerror or type(error).__name__}"))
             continue
         results.append(cache[key])
@@ -196,7 +208,9 @@ def build_manifest(
     return _write_manifest(table, class_names, report, cache_dir)
 
 
-def without_images(manifest: Manifest, report: DataReport, left_out: list[tuple[str, str, str]], cache_dir: Path) -> tuple[Manifest, DataReport]:
+def without_images(
+    manifest: Manifest, report: DataReport, left_out: list[tuple[str, str, str]], cache_dir: Path
+) -> tuple[Manifest, DataReport]:
     """The manifest less the images left out after it was built, as (content hash, path, reason),
     and the data report listing them with their reasons; the scan cache forgets their files, so
     the next run hashes them afresh."""
@@ -205,8 +219,13 @@ def without_images(manifest: Manifest, report: DataReport, left_out: list[tuple[
     gone = {sha for sha, _, _ in left_out}
     table = manifest.read()
     table = table.filter(pa.array([sha not in gone for sha in table.column("sha256").to_pylist()]))
-    report = DataReport(report.source, list(report.class_names), dict(report.counts),
-                        report.skipped + [{"path": path, "reason": reason} for _, path, reason in left_out], list(report.notes))
+    report = DataReport(
+        report.source,
+        list(report.class_names),
+        dict(report.counts),
+        report.skipped + [{"path": path, "reason": reason} for _, path, reason in left_out],
+        list(report.notes),
+    )
     _forget_scanned(cache_dir, {path for _, path, _ in left_out})
     return _write_manifest(table, list(manifest.class_names), report, cache_dir), report
 
@@ -216,24 +235,32 @@ def _write_manifest(table: pa.Table, class_names: list[str], report: DataReport,
     and writes it under its fingerprint."""
     labels, splits = table.column("label").to_pylist(), table.column("split").to_pylist()
     for split in SPLITS:
-        report.counts[split] = {name: sum(1 for s, l in zip(splits, labels) if s == split and l == i) for i, name in enumerate(class_names)}
+        report.counts[split] = {
+            name: sum(1 for s, l in zip(splits, labels) if s == split and l == i) for i, name in enumerate(class_names)
+        }
     for split in ("train", "test"):
         if sum(report.counts[split].values()) == 0:
-            raise HeadstartError(f"no usable images in the {split} split of {report.source}; {len(report.skipped)} files were skipped")
+            raise HeadstartError(
+                f"no usable images in the {split} split of {report.source}; {len(report.skipped)} files were skipped"
+            )
     for name in class_names:
         images = sum(report.counts[split][name] for split in SPLITS)
         if images == 0:
             raise HeadstartError(f"class {name!r} has no usable images in {report.source}")
         if report.counts["train"][name] == 0:
-            raise HeadstartError(f"class {name!r} has {images} usable image{'s' if images > 1 else ''} in {report.source} and the split by "
-                                 "content hash put none in training: give it more images")
+            raise HeadstartError(
+                f"class {name!r} has {images} usable image{'s' if images > 1 else ''} in {report.source} and the split by "
+                "content hash put none in training: give it more images"
+            )
         if report.counts["test"][name] == 0:
             note = f"class {name!r} has no test images (of its {images}): its test metrics are not measured; give it more images"
             if note not in report.notes:
                 report.notes.append(note)
     digest = hashlib.sha256()
     # Paths count too: the plots of a run read its images back from them.
-    for sha256, label, split, path in zip(table.column("sha256").to_pylist(), labels, splits, table.column("path").to_pylist()):
+    for sha256, label, split, path in zip(
+        table.column("sha256").to_pylist(), labels, splits, table.column("path").to_pylist()
+    ):
         digest.update(f"{sha256}:{label}:{split}:{path};".encode())
     digest.update("|".join(class_names).encode())
     fingerprint = digest.hexdigest()[:16]

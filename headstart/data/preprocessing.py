@@ -91,8 +91,8 @@ def decoded_batches(paths: list[str], image_size: int, batch_size: int, expected
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
         pending: deque = deque()
         for start in starts:
-            hashes = expected_hashes[start:start + batch_size] if expected_hashes is not None else None
-            pending.append(pool.submit(_decode, paths[start:start + batch_size], start, image_size, hashes))
+            hashes = expected_hashes[start : start + batch_size] if expected_hashes is not None else None
+            pending.append(pool.submit(_decode, paths[start : start + batch_size], start, image_size, hashes))
             if len(pending) > PREFETCH:
                 yield pending.popleft().result()
         while pending:
@@ -103,12 +103,16 @@ def _decode(paths: list[str], first_index: int, image_size: int, expected_hashes
     batch = DecodedBatch()
     for offset, path in enumerate(paths):
         try:
-            pixels = load_image(Path(path), expected_sha256=expected_hashes[offset] if expected_hashes is not None else None)
+            pixels = load_image(
+                Path(path), expected_sha256=expected_hashes[offset] if expected_hashes is not None else None
+            )
         except ImageChanged as change:
             batch.unusable.append((first_index + offset, str(change)))
             continue
         except Exception as error:  # PIL and the file system raise many types; each means 'unusable now'.
-            batch.unusable.append((first_index + offset, f"could not be read when decoded: {type(error).__name__}: {first_line(error)}"))
+            batch.unusable.append(
+                (first_index + offset, f"could not be read when decoded: {type(error).__name__}: {first_line(error)}")
+            )
             continue
         batch.indices.append(first_index + offset)
         batch.images.append(shrunk_to_fit(pixels.astype(np.float32) / 255.0, image_size))

@@ -24,7 +24,10 @@ def prepare_source(config, show_progress: bool = False) -> tuple[Manifest, DataR
         files, class_names = list_image_folder(Path(config.data), config.classes, report)
         report.class_names = class_names
     manifest = build_manifest(
-        files, class_names, report, cache_dir,
+        files,
+        class_names,
+        report,
+        cache_dir,
         validation_fraction=config.validation_fraction,
         test_fraction=config.test_fraction,
         max_images_per_class=config.max_images_per_class,

@@ -21,11 +21,11 @@ from typing import Literal
 
 import numpy as np
 
-from headstart.errors import HeadstartError
 from headstart.edge.int8.quantization import RANGE_ENDS, full_integer, representative_rows
-from headstart.registry.runs import BACKBONE_DIR, MODEL_CARD_FILE, Run
-from headstart.infra.storage import atomic_path, write_bytes_atomic
 from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+from headstart.errors import HeadstartError
+from headstart.infra.storage import atomic_path, write_bytes_atomic
+from headstart.registry.runs import BACKBONE_DIR, MODEL_CARD_FILE, Run
 
 Quantization = Literal["none", "int8"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8")
@@ -55,9 +55,15 @@ class ExportImages:
         representative = representative_rows(rows)
         test, validation = (_in_split(rows, split, run.split_hashes(split)) for split in ("test", "validation"))
         if not representative or not test:
-            raise HeadstartError(f"the data of {run.path} has no {'training' if not representative else 'test'} images left to export with")
-        return cls([row["path"] for row in representative], [row["path"] for row in test], np.array([row["label"] for row in test], np.int64),
-                   [row["path"] for row in validation])
+            raise HeadstartError(
+                f"the data of {run.path} has no {'training' if not representative else 'test'} images left to export with"
+            )
+        return cls(
+            [row["path"] for row in representative],
+            [row["path"] for row in test],
+            np.array([row["label"] for row in test], np.int64),
+            [row["path"] for row in validation],
+        )
 
 
 def _in_split(rows: list[dict], split: str, hashes: set[str] | None) -> list[dict]:
@@ -79,7 +85,9 @@ def listed_again(run: Run, cache_dir: Path | None = None):
     if cache_dir is not None:
         values["cache_dir"] = cache_dir
     if values.get("data") != "cifar10" and not Path(str(values.get("data"))).is_dir():
-        raise HeadstartError(f"the training data of {run.path} is gone ({values.get('data')}): an export checks itself on the run's test split")
+        raise HeadstartError(
+            f"the training data of {run.path} is gone ({values.get('data')}): an export checks itself on the run's test split"
+        )
     manifest, _ = prepare_source(TrainConfig(**values))
     return manifest.read()
 
@@ -92,16 +100,27 @@ def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destin
     """Writes the run's classifier as a .tflite file (atomically), measures it against the run's
     Keras model on the test images, records the figures in the run; returns that record."""
     if run.backbone.litert_model is not None:
-        raise HeadstartError(f"{run.path} was trained on int8 features (--engine litert-int8); export converts the float backbone, "
-                             "so export a run trained on float features")
+        raise HeadstartError(
+            f"{run.path} was trained on int8 features (--engine litert-int8); export converts the float backbone, "
+            "so export a run trained on float features"
+        )
     destination = Path(destination) if destination is not None else default_destination(run, quantize)
     converted, chosen = convert_classifier(run, quantize, images)
-    flatbuffer = embed_labels(converted, run.class_names, run.image_size,
-                              f"Classifies {', '.join(run.class_names)}; trained by headstart (run {run.path.name}).")
+    flatbuffer = embed_labels(
+        converted,
+        run.class_names,
+        run.image_size,
+        f"Classifies {', '.join(run.class_names)}; trained by headstart (run {run.path.name}).",
+    )
     with atomic_path(destination) as temporary:
         temporary.write_bytes(flatbuffer)
-        record = {"file": _as_recorded(destination, run), "quantize": quantize, "bytes": len(flatbuffer), **chosen,
-                  **compare_with_keras(run, TFLiteClassifier(temporary, threads=None), images, quantize)}
+        record = {
+            "file": _as_recorded(destination, run),
+            "quantize": quantize,
+            "bytes": len(flatbuffer),
+            **chosen,
+            **compare_with_keras(run, TFLiteClassifier(temporary, threads=None), images, quantize),
+        }
         record["summary"] = summary(record)
     record_export(run, record)
     return record
@@ -109,10 +128,16 @@ def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destin
 
 def _as_recorded(file: Path, run: Run) -> str:
     """A file inside the run by its path within it (a copied run then names its own copy)."""
-    return str(file.resolve().relative_to(run.path.resolve())) if file.resolve().is_relative_to(run.path.resolve()) else str(file)
+    return (
+        str(file.resolve().relative_to(run.path.resolve()))
+        if file.resolve().is_relative_to(run.path.resolve())
+        else str(file)
+    )
 
 
-def convert_classifier(run: Run, quantize: Quantization, images: ExportImages, range_ends: tuple[float, ...] = RANGE_ENDS) -> tuple[bytes, dict]:
+def convert_classifier(
+    run: Run, quantize: Quantization, images: ExportImages, range_ends: tuple[float, ...] = RANGE_ENDS
+) -> tuple[bytes, dict]:
     """The run's classifier converted by the TFLite converter (its backbone module, then its head),
     and for int8 how its ReLU6 ranges were chosen: one file per range end (calibrated on
     `images.representative`), kept is the one closest to the Keras model on the validation images
@@ -142,8 +167,12 @@ def convert_classifier(run: Run, quantize: Quantization, images: ExportImages, r
     with native_notices_dropped(), native_notices_dropped(1):
         if quantize != "int8":
             return converter.convert(), {}
-        variants = full_integer(converter, lambda: calibration_images(images.representative, size), tf.uint8,
-                                range_ends if images.validation else range_ends[:1])
+        variants = full_integer(
+            converter,
+            lambda: calibration_images(images.representative, size),
+            tf.uint8,
+            range_ends if images.validation else range_ends[:1],
+        )
     return closest_variant(run, variants, images.validation)
 
 
@@ -170,8 +199,12 @@ def closest_variant(run: Run, variants: dict[float, bytes], validation: list[str
             divergence[end] = mean_divergence(expected, probabilities)
             agreement[end] = float((probabilities.argmax(1) == expected.argmax(1)).mean())
     end = min(divergence, key=divergence.get)  # min keeps the first of equals
-    return variants[end], {"range_end_percentile": end, "validation_divergence": divergence[end],
-                           "validation_agreement": agreement[end], "validation_images": len(pixels)}
+    return variants[end], {
+        "range_end_percentile": end,
+        "validation_divergence": divergence[end],
+        "validation_agreement": agreement[end],
+        "validation_images": len(pixels),
+    }
 
 
 def mean_divergence(expected: np.ndarray, probabilities: np.ndarray) -> float:
@@ -203,14 +236,23 @@ def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, 
         theirs.append(serving(pixels[np.newaxis].astype(np.float32)))
         used.append(position)
     if not used:
-        raise HeadstartError(f"none of the {len(images.test)} test images of {run.path} can be read any more: the export cannot be checked")
+        raise HeadstartError(
+            f"none of the {len(images.test)} test images of {run.path} can be read any more: the export cannot be checked"
+        )
     ours, theirs, labels = np.concatenate(ours), np.concatenate(theirs), images.test_labels[used]
     accuracy = float((ours.argmax(1) == labels).mean())
     keras_accuracy = float((theirs.argmax(1) == labels).mean())
-    record = {"test_images": len(used), "max_probability_difference": float(np.abs(ours - theirs).max()),
-              "top1_agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()), "accuracy": accuracy, "keras_accuracy": keras_accuracy}
+    record = {
+        "test_images": len(used),
+        "max_probability_difference": float(np.abs(ours - theirs).max()),
+        "top1_agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()),
+        "accuracy": accuracy,
+        "keras_accuracy": keras_accuracy,
+    }
     if quantize == "int8":
-        record["meets_target"] = record["top1_agreement"] >= INT8_AGREEMENT and keras_accuracy - accuracy <= INT8_ACCURACY_LOSS
+        record["meets_target"] = (
+            record["top1_agreement"] >= INT8_AGREEMENT and keras_accuracy - accuracy <= INT8_ACCURACY_LOSS
+        )
     else:
         record["meets_target"] = record["max_probability_difference"] <= FLOAT_TOLERANCE
     return record
@@ -220,15 +262,23 @@ def summary(record: dict) -> str:
     """One line on an export: what it is, how close it comes to the Keras model, against which target."""
     if record["quantize"] == "int8":
         target = f"target ≥ {INT8_AGREEMENT:.0%} agreement and ≤ {INT8_ACCURACY_LOSS * 100:.0f} pt lost"
-        closeness = (f"ReLU6 ranges end at the {record['range_end_percentile']:g}th percentile"
-                     + (f" (closest on {record['validation_images']} validation images: divergence {record['validation_divergence']:.4f}, "
-                        f"agreement {record['validation_agreement']:.2%})" if "validation_divergence" in record else "")
-                     + f"; top-1 agreement {record['top1_agreement']:.2%}, accuracy {record['accuracy']:.4f} (Keras {record['keras_accuracy']:.4f})")
+        closeness = (
+            f"ReLU6 ranges end at the {record['range_end_percentile']:g}th percentile"
+            + (
+                f" (closest on {record['validation_images']} validation images: divergence {record['validation_divergence']:.4f}, "
+                f"agreement {record['validation_agreement']:.2%})"
+                if "validation_divergence" in record
+                else ""
+            )
+            + f"; top-1 agreement {record['top1_agreement']:.2%}, accuracy {record['accuracy']:.4f} (Keras {record['keras_accuracy']:.4f})"
+        )
     else:
         target = f"target max |Δp| ≤ {FLOAT_TOLERANCE:.0e}"
         closeness = f"max |Δ probability| {record['max_probability_difference']:.1e}, top-1 agreement {record['top1_agreement']:.2%}"
-    return (f"{record['file']} ({'int8' if record['quantize'] == 'int8' else 'float32'}, {file_size(record['bytes'])}): {closeness} "
-            f"on {record['test_images']} test images; {target}: {'met' if record['meets_target'] else 'NOT met'}")
+    return (
+        f"{record['file']} ({'int8' if record['quantize'] == 'int8' else 'float32'}, {file_size(record['bytes'])}): {closeness} "
+        f"on {record['test_images']} test images; {target}: {'met' if record['meets_target'] else 'NOT met'}"
+    )
 
 
 def file_size(size: int) -> str:
@@ -237,33 +287,53 @@ def file_size(size: int) -> str:
 
 def export_rows(records: list[dict]) -> list[dict]:
     """The exports as table rows, for the dashboard."""
-    return [{"file": record["file"], "weights and activations": "int8" if record["quantize"] == "int8" else "float32",
-             "size": file_size(record["bytes"]), "max |Δ probability|": f"{record['max_probability_difference']:.1e}",
-             "top-1 agreement": f"{record['top1_agreement']:.2%}", "accuracy": round(record["accuracy"], 4),
-             "Keras accuracy": round(record["keras_accuracy"], 4), "target met": record["meets_target"]} for record in records]
+    return [
+        {
+            "file": record["file"],
+            "weights and activations": "int8" if record["quantize"] == "int8" else "float32",
+            "size": file_size(record["bytes"]),
+            "max |Δ probability|": f"{record['max_probability_difference']:.1e}",
+            "top-1 agreement": f"{record['top1_agreement']:.2%}",
+            "accuracy": round(record["accuracy"], 4),
+            "Keras accuracy": round(record["keras_accuracy"], 4),
+            "target met": record["meets_target"],
+        }
+        for record in records
+    ]
 
 
 def record_export(run: Run, record: dict) -> None:
     """The export's figures into the run's metrics.json (`exports`, by quantization) and model card."""
-    metrics = run.update_metrics(lambda written: {**written, "exports": {**written.get("exports", {}), record["quantize"]: record}})
+    metrics = run.update_metrics(
+        lambda written: {**written, "exports": {**written.get("exports", {}), record["quantize"]: record}}
+    )
     card = re.split(rf"\n{re.escape(CARD_SECTION)}\n", run.model_card)[0].rstrip("\n")
     write_bytes_atomic(run.path / MODEL_CARD_FILE, f"{card}\n\n{card_section(metrics['exports'])}".encode())
 
 
 def card_section(exports: dict) -> str:
-    lines = [CARD_SECTION, "Each file takes uint8 RGB pixels (its size square, or smaller: it enlarges them itself) and gives one "
-             "probability per class; the class names are packed inside (`labels.txt`, TFLite metadata). Measured against "
-             "the Keras model on the test split:", "",
-             "| file | weights and activations | size | max \\|Δ probability\\| | top-1 agreement | accuracy (Keras) | target met |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        CARD_SECTION,
+        "Each file takes uint8 RGB pixels (its size square, or smaller: it enlarges them itself) and gives one "
+        "probability per class; the class names are packed inside (`labels.txt`, TFLite metadata). Measured against "
+        "the Keras model on the test split:",
+        "",
+        "| file | weights and activations | size | max \\|Δ probability\\| | top-1 agreement | accuracy (Keras) | target met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for quantize, record in sorted(exports.items(), key=lambda item: item[0] != "none"):  # float32 first
-        lines.append(f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} | {file_size(record['bytes'])} | "
-                     f"{record['max_probability_difference']:.1e} | {record['top1_agreement']:.2%} | {record['accuracy']:.4f} "
-                     f"({record['keras_accuracy']:.4f}) | {'yes' if record['meets_target'] else 'no'} |")
+        lines.append(
+            f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} | {file_size(record['bytes'])} | "
+            f"{record['max_probability_difference']:.1e} | {record['top1_agreement']:.2%} | {record['accuracy']:.4f} "
+            f"({record['keras_accuracy']:.4f}) | {'yes' if record['meets_target'] else 'no'} |"
+        )
     int8 = exports.get("int8", {})
     if "validation_divergence" in int8:
-        lines += ["", f"The int8 file's ReLU6 ranges end at the {int8['range_end_percentile']:g}th percentile of their calibration values, "
-                  f"the one of {', '.join(f'{end:g}' for end in RANGE_ENDS)} whose file's probabilities came closest to the Keras model's on "
-                  f"{int8['validation_images']} validation images (mean Kullback–Leibler divergence {int8['validation_divergence']:.4f}; "
-                  f"top-1 agreement {int8['validation_agreement']:.2%})."]
+        lines += [
+            "",
+            f"The int8 file's ReLU6 ranges end at the {int8['range_end_percentile']:g}th percentile of their calibration values, "
+            f"the one of {', '.join(f'{end:g}' for end in RANGE_ENDS)} whose file's probabilities came closest to the Keras model's on "
+            f"{int8['validation_images']} validation images (mean Kullback–Leibler divergence {int8['validation_divergence']:.4f}; "
+            f"top-1 agreement {int8['validation_agreement']:.2%}).",
+        ]
     return "\n".join(lines) + "\n"

@@ -32,8 +32,8 @@ _NORMALIZATION_OPTIONS = 1
 
 def embed_labels(flatbuffer: bytes, class_names: list[str], image_size: int, description: str) -> bytes:
     """The model with its class names packed in: a metadata record and the appended labels.txt."""
-    from ai_edge_litert.tools import flatbuffer_utils
     from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
     model.metadata = [entry for entry in (model.metadata or []) if entry.name.decode() != METADATA_NAME]
@@ -58,8 +58,12 @@ def _model_metadata(class_names: list[str], image_size: int, description: str) -
     def table(fields: list[tuple[int, str, object]]) -> int:
         builder.StartObject(max(slot for slot, _, _ in fields) + 1)
         for slot, kind, value in fields:
-            {"offset": builder.PrependUOffsetTRelativeSlot, "byte": builder.PrependInt8Slot,
-             "ubyte": builder.PrependUint8Slot, "uint": builder.PrependUint32Slot}[kind](slot, value, 0)
+            {
+                "offset": builder.PrependUOffsetTRelativeSlot,
+                "byte": builder.PrependInt8Slot,
+                "ubyte": builder.PrependUint8Slot,
+                "uint": builder.PrependUint32Slot,
+            }[kind](slot, value, 0)
         return builder.EndObject()
 
     def offsets(items: list[int]) -> int:
@@ -75,8 +79,13 @@ def _model_metadata(class_names: list[str], image_size: int, description: str) -
         return builder.EndVector()
 
     string = builder.CreateString
-    labels = table([(0, "offset", string(LABELS_FILE)), (1, "offset", string("Class names, one per line, in the order of the output")),
-                    (2, "byte", _TENSOR_AXIS_LABELS)])
+    labels = table(
+        [
+            (0, "offset", string(LABELS_FILE)),
+            (1, "offset", string("Class names, one per line, in the order of the output")),
+            (2, "byte", _TENSOR_AXIS_LABELS),
+        ]
+    )
     size = table([(0, "uint", image_size), (1, "uint", image_size)])
     image_properties = table([(0, "byte", _RGB), (1, "offset", size)])
     image_content = table([(0, "ubyte", _IMAGE_PROPERTIES), (1, "offset", image_properties)])
@@ -84,15 +93,40 @@ def _model_metadata(class_names: list[str], image_size: int, description: str) -
     normalization = table([(0, "offset", floats([0.0])), (1, "offset", floats([1.0]))])
     process_unit = table([(0, "ubyte", _NORMALIZATION_OPTIONS), (1, "offset", normalization)])
     stats = table([(0, "offset", floats([255.0])), (1, "offset", floats([0.0]))])
-    image = table([(0, "offset", string("image")),
-                   (1, "offset", string(f"RGB image, {image_size}×{image_size} pixels, values 0–255 (uint8)")),
-                   (3, "offset", image_content), (4, "offset", offsets([process_unit])), (5, "offset", stats)])
+    image = table(
+        [
+            (0, "offset", string("image")),
+            (1, "offset", string(f"RGB image, {image_size}×{image_size} pixels, values 0–255 (uint8)")),
+            (3, "offset", image_content),
+            (4, "offset", offsets([process_unit])),
+            (5, "offset", stats),
+        ]
+    )
     probability_stats = table([(0, "offset", floats([1.0])), (1, "offset", floats([0.0]))])
-    probability = table([(0, "offset", string("probability")), (1, "offset", string("Probability of each class")),
-                         (5, "offset", probability_stats), (6, "offset", offsets([labels]))])
-    subgraph = table([(0, "offset", string("image_classifier")), (2, "offset", offsets([image])), (3, "offset", offsets([probability]))])
-    root = table([(0, "offset", string("image classifier")), (1, "offset", string(description)),
-                  (3, "offset", offsets([subgraph])), (4, "offset", string("headstart")), (7, "offset", string(METADATA_PARSER_VERSION))])
+    probability = table(
+        [
+            (0, "offset", string("probability")),
+            (1, "offset", string("Probability of each class")),
+            (5, "offset", probability_stats),
+            (6, "offset", offsets([labels])),
+        ]
+    )
+    subgraph = table(
+        [
+            (0, "offset", string("image_classifier")),
+            (2, "offset", offsets([image])),
+            (3, "offset", offsets([probability])),
+        ]
+    )
+    root = table(
+        [
+            (0, "offset", string("image classifier")),
+            (1, "offset", string(description)),
+            (3, "offset", offsets([subgraph])),
+            (4, "offset", string("headstart")),
+            (7, "offset", string(METADATA_PARSER_VERSION)),
+        ]
+    )
     builder.Finish(root, file_identifier=METADATA_IDENTIFIER)
     return bytes(builder.Output())
 
@@ -100,7 +134,9 @@ def _model_metadata(class_names: list[str], image_size: int, description: str) -
 def read_labels(model: bytes, source: str = "the model") -> list[str]:
     """The class names packed into a .tflite file by `embed_labels`."""
     if not _has_metadata(model):
-        raise HeadstartError(f"{source} is not a .tflite model with class names (no {METADATA_NAME} record): export one with `headstart export`")
+        raise HeadstartError(
+            f"{source} is not a .tflite model with class names (no {METADATA_NAME} record): export one with `headstart export`"
+        )
     try:
         with zipfile.ZipFile(io.BytesIO(model)) as packed:
             text = packed.read(LABELS_FILE).decode()
@@ -146,7 +182,9 @@ class TFLiteClassifier:
         # A full-integer model states how its uint8 input maps to real values; a float model casts it.
         self.quantized = bool(self._input["quantization"][0])
         if self._input["dtype"] != np.uint8:
-            raise HeadstartError(f"{self.path} takes {np.dtype(self._input['dtype']).name} input; a headstart .tflite classifier takes uint8 pixels")
+            raise HeadstartError(
+                f"{self.path} takes {np.dtype(self._input['dtype']).name} input; a headstart .tflite classifier takes uint8 pixels"
+            )
         self._shape: tuple | None = None
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
@@ -165,7 +203,6 @@ class TFLiteClassifier:
             self.interpreter.invoke()
             outputs.append(_dequantized(self.interpreter.get_tensor(self._output["index"]), self._output))
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.class_names)), np.float32)
-
 
     def _quantized_input(self, image: np.ndarray) -> np.ndarray:
         """The pixels as the input tensor holds them: as they are where it maps 0–255 to itself
@@ -205,4 +242,6 @@ def uint8_images(paths: list, image_size: int, unusable: list | None = None):
             yield position, uint8_image(Path(path), image_size)
         except Exception as error:  # PIL and the file system raise many types; each means 'unusable now'.
             if unusable is not None:
-                unusable.append((position, f"could not be read when decoded: {type(error).__name__}: {first_line(error)}"))
+                unusable.append(
+                    (position, f"could not be read when decoded: {type(error).__name__}: {first_line(error)}")
+                )

@@ -46,27 +46,49 @@ def feature_reference(features: "FeatureSet", backbone: "Backbone") -> dict:
     # Mean squared distance from the mean = mean squared norm − squared norm of the mean.
     squared_norms = np.einsum("ij,ij->i", train, train, dtype=np.float64)
     spread = float(np.sqrt(max(squared_norms.mean() - mean @ mean, 0.0))) if len(train) else 0.0
-    return {"backbone_fingerprint": backbone.fingerprint, "image_size": backbone.image_size, "images": len(train),
-            "spread": spread, "mean": [float(f"{value:.7g}") for value in mean]}
+    return {
+        "backbone_fingerprint": backbone.fingerprint,
+        "image_size": backbone.image_size,
+        "images": len(train),
+        "spread": spread,
+        "mean": [float(f"{value:.7g}") for value in mean],
+    }
 
 
-def compare(champion: str, champion_index: pa.Table | None, reference: dict | None,
-            index: pa.Table, features: "FeatureSet", backbone: "Backbone") -> dict:
+def compare(
+    champion: str,
+    champion_index: pa.Table | None,
+    reference: dict | None,
+    index: pa.Table,
+    features: "FeatureSet",
+    backbone: "Backbone",
+) -> dict:
     """The drift note of a candidate (its data index and features) against the champion's data
     (the champion's version, data index and feature reference)."""
     if champion_index is None:
         return {"note": f"champion {champion} was written before runs kept a data index: no comparison"}
     hashes, champion_hashes = set(index.column("sha256").to_pylist()), set(champion_index.column("sha256").to_pylist())
-    counts, champion_counts = Counter(index.column("class").to_pylist()), Counter(champion_index.column("class").to_pylist())
+    counts, champion_counts = (
+        Counter(index.column("class").to_pylist()),
+        Counter(champion_index.column("class").to_pylist()),
+    )
     new = hashes - champion_hashes
     note = {
         "champion": champion,
-        "images": len(hashes), "champion_images": len(champion_hashes),
-        "new_images": len(new), "images_gone": len(champion_hashes - hashes),
-        "per_class": {name: {"images": counts.get(name, 0), "champion_images": champion_counts.get(name, 0)}
-                      for name in sorted(set(counts) | set(champion_counts))},
+        "images": len(hashes),
+        "champion_images": len(champion_hashes),
+        "new_images": len(new),
+        "images_gone": len(champion_hashes - hashes),
+        "per_class": {
+            name: {"images": counts.get(name, 0), "champion_images": champion_counts.get(name, 0)}
+            for name in sorted(set(counts) | set(champion_counts))
+        },
     }
-    if not reference or reference["backbone_fingerprint"] != backbone.fingerprint or reference["image_size"] != backbone.image_size:
+    if (
+        not reference
+        or reference["backbone_fingerprint"] != backbone.fingerprint
+        or reference["image_size"] != backbone.image_size
+    ):
         note["mean_feature_shift"] = None
         note["mean_feature_note"] = "the champion's features come from another backbone or image size: not comparable"
         return note
@@ -77,12 +99,14 @@ def compare(champion: str, champion_index: pa.Table | None, reference: dict | No
 def _mean_shift(features: "FeatureSet", index: pa.Table, new: set[str], reference: dict) -> dict:
     """How far the mean feature of all this run's images, and of its new ones, lies from the
     champion's training mean, in units of the champion's spread; and what chance alone would give."""
-    is_new = np.array([sha in new for sha in index.column("sha256").to_pylist()], bool)  # in data_index's order: split by split
+    is_new = np.array(
+        [sha in new for sha in index.column("sha256").to_pylist()], bool
+    )  # in data_index's order: split by split
     total = new_total = 0.0
     images, start = 0, 0
     for split in SPLITS:
         matrix = features.load(split)[0]
-        split_new = is_new[start:start + len(matrix)]
+        split_new = is_new[start : start + len(matrix)]
         total = total + matrix.sum(axis=0, dtype=np.float64)
         new_total = new_total + matrix[split_new].sum(axis=0, dtype=np.float64)
         images, start = images + len(matrix), start + len(matrix)
@@ -111,7 +135,9 @@ def summary(note: dict) -> str:
     text = f"{note['new_images']} new images, {note['images_gone']} gone since champion {note['champion']}; per class: {classes}"
     if note.get("mean_feature_shift") is None:
         return f"{text}; {note['mean_feature_note']}"
-    text += f"; mean feature moved {note['mean_feature_shift']} spreads (chance: {note['mean_feature_shift_by_chance']})"
+    text += (
+        f"; mean feature moved {note['mean_feature_shift']} spreads (chance: {note['mean_feature_shift_by_chance']})"
+    )
     if note.get("new_images_mean_feature_shift") is not None:
         text += f", the new images' mean {note['new_images_mean_feature_shift']} (chance: {note['new_images_shift_by_chance']})"
     return text

@@ -58,7 +58,9 @@ def format_metrics(metrics: dict) -> str:
     width = max(len("class"), *(len(name) for name in metrics["class_names"])) + 2
     lines.append(f"{'class':<{width}}precision  recall  f1      support")
     for name, values in metrics["per_class"].items():
-        lines.append(f"{name:<{width}}{values['precision']:<11.4f}{values['recall']:<8.4f}{values['f1']:<8.4f}{values['support']}")
+        lines.append(
+            f"{name:<{width}}{values['precision']:<11.4f}{values['recall']:<8.4f}{values['f1']:<8.4f}{values['support']}"
+        )
     lines += ["", "confusion matrix (rows: true, columns: predicted)"]
     lines.append(" " * width + "".join(f"{name[:8]:>9}" for name in metrics["class_names"]))
     for name, row in zip(metrics["class_names"], metrics["confusion_matrix"]):

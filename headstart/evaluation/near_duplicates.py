@@ -54,22 +54,24 @@ class NearestNeighbours:
     def add(self, references: np.ndarray) -> None:
         references = unit_rows(references)
         for start in range(0, len(self.queries), QUERY_BLOCK):
-            block = self.queries[start:start + QUERY_BLOCK] @ references.T
+            block = self.queries[start : start + QUERY_BLOCK] @ references.T
             if not block.shape[1]:
                 break
             best = block.argmax(axis=1)
             best_similarity = block[np.arange(len(best)), best]
-            better = best_similarity > self.similarities[start:start + QUERY_BLOCK]
-            self.similarities[start:start + QUERY_BLOCK][better] = best_similarity[better]
-            self.indices[start:start + QUERY_BLOCK][better] = best[better] + self.seen
+            better = best_similarity > self.similarities[start : start + QUERY_BLOCK]
+            self.similarities[start : start + QUERY_BLOCK][better] = best_similarity[better]
+            self.indices[start : start + QUERY_BLOCK][better] = best[better] + self.seen
         self.seen += len(references)
 
 
-def nearest_neighbours(queries: np.ndarray, references: np.ndarray, block_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(
+    queries: np.ndarray, references: np.ndarray, block_rows: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
     """Each query row's most similar reference row (index) and their cosine similarity."""
     search = NearestNeighbours(queries)
     for start in range(0, len(references), block_rows):
-        search.add(references[start:start + block_rows])
+        search.add(references[start : start + block_rows])
     return search.indices, search.similarities
 
 
@@ -109,14 +111,26 @@ class LeakageCheck:
 
     def to_dict(self) -> dict:
         """As the data report records it: per split, how many images, how many flagged, and the pairs."""
-        return {"threshold": self.threshold, "train_images": self.train_images, "splits": {
-            name: {"images": check.images, "flagged": len(check.pairs),
-                   "pairs": [{**asdict(pair), "similarity": round(pair.similarity, 6)} for pair in check.pairs]}
-            for name, check in self.splits.items()}}
+        return {
+            "threshold": self.threshold,
+            "train_images": self.train_images,
+            "splits": {
+                name: {
+                    "images": check.images,
+                    "flagged": len(check.pairs),
+                    "pairs": [{**asdict(pair), "similarity": round(pair.similarity, 6)} for pair in check.pairs],
+                }
+                for name, check in self.splits.items()
+            },
+        }
 
 
-def find_near_duplicates(features: "FeatureSet", class_names: list[str], threshold: float = DEFAULT_NEAR_DUPLICATE_THRESHOLD,
-                         splits: tuple[str, ...] = CHECKED_SPLITS) -> LeakageCheck:
+def find_near_duplicates(
+    features: "FeatureSet",
+    class_names: list[str],
+    threshold: float = DEFAULT_NEAR_DUPLICATE_THRESHOLD,
+    splits: tuple[str, ...] = CHECKED_SPLITS,
+) -> LeakageCheck:
     """Every image of `splits` against every training image, from the dataset's features file,
     one training row group at a time."""
     searches, queries = {}, {}
@@ -137,10 +151,16 @@ def find_near_duplicates(features: "FeatureSet", class_names: list[str], thresho
         rows = queries[split]
         above = np.flatnonzero(search.similarities >= threshold)
         above = above[np.argsort(-search.similarities[above], kind="stable")]
-        pairs = tuple(NearDuplicate(
-            path=rows["path"][i], label=class_names[rows["label"][i]],
-            train_path=train_paths[search.indices[i]], train_label=class_names[train_labels[search.indices[i]]],
-            similarity=float(search.similarities[i])) for i in above)
+        pairs = tuple(
+            NearDuplicate(
+                path=rows["path"][i],
+                label=class_names[rows["label"][i]],
+                train_path=train_paths[search.indices[i]],
+                train_label=class_names[train_labels[search.indices[i]]],
+                similarity=float(search.similarities[i]),
+            )
+            for i in above
+        )
         checks[split] = SplitCheck(split, len(rows["path"]), pairs, search.similarities)
     return LeakageCheck(threshold, len(train_paths), checks)
 
@@ -149,8 +169,12 @@ def accuracy_with_and_without(labels: np.ndarray, probabilities: np.ndarray, fla
     """Accuracy on every image, and on those not flagged (None where every image is flagged)."""
     correct = np.asarray(probabilities).argmax(axis=1) == np.asarray(labels)
     kept = ~np.asarray(flagged, bool)
-    return {"accuracy": float(correct.mean()) if len(correct) else 0.0, "n": int(len(correct)),
-            "accuracy_without_flagged": float(correct[kept].mean()) if kept.any() else None, "n_without_flagged": int(kept.sum())}
+    return {
+        "accuracy": float(correct.mean()) if len(correct) else 0.0,
+        "n": int(len(correct)),
+        "accuracy_without_flagged": float(correct[kept].mean()) if kept.any() else None,
+        "n_without_flagged": int(kept.sum()),
+    }
 
 
 def near_duplicate_report(check: LeakageCheck, features: "FeatureSet", probabilities: np.ndarray) -> dict:

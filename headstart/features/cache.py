@@ -59,7 +59,11 @@ class FeatureCache:
         except FileNotFoundError:
             return None
         except Exception as error:  # pyarrow reports damage as several error types; each means 'do not use'
-            logger.warning("feature cache shard %s is damaged (%s); dropped, its images are extracted again", path, first_line(error))
+            logger.warning(
+                "feature cache shard %s is damaged (%s); dropped, its images are extracted again",
+                path,
+                first_line(error),
+            )
             path.unlink(missing_ok=True)
             return None
 
@@ -74,5 +78,9 @@ def missing_shards(manifest: Manifest, cache: FeatureCache, shard_size: int = 10
     table = manifest.read()
     cached = cache.cached_hashes()
     # A manifest holds each content hash once (duplicates are skipped when it is built).
-    missing = [(sha, path) for sha, path in zip(table.column("sha256").to_pylist(), table.column("path").to_pylist()) if sha not in cached]
-    return [missing[start:start + shard_size] for start in range(0, len(missing), shard_size)]
+    missing = [
+        (sha, path)
+        for sha, path in zip(table.column("sha256").to_pylist(), table.column("path").to_pylist())
+        if sha not in cached
+    ]
+    return [missing[start : start + shard_size] for start in range(0, len(missing), shard_size)]

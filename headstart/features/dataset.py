@@ -41,8 +41,11 @@ class FeatureSet:
     def row_groups(self, split: str | None = None, metadata: pq.FileMetaData | None = None) -> list[int]:
         metadata = metadata or pq.read_metadata(self.path)
         column = metadata.schema.to_arrow_schema().get_field_index("split")
-        return [group for group in range(metadata.num_row_groups)
-                if split is None or metadata.row_group(group).column(column).statistics.max == split]
+        return [
+            group
+            for group in range(metadata.num_row_groups)
+            if split is None or metadata.row_group(group).column(column).statistics.max == split
+        ]
 
     def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Features, labels and paths of one split (or of all rows), in memory: for the small splits."""
@@ -67,12 +70,16 @@ class FeatureSet:
         groups = self.row_groups(split, metadata)
         features_column = metadata.schema.to_arrow_schema().get_field_index("features")
         return FeatureStream(
-            self.path, tuple(groups), sum(metadata.row_group(group).num_rows for group in groups),
+            self.path,
+            tuple(groups),
+            sum(metadata.row_group(group).num_rows for group in groups),
             sum(metadata.row_group(group).column(features_column).total_uncompressed_size for group in groups),
         )
 
 
-def dataset_features_path(manifest: Manifest, backbone: Backbone, cache_dir: Path, rows_per_group: int = ROWS_PER_GROUP) -> Path:
+def dataset_features_path(
+    manifest: Manifest, backbone: Backbone, cache_dir: Path, rows_per_group: int = ROWS_PER_GROUP
+) -> Path:
     grouping = "" if rows_per_group == ROWS_PER_GROUP else f"-{rows_per_group}rows"
     name = f"{manifest.fingerprint}-{backbone.fingerprint}-{backbone.image_size}px-v{DATASET_LAYOUT_VERSION}{grouping}.parquet"
     return Path(cache_dir) / "datasets" / name
@@ -92,7 +99,12 @@ def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, sha
 
 
 def assemble_features(
-    manifest: Manifest, backbone: Backbone, cache_dir: Path, extracted: int = 0, engine: str = "cache", rows_per_group: int = ROWS_PER_GROUP,
+    manifest: Manifest,
+    backbone: Backbone,
+    cache_dir: Path,
+    extracted: int = 0,
+    engine: str = "cache",
+    rows_per_group: int = ROWS_PER_GROUP,
 ) -> FeatureSet:
     """Writes the dataset's features file (manifest columns + features) from the cache, in bounded memory."""
     destination = dataset_features_path(manifest, backbone, cache_dir, rows_per_group)
@@ -102,7 +114,9 @@ def assemble_features(
     return FeatureSet(destination, extracted=extracted, reused=table.num_rows - extracted, engine=engine)
 
 
-def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, destination: Path, rows_per_group: int) -> None:
+def _write_dataset_features(
+    manifest_table: pa.Table, cache: FeatureCache, destination: Path, rows_per_group: int
+) -> None:
     """One row group per split and hash bucket of ≤ ~rows_per_group rows, each sorted by content hash.
 
     Features move from the cache shards to per-bucket scratch files in one pass, then bucket by
@@ -131,7 +145,9 @@ def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, desti
                         by_bucket.setdefault(bucket_of[row], []).append((row, index))
                 for key, pairs in by_bucket.items():
                     rows, indices = zip(*pairs)
-                    batch = pa.record_batch({"row": pa.array(rows, pa.int64()), "features": shard_features.take(list(indices))})
+                    batch = pa.record_batch(
+                        {"row": pa.array(rows, pa.int64()), "features": shard_features.take(list(indices))}
+                    )
                     if key not in writers:
                         writers[key] = pa.ipc.new_file(Path(scratch) / f"{key[0]}-{key[1]}.arrow", batch.schema)
                     writers[key].write_batch(batch)
@@ -148,7 +164,9 @@ def _write_dataset_features(manifest_table: pa.Table, cache: FeatureCache, desti
                         part = pa.ipc.open_file(source).read_all()
                     rows = part.column("row").to_numpy()
                     order = np.argsort([hashes[row] for row in rows], kind="stable")
-                    group = manifest_table.take(rows[order]).append_column("features", part.column("features").take(order))
+                    group = manifest_table.take(rows[order]).append_column(
+                        "features", part.column("features").take(order)
+                    )
                     del part
                     if output is None:
                         output = pq.ParquetWriter(temporary, group.schema, **FEATURES_PARQUET_OPTIONS)

@@ -31,7 +31,9 @@ def features_matrix(table: pa.Table) -> np.ndarray:
 def column_matrix(column: pa.Array, dtype: str = "<f4") -> np.ndarray:
     if pa.types.is_fixed_size_binary(column.type):
         width, itemsize = column.type.byte_width, np.dtype(dtype).itemsize
-        data = np.frombuffer(column.buffers()[1], dtype, count=len(column) * width // itemsize, offset=column.offset * width)
+        data = np.frombuffer(
+            column.buffers()[1], dtype, count=len(column) * width // itemsize, offset=column.offset * width
+        )
         return data.reshape(len(column), width // itemsize)
     # A cache shard written before features were binary: list<float32>.
     return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)

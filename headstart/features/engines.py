@@ -16,8 +16,8 @@ import numpy as np
 
 from headstart.backbone.handles import Backbone
 from headstart.config import INT8_ENGINE
-from headstart.errors import HeadstartError, first_line
 from headstart.data.preprocessing import resize_batch, resize_images, shrunk_to_fit
+from headstart.errors import HeadstartError, first_line
 from headstart.infra.native_logs import native_notices_dropped
 from headstart.infra.storage import atomic_path, write_json_atomic
 
@@ -48,7 +48,9 @@ class LiteRTEngine:
 
     def __init__(self, backbone: Backbone, cache_dir: Path, threads: int):
         self.name = "litert" if backbone.litert_model is None else INT8_ENGINE
-        self.model_path = convert_to_litert(backbone, cache_dir) if backbone.litert_model is None else Path(backbone.litert_model)
+        self.model_path = (
+            convert_to_litert(backbone, cache_dir) if backbone.litert_model is None else Path(backbone.litert_model)
+        )
         self.threads = threads
         self.image_size = backbone.image_size
         self._runners: dict[int, _LiteRTRunner] = {}
@@ -61,7 +63,9 @@ class LiteRTEngine:
         if threads not in self._runners:
             from ai_edge_litert.interpreter import Interpreter
 
-            self._runners[threads] = _LiteRTRunner(Interpreter(model_path=str(self.model_path), num_threads=threads), self.image_size)
+            self._runners[threads] = _LiteRTRunner(
+                Interpreter(model_path=str(self.model_path), num_threads=threads), self.image_size
+            )
         return self._runners[threads](images)
 
     @property
@@ -199,11 +203,15 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
     threads = threads or os.cpu_count() or 1
     if backbone.litert_model is not None:
         if requested == "keras":
-            raise HeadstartError(f"backbone {backbone.fingerprint} is quantized to int8: only LiteRT runs it (give --engine auto or {INT8_ENGINE})")
+            raise HeadstartError(
+                f"backbone {backbone.fingerprint} is quantized to int8: only LiteRT runs it (give --engine auto or {INT8_ENGINE})"
+            )
         return EngineChoice(LiteRTEngine(backbone, cache_dir, threads), "the backbone quantized to int8")
     if requested == INT8_ENGINE:
-        raise HeadstartError(f"the {INT8_ENGINE} engine runs a backbone quantized when training (`headstart train --engine {INT8_ENGINE}`); "
-                             f"this model's backbone {backbone.fingerprint} is float32")
+        raise HeadstartError(
+            f"the {INT8_ENGINE} engine runs a backbone quantized when training (`headstart train --engine {INT8_ENGINE}`); "
+            f"this model's backbone {backbone.fingerprint} is float32"
+        )
     if requested == "keras":
         return EngineChoice(KerasEngine(backbone), "requested")
     try:
@@ -211,10 +219,16 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
         difference = litert_engine.parity
     except Exception as error:  # Conversion failures come from deep inside the converter, in many types.
         if requested == "litert":
-            raise HeadstartError(f"the LiteRT engine is unavailable for backbone {backbone.handle}: {first_line(error)}") from None
+            raise HeadstartError(
+                f"the LiteRT engine is unavailable for backbone {backbone.handle}: {first_line(error)}"
+            ) from None
         return EngineChoice(KerasEngine(backbone), f"LiteRT unavailable ({type(error).__name__}), using TensorFlow")
     if difference > PARITY_TOLERANCE:
         if requested == "litert":
-            raise HeadstartError(f"LiteRT differs from TensorFlow by {difference:.2e} (> {PARITY_TOLERANCE}) for backbone {backbone.handle}")
-        return EngineChoice(KerasEngine(backbone), f"LiteRT parity {difference:.2e} > {PARITY_TOLERANCE}, using TensorFlow")
+            raise HeadstartError(
+                f"LiteRT differs from TensorFlow by {difference:.2e} (> {PARITY_TOLERANCE}) for backbone {backbone.handle}"
+            )
+        return EngineChoice(
+            KerasEngine(backbone), f"LiteRT parity {difference:.2e} > {PARITY_TOLERANCE}, using TensorFlow"
+        )
     return EngineChoice(litert_engine, f"parity with TensorFlow {difference:.1e}")

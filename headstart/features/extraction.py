@@ -20,12 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-
 from headstart.backbone.handles import Backbone
 from headstart.config import Engine
+from headstart.data.preprocessing import apply_to_decoded, decoded_batches
 from headstart.features.cache import FeatureCache, Shard
 from headstart.features.engines import choose_engine, litert_ready_without_tensorflow
-from headstart.data.preprocessing import apply_to_decoded, decoded_batches
 from headstart.infra.storage import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -69,8 +68,12 @@ class ExtractionContext:
     engines. `close()`, or leaving a `with` block, drops the engines and stops waiting for the load.
     """
 
-    def __init__(self, cache_dir: Path, settings: ExtractionSettings = ExtractionSettings(),
-                 child_process: Literal["while-loading", "always", "never"] = "while-loading"):
+    def __init__(
+        self,
+        cache_dir: Path,
+        settings: ExtractionSettings = ExtractionSettings(),
+        child_process: Literal["while-loading", "always", "never"] = "while-loading",
+    ):
         self.cache_dir = Path(cache_dir)
         self.settings = settings
         self.child_process = child_process
@@ -140,7 +143,9 @@ class ExtractionContext:
             if backbone not in self._engines:
                 choice = choose_engine(backbone, self.settings.engine, self.cache_dir, self.settings.threads)
                 fell_back = self.settings.engine == "auto" and choice.engine.name == "keras"
-                (logger.warning if fell_back else logger.info)("feature extraction engine: %s (%s)", choice.engine.name, choice.reason)
+                (logger.warning if fell_back else logger.info)(
+                    "feature extraction engine: %s (%s)", choice.engine.name, choice.reason
+                )
                 self._engines[backbone] = choice.engine
             return self._engines[backbone]
 
@@ -159,8 +164,14 @@ class ExtractionContext:
         Where the child-process policy asks for it and a LiteRT model converted earlier is
         ready, a child process extracts the shard (see `_extract_shard_in_child`).
         """
-        wants_child = self.child_process == "always" or (self.child_process == "while-loading" and self.backbone_loading)
-        if wants_child and self.settings.engine != "keras" and litert_ready_without_tensorflow(backbone, self.cache_dir):
+        wants_child = self.child_process == "always" or (
+            self.child_process == "while-loading" and self.backbone_loading
+        )
+        if (
+            wants_child
+            and self.settings.engine != "keras"
+            and litert_ready_without_tensorflow(backbone, self.cache_dir)
+        ):
             extracted = _extract_shard_in_child(shard, backbone, self.cache_dir, self.settings, progress)
             if extracted is not None:
                 return extracted
@@ -172,16 +183,23 @@ class ExtractionContext:
         hashes, paths = [sha for sha, _ in shard], [path for _, path in shard]
         with self._forward_lock:
             engine = self.engine(backbone)
-            features, kept, unusable = apply_to_decoded(decoded_batches(paths, backbone.image_size, self.settings.batch_size, hashes),
-                                                        lambda images: engine(images, self.forward_threads()), progress)
+            features, kept, unusable = apply_to_decoded(
+                decoded_batches(paths, backbone.image_size, self.settings.batch_size, hashes),
+                lambda images: engine(images, self.forward_threads()),
+                progress,
+            )
             if kept:
                 FeatureCache(self.cache_dir, backbone).write_shard([hashes[index] for index in kept], features)
         del features
         release_freed_memory()
-        return ExtractedShard(engine.name, len(kept), tuple((hashes[index], paths[index], reason) for index, reason in unusable))
+        return ExtractedShard(
+            engine.name, len(kept), tuple((hashes[index], paths[index], reason) for index, reason in unusable)
+        )
 
 
-def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, settings: ExtractionSettings, progress=None) -> ExtractedShard | None:
+def _extract_shard_in_child(
+    shard: Shard, backbone: Backbone, cache_dir: Path, settings: ExtractionSettings, progress=None
+) -> ExtractedShard | None:
     """Extracts the shard with LiteRT in a child process, which writes the cache shard itself.
 
     Importing TensorFlow in this process holds the GIL for long stretches inside C code, so the
@@ -192,17 +210,30 @@ def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, s
     the shard itself, and meets, and reports, any error the images cause.
     """
     request = {
-        "shard": shard, "cache_dir": str(cache_dir), "settings": asdict(settings),
-        "backbone": {**asdict(backbone), "module_path": str(backbone.module_path),
-                     "litert_model": str(backbone.litert_model) if backbone.litert_model is not None else None},
+        "shard": shard,
+        "cache_dir": str(cache_dir),
+        "settings": asdict(settings),
+        "backbone": {
+            **asdict(backbone),
+            "module_path": str(backbone.module_path),
+            "litert_model": str(backbone.litert_model) if backbone.litert_model is not None else None,
+        },
     }
     # The child finds headstart where this process found it, however it was started.
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(entry for entry in sys.path if entry)}
     with tempfile.TemporaryFile(mode="w+") as errors:
         try:
             child = subprocess.Popen(
-                [sys.executable, "-c", "from headstart.features.extraction import serve_extraction_request; serve_extraction_request()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, env=environment,
+                [
+                    sys.executable,
+                    "-c",
+                    "from headstart.features.extraction import serve_extraction_request; serve_extraction_request()",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env=environment,
             )
         except OSError as error:
             logger.warning("could not start a child process to extract features (%s); extracting here instead", error)
@@ -228,7 +259,9 @@ def _extract_shard_in_child(shard: Shard, backbone: Backbone, cache_dir: Path, s
             logger.info("feature extraction engine: %s, in a child process", reply["engine"])
             return ExtractedShard(reply["engine"], reply["extracted"], tuple(map(tuple, reply["left_out"])))
         errors.seek(0)
-        last_line = ([line for line in errors.read().splitlines() if line.strip()] or [f"exit status {child.returncode}"])[-1]
+        last_line = (
+            [line for line in errors.read().splitlines() if line.strip()] or [f"exit status {child.returncode}"]
+        )[-1]
         logger.warning("extracting in a child process failed (%s); extracting here instead", last_line)
         if reported and progress is not None:
             progress.update(-reported)
@@ -239,13 +272,21 @@ def serve_extraction_request() -> None:
     """The child's side of `_extract_shard_in_child`: one JSON request on stdin, JSON lines on stdout."""
     request = json.loads(sys.stdin.readline())
     given = request["backbone"]
-    backbone = Backbone(**{**given, "module_path": Path(given["module_path"]), "litert_model": given["litert_model"] and Path(given["litert_model"])})
+    backbone = Backbone(
+        **{
+            **given,
+            "module_path": Path(given["module_path"]),
+            "litert_model": given["litert_model"] and Path(given["litert_model"]),
+        }
+    )
 
     class Progress:
         @staticmethod
         def update(count: int) -> None:
             print(json.dumps({"images": count}), flush=True)
 
-    with ExtractionContext(Path(request["cache_dir"]), ExtractionSettings(**request["settings"]), child_process="never") as context:
+    with ExtractionContext(
+        Path(request["cache_dir"]), ExtractionSettings(**request["settings"]), child_process="never"
+    ) as context:
         extracted = context.extract_shard_here([tuple(pair) for pair in request["shard"]], backbone, Progress())
     print(json.dumps(asdict(extracted)), flush=True)

@@ -27,11 +27,14 @@ class FeatureStream:
     def kept_in_memory(self, max_bytes: int) -> "FeatureStream | InMemoryFeatures":
         """The split read into memory once, where it fits in max_bytes; else this stream.
         Either way an epoch visits the same rows in the same order."""
-        if self.features_bytes > max_bytes or not self.num_rows:  # an empty split (no validation) stays a stream of nothing
+        if (
+            self.features_bytes > max_bytes or not self.num_rows
+        ):  # an empty split (no validation) stays a stream of nothing
             return self
         chunks = list(self.chunks())
         return InMemoryFeatures(
-            np.concatenate([features for features, _ in chunks]), np.concatenate([labels for _, labels in chunks]),
+            np.concatenate([features for features, _ in chunks]),
+            np.concatenate([labels for _, labels in chunks]),
             groups=tuple((group, len(labels)) for group, (_, labels) in zip(self.groups, chunks)),
         )
 
@@ -77,7 +80,9 @@ class InMemoryFeatures:
             start_and_rows[group] = (start, rows)
             start += rows
         group_order = generator.permutation(np.array([group for group, _ in self.groups], dtype=np.int64)).tolist()
-        return np.concatenate([start_and_rows[group][0] + generator.permutation(start_and_rows[group][1]) for group in group_order])
+        return np.concatenate(
+            [start_and_rows[group][0] + generator.permutation(start_and_rows[group][1]) for group in group_order]
+        )
 
     def shuffled_chunks(self, seed: int, epoch: int):
         order = self.shuffled_order(seed, epoch)

@@ -31,7 +31,9 @@ def unpack_tar(archive: Path, destination: Path) -> None:
             unpacked_bytes = sum(member.size for member in members if member.isfile())
             free_bytes = shutil.disk_usage(destination.parent).free
             if unpacked_bytes > free_bytes:  # a small archive of zeros can unpack to more than the disk holds
-                raise HeadstartError(f"the archive unpacks to {unpacked_bytes} bytes, more than the {free_bytes} free in {destination.parent}")
+                raise HeadstartError(
+                    f"the archive unpacks to {unpacked_bytes} bytes, more than the {free_bytes} free in {destination.parent}"
+                )
             destination.mkdir(parents=True)
             try:
                 tar.extractall(destination, members=members, filter="data")
@@ -61,4 +63,3 @@ def _check_member(member: tarfile.TarInfo) -> None:
             raise HeadstartError(f"archive member {name!r} is {kind} to {member.linkname!r}, outside the destination")
     elif not (member.isfile() or member.isdir()):
         raise HeadstartError(f"archive member {name!r} has an unsupported type {member.type!r}")
-

@@ -44,7 +44,9 @@ class _Overdue(Exception):
     pass
 
 
-def download(url: str, destination: Path, checksum: str | None = None, policy: DownloadPolicy = DownloadPolicy()) -> Path:
+def download(
+    url: str, destination: Path, checksum: str | None = None, policy: DownloadPolicy = DownloadPolicy()
+) -> Path:
     """Downloads url to destination unless it is already there (and matches `checksum`).
 
     `checksum` ("md5:<hex>" or "sha256:<hex>") is verified before the file takes its name, so a
@@ -86,7 +88,9 @@ def download(url: str, destination: Path, checksum: str | None = None, policy: D
         if attempt == policy.attempts:
             break
         if time.monotonic() + wait >= deadline:
-            raise DownloadError(url, f"{reason} ({_attempts(attempt)}; no time left for another within {policy.deadline_seconds:g} s)")
+            raise DownloadError(
+                url, f"{reason} ({_attempts(attempt)}; no time left for another within {policy.deadline_seconds:g} s)"
+            )
         time.sleep(wait)
     raise DownloadError(url, f"{reason} ({_attempts(policy.attempts)})")
 
@@ -142,5 +146,3 @@ def _describe(error: BaseException, timeout: float) -> str:
     if isinstance(error, http.client.IncompleteRead):
         return f"the server closed the connection after {len(error.partial)} bytes, {error.expected} short"
     return first_line(error)
-
-

@@ -15,16 +15,20 @@ import sys
 import tempfile
 from contextlib import contextmanager
 
-KNOWN_NOTICES = re.compile("|".join([
-    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR",
-    r"cudart_stub\.cc:\d+\] Could not find cuda drivers",
-    r"cuda_platform\.cc:\d+\] failed call to cuInit",
-    r"cuda_executor\.cc:\d+\] .*(CUDA|cuda)",
-    r"Created TensorFlow Lite XNNPACK delegate for CPU",
-    r"port\.cc:\d+\] oneDNN custom operations are on",
-    # The TFLite converter's quantizer reports its settings on standard output.
-    r"fully_quantize: \d+, inference_type: \d+, input_inference_type: ",
-]))
+KNOWN_NOTICES = re.compile(
+    "|".join(
+        [
+            r"All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+            r"cudart_stub\.cc:\d+\] Could not find cuda drivers",
+            r"cuda_platform\.cc:\d+\] failed call to cuInit",
+            r"cuda_executor\.cc:\d+\] .*(CUDA|cuda)",
+            r"Created TensorFlow Lite XNNPACK delegate for CPU",
+            r"port\.cc:\d+\] oneDNN custom operations are on",
+            # The TFLite converter's quantizer reports its settings on standard output.
+            r"fully_quantize: \d+, inference_type: \d+, input_inference_type: ",
+        ]
+    )
+)
 
 
 @contextmanager
@@ -43,6 +47,10 @@ def native_notices_dropped(descriptor: int = 2):
             os.dup2(saved, descriptor)
             os.close(saved)
             capture.seek(0)
-            kept = [line for line in capture.read().splitlines(keepends=True) if not KNOWN_NOTICES.search(line.decode(errors="replace"))]
+            kept = [
+                line
+                for line in capture.read().splitlines(keepends=True)
+                if not KNOWN_NOTICES.search(line.decode(errors="replace"))
+            ]
             if kept:
                 os.write(descriptor, b"".join(kept))

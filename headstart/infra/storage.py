@@ -22,7 +22,9 @@ def atomic_path(destination: Path):
     """Yields a temporary path beside `destination`; renames it into place only on success."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)  # see temporary_pattern
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+    )  # see temporary_pattern
     # mkstemp makes the file its owner's alone; the finished file gets the mode any new file
     # would, so that runs and caches written by a worker's account can be read by the team.
     os.fchmod(handle, 0o666 & ~_umask())

@@ -52,29 +52,56 @@ def mcnemar_worse_p_value(candidate_only_wrong: int, candidate_only_right: int) 
     return sum(comb(n, k) for k in range(b, n + 1)) / 2**n
 
 
-def against_champion(candidate_correct: np.ndarray, champion_correct: np.ndarray, champion: str,
-                     tolerance: float = 0.0, alpha: float = 0.05) -> GateDecision:
+def against_champion(
+    candidate_correct: np.ndarray,
+    champion_correct: np.ndarray,
+    champion: str,
+    tolerance: float = 0.0,
+    alpha: float = 0.05,
+) -> GateDecision:
     """Paired decision on the same images: promote when accuracy ≥ champion − tolerance and the
     McNemar test does not show the candidate worse at level alpha."""
     candidate_correct, champion_correct = np.asarray(candidate_correct, bool), np.asarray(champion_correct, bool)
     images = len(candidate_correct)
     if images == 0:
-        return GateDecision(False, f"no images both models can be scored on fairly; champion {champion} kept", 0, 0.0, champion=champion)
+        return GateDecision(
+            False, f"no images both models can be scored on fairly; champion {champion} kept", 0, 0.0, champion=champion
+        )
     candidate_accuracy, champion_accuracy = float(candidate_correct.mean()), float(champion_correct.mean())
     b = int((~candidate_correct & champion_correct).sum())
     c = int((candidate_correct & ~champion_correct).sum())
     p_value = mcnemar_worse_p_value(b, c)
-    figures = dict(images=images, candidate_accuracy=candidate_accuracy, champion_accuracy=champion_accuracy, champion=champion,
-                   candidate_only_wrong=b, candidate_only_right=c, p_value=p_value, tolerance=tolerance, alpha=alpha)
+    figures = dict(
+        images=images,
+        candidate_accuracy=candidate_accuracy,
+        champion_accuracy=champion_accuracy,
+        champion=champion,
+        candidate_only_wrong=b,
+        candidate_only_right=c,
+        p_value=p_value,
+        tolerance=tolerance,
+        alpha=alpha,
+    )
     if candidate_accuracy < champion_accuracy - tolerance:
-        reason = (f"kept champion {champion}: candidate accuracy {candidate_accuracy:.4f} is below the champion's {champion_accuracy:.4f}"
-                  + (f" minus tolerance {tolerance}" if tolerance else "") + f" on {images} images")
+        reason = (
+            f"kept champion {champion}: candidate accuracy {candidate_accuracy:.4f} is below the champion's {champion_accuracy:.4f}"
+            + (f" minus tolerance {tolerance}" if tolerance else "")
+            + f" on {images} images"
+        )
         return GateDecision(False, reason, **figures)
     if p_value < alpha:
-        return GateDecision(False, f"kept champion {champion}: McNemar shows the candidate worse (p = {p_value:.3g} < {alpha}; "
-                                   f"{b} images only the champion gets right, {c} only the candidate)", **figures)
-    return GateDecision(True, f"promoted over {champion}: accuracy {candidate_accuracy:.4f} vs {champion_accuracy:.4f} on {images} images, "
-                              f"not shown worse (McNemar p = {p_value:.3g} ≥ {alpha})", **figures)
+        return GateDecision(
+            False,
+            f"kept champion {champion}: McNemar shows the candidate worse (p = {p_value:.3g} < {alpha}; "
+            f"{b} images only the champion gets right, {c} only the candidate)",
+            **figures,
+        )
+    return GateDecision(
+        True,
+        f"promoted over {champion}: accuracy {candidate_accuracy:.4f} vs {champion_accuracy:.4f} on {images} images, "
+        f"not shown worse (McNemar p = {p_value:.3g} ≥ {alpha})",
+        **figures,
+    )
 
 
 def first_model(candidate_correct: np.ndarray, labels: np.ndarray, floor: float | None = None) -> GateDecision:
@@ -89,13 +116,35 @@ def first_model(candidate_correct: np.ndarray, labels: np.ndarray, floor: float 
     else:
         what = "the configured floor"
     if accuracy > floor:
-        return GateDecision(True, f"first model promoted: accuracy {accuracy:.4f} beats {what} ({floor:.4f}) on {images} images", images, accuracy, floor=floor)
-    hint = " (every test image is of one class, so no model can; a larger test split would tell)" if floor >= 1.0 else ""
-    return GateDecision(False, f"first model not promoted: accuracy {accuracy:.4f} does not beat {what} ({floor:.4f}) on {images} images{hint}; "
-                               "promote it by hand (`headstart models promote VERSION`) if that is meant", images, accuracy, floor=floor)
+        return GateDecision(
+            True,
+            f"first model promoted: accuracy {accuracy:.4f} beats {what} ({floor:.4f}) on {images} images",
+            images,
+            accuracy,
+            floor=floor,
+        )
+    hint = (
+        " (every test image is of one class, so no model can; a larger test split would tell)" if floor >= 1.0 else ""
+    )
+    return GateDecision(
+        False,
+        f"first model not promoted: accuracy {accuracy:.4f} does not beat {what} ({floor:.4f}) on {images} images{hint}; "
+        "promote it by hand (`headstart models promote VERSION`) if that is meant",
+        images,
+        accuracy,
+        floor=floor,
+    )
 
 
-def different_classes(candidate: list[str], champion: list[str], champion_version: str, candidate_accuracy: float, images: int) -> GateDecision:
+def different_classes(
+    candidate: list[str], champion: list[str], champion_version: str, candidate_accuracy: float, images: int
+) -> GateDecision:
     """A candidate for other classes than the champion's is never promoted automatically."""
-    return GateDecision(False, f"kept champion {champion_version}: the candidate's classes ({', '.join(candidate)}) differ from the champion's "
-                               f"({', '.join(champion)}); promote it by hand if that is meant", images, candidate_accuracy, champion=champion_version)
+    return GateDecision(
+        False,
+        f"kept champion {champion_version}: the candidate's classes ({', '.join(candidate)}) differ from the champion's "
+        f"({', '.join(champion)}); promote it by hand if that is meant",
+        images,
+        candidate_accuracy,
+        champion=champion_version,
+    )

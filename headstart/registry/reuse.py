@@ -17,13 +17,18 @@ from pathlib import Path
 
 from headstart import __version__
 from headstart.config import TrainConfig
-from headstart.registry.runs import Run
 from headstart.infra.storage import write_json_atomic
+from headstart.registry.runs import Run
 
 
 def training_key(config: TrainConfig, manifest_fingerprint: str, backbone_fingerprint: str) -> str:
     """Hashes everything that decides a run's model and metrics (see TrainConfig.counted_by_value)."""
-    decisive = {"manifest": manifest_fingerprint, "backbone": backbone_fingerprint, "headstart": __version__, **config.training_values()}
+    decisive = {
+        "manifest": manifest_fingerprint,
+        "backbone": backbone_fingerprint,
+        "headstart": __version__,
+        **config.training_values(),
+    }
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -48,7 +53,11 @@ def _recorded(cache_dir: Path, key: str) -> list[str]:
 def find_identical_run(cache_dir: Path, key: str, artifacts_root: Path | None = None) -> Path | None:
     """An earlier, complete run with the same training key, if one is still on disk: the one under
     `artifacts_root` where there is one, so that a run copied there is not copied again."""
-    runs = [run for run in (Run.if_complete(Path(path)) for path in _recorded(cache_dir, key)) if run is not None and run.config.get("training_key") == key]
+    runs = [
+        run
+        for run in (Run.if_complete(Path(path)) for path in _recorded(cache_dir, key))
+        if run is not None and run.config.get("training_key") == key
+    ]
     here = [run for run in runs if artifacts_root is not None and in_registry(artifacts_root, run.path)]
     chosen = here or runs
     return chosen[0].path if chosen else None

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 from headstart import __version__
 from headstart.backbone.handles import Backbone
-from headstart.evaluation.drift import data_index, feature_reference
 from headstart.errors import HeadstartError
+from headstart.evaluation.drift import data_index, feature_reference
 from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
 if TYPE_CHECKING:
@@ -48,8 +48,20 @@ LINEAGE_FILE = "lineage.json"
 DATA_INDEX_FILE = "data_index.parquet"
 PLOTS_DIR = "plots"
 # Everything a run holds.
-RUN_FILES = (MODEL_FILE, SERVING_DIR, BACKBONE_DIR, CLASS_NAMES_FILE, METRICS_FILE, HISTORY_FILE,
-             DATA_REPORT_FILE, CONFIG_FILE, MODEL_CARD_FILE, LINEAGE_FILE, DATA_INDEX_FILE, PLOTS_DIR)
+RUN_FILES = (
+    MODEL_FILE,
+    SERVING_DIR,
+    BACKBONE_DIR,
+    CLASS_NAMES_FILE,
+    METRICS_FILE,
+    HISTORY_FILE,
+    DATA_REPORT_FILE,
+    CONFIG_FILE,
+    MODEL_CARD_FILE,
+    LINEAGE_FILE,
+    DATA_INDEX_FILE,
+    PLOTS_DIR,
+)
 # What a complete run holds: runs written before the data index existed are complete too.
 REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name != DATA_INDEX_FILE)
 
@@ -148,6 +160,7 @@ class RunWriter:
 
     def copy_run(self, previous: Path, flow_run_id: str | None = None) -> None:
         """Fills the staging directory with an earlier run's files (hard links where possible)."""
+
         def link_or_copy(source, destination):
             try:
                 os.link(source, destination)
@@ -157,21 +170,48 @@ class RunWriter:
         shutil.rmtree(self.staging)
         shutil.copytree(previous, self.staging, copy_function=link_or_copy)
         self._claim()
-        for name, own in ((CONFIG_FILE, {}), (LINEAGE_FILE, {"version": self.name, "created_at": self.created_at.isoformat(), "flow_run_id": flow_run_id})):
+        for name, own in (
+            (CONFIG_FILE, {}),
+            (
+                LINEAGE_FILE,
+                {"version": self.name, "created_at": self.created_at.isoformat(), "flow_run_id": flow_run_id},
+            ),
+        ):
             value = json.loads((self.staging / name).read_text())
             (self.staging / name).unlink()  # a link: rewrite it without touching the earlier run
             self.write_json(name, {**value, **own, "reused_from": str(previous)})
 
-    def lineage(self, *, config_values: dict, training_key: str, backbone: Backbone, features: "FeatureSet", data_report: dict,
-                metrics: dict, flow_run_id: str | None, gate: dict | None) -> dict:
+    def lineage(
+        self,
+        *,
+        config_values: dict,
+        training_key: str,
+        backbone: Backbone,
+        features: "FeatureSet",
+        data_report: dict,
+        metrics: dict,
+        flow_run_id: str | None,
+        gate: dict | None,
+    ) -> dict:
         """Where this run's model came from, for the registry: data, classes, backbone, parameters, version, metrics,
         and the promotion gate's decision (None where the gate was off)."""
         return {
-            "version": self.name, "created_at": self.created_at.isoformat(), "headstart": __version__, "flow_run_id": flow_run_id,
-            "data": {"source": data_report["source"], "splits": {split: _content_fingerprint(hashes) for split, hashes in features.content_hashes().items()}},
+            "version": self.name,
+            "created_at": self.created_at.isoformat(),
+            "headstart": __version__,
+            "flow_run_id": flow_run_id,
+            "data": {
+                "source": data_report["source"],
+                "splits": {split: _content_fingerprint(hashes) for split, hashes in features.content_hashes().items()},
+            },
             "class_names": metrics["class_names"],
-            "backbone": {"handle": backbone.handle, "fingerprint": backbone.fingerprint, "image_size": backbone.image_size},
-            "parameters": config_values, "training_key": training_key,
+            "backbone": {
+                "handle": backbone.handle,
+                "fingerprint": backbone.fingerprint,
+                "image_size": backbone.image_size,
+            },
+            "parameters": config_values,
+            "training_key": training_key,
             "metrics": {name: metrics[name] for name in ("accuracy", "n", "macro_f1")},
             "gate": gate,
             "feature_reference": feature_reference(features, backbone),
@@ -184,9 +224,21 @@ def _content_fingerprint(hashes: list[str]) -> dict:
 
 
 def write_run(
-    artifacts_root: Path, *, config: "TrainConfig", training_key: str, classifier, backbone: Backbone, features: "FeatureSet",
-    data_report: dict, history: dict, metrics: dict, figures: dict[str, bytes], flow_run_id: str | None = None, gate: dict | None = None,
-    near_duplicates: dict | None = None, fine_tuning: tuple[dict, dict] | None = None,
+    artifacts_root: Path,
+    *,
+    config: "TrainConfig",
+    training_key: str,
+    classifier,
+    backbone: Backbone,
+    features: "FeatureSet",
+    data_report: dict,
+    history: dict,
+    metrics: dict,
+    figures: dict[str, bytes],
+    flow_run_id: str | None = None,
+    gate: dict | None = None,
+    near_duplicates: dict | None = None,
+    fine_tuning: tuple[dict, dict] | None = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
     `near_duplicates` (headstart.evaluation.near_duplicates.near_duplicate_report) goes into the data report, its
@@ -200,19 +252,42 @@ def write_run(
         history = {**history, "fine_tuning": fine_tuning[0]}
         metrics = {**metrics, "fine_tuning": fine_tuning[1]}
     with RunWriter(artifacts_root) as writer:
-        writer.write_json(LINEAGE_FILE, writer.lineage(config_values=config_values, training_key=training_key, backbone=backbone,
-                                                       features=features, data_report=data_report, metrics=metrics, flow_run_id=flow_run_id,
-                                                       gate=gate))
+        writer.write_json(
+            LINEAGE_FILE,
+            writer.lineage(
+                config_values=config_values,
+                training_key=training_key,
+                backbone=backbone,
+                features=features,
+                data_report=data_report,
+                metrics=metrics,
+                flow_run_id=flow_run_id,
+                gate=gate,
+            ),
+        )
         writer.save_classifier(classifier, backbone)
         write_parquet_atomic(writer.staging / DATA_INDEX_FILE, data_index(features, metrics["class_names"]))
         writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
-        writer.write_json(METRICS_FILE, {**metrics, "engine": features.engine, "features_extracted": features.extracted, "features_reused": features.reused})
+        writer.write_json(
+            METRICS_FILE,
+            {
+                **metrics,
+                "engine": features.engine,
+                "features_extracted": features.extracted,
+                "features_reused": features.reused,
+            },
+        )
         writer.write_json(HISTORY_FILE, history)
         writer.write_json(DATA_REPORT_FILE, data_report)
-        writer.write_json(CONFIG_FILE, {**config_values, "backbone_fingerprint": backbone.fingerprint, "training_key": training_key})
+        writer.write_json(
+            CONFIG_FILE, {**config_values, "backbone_fingerprint": backbone.fingerprint, "training_key": training_key}
+        )
         for name, png in figures.items():
             writer.write_bytes(f"{PLOTS_DIR}/{name}", png)
-        writer.write_bytes(MODEL_CARD_FILE, model_card(config_values, metrics, data_report, backbone, history, features.engine).encode())
+        writer.write_bytes(
+            MODEL_CARD_FILE,
+            model_card(config_values, metrics, data_report, backbone, history, features.engine).encode(),
+        )
     return writer.final
 
 
@@ -226,8 +301,12 @@ def copy_run(artifacts_root: Path, previous: Path, flow_run_id: str | None = Non
 def near_duplicate_metrics(near_duplicates: dict) -> dict:
     """The test split's near-duplicate figures, without the pairs: what metrics.json holds."""
     test = near_duplicates["splits"]["test"]
-    return {"threshold": near_duplicates["threshold"], "flagged": test["flagged"],
-            "accuracy_without_flagged": test["accuracy_without_flagged"], "n_without_flagged": test["n_without_flagged"]}
+    return {
+        "threshold": near_duplicates["threshold"],
+        "flagged": test["flagged"],
+        "accuracy_without_flagged": test["accuracy_without_flagged"],
+        "n_without_flagged": test["n_without_flagged"],
+    }
 
 
 def near_duplicates_summary(near_duplicates: dict | None) -> str:
@@ -237,14 +316,22 @@ def near_duplicates_summary(near_duplicates: dict | None) -> str:
     threshold, splits = near_duplicates["threshold"], near_duplicates["splits"]
     test = splits["test"]
     if not test["flagged"]:
-        text = (f"No test image has a near-duplicate in the training split: none of the {test['images']} reaches a cosine similarity "
-                f"of {threshold} to its nearest training image (backbone features).")
+        text = (
+            f"No test image has a near-duplicate in the training split: none of the {test['images']} reaches a cosine similarity "
+            f"of {threshold} to its nearest training image (backbone features)."
+        )
     else:
         without = test["accuracy_without_flagged"]
-        without_text = f"**{without:.4f}** on the other {test['n_without_flagged']}" if without is not None else "undefined (every test image is flagged)"
-        text = (f"**{test['flagged']}** of {test['images']} test images are near-duplicates of a training image (cosine similarity of "
-                f"backbone features ≥ {threshold}; listed in `{DATA_REPORT_FILE}`): test accuracy {test['accuracy']:.4f} with them, "
-                f"{without_text} without them.")
+        without_text = (
+            f"**{without:.4f}** on the other {test['n_without_flagged']}"
+            if without is not None
+            else "undefined (every test image is flagged)"
+        )
+        text = (
+            f"**{test['flagged']}** of {test['images']} test images are near-duplicates of a training image (cosine similarity of "
+            f"backbone features ≥ {threshold}; listed in `{DATA_REPORT_FILE}`): test accuracy {test['accuracy']:.4f} with them, "
+            f"{without_text} without them."
+        )
     if "validation" in splits:
         text += f" Validation (early stopping): {splits['validation']['flagged']} of {splits['validation']['images']} images flagged."
     return text
@@ -254,24 +341,37 @@ def fine_tuning_summary(config: dict, summary: dict | None) -> str:
     """The model card's line on fine-tuning, where it ran."""
     if summary is None:
         return ""
-    augmentations = (("horizontal flips", summary["flip"]),
-                     (f"shifts of up to {summary['shift']:.0%} of the side ({summary['shift_cells']} cells)", summary["shift_cells"]),
-                     (f"mixup (alpha {summary['mixup']})", summary["mixup"]),
-                     (f"CutMix (alpha {summary.get('cutmix')})", summary.get("cutmix")))
+    augmentations = (
+        ("horizontal flips", summary["flip"]),
+        (
+            f"shifts of up to {summary['shift']:.0%} of the side ({summary['shift_cells']} cells)",
+            summary["shift_cells"],
+        ),
+        (f"mixup (alpha {summary['mixup']})", summary["mixup"]),
+        (f"CutMix (alpha {summary.get('cutmix')})", summary.get("cutmix")),
+    )
     augmentation = ", ".join(name for name, on in augmentations if on)
-    return (f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, on activations cached at their input "
-            f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); {summary['epochs_run']} epochs "
-            f"(Adam, learning rate {config['fine_tune_learning_rate']} after a one-epoch warm-up, decaying on a cosine; augmentation: {augmentation or 'none'}), "
-            f"epoch {summary['best_epoch']} kept: validation accuracy {summary['validation_accuracy_before']:.4f} with the head alone, "
-            f"{summary['validation_accuracy_after']:.4f} fine-tuned. Base backbone `{summary['base_backbone']['handle']}` "
-            f"(fingerprint `{summary['base_backbone']['fingerprint']}`); the stages below {summary['from_stage']} are its own, unchanged."
-            + (" The fine-tuned backbone averages the features of each image and of its mirror image." if summary.get("mirror_average") else ""))
+    return (
+        f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, on activations cached at their input "
+        f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); {summary['epochs_run']} epochs "
+        f"(Adam, learning rate {config['fine_tune_learning_rate']} after a one-epoch warm-up, decaying on a cosine; augmentation: {augmentation or 'none'}), "
+        f"epoch {summary['best_epoch']} kept: validation accuracy {summary['validation_accuracy_before']:.4f} with the head alone, "
+        f"{summary['validation_accuracy_after']:.4f} fine-tuned. Base backbone `{summary['base_backbone']['handle']}` "
+        f"(fingerprint `{summary['base_backbone']['fingerprint']}`); the stages below {summary['from_stage']} are its own, unchanged."
+        + (
+            " The fine-tuned backbone averages the features of each image and of its mirror image."
+            if summary.get("mirror_average")
+            else ""
+        )
+    )
 
 
 def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbone, history: dict, engine: str) -> str:
     counts = data_report["counts"]
     split_lines = "\n".join(
-        f"| {split} | " + " | ".join(str(counts[split][name]) for name in data_report["class_names"]) + f" | {sum(counts[split].values())} |"
+        f"| {split} | "
+        + " | ".join(str(counts[split][name]) for name in data_report["class_names"])
+        + f" | {sum(counts[split].values())} |"
         for split in ("train", "validation", "test")
     )
     per_class = "\n".join(
@@ -280,25 +380,25 @@ def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbon
     )
     return f"""# Model card
 
-An image classifier for {', '.join(data_report['class_names'])}, trained by headstart.
+An image classifier for {", ".join(data_report["class_names"])}, trained by headstart.
 
 ## Model
 - Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), {"fine-tuned" if "fine_tuning" in metrics else "frozen"}, ImageNet-pretrained; input {backbone.image_size}×{backbone.image_size} px.
-- Head: Dropout({config['dropout']}) → Dense({len(data_report['class_names'])}, softmax), trained for {len(history.get('loss', []))} epochs
-  (learning rate {config['learning_rate']}, batch size {config['batch_size']}, seed {config['seed']}), on features from the {engine} engine.{fine_tuning_summary(config, metrics.get("fine_tuning"))}
+- Head: Dropout({config["dropout"]}) → Dense({len(data_report["class_names"])}, softmax), trained for {len(history.get("loss", []))} epochs
+  (learning rate {config["learning_rate"]}, batch size {config["batch_size"]}, seed {config["seed"]}), on features from the {engine} engine.{fine_tuning_summary(config, metrics.get("fine_tuning"))}
 - Input: RGB images of any size, pixel values 0–255; output: one probability per class in the order of `{CLASS_NAMES_FILE}`.
 
 ## Data
-Source: `{data_report['source']}`. Splits are assigned by image content hash and never change between runs.
+Source: `{data_report["source"]}`. Splits are assigned by image content hash and never change between runs.
 
-| split | {' | '.join(data_report['class_names'])} | total |
-|---|{'---|' * len(data_report['class_names'])}---|
+| split | {" | ".join(data_report["class_names"])} | total |
+|---|{"---|" * len(data_report["class_names"])}---|
 {split_lines}
 
-{len(data_report['skipped'])} files were skipped (see `{DATA_REPORT_FILE}`).{"".join(f"{chr(10)}- {note}" for note in data_report["notes"])}
+{len(data_report["skipped"])} files were skipped (see `{DATA_REPORT_FILE}`).{"".join(f"{chr(10)}- {note}" for note in data_report["notes"])}
 
 ## Evaluation on the test split
-Accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images, macro F1 {metrics['macro_f1']:.4f}.
+Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metrics["macro_f1"]:.4f}.
 
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|
@@ -315,6 +415,7 @@ Accuracy is measured on held-out images of the same source, not on the world at 
 
 
 # --- reading a run ---------------------------------------------------------------------------------
+
 
 class Run:
     """A finished run directory, read on demand: its classes, figures, configuration and models."""
@@ -379,7 +480,11 @@ class Run:
         index = self.data_index()
         if index is None:
             return None
-        return {sha for sha, in_split in zip(index.column("sha256").to_pylist(), index.column("split").to_pylist()) if in_split == split}
+        return {
+            sha
+            for sha, in_split in zip(index.column("sha256").to_pylist(), index.column("split").to_pylist())
+            if in_split == split
+        }
 
     @property
     def image_size(self) -> int:
@@ -390,8 +495,13 @@ class Run:
         """The backbone module the run's model holds, under the fingerprint it was trained with; with
         the int8 model that made its features where it was trained on the litert-int8 engine."""
         int8_model = self.path / INT8_BACKBONE_FILE
-        return Backbone(handle=self.config["backbone"], module_path=self.path / BACKBONE_DIR, fingerprint=self.config["backbone_fingerprint"],
-                        image_size=self.image_size, litert_model=int8_model if int8_model.is_file() else None)
+        return Backbone(
+            handle=self.config["backbone"],
+            module_path=self.path / BACKBONE_DIR,
+            fingerprint=self.config["backbone_fingerprint"],
+            image_size=self.image_size,
+            litert_model=int8_model if int8_model.is_file() else None,
+        )
 
     @property
     def model_card(self) -> str:

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from headstart.errors import HeadstartError
-from headstart.registry.runs import Run
 from headstart.infra.storage import write_json_atomic
+from headstart.registry.runs import Run
 
 CHAMPION = "champion"
 
@@ -47,15 +47,25 @@ def versions(artifacts_root: Path) -> list[Version]:
     """Every complete run under the artifacts root, newest first, the champion marked."""
     root = Path(artifacts_root)
     champion = champion_version(root)
-    runs = [Run.if_complete(path) for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")] if root.is_dir() else []
+    runs = (
+        [Run.if_complete(path) for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")]
+        if root.is_dir()
+        else []
+    )
     rows = []
     for run in sorted((run for run in runs if run is not None), key=lambda run: run.path.name, reverse=True):
         metrics = run.metrics
-        rows.append(Version(
-            version=run.path.name, path=str(run.path), accuracy=metrics.get("accuracy"), n=metrics.get("n"),
-            class_names=run.class_names, created_at=run.lineage.get("created_at", ""),
-            champion=run.path.name == champion,
-        ))
+        rows.append(
+            Version(
+                version=run.path.name,
+                path=str(run.path),
+                accuracy=metrics.get("accuracy"),
+                n=metrics.get("n"),
+                class_names=run.class_names,
+                created_at=run.lineage.get("created_at", ""),
+                champion=run.path.name == champion,
+            )
+        )
     return rows
 
 
@@ -66,7 +76,9 @@ def _read_alias(artifacts_root: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError:
-        raise HeadstartError(f"the champion alias {path} is not valid JSON; restore it or delete it to start afresh") from None
+        raise HeadstartError(
+            f"the champion alias {path} is not valid JSON; restore it or delete it to start afresh"
+        ) from None
 
 
 def champion_version(artifacts_root: Path) -> str | None:
@@ -81,7 +93,9 @@ def champion(artifacts_root: Path) -> Run | None:
         return None
     run = Run.if_complete(Path(artifacts_root) / version)
     if run is None:
-        raise HeadstartError(f"the champion {version} is no longer a complete run in {artifacts_root}; promote another version")
+        raise HeadstartError(
+            f"the champion {version} is no longer a complete run in {artifacts_root}; promote another version"
+        )
     return run
 
 
@@ -137,10 +151,18 @@ def _switch(artifacts_root: Path, version: str, reason: str, by: str, rollback: 
 def _switch_holding_the_lock(artifacts_root: Path, version: str, reason: str, by: str, rollback: bool) -> dict:
     root = Path(artifacts_root)
     if Run.if_complete(root / version) is None:
-        raise HeadstartError(f"version {version} is not a complete run in {root}; `headstart models` lists the versions")
+        raise HeadstartError(
+            f"version {version} is not a complete run in {root}; `headstart models` lists the versions"
+        )
     alias = _read_alias(root)
-    entry = {"version": version, "previous": alias["version"], "reason": reason, "by": by,
-             "at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(), "rollback": rollback}
+    entry = {
+        "version": version,
+        "previous": alias["version"],
+        "reason": reason,
+        "by": by,
+        "at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "rollback": rollback,
+    }
     write_json_atomic(alias_path(root), {"version": version, "history": [*alias["history"], entry]})
     return entry
 
@@ -150,7 +172,9 @@ def resolve(artifacts_root: Path, model: str) -> Run:
     if model == CHAMPION:
         run = champion(artifacts_root)
         if run is None:
-            raise HeadstartError(f"no champion in {artifacts_root} yet; promote a version (`headstart models promote VERSION`)")
+            raise HeadstartError(
+                f"no champion in {artifacts_root} yet; promote a version (`headstart models promote VERSION`)"
+            )
         return run
     candidate = Path(artifacts_root) / model
     return Run(candidate if candidate.is_dir() and "/" not in model else Path(model))

@@ -22,20 +22,30 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     dashboard in a browser cannot open them, so they are named, not linked; the link goes to
     the flow run's own page, with every artifact of the run."""
     metrics = run.metrics
-    images = "\n\n".join(f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots())
+    images = "\n\n".join(
+        f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots()
+    )
     gate = run.lineage.get("gate")
     decision = f"**Gate:** {gate['reason']}.\n\n" if gate else ""
     near_duplicates = run.data_report.get("near_duplicates")
     leakage = f"**Near-duplicates:** {near_duplicates_summary(near_duplicates)}\n\n" if near_duplicates else ""
     tuned = metrics.get("fine_tuning")
-    fine_tuning = (f"**Fine-tuned** from stage {tuned['from_stage']} in {tuned['epochs_run']} epochs (epoch {tuned['best_epoch']} kept): validation "
-                   f"accuracy {tuned['validation_accuracy_before']:.4f} with the head alone, {tuned['validation_accuracy_after']:.4f} fine-tuned.\n\n") if tuned else ""
+    fine_tuning = (
+        (
+            f"**Fine-tuned** from stage {tuned['from_stage']} in {tuned['epochs_run']} epochs (epoch {tuned['best_epoch']} kept): validation "
+            f"accuracy {tuned['validation_accuracy_before']:.4f} with the head alone, {tuned['validation_accuracy_after']:.4f} fine-tuned.\n\n"
+        )
+        if tuned
+        else ""
+    )
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)
     this_run = f" All of this run's artifacts: [its flow run]({flow_run_url})." if flow_run_url else ""
-    return (f"# headstart run `{run.path.name}`\n\nTest accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
-            f"{fine_tuning}{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
-            f"`headstart models` lists this run as version `{run.path.name}`; `headstart predict --model {run.path.name} FOLDER` labels images with it.\n\n"
-            f"{run.model_card}")
+    return (
+        f"# headstart run `{run.path.name}`\n\nTest accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
+        f"{fine_tuning}{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
+        f"`headstart models` lists this run as version `{run.path.name}`; `headstart predict --model {run.path.name} FOLDER` labels images with it.\n\n"
+        f"{run.model_card}"
+    )
 
 
 def run_tables(run: Run) -> list[tuple[str, list[dict], str]]:
@@ -43,23 +53,51 @@ def run_tables(run: Run) -> list[tuple[str, list[dict], str]]:
     left out with their reasons, and the near-duplicates where the run checked for them."""
     metrics, data = run.metrics, run.data_report
     used = sum(sum(counts.values()) for counts in data["counts"].values())
-    tables = [("headstart-metrics", metrics_rows(metrics), "Test-split metrics per class"),
-              ("headstart-data", data_rows(data), f"{used} images used, {len(data['skipped'])} files skipped, from {data['source']}")]
+    tables = [
+        ("headstart-metrics", metrics_rows(metrics), "Test-split metrics per class"),
+        (
+            "headstart-data",
+            data_rows(data),
+            f"{used} images used, {len(data['skipped'])} files skipped, from {data['source']}",
+        ),
+    ]
     near_duplicates = data.get("near_duplicates")
     if near_duplicates is not None:  # runs from before the check have none
         test = near_duplicates["splits"]["test"]
-        tables.append(("headstart-near-duplicates", near_duplicate_rows(near_duplicates),
-                       f"{test['flagged']} of {test['images']} test images have a training image at cosine similarity ≥ {near_duplicates['threshold']}"))
+        tables.append(
+            (
+                "headstart-near-duplicates",
+                near_duplicate_rows(near_duplicates),
+                f"{test['flagged']} of {test['images']} test images have a training image at cosine similarity ≥ {near_duplicates['threshold']}",
+            )
+        )
     return tables
 
 
 def metrics_rows(metrics: dict) -> list[dict]:
     """One row per class, and one for all of them (macro F1, accuracy): the table artifact. Every
     row has the same columns, since the dashboard takes them from the first row."""
-    rows = [{"class": name, "precision": round(values["precision"], 4), "recall": round(values["recall"], 4), "f1": round(values["f1"], 4),
-             "support": values["support"], "accuracy": None} for name, values in metrics["per_class"].items()]
-    rows.append({"class": "(all)", "precision": None, "recall": None, "f1": round(metrics["macro_f1"], 4), "support": metrics["n"],
-                 "accuracy": round(metrics["accuracy"], 4)})
+    rows = [
+        {
+            "class": name,
+            "precision": round(values["precision"], 4),
+            "recall": round(values["recall"], 4),
+            "f1": round(values["f1"], 4),
+            "support": values["support"],
+            "accuracy": None,
+        }
+        for name, values in metrics["per_class"].items()
+    ]
+    rows.append(
+        {
+            "class": "(all)",
+            "precision": None,
+            "recall": None,
+            "f1": round(metrics["macro_f1"], 4),
+            "support": metrics["n"],
+            "accuracy": round(metrics["accuracy"], 4),
+        }
+    )
     return rows
 
 
@@ -68,7 +106,9 @@ def data_rows(data_report: dict) -> list[dict]:
     skipped = data_report["skipped"]
     rows = [{"file": entry["path"], "reason": entry["reason"]} for entry in skipped[:DATA_TABLE_FILES]]
     if len(skipped) > DATA_TABLE_FILES:
-        rows.append({"file": f"({len(skipped) - DATA_TABLE_FILES} more files)", "reason": f"listed in {DATA_REPORT_FILE}"})
+        rows.append(
+            {"file": f"({len(skipped) - DATA_TABLE_FILES} more files)", "reason": f"listed in {DATA_REPORT_FILE}"}
+        )
     rows += [{"file": "(note)", "reason": note} for note in data_report["notes"]]
     return rows or [{"file": "(none)", "reason": "every file was used"}]
 
@@ -76,25 +116,61 @@ def data_rows(data_report: dict) -> list[dict]:
 def near_duplicate_rows(near_duplicates: dict) -> list[dict]:
     """Every flagged pair, most similar first within each split: the near-duplicates table. Every
     row has the same columns; with no pairs, one row saying so."""
-    rows = [{"split": split, "similarity": round(pair["similarity"], 4), "image": pair["path"], "class": pair["label"],
-             "nearest_training_image": pair["train_path"], "its_class": pair["train_label"]}
-            for split, check in near_duplicates["splits"].items() for pair in check["pairs"]]
-    return rows or [{"split": ", ".join(near_duplicates["splits"]), "similarity": None,
-                     "image": f"no near-duplicates at or above {near_duplicates['threshold']}", "class": None,
-                     "nearest_training_image": None, "its_class": None}]
+    rows = [
+        {
+            "split": split,
+            "similarity": round(pair["similarity"], 4),
+            "image": pair["path"],
+            "class": pair["label"],
+            "nearest_training_image": pair["train_path"],
+            "its_class": pair["train_label"],
+        }
+        for split, check in near_duplicates["splits"].items()
+        for pair in check["pairs"]
+    ]
+    return rows or [
+        {
+            "split": ", ".join(near_duplicates["splits"]),
+            "similarity": None,
+            "image": f"no near-duplicates at or above {near_duplicates['threshold']}",
+            "class": None,
+            "nearest_training_image": None,
+            "its_class": None,
+        }
+    ]
 
 
 def gate_rows(decision: GateDecision) -> list[dict]:
     """The gate's decision as a two-column table: one row per figure, the reason first."""
-    figures = {"decision": "promote" if decision.promote else "keep the champion", "reason": decision.reason, **{
-        name: value for name, value in decision.to_dict().items() if name not in ("promote", "reason", "notes", "drift") and value is not None}}
-    rows = [{"figure": name, "value": round(value, 6) if isinstance(value, float) else value} for name, value in figures.items()]
+    figures = {
+        "decision": "promote" if decision.promote else "keep the champion",
+        "reason": decision.reason,
+        **{
+            name: value
+            for name, value in decision.to_dict().items()
+            if name not in ("promote", "reason", "notes", "drift") and value is not None
+        },
+    }
+    rows = [
+        {"figure": name, "value": round(value, 6) if isinstance(value, float) else value}
+        for name, value in figures.items()
+    ]
     rows += [{"figure": "note", "value": note} for note in decision.notes]
     if decision.drift is not None:
         rows.append({"figure": "drift", "value": drift.summary(decision.drift)})
-        rows += [{"figure": f"drift: {name}", "value": decision.drift[name]} for name in DRIFT_FIGURES if decision.drift.get(name) is not None]
+        rows += [
+            {"figure": f"drift: {name}", "value": decision.drift[name]}
+            for name in DRIFT_FIGURES
+            if decision.drift.get(name) is not None
+        ]
     return rows
 
 
-DRIFT_FIGURES = ("new_images", "images_gone", "mean_feature_shift", "mean_feature_shift_by_chance",
-                 "new_images_mean_feature_shift", "new_images_shift_by_chance")
+DRIFT_FIGURES = (
+    "new_images",
+    "images_gone",
+    "mean_feature_shift",
+    "mean_feature_shift_by_chance",
+    "new_images_mean_feature_shift",
+    "new_images_shift_by_chance",
+)

@@ -63,7 +63,9 @@ CAPTION = 44  # pixels above each image for its two-line caption
 GAP = 12
 
 
-def plot_prediction_grid(paths: list[str], labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], title: str) -> bytes:
+def plot_prediction_grid(
+    paths: list[str], labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], title: str
+) -> bytes:
     """Images with 'predicted (probability) / true' captions, green when right, red when wrong.
 
     One picture of all the thumbnails rather than an axes per image: twelve axes took 0.25 s per
@@ -83,10 +85,17 @@ def plot_prediction_grid(paths: list[str], labels: np.ndarray, probabilities: np
         thumbnail = _thumbnail(path)
         height, width = thumbnail.shape[:2]
         y, x = top + (THUMBNAIL - height) // 2, left + (THUMBNAIL - width) // 2
-        montage[y:y + height, x:x + width] = thumbnail
+        montage[y : y + height, x : x + width] = thumbnail
         predicted = int(np.argmax(probs))
-        axis.text(left + THUMBNAIL / 2, top - 4, f"{class_names[predicted]} ({probs[predicted]:.2f})\ntrue: {class_names[int(label)]}",
-                  ha="center", va="bottom", fontsize=9, color=RIGHT if predicted == int(label) else WRONG)
+        axis.text(
+            left + THUMBNAIL / 2,
+            top - 4,
+            f"{class_names[predicted]} ({probs[predicted]:.2f})\ntrue: {class_names[int(label)]}",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            color=RIGHT if predicted == int(label) else WRONG,
+        )
     axis.imshow(montage, interpolation="nearest")
     if not paths:
         axis.text(montage.shape[1] / 2, montage.shape[0] / 2, "none", ha="center", va="center")
@@ -100,7 +109,11 @@ def _thumbnail(path: str) -> np.ndarray:
     # Small images are enlarged pixel by pixel, as matplotlib shows them: smoothing them would
     # invent detail, and made the PNG six times larger.
     enlarging = max(image.size) < THUMBNAIL
-    return np.asarray(ImageOps.contain(image, (THUMBNAIL, THUMBNAIL), Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS))
+    return np.asarray(
+        ImageOps.contain(
+            image, (THUMBNAIL, THUMBNAIL), Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS
+        )
+    )
 
 
 def sample_indices(count: int, sample_size: int, seed: int) -> np.ndarray:
@@ -128,16 +141,21 @@ def plot_near_duplicates(pairs: list[dict], limit: int = 4) -> bytes:
         # Each pair in its own cell below the figure's title, its caption in the cell's top fifth
         # and a blank margin either side, so that pairs stay apart.
         cell_height = 0.93 / rows
-        axis = figure.add_axes((column / columns + 0.05 / columns, 0.93 - (row + 1) * cell_height, 0.9 / columns, 0.8 * cell_height))
+        axis = figure.add_axes(
+            (column / columns + 0.05 / columns, 0.93 - (row + 1) * cell_height, 0.9 / columns, 0.8 * cell_height)
+        )
         axis.axis("off")
         images = [_thumbnail(pair["path"]), _thumbnail(pair["train_path"])]
         side_by_side = np.full((max(image.shape[0] for image in images), THUMBNAIL * 2 + GAP, 3), 255, np.uint8)
         for position, image in enumerate(images):
             left = position * (THUMBNAIL + GAP) + (THUMBNAIL - image.shape[1]) // 2
-            side_by_side[:image.shape[0], left:left + image.shape[1]] = image
+            side_by_side[: image.shape[0], left : left + image.shape[1]] = image
         axis.imshow(side_by_side, interpolation="nearest")
-        axis.set_title(f"cosine {pair['similarity']:.3f}\ntest: {pair['label']}  |  train: {pair['train_label']}", fontsize=10,
-                       color=RIGHT if pair["label"] == pair["train_label"] else WRONG)
+        axis.set_title(
+            f"cosine {pair['similarity']:.3f}\ntest: {pair['label']}  |  train: {pair['train_label']}",
+            fontsize=10,
+            color=RIGHT if pair["label"] == pair["train_label"] else WRONG,
+        )
     figure.suptitle("Near-duplicates: test image (left), its nearest training image (right)")
     return _to_png(figure)
 
@@ -149,8 +167,16 @@ NEAR_DUPLICATES_PLOT = "near_duplicates.png"
 FINE_TUNING_PLOT = "fine_tuning_curves.png"
 
 
-def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str], probabilities: np.ndarray, seed: int,
-             near_duplicates: list[dict] = (), fine_tuning: dict | None = None) -> dict[str, bytes]:
+def plot_run(
+    history: dict,
+    metrics: dict,
+    labels: np.ndarray,
+    paths: list[str],
+    probabilities: np.ndarray,
+    seed: int,
+    near_duplicates: list[dict] = (),
+    fine_tuning: dict | None = None,
+) -> dict[str, bytes]:
     """A run's plots as PNG bytes by file name (PLOT_FILES): its training curves, and its test
     split's confusion matrix, a seeded sample of predictions and the most confident mistakes;
     the fine-tuning curves where `fine_tuning` (its history) is given; and the closest test /
@@ -162,14 +188,21 @@ def plot_run(history: dict, metrics: dict, labels: np.ndarray, paths: list[str],
         "training_curves.png": plot_training_curves(history),
         "confusion_matrix.png": plot_confusion_matrix(metrics["confusion_matrix"], names),
         "sample_predictions.png": plot_prediction_grid(
-            [paths[i] for i in samples], labels[samples], probabilities[samples], names, "Sample test predictions"),
+            [paths[i] for i in samples], labels[samples], probabilities[samples], names, "Sample test predictions"
+        ),
         "confident_mistakes.png": plot_prediction_grid(
-            [paths[i] for i in mistakes], labels[mistakes], probabilities[mistakes], names, "Most confident mistakes"),
+            [paths[i] for i in mistakes], labels[mistakes], probabilities[mistakes], names, "Most confident mistakes"
+        ),
     }
     ordered = {name: figures[name] for name in PLOT_FILES}
     if fine_tuning is not None:
-        ordered = {"training_curves.png": ordered.pop("training_curves.png"),
-                   FINE_TUNING_PLOT: plot_training_curves(fine_tuning, "Fine-tuning: train vs validation (epoch 0: the head alone)"), **ordered}
+        ordered = {
+            "training_curves.png": ordered.pop("training_curves.png"),
+            FINE_TUNING_PLOT: plot_training_curves(
+                fine_tuning, "Fine-tuning: train vs validation (epoch 0: the head alone)"
+            ),
+            **ordered,
+        }
     if near_duplicates:
         ordered[NEAR_DUPLICATES_PLOT] = plot_near_duplicates(list(near_duplicates))
     return ordered

@@ -8,15 +8,18 @@ import numpy as np
 
 from headstart.data.folders import list_class_files
 from headstart.data.manifest import DataReport
+from headstart.data.preprocessing import apply_to_decoded, decoded_batches, image_batches
 from headstart.errors import HeadstartError
 from headstart.evaluation.metrics import classification_metrics
-from headstart.serving.predict import list_images
-from headstart.data.preprocessing import apply_to_decoded, decoded_batches, image_batches
 from headstart.registry.runs import Run
+from headstart.serving.predict import list_images
 
 
 def predict_files(
-    run: Run, paths: list[Path], batch_size: int = 64, expected_hashes: list[str] | None = None,
+    run: Run,
+    paths: list[Path],
+    batch_size: int = 64,
+    expected_hashes: list[str] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
     """Probabilities [n, classes] through the run's serving model, from raw pixels, for the image
     files that decode (the caller checks them first) and, given their content hashes, still hold
@@ -24,17 +27,21 @@ def predict_files(
     backbone = run.backbone
     if backbone.litert_model is not None:
         # The head learnt int8 features: the serving model's float backbone would feed it others.
+        from headstart.config import INT8_ENGINE
         from headstart.features.engines import choose_engine
         from headstart.training.head import predict_from_features
-        from headstart.config import INT8_ENGINE
 
         engine, head = choose_engine(backbone, INT8_ENGINE, run.path, threads=None).engine, run.keras_model()
-        probabilities, kept, unusable = apply_to_decoded(decoded_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
-                                                         lambda images: predict_from_features(head, engine(images)))
+        probabilities, kept, unusable = apply_to_decoded(
+            decoded_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
+            lambda images: predict_from_features(head, engine(images)),
+        )
     else:
         predict = run.serving_model()
-        probabilities, kept, unusable = apply_to_decoded(image_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
-                                                         lambda images: predict(images * 255.0))
+        probabilities, kept, unusable = apply_to_decoded(
+            image_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
+            lambda images: predict(images * 255.0),
+        )
     if probabilities is None:
         probabilities = np.zeros((0, len(run.class_names)), np.float32)
     return probabilities, kept, [{"path": str(paths[index]), "reason": reason} for index, reason in unusable]

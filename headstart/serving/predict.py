@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 
 from headstart.data.folders import image_files
 from headstart.data.images import check_image
+from headstart.data.preprocessing import apply_to_decoded, decoded_batches
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.data.preprocessing import apply_to_decoded, decoded_batches
-from headstart.registry.runs import Run
 from headstart.infra.storage import atomic_path
+from headstart.registry.runs import Run
 
 # Classes listed per image, most probable first, where a model has more than two.
 TOP_K = 3
@@ -44,13 +44,20 @@ class Predictions:
             row = {"path": path, "label": self.class_names[order[0]], "probability": float(probabilities[order[0]])}
             if len(self.class_names) > 2:
                 for rank, index in enumerate(order[:TOP_K], start=1):
-                    row[f"top{rank}_label"], row[f"top{rank}_probability"] = self.class_names[index], float(probabilities[index])
+                    row[f"top{rank}_label"], row[f"top{rank}_probability"] = (
+                        self.class_names[index],
+                        float(probabilities[index]),
+                    )
             rows.append(row)
         return rows
 
     def counts(self) -> dict[str, int]:
         """Images per predicted label, every class listed."""
-        predicted = Counter(self.class_names[index] for index in self.probabilities.argmax(axis=1)) if len(self.paths) else Counter()
+        predicted = (
+            Counter(self.class_names[index] for index in self.probabilities.argmax(axis=1))
+            if len(self.paths)
+            else Counter()
+        )
         return {name: predicted.get(name, 0) for name in self.class_names}
 
 
@@ -84,8 +91,10 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
     backbone = run.backbone
     engine = context.engine(backbone)
     paths = [str(path) for path in usable]
-    features, kept, unusable = apply_to_decoded(decoded_batches(paths, backbone.image_size, context.settings.batch_size),
-                                                lambda images: engine(images, context.forward_threads()))
+    features, kept, unusable = apply_to_decoded(
+        decoded_batches(paths, backbone.image_size, context.settings.batch_size),
+        lambda images: engine(images, context.forward_threads()),
+    )
     predictions.skipped.extend({"path": paths[index], "reason": reason} for index, reason in unusable)
     if kept:
         predictions.paths = [paths[index] for index in kept]
@@ -111,7 +120,9 @@ def predict_with_tflite(model_path: Path, inputs: list[Path], threads: int | Non
     return predictions
 
 
-def predict_with_model(model: str, inputs: list[Path], artifacts_root: Path, cache_dir: Path, settings: ExtractionSettings) -> tuple[Predictions, str]:
+def predict_with_model(
+    model: str, inputs: list[Path], artifacts_root: Path, cache_dir: Path, settings: ExtractionSettings
+) -> tuple[Predictions, str]:
     """Predictions by `model`, with its name: a .tflite file written by `headstart export` (run with
     LiteRT alone: TensorFlow is never imported on that path), or 'champion', a version or a run
     directory of the registry under `artifacts_root`."""
@@ -131,7 +142,11 @@ def write_predictions(predictions: Predictions, destination: Path) -> Path:
         raise HeadstartError(f"cannot write predictions to {destination}: give a file ending in .csv or .parquet")
     rows = predictions.rows()
     columns = list(rows[0]) if rows else ["path", "label", "probability"]
-    table = pa.table({name: [row[name] for row in rows] for name in columns}) if rows else pa.table({name: pa.array([], pa.string()) for name in columns})
+    table = (
+        pa.table({name: [row[name] for row in rows] for name in columns})
+        if rows
+        else pa.table({name: pa.array([], pa.string()) for name in columns})
+    )
     with atomic_path(destination) as temporary:
         if destination.suffix.lower() == ".csv":
             pa_csv.write_csv(table, temporary)

@@ -22,10 +22,10 @@ from typing import Callable
 import numpy as np
 
 from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path
+from headstart.data.preprocessing import decoded_batches
 from headstart.errors import HeadstartError
 from headstart.features.cache import FeatureCache
 from headstart.features.encoding import column_matrix
-from headstart.data.preprocessing import decoded_batches
 from headstart.infra.storage import remove_stale_temporaries
 
 logger = logging.getLogger("headstart")
@@ -44,7 +44,9 @@ class ActivationCache(FeatureCache):
     VALUE_DTYPE = ACTIVATION_DTYPE
 
     def __init__(self, cache_dir: Path, backbone: Backbone, cut: int):
-        self.directory = Path(cache_dir) / "activations" / f"{backbone.fingerprint}-{backbone.image_size}px-into-stage-{cut}"
+        self.directory = (
+            Path(cache_dir) / "activations" / f"{backbone.fingerprint}-{backbone.image_size}px-into-stage-{cut}"
+        )
 
     def load(self, keys: list[str], shape: tuple[int, ...]) -> np.ndarray:
         """The cached activations of each entry in `keys`, in that order, as [n, *shape] float16;
@@ -63,7 +65,9 @@ class ActivationCache(FeatureCache):
                     activations[row] = values[index].reshape(shape)
                     found[row] = True
         if not found.all():
-            raise HeadstartError(f"activation cache {self.directory} lacks {int((~found).sum())} of {len(keys)} entries")
+            raise HeadstartError(
+                f"activation cache {self.directory} lacks {int((~found).sum())} of {len(keys)} entries"
+            )
         return activations
 
 
@@ -87,28 +91,34 @@ class SplitBackbone:
 
     def __init__(self, backbone: Backbone, cut: int):
         if backbone.handle != BUNDLED_HANDLE:
-            raise HeadstartError(f"fine-tuning needs the bundled backbone ({BUNDLED_HANDLE}), whose stages headstart can cut apart; "
-                                 f"{backbone.handle} is a module it can only run whole")
+            raise HeadstartError(
+                f"fine-tuning needs the bundled backbone ({BUNDLED_HANDLE}), whose stages headstart can cut apart; "
+                f"{backbone.handle} is a module it can only run whole"
+            )
         from headstart.backbone.checkpoint import read_legacy_checkpoint
         from headstart.backbone.mobilenet import build_mobilenet_v2_split
 
         self.backbone, self.cut = backbone, cut
         self.state = read_legacy_checkpoint(bundled_checkpoint_path(), CHECKPOINT_SHA256_PREFIX)
         self.lower, self.upper = build_mobilenet_v2_split(self.state, cut)
-        self.activation_shape = tuple(int(d) for d in self.lower.compute_output_shape((1, backbone.image_size, backbone.image_size, 3))[1:])
+        self.activation_shape = tuple(
+            int(d) for d in self.lower.compute_output_shape((1, backbone.image_size, backbone.image_size, 3))[1:]
+        )
         self._lower_pass = None
 
     def activations(self, images: list[np.ndarray], flipped: list[bool]) -> np.ndarray:
         """The lower stages' output for float images in [0, 1] (any sizes), each mirrored where `flipped`,
         resized and normalised exactly as the backbone module does it."""
-        from headstart.infra.keras import tf
         from headstart.data.preprocessing import imagenet_normalization, resize_batch
+        from headstart.infra.keras import tf
 
         if self._lower_pass is None:
             normalize = imagenet_normalization()
             size = self.backbone.image_size
-            self._lower_pass = tf.function(lambda batch: self.lower(normalize(batch), training=False),
-                                           input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+            self._lower_pass = tf.function(
+                lambda batch: self.lower(normalize(batch), training=False),
+                input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+            )
         batch = resize_batch(images, self.backbone.image_size)
         batch = np.where(np.asarray(flipped)[:, None, None, None], batch[:, :, ::-1, :], batch)
         return self._lower_pass(tf.constant(batch)).numpy()
@@ -127,12 +137,19 @@ class SplitBackbone:
         for layer in self.upper.layers:
             if layer.weights:
                 network.get_layer(layer.name).set_weights(layer.get_weights())
-        digest = hashlib.sha256(f"{self.backbone.fingerprint} fine-tuned from stage {self.cut}{' mirror-averaged' if mirror_average else ''}".encode())
+        digest = hashlib.sha256(
+            f"{self.backbone.fingerprint} fine-tuned from stage {self.cut}{' mirror-averaged' if mirror_average else ''}".encode()
+        )
         for weight in network.weights:
             digest.update(weight.name.encode())
             digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
         export_hub_module(network, self.backbone.image_size, destination, mirror_average)
-        return Backbone(handle=handle, module_path=Path(destination), fingerprint=digest.hexdigest()[:16], image_size=self.backbone.image_size)
+        return Backbone(
+            handle=handle,
+            module_path=Path(destination),
+            fingerprint=digest.hexdigest()[:16],
+            image_size=self.backbone.image_size,
+        )
 
 
 # Entries per activation-cache shard: ≈ 25 MB at 160 px cut before stage 7, in float16.
@@ -149,8 +166,9 @@ class CachedActivations:
     left_out: list[tuple[Entry, str]]
 
 
-def cache_activations(split: SplitBackbone, cache: ActivationCache, entries: list[Entry], batch_size: int = 64,
-                      progress=None) -> CachedActivations:
+def cache_activations(
+    split: SplitBackbone, cache: ActivationCache, entries: list[Entry], batch_size: int = 64, progress=None
+) -> CachedActivations:
     """Computes and caches the activations of every entry not cached yet (clearing, on the way,
     the temporary shards a killed run left: they are never read, but would fill the disk)."""
     remove_stale_temporaries(cache.directory, ".shard-*.tmp")
@@ -160,10 +178,14 @@ def cache_activations(split: SplitBackbone, cache: ActivationCache, entries: lis
         progress.update(len(entries) - len(missing))
     left_out = []
     for start in range(0, len(missing), ENTRIES_PER_SHARD):
-        shard = missing[start:start + ENTRIES_PER_SHARD]
+        shard = missing[start : start + ENTRIES_PER_SHARD]
         keys, outputs = [], []
-        for batch in decoded_batches([entry.path for entry in shard], split.backbone.image_size, batch_size,
-                                     [entry.content_hash for entry in shard]):
+        for batch in decoded_batches(
+            [entry.path for entry in shard],
+            split.backbone.image_size,
+            batch_size,
+            [entry.content_hash for entry in shard],
+        ):
             if batch.indices:
                 outputs.append(split.activations(batch.images, [shard[index].flipped for index in batch.indices]))
                 keys.extend(shard[index].key for index in batch.indices)
@@ -201,8 +223,16 @@ class TuningSettings:
     @classmethod
     def from_config(cls, config) -> "TuningSettings":
         """The fine-tuning settings of a TrainConfig."""
-        return cls(config.fine_tune_epochs, config.batch_size, config.fine_tune_learning_rate, config.fine_tune_patience,
-                   config.seed, config.fine_tune_shift, config.fine_tune_mixup, config.fine_tune_cutmix)
+        return cls(
+            config.fine_tune_epochs,
+            config.batch_size,
+            config.fine_tune_learning_rate,
+            config.fine_tune_patience,
+            config.seed,
+            config.fine_tune_shift,
+            config.fine_tune_mixup,
+            config.fine_tune_cutmix,
+        )
 
 
 def activation_entries(features, flip: bool) -> int:
@@ -211,8 +241,13 @@ def activation_entries(features, flip: bool) -> int:
     return len(hashes["train"]) * (2 if flip else 1) + len(hashes["validation"])
 
 
-def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: TuningSettings,
-              on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None) -> tuple[dict[str, list[float]], int]:
+def fine_tune(
+    split: SplitBackbone,
+    head: tuple,
+    data: TuningData,
+    settings: TuningSettings,
+    on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None,
+) -> tuple[dict[str, list[float]], int]:
     """Trains the upper stages and the head (`head`: the classifier's Dropout and Dense layers,
     trained before on frozen features, shared and so updated in place) on the cached activations.
 
@@ -239,8 +274,12 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
     steps_per_epoch = -(-len(data.train_labels) // settings.batch_size)
     # Warmed up over the first epoch: Adam's first steps at the full rate unsettled the pretrained
     # stages enough to lose what they knew when cut low (training collapsed to chance from stage 4).
-    schedule = keras.optimizers.schedules.CosineDecay(0.0, max(1, (settings.epochs - 1) * steps_per_epoch),
-                                                      warmup_target=settings.learning_rate, warmup_steps=steps_per_epoch)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0,
+        max(1, (settings.epochs - 1) * steps_per_epoch),
+        warmup_target=settings.learning_rate,
+        warmup_steps=steps_per_epoch,
+    )
     optimizer = keras.optimizers.Adam(schedule, global_clipnorm=1.0)
     cross_entropy = keras.losses.SparseCategoricalCrossentropy()
     soft_cross_entropy = keras.losses.CategoricalCrossentropy()
@@ -260,13 +299,17 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
     @tf.function(reduce_retracing=True, autograph=False)
     def score(batch, labels):
         probabilities = model(batch, training=False)
-        return cross_entropy(labels, probabilities) * tf.cast(tf.shape(labels)[0], tf.float32), _correct(labels, probabilities)
+        return cross_entropy(labels, probabilities) * tf.cast(tf.shape(labels)[0], tf.float32), _correct(
+            labels, probabilities
+        )
 
     def validate() -> tuple[float, float]:
         sums = np.zeros(2)
         for start in range(0, len(data.validation_labels), 256):
             rows = slice(start, start + 256)
-            sums += [float(value) for value in score(data.validation[rows].astype(np.float32), data.validation_labels[rows])]
+            sums += [
+                float(value) for value in score(data.validation[rows].astype(np.float32), data.validation_labels[rows])
+            ]
         return float(sums[0] / len(data.validation_labels)), float(sums[1] / len(data.validation_labels))
 
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "seconds": []}
@@ -281,7 +324,7 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
         mirrored = generator.random(len(order)) < 0.5 if data.train_flipped is not None else None
         loss_sum = correct = 0.0
         for start in range(0, len(order), settings.batch_size):
-            rows = order[start:start + settings.batch_size]
+            rows = order[start : start + settings.batch_size]
             batch = data.train[rows]
             if mirrored is not None:
                 batch = np.where(mirrored[rows][:, None, None, None], data.train_flipped[rows], batch)
@@ -290,7 +333,10 @@ def fine_tune(split: SplitBackbone, head: tuple, data: TuningData, settings: Tun
             batch, targets = batch.astype(np.float32), one_hot[data.train_labels[rows]]
             if settings.mixup:
                 weight, partners = generator.beta(settings.mixup, settings.mixup), generator.permutation(len(rows))
-                batch, targets = weight * batch + (1 - weight) * batch[partners], weight * targets + (1 - weight) * targets[partners]
+                batch, targets = (
+                    weight * batch + (1 - weight) * batch[partners],
+                    weight * targets + (1 - weight) * targets[partners],
+                )
             if settings.cutmix:
                 batch, targets = _cut_and_mixed(batch, targets, settings.cutmix, generator)
             batch_loss, batch_correct = step(batch, targets)
@@ -338,7 +384,7 @@ def _shifted(batch: np.ndarray, cells: int, generator: np.random.Generator) -> n
     moves = generator.integers(0, 2 * cells + 1, size=(len(batch), 2))
     padded = np.pad(batch, ((0, 0), (cells, cells), (cells, cells), (0, 0)), mode="edge")
     height, width = batch.shape[1:3]
-    return np.stack([image[dy:dy + height, dx:dx + width] for image, (dy, dx) in zip(padded, moves)])
+    return np.stack([image[dy : dy + height, dx : dx + width] for image, (dy, dx) in zip(padded, moves)])
 
 
 def _cut_and_mixed(batch: np.ndarray, targets: np.ndarray, alpha: float, generator: np.random.Generator):
@@ -373,13 +419,25 @@ class FineTuningResult:
 
     def outcome(self) -> str:
         """One line: epochs run, the epoch kept, and the validation accuracy before and after."""
-        return (f"{self.summary['epochs_run']} epochs, best {self.summary['best_epoch']}: validation accuracy "
-                f"{self.summary['validation_accuracy_before']:.4f} → {self.summary['validation_accuracy_after']:.4f}")
+        return (
+            f"{self.summary['epochs_run']} epochs, best {self.summary['best_epoch']}: validation accuracy "
+            f"{self.summary['validation_accuracy_before']:.4f} → {self.summary['validation_accuracy_after']:.4f}"
+        )
 
 
-def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Path, destination: Path, cut: int,
-                         settings: TuningSettings, flip: bool, mirror_average: bool = False, activation_progress=None,
-                         on_epoch=None) -> FineTuningResult:
+def fine_tune_classifier(
+    classifier,
+    backbone: Backbone,
+    features,
+    cache_dir: Path,
+    destination: Path,
+    cut: int,
+    settings: TuningSettings,
+    flip: bool,
+    mirror_average: bool = False,
+    activation_progress=None,
+    on_epoch=None,
+) -> FineTuningResult:
     """Fine-tunes the bundled backbone from stage `cut` up together with the classifier's head
     (trained before on frozen features; updated in place), on the train split's cached activations
     (and their mirrors, where `flip`), selecting on the validation split. The test split is not read.
@@ -391,9 +449,18 @@ def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Pa
     cache = ActivationCache(cache_dir, backbone, cut)
     rows = {name: features.rows(name, ["sha256", "path", "label"]) for name in ("train", "validation")}
     if not rows["validation"]["sha256"]:
-        raise HeadstartError("fine-tuning selects its epoch on the validation split, which is empty: give --validation-fraction > 0")
-    images = {name: [Entry(sha, sha, path) for sha, path in zip(split_rows["sha256"], split_rows["path"])] for name, split_rows in rows.items()}
-    mirrors = [Entry(entry_key(entry.content_hash, True), entry.content_hash, entry.path, True) for entry in images["train"]] if flip else []
+        raise HeadstartError(
+            "fine-tuning selects its epoch on the validation split, which is empty: give --validation-fraction > 0"
+        )
+    images = {
+        name: [Entry(sha, sha, path) for sha, path in zip(split_rows["sha256"], split_rows["path"])]
+        for name, split_rows in rows.items()
+    }
+    mirrors = (
+        [Entry(entry_key(entry.content_hash, True), entry.content_hash, entry.path, True) for entry in images["train"]]
+        if flip
+        else []
+    )
     entries = images["train"] + mirrors + images["validation"]
     started = time.perf_counter()
     cached = cache_activations(split, cache, entries, progress=activation_progress)
@@ -403,22 +470,41 @@ def fine_tune_classifier(classifier, backbone: Backbone, features, cache_dir: Pa
         logger.warning("left out of fine-tuning %s: %s", entry.path, reason)
 
     def kept(name: str, flipped: bool = False) -> tuple[list[str], np.ndarray]:
-        pairs = [(entry_key(sha, flipped), label) for sha, label in zip(rows[name]["sha256"], rows[name]["label"]) if sha not in gone]
+        pairs = [
+            (entry_key(sha, flipped), label)
+            for sha, label in zip(rows[name]["sha256"], rows[name]["label"])
+            if sha not in gone
+        ]
         return [key for key, _ in pairs], np.array([label for _, label in pairs], np.int64)
 
     train_keys, train_labels = kept("train")
     validation_keys, validation_labels = kept("validation")
-    data = TuningData(cache.load(train_keys, split.activation_shape), train_labels,
-                      cache.load(validation_keys, split.activation_shape), validation_labels,
-                      cache.load(kept("train", True)[0], split.activation_shape) if flip else None)
-    history, best_epoch = fine_tune(split, (classifier.get_layer(HEAD_DROPOUT), classifier.get_layer(HEAD_DENSE)), data, settings, on_epoch)
+    data = TuningData(
+        cache.load(train_keys, split.activation_shape),
+        train_labels,
+        cache.load(validation_keys, split.activation_shape),
+        validation_labels,
+        cache.load(kept("train", True)[0], split.activation_shape) if flip else None,
+    )
+    history, best_epoch = fine_tune(
+        split, (classifier.get_layer(HEAD_DROPOUT), classifier.get_layer(HEAD_DENSE)), data, settings, on_epoch
+    )
     tuned = split.export(destination, f"{backbone.handle} fine-tuned from stage {cut}", mirror_average)
     summary = {
-        "from_stage": cut, "image_size": backbone.image_size, "activation_shape": list(split.activation_shape),
-        "activation_dtype": "float16", "flip": flip, "shift": settings.shift, "shift_cells": shift_in_cells(settings.shift, split.activation_shape[0]),
-        "mixup": settings.mixup, "cutmix": settings.cutmix, "mirror_average": mirror_average,
-        "epochs_run": len(history["loss"]), "best_epoch": best_epoch,
-        "validation_accuracy_before": float(history["val_accuracy"][0]), "validation_accuracy_after": float(history["val_accuracy"][best_epoch]),
+        "from_stage": cut,
+        "image_size": backbone.image_size,
+        "activation_shape": list(split.activation_shape),
+        "activation_dtype": "float16",
+        "flip": flip,
+        "shift": settings.shift,
+        "shift_cells": shift_in_cells(settings.shift, split.activation_shape[0]),
+        "mixup": settings.mixup,
+        "cutmix": settings.cutmix,
+        "mirror_average": mirror_average,
+        "epochs_run": len(history["loss"]),
+        "best_epoch": best_epoch,
+        "validation_accuracy_before": float(history["val_accuracy"][0]),
+        "validation_accuracy_after": float(history["val_accuracy"][best_epoch]),
         "seconds_per_epoch": float(np.mean(history["seconds"])) if history["seconds"] else 0.0,
         "activations": {"computed": cached.computed, "reused": cached.reused, "seconds": activation_seconds},
         "base_backbone": {"handle": backbone.handle, "fingerprint": backbone.fingerprint},

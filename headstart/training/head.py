@@ -10,9 +10,9 @@ from typing import Callable
 
 import numpy as np
 
+from headstart.data.preprocessing import resize_images
 from headstart.features.streams import FeatureStream, InMemoryFeatures
 from headstart.infra.keras import keras, tf
-from headstart.data.preprocessing import resize_images
 
 HEAD_DROPOUT = "head_dropout"
 HEAD_DENSE = "head_dense"
@@ -38,7 +38,9 @@ class ImagePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "image_size": self.image_size}
 
 
-def build_classifier(backbone_layer: keras.layers.Layer, num_classes: int, image_size: int, dropout: float, seed: int) -> keras.Model:
+def build_classifier(
+    backbone_layer: keras.layers.Layer, num_classes: int, image_size: int, dropout: float, seed: int
+) -> keras.Model:
     """Images → ImagePreprocessing → frozen backbone → Dropout → Dense(softmax)."""
     backbone_layer.trainable = False
     images = keras.Input((None, None, 3), name="images")
@@ -46,7 +48,9 @@ def build_classifier(backbone_layer: keras.layers.Layer, num_classes: int, image
     features = backbone_layer(pixels, training=False)
     dropped = keras.layers.Dropout(dropout, seed=seed, name=HEAD_DROPOUT)(features)
     probabilities = keras.layers.Dense(
-        num_classes, activation="softmax", name=HEAD_DENSE,
+        num_classes,
+        activation="softmax",
+        name=HEAD_DENSE,
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
     )(dropped)
     return keras.Model(images, probabilities, name="headstart_classifier")
@@ -95,7 +99,11 @@ def train_head(
     optimizer = keras.optimizers.Adam(learning_rate)
     optimizer.build(head.trainable_variables)
     cross_entropy = keras.losses.SparseCategoricalCrossentropy()
-    rows_spec = (tf.TensorSpec([None, feature_dim], tf.float32), tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64))
+    rows_spec = (
+        tf.TensorSpec([None, feature_dim], tf.float32),
+        tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([None], tf.int64),
+    )
 
     # Written as graph code (tf.while_loop) rather than converted by AutoGraph, whose conversion
     # took 0.3 s of every run.
@@ -114,18 +122,28 @@ def train_head(
             gradients = tape.gradient(loss, head.trainable_variables)
             optimizer.apply_gradients(zip(gradients, head.trainable_variables))
             # Summed in float64, so that the epoch's loss does not depend on how its rows were cut into calls.
-            return start + batch_size, loss_sum + tf.cast(loss, tf.float64) * tf.cast(end - start, tf.float64), correct + _correct(batch_labels, probabilities)
+            return (
+                start + batch_size,
+                loss_sum + tf.cast(loss, tf.float64) * tf.cast(end - start, tf.float64),
+                correct + _correct(batch_labels, probabilities),
+            )
 
-        _, loss_sum, correct = tf.while_loop(lambda start, *_: start < count, step, (tf.constant(0), tf.constant(0.0, tf.float64), tf.constant(0.0)))
+        _, loss_sum, correct = tf.while_loop(
+            lambda start, *_: start < count, step, (tf.constant(0), tf.constant(0.0, tf.float64), tf.constant(0.0))
+        )
         return loss_sum, correct
 
     @tf.function(input_signature=rows_spec[:2], autograph=False)
     def score_chunk(features, labels):
         probabilities = head(features, training=False)
-        return cross_entropy(labels, probabilities) * tf.cast(tf.shape(labels)[0], tf.float32), _correct(labels, probabilities)
+        return cross_entropy(labels, probabilities) * tf.cast(tf.shape(labels)[0], tf.float32), _correct(
+            labels, probabilities
+        )
 
     train_tensors = _as_tensors(train.features, train.labels) if isinstance(train, InMemoryFeatures) else None
-    validation_chunks = [_as_tensors(*chunk) for chunk in validation.chunks()] if isinstance(validation, InMemoryFeatures) else None
+    validation_chunks = (
+        [_as_tensors(*chunk) for chunk in validation.chunks()] if isinstance(validation, InMemoryFeatures) else None
+    )
 
     def epoch_parts(epoch: int):
         """(features, labels, order) whose rows, in order, are the epoch's shuffled training rows."""
@@ -133,15 +151,22 @@ def train_head(
             # One graph call per epoch, on features handed to TensorFlow once, rather than a call
             # per row group on freshly shuffled copies (10 epochs on 8 036 images: 1.9 s → 1.6–1.9 s).
             return [(train_tensors[0], train_tensors[1], train.shuffled_order(seed, epoch))]
-        return ((features, labels, np.arange(len(labels))) for features, labels in _whole_batches(train.shuffled_chunks(seed, epoch), batch_size))
+        return (
+            (features, labels, np.arange(len(labels)))
+            for features, labels in _whole_batches(train.shuffled_chunks(seed, epoch), batch_size)
+        )
 
     def score() -> tuple[float, float]:
         chunks = validation_chunks if validation_chunks is not None else validation.chunks()
-        sums = np.array([[float(value) for value in score_chunk(features, labels)] for features, labels in chunks]).sum(0)
+        sums = np.array([[float(value) for value in score_chunk(features, labels)] for features, labels in chunks]).sum(
+            0
+        )
         return float(sums[0] / validation.num_rows), float(sums[1] / validation.num_rows)
 
     has_validation = validation is not None and validation.num_rows > 0
-    history: dict[str, list[float]] = {"loss": [], "accuracy": []} | ({"val_loss": [], "val_accuracy": []} if has_validation else {})
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []} | (
+        {"val_loss": [], "val_accuracy": []} if has_validation else {}
+    )
     best_loss, best_weights, epochs_without_improvement = np.inf, None, 0
     for epoch in range(epochs):
         loss_sum = correct = 0.0
@@ -202,5 +227,8 @@ def predict_from_features(classifier: keras.Model, features: np.ndarray, batch_s
     Called batch by batch rather than through `predict`, whose tf.data pipeline costs more than
     this small head and logs an error line about its own graph on every first call."""
     head = head_model(classifier, features.shape[1])
-    batches = [head(features[start:start + batch_size], training=False).numpy() for start in range(0, len(features), batch_size)]
+    batches = [
+        head(features[start : start + batch_size], training=False).numpy()
+        for start in range(0, len(features), batch_size)
+    ]
     return np.concatenate(batches) if batches else np.zeros((0, head.output_shape[-1]), np.float32)

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headstart.edge.int8.tflite_weights import buffer_holders, fused_activation, is_depthwise, operator_kind, owns_weights, set_weights, weights
+from headstart.edge.int8.tflite_weights import (
+    buffer_holders,
+    fused_activation,
+    is_depthwise,
+    operator_kind,
+    owns_weights,
+    set_weights,
+    weights,
+)
 
 # tflite::ActivationFunctionType values under which a channel scaled up by s stays s times the value.
 NO_ACTIVATION = 0
@@ -66,7 +74,12 @@ def equalize(model, groups: list[ScalableChannels], channel_ranges: dict[int, tu
         if np.all(scales == 1.0):
             continue
         for producer in group.producers:
-            set_weights(model, producer.inputs[1], weights(model, producer.inputs[1]) * (scales if is_depthwise(model, producer) else scales[:, None, None, None]))
+            set_weights(
+                model,
+                producer.inputs[1],
+                weights(model, producer.inputs[1])
+                * (scales if is_depthwise(model, producer) else scales[:, None, None, None]),
+            )
             if len(producer.inputs) > 2 and producer.inputs[2] >= 0:
                 set_weights(model, producer.inputs[2], weights(model, producer.inputs[2]) * scales)
         for reader in group.readers:  # either kind of filter has its input channels last
@@ -81,8 +94,12 @@ def _room(tensors, channel_ranges) -> np.ndarray:
     for tensor in tensors:
         least, largest = channel_ranges[tensor]
         limits = np.full(largest.shape, np.inf)
-        np.minimum(limits, np.divide(largest.max(), largest, out=np.full(limits.shape, np.inf), where=largest > 0), out=limits)
-        np.minimum(limits, np.divide(least.min(), least, out=np.full(limits.shape, np.inf), where=least < 0), out=limits)
+        np.minimum(
+            limits, np.divide(largest.max(), largest, out=np.full(limits.shape, np.inf), where=largest > 0), out=limits
+        )
+        np.minimum(
+            limits, np.divide(least.min(), least, out=np.full(limits.shape, np.inf), where=least < 0), out=limits
+        )
         room = limits if room is None else np.minimum(room, limits)
     return room
 
@@ -111,13 +128,22 @@ class _Graph:
         """Convolutions whose output goes (through zero padding at most) only into a depthwise convolution."""
         groups = []
         for producer in self.graph.operators:
-            if self.kind(producer) not in (self.kinds.CONV_2D, self.kinds.DEPTHWISE_CONV_2D) or fused_activation(producer) not in SCALE_PRESERVING_ACTIVATIONS:
+            if (
+                self.kind(producer) not in (self.kinds.CONV_2D, self.kinds.DEPTHWISE_CONV_2D)
+                or fused_activation(producer) not in SCALE_PRESERVING_ACTIVATIONS
+            ):
                 continue
             consumer, position = self.only_reader(producer.outputs[0])
-            if consumer is not None and self.kind(consumer) == self.kinds.PAD and position == 0:  # zeros scaled stay zeros
+            if (
+                consumer is not None and self.kind(consumer) == self.kinds.PAD and position == 0
+            ):  # zeros scaled stay zeros
                 consumer, position = self.only_reader(consumer.outputs[0])
-            if (consumer is not None and self.kind(consumer) == self.kinds.DEPTHWISE_CONV_2D and position == 0
-                    and self._input_channels(consumer) == self._channels(producer)):
+            if (
+                consumer is not None
+                and self.kind(consumer) == self.kinds.DEPTHWISE_CONV_2D
+                and position == 0
+                and self._input_channels(consumer) == self._channels(producer)
+            ):
                 groups.append(ScalableChannels((producer.outputs[0],), (producer,), (consumer,)))
         return groups
 
@@ -126,7 +152,9 @@ class _Graph:
         over them, where every tensor of the group is written by one of those convolutions or sums
         and read only by them or as a convolution's input."""
         linear = lambda operator: fused_activation(operator) == NO_ACTIVATION  # noqa: E731
-        sums = [operator for operator in self.graph.operators if self.kind(operator) == self.kinds.ADD and linear(operator)]
+        sums = [
+            operator for operator in self.graph.operators if self.kind(operator) == self.kinds.ADD and linear(operator)
+        ]
         joined: dict[int, int] = {}
 
         def root(tensor: int) -> int:
@@ -138,19 +166,36 @@ class _Graph:
             for tensor in operator.inputs[:2]:
                 joined[root(tensor)] = root(operator.outputs[0])
         members: dict[int, set[int]] = {}
-        written = (operator.outputs[0] for operator in self.graph.operators if self.kind(operator) == self.kinds.CONV_2D)
+        written = (
+            operator.outputs[0] for operator in self.graph.operators if self.kind(operator) == self.kinds.CONV_2D
+        )
         for tensor in {*joined, *(operator.outputs[0] for operator in sums), *written}:
             members.setdefault(root(tensor), set()).add(tensor)
         groups = []
         for tensors in members.values():
             writers = [self.writer.get(tensor) for tensor in tensors]
             reading = [pair for tensor in tensors for pair in self.readers.get(tensor, [])]
-            convolutions = [writer for writer in writers if writer is not None and self.kind(writer) == self.kinds.CONV_2D]
-            readers = [operator for operator, position in reading if self.kind(operator) == self.kinds.CONV_2D and position == 0]
-            if (convolutions and not any(tensor in self.graph.outputs for tensor in tensors)
-                    and all(writer is not None and linear(writer) and self.kind(writer) in (self.kinds.CONV_2D, self.kinds.ADD) for writer in writers)
-                    and all((self.kind(operator) == self.kinds.CONV_2D and position == 0) or operator.outputs[0] in tensors for operator, position in reading)
-                    and all(self._input_channels(reader) == self._channels(convolutions[0]) for reader in readers)):
+            convolutions = [
+                writer for writer in writers if writer is not None and self.kind(writer) == self.kinds.CONV_2D
+            ]
+            readers = [
+                operator
+                for operator, position in reading
+                if self.kind(operator) == self.kinds.CONV_2D and position == 0
+            ]
+            if (
+                convolutions
+                and not any(tensor in self.graph.outputs for tensor in tensors)
+                and all(
+                    writer is not None and linear(writer) and self.kind(writer) in (self.kinds.CONV_2D, self.kinds.ADD)
+                    for writer in writers
+                )
+                and all(
+                    (self.kind(operator) == self.kinds.CONV_2D and position == 0) or operator.outputs[0] in tensors
+                    for operator, position in reading
+                )
+                and all(self._input_channels(reader) == self._channels(convolutions[0]) for reader in readers)
+            ):
                 groups.append(ScalableChannels(tuple(sorted(tensors)), tuple(convolutions), tuple(readers)))
         return groups
 

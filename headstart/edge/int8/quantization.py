@@ -30,10 +30,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from headstart.backbone.handles import Backbone
-from headstart.errors import HeadstartError, first_line
 from headstart.data.preprocessing import decoded_batches
-from headstart.infra.storage import atomic_path
 from headstart.edge.int8.tflite_weights import fused_activation, operator_kind, tensor_values
+from headstart.errors import HeadstartError, first_line
+from headstart.infra.storage import atomic_path
 
 # Training images that calibrate activation ranges: a few hundred is the usual advice; more
 # lengthened the conversion without helping the classifier export (README, "On phones and boards").
@@ -60,8 +60,12 @@ def representative_rows(rows: Iterable[dict]) -> list[dict]:
     return train[::step][:REPRESENTATIVE_IMAGES]
 
 
-def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], input_type=None,
-                 range_ends: tuple[float, ...] = RANGE_ENDS[:1]) -> dict[float, bytes]:
+def full_integer(
+    converter,
+    representative: Callable[[], Iterable[np.ndarray]],
+    input_type=None,
+    range_ends: tuple[float, ...] = RANGE_ENDS[:1],
+) -> dict[float, bytes]:
     """What a TFLite converter makes with weights and activations quantized to int8, calibrated on
     the float32 batches that `representative()` yields: range end → flatbuffer, one per percentile
     in `range_ends` at which ReLU6 ranges end. The input is `input_type` (float32 unless given), the
@@ -79,8 +83,8 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     from tensorflow.lite.tools import flatbuffer_utils
 
     from headstart.edge.int8.equalization import equalize, scalable_channels
-    from headstart.infra.keras import tf
     from headstart.edge.int8.rounding import round_compensating
+    from headstart.infra.keras import tf
 
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -91,10 +95,16 @@ def full_integer(converter, representative: Callable[[], Iterable[np.ndarray]], 
     model = flatbuffer_utils.convert_bytearray_to_object(converter.convert())
     groups = scalable_channels(model)
     if groups:
-        equalize(model, groups, channel_ranges(model, batches, sorted({tensor for group in groups for tensor in group.tensors})))
+        equalize(
+            model,
+            groups,
+            channel_ranges(model, batches, sorted({tensor for group in groups for tensor in group.tensors})),
+        )
     round_compensating(model, batches)
-    return {end: mlir_quantize(ranged, input_data_type=input_type or tf.float32, output_data_type=tf.float32)
-            for end, ranged in measured_ranges(model, batches, range_ends).items()}
+    return {
+        end: mlir_quantize(ranged, input_data_type=input_type or tf.float32, output_data_type=tf.float32)
+        for end, ranged in measured_ranges(model, batches, range_ends).items()
+    }
 
 
 RELU6 = 3  # tflite::ActivationFunctionType
@@ -117,22 +127,38 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
 
     graph = model.subgraphs[0]
     relu6_kinds = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D}
-    marked = [index for index, tensor in enumerate(graph.tensors) if tensor.quantization is not None
-              and tensor.quantization.min is not None and len(tensor.quantization.min) == 1 and model.buffers[tensor.buffer].data is None]
-    relu6 = {operator.outputs[0] for operator in graph.operators
-             if operator_kind(model, operator) in relu6_kinds
-             and fused_activation(operator) == RELU6} & set(marked)
+    marked = [
+        index
+        for index, tensor in enumerate(graph.tensors)
+        if tensor.quantization is not None
+        and tensor.quantization.min is not None
+        and len(tensor.quantization.min) == 1
+        and model.buffers[tensor.buffer].data is None
+    ]
+    relu6 = {
+        operator.outputs[0]
+        for operator in graph.operators
+        if operator_kind(model, operator) in relu6_kinds and fused_activation(operator) == RELU6
+    } & set(marked)
     least, largest = {tensor: np.inf for tensor in marked}, {tensor: -np.inf for tensor in marked}
     tops, counts = {tensor: np.empty(0, np.float32) for tensor in relu6}, dict.fromkeys(relu6, 0)
     for values in tensor_values(model, batches, marked):
         for tensor, value in values.items():
-            least[tensor], largest[tensor] = min(least[tensor], float(value.min())), max(largest[tensor], float(value.max()))
+            least[tensor], largest[tensor] = (
+                min(least[tensor], float(value.min())),
+                max(largest[tensor], float(value.max())),
+            )
             if tensor in relu6:
                 counts[tensor] += value.size
                 # Every batch enlarges to the model's size, so all batches together give about this many values.
-                tops[tensor] = _largest(np.concatenate([tops[tensor], value.ravel()]), _above(value.size * len(batches), min(range_ends)))
+                tops[tensor] = _largest(
+                    np.concatenate([tops[tensor], value.ravel()]), _above(value.size * len(batches), min(range_ends))
+                )
     for tensor in marked:
-        graph.tensors[tensor].quantization.min, graph.tensors[tensor].quantization.max = [least[tensor]], [largest[tensor]]
+        graph.tensors[tensor].quantization.min, graph.tensors[tensor].quantization.max = (
+            [least[tensor]],
+            [largest[tensor]],
+        )
     descending = {tensor: np.sort(top)[::-1] for tensor, top in tops.items()}
     variants = {}
     for end in range_ends:
@@ -161,7 +187,7 @@ def _above(count: int, percentile: float) -> int:
 
 
 def _largest(values: np.ndarray, count: int) -> np.ndarray:
-    return values if values.size <= count else np.partition(values, values.size - count)[values.size - count:]
+    return values if values.size <= count else np.partition(values, values.size - count)[values.size - count :]
 
 
 def quantized_backbone(backbone: Backbone, calibration: list[dict], cache_dir: Path) -> Backbone:
@@ -169,7 +195,9 @@ def quantized_backbone(backbone: Backbone, calibration: list[dict], cache_dir: P
     training images), converted once per backbone, image size and calibration set: the Backbone
     whose features the `litert-int8` engine computes."""
     hashes = sorted(row["sha256"] for row in calibration)
-    digest = hashlib.sha256(json.dumps([backbone.fingerprint, backbone.image_size, hashes, QUANTIZED_BACKBONE_VERSION]).encode())
+    digest = hashlib.sha256(
+        json.dumps([backbone.fingerprint, backbone.image_size, hashes, QUANTIZED_BACKBONE_VERSION]).encode()
+    )
     fingerprint = f"{backbone.fingerprint}-int8-{digest.hexdigest()[:12]}"
     path = Path(cache_dir) / "litert" / f"{fingerprint}-{backbone.image_size}px.tflite"
     if not path.is_file():
@@ -183,11 +211,18 @@ def _calibration_images(rows: list[dict], image_size: int) -> list[np.ndarray]:
     """The images as the extraction engine takes them (float32 in [0, 1], shrunk to fit, one per
     batch), decoded as extraction decodes them: files no longer holding the content they were
     listed with are left out."""
-    images = [image[np.newaxis] for decoded in decoded_batches([row["path"] for row in rows], image_size, CALIBRATION_DECODE_BATCH,
-                                                               [row["sha256"] for row in rows]) for image in decoded.images]
+    images = [
+        image[np.newaxis]
+        for decoded in decoded_batches(
+            [row["path"] for row in rows], image_size, CALIBRATION_DECODE_BATCH, [row["sha256"] for row in rows]
+        )
+        for image in decoded.images
+    ]
     if len(images) < MINIMUM_CALIBRATION_IMAGES:
-        raise HeadstartError(f"the int8 engine calibrates on training images, and only {len(images)} were usable "
-                             f"(at least {MINIMUM_CALIBRATION_IMAGES} are needed)")
+        raise HeadstartError(
+            f"the int8 engine calibrates on training images, and only {len(images)} were usable "
+            f"(at least {MINIMUM_CALIBRATION_IMAGES} are needed)"
+        )
     return images
 
 
@@ -202,4 +237,6 @@ def _convert_backbone(backbone: Backbone, images: list[np.ndarray]) -> bytes:
         with native_notices_dropped(), native_notices_dropped(1):
             return full_integer(converter, lambda: iter(images))[RANGE_ENDS[0]]
     except Exception as error:  # Conversion failures come from deep inside the converter, in many types.
-        raise HeadstartError(f"backbone {backbone.handle} could not be quantized to int8: {first_line(error)}") from None
+        raise HeadstartError(
+            f"backbone {backbone.handle} could not be quantized to int8: {first_line(error)}"
+        ) from None

@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from headstart.edge.int8.tflite_weights import buffer_holders, is_depthwise, operator_kind, owns_weights, set_weights, tensor_values, weights
+from headstart.edge.int8.tflite_weights import (
+    buffer_holders,
+    is_depthwise,
+    operator_kind,
+    owns_weights,
+    set_weights,
+    tensor_values,
+    weights,
+)
 
 INT8_STEPS = 127  # per-channel int8 weights are symmetric: −127 … 127 steps
 # Added to the diagonal of H, as a share of its mean, so that inputs that never varied on the
@@ -41,7 +49,9 @@ def round_compensating(model, batches: list[np.ndarray]) -> int:
         # a depthwise filter [1, h, w, channels] is one row of h·w taps per channel.
         rows = filters.reshape(-1, filters.shape[3]).T if depthwise else filters.reshape(filters.shape[0], -1)
         rounded = round_rows(rows.astype(np.float64), products[id(operator)])
-        set_weights(model, operator.inputs[1], rounded.T.reshape(filters.shape) if depthwise else rounded.reshape(filters.shape))
+        set_weights(
+            model, operator.inputs[1], rounded.T.reshape(filters.shape) if depthwise else rounded.reshape(filters.shape)
+        )
     return len(operators)
 
 
@@ -54,7 +64,9 @@ def round_rows(rows: np.ndarray, products: np.ndarray) -> np.ndarray:
     live = steps > 0
     steps = np.where(live, steps, 1.0)
     size = products.shape[-1]
-    damped = products + (DAMPING * np.diagonal(products, axis1=-2, axis2=-1).mean(axis=-1)[..., None, None] + 1e-12) * np.eye(size)
+    damped = products + (
+        DAMPING * np.diagonal(products, axis1=-2, axis2=-1).mean(axis=-1)[..., None, None] + 1e-12
+    ) * np.eye(size)
     # The upper Cholesky factor of H⁻¹ gives each column's compensation of the columns after it.
     inverse = np.linalg.cholesky(np.linalg.inv(damped)).swapaxes(-1, -2)
     shared = inverse.ndim == 2
@@ -64,8 +76,12 @@ def round_rows(rows: np.ndarray, products: np.ndarray) -> np.ndarray:
     for column in range(size):
         values = remaining[:, column]
         rounded[:, column] = np.clip(np.round(values / steps), -INT8_STEPS, INT8_STEPS) * steps
-        pivot, after = (inverse[column, column], inverse[column, column + 1:][None]) if shared else (inverse[:, column, column], inverse[:, column, column + 1:])
-        remaining[:, column + 1:] -= ((values - rounded[:, column]) / pivot)[:, None] * after
+        pivot, after = (
+            (inverse[column, column], inverse[column, column + 1 :][None])
+            if shared
+            else (inverse[:, column, column], inverse[:, column, column + 1 :])
+        )
+        remaining[:, column + 1 :] -= ((values - rounded[:, column]) / pivot)[:, None] * after
     # The largest weight goes back to its own 127 steps, whatever the compensation made of it. Set
     # back at its turn instead, with the difference compensated after it, the int8 file came out
     # further from the float model (README, "On phones and boards").
@@ -85,7 +101,9 @@ def _convolutions(model) -> list:
         if operator_kind(model, operator) not in kinds or not owns_weights(model, [operator], holders):
             continue
         options = operator.builtinOptions
-        if (options.dilationHFactor, options.dilationWFactor) != (1, 1) or getattr(options, "depthMultiplier", 1) not in (0, 1):
+        if (options.dilationHFactor, options.dilationWFactor) != (1, 1) or getattr(
+            options, "depthMultiplier", 1
+        ) not in (0, 1):
             continue
         found.append(operator)
     return found
@@ -101,7 +119,9 @@ def _input_products(model, batches: list[np.ndarray], operators: list) -> dict[i
             patches = _patches(values[operator.inputs[0]], operator, shape[1], shape[2]).astype(np.float32, copy=False)
             # One image's products in float32 (BLAS), summed over the images in float64.
             if is_depthwise(model, operator):
-                taps = patches.reshape(-1, shape[1] * shape[2], patches.shape[-1]).transpose(2, 1, 0)  # [channels, h·w, positions]
+                taps = patches.reshape(-1, shape[1] * shape[2], patches.shape[-1]).transpose(
+                    2, 1, 0
+                )  # [channels, h·w, positions]
                 product = np.matmul(taps, taps.transpose(0, 2, 1))
             else:
                 flat = patches.reshape(-1, shape[1] * shape[2] * patches.shape[-1])
@@ -127,5 +147,7 @@ def _patches(inputs: np.ndarray, operator, height: int, width: int) -> np.ndarra
     patches = np.empty((n, out_h, out_w, height, width, channels), inputs.dtype)
     for i in range(height):
         for j in range(width):
-            patches[:, :, :, i, j, :] = inputs[:, i:i + stride_h * (out_h - 1) + 1:stride_h, j:j + stride_w * (out_w - 1) + 1:stride_w, :]
+            patches[:, :, :, i, j, :] = inputs[
+                :, i : i + stride_h * (out_h - 1) + 1 : stride_h, j : j + stride_w * (out_w - 1) + 1 : stride_w, :
+            ]
     return patches

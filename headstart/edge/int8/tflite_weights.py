@@ -24,8 +24,12 @@ def owns_weights(model, operators, holders: dict[int, int]) -> bool:
     holds (`holders`: from buffer_holders)."""
     graph = model.subgraphs[0]
     weights = [tensor for operator in operators for tensor in operator.inputs[1:3] if tensor >= 0]
-    return all(graph.tensors[tensor].type == FLOAT32 and model.buffers[graph.tensors[tensor].buffer].data is not None
-               and holders[graph.tensors[tensor].buffer] == 1 for tensor in weights)
+    return all(
+        graph.tensors[tensor].type == FLOAT32
+        and model.buffers[graph.tensors[tensor].buffer].data is not None
+        and holders[graph.tensors[tensor].buffer] == 1
+        for tensor in weights
+    )
 
 
 def operator_kind(model, operator) -> int:
@@ -52,7 +56,9 @@ def weights(model, tensor: int) -> np.ndarray:
 
 
 def set_weights(model, tensor: int, values: np.ndarray) -> None:
-    model.buffers[model.subgraphs[0].tensors[tensor].buffer].data = np.frombuffer(values.astype(np.float32).tobytes(), np.uint8)
+    model.buffers[model.subgraphs[0].tensors[tensor].buffer].data = np.frombuffer(
+        values.astype(np.float32).tobytes(), np.uint8
+    )
 
 
 def tensor_values(model, batches: list[np.ndarray], tensors: list[int]) -> Iterator[dict[int, np.ndarray]]:
@@ -65,8 +71,11 @@ def tensor_values(model, batches: list[np.ndarray], tensors: list[int]) -> Itera
 
     with warnings.catch_warnings():  # keeping every tensor is the point here, not a debugging slip
         warnings.simplefilter("ignore", UserWarning)
-        interpreter = Interpreter(model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(model)),
-                                  experimental_preserve_all_tensors=True, num_threads=os.cpu_count() or 1)
+        interpreter = Interpreter(
+            model_content=bytes(flatbuffer_utils.convert_object_to_bytearray(model)),
+            experimental_preserve_all_tensors=True,
+            num_threads=os.cpu_count() or 1,
+        )
     index, shape = interpreter.get_input_details()[0]["index"], None
     for batch in batches:
         if batch.shape != shape:
