@@ -53,19 +53,19 @@ def _train(args) -> int:
 
     # Options left out on the command line are absent from args (SUPPRESS), so the config's
     # own defaults apply; argparse dest names are the config's field names.
-    values = {name: value for name, value in vars(args).items() if name in TrainConfig.model_fields}
+    values = {name: value for name, value in vars(args).items() if name in TrainConfig.options()}
     config = TrainConfig(**values)
-    if config.data != "cifar10" and not Path(config.data).is_dir():
+    if config.data.source != "cifar10" and not Path(config.data.source).is_dir():
         from headstart.errors import HeadstartError
 
         raise HeadstartError(
-            f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders, or 'cifar10')"
+            f"data folder not found: {Path(config.data.source).absolute()} (give a folder of class sub-folders, or 'cifar10')"
         )
     from flows.train import train
 
     _install_log_filter()
     with _prefect_server():
-        run_dir = train(**config.model_dump())
+        run_dir = train(**config.flat())
     print(run_dir, flush=True)
     return 0
 
@@ -212,7 +212,12 @@ def _comma_separated(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
+    """The command line; `train`'s options are TrainConfig's (or `train_config`'s), one each."""
+    from flows.parameters import add_config_options
+    from headstart.config import TrainConfig
+
+    train_config = train_config or TrainConfig
     parser = argparse.ArgumentParser(
         prog="headstart",
         description="Transfer learning for image classification: a frozen ImageNet MobileNetV2 and a new head, as a Prefect flow.",
@@ -222,135 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a classifier; prints the run directory last", argument_default=argparse.SUPPRESS
     )
-    train.add_argument("--data", required=True, help="'cifar10' or a folder with one sub-folder of images per class")
-    train.add_argument(
-        "--classes",
-        type=_comma_separated,
-        help="comma-separated classes (default: cat,dog for cifar10; all sub-folders otherwise)",
-    )
-    train.add_argument("--image-size", type=int, help="side in pixels the backbone sees (default 160)")
-    train.add_argument(
-        "--epochs", type=int, help="maximum epochs of head training (default 30, early stopping on validation loss)"
-    )
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--dropout", type=float)
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping (default 5)")
-    train.add_argument("--seed", type=int)
-    train.add_argument(
-        "--fine-tune",
-        dest="fine_tune",
-        action="store_const",
-        const=True,
-        help="after the head, also train the backbone's top stages with it, on activations cached below them (bundled backbone)",
-    )
-    train.add_argument(
-        "--fine-tune-from",
-        type=int,
-        help="first stage fine-tuned: 1–17 an inverted-residual block, 18 the last 1×1 convolution (default 4)",
-    )
-    train.add_argument(
-        "--fine-tune-epochs", type=int, help="fine-tuning epochs; the learning rate decays over them (default 8)"
-    )
-    train.add_argument(
-        "--fine-tune-learning-rate", type=float, help="Adam's initial learning rate for fine-tuning (default 3e-4)"
-    )
-    train.add_argument(
-        "--fine-tune-patience",
-        type=int,
-        help="fine-tuning epochs without a better validation accuracy before it stops (default 3)",
-    )
-    train.add_argument(
-        "--no-fine-tune-flip",
-        dest="fine_tune_flip",
-        action="store_const",
-        const=False,
-        help="do not mirror training images at random in fine-tuning",
-    )
-    train.add_argument(
-        "--fine-tune-shift",
-        type=float,
-        help="share of the image side a training image may move each way in fine-tuning (default 0.1)",
-    )
-    train.add_argument("--fine-tune-mixup", type=float, help="mixup's alpha in fine-tuning, 0 for none (default 0)")
-    train.add_argument(
-        "--fine-tune-mirror-average",
-        action="store_const",
-        const=True,
-        help="the fine-tuned backbone averages the features of each image and of its mirror image (twice its work per image)",
-    )
-    train.add_argument("--fine-tune-cutmix", type=float, help="CutMix's alpha in fine-tuning, 0 for none (default 0)")
-    train.add_argument(
-        "--near-duplicate-threshold",
-        type=float,
-        help="feature cosine similarity from which a test image counts as a near-duplicate of a training image (default 0.88)",
-    )
-    train.add_argument(
-        "--backbone",
-        help="'bundled:mobilenet_v2' (default), a TF Hub handle, a SavedModel folder or a URL of a .tar.gz module",
-    )
-    train.add_argument(
-        "--engine",
-        choices=["auto", "litert", "keras", "litert-int8"],
-        help="what runs the frozen forward pass (default auto)",
-    )
-    train.add_argument("--threads", type=int, help="threads for feature extraction (default: all cores)")
-    train.add_argument(
-        "--task-runner", choices=["local", "dask"], help="run feature extraction here (default) or on a Dask cluster"
-    )
-    train.add_argument(
-        "--dask-address",
-        help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786 (default: a local cluster)",
-    )
-    train.add_argument("--dask-workers", type=int, help="workers of the local Dask cluster (default 2)")
-    train.add_argument("--extraction-batch-size", type=int, help="images per forward pass (default 64)")
-    train.add_argument(
-        "--extraction-shard-size", type=int, help="images per cache shard and extraction task (default 1024)"
-    )
-    train.add_argument("--validation-fraction", type=float, help="share of images for validation (default 0.1)")
-    train.add_argument(
-        "--test-fraction", type=float, help="share of a folder's images held out for testing (default 0.1)"
-    )
-    train.add_argument("--max-images-per-class", type=int, help="use at most this many training images per class")
-    train.add_argument("--cifar10-source", help="URL or path of the CIFAR-10 python archive")
-    train.add_argument(
-        "--no-reuse",
-        dest="reuse_identical_runs",
-        action="store_const",
-        const=False,
-        help="retrain even when an earlier run had identical inputs (by default that run is copied)",
-    )
-    train.add_argument(
-        "--no-gate",
-        dest="gate",
-        action="store_const",
-        const=False,
-        help="do not compare with the champion or promote (by default the new model replaces the champion only when it is not worse)",
-    )
-    train.add_argument(
-        "--gate-tolerance",
-        type=float,
-        help="accuracy the new model may lose against the champion and still be promoted (default 0)",
-    )
-    train.add_argument(
-        "--gate-alpha",
-        type=float,
-        help="significance level of the McNemar test that keeps a worse model out (default 0.05)",
-    )
-    train.add_argument(
-        "--gate-floor",
-        type=float,
-        help="accuracy the first model must beat (default: always predicting the most common class)",
-    )
-    train.add_argument(
-        "--export",
-        choices=["none", "tflite"],
-        help="also write the run's classifier as .tflite files, float32 and int8 (default none)",
-    )
-    train.add_argument("--artifacts-root", help="where run directories go (default ./artifacts)")
-    train.add_argument(
-        "--cache-dir", help="where downloads, backbones and features are cached (default ./.cache/headstart)"
-    )
+    add_config_options(train, train_config)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="measure a trained run on a labelled folder")

@@ -1,4 +1,4 @@
-"""The `train` flow: download → preprocess → extract_features (per shard) → assemble_features →
+"""The `train` flow: download → prepare_backbone → plan_extraction → extract_features (per shard) → assemble_features →
 build_model → train_head → [fine_tune → plan_extraction → extract_features → assemble_features →
 build_model] → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
 the gate decided so); or, when every input matches an earlier run, reuse_identical_run →
@@ -18,10 +18,10 @@ from prefect import flow, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.parameters import parameters_from
-from headstart.config import TrainConfig
+from headstart.config import RuntimeConfig, TrainConfig
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.registry.reuse import find_identical_run, training_key
-from tasks.data import download, preprocess
+from tasks.data import download, prepare_backbone
 from tasks.evaluation import evaluate, visualize
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
@@ -36,49 +36,53 @@ from tasks.publish import publish, reuse_identical_run
 @parameters_from(TrainConfig)
 def train(**parameters) -> str:
     """Trains a new classification head on a frozen ImageNet backbone; returns the run directory.
-    The parameters are TrainConfig's fields (see headstart.config)."""
+    The parameters are TrainConfig's options (see headstart.config)."""
     config = TrainConfig(**parameters)
-    manifest, report = download(config)
-    backbone, shards = preprocess(config, manifest)
-    settings = ExtractionSettings(config.engine, config.threads, config.extraction_batch_size)
-    with ExtractionContext(config.cache_dir, settings) as extraction:
+    cache_dir, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
+    manifest, report = download(config.data, cache_dir)
+    backbone = prepare_backbone(config.backbone, manifest, cache_dir)
+    shards = plan_features(manifest, backbone, cache_dir, config.backbone.shard_size)
+    settings = ExtractionSettings(config.backbone.engine, config.backbone.threads, config.backbone.batch_size)
+    with ExtractionContext(cache_dir, settings) as extraction:
         if shards:
             # While the extraction runs: TensorFlow and the backbone for build_model, matplotlib for visualize.
             extraction.load_keras_layer_in_background(backbone)
             _import_in_background("headstart.reporting.plots")
         features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
-        previous = (
-            find_identical_run(config.cache_dir, key, config.artifacts_root) if config.reuse_identical_runs else None
-        )
+        reuse = config.runtime.reuse_identical_runs
+        previous = find_identical_run(cache_dir, key, artifacts_root) if reuse else None
         if previous is not None:
             return _reused(config, key, previous, manifest, backbone, features)
-        classifier = build_model(config, backbone, manifest.class_names, extraction)
-        history = train_head(config, classifier, features)
+        classifier = build_model(config.head, backbone, manifest.class_names, extraction)
+        history = train_head(config.head, classifier, features)
         tuned, frozen_features, frozen_backbone, frozen_manifest = None, features, backbone, manifest
-        if config.fine_tune:
-            tuned = fine_tune(config, key, backbone, classifier, features)
+        if config.fine_tuning.enabled:
+            tuned = fine_tune(config.fine_tuning, config.head, cache_dir, key, backbone, classifier, features)
             # From here on the fine-tuned network is the run's backbone: its features are what
             # evaluation and the gate read, as for any backbone.
             backbone = tuned.backbone
             extraction.load_keras_layer_in_background(backbone)
-            shards = plan_features(manifest, backbone, config.cache_dir, config.extraction_shard_size)
+            shards = plan_features(manifest, backbone, cache_dir, config.backbone.shard_size)
             features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
-            classifier = build_model(config, backbone, manifest.class_names, extraction, head_from=classifier)
+            classifier = build_model(config.head, backbone, manifest.class_names, extraction, head_from=classifier)
             if manifest.fingerprint != frozen_manifest.fingerprint:  # files changed meanwhile were left out
-                frozen_features, _, _ = assemble_features(manifest, report, frozen_backbone, config.cache_dir, [])
+                frozen_features, _, _ = assemble_features(manifest, report, frozen_backbone, cache_dir, [])
     metrics, probabilities = evaluate(classifier, features, manifest.class_names)
     # Near-duplicates are judged on the frozen backbone's features, for which the threshold is calibrated.
-    leakage = near_duplicates(config, frozen_features, probabilities, manifest.class_names)
-    decision = gate(config, backbone, features, probabilities, manifest.class_names) if config.gate else None
-    figures = visualize(config, history, metrics, probabilities, features, leakage, tuned)
+    leakage = near_duplicates(config.evaluation, frozen_features, probabilities, manifest.class_names)
+    decision = None
+    if config.gate.enabled:
+        source = config.data.source
+        decision = gate(config.gate, artifacts_root, source, backbone, features, probabilities, manifest.class_names)
+    figures = visualize(config.head.seed, history, metrics, probabilities, features, leakage, tuned)
     run_dir = publish(
         config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned
     )
-    if config.export == "tflite":
+    if config.export.format == "tflite":
         export(run_dir, manifest)
     if decision is not None and decision.promote:
-        promote(config, run_dir, decision)
+        promote(artifacts_root, run_dir, decision)
     print(
         f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
@@ -89,12 +93,22 @@ def train(**parameters) -> str:
 def _reused(config: TrainConfig, key: str, previous, manifest, backbone, features) -> str:
     """The steps after assemble_features where an earlier run with identical inputs stands for
     this one: it is exported where asked, and gated like a new model."""
-    run_dir = reuse_identical_run(config, key, previous)
-    if config.export == "tflite":
+    run_dir = reuse_identical_run(config.runtime, key, previous)
+    if config.export.format == "tflite":
         export(run_dir, manifest)
-    decision = gate_identical_run(config, run_dir, backbone, features, manifest.class_names) if config.gate else None
+    decision = None
+    if config.gate.enabled:
+        decision = gate_identical_run(
+            config.gate,
+            config.runtime.artifacts_root,
+            config.data.source,
+            run_dir,
+            backbone,
+            features,
+            manifest.class_names,
+        )
     if decision is not None and decision.promote:
-        promote(config, run_dir, decision)
+        promote(config.runtime.artifacts_root, run_dir, decision)
     print(
         f"headstart: every input matches {previous}; nothing trained; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
@@ -107,26 +121,26 @@ def _features(config: TrainConfig, manifest, report, backbone, shards, extractio
     each), then every image's features collected into one file."""
     extracted = []
     if shards:
-        with extraction_runner(config) as runner:
+        with extraction_runner(config.runtime) as runner:
             labels = [f"{i + 1}/{len(shards)}" for i in range(len(shards))]
             extracted = runner.map(
                 extract_features,
                 {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels},
             ).result()
-    return assemble_features(manifest, report, backbone, config.cache_dir, extracted)
+    return assemble_features(manifest, report, backbone, config.runtime.cache_dir, extracted)
 
 
-def extraction_runner(config: TrainConfig) -> TaskRunner:
+def extraction_runner(runtime: RuntimeConfig) -> TaskRunner:
     """Where the extraction tasks run: a Dask cluster (an existing one, or a local one started for
     the run), or one thread of this process, since the forward pass already uses every core and a
     second engine would only compete. Every other step runs in the flow's own thread."""
-    if config.task_runner == "dask":
+    if runtime.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
-        if config.dask_address:
-            return DaskTaskRunner(address=config.dask_address)
+        if runtime.dask_address:
+            return DaskTaskRunner(address=runtime.dask_address)
         return DaskTaskRunner(
-            cluster_kwargs={"n_workers": config.dask_workers, "threads_per_worker": 1, "processes": True}
+            cluster_kwargs={"n_workers": runtime.dask_workers, "threads_per_worker": 1, "processes": True}
         )
     return ThreadPoolTaskRunner(max_workers=1)
 

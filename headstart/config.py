@@ -1,10 +1,19 @@
 """The one typed configuration of a training run, shared by the CLI, the flow and deployments.
 
+The configuration is in sections, one per stage of the pipeline (data, backbone, head,
+fine-tuning, evaluation, gate, export, runtime); each step receives the sections it needs. Outside
+the code it is one flat set of options with unique names (`epochs`, `fine_tune_epochs`,
+`gate_tolerance`, ...): the CLI's options, the flow's parameters (the deployment form, where `--param
+epochs=5` overrides one field alone) and a run's config.json all use those flat names, and
+`TrainConfig(**flat)` accepts them. A section's field has its flat name as its alias where the two
+differ. A new option is therefore one field in one section: the CLI, the flow and the training
+key follow from it.
+
 Every field counts towards a run's training key (what decides whether an earlier run can be
-reused, see headstart.registry.reuse) by its value, unless it is marked otherwise: RESULT_NEUTRAL for a
-field that cannot change the model or its metrics, THROUGH_MANIFEST or THROUGH_BACKBONE for one
-whose effect the manifest's or the backbone's fingerprint already counts, WHEN_FINE_TUNING for a
-setting of the fine-tuning stage, which counts only where that stage runs. A new field therefore
+reused, see headstart.registry.reuse) by its value, unless it is marked otherwise: RESULT_NEUTRAL
+for a field that cannot change the model or its metrics, THROUGH_MANIFEST or THROUGH_BACKBONE for
+one whose effect the manifest's or the backbone's fingerprint already counts, WHEN_FINE_TUNING for
+a setting of the fine-tuning stage, which counts only where that stage runs. A new field therefore
 counts until someone decides it does not.
 """
 
@@ -14,14 +23,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_CIFAR10_CLASSES = ("cat", "dog")
 DEFAULT_CUT = 4  # fine-tuning from stage 4 (see docs/fine-tuning.md)
 # The bundled backbone: ImageNet MobileNetV2, whose stages headstart can cut apart.
 BUNDLED_HANDLE = "bundled:mobilenet_v2"
-# MobileNetV2's last stage (the final 1×1 convolution, headstart.backbone.stages.HEAD): the
-# highest stage fine-tuning can start from.
+# MobileNetV2's last stage (the final 1×1 convolution): the highest stage fine-tuning can start from.
 LAST_STAGE = 18
 # Cosine similarity from which a held-out image counts as a near-duplicate of a training image;
 # see benchmarks/results/leakage-calibration.md for the measurements behind it.
@@ -31,48 +40,44 @@ DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.88
 Engine = Literal["auto", "litert", "keras", "litert-int8"]
 INT8_ENGINE = "litert-int8"
 
-
 # Marks for the fields that do not count towards the training key by their own value.
-THROUGH_MANIFEST = {
-    "training_key": "manifest"
-}  # what it changes, the manifest's fingerprint shows: the images, labels, splits
-THROUGH_BACKBONE = {
-    "training_key": "backbone"
-}  # the backbone's fingerprint (its exact weights) counts instead of its name
-RESULT_NEUTRAL = {
-    "training_key": "neutral"
-}  # never changes the model or its metrics: engine choice within parity, speed, places
-WHEN_FINE_TUNING = {
-    "training_key": "fine_tuning"
-}  # counts by value where fine_tune is on, and not at all where it is off
+# What such a field changes, the manifest's fingerprint shows: the images, labels, splits.
+THROUGH_MANIFEST = {"training_key": "manifest"}
+# The backbone's fingerprint (its exact weights) counts instead of its name.
+THROUGH_BACKBONE = {"training_key": "backbone"}
+# Never changes the model or its metrics: engine choice within parity, speed, places.
+RESULT_NEUTRAL = {"training_key": "neutral"}
+# Counts by value where fine_tune is on, and not at all where it is off.
+WHEN_FINE_TUNING = {"training_key": "fine_tuning"}
 
 
-class TrainConfig(BaseModel):
-    """Everything that decides what a `train` run computes. Unknown fields are rejected."""
+def _mark(field: FieldInfo) -> str | None:
+    return (field.json_schema_extra or {}).get("training_key")
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: str = Field(
-        json_schema_extra=THROUGH_MANIFEST, description="'cifar10', or a folder with one sub-folder of images per class"
+class Section(BaseModel):
+    """A part of the configuration: frozen, unknown fields rejected, fields settable by their flat
+    names (aliases) or their own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class DataConfig(Section):
+    """Where the images come from and how they are split."""
+
+    source: str = Field(
+        alias="data",
+        json_schema_extra=THROUGH_MANIFEST,
+        description="'cifar10', or a folder with one sub-folder of images per class",
     )
     classes: Optional[tuple[str, ...]] = Field(
         None,
         json_schema_extra=THROUGH_MANIFEST,
-        description="classes to learn; default: cat and dog for cifar10, every sub-folder otherwise",
+        description="classes to learn (comma-separated); default: cat and dog for cifar10, every sub-folder otherwise",
     )
     cifar10_source: str = Field(
         CIFAR10_URL, json_schema_extra=THROUGH_MANIFEST, description="URL or local path of the CIFAR-10 python archive"
     )
-    image_size: int = Field(
-        160, ge=32, le=512, description="side in pixels the backbone sees (160: see README for the measurement)"
-    )
-    epochs: int = Field(
-        30, ge=1, le=1000, description="maximum epochs; training stops early when validation loss stalls"
-    )
-    batch_size: int = Field(64, ge=1, le=4096, description="images per step of head training")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate before the new Dense layer")
-    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's learning rate for the head")
-    patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
     validation_fraction: float = Field(
         0.1,
         ge=0.0,
@@ -90,86 +95,175 @@ class TrainConfig(BaseModel):
     max_images_per_class: Optional[int] = Field(
         None, ge=1, json_schema_extra=THROUGH_MANIFEST, description="cap per class, for quick runs"
     )
-    seed: int = Field(0, description="seed of the head's initialisation, dropout and shuffling")
-    # Counts only where on, like the settings below: the keys of runs without fine-tuning stay
-    # what they were before it existed, so their indexed runs are still reused.
-    fine_tune: bool = Field(
-        False,
-        json_schema_extra=WHEN_FINE_TUNING,
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_are_distinct(cls, classes):
+        if classes is not None:
+            if len(classes) < 2:
+                raise ValueError("at least two classes are needed")
+            if len(set(classes)) != len(classes):
+                raise ValueError("classes must be distinct")
+        return classes
+
+
+class BackboneConfig(Section):
+    """The frozen backbone and how its forward pass (feature extraction) runs."""
+
+    handle: str = Field(
+        BUNDLED_HANDLE,
+        alias="backbone",
+        json_schema_extra=THROUGH_BACKBONE,
+        description="'bundled:mobilenet_v2', a TF Hub handle, a SavedModel directory or a URL of a .tar.gz module",
+    )
+    image_size: int = Field(
+        160, ge=32, le=512, description="side in pixels the backbone sees (160: see docs/benchmarks.md)"
+    )
+    # litert-int8 changes the features, but through the backbone's fingerprint
+    # (see headstart.edge.int8.quantization).
+    engine: Engine = Field(
+        "auto",
+        json_schema_extra=RESULT_NEUTRAL,
         description=(
-            "after the head, also train the backbone's stages from --fine-tune-from up, with the head, on activations cached below them"
+            "what runs the frozen forward pass; auto = LiteRT where it passes its parity check; litert-int8 = the "
+            "backbone quantized to int8 on the training images (other features, cached apart; see docs/edge.md)"
         ),
     )
-    fine_tune_from: int = Field(
+    threads: Optional[int] = Field(
+        None, ge=1, json_schema_extra=RESULT_NEUTRAL, description="threads for feature extraction; default: all cores"
+    )
+    batch_size: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        alias="extraction_batch_size",
+        json_schema_extra=RESULT_NEUTRAL,
+        description="images per forward pass of the backbone",
+    )
+    shard_size: int = Field(
+        1024,
+        ge=1,
+        alias="extraction_shard_size",
+        json_schema_extra=RESULT_NEUTRAL,
+        description="images per feature-cache shard and per extraction task",
+    )
+
+
+class HeadConfig(Section):
+    """The new Dropout + Dense head, trained on the cached features."""
+
+    epochs: int = Field(
+        30, ge=1, le=1000, description="maximum epochs; training stops early when validation loss stalls"
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="images per step of head training")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate before the new Dense layer")
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's learning rate for the head")
+    patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
+    seed: int = Field(0, description="seed of the head's initialisation, dropout and shuffling")
+
+
+class FineTuningConfig(Section):
+    """Training the backbone's top stages with the head, after the head alone.
+
+    Its settings count towards the training key only where it runs: the keys of runs without
+    fine-tuning stay what they were before it existed, so their indexed runs are still reused."""
+
+    enabled: bool = Field(
+        False,
+        alias="fine_tune",
+        json_schema_extra=WHEN_FINE_TUNING,
+        description=(
+            "after the head, also train the backbone's stages from --fine-tune-from up, with the head, "
+            "on activations cached below them"
+        ),
+    )
+    from_stage: int = Field(
         DEFAULT_CUT,
         ge=1,
         le=LAST_STAGE,
+        alias="fine_tune_from",
         json_schema_extra=WHEN_FINE_TUNING,
         description=(
-            "first stage to fine-tune: 1–17 an inverted-residual block, 18 the final 1×1 convolution; the stages below stay frozen"
+            "first stage to fine-tune: 1–17 an inverted-residual block, 18 the final 1×1 convolution; "
+            "the stages below stay frozen"
         ),
     )
-    fine_tune_epochs: int = Field(
+    epochs: int = Field(
         8,
         ge=1,
         le=1000,
+        alias="fine_tune_epochs",
         json_schema_extra=WHEN_FINE_TUNING,
-        description=(
-            "fine-tuning epochs (the learning rate decays over them); stops early when validation accuracy stalls"
-        ),
+        description="fine-tuning epochs (the learning rate decays over them); stops early when validation accuracy stalls",
     )
-    fine_tune_learning_rate: float = Field(
+    learning_rate: float = Field(
         3e-4,
         gt=0.0,
         le=1.0,
+        alias="fine_tune_learning_rate",
         json_schema_extra=WHEN_FINE_TUNING,
         description="Adam's learning rate for fine-tuning, reached after a one-epoch warm-up, then decayed to 0 on a cosine",
     )
-    fine_tune_patience: int = Field(
+    patience: int = Field(
         3,
         ge=1,
+        alias="fine_tune_patience",
         json_schema_extra=WHEN_FINE_TUNING,
         description="fine-tuning epochs without a better validation accuracy before it stops",
     )
-    fine_tune_flip: bool = Field(
+    flip: bool = Field(
         True,
+        alias="fine_tune_flip",
         json_schema_extra=WHEN_FINE_TUNING,
         description="mirror each training image at random in each fine-tuning epoch (both orientations cached)",
     )
-    fine_tune_shift: float = Field(
+    shift: float = Field(
         0.1,
         ge=0.0,
         le=0.25,
+        alias="fine_tune_shift",
         json_schema_extra=WHEN_FINE_TUNING,
         description=(
-            "share of the image side by which each training image may move each way in fine-tuning (its cut-point activations are shifted)"
+            "share of the image side by which each training image may move each way in fine-tuning "
+            "(its cut-point activations are shifted)"
         ),
     )
-    fine_tune_mixup: float = Field(
+    mixup: float = Field(
         0.0,
         ge=0.0,
         le=1.0,
+        alias="fine_tune_mixup",
         json_schema_extra=WHEN_FINE_TUNING,
         description=(
-            "mixup in fine-tuning: alpha of the Beta distribution each batch's blend with a shuffled copy of itself is drawn from; 0: off"
+            "mixup in fine-tuning: alpha of the Beta distribution each batch's blend with a shuffled copy of "
+            "itself is drawn from; 0: off"
         ),
     )
-    fine_tune_mirror_average: bool = Field(
+    mirror_average: bool = Field(
         False,
+        alias="fine_tune_mirror_average",
         json_schema_extra=WHEN_FINE_TUNING,
         description=(
-            "the fine-tuned backbone averages the features of each image and of its mirror image (twice its work per image)"
+            "the fine-tuned backbone averages the features of each image and of its mirror image "
+            "(twice its work per image)"
         ),
     )
-    fine_tune_cutmix: float = Field(
+    cutmix: float = Field(
         0.0,
         ge=0.0,
         le=4.0,
+        alias="fine_tune_cutmix",
         json_schema_extra=WHEN_FINE_TUNING,
         description=(
-            "CutMix in fine-tuning: alpha of the Beta distribution the area each batch takes from a shuffled copy of itself is drawn from; 0: off"
+            "CutMix in fine-tuning: alpha of the Beta distribution the area each batch takes from a shuffled "
+            "copy of itself is drawn from; 0: off"
         ),
     )
+
+
+class EvaluationConfig(Section):
+    """What the evaluation checks besides accuracy."""
+
     # Counts by value: it changes no weights, but it decides what metrics.json, data_report.json
     # and the model card say, and a reused run must say what this threshold would have.
     near_duplicate_threshold: float = Field(
@@ -177,35 +271,79 @@ class TrainConfig(BaseModel):
         gt=0.0,
         le=1.0,
         description=(
-            "cosine similarity of backbone features at or above which a test or validation image counts as a near-duplicate of its "
-            "nearest training image (0.88: calibrated for the bundled MobileNetV2 at 160 px, see benchmarks/results/leakage-calibration.md)"
+            "cosine similarity of backbone features at or above which a test or validation image counts as a "
+            "near-duplicate of its nearest training image (0.88: calibrated for the bundled MobileNetV2 at 160 px, "
+            "see benchmarks/results/leakage-calibration.md)"
         ),
     )
-    backbone: str = Field(
-        BUNDLED_HANDLE,
-        json_schema_extra=THROUGH_BACKBONE,
-        description="'bundled:mobilenet_v2', a TF Hub handle, a SavedModel directory or a URL of a .tar.gz module",
+
+
+class GateConfig(Section):
+    """Whether and when the new model replaces the champion."""
+
+    enabled: bool = Field(
+        True,
+        alias="gate",
+        json_schema_extra=RESULT_NEUTRAL,
+        description="compare the new model with the champion and promote it only when it is not worse",
     )
-    # litert-int8 changes the features, but through the backbone's fingerprint (see headstart.edge.int8.quantization).
-    engine: Engine = Field(
-        "auto",
+    tolerance: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        alias="gate_tolerance",
+        json_schema_extra=RESULT_NEUTRAL,
+        description="accuracy the new model may lose against the champion and still be promoted",
+    )
+    alpha: float = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        alias="gate_alpha",
+        json_schema_extra=RESULT_NEUTRAL,
+        description="significance level of the McNemar test that keeps a worse model out",
+    )
+    floor: Optional[float] = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        alias="gate_floor",
+        json_schema_extra=RESULT_NEUTRAL,
+        description="accuracy the first model must beat; default: always predicting the most common class",
+    )
+
+
+class ExportConfig(Section):
+    """Files for phones and boards, written after publishing."""
+
+    format: Literal["none", "tflite"] = Field(
+        "none",
+        alias="export",
         json_schema_extra=RESULT_NEUTRAL,
         description=(
-            "what runs the frozen forward pass; auto = LiteRT where it passes its parity check; litert-int8 = the backbone quantized "
-            "to int8 on the training images (other features, cached apart; see the README for what it costs in accuracy)"
+            "after publishing, also write the classifier as .tflite files (float32 and int8, class names inside) "
+            "into the run's exports/ folder"
         ),
     )
-    threads: Optional[int] = Field(
-        None, ge=1, json_schema_extra=RESULT_NEUTRAL, description="threads for feature extraction; default: all cores"
-    )
-    extraction_batch_size: int = Field(
-        64, ge=1, le=1024, json_schema_extra=RESULT_NEUTRAL, description="images per forward pass of the backbone"
-    )
-    extraction_shard_size: int = Field(
-        1024,
-        ge=1,
+
+
+class RuntimeConfig(Section):
+    """Where things go and where the work runs; never changes a result."""
+
+    artifacts_root: Path = Field(
+        Path("artifacts"),
         json_schema_extra=RESULT_NEUTRAL,
-        description="images per feature-cache shard and per extraction task",
+        description="where run directories and the registry go (relative: to the working directory)",
+    )
+    cache_dir: Path = Field(
+        Path(".cache/headstart"),
+        json_schema_extra=RESULT_NEUTRAL,
+        description="where downloads, backbones and features are cached",
+    )
+    reuse_identical_runs: bool = Field(
+        True,
+        json_schema_extra={**RESULT_NEUTRAL, "flag": "--no-reuse"},
+        description="copy an earlier run whose inputs were all identical instead of retraining",
     )
     task_runner: Literal["local", "dask"] = Field(
         "local",
@@ -223,109 +361,104 @@ class TrainConfig(BaseModel):
         json_schema_extra=RESULT_NEUTRAL,
         description="workers of the local Dask cluster when no address is given",
     )
-    reuse_identical_runs: bool = Field(
-        True,
-        json_schema_extra=RESULT_NEUTRAL,
-        description="copy an earlier run whose inputs were all identical instead of retraining",
-    )
-    gate: bool = Field(
-        True,
-        json_schema_extra=RESULT_NEUTRAL,
-        description="compare the new model with the champion and promote it only when it is not worse",
-    )
-    gate_tolerance: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        json_schema_extra=RESULT_NEUTRAL,
-        description="accuracy the new model may lose against the champion and still be promoted",
-    )
-    gate_alpha: float = Field(
-        0.05,
-        gt=0.0,
-        lt=1.0,
-        json_schema_extra=RESULT_NEUTRAL,
-        description="significance level of the McNemar test that keeps a worse model out",
-    )
-    gate_floor: Optional[float] = Field(
-        None,
-        ge=0.0,
-        le=1.0,
-        json_schema_extra=RESULT_NEUTRAL,
-        description="accuracy the first model must beat; default: always predicting the most common class",
-    )
-    export: Literal["none", "tflite"] = Field(
-        "none",
-        json_schema_extra=RESULT_NEUTRAL,
-        description=(
-            "after publishing, also write the classifier as .tflite files (float32 and int8, class names inside) into the run's exports/ folder"
-        ),
-    )
-    artifacts_root: Path = Field(
-        Path("artifacts"),
-        json_schema_extra=RESULT_NEUTRAL,
-        description="where run directories and the registry go (relative: to the working directory)",
-    )
-    cache_dir: Path = Field(
-        Path(".cache/headstart"),
-        json_schema_extra=RESULT_NEUTRAL,
-        description="where downloads, backbones and features are cached",
-    )
+
+
+def flat_name(name: str, field: FieldInfo) -> str:
+    """A section field's name outside the code: its alias where it has one."""
+    return field.alias or name
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides what a `train` run computes, in sections. Built from sections or from
+    the flat options (`TrainConfig(data="photos", epochs=5)`); unknown options are rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: DataConfig
+    backbone: BackboneConfig = BackboneConfig()
+    head: HeadConfig = HeadConfig()
+    fine_tuning: FineTuningConfig = FineTuningConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    gate: GateConfig = GateConfig()
+    export: ExportConfig = ExportConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @classmethod
+    def options(cls) -> dict[str, tuple[str, str, FieldInfo]]:
+        """Every flat option: its name → (section, the section's field name, the field)."""
+        found = {}
+        for section, holder in cls.model_fields.items():
+            for name, field in holder.annotation.model_fields.items():
+                found[flat_name(name, field)] = (section, name, field)
+        return found
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_from_flat_options(cls, values: Any) -> Any:
+        """Flat options go into their sections; a section given whole (a mapping or a section
+        object under the section's name) is taken as it is."""
+        if not isinstance(values, dict):
+            return values
+        options, sections = cls.options(), {}
+        for key, value in values.items():
+            whole_section = key in cls.model_fields and isinstance(value, (dict, BaseModel))
+            if whole_section or key not in options:
+                sections[key] = value  # an unknown key is left for "extra forbidden" to name
+            else:
+                section, name, _ = options[key]
+                held = sections.setdefault(section, {})
+                if isinstance(held, dict):
+                    held[name] = value
+        return sections
+
+    def flat(self) -> dict[str, Any]:
+        """The flat options with their values, as JSON values (a run's config.json)."""
+        values = {}
+        for section in type(self).model_fields:
+            values.update(getattr(self, section).model_dump(mode="json", by_alias=True))
+        return values
+
+    def with_options(self, **options) -> "TrainConfig":
+        """A copy with some flat options changed, validated again."""
+        return type(self)(**{**self.flat(), **options})
 
     @classmethod
     def counted_by_value(cls) -> list[str]:
-        """The fields whose values count towards the training key: every one not marked otherwise."""
-        return [
-            name for name, field in cls.model_fields.items() if not (field.json_schema_extra or {}).get("training_key")
-        ]
+        """The options whose values count towards the training key: every one not marked otherwise."""
+        return [name for name, (_, _, field) in cls.options().items() if not _mark(field)]
 
     def training_values(self) -> dict[str, Any]:
-        """Those fields' values, as JSON values, and the fine-tuning settings where it runs."""
-        values = self.model_dump(mode="json")
-        counted = self.counted_by_value() + (
-            [
-                name
-                for name, field in type(self).model_fields.items()
-                if (field.json_schema_extra or {}).get("training_key") == "fine_tuning"
-            ]
-            if self.fine_tune
-            else []
-        )
+        """Those options' values, as JSON values, and the fine-tuning settings where it runs."""
+        values = self.flat()
+        counted = self.counted_by_value()
+        if self.fine_tuning.enabled:
+            counted += [name for name, (_, _, field) in self.options().items() if _mark(field) == "fine_tuning"]
         return {name: values[name] for name in counted}
 
     @model_validator(mode="after")
     def _fine_tuning_can_run(self):
-        if self.fine_tune and self.validation_fraction == 0:
+        if not self.fine_tuning.enabled:
+            return self
+        if self.data.validation_fraction == 0:
             raise ValueError(
                 "fine-tuning selects its best epoch on the validation split: give a validation fraction above 0"
             )
-        if self.fine_tune and self.engine == "litert-int8":
+        if self.backbone.engine == INT8_ENGINE:
             raise ValueError(
-                "fine-tuning trains the float backbone; the litert-int8 engine's features come from a frozen int8 one: choose one of them"
+                "fine-tuning trains the float backbone; the litert-int8 engine's features come from a frozen int8 "
+                "one: choose one of them"
             )
-        if self.fine_tune and self.backbone != BUNDLED_HANDLE:
+        if self.backbone.handle != BUNDLED_HANDLE:
             raise ValueError(
                 f"fine-tuning needs the bundled backbone ({BUNDLED_HANDLE}), whose stages headstart can cut apart; "
-                f"{self.backbone} is a module it can only run whole"
+                f"{self.backbone.handle} is a module it can only run whole"
             )
         return self
-
-    @field_validator("classes")
-    @classmethod
-    def _classes_are_distinct(cls, classes):
-        if classes is not None:
-            if len(classes) < 2:
-                raise ValueError("at least two classes are needed")
-            if len(set(classes)) != len(classes):
-                raise ValueError("classes must be distinct")
-        return classes
 
     @classmethod
     def smoke(cls, **overrides) -> "TrainConfig":
         """A tiny configuration for tests and demos: small images, few epochs."""
-        values = dict(image_size=32, epochs=3, batch_size=16, extraction_batch_size=16)
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{"image_size": 32, "epochs": 3, "batch_size": 16, "extraction_batch_size": 16, **overrides})
 
 
 class PredictConfig(BaseModel):
@@ -337,7 +470,8 @@ class PredictConfig(BaseModel):
     model: str = Field(
         "champion",
         description=(
-            "'champion', a version listed by `headstart models`, a run directory, or a .tflite file written by `headstart export` (run with LiteRT alone)"
+            "'champion', a version listed by `headstart models`, a run directory, or a .tflite file written by "
+            "`headstart export` (run with LiteRT alone)"
         ),
     )
     output: Optional[Path] = Field(
@@ -348,7 +482,8 @@ class PredictConfig(BaseModel):
     engine: Engine = Field(
         "auto",
         description=(
-            "what runs the frozen forward pass; auto = LiteRT where it passes its parity check (a run trained with litert-int8 always runs on it)"
+            "what runs the frozen forward pass; auto = LiteRT where it passes its parity check "
+            "(a run trained with litert-int8 always runs on it)"
         ),
     )
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")

@@ -6,7 +6,6 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from headstart.config import TrainConfig
 from headstart.evaluation.metrics import evaluate_split
 from headstart.features.dataset import FeatureSet
 from headstart.training.fine_tuning import FineTuningResult
@@ -20,7 +19,7 @@ def evaluate(classifier, features: FeatureSet, class_names: tuple[str, ...]) -> 
 
 @task(name="visualize", cache_policy=NO_CACHE)
 def visualize(
-    config: TrainConfig,
+    seed: int,
     history: dict,
     metrics: dict,
     probabilities: np.ndarray,
@@ -30,7 +29,7 @@ def visualize(
 ) -> dict[str, bytes]:
     """Renders the run's plots as PNG bytes, by file name; with the closest test / training pairs
     where `near_duplicates` (the near_duplicates step's report) flagged any, and the fine-tuning
-    curves where it ran."""
+    curves where it ran; `seed` picks the sample images shown."""
     from headstart.reporting.plots import plot_run
 
     pairs = near_duplicates["splits"]["test"]["pairs"] if near_duplicates is not None else []
@@ -39,7 +38,7 @@ def visualize(
         metrics,
         *features.labels_and_paths("test"),
         probabilities,
-        config.seed,
+        seed,
         pairs,
         fine_tuning.history if fine_tuning is not None else None,
     )

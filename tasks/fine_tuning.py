@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from headstart.backbone.handles import Backbone
-from headstart.config import TrainConfig
+from headstart.config import FineTuningConfig, HeadConfig
 from headstart.features.dataset import FeatureSet
 from headstart.training.fine_tuning import FineTuningResult, TuningSettings, activation_entries, fine_tune_classifier
 from tasks.progress import DashboardProgress
@@ -17,20 +17,25 @@ from tasks.progress import DashboardProgress
 
 @task(name="fine_tune", cache_policy=NO_CACHE)
 def fine_tune(
-    config: TrainConfig, training_key: str, backbone: Backbone, classifier, features: FeatureSet
+    settings: FineTuningConfig,
+    head: HeadConfig,
+    cache_dir: Path,
+    training_key: str,
+    backbone: Backbone,
+    classifier,
+    features: FeatureSet,
 ) -> FineTuningResult:
     """Fine-tunes the backbone's stages from --fine-tune-from up with the head, on activations
     cached below them; returns the fine-tuned backbone, written as a TF Hub module into the cache
-    under the run's training key (see headstart.training.fine_tuning)."""
-    destination = Path(config.cache_dir) / "backbones" / f"fine-tuned-{training_key}"
+    under the run's training key (see headstart.training.fine_tuning). Its batch size and seed are
+    the head's."""
+    destination = Path(cache_dir) / "backbones" / f"fine-tuned-{training_key}"
     with (
         DashboardProgress(
-            activation_entries(features, config.fine_tune_flip),
-            f"fine-tune: activations into stage {config.fine_tune_from}",
+            activation_entries(features, settings.flip),
+            f"fine-tune: activations into stage {settings.from_stage}",
         ) as activations,
-        DashboardProgress(
-            config.fine_tune_epochs, f"fine-tune: at most {config.fine_tune_epochs} epochs", unit="epoch"
-        ) as epochs,
+        DashboardProgress(settings.epochs, f"fine-tune: at most {settings.epochs} epochs", unit="epoch") as epochs,
     ):
 
         def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
@@ -39,13 +44,13 @@ def fine_tune(
             )
             epochs.update(
                 1,
-                f"fine-tune: epoch {epoch} of at most {config.fine_tune_epochs} ({history['seconds'][-1]:.0f} s); {scores}",
+                f"fine-tune: epoch {epoch} of at most {settings.epochs} ({history['seconds'][-1]:.0f} s); {scores}",
             )
             # An epoch takes a while: a line for each in the flow run's log, as well as the progress bar.
             get_run_logger().info(
                 "fine-tune epoch %d of at most %d: %.0f s; %s",
                 epoch,
-                config.fine_tune_epochs,
+                settings.epochs,
                 history["seconds"][-1],
                 scores,
             )
@@ -54,12 +59,12 @@ def fine_tune(
             classifier,
             backbone,
             features,
-            config.cache_dir,
+            cache_dir,
             destination,
-            config.fine_tune_from,
-            TuningSettings.from_config(config),
-            config.fine_tune_flip,
-            config.fine_tune_mirror_average,
+            settings.from_stage,
+            TuningSettings.from_config(settings, head),
+            settings.flip,
+            settings.mirror_average,
             activations,
             epoch_done,
         )

@@ -1,4 +1,4 @@
-"""Prefect tasks around headstart.promotion.decide and headstart.registry.versions: gate, promote."""
+"""Prefect tasks around headstart.promotion and the registry's versions: gate, promote."""
 
 from __future__ import annotations
 
@@ -11,33 +11,46 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from headstart.backbone.handles import Backbone
-from headstart.config import TrainConfig
+from headstart.config import GateConfig
 from headstart.features.dataset import FeatureSet
-from headstart.promotion import decide as promotion
+from headstart.promotion.decide import decide, decide_for_identical_run
 from headstart.promotion.mcnemar import GateDecision
-from headstart.registry import versions as registry
+from headstart.registry import versions
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import gate_rows
 
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(
-    config: TrainConfig,
+    settings: GateConfig,
+    artifacts_root: Path,
+    source: str,
     backbone: Backbone,
     features: FeatureSet,
     probabilities: np.ndarray,
     class_names: tuple[str, ...],
 ) -> GateDecision:
-    """Scores the new model against the champion on the same images and decides whether it takes over."""
-    return _announced(promotion.decide(config, backbone, features, probabilities, list(class_names)))
+    """Scores the new model (trained on `source`) against the champion on the same images and
+    decides whether it takes over."""
+    champion = versions.champion(artifacts_root)
+    return _announced(decide(settings, champion, source, backbone, features, probabilities, list(class_names)))
 
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate_identical_run(
-    config: TrainConfig, run_dir: str, backbone: Backbone, features: FeatureSet, class_names: tuple[str, ...]
+    settings: GateConfig,
+    artifacts_root: Path,
+    source: str,
+    run_dir: str,
+    backbone: Backbone,
+    features: FeatureSet,
+    class_names: tuple[str, ...],
 ) -> GateDecision:
-    """The gate for an earlier run standing in for this one: scored and judged as a new model, unless it is the champion already."""
-    return _announced(promotion.decide_for_identical_run(config, Run(run_dir), backbone, features, list(class_names)))
+    """The gate for an earlier run standing in for this one: scored and judged as a new model, unless
+    it is the champion already."""
+    champion = versions.champion(artifacts_root)
+    decision = decide_for_identical_run(settings, champion, source, Run(run_dir), backbone, features, list(class_names))
+    return _announced(decision)
 
 
 def _announced(decision: GateDecision) -> GateDecision:
@@ -48,6 +61,6 @@ def _announced(decision: GateDecision) -> GateDecision:
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(config: TrainConfig, run_dir: str, decision: GateDecision) -> None:
+def promote(artifacts_root: Path, run_dir: str, decision: GateDecision) -> None:
     """Makes the new run the champion, as the gate decided."""
-    registry.promote(config.artifacts_root, Path(run_dir).name, decision.reason, by="gate")
+    versions.promote(artifacts_root, Path(run_dir).name, decision.reason, by="gate")

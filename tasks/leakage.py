@@ -7,7 +7,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from headstart.config import TrainConfig
+from headstart.config import EvaluationConfig
 from headstart.evaluation.near_duplicates import find_near_duplicates, near_duplicate_report
 from headstart.features.dataset import FeatureSet
 from headstart.registry.runs import near_duplicates_summary
@@ -15,11 +15,11 @@ from headstart.registry.runs import near_duplicates_summary
 
 @task(name="near_duplicates", cache_policy=NO_CACHE)
 def near_duplicates(
-    config: TrainConfig, features: FeatureSet, probabilities: np.ndarray, class_names: tuple[str, ...]
+    settings: EvaluationConfig, features: FeatureSet, probabilities: np.ndarray, class_names: tuple[str, ...]
 ) -> dict:
     """Test and validation images whose nearest training image is a near-duplicate, from the cached
     features, and the test accuracy with and without them (as the data report records it)."""
-    check = find_near_duplicates(features, list(class_names), config.near_duplicate_threshold)
+    check = find_near_duplicates(features, list(class_names), settings.near_duplicate_threshold)
     report = near_duplicate_report(check, features, probabilities)
     get_run_logger().info("%s", near_duplicates_summary(report).replace("**", ""))
     return report

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from headstart.backbone.handles import Backbone
-from headstart.config import TrainConfig
+from headstart.config import HeadConfig
 from headstart.features.dataset import FeatureSet
 from headstart.features.extraction import ExtractionContext
 from tasks.progress import DashboardProgress
@@ -14,7 +14,7 @@ from tasks.progress import DashboardProgress
 
 @task(name="build_model", cache_policy=NO_CACHE)
 def build_model(
-    config: TrainConfig, backbone: Backbone, class_names: tuple[str, ...], context: ExtractionContext, head_from=None
+    head: HeadConfig, backbone: Backbone, class_names: tuple[str, ...], context: ExtractionContext, head_from=None
 ):
     """The end-to-end Functional model: images → frozen backbone → Dropout → Dense; the head's
     weights those of `head_from` (a classifier trained before) where given.
@@ -24,7 +24,7 @@ def build_model(
     from headstart.training.head import HEAD_DENSE, build_classifier
 
     classifier = build_classifier(
-        context.keras_layer(backbone), len(class_names), config.image_size, config.dropout, config.seed
+        context.keras_layer(backbone), len(class_names), backbone.image_size, head.dropout, head.seed
     )
     if head_from is not None:
         classifier.get_layer(HEAD_DENSE).set_weights(head_from.get_layer(HEAD_DENSE).get_weights())
@@ -32,32 +32,32 @@ def build_model(
 
 
 @task(name="train_head", cache_policy=NO_CACHE)
-def train_head(config: TrainConfig, classifier, features: FeatureSet) -> dict[str, list[float]]:
+def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[str, list[float]]:
     """Fits the classifier's head on the cached features of the train split (see headstart.training.head)."""
     from headstart.training.head import train_head as fit_head
 
-    with DashboardProgress(config.epochs, f"train head: at most {config.epochs} epochs", unit="epoch") as progress:
+    with DashboardProgress(settings.epochs, f"train head: at most {settings.epochs} epochs", unit="epoch") as progress:
 
         def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
             scores = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items())
-            progress.update(1, f"train head: epoch {epoch + 1} of at most {config.epochs}; {scores}")
+            progress.update(1, f"train head: epoch {epoch + 1} of at most {settings.epochs}; {scores}")
 
         history = fit_head(
             classifier,
             features.stream("train"),
             features.stream("validation"),
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            patience=config.patience,
-            seed=config.seed,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            patience=settings.patience,
+            seed=settings.seed,
             on_epoch=epoch_done,
         )
         progress.finish(
             f"train head: {len(history['loss'])} epochs"
             + (
-                f" (stopped early: validation loss stalled for {config.patience})"
-                if len(history["loss"]) < config.epochs
+                f" (stopped early: validation loss stalled for {settings.patience})"
+                if len(history["loss"]) < settings.epochs
                 else ""
             )
         )

@@ -12,7 +12,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from headstart.backbone.handles import Backbone
-from headstart.config import TrainConfig
+from headstart.config import RuntimeConfig, TrainConfig
 from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
 from headstart.promotion.mcnemar import GateDecision
@@ -39,7 +39,7 @@ def publish(
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
     run_dir = write_run(
-        config.artifacts_root,
+        config.runtime.artifacts_root,
         config=config,
         training_key=training_key,
         classifier=classifier,
@@ -54,15 +54,15 @@ def publish(
         near_duplicates=near_duplicates,
         fine_tuning=(fine_tuning.history, fine_tuning.summary) if fine_tuning is not None else None,
     )
-    record_run(config.cache_dir, training_key, run_dir)
+    record_run(config.runtime.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir))
 
 
 @task(name="reuse_identical_run", cache_policy=NO_CACHE)
-def reuse_identical_run(config: TrainConfig, training_key: str, previous: Path) -> str:
+def reuse_identical_run(runtime: RuntimeConfig, training_key: str, previous: Path) -> str:
     """An earlier run whose inputs were all identical stands for this one (training would reproduce
     it exactly): the version itself where it is in this run's registry, else a copy of it there."""
-    if in_registry(config.artifacts_root, previous):
+    if in_registry(runtime.artifacts_root, previous):
         get_run_logger().info(
             "Every input matches version %s; it stands for this run, nothing is trained (--no-reuse to retrain)",
             Path(previous).name,
@@ -71,8 +71,8 @@ def reuse_identical_run(config: TrainConfig, training_key: str, previous: Path) 
     get_run_logger().info(
         "Every input matches run %s; copying it instead of retraining (--no-reuse to retrain)", previous
     )
-    copied = copy_run(config.artifacts_root, previous, flow_run.id)
-    record_run(config.cache_dir, training_key, copied)
+    copied = copy_run(runtime.artifacts_root, previous, flow_run.id)
+    record_run(runtime.cache_dir, training_key, copied)
     return publish_prefect_artifacts(Run(copied))
 
 

@@ -28,10 +28,10 @@ def corpus(tmp_path_factory) -> Path:
 def scanned(corpus, tmp_path_factory):
     """The corpus's manifest and data report, as `train`'s download step builds them."""
     from headstart.config import TrainConfig
-    from headstart.data.sources import prepare_source
+    from configs import source_of
 
     config = TrainConfig(data=str(corpus), classes=("cat", "dog"), cache_dir=tmp_path_factory.mktemp("cache"))
-    return prepare_source(config)
+    return source_of(config)
 
 
 def _relative(corpus: Path, path: str) -> str:
@@ -167,23 +167,23 @@ def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cac
     from headstart.backbone.handles import resolve_backbone
     from headstart.config import TrainConfig
     from headstart.data.manifest import without_images
-    from headstart.data.sources import prepare_source
+    from configs import source_of
     from headstart.features.cache import FeatureCache
     from headstart.features.dataset import assemble_features, plan_extraction
     from headstart.features.extraction import ExtractionContext, ExtractionSettings
     from headstart.infra.storage import file_sha256
 
     config = TrainConfig(data=str(colour_folder), cache_dir=tmp_path / "cache")
-    backbone = resolve_backbone(str(tiny_backbone_dir), 32, config.cache_dir)
-    manifest, report = prepare_source(config)
+    backbone = resolve_backbone(str(tiny_backbone_dir), 32, config.runtime.cache_dir)
+    manifest, report = source_of(config)
     scanned = dict(zip(manifest.read().column("path").to_pylist(), manifest.read().column("sha256").to_pylist()))
     rewritten, truncated, removed = sorted(scanned)[:3]
     rgb(999, (32, 32)).save(rewritten, format="PNG")
     Path(truncated).write_bytes(Path(truncated).read_bytes()[:60])
     Path(removed).unlink()
 
-    with ExtractionContext(config.cache_dir, ExtractionSettings("keras", batch_size=5)) as context:
-        (shard,) = plan_extraction(manifest, backbone, config.cache_dir)
+    with ExtractionContext(config.runtime.cache_dir, ExtractionSettings("keras", batch_size=5)) as context:
+        (shard,) = plan_extraction(manifest, backbone, config.runtime.cache_dir)
         extracted = context.extract_shard(shard, backbone)
     reasons = {path: reason for _, path, reason in extracted.left_out}
     assert set(reasons) == {rewritten, truncated, removed} and extracted.extracted == len(scanned) - 3
@@ -192,17 +192,17 @@ def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cac
         and "changed after it was scanned" in reasons[truncated]
     )
     assert "could not be read" in reasons[removed] and "FileNotFoundError" in reasons[removed]
-    assert FeatureCache(config.cache_dir, backbone).cached_hashes() == set(scanned.values()) - {
+    assert FeatureCache(config.runtime.cache_dir, backbone).cached_hashes() == set(scanned.values()) - {
         scanned[p] for p in reasons
     }
 
-    smaller, report = without_images(manifest, report, list(extracted.left_out), config.cache_dir)
+    smaller, report = without_images(manifest, report, list(extracted.left_out), config.runtime.cache_dir)
     assert smaller.fingerprint != manifest.fingerprint and smaller.read().num_rows == len(scanned) - 3
     assert {entry["path"] for entry in report.skipped} == set(reasons)
     assert sum(sum(counts.values()) for counts in report.counts.values()) == len(scanned) - 3
-    assert assemble_features(smaller, backbone, config.cache_dir).load()[0].shape[0] == len(scanned) - 3
+    assert assemble_features(smaller, backbone, config.runtime.cache_dir).load()[0].shape[0] == len(scanned) - 3
 
-    again, _ = prepare_source(config)
+    again, _ = source_of(config)
     hashes = dict(zip(again.read().column("path").to_pylist(), again.read().column("sha256").to_pylist()))
     assert (
         hashes[rewritten] == file_sha256(Path(rewritten)) != scanned[rewritten]
@@ -238,21 +238,21 @@ def _two_class_folder(root: Path, small_class: list[bytes]) -> Path:
 
 def test_a_class_too_small_to_split_stops_with_one_line_or_trains_with_a_note(tmp_path):
     from headstart.config import TrainConfig
-    from headstart.data.sources import prepare_source
+    from configs import source_of
     from headstart.errors import HeadstartError
 
     none_in_training = _two_class_folder(
         tmp_path / "a", _images_landing_in("test", 1, 700) + _images_landing_in("validation", 1, 800)
     )
     with pytest.raises(HeadstartError) as stopped:
-        prepare_source(TrainConfig(data=str(none_in_training), cache_dir=tmp_path / "cache"))
+        source_of(TrainConfig(data=str(none_in_training), cache_dir=tmp_path / "cache"))
     message = str(stopped.value)
     assert message.startswith("class 'small' has 2 usable images in") and message.endswith(
         "put none in training: give it more images"
     )
 
     none_in_test = _two_class_folder(tmp_path / "b", _images_landing_in("train", 2, 900))
-    manifest, report = prepare_source(TrainConfig(data=str(none_in_test), cache_dir=tmp_path / "cache"))
+    manifest, report = source_of(TrainConfig(data=str(none_in_test), cache_dir=tmp_path / "cache"))
     assert report.counts["train"]["small"] == 2 and report.counts["test"]["small"] == 0
     assert report.notes == [
         "class 'small' has no test images (of its 2): its test metrics are not measured; give it more images"
@@ -299,7 +299,8 @@ def test_a_file_without_read_permission_is_skipped_with_its_reason_where_permiss
     script = (
         "import json; from pathlib import Path; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
         "from headstart.serving.predict import list_images; "
-        f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}))[1].skipped "
+        f"config = TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}); "
+        "print(json.dumps(prepare_source(config.data, config.runtime.cache_dir)[1].skipped "
         f"+ list_images([Path({str(tmp_path / 'data' / 'a')!r})])[1]))"
     )
     result = subprocess.run(

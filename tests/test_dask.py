@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _features_of(config: TrainConfig) -> tuple[np.ndarray, list[str]]:
-    (dataset,) = (config.cache_dir / "datasets").glob("*.parquet")
+    (dataset,) = (config.runtime.cache_dir / "datasets").glob("*.parquet")
     features, _, paths = FeatureSet(dataset, 0, 0, "").load()
     return features, paths
 
@@ -30,7 +30,7 @@ def test_dask_run_equals_local_run(prefect_harness, colour_folder, tiny_backbone
         data=str(colour_folder), backbone=str(tiny_backbone_dir), extraction_shard_size=10, epochs=5, engine="litert"
     )
     local = TrainConfig.smoke(artifacts_root=tmp_path / "local-runs", cache_dir=tmp_path / "local-cache", **common)
-    local_run = Path(train(**local.model_dump()))
+    local_run = Path(train(**local.flat()))
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
@@ -43,7 +43,7 @@ def test_dask_run_equals_local_run(prefect_harness, colour_folder, tiny_backbone
             **common,
         )
         with get_task_stream(client) as stream:
-            dask_run = Path(train(**distributed.model_dump()))
+            dask_run = Path(train(**distributed.flat()))
         workers = set(cluster.workers[name].worker_address for name in cluster.workers)
     local_features, local_paths = _features_of(local)
     dask_features, dask_paths = _features_of(distributed)

@@ -17,7 +17,7 @@ from headstart.data.cifar10 import CIFAR10_CLASSES
 from headstart.data.folders import list_class_files
 from headstart.data.images import load_image
 from headstart.data.manifest import DataReport, assign_split, real_paths
-from headstart.data.sources import prepare_source
+from configs import source_of
 from headstart.errors import HeadstartError
 from headstart.infra.downloads import DownloadPolicy, download
 
@@ -27,7 +27,7 @@ def _config(tmp_path, **values):
 
 
 def test_folder_source_lists_classes_and_splits(colour_folder, tmp_path):
-    manifest, report = prepare_source(
+    manifest, report = source_of(
         _config(tmp_path, data=str(colour_folder), test_fraction=0.25, validation_fraction=0.25)
     )
     table = manifest.read().to_pydict()
@@ -43,7 +43,7 @@ def test_bad_files_are_skipped_and_reported(colour_folder, tmp_path):
     (colour_folder / "red" / "notes.txt").write_text("not an image")
     (colour_folder / "blue" / "copy.png").write_bytes((colour_folder / "blue" / "000.png").read_bytes())
     (colour_folder / "blue" / "empty.png").write_bytes(b"")
-    manifest, report = prepare_source(_config(tmp_path, data=str(colour_folder)))
+    manifest, report = source_of(_config(tmp_path, data=str(colour_folder)))
     reasons = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in report.skipped}
     assert set(reasons) == {"broken.jpg", "notes.txt", "copy.png", "empty.png"}
     assert reasons["notes.txt"] == "not an image file"
@@ -102,11 +102,11 @@ def test_listing_and_resolving_agree_with_rglob_and_path_resolve(tmp_path):
 
 def test_splits_depend_on_content_only(colour_folder, tmp_path):
     config = _config(tmp_path, data=str(colour_folder), test_fraction=0.25, validation_fraction=0.25)
-    first = prepare_source(config)[0].read().to_pydict()
+    first = source_of(config)[0].read().to_pydict()
     write_class_images(colour_folder, {"red": (190, 50, 50)}, per_class=10, seed=7)  # overwrites 000-009 of red
     for path in sorted((colour_folder / "blue").glob("*.png"))[:5]:
         path.rename(path.with_name("renamed-" + path.name))
-    second = prepare_source(config)[0].read().to_pydict()
+    second = source_of(config)[0].read().to_pydict()
     before = dict(zip(first["sha256"], first["split"]))
     after = dict(zip(second["sha256"], second["split"]))
     shared = set(before) & set(after)
@@ -123,9 +123,9 @@ def test_split_assignment_is_uniform():
 
 def test_missing_and_unknown_classes_are_errors(colour_folder, tmp_path):
     with pytest.raises(HeadstartError, match="green"):
-        prepare_source(_config(tmp_path, data=str(colour_folder), classes=("red", "green")))
+        source_of(_config(tmp_path, data=str(colour_folder), classes=("red", "green")))
     with pytest.raises(HeadstartError, match="not found"):
-        prepare_source(_config(tmp_path, data=str(tmp_path / "nowhere")))
+        source_of(_config(tmp_path, data=str(tmp_path / "nowhere")))
 
 
 def test_a_folder_without_usable_images_is_an_error(tmp_path):
@@ -133,7 +133,7 @@ def test_a_folder_without_usable_images_is_an_error(tmp_path):
         (tmp_path / "data" / name).mkdir(parents=True)
         (tmp_path / "data" / name / "x.jpg").write_bytes(b"garbage")
     with pytest.raises(HeadstartError, match="no usable images"):
-        prepare_source(_config(tmp_path, data=str(tmp_path / "data")))
+        source_of(_config(tmp_path, data=str(tmp_path / "data")))
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -176,7 +176,7 @@ def test_cifar10_downloaded_from_a_local_server(tmp_path, serve_directory):
     site.mkdir()
     make_cifar_archive(site / "cifar-10-python.tar.gz")
     url = serve_directory(site) + "/cifar-10-python.tar.gz"
-    manifest, report = prepare_source(_config(tmp_path, data="cifar10", cifar10_source=url))
+    manifest, report = source_of(_config(tmp_path, data="cifar10", cifar10_source=url))
     table = manifest.read().to_pydict()
     assert manifest.class_names == ("cat", "dog")
     assert report.counts["test"] == {"cat": 2, "dog": 2}  # the official test batch, 2 of each
@@ -190,14 +190,14 @@ def test_cifar10_downloaded_from_a_local_server(tmp_path, serve_directory):
 
 def test_cifar10_from_a_local_archive_with_other_classes(tmp_path):
     make_cifar_archive(tmp_path / "cifar.tar.gz")
-    manifest, _ = prepare_source(
+    manifest, _ = source_of(
         _config(
             tmp_path, data="cifar10", cifar10_source=str(tmp_path / "cifar.tar.gz"), classes=("ship", "truck", "frog")
         )
     )
     assert manifest.class_names == ("ship", "truck", "frog")
     with pytest.raises(HeadstartError, match="unknown CIFAR-10 class"):
-        prepare_source(
+        source_of(
             _config(tmp_path, data="cifar10", cifar10_source=str(tmp_path / "cifar.tar.gz"), classes=("cat", "unicorn"))
         )
 
@@ -213,7 +213,7 @@ def test_cifar10_batch_with_code_is_refused(tmp_path):
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(HeadstartError, match="refusing"):
-        prepare_source(_config(tmp_path, data="cifar10", cifar10_source=str(archive)))
+        source_of(_config(tmp_path, data="cifar10", cifar10_source=str(archive)))
     assert not marker.exists()
 
 
@@ -233,7 +233,7 @@ def test_cifar10_batch_with_impossible_labels_is_refused(labels, problem, tmp_pa
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(HeadstartError, match=f"not a readable CIFAR-10 python archive: {problem}$"):
-        prepare_source(_config(tmp_path, data="cifar10", cifar10_source=str(archive)))
+        source_of(_config(tmp_path, data="cifar10", cifar10_source=str(archive)))
 
 
 def test_download_retries_transient_failures(tmp_path, serve_directory):

@@ -22,7 +22,7 @@ from headstart.backbone.handles import download_hub_module, fingerprint_module, 
 from headstart.config import TrainConfig
 from headstart.data.cifar10 import fetch_cifar10_archive
 from headstart.data.manifest import DataReport
-from headstart.data.sources import prepare_source
+from configs import source_of
 from headstart.errors import HeadstartError
 from headstart.infra.downloads import DownloadPolicy, download
 
@@ -403,7 +403,7 @@ def test_the_cifar_archive_is_read_member_by_member_and_never_extracted(tmp_path
         tar.addfile(_member("cifar-10-batches-py/passwd", tarfile.SYMTYPE, "/etc/passwd"))
         tar.addfile(_member("cifar-10-batches-py/null", tarfile.CHRTYPE))
     config = TrainConfig(data="cifar10", cifar10_source=str(hostile), cache_dir=tmp_path / "cache")
-    _, report = prepare_source(config)
+    _, report = source_of(config)
     assert report.counts["test"] == {"cat": 2, "dog": 2}
     assert not [path for path in tmp_path.rglob("*") if path.name in ("escaped", "passwd", "null")]
 

@@ -45,7 +45,7 @@ def exported_run(prefect_harness, colours, tiny_backbone_dir, tmp_path_factory) 
     from flows.train import train
 
     return Run(
-        train(**_config(colours, tiny_backbone_dir, tmp_path_factory.mktemp("exported"), export="tflite").model_dump())
+        train(**_config(colours, tiny_backbone_dir, tmp_path_factory.mktemp("exported"), export="tflite").flat())
     )
 
 
@@ -234,8 +234,8 @@ def test_int8_features_are_cached_under_their_own_key(prefect_harness, colours, 
     from headstart.serving.inference import evaluate_folder, predict_files
     from headstart.serving.predict import predict_images
 
-    float_run = Run(train(**_config(colours, tiny_backbone_dir, tmp_path).model_dump()))
-    int8_run = Run(train(**_config(colours, tiny_backbone_dir, tmp_path, engine="litert-int8").model_dump()))
+    float_run = Run(train(**_config(colours, tiny_backbone_dir, tmp_path).flat()))
+    int8_run = Run(train(**_config(colours, tiny_backbone_dir, tmp_path, engine="litert-int8").flat()))
     assert (
         int8_run.config["backbone_fingerprint"]
         == f"{float_run.config['backbone_fingerprint']}-int8-" + int8_run.config["backbone_fingerprint"][-12:]

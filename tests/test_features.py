@@ -15,7 +15,7 @@ from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.images import load_image
 from headstart.data.preprocessing import decoded_batches, image_batches, resize_images
-from headstart.data.sources import prepare_source
+from configs import source_of
 from headstart.errors import HeadstartError
 from headstart.features.cache import FeatureCache
 from headstart.features.dataset import plan_extraction
@@ -30,7 +30,7 @@ def tiny(tiny_backbone_dir, tmp_path):
 
 
 def _manifest(folder, tmp_path):
-    return prepare_source(TrainConfig(data=str(folder), cache_dir=tmp_path / "cache"))[0]
+    return source_of(TrainConfig(data=str(folder), cache_dir=tmp_path / "cache"))[0]
 
 
 def _keras_context(cache_dir, **settings):

@@ -13,7 +13,7 @@ from conftest import extract_dataset
 from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.images import load_image
-from headstart.data.sources import prepare_source
+from configs import source_of
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.training.fine_tuning import (
@@ -39,8 +39,8 @@ def bundled_32(tmp_path_factory):
 @pytest.fixture
 def dataset(colour_folder, bundled_32, tmp_path):
     config = TrainConfig.smoke(data=str(colour_folder), cache_dir=tmp_path / "cache", validation_fraction=0.25)
-    context = ExtractionContext(config.cache_dir, ExtractionSettings("keras"))
-    return config, extract_dataset(prepare_source(config)[0], bundled_32, context)
+    context = ExtractionContext(config.runtime.cache_dir, ExtractionSettings("keras"))
+    return config, extract_dataset(source_of(config)[0], bundled_32, context)
 
 
 def _entries(features, split="train", flipped=False):
@@ -61,7 +61,7 @@ def _holds(cached: np.ndarray, computed) -> None:
 def test_the_activation_cache_holds_what_the_lower_stages_compute(dataset, bundled_32):
     config, features = dataset
     split = SplitBackbone(bundled_32, CUT)
-    cache = ActivationCache(config.cache_dir, bundled_32, CUT)
+    cache = ActivationCache(config.runtime.cache_dir, bundled_32, CUT)
     entries = _entries(features) + _entries(features, flipped=True)
     first = cache_activations(split, cache, entries, batch_size=5)
     assert (first.computed, first.reused, first.left_out) == (len(entries), 0, [])
@@ -87,7 +87,7 @@ def test_the_activation_cache_holds_what_the_lower_stages_compute(dataset, bundl
 
 def test_a_damaged_activation_shard_is_computed_again_and_a_dead_writers_temporary_cleared(dataset, bundled_32):
     config, features = dataset
-    split, cache = SplitBackbone(bundled_32, CUT), ActivationCache(config.cache_dir, bundled_32, CUT)
+    split, cache = SplitBackbone(bundled_32, CUT), ActivationCache(config.runtime.cache_dir, bundled_32, CUT)
     entries = _entries(features)
     cache_activations(split, cache, entries)
     [shard] = cache.shard_paths()
@@ -109,7 +109,7 @@ def _fine_tuned(config, features, bundled_32, destination, epochs=3, learning_ra
         classifier,
         bundled_32,
         features,
-        config.cache_dir,
+        config.runtime.cache_dir,
         destination,
         CUT,
         TuningSettings(epochs, 8, learning_rate, epochs, seed=0),
@@ -164,7 +164,7 @@ def test_fine_tuning_needs_the_bundled_backbone_and_a_validation_split(
     colour_folder, tiny_backbone_dir, bundled_32, tmp_path
 ):
     config = TrainConfig.smoke(data=str(colour_folder), cache_dir=tmp_path / "cache", backbone=str(tiny_backbone_dir))
-    tiny = resolve_backbone(config.backbone, 32, config.cache_dir)
+    tiny = resolve_backbone(config.backbone.handle, 32, config.runtime.cache_dir)
     with pytest.raises(HeadstartError, match="fine-tuning needs the bundled backbone"):
         SplitBackbone(tiny, CUT)
     with pytest.raises(ValueError, match="fine-tuning needs the bundled backbone"):
@@ -174,7 +174,7 @@ def test_fine_tuning_needs_the_bundled_backbone_and_a_validation_split(
     # A split that comes out empty all the same (a folder too small for one) is one line too.
     config = TrainConfig.smoke(data=str(colour_folder), cache_dir=tmp_path / "cache", validation_fraction=0.0)
     features = extract_dataset(
-        prepare_source(config)[0], bundled_32, ExtractionContext(config.cache_dir, ExtractionSettings("keras"))
+        source_of(config)[0], bundled_32, ExtractionContext(config.runtime.cache_dir, ExtractionSettings("keras"))
     )
     with pytest.raises(HeadstartError, match="validation split, which is empty"):
         _fine_tuned(config, features, bundled_32, tmp_path / "tuned")
@@ -234,11 +234,11 @@ def test_fine_tuning_settings_count_towards_the_training_key_only_where_it_runs(
     from headstart.registry.reuse import training_key
 
     base = TrainConfig(data=str(colour_folder))
-    assert training_key(base, "m", "b") == training_key(base.model_copy(update={"fine_tune_epochs": 3}), "m", "b")
-    tuned = base.model_copy(update={"fine_tune": True})
+    assert training_key(base, "m", "b") == training_key(base.with_options(**{"fine_tune_epochs": 3}), "m", "b")
+    tuned = base.with_options(**{"fine_tune": True})
     assert training_key(tuned, "m", "b") != training_key(base, "m", "b")
-    assert training_key(tuned, "m", "b") != training_key(tuned.model_copy(update={"fine_tune_epochs": 3}), "m", "b")
-    assert training_key(tuned, "m", "b") != training_key(tuned.model_copy(update={"fine_tune_from": 14}), "m", "b")
+    assert training_key(tuned, "m", "b") != training_key(tuned.with_options(**{"fine_tune_epochs": 3}), "m", "b")
+    assert training_key(tuned, "m", "b") != training_key(tuned.with_options(**{"fine_tune_from": 14}), "m", "b")
 
 
 def _fine_tune_config(folder, tmp_path, **overrides):
@@ -272,7 +272,7 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     from headstart.reporting.plots import FINE_TUNING_PLOT
 
     config = _fine_tune_config(colour_folder, tmp_path)
-    run = Run.if_complete(Path(train(**config.model_dump())))
+    run = Run.if_complete(Path(train(**config.flat())))
     fine_tuning = run.metrics["fine_tuning"]
     assert fine_tuning["from_stage"] == CUT and fine_tuning["epochs_run"] == 2
     assert (
@@ -290,14 +290,14 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     # The same inputs again, with the gate on: the run stands for it and is gated, scored by its own
     # serving model (its fine-tuned features are not the frozen ones this run extracted).
     # Other fine-tuning settings: trained anew, on the cached activations.
-    assert Path(train(**config.model_copy(update={"gate": True}).model_dump())) == run.path
+    assert Path(train(**config.with_options(**{"gate": True}).flat())) == run.path
     assert f"accuracy {run.metrics['accuracy']:.4f}" in Artifact.get("headstart-gate").description
     longer = Run(
         Path(
             train(
                 **_fine_tune_config(
                     colour_folder, tmp_path, fine_tune_epochs=3, fine_tune_mirror_average=True
-                ).model_dump()
+                ).flat()
             )
         )
     )
@@ -306,7 +306,7 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     # Its backbone averages each image's features with its mirror's: served the same way too.
     assert longer.metrics["fine_tuning"]["mirror_average"] and "mirror image" in longer.model_card
     _serves_what_evaluation_measured(longer, tmp_path)
-    retrained = Run(Path(train(**config.model_copy(update={"reuse_identical_runs": False}).model_dump())))
+    retrained = Run(Path(train(**config.with_options(**{"reuse_identical_runs": False}).flat())))
     assert retrained.backbone.fingerprint == run.backbone.fingerprint  # deterministic under the seed
     assert retrained.metrics["accuracy"] == run.metrics["accuracy"]
 

@@ -36,7 +36,7 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     # A threshold no two different images reach: the tiny backbone's 16 features make every
     # image of a class alike (tests/test_leakage.py checks the near-duplicates with another).
     run_dir = Path(
-        train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, near_duplicate_threshold=1.0).model_dump())
+        train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, near_duplicate_threshold=1.0).flat())
     )
     assert run_dir.parent == (tmp_path / "artifacts").resolve()
     assert {p.name for p in run_dir.iterdir()} == set(RUN_FILES)
@@ -91,7 +91,7 @@ def test_the_flow_extracts_every_shard_within_one_extraction_context(
         train(
             **_smoke_config(
                 colour_folder, tiny_backbone_dir, tmp_path, engine="keras", extraction_shard_size=10
-            ).model_dump()
+            ).flat()
         )
     finally:
         logger.removeHandler(handler)
@@ -130,16 +130,16 @@ def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(
     from headstart.registry import versions as registry
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
-    first = Path(train(**config.model_dump()))
+    first = Path(train(**config.flat()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
     assert Run(first).lineage["gate"]["promote"] and Run(first).lineage["gate"]["reason"].startswith(
         "first model promoted"
     )
 
     worse = _with_swapped_training_labels(
-        colour_folder, tmp_path / "worse", config.validation_fraction, config.test_fraction
+        colour_folder, tmp_path / "worse", config.data.validation_fraction, config.data.test_fraction
     )
-    second = Path(train(**config.model_copy(update={"data": str(worse)}).model_dump()))
+    second = Path(train(**config.with_options(**{"data": str(worse)}).flat()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
     decision = Run(second).lineage["gate"]
     assert not decision["promote"] and decision["champion"] == first.name
@@ -172,13 +172,13 @@ def test_the_drift_note_counts_new_images_and_how_far_their_mean_feature_moved(
     from flows.train import train
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
-    train(**config.model_dump())
+    train(**config.flat())
     grown = tmp_path / "grown"
     shutil.copytree(colour_folder, grown)
     write_class_images(tmp_path / "new", {"red": (250, 140, 140)}, per_class=12, seed=5)
     for image in (tmp_path / "new" / "red").iterdir():
         shutil.copy(image, grown / "red" / f"new-{image.name}")
-    drift = Run(train(**config.model_copy(update={"data": str(grown)}).model_dump())).lineage["gate"]["drift"]
+    drift = Run(train(**config.with_options(**{"data": str(grown)}).flat())).lineage["gate"]["drift"]
     assert (drift["new_images"], drift["images_gone"], drift["images"], drift["champion_images"]) == (12, 0, 60, 48)
     assert drift["per_class"] == {
         "blue": {"images": 24, "champion_images": 24},
@@ -199,13 +199,13 @@ def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(
     from flows.train import train
     from headstart.backbone.handles import resolve_backbone
     from headstart.features.dataset import FeatureSet
-    from headstart.promotion.decide import run_probabilities
+    from headstart.serving.inference import run_probabilities
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
-    champion = Run(train(**config.model_dump()))
+    champion = Run(train(**config.flat()))
     (dataset,) = (tmp_path / "cache" / "datasets").glob("*.parquet")
     features = FeatureSet(dataset, 0, 0, "")
-    backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
+    backbone = resolve_backbone(config.backbone.handle, config.backbone.image_size, config.runtime.cache_dir)
     test = features.rows("test", ["path", "sha256"])
     fair = np.ones(len(test["path"]), bool)
     from_features, scored = run_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
@@ -233,7 +233,7 @@ def test_predictions_through_the_fast_engine_equal_the_serving_models(
     from flows.train import train
     from headstart.data.images import load_image
 
-    run = Run(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump()))
+    run = Run(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).flat()))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     output = tmp_path / "out" / "predictions.parquet"
     summary = predict(
@@ -265,24 +265,24 @@ def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(
 
     root = tmp_path / "artifacts"
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path, gate=False)
-    first = Path(train(**config.model_dump()))
+    first = Path(train(**config.flat()))
     # Repeated with the gate on: the same version stands for the run, and meets the gate it never met.
-    gated = config.model_copy(update={"gate": True})
-    assert Path(train(**gated.model_dump())) == first
+    gated = config.with_options(**{"gate": True})
+    assert Path(train(**gated.flat())) == first
     assert [version.version for version in registry.versions(root)] == [first.name]
     assert registry.champion_version(root) == first.name and registry.history(root)[-1]["by"] == "gate"
     assert f"accuracy {Run(first).metrics['accuracy']:.4f}" in Artifact.get("headstart-gate").description
     # Once more: nothing to train and nothing to change.
-    assert Path(train(**gated.model_dump())) == first
+    assert Path(train(**gated.flat())) == first
     assert len(registry.history(root)) == 1 and "is the champion already" in Artifact.get("headstart-gate").description
     assert "reused_from" not in Run(first).config and len(registry.versions(root)) == 1
 
     # Under another artifacts root the earlier run is copied, as a version of that registry.
-    elsewhere = Path(train(**config.model_copy(update={"artifacts_root": tmp_path / "elsewhere"}).model_dump()))
+    elsewhere = Path(train(**config.with_options(**{"artifacts_root": tmp_path / "elsewhere"}).flat()))
     assert (
-        Path(train(**config.model_copy(update={"artifacts_root": tmp_path / "elsewhere"}).model_dump())) == elsewhere
+        Path(train(**config.with_options(**{"artifacts_root": tmp_path / "elsewhere"}).flat())) == elsewhere
     )  # copied once
-    retrained = Path(train(**config.model_copy(update={"reuse_identical_runs": False}).model_dump()))
+    retrained = Path(train(**config.with_options(**{"reuse_identical_runs": False}).flat()))
     assert elsewhere.parent == tmp_path / "elsewhere" and len({first, elsewhere, retrained}) == 3
     assert json.loads((elsewhere / "config.json").read_text())["reused_from"] == str(first)
     first_lineage, copied_lineage = Run(first).lineage, Run(elsewhere).lineage
@@ -310,7 +310,7 @@ def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour
     from flows.train import train
     from headstart.data.images import load_image
 
-    run = Run(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump()))
+    run = Run(train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).flat()))
     images = np.stack([load_image(p) for p in sorted((colour_folder / "red").glob("*.png"))[:4]]).astype(np.float32)
     predict = run.serving_model()
     np.testing.assert_allclose(predict(images), run.keras_model().predict(images, verbose=0), atol=1e-5)
@@ -326,7 +326,7 @@ def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, ti
 
     monkeypatch.setattr(runs.RunWriter, "save_classifier", crash)
     with pytest.raises(OSError, match="disk full"):
-        train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).model_dump())
+        train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).flat())
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
 
 
@@ -459,8 +459,8 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
     real_prepare_source = tasks.data.prepare_source
     rewritten = {}
 
-    def prepare_then_rewrite(config, show_progress=False):
-        manifest, report = real_prepare_source(config, show_progress)
+    def prepare_then_rewrite(data, cache_dir, show_progress=False):
+        manifest, report = real_prepare_source(data, cache_dir, show_progress)
         table = manifest.read()
         path, sha = table.column("path")[0].as_py(), table.column("sha256")[0].as_py()
         Path(path).write_bytes((colour_folder / "blue" / "000.png").read_bytes() + b"appended after the scan")
@@ -469,7 +469,7 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
 
     monkeypatch.setattr(tasks.data, "prepare_source", prepare_then_rewrite)
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path, gate=False)
-    run = Run(train(**config.model_dump()))
+    run = Run(train(**config.flat()))
     (entry,) = [
         entry
         for entry in json.loads((run.path / "data_report.json").read_text())["skipped"]
@@ -478,8 +478,8 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
     assert entry["reason"].startswith("changed after it was scanned")
     assert rewritten["path"] in Artifact.get("headstart-data").data
     assert sum(split["images"] for split in run.lineage["data"]["splits"].values()) == 47
-    backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
-    assert rewritten["sha256"] not in FeatureCache(config.cache_dir, backbone).cached_hashes()
+    backbone = resolve_backbone(config.backbone.handle, config.backbone.image_size, config.runtime.cache_dir)
+    assert rewritten["sha256"] not in FeatureCache(config.runtime.cache_dir, backbone).cached_hashes()
 
 
 def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start_to_end(
@@ -494,11 +494,11 @@ def test_a_predict_running_while_the_champion_switches_uses_one_model_from_start
     from headstart.registry import versions as registry
 
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
-    first = Path(train(**config.model_dump()))
+    first = Path(train(**config.flat()))
     swapped = _with_swapped_training_labels(
-        colour_folder, tmp_path / "swapped", config.validation_fraction, config.test_fraction
+        colour_folder, tmp_path / "swapped", config.data.validation_fraction, config.data.test_fraction
     )
-    second = Path(train(**config.model_copy(update={"data": str(swapped), "gate": False}).model_dump()))
+    second = Path(train(**config.with_options(**{"data": str(swapped), "gate": False}).flat()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
 
     real_batches = headstart.serving.predict.decoded_batches

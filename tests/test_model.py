@@ -6,21 +6,21 @@ from conftest import extract_dataset
 
 from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
-from headstart.data.sources import prepare_source
+from configs import source_of
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.training.head import build_classifier, predict_from_features, train_head
 
 
 def _features(config, backbone, cache_dir, **assemble_options):
     context = ExtractionContext(cache_dir, ExtractionSettings("keras"))
-    return extract_dataset(prepare_source(config)[0], backbone, context, **assemble_options)
+    return extract_dataset(source_of(config)[0], backbone, context, **assemble_options)
 
 
 @pytest.fixture
 def setup(colour_folder, tiny_backbone_dir, tmp_path):
     config = TrainConfig.smoke(data=str(colour_folder), cache_dir=tmp_path / "cache", backbone=str(tiny_backbone_dir))
-    backbone = resolve_backbone(config.backbone, 32, config.cache_dir)
-    return config, backbone, _features(config, backbone, config.cache_dir)
+    backbone = resolve_backbone(config.backbone.handle, 32, config.runtime.cache_dir)
+    return config, backbone, _features(config, backbone, config.runtime.cache_dir)
 
 
 def _classifier(backbone, seed=0):
@@ -63,7 +63,7 @@ def test_training_learns_and_is_deterministic(setup):
 def test_a_split_kept_in_memory_trains_exactly_as_the_streamed_split(setup):
     config, backbone, _ = setup
     features = _features(
-        config, backbone, config.cache_dir / "grouped", rows_per_group=8
+        config, backbone, config.runtime.cache_dir / "grouped", rows_per_group=8
     )  # several row groups per split
     results = []
     for resident_bytes in (10**9, 0):

@@ -1,5 +1,6 @@
 """A flow's parameters are its config's fields: each one typed, constrained, described and overridable alone."""
 
+import inspect
 import os
 
 import pytest
@@ -10,10 +11,10 @@ def test_the_train_flow_takes_every_config_field_with_its_description_and_bounds
     from headstart.config import TrainConfig
 
     schema = train.parameters.model_dump()
-    assert list(schema["properties"]) == list(TrainConfig.model_fields) and schema["required"] == ["data"]
+    assert list(schema["properties"]) == list(TrainConfig.options()) and schema["required"] == ["data"]
     image_size = schema["properties"]["image_size"]
     assert (image_size["default"], image_size["minimum"], image_size["maximum"]) == (160, 32, 512)
-    assert all(schema["properties"][name].get("description") for name in TrainConfig.model_fields)
+    assert all(schema["properties"][name].get("description") for name in TrainConfig.options())
 
 
 def test_flow_parameters_are_validated_like_the_config():
@@ -49,3 +50,48 @@ def test_native_start_up_notices_are_dropped_and_every_other_line_kept(capfd):
         os.write(1, b"a real line\n")
     captured = capfd.readouterr()
     assert captured.err == "a real error\n" and captured.out == "a real line\n"
+
+
+def test_a_new_option_is_one_field_that_shows_in_the_cli_the_flow_parameters_and_the_training_key():
+    """The one place to add an option is its section: the command line, the deployment form (the
+    flow's parameters) and the training key all follow from the field."""
+    from pydantic import Field
+
+    from flows.cli import build_parser
+    from flows.parameters import parameters_from
+    from headstart.config import HeadConfig, TrainConfig
+    from headstart.registry.reuse import training_key
+
+    class HeadWithWarmup(HeadConfig):
+        warmup_epochs: int = Field(2, ge=0, le=10, description="epochs at a rising learning rate before the decay")
+
+    class WithWarmup(TrainConfig):
+        head: HeadWithWarmup = HeadWithWarmup()
+
+    train = build_parser(WithWarmup).parse_args(["train", "--data", "photos", "--warmup-epochs", "4"])
+    options = {name: value for name, value in vars(train).items() if name in WithWarmup.options()}
+    assert WithWarmup(**options).head.warmup_epochs == 4
+    assert "--warmup-epochs" in build_parser(WithWarmup)._subparsers._group_actions[0].choices["train"].format_help()
+
+    def flow_body(**parameters) -> str:
+        return ""
+
+    signature = inspect.signature(parameters_from(WithWarmup)(flow_body))
+    warmup = signature.parameters["warmup_epochs"]
+    assert warmup.default == 2 and "rising learning rate" in flow_body.__doc__
+
+    base = WithWarmup(data="photos")
+    key = training_key(base, "m" * 16, "b" * 16)
+    assert "warmup_epochs" in WithWarmup.counted_by_value()
+    assert training_key(base.with_options(warmup_epochs=3), "m" * 16, "b" * 16) != key
+
+
+def test_every_train_option_is_a_cli_option_with_its_flat_name():
+    from flows.cli import build_parser
+    from headstart.config import TrainConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {action.dest for action in train._actions} - {"help"}
+    assert dests == set(TrainConfig.options())
+    parsed = build_parser().parse_args(["train", "--data", "d", "--no-reuse", "--no-gate", "--fine-tune", "--classes", "a,b"])
+    assert (parsed.reuse_identical_runs, parsed.gate, parsed.fine_tune, parsed.classes) == (False, False, True, ("a", "b"))

@@ -5,32 +5,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from headstart.config import DEFAULT_CIFAR10_CLASSES, DataConfig
 from headstart.data.cifar10 import extract_cifar10, fetch_cifar10_archive
 from headstart.data.folders import list_image_folder
 from headstart.data.manifest import DataReport, Manifest, build_manifest
 
 
-def prepare_source(config, show_progress: bool = False) -> tuple[Manifest, DataReport]:
+def prepare_source(data: DataConfig, cache_dir: Path, show_progress: bool = False) -> tuple[Manifest, DataReport]:
     """Resolves the configured data source into a manifest and a data report."""
-    cache_dir = Path(config.cache_dir)
-    if config.data == "cifar10":
-        classes = tuple(config.classes or ("cat", "dog"))
-        report = DataReport(source=f"cifar10 ({config.cifar10_source})", class_names=list(classes))
-        archive = fetch_cifar10_archive(config.cifar10_source, cache_dir, report)
+    cache_dir = Path(cache_dir)
+    if data.source == "cifar10":
+        classes = tuple(data.classes or DEFAULT_CIFAR10_CLASSES)
+        report = DataReport(source=f"cifar10 ({data.cifar10_source})", class_names=list(classes))
+        archive = fetch_cifar10_archive(data.cifar10_source, cache_dir, report)
         files = extract_cifar10(archive, classes, cache_dir)
         class_names = list(classes)
     else:
-        report = DataReport(source=str(config.data), class_names=[])
-        files, class_names = list_image_folder(Path(config.data), config.classes, report)
+        report = DataReport(source=str(data.source), class_names=[])
+        files, class_names = list_image_folder(Path(data.source), data.classes, report)
         report.class_names = class_names
     manifest = build_manifest(
         files,
         class_names,
         report,
         cache_dir,
-        validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction,
-        max_images_per_class=config.max_images_per_class,
+        validation_fraction=data.validation_fraction,
+        test_fraction=data.test_fraction,
+        max_images_per_class=data.max_images_per_class,
         show_progress=show_progress,
     )
     return manifest, report

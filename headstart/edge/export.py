@@ -81,14 +81,13 @@ def listed_again(run: Run, cache_dir: Path | None = None):
     from headstart.config import TrainConfig
     from headstart.data.sources import prepare_source
 
-    values = {name: value for name, value in run.config.items() if name in TrainConfig.model_fields}
-    if cache_dir is not None:
-        values["cache_dir"] = cache_dir
+    values = {name: value for name, value in run.config.items() if name in TrainConfig.options()}
     if values.get("data") != "cifar10" and not Path(str(values.get("data"))).is_dir():
         raise HeadstartError(
             f"the training data of {run.path} is gone ({values.get('data')}): an export checks itself on the run's test split"
         )
-    manifest, _ = prepare_source(TrainConfig(**values))
+    config = TrainConfig(**values)
+    manifest, _ = prepare_source(config.data, cache_dir if cache_dir is not None else config.runtime.cache_dir)
     return manifest.read()
 
 

@@ -11,31 +11,36 @@ serving model on the raw images.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
 from headstart.backbone.handles import Backbone
-from headstart.config import TrainConfig
+from headstart.config import GateConfig
 from headstart.data.manifest import assign_split
 from headstart.errors import HeadstartError
 from headstart.evaluation import drift
 from headstart.features.dataset import FeatureSet
 from headstart.promotion import mcnemar as gate
-from headstart.registry import versions as registry
 from headstart.registry.runs import Run
+from headstart.serving.inference import run_probabilities
 
 
 def decide(
-    config: TrainConfig, backbone: Backbone, features: FeatureSet, probabilities: np.ndarray, class_names: list[str]
+    settings: GateConfig,
+    champion: Run | None,
+    source: str,
+    backbone: Backbone,
+    features: FeatureSet,
+    probabilities: np.ndarray,
+    class_names: list[str],
 ) -> gate.GateDecision:
-    """The gate's decision for a candidate whose test-split probabilities (in the features file's row order) are given."""
+    """The gate's decision for a candidate trained on `source` whose test-split probabilities (in the
+    features file's row order) are given, against `champion` (None: there is none yet)."""
     test = features.rows("test", ["sha256", "label", "path"])
     labels = np.asarray(test["label"], np.int64)
     candidate_correct = probabilities.argmax(axis=1) == labels
-    champion = registry.champion(config.artifacts_root)
     if champion is None:
-        return gate.first_model(candidate_correct, labels, config.gate_floor)
+        return gate.first_model(candidate_correct, labels, settings.floor)
     changes = drift.compare(
         champion.path.name,
         champion.data_index(),
@@ -49,7 +54,7 @@ def decide(
             list(class_names), champion.class_names, champion.path.name, float(candidate_correct.mean()), len(labels)
         )
         return replace(decision, drift=changes)
-    fair, note = _images_the_champion_never_trained_on(config, champion, test["sha256"])
+    fair, note = _images_the_champion_never_trained_on(source, champion, test["sha256"])
     champion_scores, scored = run_probabilities(champion, backbone, features, fair, test["path"], test["sha256"])
     notes = [note]
     if scored.sum() < fair.sum():
@@ -60,20 +65,26 @@ def decide(
         candidate_correct[scored],
         champion_scores.argmax(axis=1) == labels[scored],
         champion.path.name,
-        config.gate_tolerance,
-        config.gate_alpha,
+        settings.tolerance,
+        settings.alpha,
     )
     return replace(decision, notes=notes, drift=changes)
 
 
 def decide_for_identical_run(
-    config: TrainConfig, run: Run, backbone: Backbone, features: FeatureSet, class_names: list[str]
+    settings: GateConfig,
+    champion: Run | None,
+    source: str,
+    run: Run,
+    backbone: Backbone,
+    features: FeatureSet,
+    class_names: list[str],
 ) -> gate.GateDecision:
     """The gate's decision for an earlier run that stands in for a new one with identical inputs:
     nothing to decide where it is the champion already; otherwise it is scored on the test split
     and judged as any new model would be (it may never have met the gate: gate settings do not
     change what a run trains)."""
-    if registry.champion_version(config.artifacts_root) == run.path.name:
+    if champion is not None and champion.path.name == run.path.name:
         return gate.GateDecision(
             False,
             f"{run.path.name}, whose inputs this run repeats, is the champion already: nothing to change",
@@ -89,16 +100,15 @@ def decide_for_identical_run(
         raise HeadstartError(
             f"{int((~scored).sum())} test images changed while this run read them; run it again to score {run.path.name} on what is there now"
         )
-    return decide(config, backbone, features, probabilities, class_names)
+    return decide(settings, champion, source, backbone, features, probabilities, class_names)
 
 
-def _images_the_champion_never_trained_on(
-    config: TrainConfig, champion: Run, hashes: list[str]
-) -> tuple[np.ndarray, str]:
-    """Which test images the champion cannot have trained on, and a note saying how that was decided."""
+def _images_the_champion_never_trained_on(source: str, champion: Run, hashes: list[str]) -> tuple[np.ndarray, str]:
+    """Which test images (by content hash) of a candidate trained on `source` the champion cannot have
+    trained on, and a note saying how that was decided."""
     settings = champion.config
     if settings.get("data") == "cifar10":
-        if config.data == "cifar10":
+        if source == "cifar10":
             return np.ones(
                 len(hashes), bool
             ), f"all {len(hashes)} test images: both runs hold out CIFAR-10's official test set"
@@ -116,35 +126,3 @@ def _images_the_champion_never_trained_on(
         fair,
         f"{int(fair.sum())} of {len(hashes)} test images: those the champion's split settings put in its own test split",
     )
-
-
-def run_probabilities(
-    run: Run,
-    backbone: Backbone,
-    features: FeatureSet,
-    fair: np.ndarray,
-    paths: list[str],
-    hashes: list[str],
-) -> tuple[np.ndarray, np.ndarray]:
-    """A run's (the champion's, say) probabilities on the test images marked `fair` (of all the test
-    split's `paths` and content `hashes`), and which images they are: its head on the candidate's
-    cached features where it saw the same features, else its serving model on the raw images, less
-    any whose file no longer holds the content the candidate was scored on."""
-    if not fair.any():
-        return np.zeros((0, len(run.class_names)), np.float32), fair
-    same_features = (
-        run.config.get("backbone_fingerprint") == backbone.fingerprint and run.image_size == backbone.image_size
-    )
-    if same_features:
-        from headstart.training.head import predict_from_features
-
-        return predict_from_features(run.keras_model(), features.load("test")[0][fair]), fair
-    from headstart.serving.inference import predict_files
-
-    positions = np.flatnonzero(fair)
-    probabilities, kept, _ = predict_files(
-        run, [Path(paths[i]) for i in positions], expected_hashes=[hashes[i] for i in positions]
-    )
-    scored = np.zeros_like(fair)
-    scored[positions[kept]] = True
-    return probabilities, scored

@@ -244,7 +244,7 @@ def write_run(
     `near_duplicates` (headstart.evaluation.near_duplicates.near_duplicate_report) goes into the data report, its
     test-split figures into metrics.json and the model card. `fine_tuning`, (history, summary)
     where the backbone was fine-tuned, goes into history.json and metrics.json."""
-    config_values = config.model_dump(mode="json")
+    config_values = config.flat()
     if near_duplicates is not None:
         data_report = {**data_report, "near_duplicates": near_duplicates}
         metrics = {**metrics, "near_duplicates": near_duplicate_metrics(near_duplicates)}

@@ -1,4 +1,5 @@
-"""Using a finished run through its serving model, from raw pixels: evaluate on a labelled folder."""
+"""Using a finished run on images: its probabilities through its serving model from raw pixels (or its
+head on features it shares), and evaluation on a labelled folder."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from headstart.backbone.handles import Backbone
 from headstart.data.folders import list_class_files
 from headstart.data.manifest import DataReport
 from headstart.data.preprocessing import apply_to_decoded, decoded_batches, image_batches
 from headstart.errors import HeadstartError
 from headstart.evaluation.metrics import classification_metrics
+from headstart.features.dataset import FeatureSet
 from headstart.registry.runs import Run
 from headstart.serving.predict import list_images
 
@@ -66,3 +69,33 @@ def evaluate_folder(run: Run, folder: Path, batch_size: int = 64) -> dict:
     metrics = classification_metrics(labels, probabilities, class_names)
     metrics["skipped"] = report.skipped + skipped + unusable
     return metrics
+
+
+def run_probabilities(
+    run: Run,
+    backbone: Backbone,
+    features: FeatureSet,
+    fair: np.ndarray,
+    paths: list[str],
+    hashes: list[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """A run's (the champion's, say) probabilities on the test images marked `fair` (of all the test
+    split's `paths` and content `hashes`), and which images they are: its head on the candidate's
+    cached features where it saw the same features, else its serving model on the raw images, less
+    any whose file no longer holds the content the candidate was scored on."""
+    if not fair.any():
+        return np.zeros((0, len(run.class_names)), np.float32), fair
+    same_features = (
+        run.config.get("backbone_fingerprint") == backbone.fingerprint and run.image_size == backbone.image_size
+    )
+    if same_features:
+        from headstart.training.head import predict_from_features
+
+        return predict_from_features(run.keras_model(), features.load("test")[0][fair]), fair
+    positions = np.flatnonzero(fair)
+    probabilities, kept, _ = predict_files(
+        run, [Path(paths[i]) for i in positions], expected_hashes=[hashes[i] for i in positions]
+    )
+    scored = np.zeros_like(fair)
+    scored[positions[kept]] = True
+    return probabilities, scored

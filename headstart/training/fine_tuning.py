@@ -21,7 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path
+from headstart.backbone.handles import CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path
+from headstart.config import BUNDLED_HANDLE, FineTuningConfig, HeadConfig
 from headstart.data.preprocessing import decoded_batches
 from headstart.errors import HeadstartError
 from headstart.features.cache import FeatureCache
@@ -221,17 +222,17 @@ class TuningSettings:
     cutmix: float = 0.0  # alpha of the Beta distribution CutMix draws each batch's kept area from; 0: no CutMix
 
     @classmethod
-    def from_config(cls, config) -> "TuningSettings":
-        """The fine-tuning settings of a TrainConfig."""
+    def from_config(cls, fine_tuning: FineTuningConfig, head: HeadConfig) -> "TuningSettings":
+        """The settings of the configuration's fine-tuning section (batch size and seed: the head's)."""
         return cls(
-            config.fine_tune_epochs,
-            config.batch_size,
-            config.fine_tune_learning_rate,
-            config.fine_tune_patience,
-            config.seed,
-            config.fine_tune_shift,
-            config.fine_tune_mixup,
-            config.fine_tune_cutmix,
+            fine_tuning.epochs,
+            head.batch_size,
+            fine_tuning.learning_rate,
+            fine_tuning.patience,
+            head.seed,
+            fine_tuning.shift,
+            fine_tuning.mixup,
+            fine_tuning.cutmix,
         )
 
 
