@@ -297,9 +297,11 @@ def test_a_file_without_read_permission_is_skipped_with_its_reason_where_permiss
             rgb(index + (100 if name == "b" else 0)).save(tmp_path / "data" / name / f"{index}.png")
     os.chmod(tmp_path / "data" / "a" / "0.png", 0)
     script = (
-        "import json; from pathlib import Path; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
+        "import json; from pathlib import Path; from headstart.config import TrainConfig; "
+        "from headstart.data.sources import prepare_source; "
         "from headstart.serving.predict import list_images; "
-        f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}))[1].skipped "
+        f"print(json.dumps(prepare_source(TrainConfig(data={str(tmp_path / 'data')!r}, "
+        f"cache_dir={str(tmp_path / 'cache')!r}))[1].skipped "
         f"+ list_images([Path({str(tmp_path / 'data' / 'a')!r})])[1]))"
     )
     result = subprocess.run(
