@@ -87,7 +87,8 @@ def throughput(data: Path, image_sizes: list[int], images: int, cache_dir: Path,
                 row["feature_cosine_to_float_mean"] = float(cosine.mean())
             rows.append(row)
             print(
-                f"  {name:13s} {size:4d} px  {row['images_per_second']:7.1f} img/s (median of {', '.join(f'{r:.0f}' for r in rates[name])})",
+                f"  {name:13s} {size:4d} px  {row['images_per_second']:7.1f} img/s "
+                f"(median of {', '.join(f'{r:.0f}' for r in rates[name])})",
                 flush=True,
             )
     return rows
@@ -115,7 +116,8 @@ def predict_start_up(model: str, image: Path, cache_dir: Path, repeats: int = 3)
         cli("predict", "--model", model, "--cache-dir", str(cache_dir), str(image))
         seconds.append(time.perf_counter() - start)
     probe = (
-        "import sys; from flows.cli import main; main(['predict', '--model', sys.argv[1], '--cache-dir', sys.argv[2], sys.argv[3]]); "
+        "import sys; from flows.cli import main; "
+        "main(['predict', '--model', sys.argv[1], '--cache-dir', sys.argv[2], sys.argv[3]]); "
         "print('tensorflow imported:', 'tensorflow' in sys.modules)"
     )
     imported = subprocess.run(
@@ -162,7 +164,8 @@ def main() -> None:
                 run["validation_accuracy"] = kept_validation_accuracy(Path(run["run_dir"]))
                 trained[engine] = run
                 print(
-                    f"  {run['seconds']:.1f} s, test accuracy {run['accuracy']:.4f}, validation {run['validation_accuracy']:.4f}",
+                    f"  {run['seconds']:.1f} s, test accuracy {run['accuracy']:.4f}, "
+                    f"validation {run['validation_accuracy']:.4f}",
                     flush=True,
                 )
             results["train"] = trained
@@ -207,11 +210,13 @@ def report(results: dict, file_name: str) -> None:
             lines.append(
                 f"| extraction, {engine}, {size} px | {by_engine[engine, size]['images_per_second']:.0f} img/s |"
             )
-        lines.append(
-            f"| litert-int8 / litert at {size} px | {by_engine['litert-int8', size]['images_per_second'] / by_engine['litert', size]['images_per_second']:.2f}× |"
+        int8_speed_up = (
+            by_engine["litert-int8", size]["images_per_second"] / by_engine["litert", size]["images_per_second"]
         )
+        lines.append(f"| litert-int8 / litert at {size} px | {int8_speed_up:.2f}× |")
         lines.append(
-            f"| int8 features: mean cosine similarity to float32 ones, {size} px | {by_engine['litert-int8', size]['feature_cosine_to_float_mean']:.3f} |"
+            f"| int8 features: mean cosine similarity to float32 ones, {size} px | "
+            f"{by_engine['litert-int8', size]['feature_cosine_to_float_mean']:.3f} |"
         )
     for engine, run in results["train"].items():
         name = "float32 LiteRT (auto)" if engine == "auto" else engine
@@ -221,13 +226,16 @@ def report(results: dict, file_name: str) -> None:
         )
     for quantize, record in results["exports"].items():
         lines.append(
-            f"| export {'int8' if quantize == 'int8' else 'float32'}: size, max \\|Δp\\|, top-1 agreement, accuracy (Keras) | "
-            f"{record['bytes'] / 2**20:.1f} MiB, {record['max_probability_difference']:.1e}, {record['top1_agreement']:.2%}, "
+            f"| export {'int8' if quantize == 'int8' else 'float32'}: "
+            "size, max \\|Δp\\|, top-1 agreement, accuracy (Keras) | "
+            f"{record['bytes'] / 2**20:.1f} MiB, {record['max_probability_difference']:.1e}, "
+            f"{record['top1_agreement']:.2%}, "
             f"{record['accuracy']:.4f} ({record['keras_accuracy']:.4f}) |"
         )
     for name, measured in results["predict"].items():
         lines.append(
-            f"| `headstart predict` of one image through the {'.tflite file' if name == 'tflite' else 'run'}: wall time, TensorFlow imported | "
+            f"| `headstart predict` of one image through the {'.tflite file' if name == 'tflite' else 'run'}: "
+            "wall time, TensorFlow imported | "
             f"{measured['seconds_median']:.2f} s, {'yes' if measured['tensorflow_imported'] else 'no'} |"
         )
     print("\n".join(lines))

@@ -1,7 +1,8 @@
 """The fine-tuning study: test accuracy and time by image size and cut point, head alone and fine-tuned.
 
     uv run python benchmarks/fine_tuning_study.py --data /path/to/cifar10-catdog --size 160 --cut 7 [--cut 14 ...]
-        [--epochs 8] [--learning-rate 3e-4] [--shift 0.1] [--mixup 0.2] [--no-flip] [--uncached-steps 20] [--cache-dir DIR]
+        [--epochs 8] [--learning-rate 3e-4] [--shift 0.1] [--mixup 0.2] [--no-flip] [--uncached-steps 20]
+        [--cache-dir DIR]
 
 For each image size: the dataset's frozen features (extracted as `headstart train` extracts
 them, into the same cache), the head trained on them as the flow trains it, and its test
@@ -10,11 +11,12 @@ fine-tuning exactly as `headstart train --fine-tune` runs it (headstart.training
 selection on the validation split), and the test accuracy of the selected epoch, on the test
 split's activations stored in float16 (what the cache holds) and computed in float32 (what the
 precision costs). With --head-flips, a head is also trained on the train split and its mirror
-images, for what flips give the head alone. Test accuracy after every epoch is printed too, for the curve; it never steers
-anything. With --straightforward, the same fine-tuning runs again without the activation cache,
-the frozen lower stages computed in every step (images decoded once and kept), for its accuracy
-and its time per epoch. With --uncached-steps, a number of training steps also run the straightforward way,
-the lower stages computed from decoded images in every step, for the time an uncached epoch takes.
+images, for what flips give the head alone. Test accuracy after every epoch is printed too, for
+the curve; it never steers anything. With --straightforward, the same fine-tuning runs again
+without the activation cache, the frozen lower stages computed in every step (images decoded
+once and kept), for its accuracy and its time per epoch. With --uncached-steps, a number of
+training steps also run the straightforward way, the lower stages computed from decoded images
+in every step, for the time an uncached epoch takes.
 
 Each measurement is appended as one JSON line to benchmarks/results/fine-tuning-study.jsonl;
 `--table` prints them as the README's table.
@@ -282,7 +284,8 @@ def main() -> None:
             def on_epoch(epoch, history):
                 test_curve.append(accuracy_on(model, test16, labels["test"]))
                 print(
-                    f"size {size} cut {cut} epoch {epoch}: {history['seconds'][-1]:.1f} s, loss {history['loss'][-1]:.4f}, "
+                    f"size {size} cut {cut} epoch {epoch}: {history['seconds'][-1]:.1f} s, "
+                    f"loss {history['loss'][-1]:.4f}, "
                     f"validation {history['val_accuracy'][-1]:.4f}, test {test_curve[-1]:.4f}",
                     flush=True,
                 )
@@ -326,12 +329,14 @@ def main() -> None:
             upper = keras.Model(inputs, split.upper(inputs))
 
             def mirror_averaged_accuracy(name: str) -> float:
-                features_of = lambda activations: np.concatenate(
-                    [
-                        upper(activations[i : i + 256].astype(np.float32), training=False).numpy()
-                        for i in range(0, len(activations), 256)
-                    ]
-                )
+                def features_of(activations):
+                    return np.concatenate(
+                        [
+                            upper(activations[i : i + 256].astype(np.float32), training=False).numpy()
+                            for i in range(0, len(activations), 256)
+                        ]
+                    )
+
                 averaged = (features_of(load(name)) + features_of(load(name, True))) / 2
                 return float((head[1](averaged).numpy().argmax(1) == labels[name]).mean())
 
@@ -381,8 +386,9 @@ def table() -> str:
     from headstart.training.fine_tuning import selected_epoch
 
     lines = [
-        "| image size | trained | epochs run | augmentation | epoch kept: validation, test | test after the last epoch | "
-        "epoch kept, mirror-averaged: validation, test | test from float32 activations = from float16 | s / epoch | activations, s |",
+        "| image size | trained | epochs run | augmentation | epoch kept: validation, test "
+        "| test after the last epoch | epoch kept, mirror-averaged: validation, test "
+        "| test from float32 activations = from float16 | s / epoch | activations, s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     heads = set()
@@ -400,7 +406,9 @@ def table() -> str:
                 )
             continue
         if record["epochs"] == 1:
-            continue  # a timing run (--epochs 1 --uncached-steps N): its time is in the README's text, not an accuracy row
+            # A timing run (--epochs 1 --uncached-steps N): its time is in the README's text, not an
+            # accuracy row.
+            continue
         augmentation = (
             ", ".join(
                 name
@@ -432,8 +440,10 @@ def table() -> str:
             else f"{record['float16_float32_label_agreement']:.4f} of labels"
         )
         lines.append(
-            f"| {record['size']} px | from stage {record['cut']} | {record['epochs_run']} of {record['epochs']} | {augmentation} | "
-            f"{kept}: {record['validation_curve'][kept]:.4f}, **{record['test_curve'][kept]:.4f}**{straightforward} | {record['test_curve'][-1]:.4f} | "
+            f"| {record['size']} px | from stage {record['cut']} | {record['epochs_run']} of {record['epochs']} "
+            f"| {augmentation} | "
+            f"{kept}: {record['validation_curve'][kept]:.4f}, **{record['test_curve'][kept]:.4f}**{straightforward} "
+            f"| {record['test_curve'][-1]:.4f} | "
             f"{mirrored} | {agreement} | {np.mean(record['epoch_seconds']):.0f} | {record['activation_seconds']:.0f} |"
         )
     return "\n".join(lines)

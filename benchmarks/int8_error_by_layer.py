@@ -103,7 +103,8 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
     ).stdout.strip()
     lines = [
-        f"# int8 against float32, tensor by tensor (run {run.path.name}, {run.image_size} px, {args.images} test images, commit {commit})",
+        f"# int8 against float32, tensor by tensor (run {run.path.name}, {run.image_size} px, "
+        f"{args.images} test images, commit {commit})",
         "",
         "| tensor | signal-to-noise ratio |",
         "|---|---|",

@@ -123,7 +123,8 @@ def main() -> None:
     ).stdout.strip()
     lines = [
         f"# int8 with one part of the network left in float32 (run {run.path.name}, {run.image_size} px, "
-        f"ReLU6 ranges at the {chosen['range_end_percentile']:g}th percentile, {len(pixels)} validation images, commit {commit})",
+        f"ReLU6 ranges at the {chosen['range_end_percentile']:g}th percentile, {len(pixels)} validation images, "
+        f"commit {commit})",
         "",
         "| left in float32 | top-1 agreement with the Keras model | mean divergence |",
         "|---|---|---|",

@@ -149,7 +149,8 @@ def main() -> None:
     features_path = dataset_features_path(manifest, backbone, config.cache_dir)
     if not features_path.exists():
         raise SystemExit(
-            f"no features file {features_path}: run `headstart train --data {args.data} --cache-dir {args.cache_dir}` first"
+            f"no features file {features_path}: "
+            f"run `headstart train --data {args.data} --cache-dir {args.cache_dir}` first"
         )
     features = FeatureSet(features_path, 0, 0, "cache")
     check = find_near_duplicates(features, list(manifest.class_names), threshold=0.0)
@@ -157,8 +158,8 @@ def main() -> None:
     lines = [
         f"# Near-duplicate threshold: calibration on `{Path(args.data).name}`",
         "",
-        f"Written by `benchmarks/leakage_calibration.py`; bundled MobileNetV2 at {config.image_size} px (the defaults), "
-        f"{check.train_images} training images. Threshold in use: **{DEFAULT_THRESHOLD}**.",
+        f"Written by `benchmarks/leakage_calibration.py`; bundled MobileNetV2 at {config.image_size} px "
+        f"(the defaults), {check.train_images} training images. Threshold in use: **{DEFAULT_THRESHOLD}**.",
         "",
         "## 1. Each held-out image's cosine similarity to its nearest training image",
         "",
@@ -203,8 +204,9 @@ def main() -> None:
         "",
         f"## 2. Synthetic copies of {SYNTHETIC_SAMPLES} training images against their originals",
         "",
-        "Each copy is decoded and extracted exactly as a dataset image is. Must it count as the same photo: yes for the "
-        "modifications a re-upload or a re-save makes; mirrored and cropped copies are shown for information.",
+        "Each copy is decoded and extracted exactly as a dataset image is. Must it count as the same photo: "
+        "yes for the modifications a re-upload or a re-save makes; mirrored and cropped copies are shown for "
+        "information.",
         "",
         "| copy | same photo | min | 1st percentile | median | " + " | ".join(f"≥ {c:.2f}" for c in CANDIDATES) + " |",
         "|---|---|---|---|---|" + "---|" * len(CANDIDATES),

@@ -197,7 +197,8 @@ def throughput(image_sizes: list[int], images: int, cache_dir: Path, rounds: int
                 row["max_difference_from_tensorflow"] = engine.parity
             rows.append(row)
             print(
-                f"  {name:13s} {size:4d} px  {row['images_per_second']:7.1f} img/s (median of {', '.join(f'{r:.0f}' for r in rates[name])})",
+                f"  {name:13s} {size:4d} px  {row['images_per_second']:7.1f} img/s "
+                f"(median of {', '.join(f'{r:.0f}' for r in rates[name])})",
                 flush=True,
             )
     return rows
@@ -225,8 +226,9 @@ def warm_up(data: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import flows.train, headstart.infra.keras, headstart.features.engines, headstart.training.head, headstart.reporting.plots, "
-            "headstart.backbone.mobilenet, headstart.backbone.hub_module, tasks.evaluation, tasks.model, ai_edge_litert.interpreter, prefect_dask",
+            "import flows.train, headstart.infra.keras, headstart.features.engines, headstart.training.head, "
+            "headstart.reporting.plots, headstart.backbone.mobilenet, headstart.backbone.hub_module, "
+            "tasks.evaluation, tasks.model, ai_edge_litert.interpreter, prefect_dask",
         ],
         cwd=PROJECT,
         check=True,
@@ -298,7 +300,8 @@ def main() -> None:
         ]
         cold = results["headstart_cold"] = median_run(colds)
         print(
-            f"  {_seconds(colds)}; median {cold['seconds']:.1f} s, accuracy {cold['accuracy']:.4f}, peak RSS {cold['peak_rss_mb']:.0f} MB",
+            f"  {_seconds(colds)}; median {cold['seconds']:.1f} s, accuracy {cold['accuracy']:.4f}, "
+            f"peak RSS {cold['peak_rss_mb']:.0f} MB",
             flush=True,
         )
         warms = [run_train(data, work / "cold-0", args.image_size, args.epochs) for _ in range(args.repeats)]
@@ -325,7 +328,8 @@ def main() -> None:
             "cold_seconds_before": base["seconds"],
         }
         print(
-            f"  cold on {subset_count} images {base['seconds']:.1f} s; after adding {everything - subset_count}: {_seconds(added_runs)}; median {added['seconds']:.1f} s",
+            f"  cold on {subset_count} images {base['seconds']:.1f} s; "
+            f"after adding {everything - subset_count}: {_seconds(added_runs)}; median {added['seconds']:.1f} s",
             flush=True,
         )
 
@@ -334,7 +338,8 @@ def main() -> None:
             manifest = sorted((work / "cold-0" / "cache" / "manifests").glob("*.parquet"), key=os.path.getmtime)[-1]
             code = (
                 f"import json, sys; sys.path.insert(0, {str(PROJECT / 'benchmarks')!r}); import run; "
-                f"print(json.dumps(run.baseline(__import__('pathlib').Path({str(manifest)!r}), {args.image_size}, {args.epochs}, 64, 0)))"
+                f"print(json.dumps(run.baseline(__import__('pathlib').Path({str(manifest)!r}), "
+                f"{args.image_size}, {args.epochs}, 64, 0)))"
             )
             start_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             output = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True)
@@ -373,7 +378,8 @@ def main() -> None:
 def report(results: dict, file_name: str) -> None:
     cold, warm, added = results["headstart_cold"], results["headstart_warm"], results["headstart_plus_10_percent"]
     lines = [
-        f"| measurement ({results['image_size']} px, {results['epochs']} epochs, {results['machine']['cores']} cores) | value |",
+        f"| measurement ({results['image_size']} px, {results['epochs']} epochs, "
+        f"{results['machine']['cores']} cores) | value |",
         "|---|---|",
     ]
     if "baseline" in results:
@@ -385,20 +391,23 @@ def report(results: dict, file_name: str) -> None:
         ]
     lines += [
         f"| warm re-run / cold | {warm['seconds'] / cold['seconds']:.1%} ({warm['seconds']:.1f} s) |",
-        f"| +10 % data re-run / cold run (both end on the same {results['images']} images) | {added['seconds'] / cold['seconds']:.1%} ({added['seconds']:.1f} s) |",
+        f"| +10 % data re-run / cold run (both end on the same {results['images']} images) | "
+        f"{added['seconds'] / cold['seconds']:.1%} ({added['seconds']:.1f} s) |",
         f"| (cold run on the {added['images_before']} images before adding) | {added['cold_seconds_before']:.1f} s |",
     ]
     for row in results["throughput"]:
         lines.append(f"| extraction, {row['engine']}, {row['image_size']} px | {row['images_per_second']:.0f} img/s |")
         if "max_difference_from_tensorflow" in row:
             lines.append(
-                f"| LiteRT parity with TensorFlow (max abs difference), {row['image_size']} px | {row['max_difference_from_tensorflow']:.1e} |"
+                f"| LiteRT parity with TensorFlow (max abs difference), {row['image_size']} px | "
+                f"{row['max_difference_from_tensorflow']:.1e} |"
             )
     by_size = {(r["engine"], r["image_size"]): r["images_per_second"] for r in results["throughput"]}
     for size in sorted({r["image_size"] for r in results["throughput"]}):
         if ("litert", size) in by_size and ("keras predict", size) in by_size:
             lines.append(
-                f"| LiteRT / Keras predict at {size} px | {by_size[('litert', size)] / by_size[('keras predict', size)]:.2f}× |"
+                f"| LiteRT / Keras predict at {size} px | "
+                f"{by_size[('litert', size)] / by_size[('keras predict', size)]:.2f}× |"
             )
     for row in results["peak_rss"]:
         lines.append(f"| peak RSS, cold `train` on {row['images']} images | {row['peak_rss_mb']:.0f} MB |")

@@ -153,7 +153,8 @@ def test_loading_a_hub_layer_does_not_import_keras_3_nor_change_the_environment(
         "from headstart.backbone.handles import resolve_backbone; "
         f"layer = resolve_backbone({str(tiny_backbone_dir)!r}, 32, Path({str(tmp_path)!r})).keras_layer(); "
         "from headstart.infra.keras import tf; "
-        "print(type(layer).__module__, 'keras' in sys.modules, dict(os.environ) == environment, tf.keras.Model.__module__.startswith('tf_keras'))"
+        "print(type(layer).__module__, 'keras' in sys.modules, dict(os.environ) == environment, "
+        "tf.keras.Model.__module__.startswith('tf_keras'))"
     )
     environment = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=environment)

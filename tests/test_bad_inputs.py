@@ -297,7 +297,8 @@ def test_a_file_without_read_permission_is_skipped_with_its_reason_where_permiss
             rgb(index + (100 if name == "b" else 0)).save(tmp_path / "data" / name / f"{index}.png")
     os.chmod(tmp_path / "data" / "a" / "0.png", 0)
     script = (
-        "import json; from pathlib import Path; from headstart.config import TrainConfig; from headstart.data.sources import prepare_source; "
+        "import json; from pathlib import Path; from headstart.config import TrainConfig; "
+        "from headstart.data.sources import prepare_source; "
         "from headstart.serving.predict import list_images; "
         f"config = TrainConfig(data={str(tmp_path / 'data')!r}, cache_dir={str(tmp_path / 'cache')!r}); "
         "print(json.dumps(prepare_source(config.data, config.runtime.cache_dir)[1].skipped "

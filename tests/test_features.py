@@ -281,7 +281,10 @@ def test_dataset_file_is_independent_of_the_cache_layout_and_streams_each_train_
     epoch = list(stream.shuffled_chunks(seed=1, epoch=0))
     assert len(epoch) >= 3
     streamed = np.concatenate([features for features, _ in epoch])
-    by_rows = lambda matrix: matrix[np.lexsort(matrix.T)]
+
+    def by_rows(matrix):
+        return matrix[np.lexsort(matrix.T)]
+
     np.testing.assert_array_equal(by_rows(streamed), by_rows(train_features))
     assert np.concatenate([labels for _, labels in epoch]).sum() == train_labels.sum()
     again = np.concatenate([features for features, _ in stream.shuffled_chunks(seed=1, epoch=0)])

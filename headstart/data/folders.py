@@ -55,7 +55,9 @@ def image_files(directory: Path) -> tuple[list[Path], list[dict[str, str]]]:
             others.append(
                 {
                     "path": str(path),
-                    "reason": f"{path.suffix.lower()[1:].upper()} images cannot be decoded here; convert them to JPEG or PNG",
+                    "reason": (
+                        f"{path.suffix.lower()[1:].upper()} images cannot be decoded here; convert them to JPEG or PNG"
+                    ),
                 }
             )
         else:

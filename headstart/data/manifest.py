@@ -236,7 +236,8 @@ def _write_manifest(table: pa.Table, class_names: list[str], report: DataReport,
     labels, splits = table.column("label").to_pylist(), table.column("split").to_pylist()
     for split in SPLITS:
         report.counts[split] = {
-            name: sum(1 for s, l in zip(splits, labels) if s == split and l == i) for i, name in enumerate(class_names)
+            name: sum(1 for s, label in zip(splits, labels) if s == split and label == i)
+            for i, name in enumerate(class_names)
         }
     for split in ("train", "test"):
         if sum(report.counts[split].values()) == 0:
@@ -249,11 +250,14 @@ def _write_manifest(table: pa.Table, class_names: list[str], report: DataReport,
             raise HeadstartError(f"class {name!r} has no usable images in {report.source}")
         if report.counts["train"][name] == 0:
             raise HeadstartError(
-                f"class {name!r} has {images} usable image{'s' if images > 1 else ''} in {report.source} and the split by "
-                "content hash put none in training: give it more images"
+                f"class {name!r} has {images} usable image{'s' if images > 1 else ''} in {report.source} "
+                "and the split by content hash put none in training: give it more images"
             )
         if report.counts["test"][name] == 0:
-            note = f"class {name!r} has no test images (of its {images}): its test metrics are not measured; give it more images"
+            note = (
+                f"class {name!r} has no test images (of its {images}): its test metrics are not measured; "
+                "give it more images"
+            )
             if note not in report.notes:
                 report.notes.append(note)
     digest = hashlib.sha256()

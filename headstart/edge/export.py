@@ -56,7 +56,8 @@ class ExportImages:
         test, validation = (_in_split(rows, split, run.split_hashes(split)) for split in ("test", "validation"))
         if not representative or not test:
             raise HeadstartError(
-                f"the data of {run.path} has no {'training' if not representative else 'test'} images left to export with"
+                f"the data of {run.path} has no {'training' if not representative else 'test'} "
+                "images left to export with"
             )
         return cls(
             [row["path"] for row in representative],
@@ -84,7 +85,8 @@ def listed_again(run: Run, cache_dir: Path | None = None):
     values = {name: value for name, value in run.config.items() if name in TrainConfig.options()}
     if values.get("data") != "cifar10" and not Path(str(values.get("data"))).is_dir():
         raise HeadstartError(
-            f"the training data of {run.path} is gone ({values.get('data')}): an export checks itself on the run's test split"
+            f"the training data of {run.path} is gone ({values.get('data')}): "
+            "an export checks itself on the run's test split"
         )
     config = TrainConfig(**values)
     manifest, _ = prepare_source(config.data, cache_dir if cache_dir is not None else config.runtime.cache_dir)
@@ -236,7 +238,8 @@ def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, 
         used.append(position)
     if not used:
         raise HeadstartError(
-            f"none of the {len(images.test)} test images of {run.path} can be read any more: the export cannot be checked"
+            f"none of the {len(images.test)} test images of {run.path} can be read any more: "
+            "the export cannot be checked"
         )
     ours, theirs, labels = np.concatenate(ours), np.concatenate(theirs), images.test_labels[used]
     accuracy = float((ours.argmax(1) == labels).mean())
@@ -264,18 +267,26 @@ def summary(record: dict) -> str:
         closeness = (
             f"ReLU6 ranges end at the {record['range_end_percentile']:g}th percentile"
             + (
-                f" (closest on {record['validation_images']} validation images: divergence {record['validation_divergence']:.4f}, "
+                f" (closest on {record['validation_images']} validation images: "
+                f"divergence {record['validation_divergence']:.4f}, "
                 f"agreement {record['validation_agreement']:.2%})"
                 if "validation_divergence" in record
                 else ""
             )
-            + f"; top-1 agreement {record['top1_agreement']:.2%}, accuracy {record['accuracy']:.4f} (Keras {record['keras_accuracy']:.4f})"
+            + (
+                f"; top-1 agreement {record['top1_agreement']:.2%}, accuracy {record['accuracy']:.4f} "
+                f"(Keras {record['keras_accuracy']:.4f})"
+            )
         )
     else:
         target = f"target max |Δp| ≤ {FLOAT_TOLERANCE:.0e}"
-        closeness = f"max |Δ probability| {record['max_probability_difference']:.1e}, top-1 agreement {record['top1_agreement']:.2%}"
+        closeness = (
+            f"max |Δ probability| {record['max_probability_difference']:.1e}, "
+            f"top-1 agreement {record['top1_agreement']:.2%}"
+        )
     return (
-        f"{record['file']} ({'int8' if record['quantize'] == 'int8' else 'float32'}, {file_size(record['bytes'])}): {closeness} "
+        f"{record['file']} ({'int8' if record['quantize'] == 'int8' else 'float32'}, "
+        f"{file_size(record['bytes'])}): {closeness} "
         f"on {record['test_images']} test images; {target}: {'met' if record['meets_target'] else 'NOT met'}"
     )
 
@@ -317,12 +328,14 @@ def card_section(exports: dict) -> str:
         "probability per class; the class names are packed inside (`labels.txt`, TFLite metadata). Measured against "
         "the Keras model on the test split:",
         "",
-        "| file | weights and activations | size | max \\|Δ probability\\| | top-1 agreement | accuracy (Keras) | target met |",
+        "| file | weights and activations | size | max \\|Δ probability\\| | top-1 agreement | accuracy (Keras) "
+        "| target met |",
         "|---|---|---|---|---|---|---|",
     ]
     for quantize, record in sorted(exports.items(), key=lambda item: item[0] != "none"):  # float32 first
         lines.append(
-            f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} | {file_size(record['bytes'])} | "
+            f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} "
+            f"| {file_size(record['bytes'])} | "
             f"{record['max_probability_difference']:.1e} | {record['top1_agreement']:.2%} | {record['accuracy']:.4f} "
             f"({record['keras_accuracy']:.4f}) | {'yes' if record['meets_target'] else 'no'} |"
         )
@@ -330,9 +343,12 @@ def card_section(exports: dict) -> str:
     if "validation_divergence" in int8:
         lines += [
             "",
-            f"The int8 file's ReLU6 ranges end at the {int8['range_end_percentile']:g}th percentile of their calibration values, "
-            f"the one of {', '.join(f'{end:g}' for end in RANGE_ENDS)} whose file's probabilities came closest to the Keras model's on "
-            f"{int8['validation_images']} validation images (mean Kullback–Leibler divergence {int8['validation_divergence']:.4f}; "
+            f"The int8 file's ReLU6 ranges end at the {int8['range_end_percentile']:g}th percentile "
+            "of their calibration values, "
+            f"the one of {', '.join(f'{end:g}' for end in RANGE_ENDS)} whose file's probabilities "
+            "came closest to the Keras model's on "
+            f"{int8['validation_images']} validation images "
+            f"(mean Kullback–Leibler divergence {int8['validation_divergence']:.4f}; "
             f"top-1 agreement {int8['validation_agreement']:.2%}).",
         ]
     return "\n".join(lines) + "\n"

@@ -135,7 +135,8 @@ def read_labels(model: bytes, source: str = "the model") -> list[str]:
     """The class names packed into a .tflite file by `embed_labels`."""
     if not _has_metadata(model):
         raise HeadstartError(
-            f"{source} is not a .tflite model with class names (no {METADATA_NAME} record): export one with `headstart export`"
+            f"{source} is not a .tflite model with class names (no {METADATA_NAME} record): "
+            "export one with `headstart export`"
         )
     try:
         with zipfile.ZipFile(io.BytesIO(model)) as packed:
@@ -183,7 +184,8 @@ class TFLiteClassifier:
         self.quantized = bool(self._input["quantization"][0])
         if self._input["dtype"] != np.uint8:
             raise HeadstartError(
-                f"{self.path} takes {np.dtype(self._input['dtype']).name} input; a headstart .tflite classifier takes uint8 pixels"
+                f"{self.path} takes {np.dtype(self._input['dtype']).name} input; "
+                "a headstart .tflite classifier takes uint8 pixels"
             )
         self._shape: tuple | None = None
 

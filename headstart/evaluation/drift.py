@@ -132,12 +132,18 @@ def summary(note: dict) -> str:
     if "champion" not in note:
         return note["note"]
     classes = ", ".join(f"{name} {c['images']} (was {c['champion_images']})" for name, c in note["per_class"].items())
-    text = f"{note['new_images']} new images, {note['images_gone']} gone since champion {note['champion']}; per class: {classes}"
+    text = (
+        f"{note['new_images']} new images, {note['images_gone']} gone since champion {note['champion']}; "
+        f"per class: {classes}"
+    )
     if note.get("mean_feature_shift") is None:
         return f"{text}; {note['mean_feature_note']}"
     text += (
         f"; mean feature moved {note['mean_feature_shift']} spreads (chance: {note['mean_feature_shift_by_chance']})"
     )
     if note.get("new_images_mean_feature_shift") is not None:
-        text += f", the new images' mean {note['new_images_mean_feature_shift']} (chance: {note['new_images_shift_by_chance']})"
+        text += (
+            f", the new images' mean {note['new_images_mean_feature_shift']} "
+            f"(chance: {note['new_images_shift_by_chance']})"
+        )
     return text

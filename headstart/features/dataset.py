@@ -81,7 +81,10 @@ def dataset_features_path(
     manifest: Manifest, backbone: Backbone, cache_dir: Path, rows_per_group: int = ROWS_PER_GROUP
 ) -> Path:
     grouping = "" if rows_per_group == ROWS_PER_GROUP else f"-{rows_per_group}rows"
-    name = f"{manifest.fingerprint}-{backbone.fingerprint}-{backbone.image_size}px-v{DATASET_LAYOUT_VERSION}{grouping}.parquet"
+    name = (
+        f"{manifest.fingerprint}-{backbone.fingerprint}-{backbone.image_size}px"
+        f"-v{DATASET_LAYOUT_VERSION}{grouping}.parquet"
+    )
     return Path(cache_dir) / "datasets" / name
 
 

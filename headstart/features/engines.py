@@ -204,12 +204,14 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
     if backbone.litert_model is not None:
         if requested == "keras":
             raise HeadstartError(
-                f"backbone {backbone.fingerprint} is quantized to int8: only LiteRT runs it (give --engine auto or {INT8_ENGINE})"
+                f"backbone {backbone.fingerprint} is quantized to int8: "
+                f"only LiteRT runs it (give --engine auto or {INT8_ENGINE})"
             )
         return EngineChoice(LiteRTEngine(backbone, cache_dir, threads), "the backbone quantized to int8")
     if requested == INT8_ENGINE:
         raise HeadstartError(
-            f"the {INT8_ENGINE} engine runs a backbone quantized when training (`headstart train --engine {INT8_ENGINE}`); "
+            f"the {INT8_ENGINE} engine runs a backbone quantized when training "
+            f"(`headstart train --engine {INT8_ENGINE}`); "
             f"this model's backbone {backbone.fingerprint} is float32"
         )
     if requested == "keras":
@@ -226,7 +228,8 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
     if difference > PARITY_TOLERANCE:
         if requested == "litert":
             raise HeadstartError(
-                f"LiteRT differs from TensorFlow by {difference:.2e} (> {PARITY_TOLERANCE}) for backbone {backbone.handle}"
+                f"LiteRT differs from TensorFlow by {difference:.2e} (> {PARITY_TOLERANCE}) "
+                f"for backbone {backbone.handle}"
             )
         return EngineChoice(
             KerasEngine(backbone), f"LiteRT parity {difference:.2e} > {PARITY_TOLERANCE}, using TensorFlow"

@@ -32,7 +32,8 @@ def unpack_tar(archive: Path, destination: Path) -> None:
             free_bytes = shutil.disk_usage(destination.parent).free
             if unpacked_bytes > free_bytes:  # a small archive of zeros can unpack to more than the disk holds
                 raise HeadstartError(
-                    f"the archive unpacks to {unpacked_bytes} bytes, more than the {free_bytes} free in {destination.parent}"
+                    f"the archive unpacks to {unpacked_bytes} bytes, "
+                    f"more than the {free_bytes} free in {destination.parent}"
                 )
             destination.mkdir(parents=True)
             try:

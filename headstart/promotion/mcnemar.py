@@ -84,7 +84,8 @@ def against_champion(
     )
     if candidate_accuracy < champion_accuracy - tolerance:
         reason = (
-            f"kept champion {champion}: candidate accuracy {candidate_accuracy:.4f} is below the champion's {champion_accuracy:.4f}"
+            f"kept champion {champion}: candidate accuracy {candidate_accuracy:.4f} "
+            f"is below the champion's {champion_accuracy:.4f}"
             + (f" minus tolerance {tolerance}" if tolerance else "")
             + f" on {images} images"
         )
@@ -128,7 +129,8 @@ def first_model(candidate_correct: np.ndarray, labels: np.ndarray, floor: float 
     )
     return GateDecision(
         False,
-        f"first model not promoted: accuracy {accuracy:.4f} does not beat {what} ({floor:.4f}) on {images} images{hint}; "
+        f"first model not promoted: accuracy {accuracy:.4f} does not beat {what} ({floor:.4f}) "
+        f"on {images} images{hint}; "
         "promote it by hand (`headstart models promote VERSION`) if that is meant",
         images,
         accuracy,
@@ -142,8 +144,8 @@ def different_classes(
     """A candidate for other classes than the champion's is never promoted automatically."""
     return GateDecision(
         False,
-        f"kept champion {champion_version}: the candidate's classes ({', '.join(candidate)}) differ from the champion's "
-        f"({', '.join(champion)}); promote it by hand if that is meant",
+        f"kept champion {champion_version}: the candidate's classes ({', '.join(candidate)}) "
+        f"differ from the champion's ({', '.join(champion)}); promote it by hand if that is meant",
         images,
         candidate_accuracy,
         champion=champion_version,

@@ -32,8 +32,10 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     tuned = metrics.get("fine_tuning")
     fine_tuning = (
         (
-            f"**Fine-tuned** from stage {tuned['from_stage']} in {tuned['epochs_run']} epochs (epoch {tuned['best_epoch']} kept): validation "
-            f"accuracy {tuned['validation_accuracy_before']:.4f} with the head alone, {tuned['validation_accuracy_after']:.4f} fine-tuned.\n\n"
+            f"**Fine-tuned** from stage {tuned['from_stage']} in {tuned['epochs_run']} epochs "
+            f"(epoch {tuned['best_epoch']} kept): validation "
+            f"accuracy {tuned['validation_accuracy_before']:.4f} with the head alone, "
+            f"{tuned['validation_accuracy_after']:.4f} fine-tuned.\n\n"
         )
         if tuned
         else ""
@@ -41,9 +43,11 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)
     this_run = f" All of this run's artifacts: [its flow run]({flow_run_url})." if flow_run_url else ""
     return (
-        f"# headstart run `{run.path.name}`\n\nTest accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
+        f"# headstart run `{run.path.name}`\n\n"
+        f"Test accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
         f"{fine_tuning}{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
-        f"`headstart models` lists this run as version `{run.path.name}`; `headstart predict --model {run.path.name} FOLDER` labels images with it.\n\n"
+        f"`headstart models` lists this run as version `{run.path.name}`; "
+        f"`headstart predict --model {run.path.name} FOLDER` labels images with it.\n\n"
         f"{run.model_card}"
     )
 
@@ -68,7 +72,8 @@ def run_tables(run: Run) -> list[tuple[str, list[dict], str]]:
             (
                 "headstart-near-duplicates",
                 near_duplicate_rows(near_duplicates),
-                f"{test['flagged']} of {test['images']} test images have a training image at cosine similarity ≥ {near_duplicates['threshold']}",
+                f"{test['flagged']} of {test['images']} test images have a training image "
+                f"at cosine similarity ≥ {near_duplicates['threshold']}",
             )
         )
     return tables

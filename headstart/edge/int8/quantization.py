@@ -44,8 +44,9 @@ CALIBRATION_DECODE_BATCH = 64
 # Where a ReLU6 output's int8 range may end, as percentiles of its calibration values: the int8
 # export takes the one whose file comes closest to the float model on the run's validation split
 # (headstart.edge.export). The first, the one both runs in the README chose, is what the int8 engine
-# uses, having no classifier yet to choose with, and the export where a run has no validation images. Below 99.9 both runs measured in the README agreed less; so did the maximum
-# (100) while the ranges came from the converter's calibration (measured now, it is within chance).
+# uses, having no classifier yet to choose with, and the export where a run has no validation images.
+# Below 99.9 both runs measured in the README agreed less; so did the maximum (100) while the ranges
+# came from the converter's calibration (measured now, it is within chance).
 RANGE_ENDS = (99.99, 99.97, 99.95, 99.9)
 # Bump when the conversion changes: quantized backbones and their features are then made anew.
 QUANTIZED_BACKBONE_VERSION = 5
@@ -75,9 +76,10 @@ def full_integer(
     model (its calibration, on one batch), the channels are equalized where they can be scaled
     (headstart.edge.int8.equalization), the convolutions' weights are put on their int8 grids so that their
     rounding errors cancel on the batches (headstart.edge.int8.rounding), the ranges are measured on that
-    model (`measured_ranges`), then the same quantizer its `convert()` calls quantizes. The converter is reached through private hooks
-    (the calibration-only switch and `mlir_quantize`), which its own quantization debugger uses too;
-    they are pinned with TensorFlow in uv.lock, and tests/test_quantization.py checks the ranges on every upgrade.
+    model (`measured_ranges`), then the same quantizer its `convert()` calls quantizes. The converter
+    is reached through private hooks (the calibration-only switch and `mlir_quantize`), which its own
+    quantization debugger uses too; they are pinned with TensorFlow in uv.lock, and
+    tests/test_quantization.py checks the ranges on every upgrade.
     """
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
