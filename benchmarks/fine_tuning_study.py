@@ -58,28 +58,30 @@ VALIDATION_IMAGES = 967  # the shared set's validation split, for the table's se
 
 
 def frozen_features(config: TrainConfig):
-    manifest = prepare_source(config)[0]
-    backbone = resolve_backbone(BUNDLED_HANDLE, config.image_size, config.cache_dir)
+    manifest = prepare_source(config.data, config.runtime.cache_dir)[0]
+    backbone = resolve_backbone(BUNDLED_HANDLE, config.backbone.image_size, config.runtime.cache_dir)
     started = time.perf_counter()
-    with ExtractionContext(config.cache_dir, ExtractionSettings()) as context:
-        for shard in plan_extraction(manifest, backbone, config.cache_dir):
+    with ExtractionContext(config.runtime.cache_dir, ExtractionSettings()) as context:
+        for shard in plan_extraction(manifest, backbone, config.runtime.cache_dir):
             context.extract_shard(shard, backbone)
-    features = assemble_features(manifest, backbone, config.cache_dir)
+    features = assemble_features(manifest, backbone, config.runtime.cache_dir)
     return backbone, features, time.perf_counter() - started
 
 
 def head_only(config: TrainConfig, backbone, features):
-    classifier = build_classifier(backbone.keras_layer(), 2, config.image_size, config.dropout, config.seed)
+    classifier = build_classifier(
+        backbone.keras_layer(), 2, config.backbone.image_size, config.head.dropout, config.head.seed
+    )
     started = time.perf_counter()
     train_head(
         classifier,
         features.stream("train"),
         features.stream("validation"),
-        config.epochs,
-        config.batch_size,
-        config.learning_rate,
-        config.patience,
-        config.seed,
+        config.head.epochs,
+        config.head.batch_size,
+        config.head.learning_rate,
+        config.head.patience,
+        config.head.seed,
     )
     seconds = time.perf_counter() - started
     test_features, test_labels, _ = features.load("test")
@@ -91,27 +93,29 @@ def head_with_flips(config: TrainConfig, backbone, features) -> float:
     """Test accuracy of the head trained on the train split and its mirror images (features of
     each mirrored image extracted as extraction does it, not cached), other settings as head_only."""
     train_features, train_labels, paths = features.load("train")
-    with ExtractionContext(config.cache_dir, ExtractionSettings()) as context:
+    with ExtractionContext(config.runtime.cache_dir, ExtractionSettings()) as context:
         engine = context.engine(backbone)
         mirrored = np.concatenate(
             [
                 engine([image[:, ::-1] for image in batch.images])
-                for batch in decoded_batches(paths, config.image_size, 64)
+                for batch in decoded_batches(paths, config.backbone.image_size, 64)
             ]
         )
-    classifier = build_classifier(backbone.keras_layer(), 2, config.image_size, config.dropout, config.seed)
-    order = np.random.default_rng(config.seed).permutation(2 * len(train_labels))
+    classifier = build_classifier(
+        backbone.keras_layer(), 2, config.backbone.image_size, config.head.dropout, config.head.seed
+    )
+    order = np.random.default_rng(config.head.seed).permutation(2 * len(train_labels))
     both = (np.concatenate([train_features, mirrored])[order], np.concatenate([train_labels, train_labels])[order])
     validation = features.load("validation")
     train_head(
         classifier,
         both,
         validation[:2],
-        config.epochs,
-        config.batch_size,
-        config.learning_rate,
-        config.patience,
-        config.seed,
+        config.head.epochs,
+        config.head.batch_size,
+        config.head.learning_rate,
+        config.head.patience,
+        config.head.seed,
     )
     test_features, test_labels, _ = features.load("test")
     return float((predict_from_features(classifier, test_features).argmax(1) == test_labels).mean())
@@ -158,7 +162,7 @@ def straightforward(
     classifier, _, _ = head_only(config, backbone, features)
     split = SplitBackbone(backbone, cut)
     data = TuningData(
-        ActivationsFromImages(split, rows["train"]["path"], flip, config.seed),
+        ActivationsFromImages(split, rows["train"]["path"], flip, config.head.seed),
         labels["train"],
         ActivationsFromImages(split, rows["validation"]["path"]),
         labels["validation"],
@@ -248,7 +252,7 @@ def main() -> None:
         rows = {name: features.rows(name, ["sha256", "path", "label"]) for name in ("train", "validation", "test")}
         for cut in args.cut:
             classifier, _, _ = head_only(config, backbone, features)  # a fresh head, trained as the flow trains it
-            split, cache = SplitBackbone(backbone, cut), ActivationCache(config.cache_dir, backbone, cut)
+            split, cache = SplitBackbone(backbone, cut), ActivationCache(config.runtime.cache_dir, backbone, cut)
             entries = [
                 Entry(sha, sha, path) for name in rows for sha, path in zip(rows[name]["sha256"], rows[name]["path"])
             ]
@@ -292,10 +296,10 @@ def main() -> None:
 
             settings = TuningSettings(
                 args.epochs,
-                config.batch_size,
+                config.head.batch_size,
                 args.learning_rate,
                 args.patience,
-                config.seed,
+                config.head.seed,
                 args.shift,
                 args.mixup,
                 args.cutmix,
@@ -368,7 +372,7 @@ def main() -> None:
                 "activations_computed": cached.computed,
                 "activation_shape": list(split.activation_shape),
                 "uncached_epoch_seconds": uncached_epoch_seconds(
-                    split, model, rows["train"], args.uncached_steps, config.batch_size
+                    split, model, rows["train"], args.uncached_steps, config.head.batch_size
                 )
                 if args.uncached_steps
                 else None,

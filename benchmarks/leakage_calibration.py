@@ -144,9 +144,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".cache/headstart")
     args = parser.parse_args()
     config = TrainConfig(data=args.data, cache_dir=Path(args.cache_dir))
-    manifest, _ = prepare_source(config)
-    backbone = resolve_backbone(config.backbone, config.image_size, config.cache_dir)
-    features_path = dataset_features_path(manifest, backbone, config.cache_dir)
+    manifest, _ = prepare_source(config.data, config.runtime.cache_dir)
+    backbone = resolve_backbone(config.backbone.handle, config.backbone.image_size, config.runtime.cache_dir)
+    features_path = dataset_features_path(manifest, backbone, config.runtime.cache_dir)
     if not features_path.exists():
         raise SystemExit(
             f"no features file {features_path}: "
@@ -158,7 +158,7 @@ def main() -> None:
     lines = [
         f"# Near-duplicate threshold: calibration on `{Path(args.data).name}`",
         "",
-        f"Written by `benchmarks/leakage_calibration.py`; bundled MobileNetV2 at {config.image_size} px "
+        f"Written by `benchmarks/leakage_calibration.py`; bundled MobileNetV2 at {config.backbone.image_size} px "
         f"(the defaults), {check.train_images} training images. Threshold in use: **{DEFAULT_THRESHOLD}**.",
         "",
         "## 1. Each held-out image's cosine similarity to its nearest training image",
@@ -197,7 +197,10 @@ def main() -> None:
 
     train_features, train_labels, train_paths = features.load("train")
     sample = np.linspace(0, len(train_paths) - 1, SYNTHETIC_SAMPLES).round().astype(int)
-    with ExtractionContext(config.cache_dir, ExtractionSettings()) as context, tempfile.TemporaryDirectory() as scratch:
+    with (
+        ExtractionContext(config.runtime.cache_dir, ExtractionSettings()) as context,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
         synthetic = synthetic_similarities([train_paths[i] for i in sample], backbone, context, Path(scratch))
     others = nearest_other_image(train_features, train_labels, sample)
     lines += [

@@ -59,7 +59,8 @@ def _train(args) -> int:
         from headstart.errors import HeadstartError
 
         raise HeadstartError(
-            f"data folder not found: {Path(config.data.source).absolute()} (give a folder of class sub-folders, or 'cifar10')"
+            f"data folder not found: {Path(config.data.source).absolute()} "
+            "(give a folder of class sub-folders, or 'cifar10')"
         )
     from flows.train import train
 
@@ -199,7 +200,8 @@ def _models(args) -> int:
     for row in rows:
         accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
         print(
-            f"{'*' if row.champion else ' '} {row.version:<{width}}  {accuracy:<8}  {row.n if row.n is not None else '-':<11}  "
+            f"{'*' if row.champion else ' '} {row.version:<{width}}  {accuracy:<8}  "
+            f"{row.n if row.n is not None else '-':<11}  "
             f"{', '.join(row.class_names)} / {row.created_at}"
         )
     print(
@@ -220,7 +222,10 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     train_config = train_config or TrainConfig
     parser = argparse.ArgumentParser(
         prog="headstart",
-        description="Transfer learning for image classification: a frozen ImageNet MobileNetV2 and a new head, as a Prefect flow.",
+        description=(
+            "Transfer learning for image classification: a frozen ImageNet MobileNetV2 and a new head, "
+            "as a Prefect flow."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -241,7 +246,10 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     predict.add_argument(
         "--model",
         default="champion",
-        help="'champion' (default), a version listed by 'headstart models', a run directory, or a .tflite file written by 'headstart export' (run with LiteRT alone)",
+        help=(
+            "'champion' (default), a version listed by 'headstart models', a run directory, or a .tflite file "
+            "written by 'headstart export' (run with LiteRT alone)"
+        ),
     )
     predict.add_argument("paths", nargs="+", help="image files and folders of images")
     predict.add_argument(
@@ -279,7 +287,10 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
         "--quantize",
         choices=["none", "int8"],
         default="none",
-        help="none: float32 weights and activations (default); int8: full-integer, calibrated on the run's training images",
+        help=(
+            "none: float32 weights and activations (default); int8: full-integer, calibrated on the run's "
+            "training images"
+        ),
     )
     export.add_argument(
         "--output", help="the file to write (default: exports/model-float32.tflite or model-int8.tflite in the run)"

@@ -87,7 +87,9 @@ def _without_none(annotation):
 
 
 def _help(field: FieldInfo) -> str:
-    bounds = [f"{symbol} {getattr(limit, key)}" for limit in field.metadata for key, symbol in _BOUNDS if hasattr(limit, key)]
+    bounds = [
+        f"{symbol} {getattr(limit, key)}" for limit in field.metadata for key, symbol in _BOUNDS if hasattr(limit, key)
+    ]
     default = "" if field.is_required() or field.default is None or isinstance(field.default, bool) else field.default
     notes = ([f"default {default}"] if default != "" else []) + ([", ".join(bounds)] if bounds else [])
     # argparse formats help with %: a literal percent sign must be doubled.

@@ -18,6 +18,7 @@ def predict(**parameters) -> str:
     predictions = predict_images(config)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}")
-    summary = f"{len(predictions.paths)} images labelled ({', '.join(f'{label} {count}' for label, count in predictions.counts().items())}), {len(predictions.skipped)} skipped"
+    counts = ", ".join(f"{label} {count}" for label, count in predictions.counts().items())
+    summary = f"{len(predictions.paths)} images labelled ({counts}), {len(predictions.skipped)} skipped"
     print(f"headstart: {summary}" + (f"; predictions in {config.output}" if config.output else ""))
     return summary

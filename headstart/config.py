@@ -194,7 +194,9 @@ class FineTuningConfig(Section):
         le=1000,
         alias="fine_tune_epochs",
         json_schema_extra=WHEN_FINE_TUNING,
-        description="fine-tuning epochs (the learning rate decays over them); stops early when validation accuracy stalls",
+        description=(
+            "fine-tuning epochs (the learning rate decays over them); stops early when validation accuracy stalls"
+        ),
     )
     learning_rate: float = Field(
         3e-4,
@@ -202,7 +204,9 @@ class FineTuningConfig(Section):
         le=1.0,
         alias="fine_tune_learning_rate",
         json_schema_extra=WHEN_FINE_TUNING,
-        description="Adam's learning rate for fine-tuning, reached after a one-epoch warm-up, then decayed to 0 on a cosine",
+        description=(
+            "Adam's learning rate for fine-tuning, reached after a one-epoch warm-up, then decayed to 0 on a cosine"
+        ),
     )
     patience: int = Field(
         3,

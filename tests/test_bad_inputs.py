@@ -27,8 +27,9 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scanned(corpus, tmp_path_factory):
     """The corpus's manifest and data report, as `train`'s download step builds them."""
-    from headstart.config import TrainConfig
     from configs import source_of
+
+    from headstart.config import TrainConfig
 
     config = TrainConfig(data=str(corpus), classes=("cat", "dog"), cache_dir=tmp_path_factory.mktemp("cache"))
     return source_of(config)
@@ -164,10 +165,11 @@ def test_an_image_that_changes_between_scan_and_decode_is_left_out_and_never_cac
     """Rewritten with other pixels, truncated, or removed after the scan hashed it: each file is
     left out of the run with its reason, and no features are cached under a hash its file no
     longer has; the next scan takes the rewritten file's new content."""
+    from configs import source_of
+
     from headstart.backbone.handles import resolve_backbone
     from headstart.config import TrainConfig
     from headstart.data.manifest import without_images
-    from configs import source_of
     from headstart.features.cache import FeatureCache
     from headstart.features.dataset import assemble_features, plan_extraction
     from headstart.features.extraction import ExtractionContext, ExtractionSettings
@@ -237,8 +239,9 @@ def _two_class_folder(root: Path, small_class: list[bytes]) -> Path:
 
 
 def test_a_class_too_small_to_split_stops_with_one_line_or_trains_with_a_note(tmp_path):
-    from headstart.config import TrainConfig
     from configs import source_of
+
+    from headstart.config import TrainConfig
     from headstart.errors import HeadstartError
 
     none_in_training = _two_class_folder(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from configs import source_of
 from conftest import RunsACommand, write_class_images
 from PIL import Image
 
@@ -17,7 +18,6 @@ from headstart.data.cifar10 import CIFAR10_CLASSES
 from headstart.data.folders import list_class_files
 from headstart.data.images import load_image
 from headstart.data.manifest import DataReport, assign_split, real_paths
-from configs import source_of
 from headstart.errors import HeadstartError
 from headstart.infra.downloads import DownloadPolicy, download
 

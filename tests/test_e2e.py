@@ -101,9 +101,8 @@ def test_the_run_is_recorded_on_the_server(trained_run):
     flow_runs = _api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["train"]}}})
     assert [run["state"]["type"] for run in flow_runs] == ["COMPLETED"]
     task_runs = _api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_runs[0]["id"]]}}})
-    assert {"download", "prepare_backbone", "plan_extraction", "build_model", "train_head", "evaluate", "visualize", "publish"} <= {
-        t["name"].rsplit("-", 1)[0] for t in task_runs
-    }
+    steps = {"download", "prepare_backbone", "plan_extraction", "build_model", "train_head", "evaluate", "visualize"}
+    assert steps | {"publish"} <= {t["name"].rsplit("-", 1)[0] for t in task_runs}
     artifacts = _api(url, "/artifacts/filter", {"flow_runs": {"id": {"any_": [flow_runs[0]["id"]]}}})
     by_key = {artifact["key"]: artifact for artifact in artifacts}
     assert (

@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from configs import source_of
 from conftest import extract_dataset, write_class_images
 
 from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.images import load_image
 from headstart.data.preprocessing import decoded_batches, image_batches, resize_images
-from configs import source_of
 from headstart.errors import HeadstartError
 from headstart.features.cache import FeatureCache
 from headstart.features.dataset import plan_extraction

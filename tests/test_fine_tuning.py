@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from configs import source_of
 from conftest import extract_dataset
 
 from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
 from headstart.config import TrainConfig
 from headstart.data.images import load_image
-from configs import source_of
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.training.fine_tuning import (
@@ -295,9 +295,7 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     longer = Run(
         Path(
             train(
-                **_fine_tune_config(
-                    colour_folder, tmp_path, fine_tune_epochs=3, fine_tune_mirror_average=True
-                ).flat()
+                **_fine_tune_config(colour_folder, tmp_path, fine_tune_epochs=3, fine_tune_mirror_average=True).flat()
             )
         )
     )

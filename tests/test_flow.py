@@ -89,9 +89,7 @@ def test_the_flow_extracts_every_shard_within_one_extraction_context(
     logger.setLevel(logging.INFO)
     try:
         train(
-            **_smoke_config(
-                colour_folder, tiny_backbone_dir, tmp_path, engine="keras", extraction_shard_size=10
-            ).flat()
+            **_smoke_config(colour_folder, tiny_backbone_dir, tmp_path, engine="keras", extraction_shard_size=10).flat()
         )
     finally:
         logger.removeHandler(handler)

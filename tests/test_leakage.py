@@ -236,7 +236,8 @@ def test_a_shifted_reencoded_copy_of_a_training_image_in_the_test_split_is_flagg
     folder = _block_images(tmp_path / "data", {"red": (200, 60, 60), "blue": (60, 60, 200)}, per_class=16)
 
     def split_of(data: bytes) -> str:
-        return assign_split(hashlib.sha256(data).hexdigest(), config.data.validation_fraction, config.data.test_fraction)
+        fractions = config.data.validation_fraction, config.data.test_fraction
+        return assign_split(hashlib.sha256(data).hexdigest(), *fractions)
 
     # The first red training image, and the first JPEG quality at which its shifted copy's hash
     # puts the copy in the test split (splits go by content hash).

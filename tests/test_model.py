@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from configs import source_of
 from conftest import extract_dataset
 
 from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
-from configs import source_of
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.training.head import build_classifier, predict_from_features, train_head
 

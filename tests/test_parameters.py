@@ -35,12 +35,14 @@ def test_native_start_up_notices_are_dropped_and_every_other_line_kept(capfd):
     with native_notices_dropped():
         os.write(
             2,
-            b"I0000 00:00:1.0  123 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n",
+            b"I0000 00:00:1.0  123 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
+            b"GPU will not be used.\n",
         )
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
         os.write(
             2,
-            b"I0000 00:00:1.0  123 port.cc:153] oneDNN custom operations are on. You may see slightly different numerical results\n",
+            b"I0000 00:00:1.0  123 port.cc:153] oneDNN custom operations are on. "
+            b"You may see slightly different numerical results\n",
         )
         os.write(2, b"a real error\n")
     with native_notices_dropped(1):  # the TFLite quantizer reports its settings on standard output
@@ -93,5 +95,7 @@ def test_every_train_option_is_a_cli_option_with_its_flat_name():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     dests = {action.dest for action in train._actions} - {"help"}
     assert dests == set(TrainConfig.options())
-    parsed = build_parser().parse_args(["train", "--data", "d", "--no-reuse", "--no-gate", "--fine-tune", "--classes", "a,b"])
-    assert (parsed.reuse_identical_runs, parsed.gate, parsed.fine_tune, parsed.classes) == (False, False, True, ("a", "b"))
+    switches = ["--no-reuse", "--no-gate", "--fine-tune", "--classes", "a,b"]
+    parsed = build_parser().parse_args(["train", "--data", "d", *switches])
+    parsed_values = (parsed.reuse_identical_runs, parsed.gate, parsed.fine_tune, parsed.classes)
+    assert parsed_values == (False, False, True, ("a", "b"))

@@ -98,7 +98,8 @@ def decide_for_identical_run(
     )
     if not scored.all():
         raise HeadstartError(
-            f"{int((~scored).sum())} test images changed while this run read them; run it again to score {run.path.name} on what is there now"
+            f"{int((~scored).sum())} test images changed while this run read them; "
+            f"run it again to score {run.path.name} on what is there now"
         )
     return decide(settings, champion, source, backbone, features, probabilities, class_names)
 
@@ -124,5 +125,6 @@ def _images_the_champion_never_trained_on(source: str, champion: Run, hashes: li
         return fair, f"all {len(hashes)} test images: the champion's split settings hold them out too"
     return (
         fair,
-        f"{int(fair.sum())} of {len(hashes)} test images: those the champion's split settings put in its own test split",
+        f"{int(fair.sum())} of {len(hashes)} test images: "
+        "those the champion's split settings put in its own test split",
     )

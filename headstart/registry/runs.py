@@ -310,15 +310,17 @@ def near_duplicate_metrics(near_duplicates: dict) -> dict:
 
 
 def near_duplicates_summary(near_duplicates: dict | None) -> str:
-    """One paragraph on the test split's near-duplicates of training images (and validation's), for the card and the report."""
+    """One paragraph on the test split's near-duplicates of training images (and validation's), for the
+    card and the report."""
     if near_duplicates is None:
         return "Not checked."
     threshold, splits = near_duplicates["threshold"], near_duplicates["splits"]
     test = splits["test"]
     if not test["flagged"]:
         text = (
-            f"No test image has a near-duplicate in the training split: none of the {test['images']} reaches a cosine similarity "
-            f"of {threshold} to its nearest training image (backbone features)."
+            "No test image has a near-duplicate in the training split: "
+            f"none of the {test['images']} reaches a cosine similarity of {threshold} "
+            "to its nearest training image (backbone features)."
         )
     else:
         without = test["accuracy_without_flagged"]
@@ -328,12 +330,14 @@ def near_duplicates_summary(near_duplicates: dict | None) -> str:
             else "undefined (every test image is flagged)"
         )
         text = (
-            f"**{test['flagged']}** of {test['images']} test images are near-duplicates of a training image (cosine similarity of "
-            f"backbone features ≥ {threshold}; listed in `{DATA_REPORT_FILE}`): test accuracy {test['accuracy']:.4f} with them, "
+            f"**{test['flagged']}** of {test['images']} test images are near-duplicates of a training image "
+            f"(cosine similarity of backbone features ≥ {threshold}; listed in `{DATA_REPORT_FILE}`): "
+            f"test accuracy {test['accuracy']:.4f} with them, "
             f"{without_text} without them."
         )
     if "validation" in splits:
-        text += f" Validation (early stopping): {splits['validation']['flagged']} of {splits['validation']['images']} images flagged."
+        validation = splits["validation"]
+        text += f" Validation (early stopping): {validation['flagged']} of {validation['images']} images flagged."
     return text
 
 
@@ -352,12 +356,17 @@ def fine_tuning_summary(config: dict, summary: dict | None) -> str:
     )
     augmentation = ", ".join(name for name, on in augmentations if on)
     return (
-        f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, on activations cached at their input "
-        f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); {summary['epochs_run']} epochs "
-        f"(Adam, learning rate {config['fine_tune_learning_rate']} after a one-epoch warm-up, decaying on a cosine; augmentation: {augmentation or 'none'}), "
-        f"epoch {summary['best_epoch']} kept: validation accuracy {summary['validation_accuracy_before']:.4f} with the head alone, "
+        f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, "
+        f"on activations cached at their input "
+        f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); "
+        f"{summary['epochs_run']} epochs "
+        f"(Adam, learning rate {config['fine_tune_learning_rate']} after a one-epoch warm-up, decaying on a cosine; "
+        f"augmentation: {augmentation or 'none'}), "
+        f"epoch {summary['best_epoch']} kept: validation accuracy {summary['validation_accuracy_before']:.4f} "
+        f"with the head alone, "
         f"{summary['validation_accuracy_after']:.4f} fine-tuned. Base backbone `{summary['base_backbone']['handle']}` "
-        f"(fingerprint `{summary['base_backbone']['fingerprint']}`); the stages below {summary['from_stage']} are its own, unchanged."
+        f"(fingerprint `{summary['base_backbone']['fingerprint']}`); "
+        f"the stages below {summary['from_stage']} are its own, unchanged."
         + (
             " The fine-tuned backbone averages the features of each image and of its mirror image."
             if summary.get("mirror_average")
@@ -378,15 +387,22 @@ def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbon
         f"| {name} | {values['precision']:.4f} | {values['recall']:.4f} | {values['f1']:.4f} | {values['support']} |"
         for name, values in metrics["per_class"].items()
     )
+    state = "fine-tuned" if "fine_tuning" in metrics else "frozen"
+    side, classes, epochs = backbone.image_size, len(data_report["class_names"]), len(history.get("loss", []))
+    training = f"learning rate {config['learning_rate']}, batch size {config['batch_size']}, seed {config['seed']}"
+    tuned = fine_tuning_summary(config, metrics.get("fine_tuning"))
+    notes = "".join(f"\n- {note}" for note in data_report["notes"])
     return f"""# Model card
 
 An image classifier for {", ".join(data_report["class_names"])}, trained by headstart.
 
 ## Model
-- Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), {"fine-tuned" if "fine_tuning" in metrics else "frozen"}, ImageNet-pretrained; input {backbone.image_size}×{backbone.image_size} px.
-- Head: Dropout({config["dropout"]}) → Dense({len(data_report["class_names"])}, softmax), trained for {len(history.get("loss", []))} epochs
-  (learning rate {config["learning_rate"]}, batch size {config["batch_size"]}, seed {config["seed"]}), on features from the {engine} engine.{fine_tuning_summary(config, metrics.get("fine_tuning"))}
-- Input: RGB images of any size, pixel values 0–255; output: one probability per class in the order of `{CLASS_NAMES_FILE}`.
+- Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), {state}, ImageNet-pretrained; \
+input {side}×{side} px.
+- Head: Dropout({config["dropout"]}) → Dense({classes}, softmax), trained for {epochs} epochs
+  ({training}), on features from the {engine} engine.{tuned}
+- Input: RGB images of any size, pixel values 0–255; output: one probability per class in the order of \
+`{CLASS_NAMES_FILE}`.
 
 ## Data
 Source: `{data_report["source"]}`. Splits are assigned by image content hash and never change between runs.
@@ -395,7 +411,7 @@ Source: `{data_report["source"]}`. Splits are assigned by image content hash and
 |---|{"---|" * len(data_report["class_names"])}---|
 {split_lines}
 
-{len(data_report["skipped"])} files were skipped (see `{DATA_REPORT_FILE}`).{"".join(f"{chr(10)}- {note}" for note in data_report["notes"])}
+{len(data_report["skipped"])} files were skipped (see `{DATA_REPORT_FILE}`).{notes}
 
 ## Evaluation on the test split
 Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metrics["macro_f1"]:.4f}.

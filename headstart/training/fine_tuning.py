@@ -139,7 +139,10 @@ class SplitBackbone:
             if layer.weights:
                 network.get_layer(layer.name).set_weights(layer.get_weights())
         digest = hashlib.sha256(
-            f"{self.backbone.fingerprint} fine-tuned from stage {self.cut}{' mirror-averaged' if mirror_average else ''}".encode()
+            (
+                f"{self.backbone.fingerprint} fine-tuned from stage {self.cut}"
+                f"{' mirror-averaged' if mirror_average else ''}"
+            ).encode()
         )
         for weight in network.weights:
             digest.update(weight.name.encode())
