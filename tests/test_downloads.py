@@ -169,9 +169,11 @@ def test_a_fault_that_clears_is_retried_with_backoff(fault, source, misbehaving,
 
 # What each source's download runs in a process of its own, to be killed halfway.
 FETCH_IN_A_CHILD = {
-    "cifar archive": "from headstart.data.cifar10 import fetch_cifar10_archive; from headstart.data.manifest import DataReport; "
+    "cifar archive": "from headstart.data.cifar10 import fetch_cifar10_archive; "
+    "from headstart.data.manifest import DataReport; "
     "fetch_cifar10_archive(URL, CACHE, DataReport(source=URL, class_names=[]))",
-    "tf hub module": "from headstart.backbone.handles import download_hub_module; download_hub_module(URL, CACHE / 'tfhub')",
+    "tf hub module": "from headstart.backbone.handles import download_hub_module; "
+    "download_hub_module(URL, CACHE / 'tfhub')",
 }
 
 
@@ -446,6 +448,7 @@ def test_the_cli_reports_a_broken_download_and_a_hostile_module_in_one_line(colo
     ]
     hostile = misbehaving(_tar_gz(lambda tar: tar.addfile(_member(ESCAPE))), None)
     assert train("--data", str(colour_folder), "--backbone", hostile.url("module.tar.gz")) == [
-        f"headstart: error: could not load backbone {hostile.url('module.tar.gz')}: archive member '{ESCAPE}' has a '..' component"
+        f"headstart: error: could not load backbone {hostile.url('module.tar.gz')}: "
+        f"archive member '{ESCAPE}' has a '..' component"
     ]
     assert missing.hits == 1
