@@ -16,13 +16,16 @@ from headstart.edge.int8.quantization import quantized_backbone, representative_
 
 # Caching is by content, inside headstart itself (hashes of every image, of the backbone's
 # weights): Prefect's input-keyed cache would replay a stale result after the folder changed.
-@task(name="download", cache_policy=NO_CACHE)
+# Retrying is the downloader's alone (headstart.infra.downloads): it knows which failures a later
+# attempt can fix. Retries here as well would multiply its attempts, or rerun a bug; 0, not
+# Prefect's default, so that a default set for every task does not add them back.
+@task(name="download", retries=0, cache_policy=NO_CACHE)
 def download(data: DataConfig, cache_dir: Path) -> tuple[Manifest, DataReport]:
     """Fetches the source (archive or folder) and lists its usable images with their splits."""
     return prepare_source(data, cache_dir, show_progress=True)
 
 
-@task(name="prepare_backbone", cache_policy=NO_CACHE)
+@task(name="prepare_backbone", retries=0, cache_policy=NO_CACHE)
 def prepare_backbone(settings: BackboneConfig, manifest: Manifest, cache_dir: Path) -> Backbone:
     """Resolves the backbone (downloaded or converted once, then cached), quantized to int8 on the
     training images for the litert-int8 engine."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -274,6 +275,72 @@ def test_a_download_is_checked_against_its_checksum_before_it_is_kept(misbehavin
     target.write_bytes(b"damaged since")
     assert download(server.url("file.bin"), target, checksum=checksum, policy=FAST).read_bytes() == payload
     assert server.hits == 3  # one that no longer matches is
+
+
+# --- One retry layer: the downloader's, not the Prefect tasks' --------------------------------
+
+
+def test_the_data_tasks_leave_retrying_to_the_downloader():
+    """Prefect retrying the tasks too would multiply the downloader's attempts on a failure it
+    gave up on, and rerun a bug; the downloader alone knows which failures are transient."""
+    import tasks.data
+
+    for task in (tasks.data.download, tasks.data.prepare_backbone):
+        assert (task.retries, task.retry_condition_fn) == (0, None), task.name
+
+
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """The downloader's backoff waits, recorded instead of slept."""
+    import headstart.infra.downloads
+
+    recorded = []
+    monkeypatch.setattr(
+        headstart.infra.downloads, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=recorded.append)
+    )
+    return recorded
+
+
+def _through_the_data_tasks(kind: str, url: str, cache_dir: Path, cifar_archive: bytes):
+    """What the flow's data tasks run on a source at url, their functions without Prefect around them
+    and the downloader's default policy: the download task for the CIFAR-10 archive, the
+    prepare_backbone task for a TF Hub module (its manifest from a CIFAR-10 archive on disk)."""
+    import tasks.data
+
+    if kind == "cifar archive":
+        config = TrainConfig(data="cifar10", cifar10_source=url, cache_dir=cache_dir)
+        return tasks.data.download.fn(config.data, cache_dir)
+    local = cache_dir.parent / "cifar-10-python.tar.gz"
+    local.write_bytes(cifar_archive)
+    config = TrainConfig(data="cifar10", cifar10_source=str(local), backbone=url, image_size=32, cache_dir=cache_dir)
+    manifest, _ = tasks.data.download.fn(config.data, cache_dir)
+    return tasks.data.prepare_backbone.fn(config.backbone, manifest, cache_dir)
+
+
+@pytest.mark.parametrize("fault", ["http 500", "reset mid-file"])
+def test_a_transient_failure_in_a_data_task_is_retried_once_by_the_downloader_and_the_task_succeeds(
+    fault, source, cifar_archive, misbehaving, waits, tmp_path
+):
+    kind, fetched = source
+    server = misbehaving(fetched.payload, fault, failures=1)
+    result = _through_the_data_tasks(kind, server.url(fetched.name), tmp_path / "cache", cifar_archive)
+    assert server.hits == 2 and waits == [DownloadPolicy().backoff_seconds]
+    if kind == "tf hub module":
+        assert result.fingerprint == fetched.fingerprint
+    else:
+        manifest, report = result
+        assert report.counts["test"] == {"cat": 2, "dog": 2}
+
+
+@pytest.mark.parametrize("fault", ["http 404", "wrong content"])
+def test_a_bad_source_fails_a_data_task_at_once_with_one_request(
+    fault, source, cifar_archive, misbehaving, waits, tmp_path
+):
+    kind, fetched = source
+    server = misbehaving(fetched.payload, fault)
+    with pytest.raises(HeadstartError, match=EXPECTED_ERRORS[fault, kind]):
+        _through_the_data_tasks(kind, server.url(fetched.name), tmp_path / "cache", cifar_archive)
+    assert server.hits == 1 and waits == []
 
 
 # --- Hostile archives --------------------------------------------------------------------------
