@@ -4,7 +4,7 @@
 starts it; `headstart train` runs with no Prefect API configured and finds that server; the
 Prefect API must then show the completed run and its artifacts, and headless Chromium must
 render the report's embedded plots, the gate's table and the progress of extraction and training.
-The report page's screenshot replaces docs/dashboard-report.png, for the README, with --refresh-docs.
+The report page's screenshot replaces docs/dashboard-report.png, shown in docs/operations.md, with --refresh-docs.
 """
 
 from __future__ import annotations

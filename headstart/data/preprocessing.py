@@ -52,7 +52,7 @@ def imagenet_normalization():
     It is one multiply and one add, (x − mean) / std rearranged: quantized to int8, a subtraction
     followed by a division kept the difference on the coarse scale of the quotient, about two
     bits less precise than the pixels, and that input noise grew through the network until int8
-    models disagreed with the float one on many more images (README, "On phones and boards").
+    models disagreed with the float one on many more images (docs/edge.md).
     """
     from headstart.infra.keras import tf
 
