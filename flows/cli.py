@@ -135,27 +135,29 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
+    from headstart.config import PredictConfig
     from headstart.features.extraction import ExtractionSettings
     from headstart.serving.predict import predict_with_model, write_predictions
 
+    config = PredictConfig(**{name: value for name, value in vars(args).items() if name in PredictConfig.model_fields})
     predictions, _ = predict_with_model(
-        args.model,
-        [Path(path) for path in args.paths],
-        Path(args.artifacts_root),
-        Path(args.cache_dir),
-        ExtractionSettings(args.engine, args.threads, args.batch_size),
+        config.model,
+        [Path(path) for path in config.inputs],
+        config.artifacts_root,
+        config.cache_dir,
+        ExtractionSettings(config.engine, config.threads, config.batch_size),
     )
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
-    if args.output:
+    if config.output:
         print(
-            f"{len(predictions.paths)} predictions written to {write_predictions(predictions, Path(args.output))}",
+            f"{len(predictions.paths)} predictions written to {write_predictions(predictions, config.output)}",
             file=sys.stderr,
         )
     for row, probabilities in zip(predictions.rows(), predictions.probabilities):
         if args.json:
             print(json.dumps({**row, "probabilities": dict(zip(predictions.class_names, map(float, probabilities)))}))
-        elif not args.output:
+        elif not config.output:
             print(f"{row['path']}\t{row['label']}\t{row['probability']:.4f}")
     return 0 if predictions.paths else EXIT_USAGE
 
@@ -215,9 +217,10 @@ def _comma_separated(text: str) -> tuple[str, ...]:
 
 
 def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
-    """The command line; `train`'s options are TrainConfig's (or `train_config`'s), one each."""
+    """The command line; `train`'s options are TrainConfig's (or `train_config`'s), one each, and
+    `predict`'s PredictConfig's."""
     from flows.parameters import add_config_options
-    from headstart.config import TrainConfig
+    from headstart.config import PredictConfig, TrainConfig
 
     train_config = train_config or TrainConfig
     parser = argparse.ArgumentParser(
@@ -242,36 +245,11 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.set_defaults(handler=_evaluate)
 
-    predict = commands.add_parser("predict", help="label image files and folders with a trained model")
-    predict.add_argument(
-        "--model",
-        default="champion",
-        help=(
-            "'champion' (default), a version listed by 'headstart models', a run directory, or a .tflite file "
-            "written by 'headstart export' (run with LiteRT alone)"
-        ),
+    predict = commands.add_parser(
+        "predict", help="label image files and folders with a trained model", argument_default=argparse.SUPPRESS
     )
-    predict.add_argument("paths", nargs="+", help="image files and folders of images")
-    predict.add_argument(
-        "--output", help="write path, label, probability (and the top classes) to a .csv or .parquet file"
-    )
-    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
-    predict.add_argument(
-        "--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)"
-    )
-    predict.add_argument(
-        "--cache-dir",
-        default=".cache/headstart",
-        help="where the converted LiteRT model is cached (default ./.cache/headstart)",
-    )
-    predict.add_argument(
-        "--engine",
-        choices=["auto", "litert", "keras", "litert-int8"],
-        default="auto",
-        help="what runs the frozen forward pass (default auto)",
-    )
-    predict.add_argument("--threads", type=int, help="threads for the forward pass (default: all cores)")
-    predict.add_argument("--batch-size", type=int, default=64)
+    add_config_options(predict, PredictConfig, positional=("inputs",))
+    predict.add_argument("--json", action="store_true", default=False, help="print one JSON object per image")
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser(

@@ -56,13 +56,20 @@ def config_fields(config_type: type[BaseModel]) -> dict[str, FieldInfo]:
     return dict(config_type.model_fields)
 
 
-def add_config_options(parser: argparse.ArgumentParser, config_type: type[BaseModel]) -> None:
+def add_config_options(
+    parser: argparse.ArgumentParser, config_type: type[BaseModel], positional: tuple[str, ...] = ()
+) -> None:
     """Adds one command-line option per config option (`--fine-tune-epochs` for fine_tune_epochs),
     typed and described from its field; a boolean is a switch that turns its default around
     (`--fine-tune`, `--no-gate`). Options left out stay absent from the parsed arguments (give the
-    parser `argument_default=argparse.SUPPRESS`), so the config's own defaults apply."""
+    parser `argument_default=argparse.SUPPRESS`), so the config's own defaults apply. The options
+    named in `positional` are the command's arguments instead (a tuple of them: one or more)."""
     for name, field in config_fields(config_type).items():
         annotation = _without_none(field.annotation)
+        if name in positional:
+            several = get_origin(annotation) is tuple
+            parser.add_argument(name, nargs="+" if several else None, metavar=name.upper(), help=_help(field))
+            continue
         flag = (field.json_schema_extra or {}).get("flag")
         spelled = name.replace("_", "-")
         if annotation is bool:
