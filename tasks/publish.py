@@ -52,7 +52,7 @@ def publish(
         flow_run_id=flow_run.id,
         gate=decision.to_dict() if decision is not None else None,
         near_duplicates=near_duplicates,
-        fine_tuning=(fine_tuning.history, fine_tuning.summary) if fine_tuning is not None else None,
+        fine_tuning=fine_tuning,
     )
     record_run(config.runtime.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir))

@@ -28,10 +28,12 @@ from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError
 from headstart.evaluation.drift import data_index, feature_reference
 from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from headstart.training.fine_tuning import FineTuningSummary
 
 if TYPE_CHECKING:
     from headstart.config import TrainConfig
     from headstart.features.dataset import FeatureSet
+    from headstart.training.fine_tuning import FineTuningResult
 
 MODEL_FILE = "model.keras"
 SERVING_DIR = "saved_model"
@@ -238,19 +240,19 @@ def write_run(
     flow_run_id: str | None = None,
     gate: dict | None = None,
     near_duplicates: dict | None = None,
-    fine_tuning: tuple[dict, dict] | None = None,
+    fine_tuning: "FineTuningResult | None" = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
     `near_duplicates` (headstart.evaluation.near_duplicates.near_duplicate_report) goes into the data report, its
-    test-split figures into metrics.json and the model card. `fine_tuning`, (history, summary)
-    where the backbone was fine-tuned, goes into history.json and metrics.json."""
+    test-split figures into metrics.json and the model card. `fine_tuning`, where the backbone was
+    fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary)."""
     config_values = config.flat()
     if near_duplicates is not None:
         data_report = {**data_report, "near_duplicates": near_duplicates}
         metrics = {**metrics, "near_duplicates": near_duplicate_metrics(near_duplicates)}
     if fine_tuning is not None:
-        history = {**history, "fine_tuning": fine_tuning[0]}
-        metrics = {**metrics, "fine_tuning": fine_tuning[1]}
+        history = {**history, "fine_tuning": fine_tuning.history}
+        metrics = {**metrics, "fine_tuning": fine_tuning.summary.to_dict()}
     with RunWriter(artifacts_root) as writer:
         writer.write_json(
             LINEAGE_FILE,
@@ -286,7 +288,15 @@ def write_run(
             writer.write_bytes(f"{PLOTS_DIR}/{name}", png)
         writer.write_bytes(
             MODEL_CARD_FILE,
-            model_card(config_values, metrics, data_report, backbone, history, features.engine).encode(),
+            model_card(
+                config_values,
+                metrics,
+                data_report,
+                backbone,
+                history,
+                features.engine,
+                fine_tuning.summary if fine_tuning is not None else None,
+            ).encode(),
         )
     return writer.final
 
@@ -341,41 +351,51 @@ def near_duplicates_summary(near_duplicates: dict | None) -> str:
     return text
 
 
-def fine_tuning_summary(config: dict, summary: dict | None) -> str:
+def fine_tuning_line(config: dict, summary: FineTuningSummary | None) -> str:
     """The model card's line on fine-tuning, where it ran."""
     if summary is None:
         return ""
     augmentations = (
-        ("horizontal flips", summary["flip"]),
+        ("horizontal flips", summary.flip),
         (
-            f"shifts of up to {summary['shift']:.0%} of the side ({summary['shift_cells']} cells)",
-            summary["shift_cells"],
+            f"shifts of up to {summary.shift:.0%} of the side ({summary.shift_cells} cells)",
+            summary.shift_cells,
         ),
-        (f"mixup (alpha {summary['mixup']})", summary["mixup"]),
-        (f"CutMix (alpha {summary.get('cutmix')})", summary.get("cutmix")),
+        (f"mixup (alpha {summary.mixup})", summary.mixup),
+        (f"CutMix (alpha {summary.cutmix})", summary.cutmix),
     )
     augmentation = ", ".join(name for name, on in augmentations if on)
     return (
-        f"\n- Fine-tuned: stages {summary['from_stage']}–18 of the backbone, with the head, "
+        f"\n- Fine-tuned: stages {summary.from_stage}–18 of the backbone, with the head, "
         f"on activations cached at their input "
-        f"({'×'.join(map(str, summary['activation_shape']))}, {summary['activation_dtype']}); "
-        f"{summary['epochs_run']} epochs "
+        f"({'×'.join(map(str, summary.activation_shape))}, {summary.activation_dtype}); "
+        f"{summary.epochs_run} epochs "
         f"(Adam, learning rate {config['fine_tune_learning_rate']} after a one-epoch warm-up, decaying on a cosine; "
         f"augmentation: {augmentation or 'none'}), "
-        f"epoch {summary['best_epoch']} kept: validation accuracy {summary['validation_accuracy_before']:.4f} "
+        f"epoch {summary.best_epoch} kept: validation accuracy {summary.validation_accuracy_before:.4f} "
         f"with the head alone, "
-        f"{summary['validation_accuracy_after']:.4f} fine-tuned. Base backbone `{summary['base_backbone']['handle']}` "
-        f"(fingerprint `{summary['base_backbone']['fingerprint']}`); "
-        f"the stages below {summary['from_stage']} are its own, unchanged."
+        f"{summary.validation_accuracy_after:.4f} fine-tuned. Base backbone `{summary.base_backbone.handle}` "
+        f"(fingerprint `{summary.base_backbone.fingerprint}`); "
+        f"the stages below {summary.from_stage} are its own, unchanged."
         + (
             " The fine-tuned backbone averages the features of each image and of its mirror image."
-            if summary.get("mirror_average")
+            if summary.mirror_average
             else ""
         )
     )
 
 
-def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbone, history: dict, engine: str) -> str:
+def model_card(
+    config: dict,
+    metrics: dict,
+    data_report: dict,
+    backbone: Backbone,
+    history: dict,
+    engine: str,
+    fine_tuning: FineTuningSummary | None = None,
+) -> str:
+    """The card of a run from its configuration values, test metrics, data report (with its
+    near-duplicates, where checked), backbone, head history, feature engine and fine-tuning."""
     counts = data_report["counts"]
     split_lines = "\n".join(
         f"| {split} | "
@@ -387,10 +407,10 @@ def model_card(config: dict, metrics: dict, data_report: dict, backbone: Backbon
         f"| {name} | {values['precision']:.4f} | {values['recall']:.4f} | {values['f1']:.4f} | {values['support']} |"
         for name, values in metrics["per_class"].items()
     )
-    state = "fine-tuned" if "fine_tuning" in metrics else "frozen"
+    state = "fine-tuned" if fine_tuning is not None else "frozen"
     side, classes, epochs = backbone.image_size, len(data_report["class_names"]), len(history.get("loss", []))
     training = f"learning rate {config['learning_rate']}, batch size {config['batch_size']}, seed {config['seed']}"
-    tuned = fine_tuning_summary(config, metrics.get("fine_tuning"))
+    tuned = fine_tuning_line(config, fine_tuning)
     notes = "".join(f"\n- {note}" for note in data_report["notes"])
     return f"""# Model card
 
@@ -470,6 +490,12 @@ class Run:
         write_json_atomic(self.path / METRICS_FILE, metrics)
         self.__dict__["metrics"] = metrics
         return metrics
+
+    @property
+    def fine_tuning(self) -> FineTuningSummary | None:
+        """What fine-tuning did, where the run fine-tuned its backbone; else None."""
+        written = self.metrics.get("fine_tuning")
+        return FineTuningSummary.from_dict(written) if written is not None else None
 
     @cached_property
     def history(self) -> dict:

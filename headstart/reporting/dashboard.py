@@ -29,15 +29,15 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     decision = f"**Gate:** {gate['reason']}.\n\n" if gate else ""
     near_duplicates = run.data_report.get("near_duplicates")
     leakage = f"**Near-duplicates:** {near_duplicates_summary(near_duplicates)}\n\n" if near_duplicates else ""
-    tuned = metrics.get("fine_tuning")
+    tuned = run.fine_tuning
     fine_tuning = (
         (
-            f"**Fine-tuned** from stage {tuned['from_stage']} in {tuned['epochs_run']} epochs "
-            f"(epoch {tuned['best_epoch']} kept): validation "
-            f"accuracy {tuned['validation_accuracy_before']:.4f} with the head alone, "
-            f"{tuned['validation_accuracy_after']:.4f} fine-tuned.\n\n"
+            f"**Fine-tuned** from stage {tuned.from_stage} in {tuned.epochs_run} epochs "
+            f"(epoch {tuned.best_epoch} kept): validation "
+            f"accuracy {tuned.validation_accuracy_before:.4f} with the head alone, "
+            f"{tuned.validation_accuracy_after:.4f} fine-tuned.\n\n"
         )
-        if tuned
+        if tuned is not None
         else ""
     )
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)
