@@ -275,7 +275,7 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
     run = Run.if_complete(Path(train(**config.flat())))
     fine_tuning = run.fine_tuning
     assert fine_tuning.from_stage == CUT and fine_tuning.epochs_run == 2
-    assert run.backbone.fingerprint == run.lineage["backbone"]["fingerprint"] != fine_tuning.base_backbone.fingerprint
+    assert run.backbone.fingerprint == run.lineage.backbone.fingerprint != fine_tuning.base_backbone.fingerprint
     assert len(run.history["fine_tuning"]["loss"]) == 2 and "Fine-tuned: stages 14–18" in run.model_card
     assert f"**Fine-tuned** from stage {CUT} in 2 epochs" in Artifact.get("headstart-report").data
     assert (run.path / "plots" / FINE_TUNING_PLOT).read_bytes().startswith(b"\x89PNG")

@@ -10,7 +10,6 @@ loaded, so that reading a run's figures stays cheap.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import secrets
@@ -28,6 +27,7 @@ from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError
 from headstart.evaluation.drift import data_index, feature_reference
 from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from headstart.registry.lineage import BackboneLineage, DataLineage, Lineage, Scores, SplitFingerprint, copied_lineage
 from headstart.training.fine_tuning import FineTuningSummary
 
 if TYPE_CHECKING:
@@ -172,16 +172,19 @@ class RunWriter:
         shutil.rmtree(self.staging)
         shutil.copytree(previous, self.staging, copy_function=link_or_copy)
         self._claim()
-        for name, own in (
-            (CONFIG_FILE, {}),
-            (
-                LINEAGE_FILE,
-                {"version": self.name, "created_at": self.created_at.isoformat(), "flow_run_id": flow_run_id},
+        self._rewrite(CONFIG_FILE, lambda config: {**config, "reused_from": str(previous)})
+        self._rewrite(
+            LINEAGE_FILE,
+            lambda lineage: copied_lineage(
+                lineage, self.name, self.created_at.isoformat(), flow_run_id, reused_from=str(previous)
             ),
-        ):
-            value = json.loads((self.staging / name).read_text())
-            (self.staging / name).unlink()  # a link: rewrite it without touching the earlier run
-            self.write_json(name, {**value, **own, "reused_from": str(previous)})
+        )
+
+    def _rewrite(self, relative: str, change: Callable[[dict], dict]) -> None:
+        """Replaces a JSON file copied from an earlier run by what `change` makes of it."""
+        value = json.loads((self.staging / relative).read_text())
+        (self.staging / relative).unlink()  # a link: rewrite it without touching the earlier run
+        self.write_json(relative, change(value))
 
     def lineage(
         self,
@@ -194,35 +197,26 @@ class RunWriter:
         metrics: dict,
         flow_run_id: str | None,
         gate: dict | None,
-    ) -> dict:
+    ) -> Lineage:
         """Where this run's model came from, for the registry: data, classes, backbone, parameters, version, metrics,
         and the promotion gate's decision (None where the gate was off)."""
-        return {
-            "version": self.name,
-            "created_at": self.created_at.isoformat(),
-            "headstart": __version__,
-            "flow_run_id": flow_run_id,
-            "data": {
-                "source": data_report["source"],
-                "splits": {split: _content_fingerprint(hashes) for split, hashes in features.content_hashes().items()},
-            },
-            "class_names": metrics["class_names"],
-            "backbone": {
-                "handle": backbone.handle,
-                "fingerprint": backbone.fingerprint,
-                "image_size": backbone.image_size,
-            },
-            "parameters": config_values,
-            "training_key": training_key,
-            "metrics": {name: metrics[name] for name in ("accuracy", "n", "macro_f1")},
-            "gate": gate,
-            "feature_reference": feature_reference(features, backbone),
-        }
-
-
-def _content_fingerprint(hashes: list[str]) -> dict:
-    """A split's images as a count and one hash of their sorted content hashes."""
-    return {"images": len(hashes), "content_sha256": hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()}
+        return Lineage(
+            version=self.name,
+            created_at=self.created_at.isoformat(),
+            headstart=__version__,
+            flow_run_id=flow_run_id,
+            data=DataLineage(
+                data_report["source"],
+                {split: SplitFingerprint.of(hashes) for split, hashes in features.content_hashes().items()},
+            ),
+            class_names=metrics["class_names"],
+            backbone=BackboneLineage(backbone.handle, backbone.fingerprint, backbone.image_size),
+            parameters=config_values,
+            training_key=training_key,
+            metrics=Scores(metrics["accuracy"], metrics["n"], metrics["macro_f1"]),
+            gate=gate,
+            feature_reference=feature_reference(features, backbone),
+        )
 
 
 def write_run(
@@ -254,19 +248,17 @@ def write_run(
         history = {**history, "fine_tuning": fine_tuning.history}
         metrics = {**metrics, "fine_tuning": fine_tuning.summary.to_dict()}
     with RunWriter(artifacts_root) as writer:
-        writer.write_json(
-            LINEAGE_FILE,
-            writer.lineage(
-                config_values=config_values,
-                training_key=training_key,
-                backbone=backbone,
-                features=features,
-                data_report=data_report,
-                metrics=metrics,
-                flow_run_id=flow_run_id,
-                gate=gate,
-            ),
+        lineage = writer.lineage(
+            config_values=config_values,
+            training_key=training_key,
+            backbone=backbone,
+            features=features,
+            data_report=data_report,
+            metrics=metrics,
+            flow_run_id=flow_run_id,
+            gate=gate,
         )
+        writer.write_json(LINEAGE_FILE, lineage.to_dict())
         writer.save_classifier(classifier, backbone)
         write_parquet_atomic(writer.staging / DATA_INDEX_FILE, data_index(features, metrics["class_names"]))
         writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
@@ -506,9 +498,9 @@ class Run:
         return self._json(DATA_REPORT_FILE)
 
     @cached_property
-    def lineage(self) -> dict:
-        """The lineage record; {} for a run written before runs had one."""
-        return self._json(LINEAGE_FILE) if (self.path / LINEAGE_FILE).is_file() else {}
+    def lineage(self) -> Lineage | None:
+        """The lineage record; None for a run written before runs had one."""
+        return Lineage.from_dict(self._json(LINEAGE_FILE)) if (self.path / LINEAGE_FILE).is_file() else None
 
     def data_index(self):
         """Each training image's content hash, class and split (a pyarrow Table); None for a run

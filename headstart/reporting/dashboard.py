@@ -25,8 +25,8 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     images = "\n\n".join(
         f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots()
     )
-    gate = run.lineage.get("gate")
-    decision = f"**Gate:** {gate['reason']}.\n\n" if gate else ""
+    gate = run.lineage.gate if run.lineage is not None else None
+    decision = f"**Gate:** {GateDecision.from_dict(gate).reason}.\n\n" if gate else ""
     near_duplicates = run.data_report.get("near_duplicates")
     leakage = f"**Near-duplicates:** {near_duplicates_summary(near_duplicates)}\n\n" if near_duplicates else ""
     tuned = run.fine_tuning
