@@ -17,7 +17,8 @@ from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
 from headstart.promotion.mcnemar import GateDecision
 from headstart.registry.reuse import in_registry, record_run
-from headstart.registry.runs import Run, copy_run, write_run
+from headstart.registry.run_writer import copy_run, write_run
+from headstart.registry.runs import Run
 from headstart.reporting.dashboard import report_markdown, run_tables
 from headstart.training.fine_tuning import FineTuningResult
 

@@ -308,12 +308,12 @@ def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour
 
 def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
     from flows.train import train
-    from headstart.registry import runs
+    from headstart.registry import run_writer
 
     def crash(self, classifier, backbone):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runs.RunWriter, "save_classifier", crash)
+    monkeypatch.setattr(run_writer.RunWriter, "save_classifier", crash)
     with pytest.raises(OSError, match="disk full"):
         train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).flat())
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())

@@ -6,7 +6,8 @@ import base64
 
 from headstart.evaluation import drift
 from headstart.promotion.mcnemar import GateDecision
-from headstart.registry.runs import DATA_REPORT_FILE, RUN_FILES, Run, near_duplicates_summary
+from headstart.registry.model_card import near_duplicates_summary
+from headstart.registry.runs import DATA_REPORT_FILE, RUN_FILES, Run
 
 # Files listed one by one in the data table; the rest are counted in one row (all are in the data report).
 DATA_TABLE_FILES = 500
