@@ -10,7 +10,7 @@ from prefect.logging import get_run_logger
 from headstart.config import EvaluationConfig
 from headstart.evaluation.near_duplicates import find_near_duplicates, near_duplicate_report
 from headstart.features.dataset import FeatureSet
-from headstart.registry.runs import near_duplicates_summary
+from headstart.registry.model_card import near_duplicates_summary
 
 
 @task(name="near_duplicates", cache_policy=NO_CACHE)

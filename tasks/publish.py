@@ -17,7 +17,8 @@ from headstart.data.manifest import DataReport
 from headstart.features.dataset import FeatureSet
 from headstart.promotion.mcnemar import GateDecision
 from headstart.registry.reuse import in_registry, record_run
-from headstart.registry.runs import Run, copy_run, write_run
+from headstart.registry.run_writer import copy_run, write_run
+from headstart.registry.runs import Run
 from headstart.reporting.dashboard import report_markdown, run_tables
 from headstart.training.fine_tuning import FineTuningResult
 
@@ -52,7 +53,7 @@ def publish(
         flow_run_id=flow_run.id,
         gate=decision.to_dict() if decision is not None else None,
         near_duplicates=near_duplicates,
-        fine_tuning=(fine_tuning.history, fine_tuning.summary) if fine_tuning is not None else None,
+        fine_tuning=fine_tuning,
     )
     record_run(config.runtime.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir))

@@ -20,7 +20,7 @@ from servers import PROJECT, prefect_env, prefect_server
 
 
 def test_a_staging_directory_is_removed_only_once_its_writer_is_dead(tmp_path):
-    from headstart.registry.runs import OWNER_FILE, remove_abandoned_staging
+    from headstart.registry.run_writer import OWNER_FILE, remove_abandoned_staging
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

@@ -32,14 +32,10 @@ def _index(images: list[tuple[str, str, str]]) -> pa.Table:
     )
 
 
-def _reference(mean, spread: float, images: int, fingerprint: str = "backbone-a", image_size: int = 32) -> dict:
-    return {
-        "backbone_fingerprint": fingerprint,
-        "image_size": image_size,
-        "images": images,
-        "spread": spread,
-        "mean": list(mean),
-    }
+def _reference(
+    mean, spread: float, images: int, fingerprint: str = "backbone-a", image_size: int = 32
+) -> drift.FeatureReference:
+    return drift.FeatureReference(fingerprint, image_size, images, spread, tuple(mean))
 
 
 def test_the_data_index_lists_every_image_with_its_class_name_and_split_in_the_files_order(tmp_path):
@@ -70,9 +66,9 @@ def test_the_feature_reference_is_the_training_splits_mean_and_root_mean_square_
         ["cat", "dog"],
     )
     reference = drift.feature_reference(features, BACKBONE)
-    assert reference["mean"] == [1.0, 1.0] and reference["images"] == 4
-    assert reference["spread"] == pytest.approx(2**0.5)  # every training feature lies √2 from the mean
-    assert (reference["backbone_fingerprint"], reference["image_size"]) == ("backbone-a", 32)
+    assert list(reference.mean) == [1.0, 1.0] and reference.images == 4
+    assert reference.spread == pytest.approx(2**0.5)  # every training feature lies √2 from the mean
+    assert (reference.backbone_fingerprint, reference.image_size) == ("backbone-a", 32)
 
 
 def test_new_and_gone_images_are_counted_by_content_so_an_edited_image_is_one_new_and_one_gone(tmp_path):

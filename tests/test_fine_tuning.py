@@ -141,8 +141,8 @@ def test_fine_tuning_changes_only_the_stages_above_the_cut(dataset, bundled_32, 
     assert {stage_of(name) for name in changed} == upper_layers  # and every stage above the cut trained
     assert not all(np.array_equal(a, b) for a, b in zip(head_before, classifier.get_layer(HEAD_DENSE).get_weights()))
     summary = result.summary
-    assert summary["from_stage"] == CUT and summary["epochs_run"] == 3 and 0 <= summary["best_epoch"] <= 3
-    assert summary["activations"]["computed"] == 2 * len(features.rows("train", ["sha256"])["sha256"]) + len(
+    assert summary.from_stage == CUT and summary.epochs_run == 3 and 0 <= summary.best_epoch <= 3
+    assert summary.activations.computed == 2 * len(features.rows("train", ["sha256"])["sha256"]) + len(
         features.rows("validation", ["sha256"])["sha256"]
     )
     assert len(result.history["val_accuracy"]) == 4 and len(result.history["seconds"]) == 3
@@ -153,8 +153,8 @@ def test_fine_tuning_is_deterministic_and_reuses_the_cached_activations(dataset,
     first, _, _ = _fine_tuned(config, features, bundled_32, tmp_path / "first", epochs=2)
     second, _, _ = _fine_tuned(config, features, bundled_32, tmp_path / "second", epochs=2)
     assert (
-        second.summary["activations"]["computed"] == 0
-        and second.summary["activations"]["reused"] == first.summary["activations"]["computed"]
+        second.summary.activations.computed == 0
+        and second.summary.activations.reused == first.summary.activations.computed
     )
     assert first.backbone.fingerprint == second.backbone.fingerprint
     assert first.history == {**second.history, "seconds": first.history["seconds"]}
@@ -273,13 +273,9 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
 
     config = _fine_tune_config(colour_folder, tmp_path)
     run = Run.if_complete(Path(train(**config.flat())))
-    fine_tuning = run.metrics["fine_tuning"]
-    assert fine_tuning["from_stage"] == CUT and fine_tuning["epochs_run"] == 2
-    assert (
-        run.backbone.fingerprint
-        == run.lineage["backbone"]["fingerprint"]
-        != fine_tuning["base_backbone"]["fingerprint"]
-    )
+    fine_tuning = run.fine_tuning
+    assert fine_tuning.from_stage == CUT and fine_tuning.epochs_run == 2
+    assert run.backbone.fingerprint == run.lineage.backbone.fingerprint != fine_tuning.base_backbone.fingerprint
     assert len(run.history["fine_tuning"]["loss"]) == 2 and "Fine-tuned: stages 14–18" in run.model_card
     assert f"**Fine-tuned** from stage {CUT} in 2 epochs" in Artifact.get("headstart-report").data
     assert (run.path / "plots" / FINE_TUNING_PLOT).read_bytes().startswith(b"\x89PNG")
@@ -299,10 +295,10 @@ def test_a_fine_tuned_run_serves_what_evaluation_measured_and_is_reused_correctl
             )
         )
     )
-    assert "reused_from" not in longer.config and longer.metrics["fine_tuning"]["epochs_run"] == 3
-    assert longer.metrics["fine_tuning"]["activations"]["computed"] == 0
+    assert "reused_from" not in longer.config and longer.fine_tuning.epochs_run == 3
+    assert longer.fine_tuning.activations.computed == 0
     # Its backbone averages each image's features with its mirror's: served the same way too.
-    assert longer.metrics["fine_tuning"]["mirror_average"] and "mirror image" in longer.model_card
+    assert longer.fine_tuning.mirror_average and "mirror image" in longer.model_card
     _serves_what_evaluation_measured(longer, tmp_path)
     retrained = Run(Path(train(**config.with_options(**{"reuse_identical_runs": False}).flat())))
     assert retrained.backbone.fingerprint == run.backbone.fingerprint  # deterministic under the seed

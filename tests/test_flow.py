@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from headstart.config import TrainConfig
+from headstart.promotion.mcnemar import GateDecision
 from headstart.registry.runs import RUN_FILES, Run
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -49,16 +50,13 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert run.class_names == ["blue", "red"]
     assert not list((tmp_path / "artifacts").glob(".*"))  # no staging leftovers
     lineage = run.lineage
-    assert lineage["version"] == run_dir.name and lineage["flow_run_id"] and lineage["class_names"] == ["blue", "red"]
+    assert lineage.version == run_dir.name and lineage.flow_run_id and lineage.class_names == ["blue", "red"]
     assert (
-        sum(split["images"] for split in lineage["data"]["splits"].values())
+        sum(split.images for split in lineage.data.splits.values())
         == 48
-        == run.metrics["n"] + sum(lineage["data"]["splits"][split]["images"] for split in ("train", "validation"))
+        == run.metrics["n"] + sum(lineage.data.splits[split].images for split in ("train", "validation"))
     )
-    assert (
-        lineage["backbone"]["fingerprint"] == run.config["backbone_fingerprint"]
-        and lineage["parameters"]["epochs"] == 40
-    )
+    assert lineage.backbone.fingerprint == run.config["backbone_fingerprint"] and lineage.parameters["epochs"] == 40
 
     report = Artifact.get("headstart-report")
     assert report is not None and report.data.count("data:image/png;base64,") == len(PLOT_FILES)
@@ -130,22 +128,18 @@ def test_the_gate_promotes_the_first_model_and_keeps_it_against_a_worse_one(
     config = _smoke_config(colour_folder, tiny_backbone_dir, tmp_path)
     first = Path(train(**config.flat()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
-    assert Run(first).lineage["gate"]["promote"] and Run(first).lineage["gate"]["reason"].startswith(
-        "first model promoted"
-    )
+    first_decision = GateDecision.from_dict(Run(first).lineage.gate)
+    assert first_decision.promote and first_decision.reason.startswith("first model promoted")
 
     worse = _with_swapped_training_labels(
         colour_folder, tmp_path / "worse", config.data.validation_fraction, config.data.test_fraction
     )
     second = Path(train(**config.with_options(**{"data": str(worse)}).flat()))
     assert registry.champion_version(tmp_path / "artifacts") == first.name
-    decision = Run(second).lineage["gate"]
-    assert not decision["promote"] and decision["champion"] == first.name
-    assert (
-        decision["images"] == Run(second).metrics["n"]
-        and decision["candidate_accuracy"] < decision["champion_accuracy"]
-    )
-    assert decision["candidate_only_wrong"] > decision["candidate_only_right"]
+    decision = GateDecision.from_dict(Run(second).lineage.gate)
+    assert not decision.promote and decision.champion == first.name
+    assert decision.images == Run(second).metrics["n"] and decision.candidate_accuracy < decision.champion_accuracy
+    assert decision.candidate_only_wrong > decision.candidate_only_right
     table = Artifact.get("headstart-gate")
     assert "keep the champion" in table.data and first.name in table.data
     assert [entry["by"] for entry in registry.history(tmp_path / "artifacts")] == ["gate"]
@@ -168,7 +162,7 @@ def test_the_drift_note_counts_new_images_and_how_far_their_mean_feature_moved(
     write_class_images(tmp_path / "new", {"red": (250, 140, 140)}, per_class=12, seed=5)
     for image in (tmp_path / "new" / "red").iterdir():
         shutil.copy(image, grown / "red" / f"new-{image.name}")
-    drift = Run(train(**config.with_options(**{"data": str(grown)}).flat())).lineage["gate"]["drift"]
+    drift = GateDecision.from_dict(Run(train(**config.with_options(**{"data": str(grown)}).flat())).lineage.gate).drift
     assert (drift["new_images"], drift["images_gone"], drift["images"], drift["champion_images"]) == (12, 0, 60, 48)
     assert drift["per_class"] == {
         "blue": {"images": 24, "champion_images": 24},
@@ -277,12 +271,9 @@ def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(
     assert elsewhere.parent == tmp_path / "elsewhere" and len({first, elsewhere, retrained}) == 3
     assert json.loads((elsewhere / "config.json").read_text())["reused_from"] == str(first)
     first_lineage, copied_lineage = Run(first).lineage, Run(elsewhere).lineage
-    assert copied_lineage["version"] == elsewhere.name and copied_lineage["reused_from"] == str(first)
-    assert (
-        copied_lineage["flow_run_id"] != first_lineage["flow_run_id"]
-        and copied_lineage["data"] == first_lineage["data"]
-    )
-    assert "reused_from" not in first_lineage  # the copy did not write through its link
+    assert copied_lineage.version == elsewhere.name and copied_lineage.reused_from == str(first)
+    assert copied_lineage.flow_run_id != first_lineage.flow_run_id and copied_lineage.data == first_lineage.data
+    assert first_lineage.reused_from is None  # the copy did not write through its link
     assert "reused_from" not in json.loads((retrained / "config.json").read_text())
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (first, elsewhere, retrained)]
     assert metrics[0] == metrics[1]
@@ -310,12 +301,12 @@ def test_saved_models_reproduce_the_training_predictions(prefect_harness, colour
 
 def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch):
     from flows.train import train
-    from headstart.registry import runs
+    from headstart.registry import run_writer
 
     def crash(self, classifier, backbone):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runs.RunWriter, "save_classifier", crash)
+    monkeypatch.setattr(run_writer.RunWriter, "save_classifier", crash)
     with pytest.raises(OSError, match="disk full"):
         train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).flat())
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
@@ -468,7 +459,7 @@ def test_a_file_rewritten_between_scan_and_extraction_is_left_out_of_the_run_and
     ]
     assert entry["reason"].startswith("changed after it was scanned")
     assert rewritten["path"] in Artifact.get("headstart-data").data
-    assert sum(split["images"] for split in run.lineage["data"]["splits"].values()) == 47
+    assert sum(split.images for split in run.lineage.data.splits.values()) == 47
     backbone = resolve_backbone(config.backbone.handle, config.backbone.image_size, config.runtime.cache_dir)
     assert rewritten["sha256"] not in FeatureCache(config.runtime.cache_dir, backbone).cached_hashes()
 

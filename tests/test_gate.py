@@ -26,6 +26,7 @@ from headstart.registry.runs import (
     CLASS_NAMES_FILE,
     CONFIG_FILE,
     DATA_INDEX_FILE,
+    LINEAGE_FILE,
     METRICS_FILE,
     PLOTS_DIR,
     REQUIRED_RUN_FILES,
@@ -171,9 +172,27 @@ def _run(
     config = dict(data=data, validation_fraction=validation_fraction, test_fraction=test_fraction)
     (path / CONFIG_FILE).write_text(json.dumps({**config, "backbone_fingerprint": BACKBONE.fingerprint}))
     (path / METRICS_FILE).write_text(json.dumps(metrics or {"accuracy": 0.9, "n": 25}))
+    (path / LINEAGE_FILE).write_text(json.dumps(_lineage(version, class_names)))
     if index is not None:
         pq.write_table(index, path / DATA_INDEX_FILE)
     return Run(path)
+
+
+def _lineage(version: str, class_names: list[str]) -> dict:
+    """A lineage as the first runs that kept one wrote it: without the feature reference, so the drift
+    note compares the data alone."""
+    return {
+        "version": version,
+        "created_at": "2026-12-01T00:00:00+00:00",
+        "headstart": "0.1.0",
+        "flow_run_id": None,
+        "data": {"source": "photos", "splits": {}},
+        "class_names": class_names,
+        "backbone": {"handle": "stand-in", "fingerprint": BACKBONE.fingerprint, "image_size": BACKBONE.image_size},
+        "parameters": {},
+        "training_key": "k" * 20,
+        "metrics": {"accuracy": 0.9, "n": 25, "macro_f1": 0.9},
+    }
 
 
 def _champion(tmp_path, candidate: FeatureSet, **settings) -> Run:

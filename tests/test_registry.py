@@ -30,8 +30,25 @@ def _run_dir(root: Path, name: str, accuracy: float, classes=("cat", "dog")) -> 
         json.dumps({"accuracy": accuracy, "n": 100, "macro_f1": accuracy, "class_names": list(classes)})
     )
     (run / CONFIG_FILE).write_text(json.dumps({"image_size": 32}))
-    (run / LINEAGE_FILE).write_text(json.dumps({"version": name, "created_at": f"{name[:4]}-12-01T00:00:00+00:00"}))
+    (run / LINEAGE_FILE).write_text(json.dumps(_first_lineage(name, accuracy, list(classes))))
     return run
+
+
+def _first_lineage(name: str, accuracy: float, classes: list[str]) -> dict:
+    """A lineage record as the first runs that kept one wrote it: before the gate's decision and the
+    feature reference."""
+    return {
+        "version": name,
+        "created_at": f"{name[:4]}-12-01T00:00:00+00:00",
+        "headstart": "0.1.0",
+        "flow_run_id": None,
+        "data": {"source": "photos", "splits": {"test": {"images": 100, "content_sha256": "0" * 64}}},
+        "class_names": classes,
+        "backbone": {"handle": "bundled:mobilenet_v2_100", "fingerprint": "0123456789abcdef", "image_size": 32},
+        "parameters": {"image_size": 32},
+        "training_key": "k" * 20,
+        "metrics": {"accuracy": accuracy, "n": 100, "macro_f1": accuracy},
+    }
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ float64 copy of a dataset's features is ever held.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,26 +40,57 @@ def data_index(features: "FeatureSet", class_names: list[str]) -> pa.Table:
     return pa.table(columns)
 
 
-def feature_reference(features: "FeatureSet", backbone: "Backbone") -> dict:
+@dataclass(frozen=True)
+class FeatureReference:
+    """A run's training features in brief, what a later run's drift note measures against: their
+    mean and spread, under the backbone and image size that produced them."""
+
+    backbone_fingerprint: str
+    image_size: int
+    images: int
+    spread: float
+    mean: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "backbone_fingerprint": self.backbone_fingerprint,
+            "image_size": self.image_size,
+            "images": self.images,
+            "spread": self.spread,
+            "mean": list(self.mean),
+        }
+
+    @classmethod
+    def from_dict(cls, written: dict) -> "FeatureReference":
+        return cls(
+            written["backbone_fingerprint"],
+            written["image_size"],
+            written["images"],
+            written["spread"],
+            tuple(written["mean"]),
+        )
+
+
+def feature_reference(features: "FeatureSet", backbone: "Backbone") -> FeatureReference:
     """The training split's mean feature and spread, under the backbone and size that produced them."""
     train = features.load("train")[0]
     mean = train.sum(axis=0, dtype=np.float64) / max(len(train), 1)
     # Mean squared distance from the mean = mean squared norm − squared norm of the mean.
     squared_norms = np.einsum("ij,ij->i", train, train, dtype=np.float64)
     spread = float(np.sqrt(max(squared_norms.mean() - mean @ mean, 0.0))) if len(train) else 0.0
-    return {
-        "backbone_fingerprint": backbone.fingerprint,
-        "image_size": backbone.image_size,
-        "images": len(train),
-        "spread": spread,
-        "mean": [float(f"{value:.7g}") for value in mean],
-    }
+    return FeatureReference(
+        backbone_fingerprint=backbone.fingerprint,
+        image_size=backbone.image_size,
+        images=len(train),
+        spread=spread,
+        mean=tuple(float(f"{value:.7g}") for value in mean),
+    )
 
 
 def compare(
     champion: str,
     champion_index: pa.Table | None,
-    reference: dict | None,
+    reference: FeatureReference | None,
     index: pa.Table,
     features: "FeatureSet",
     backbone: "Backbone",
@@ -85,9 +117,9 @@ def compare(
         },
     }
     if (
-        not reference
-        or reference["backbone_fingerprint"] != backbone.fingerprint
-        or reference["image_size"] != backbone.image_size
+        reference is None
+        or reference.backbone_fingerprint != backbone.fingerprint
+        or reference.image_size != backbone.image_size
     ):
         note["mean_feature_shift"] = None
         note["mean_feature_note"] = "the champion's features come from another backbone or image size: not comparable"
@@ -96,7 +128,7 @@ def compare(
     return note
 
 
-def _mean_shift(features: "FeatureSet", index: pa.Table, new: set[str], reference: dict) -> dict:
+def _mean_shift(features: "FeatureSet", index: pa.Table, new: set[str], reference: FeatureReference) -> dict:
     """How far the mean feature of all this run's images, and of its new ones, lies from the
     champion's training mean, in units of the champion's spread; and what chance alone would give."""
     is_new = np.array(
@@ -110,14 +142,14 @@ def _mean_shift(features: "FeatureSet", index: pa.Table, new: set[str], referenc
         total = total + matrix.sum(axis=0, dtype=np.float64)
         new_total = new_total + matrix[split_new].sum(axis=0, dtype=np.float64)
         images, start = images + len(matrix), start + len(matrix)
-    champion_mean, spread = np.asarray(reference["mean"], np.float64), reference["spread"] or 1.0
+    champion_mean, spread = np.asarray(reference.mean, np.float64), reference.spread or 1.0
     new_images = int(is_new.sum())
 
     def shift(summed, count: int) -> float | None:
         return round(float(np.linalg.norm(summed / count - champion_mean) / spread), 4) if count else None
 
     def by_chance(count: int) -> float | None:
-        return round(float(np.sqrt(1 / count + 1 / max(reference["images"], 1))), 4) if count else None
+        return round(float(np.sqrt(1 / count + 1 / max(reference.images, 1))), 4) if count else None
 
     return {
         "mean_feature_shift": shift(total, images),

@@ -44,7 +44,7 @@ def decide(
     changes = drift.compare(
         champion.path.name,
         champion.data_index(),
-        champion.lineage.get("feature_reference"),
+        champion.lineage.feature_reference if champion.lineage is not None else None,
         drift.data_index(features, class_names),
         features,
         backbone,

@@ -10,7 +10,7 @@ common class (or a floor the user sets).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from math import comb
 
 import numpy as np
@@ -39,6 +39,12 @@ class GateDecision:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, written: dict) -> "GateDecision":
+        """The decision as a run's lineage holds it; figures the gate did not record yet when the
+        run was written (notes, drift) read as their defaults."""
+        return cls(**{item.name: written[item.name] for item in fields(cls) if item.name in written})
 
 
 def mcnemar_worse_p_value(candidate_only_wrong: int, candidate_only_right: int) -> float:

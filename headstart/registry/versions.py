@@ -62,7 +62,7 @@ def versions(artifacts_root: Path) -> list[Version]:
                 accuracy=metrics.get("accuracy"),
                 n=metrics.get("n"),
                 class_names=run.class_names,
-                created_at=run.lineage.get("created_at", ""),
+                created_at=run.lineage.created_at if run.lineage is not None else "",
                 champion=run.path.name == champion,
             )
         )

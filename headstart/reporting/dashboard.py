@@ -6,7 +6,8 @@ import base64
 
 from headstart.evaluation import drift
 from headstart.promotion.mcnemar import GateDecision
-from headstart.registry.runs import DATA_REPORT_FILE, RUN_FILES, Run, near_duplicates_summary
+from headstart.registry.model_card import near_duplicates_summary
+from headstart.registry.runs import DATA_REPORT_FILE, RUN_FILES, Run
 
 # Files listed one by one in the data table; the rest are counted in one row (all are in the data report).
 DATA_TABLE_FILES = 500
@@ -25,19 +26,19 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     images = "\n\n".join(
         f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots()
     )
-    gate = run.lineage.get("gate")
-    decision = f"**Gate:** {gate['reason']}.\n\n" if gate else ""
+    gate = run.lineage.gate if run.lineage is not None else None
+    decision = f"**Gate:** {GateDecision.from_dict(gate).reason}.\n\n" if gate else ""
     near_duplicates = run.data_report.get("near_duplicates")
     leakage = f"**Near-duplicates:** {near_duplicates_summary(near_duplicates)}\n\n" if near_duplicates else ""
-    tuned = metrics.get("fine_tuning")
+    tuned = run.fine_tuning
     fine_tuning = (
         (
-            f"**Fine-tuned** from stage {tuned['from_stage']} in {tuned['epochs_run']} epochs "
-            f"(epoch {tuned['best_epoch']} kept): validation "
-            f"accuracy {tuned['validation_accuracy_before']:.4f} with the head alone, "
-            f"{tuned['validation_accuracy_after']:.4f} fine-tuned.\n\n"
+            f"**Fine-tuned** from stage {tuned.from_stage} in {tuned.epochs_run} epochs "
+            f"(epoch {tuned.best_epoch} kept): validation "
+            f"accuracy {tuned.validation_accuracy_before:.4f} with the head alone, "
+            f"{tuned.validation_accuracy_after:.4f} fine-tuned.\n\n"
         )
-        if tuned
+        if tuned is not None
         else ""
     )
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)

@@ -413,20 +413,140 @@ def _correct(labels, probabilities):
 
 
 @dataclass(frozen=True)
+class ActivationCounts:
+    """The activation cache's part in a fine-tuning run: entries computed, entries found cached, and
+    the seconds it took."""
+
+    computed: int
+    reused: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"computed": self.computed, "reused": self.reused, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, written: dict) -> "ActivationCounts":
+        return cls(written["computed"], written["reused"], written["seconds"])
+
+
+@dataclass(frozen=True)
+class BaseBackbone:
+    """The backbone fine-tuning started from."""
+
+    handle: str
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        return {"handle": self.handle, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, written: dict) -> "BaseBackbone":
+        return cls(written["handle"], written["fingerprint"])
+
+
+@dataclass(frozen=True)
+class LeftOutImage:
+    """An image fine-tuning left out: its file no longer held the content it was scanned with."""
+
+    content_hash: str
+    path: str
+    reason: str
+
+    def to_list(self) -> list[str]:
+        return [self.content_hash, self.path, self.reason]
+
+
+@dataclass(frozen=True)
+class FineTuningSummary:
+    """What a fine-tuning run did, as metrics.json keeps it (under `fine_tuning`) and the model card
+    and the report tell it: the cut, the augmentation, the epochs and what they scored.
+
+    Runs written before an option existed lack its key: they read as not using it (no mixup, no
+    CutMix, no mirror averaging), and `shift_cells` as None (those runs gave `shift` in cells)."""
+
+    from_stage: int
+    image_size: int
+    activation_shape: tuple[int, ...]
+    activation_dtype: str
+    flip: bool
+    shift: float
+    epochs_run: int
+    best_epoch: int
+    validation_accuracy_before: float
+    validation_accuracy_after: float
+    seconds_per_epoch: float
+    activations: ActivationCounts
+    base_backbone: BaseBackbone
+    left_out: tuple[LeftOutImage, ...]
+    shift_cells: int | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mirror_average: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "from_stage": self.from_stage,
+            "image_size": self.image_size,
+            "activation_shape": list(self.activation_shape),
+            "activation_dtype": self.activation_dtype,
+            "flip": self.flip,
+            "shift": self.shift,
+            "shift_cells": self.shift_cells,
+            "mixup": self.mixup,
+            "cutmix": self.cutmix,
+            "mirror_average": self.mirror_average,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "validation_accuracy_before": self.validation_accuracy_before,
+            "validation_accuracy_after": self.validation_accuracy_after,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "activations": self.activations.to_dict(),
+            "base_backbone": self.base_backbone.to_dict(),
+            "left_out": [image.to_list() for image in self.left_out],
+        }
+
+    @classmethod
+    def from_dict(cls, written: dict) -> "FineTuningSummary":
+        return cls(
+            from_stage=written["from_stage"],
+            image_size=written["image_size"],
+            activation_shape=tuple(written["activation_shape"]),
+            activation_dtype=written["activation_dtype"],
+            flip=written["flip"],
+            shift=written["shift"],
+            epochs_run=written["epochs_run"],
+            best_epoch=written["best_epoch"],
+            validation_accuracy_before=written["validation_accuracy_before"],
+            validation_accuracy_after=written["validation_accuracy_after"],
+            seconds_per_epoch=written["seconds_per_epoch"],
+            activations=ActivationCounts.from_dict(written["activations"]),
+            base_backbone=BaseBackbone.from_dict(written["base_backbone"]),
+            left_out=tuple(LeftOutImage(*image) for image in written["left_out"]),
+            shift_cells=written.get("shift_cells"),
+            mixup=written.get("mixup", 0.0),
+            cutmix=written.get("cutmix", 0.0),
+            mirror_average=written.get("mirror_average", False),
+        )
+
+    def outcome(self) -> str:
+        """One line: epochs run, the epoch kept, and the validation accuracy before and after."""
+        return (
+            f"{self.epochs_run} epochs, best {self.best_epoch}: validation accuracy "
+            f"{self.validation_accuracy_before:.4f} → {self.validation_accuracy_after:.4f}"
+        )
+
+
+@dataclass(frozen=True)
 class FineTuningResult:
     """What fine-tuning made: the fine-tuned backbone (a TF Hub module, the run's backbone from now
     on), its per-epoch history, and a summary for metrics.json and the model card."""
 
     backbone: Backbone
     history: dict
-    summary: dict
+    summary: FineTuningSummary
 
     def outcome(self) -> str:
-        """One line: epochs run, the epoch kept, and the validation accuracy before and after."""
-        return (
-            f"{self.summary['epochs_run']} epochs, best {self.summary['best_epoch']}: validation accuracy "
-            f"{self.summary['validation_accuracy_before']:.4f} → {self.summary['validation_accuracy_after']:.4f}"
-        )
+        return self.summary.outcome()
 
 
 def fine_tune_classifier(
@@ -494,24 +614,24 @@ def fine_tune_classifier(
         split, (classifier.get_layer(HEAD_DROPOUT), classifier.get_layer(HEAD_DENSE)), data, settings, on_epoch
     )
     tuned = split.export(destination, f"{backbone.handle} fine-tuned from stage {cut}", mirror_average)
-    summary = {
-        "from_stage": cut,
-        "image_size": backbone.image_size,
-        "activation_shape": list(split.activation_shape),
-        "activation_dtype": "float16",
-        "flip": flip,
-        "shift": settings.shift,
-        "shift_cells": shift_in_cells(settings.shift, split.activation_shape[0]),
-        "mixup": settings.mixup,
-        "cutmix": settings.cutmix,
-        "mirror_average": mirror_average,
-        "epochs_run": len(history["loss"]),
-        "best_epoch": best_epoch,
-        "validation_accuracy_before": float(history["val_accuracy"][0]),
-        "validation_accuracy_after": float(history["val_accuracy"][best_epoch]),
-        "seconds_per_epoch": float(np.mean(history["seconds"])) if history["seconds"] else 0.0,
-        "activations": {"computed": cached.computed, "reused": cached.reused, "seconds": activation_seconds},
-        "base_backbone": {"handle": backbone.handle, "fingerprint": backbone.fingerprint},
-        "left_out": [[entry.content_hash, entry.path, reason] for entry, reason in cached.left_out],
-    }
+    summary = FineTuningSummary(
+        from_stage=cut,
+        image_size=backbone.image_size,
+        activation_shape=split.activation_shape,
+        activation_dtype="float16",
+        flip=flip,
+        shift=settings.shift,
+        shift_cells=shift_in_cells(settings.shift, split.activation_shape[0]),
+        mixup=settings.mixup,
+        cutmix=settings.cutmix,
+        mirror_average=mirror_average,
+        epochs_run=len(history["loss"]),
+        best_epoch=best_epoch,
+        validation_accuracy_before=float(history["val_accuracy"][0]),
+        validation_accuracy_after=float(history["val_accuracy"][best_epoch]),
+        seconds_per_epoch=float(np.mean(history["seconds"])) if history["seconds"] else 0.0,
+        activations=ActivationCounts(cached.computed, cached.reused, activation_seconds),
+        base_backbone=BaseBackbone(backbone.handle, backbone.fingerprint),
+        left_out=tuple(LeftOutImage(entry.content_hash, entry.path, reason) for entry, reason in cached.left_out),
+    )
     return FineTuningResult(tuned, history, summary)

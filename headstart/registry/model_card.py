@@ -1,0 +1,139 @@
+"""The model card (MODEL_CARD.md): what a run's model is, what it was trained on and how well it does,
+in words, from the run's records and configuration values."""
+
+from __future__ import annotations
+
+from headstart.backbone.handles import Backbone
+from headstart.registry.runs import CLASS_NAMES_FILE, DATA_REPORT_FILE
+from headstart.training.fine_tuning import FineTuningSummary
+
+
+def near_duplicates_summary(near_duplicates: dict | None) -> str:
+    """One paragraph on the test split's near-duplicates of training images (and validation's), for the
+    card and the report."""
+    if near_duplicates is None:
+        return "Not checked."
+    threshold, splits = near_duplicates["threshold"], near_duplicates["splits"]
+    test = splits["test"]
+    if not test["flagged"]:
+        text = (
+            "No test image has a near-duplicate in the training split: "
+            f"none of the {test['images']} reaches a cosine similarity of {threshold} "
+            "to its nearest training image (backbone features)."
+        )
+    else:
+        without = test["accuracy_without_flagged"]
+        without_text = (
+            f"**{without:.4f}** on the other {test['n_without_flagged']}"
+            if without is not None
+            else "undefined (every test image is flagged)"
+        )
+        text = (
+            f"**{test['flagged']}** of {test['images']} test images are near-duplicates of a training image "
+            f"(cosine similarity of backbone features ≥ {threshold}; listed in `{DATA_REPORT_FILE}`): "
+            f"test accuracy {test['accuracy']:.4f} with them, "
+            f"{without_text} without them."
+        )
+    if "validation" in splits:
+        validation = splits["validation"]
+        text += f" Validation (early stopping): {validation['flagged']} of {validation['images']} images flagged."
+    return text
+
+
+def fine_tuning_line(config: dict, summary: FineTuningSummary | None) -> str:
+    """The model card's line on fine-tuning, where it ran."""
+    if summary is None:
+        return ""
+    augmentations = (
+        ("horizontal flips", summary.flip),
+        (
+            f"shifts of up to {summary.shift:.0%} of the side ({summary.shift_cells} cells)",
+            summary.shift_cells,
+        ),
+        (f"mixup (alpha {summary.mixup})", summary.mixup),
+        (f"CutMix (alpha {summary.cutmix})", summary.cutmix),
+    )
+    augmentation = ", ".join(name for name, on in augmentations if on)
+    return (
+        f"\n- Fine-tuned: stages {summary.from_stage}–18 of the backbone, with the head, "
+        f"on activations cached at their input "
+        f"({'×'.join(map(str, summary.activation_shape))}, {summary.activation_dtype}); "
+        f"{summary.epochs_run} epochs "
+        f"(Adam, learning rate {config['fine_tune_learning_rate']} after a one-epoch warm-up, decaying on a cosine; "
+        f"augmentation: {augmentation or 'none'}), "
+        f"epoch {summary.best_epoch} kept: validation accuracy {summary.validation_accuracy_before:.4f} "
+        f"with the head alone, "
+        f"{summary.validation_accuracy_after:.4f} fine-tuned. Base backbone `{summary.base_backbone.handle}` "
+        f"(fingerprint `{summary.base_backbone.fingerprint}`); "
+        f"the stages below {summary.from_stage} are its own, unchanged."
+        + (
+            " The fine-tuned backbone averages the features of each image and of its mirror image."
+            if summary.mirror_average
+            else ""
+        )
+    )
+
+
+def model_card(
+    config: dict,
+    metrics: dict,
+    data_report: dict,
+    backbone: Backbone,
+    history: dict,
+    engine: str,
+    fine_tuning: FineTuningSummary | None = None,
+) -> str:
+    """The card of a run from its configuration values, test metrics, data report (with its
+    near-duplicates, where checked), backbone, head history, feature engine and fine-tuning."""
+    counts = data_report["counts"]
+    split_lines = "\n".join(
+        f"| {split} | "
+        + " | ".join(str(counts[split][name]) for name in data_report["class_names"])
+        + f" | {sum(counts[split].values())} |"
+        for split in ("train", "validation", "test")
+    )
+    per_class = "\n".join(
+        f"| {name} | {values['precision']:.4f} | {values['recall']:.4f} | {values['f1']:.4f} | {values['support']} |"
+        for name, values in metrics["per_class"].items()
+    )
+    state = "fine-tuned" if fine_tuning is not None else "frozen"
+    side, classes, epochs = backbone.image_size, len(data_report["class_names"]), len(history.get("loss", []))
+    training = f"learning rate {config['learning_rate']}, batch size {config['batch_size']}, seed {config['seed']}"
+    tuned = fine_tuning_line(config, fine_tuning)
+    notes = "".join(f"\n- {note}" for note in data_report["notes"])
+    return f"""# Model card
+
+An image classifier for {", ".join(data_report["class_names"])}, trained by headstart.
+
+## Model
+- Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), {state}, ImageNet-pretrained; \
+input {side}×{side} px.
+- Head: Dropout({config["dropout"]}) → Dense({classes}, softmax), trained for {epochs} epochs
+  ({training}), on features from the {engine} engine.{tuned}
+- Input: RGB images of any size, pixel values 0–255; output: one probability per class in the order of \
+`{CLASS_NAMES_FILE}`.
+
+## Data
+Source: `{data_report["source"]}`. Splits are assigned by image content hash and never change between runs.
+
+| split | {" | ".join(data_report["class_names"])} | total |
+|---|{"---|" * len(data_report["class_names"])}---|
+{split_lines}
+
+{len(data_report["skipped"])} files were skipped (see `{DATA_REPORT_FILE}`).{notes}
+
+## Evaluation on the test split
+Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metrics["macro_f1"]:.4f}.
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{per_class}
+
+## Near-duplicates of training images
+{near_duplicates_summary(data_report.get("near_duplicates"))}
+
+## Limits
+The backbone saw ImageNet photos; images far from that (medical scans, drawings, tiny
+thumbnails upscaled from {backbone.image_size} px or less) may classify worse than these figures.
+Accuracy is measured on held-out images of the same source, not on the world at large.
+"""
