@@ -136,17 +136,10 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from headstart.config import PredictConfig
-    from headstart.features.extraction import ExtractionSettings
-    from headstart.serving.predict import predict_with_model, write_predictions
+    from headstart.serving.predict import predict_as_configured, write_predictions
 
     config = PredictConfig(**{name: value for name, value in vars(args).items() if name in PredictConfig.model_fields})
-    predictions, _ = predict_with_model(
-        config.model,
-        [Path(path) for path in config.inputs],
-        config.artifacts_root,
-        config.cache_dir,
-        ExtractionSettings(config.engine, config.threads, config.batch_size),
-    )
+    predictions, _ = predict_as_configured(config)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     if config.output:

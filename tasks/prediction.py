@@ -9,20 +9,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from headstart.config import PredictConfig
-from headstart.features.extraction import ExtractionSettings
-from headstart.serving.predict import Predictions, predict_with_model, write_predictions
+from headstart.serving.predict import Predictions, predict_as_configured, write_predictions
 
 
 @task(name="predict", cache_policy=NO_CACHE)
 def predict(config: PredictConfig) -> Predictions:
     """Labels the inputs with the chosen model; writes the output file where one is asked for."""
-    predictions, model = predict_with_model(
-        config.model,
-        [Path(path) for path in config.inputs],
-        config.artifacts_root,
-        config.cache_dir,
-        ExtractionSettings(config.engine, config.threads, config.batch_size),
-    )
+    predictions, model = predict_as_configured(config)
     output = write_predictions(predictions, config.output) if config.output else None
     rows = [{"label": label, "images": count} for label, count in predictions.counts().items()] + [
         {"label": "(unreadable, skipped)", "images": len(predictions.skipped)}

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from headstart.config import PredictConfig
 from headstart.data.folders import image_files
 from headstart.data.images import check_image
 from headstart.data.preprocessing import apply_to_decoded, decoded_batches
@@ -118,6 +119,13 @@ def predict_with_tflite(model_path: Path, inputs: list[Path], threads: int | Non
     if probabilities:
         predictions.probabilities = np.concatenate(probabilities)
     return predictions
+
+
+def predict_as_configured(config: PredictConfig) -> tuple[Predictions, str]:
+    """Predictions on a predict command's or flow's inputs, with the name of the model that made them."""
+    settings = ExtractionSettings(config.engine, config.threads, config.batch_size)
+    inputs = [Path(path) for path in config.inputs]
+    return predict_with_model(config.model, inputs, config.artifacts_root, config.cache_dir, settings)
 
 
 def predict_with_model(
