@@ -405,14 +405,15 @@ class TrainConfig(BaseModel):
             return values
         options, sections = cls.options(), {}
         for key, value in values.items():
-            whole_section = key in cls.model_fields and isinstance(value, (dict, BaseModel))
-            if whole_section or key not in options:
-                sections[key] = value  # an unknown key is left for "extra forbidden" to name
-            else:
+            if key in cls.model_fields and isinstance(value, BaseModel):
+                value = value.model_dump()
+            if key in cls.model_fields and isinstance(value, dict):
+                sections.setdefault(key, {}).update(value)
+            elif key in options:
                 section, name, _ = options[key]
-                held = sections.setdefault(section, {})
-                if isinstance(held, dict):
-                    held[name] = value
+                sections.setdefault(section, {})[name] = value
+            else:
+                sections[key] = value  # an unknown key is left for "extra forbidden" to name
         return sections
 
     def flat(self) -> dict[str, Any]:
