@@ -88,8 +88,26 @@ def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(
     assert artifact is not None and "model-int8.tflite" in artifact.data
 
 
-def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(exported_run):
+def _official_metadata_schema():
     import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tflite_metadata_schema", FIXTURES / "tflite_metadata_schema.py")
+    metadata_schema = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metadata_schema)
+    return metadata_schema
+
+
+def test_the_metadata_enum_values_written_are_the_official_schemas():
+    from headstart.edge import tflite_file
+
+    metadata_schema = _official_metadata_schema()
+    for enum in ("AssociatedFileType", "ColorSpaceType", "ContentProperties", "ProcessUnitOptions"):
+        ours, official = getattr(tflite_file, f"_{enum}"), getattr(metadata_schema, enum)
+        members = {name: value for name, value in vars(ours).items() if name[0] != "_"}
+        assert members and all(getattr(official, name) == value for name, value in members.items()), enum
+
+
+def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(exported_run):
     import io
     import zipfile
 
@@ -97,9 +115,7 @@ def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(expo
 
     from headstart.edge.tflite_file import embed_labels
 
-    spec = importlib.util.spec_from_file_location("tflite_metadata_schema", FIXTURES / "tflite_metadata_schema.py")
-    metadata_schema = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(metadata_schema)
+    metadata_schema = _official_metadata_schema()
     model = (exported_run.path / "exports" / "model-float32.tflite").read_bytes()
     root = schema.Model.GetRootAs(model, 0)
     names = [root.Metadata(index).Name() for index in range(root.MetadataLength())]

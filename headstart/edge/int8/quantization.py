@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from ai_edge_litert.schema_py_generated import ActivationFunctionType, BuiltinOperator
 
 from headstart.backbone.handles import Backbone
 from headstart.data.preprocessing import decoded_batches
@@ -109,9 +110,6 @@ def full_integer(
     }
 
 
-RELU6 = 3  # tflite::ActivationFunctionType
-
-
 def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, ...]) -> dict[float, bytes]:
     """For each percentile in `range_ends`, the float model (a tflite ModelT its converter marked for
     quantization) with the range of every marked tensor measured on the batches: from its least to
@@ -124,11 +122,10 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
     int8 a value above a range saturates, so a narrowed range clips exactly as a lower ReLU cap
     would, at no cost in operations.
     """
-    from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
     graph = model.subgraphs[0]
-    relu6_kinds = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D}
+    relu6_kinds = {BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D}
     marked = [
         index
         for index, tensor in enumerate(graph.tensors)
@@ -140,7 +137,7 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
     relu6 = {
         operator.outputs[0]
         for operator in graph.operators
-        if operator_kind(model, operator) in relu6_kinds and fused_activation(operator) == RELU6
+        if operator_kind(model, operator) in relu6_kinds and fused_activation(operator) == ActivationFunctionType.RELU6
     } & set(marked)
     least, largest = {tensor: np.inf for tensor in marked}, {tensor: -np.inf for tensor in marked}
     tops, counts = {tensor: np.empty(0, np.float32) for tensor in relu6}, dict.fromkeys(relu6, 0)
