@@ -10,12 +10,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from headstart.data.manifest import Manifest
-from headstart.edge.export import QUANTIZATIONS, ExportImages, export_rows, export_tflite
+from headstart.edge.export import QUANTIZATIONS, ExportImages, ExportRecord, export_rows, export_tflite
 from headstart.registry.runs import Run
 
 
 @task(name="export", cache_policy=NO_CACHE)
-def export(run_dir: str, manifest: Manifest) -> list[dict]:
+def export(run_dir: str, manifest: Manifest) -> list[ExportRecord]:
     """Writes the published run's classifier as .tflite files (float32, then int8) into its
     exports/ folder, each checked against its Keras model on its test split."""
     run = Run(Path(run_dir))
@@ -23,7 +23,7 @@ def export(run_dir: str, manifest: Manifest) -> list[dict]:
     records = [export_tflite(run, quantize, images) for quantize in QUANTIZATIONS]
     logger = get_run_logger()
     for record in records:
-        (logger.info if record["meets_target"] else logger.warning)("export: %s", record["summary"])
+        (logger.info if record.meets_target else logger.warning)("export: %s", record.summary)
     create_table_artifact(
         key="headstart-export",
         table=export_rows(records),

@@ -332,7 +332,8 @@ def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, c
     blue = sorted(str(path) for path in (colours / "blue").glob("*.png"))[:6]
     images = ExportImages(blue[:3], [*blue, str(tmp_path / "broken.png")], np.zeros(7, np.int64))
     record = export_tflite(exported_run, "none", images, tmp_path / "checked.tflite")
-    assert record["test_images"] == 6 and record["accuracy"] == 1.0 and record["meets_target"]
+    assert record.test_images == 6 and record.accuracy == 1.0 and record.meets_target
+    assert Run(exported_run.path).metrics["exports"]["none"] == record.to_dict()  # as metrics.json keeps it
 
 
 def test_the_int8_export_keeps_the_file_closest_to_the_keras_model_not_the_first(exported_run):
@@ -366,3 +367,36 @@ def test_the_divergence_that_chooses_an_int8_file_counts_every_probability():
     assert (
         mean_divergence(expected, np.array([[1.0, 0.0], [0.6, 0.4]])) > 0
     )  # an int8 probability of exactly 0 stays finite
+
+
+def test_export_records_keep_and_show_what_the_dicts_before_them_did(tmp_path):
+    """The exports of a run's metrics.json and its model card as the code before typed records wrote
+    them (tests/fixtures/exports_before_records.json, with the table rows and summary lines it made,
+    and int8 records of earlier versions): read into records, they are written back byte for byte,
+    and give the same summary lines, table rows and model card."""
+    from headstart.edge.export import CARD_SECTION, ExportRecord, card_section, card_with_exports, export_rows
+    from headstart.infra.storage import write_json_atomic
+
+    before = json.loads((FIXTURES / "exports_before_records.json").read_text())
+    records = {quantize: ExportRecord.from_dict(written) for quantize, written in before["exports"].items()}
+
+    def as_written(exports: dict) -> bytes:
+        return write_json_atomic(tmp_path / "metrics.json", {"exports": exports}).read_bytes()
+
+    assert as_written({quantize: record.to_dict() for quantize, record in records.items()}) == as_written(
+        before["exports"]
+    )
+    assert [record.summary for record in records.values()] == [
+        written["summary"] for written in before["exports"].values()
+    ]
+    assert export_rows([records["none"], records["int8"]]) == before["rows"]
+    card, float32 = before["model_card"], records["none"]
+    trained = card.partition(f"\n{CARD_SECTION}\n")[0]
+    assert card_with_exports(trained, [float32, records["int8"]]) == card  # a first export
+    assert card_with_exports(card, [records["int8"], float32]) == card  # an export again
+    for older in before["older_int8_records"]:
+        record = ExportRecord.from_dict(older["record"])
+        assert as_written(record.to_dict()) == as_written({**older["record"], "summary": record.summary}), older["name"]
+        assert card_section([float32, record]) == older["card_section"], older["name"]
+        assert export_rows([float32, record]) == older["rows"], older["name"]
+        assert record.summary == older.get("summary", record.summary), older["name"]
