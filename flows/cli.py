@@ -161,7 +161,7 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
-    from headstart.edge.export import export_images, export_tflite
+    from headstart.edge import export_images, export_tflite
     from headstart.registry import versions as registry
 
     run = registry.resolve(Path(args.artifacts_root), args.model)

@@ -1,4 +1,4 @@
-"""Prefect task around headstart.edge.export: export."""
+"""Prefect task around headstart.edge: export."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from headstart.data.manifest import Manifest
-from headstart.edge.export import QUANTIZATIONS, ExportImages, ExportRecord, export_rows, export_tflite
+from headstart.edge import QUANTIZATIONS, ExportImages, ExportRecord, export_rows, export_tflite
 from headstart.registry.runs import Run
 
 

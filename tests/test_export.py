@@ -52,7 +52,7 @@ def exported_run(prefect_harness, colours, tiny_backbone_dir, tmp_path_factory) 
 def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(exported_run):
     from prefect.artifacts import Artifact
 
-    from headstart.edge.tflite_file import TFLiteClassifier, read_labels
+    from headstart.edge import TFLiteClassifier, read_labels
 
     exports = exported_run.metrics["exports"]
     assert set(exports) == {"none", "int8"}
@@ -113,7 +113,7 @@ def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(expo
 
     from ai_edge_litert import schema_py_generated as schema
 
-    from headstart.edge.tflite_file import embed_labels
+    from headstart.edge import embed_labels
 
     metadata_schema = _official_metadata_schema()
     model = (exported_run.path / "exports" / "model-float32.tflite").read_bytes()
@@ -243,8 +243,7 @@ def test_export_can_fail_a_script_when_the_file_misses_its_target(exported_run, 
 def test_int8_features_are_cached_under_their_own_key(prefect_harness, colours, tiny_backbone_dir, tmp_path):
     from flows.train import train
     from headstart.backbone.handles import resolve_backbone
-    from headstart.edge.export import export_tflite
-    from headstart.edge.int8.quantization import quantized_backbone
+    from headstart.edge import export_tflite, quantized_backbone
     from headstart.features.cache import FeatureCache
     from headstart.features.extraction import ExtractionContext
     from headstart.serving.inference import evaluate_folder, predict_files
@@ -326,7 +325,7 @@ def test_the_predict_flow_takes_a_tflite_file_too(exported_run, colours, tmp_pat
 
 
 def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, colours, tmp_path):
-    from headstart.edge.export import ExportImages, export_tflite
+    from headstart.edge import ExportImages, export_tflite
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     blue = sorted(str(path) for path in (colours / "blue").glob("*.png"))[:6]
@@ -374,7 +373,8 @@ def test_export_records_keep_and_show_what_the_dicts_before_them_did(tmp_path):
     them (tests/fixtures/exports_before_records.json, with the table rows and summary lines it made,
     and int8 records of earlier versions): read into records, they are written back byte for byte,
     and give the same summary lines, table rows and model card."""
-    from headstart.edge.export import CARD_SECTION, ExportRecord, card_section, card_with_exports, export_rows
+    from headstart.edge import ExportRecord, export_rows
+    from headstart.edge.export import CARD_SECTION, card_section, card_with_exports
     from headstart.infra.storage import write_json_atomic
 
     before = json.loads((FIXTURES / "exports_before_records.json").read_text())
