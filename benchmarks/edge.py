@@ -52,7 +52,7 @@ def throughput(data: Path, image_sizes: list[int], images: int, cache_dir: Path,
     from headstart.backbone.handles import BUNDLED_HANDLE, resolve_backbone
     from headstart.data.images import load_image
     from headstart.data.preprocessing import resize_batch
-    from headstart.edge.int8.quantization import quantized_backbone
+    from headstart.edge import quantized_backbone
     from headstart.features.engines import KerasEngine, LiteRTEngine
 
     rows = []

@@ -81,8 +81,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30)
     args = parser.parse_args()
 
-    from headstart.edge.export import export_images
-    from headstart.edge.tflite_file import uint8_images
+    from headstart.edge import export_images, uint8_images
     from headstart.registry.runs import Run
 
     run = Run(args.run)

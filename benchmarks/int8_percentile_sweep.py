@@ -32,8 +32,8 @@ def main() -> None:
 
     import numpy as np
 
-    from headstart.edge.export import compare_with_keras, convert_classifier, export_images, mean_divergence
-    from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+    from headstart.edge import TFLiteClassifier, embed_labels, export_images, uint8_images
+    from headstart.edge.export import compare_with_keras, convert_classifier, mean_divergence
     from headstart.registry.runs import Run
 
     run = Run(args.run)

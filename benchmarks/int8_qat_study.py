@@ -48,8 +48,9 @@ def main() -> None:
     from headstart.backbone.handles import BUNDLED_HANDLE, CHECKPOINT_SHA256_PREFIX, bundled_checkpoint_path
     from headstart.backbone.mobilenet import build_mobilenet_v2
     from headstart.data.preprocessing import enlarge_images, imagenet_normalization
-    from headstart.edge.export import ExportImages, calibration_images, compare_with_keras, listed_again
-    from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_image
+    from headstart.edge import ExportImages, TFLiteClassifier, embed_labels
+    from headstart.edge.export import calibration_images, compare_with_keras, listed_again
+    from headstart.edge.tflite_file import uint8_image
     from headstart.infra.keras import keras, tf
     from headstart.registry.runs import Run
     from headstart.training.head import HEAD_DENSE

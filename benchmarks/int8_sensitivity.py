@@ -90,8 +90,8 @@ def main() -> None:
     from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from headstart.edge.export import export_images, mean_divergence
-    from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
+    from headstart.edge import TFLiteClassifier, embed_labels, export_images, uint8_images
+    from headstart.edge.export import mean_divergence
     from headstart.infra.keras import tf
     from headstart.registry.runs import Run
 

@@ -156,7 +156,7 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
-    from headstart.edge.export import export_images, export_tflite
+    from headstart.edge import export_images, export_tflite
     from headstart.registry import versions as registry
 
     run = registry.resolve(Path(args.artifacts_root), args.model)
@@ -166,9 +166,9 @@ def _export(args) -> int:
         export_images(run, Path(args.cache_dir) if args.cache_dir else None),
         Path(args.output) if args.output else None,
     )
-    print(f"headstart: {record['summary']}", file=sys.stderr)
-    print(run.path / record["file"], flush=True)
-    return 1 if args.require_target and not record["meets_target"] else 0
+    print(f"headstart: {record.summary}", file=sys.stderr)
+    print(run.path / record.file, flush=True)
+    return 1 if args.require_target and not record.meets_target else 0
 
 
 def _models(args) -> int:

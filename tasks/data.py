@@ -11,7 +11,7 @@ from headstart.backbone.handles import Backbone, resolve_backbone
 from headstart.config import INT8_ENGINE, BackboneConfig, DataConfig
 from headstart.data.manifest import DataReport, Manifest
 from headstart.data.sources import prepare_source
-from headstart.edge.int8.quantization import quantized_backbone, representative_rows
+from headstart.edge import quantized_backbone, representative_rows
 
 
 # Caching is by content, inside headstart itself (hashes of every image, of the backbone's

@@ -1,4 +1,4 @@
-"""Prefect task around headstart.edge.export: export."""
+"""Prefect task around headstart.edge: export."""
 
 from __future__ import annotations
 
@@ -10,23 +10,25 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from headstart.data.manifest import Manifest
-from headstart.edge.export import QUANTIZATIONS, ExportImages, export_rows, export_tflite
+from headstart.edge import QUANTIZATIONS, ExportImages, export_rows, export_tflite
 from headstart.registry.runs import Run
 
 
 @task(name="export", cache_policy=NO_CACHE)
 def export(run_dir: str, manifest: Manifest) -> list[dict]:
     """Writes the published run's classifier as .tflite files (float32, then int8) into its
-    exports/ folder, each checked against its Keras model on its test split."""
+    exports/ folder, each checked against its Keras model on its test split; returns their records
+    as the run's metrics.json keeps them."""
     run = Run(Path(run_dir))
     images = ExportImages.from_manifest(manifest.read(), run)
     records = [export_tflite(run, quantize, images) for quantize in QUANTIZATIONS]
     logger = get_run_logger()
     for record in records:
-        (logger.info if record["meets_target"] else logger.warning)("export: %s", record["summary"])
+        (logger.info if record.meets_target else logger.warning)("export: %s", record.summary)
     create_table_artifact(
         key="headstart-export",
         table=export_rows(records),
         description="the run as .tflite files, measured against its Keras model",
     )
-    return records
+    # The train flow persists its tasks' results as JSON: these are the records as metrics.json keeps them.
+    return [record.to_dict() for record in records]

@@ -52,7 +52,7 @@ def exported_run(prefect_harness, colours, tiny_backbone_dir, tmp_path_factory) 
 def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(exported_run):
     from prefect.artifacts import Artifact
 
-    from headstart.edge.tflite_file import TFLiteClassifier, read_labels
+    from headstart.edge import TFLiteClassifier, read_labels
 
     exports = exported_run.metrics["exports"]
     assert set(exports) == {"none", "int8"}
@@ -88,18 +88,34 @@ def test_the_flow_exports_float_and_int8_files_measured_against_the_keras_model(
     assert artifact is not None and "model-int8.tflite" in artifact.data
 
 
-def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(exported_run):
+def _official_metadata_schema():
     import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tflite_metadata_schema", FIXTURES / "tflite_metadata_schema.py")
+    metadata_schema = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metadata_schema)
+    return metadata_schema
+
+
+def test_the_metadata_enum_values_written_are_the_official_schemas():
+    from headstart.edge import tflite_file
+
+    metadata_schema = _official_metadata_schema()
+    for enum in ("AssociatedFileType", "ColorSpaceType", "ContentProperties", "ProcessUnitOptions"):
+        ours, official = getattr(tflite_file, f"_{enum}"), getattr(metadata_schema, enum)
+        members = {name: value for name, value in vars(ours).items() if name[0] != "_"}
+        assert members and all(getattr(official, name) == value for name, value in members.items()), enum
+
+
+def test_the_class_names_travel_as_tflite_metadata_and_a_packed_labels_file(exported_run):
     import io
     import zipfile
 
     from ai_edge_litert import schema_py_generated as schema
 
-    from headstart.edge.tflite_file import embed_labels
+    from headstart.edge import embed_labels
 
-    spec = importlib.util.spec_from_file_location("tflite_metadata_schema", FIXTURES / "tflite_metadata_schema.py")
-    metadata_schema = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(metadata_schema)
+    metadata_schema = _official_metadata_schema()
     model = (exported_run.path / "exports" / "model-float32.tflite").read_bytes()
     root = schema.Model.GetRootAs(model, 0)
     names = [root.Metadata(index).Name() for index in range(root.MetadataLength())]
@@ -227,8 +243,7 @@ def test_export_can_fail_a_script_when_the_file_misses_its_target(exported_run, 
 def test_int8_features_are_cached_under_their_own_key(prefect_harness, colours, tiny_backbone_dir, tmp_path):
     from flows.train import train
     from headstart.backbone.handles import resolve_backbone
-    from headstart.edge.export import export_tflite
-    from headstart.edge.int8.quantization import quantized_backbone
+    from headstart.edge import export_tflite, quantized_backbone
     from headstart.features.cache import FeatureCache
     from headstart.features.extraction import ExtractionContext
     from headstart.serving.inference import evaluate_folder, predict_files
@@ -310,13 +325,14 @@ def test_the_predict_flow_takes_a_tflite_file_too(exported_run, colours, tmp_pat
 
 
 def test_an_image_broken_since_training_is_left_out_of_the_check(exported_run, colours, tmp_path):
-    from headstart.edge.export import ExportImages, export_tflite
+    from headstart.edge import ExportImages, export_tflite
 
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     blue = sorted(str(path) for path in (colours / "blue").glob("*.png"))[:6]
     images = ExportImages(blue[:3], [*blue, str(tmp_path / "broken.png")], np.zeros(7, np.int64))
     record = export_tflite(exported_run, "none", images, tmp_path / "checked.tflite")
-    assert record["test_images"] == 6 and record["accuracy"] == 1.0 and record["meets_target"]
+    assert record.test_images == 6 and record.accuracy == 1.0 and record.meets_target
+    assert Run(exported_run.path).metrics["exports"]["none"] == record.to_dict()  # as metrics.json keeps it
 
 
 def test_the_int8_export_keeps_the_file_closest_to_the_keras_model_not_the_first(exported_run):
@@ -350,3 +366,37 @@ def test_the_divergence_that_chooses_an_int8_file_counts_every_probability():
     assert (
         mean_divergence(expected, np.array([[1.0, 0.0], [0.6, 0.4]])) > 0
     )  # an int8 probability of exactly 0 stays finite
+
+
+def test_export_records_keep_and_show_what_the_dicts_before_them_did(tmp_path):
+    """The exports of a run's metrics.json and its model card as the code before typed records wrote
+    them (tests/fixtures/exports_before_records.json, with the table rows and summary lines it made,
+    and int8 records of earlier versions): read into records, they are written back byte for byte,
+    and give the same summary lines, table rows and model card."""
+    from headstart.edge import ExportRecord, export_rows
+    from headstart.edge.export import CARD_SECTION, card_section, card_with_exports
+    from headstart.infra.storage import write_json_atomic
+
+    before = json.loads((FIXTURES / "exports_before_records.json").read_text())
+    records = {quantize: ExportRecord.from_dict(written) for quantize, written in before["exports"].items()}
+
+    def as_written(exports: dict) -> bytes:
+        return write_json_atomic(tmp_path / "metrics.json", {"exports": exports}).read_bytes()
+
+    assert as_written({quantize: record.to_dict() for quantize, record in records.items()}) == as_written(
+        before["exports"]
+    )
+    assert [record.summary for record in records.values()] == [
+        written["summary"] for written in before["exports"].values()
+    ]
+    assert export_rows([records["none"], records["int8"]]) == before["rows"]
+    card, float32 = before["model_card"], records["none"]
+    trained = card.partition(f"\n{CARD_SECTION}\n")[0]
+    assert card_with_exports(trained, [float32, records["int8"]]) == card  # a first export
+    assert card_with_exports(card, [records["int8"], float32]) == card  # an export again
+    for older in before["older_int8_records"]:
+        record = ExportRecord.from_dict(older["record"])
+        assert as_written(record.to_dict()) == as_written({**older["record"], "summary": record.summary}), older["name"]
+        assert card_section([float32, record]) == older["card_section"], older["name"]
+        assert export_rows([float32, record]) == older["rows"], older["name"]
+        assert record.summary == older.get("summary", record.summary), older["name"]

@@ -36,6 +36,82 @@ def _run(flatbuffer: bytes, batch: np.ndarray) -> np.ndarray:
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
+def test_the_private_converter_hooks_int8_relies_on_still_behave():
+    """calibrate_then_quantize is headstart's one use of TensorFlow's private converter API (see its
+    docstring). With `TFLiteConverter._experimental_calibrate_only` set, convert() must give the float
+    model with every operation's output marked by a range; `tensorflow.lite.python.convert.mlir_quantize`
+    must make that model int8 with the ranges set in between, the input type asked for and float
+    output. A TensorFlow upgrade that changes either fails here, naming it."""
+    from ai_edge_litert.schema_py_generated import BuiltinOperator, TensorType
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from headstart.edge.int8.quantization import calibrate_then_quantize
+    from headstart.edge.int8.tflite_weights import operator_kind
+
+    images = keras.Input((8, 8, 3))
+    features = keras.layers.Conv2D(4, 3, padding="same", activation=tf.nn.relu6)(images)
+    features = keras.layers.DepthwiseConv2D(3, padding="same")(features)
+    network = keras.Model(images, keras.layers.Conv2D(2, 1)(features))
+    batch = np.random.default_rng(0).uniform(0, 1, (1, 8, 8, 3)).astype(np.float32)
+    convolutions = (BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D)
+
+    def set_ranges(marked: bytes) -> dict:
+        model = flatbuffer_utils.convert_bytearray_to_object(marked)
+        graph = model.subgraphs[0]
+        ranges = [graph.tensors[operator.outputs[0]].quantization for operator in graph.operators]
+        unmarked = [
+            graph.tensors[operator.outputs[0]].name
+            for operator, marks in zip(graph.operators, ranges)
+            if marks is None or any(ends is None or len(ends) != 1 for ends in (marks.min, marks.max))
+        ]
+        kinds = [operator_kind(model, operator) for operator in graph.operators]
+        types = {tensor.type for tensor in graph.tensors}
+        assert not unmarked and kinds == [*convolutions, BuiltinOperator.CONV_2D] and types == {TensorType.FLOAT32}, (
+            "with TFLiteConverter._experimental_calibrate_only set, convert() no longer gives the float model with "
+            f"each operation's output marked by one range (unmarked: {unmarked}, operators {kinds}, tensor types "
+            f"{sorted(types)}): calibrate_then_quantize relies on it"
+        )
+        first_output = graph.tensors[graph.operators[0].outputs[0]]
+        first_output.quantization.min, first_output.quantization.max = [0.0], [5.1]
+        return {"ranged": bytes(flatbuffer_utils.convert_object_to_bytearray(model))}
+
+    converter = _converter(network, [1, 8, 8, 3])
+    assert hasattr(converter, "_experimental_calibrate_only"), (
+        "TFLiteConverter._experimental_calibrate_only is gone: int8 conversion (calibrate_then_quantize) relies on it"
+    )
+    (quantized,) = calibrate_then_quantize(converter, batch, set_ranges, tf.uint8).values()
+
+    model = flatbuffer_utils.convert_bytearray_to_object(quantized)
+    graph = model.subgraphs[0]
+    layers = [operator for operator in graph.operators if operator_kind(model, operator) in convolutions]
+    int8 = all(
+        graph.tensors[tensor].type == TensorType.INT8
+        for operator in layers
+        for tensor in (operator.inputs[0], operator.inputs[1], operator.outputs[0])
+    )
+    ends = (graph.tensors[graph.inputs[0]].type, graph.tensors[graph.outputs[0]].type)
+    scale = graph.tensors[layers[0].outputs[0]].quantization.scale  # the first convolution's, ranged 0–5.1
+    assert len(layers) == 3 and int8 and ends == (TensorType.UINT8, TensorType.FLOAT32), (
+        "tensorflow.lite.python.convert.mlir_quantize no longer makes the calibrated model int8 with a uint8 input "
+        "and float32 output: calibrate_then_quantize relies on it"
+    )
+    assert scale is not None and scale[0] == pytest.approx(5.1 / 255, rel=1e-4), (
+        f"tensorflow.lite.python.convert.mlir_quantize no longer quantizes with the ranges set before it "
+        f"(a range of 0–5.1 became steps of {scale}): calibrate_then_quantize relies on it"
+    )
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=quantized)
+    interpreter.allocate_tensors()
+    pixels = interpreter.get_input_details()[0]
+    input_scale, zero_point = pixels["quantization"]
+    interpreter.set_tensor(pixels["index"], np.round(batch / input_scale + zero_point).astype(np.uint8))
+    interpreter.invoke()
+    expected = network(batch).numpy()
+    difference = np.abs(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]) - expected).max()
+    assert difference < 0.05 * np.abs(expected).max(), "the int8 model no longer computes what the float one does"
+
+
 def test_int8_ranges_of_relu6_outputs_end_at_a_percentile_not_at_a_rare_peak():
     """One outlier among the calibration values stretches a ReLU6 output's int8 range five times
     where the range ends at the maximum (the converter's own choice); ending at the 99.9th

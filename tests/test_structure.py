@@ -145,6 +145,30 @@ def test_the_wing_check_finds_an_upward_import():
     assert WING_ORDER.index(_wing(target)) > WING_ORDER.index(_wing(module))
 
 
+def test_outside_its_wing_the_edge_is_reached_through_its_entry():
+    """headstart/edge/__init__.py names what the rest of the core, the tasks and the flows use; the
+    modules behind it are the wing's workings (tests and benchmarks may study them)."""
+    import headstart.edge
+
+    assert headstart.edge.__all__ and all(hasattr(headstart.edge, name) for name in headstart.edge.__all__)
+    callers = [
+        path
+        for path in [*CORE.rglob("*.py"), *(PROJECT / "tasks").glob("*.py"), *(PROJECT / "flows").glob("*.py")]
+        if CORE / "edge" not in path.parents
+    ]
+    inward = []
+    for path in callers:
+        where = path.relative_to(PROJECT)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "headstart.edge":
+                inward += [f"{where}: {alias.name}" for alias in node.names if alias.name not in headstart.edge.__all__]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("headstart.edge."):
+                inward.append(f"{where}: {node.module}")
+            elif isinstance(node, ast.Import):
+                inward += [f"{where}: {alias.name}" for alias in node.names if alias.name.startswith("headstart.edge.")]
+    assert inward == []
+
+
 def _loads_at_import(module: str, top_level: dict[str, set[str]], seen: set[str]) -> set[str]:
     """The outside packages a module's loading pulls in, through its top-level imports and those of
     the core modules it imports at its top."""

@@ -13,9 +13,8 @@ and the figures go into the run's metrics.json and model card:
 
 from __future__ import annotations
 
-import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -93,11 +92,78 @@ def listed_again(run: Run, cache_dir: Path | None = None):
     return manifest.read()
 
 
-def default_destination(run: Run, quantize: Quantization) -> Path:
+@dataclass(frozen=True, kw_only=True)
+class ExportRecord:
+    """One .tflite file of a run, measured against the run's Keras model on its test split: what
+    the run's metrics.json keeps under `exports`, by quantization (`to_dict`, `from_dict`), and
+    what the summary line, the dashboard's table and the model card show."""
+
+    file: str  # a file inside the run by its path within it, any other as it was given
+    quantize: Quantization
+    bytes: int
+    # int8 only: the percentile at which its ReLU6 ranges end, and, where it was chosen on the
+    # validation split, the figures it was chosen by. Records of earlier versions lack some of them.
+    range_end_percentile: float | None = None
+    validation_divergence: float | None = None
+    validation_agreement: float | None = None
+    validation_images: int | None = None
+    test_images: int
+    max_probability_difference: float
+    top1_agreement: float
+    accuracy: float
+    keras_accuracy: float
+    meets_target: bool
+
+    def to_dict(self) -> dict:
+        """As metrics.json keeps it: the figures measured, and the summary line."""
+        measured = {item.name: getattr(self, item.name) for item in fields(self)}
+        return {**{name: value for name, value in measured.items() if value is not None}, "summary": self.summary}
+
+    @classmethod
+    def from_dict(cls, written: dict) -> "ExportRecord":
+        """A record as metrics.json keeps it, written by this version or an earlier one; its summary
+        line is made again from the figures."""
+        return cls(**{item.name: written[item.name] for item in fields(cls) if item.name in written})
+
+    @property
+    def weights_and_activations(self) -> str:
+        return "int8" if self.quantize == "int8" else "float32"
+
+    @property
+    def summary(self) -> str:
+        """One line: what the file is, how close it comes to the Keras model, against which target."""
+        if self.quantize == "int8":
+            target = f"target ≥ {INT8_AGREEMENT:.0%} agreement and ≤ {INT8_ACCURACY_LOSS * 100:.0f} pt lost"
+            closeness = (
+                f"top-1 agreement {self.top1_agreement:.2%}, accuracy {self.accuracy:.4f} "
+                f"(Keras {self.keras_accuracy:.4f})"
+            )
+            if self.range_end_percentile is not None:  # recorded since ranges end at a percentile
+                chosen = (
+                    f" (closest on {self.validation_images} validation images: "
+                    f"divergence {self.validation_divergence:.4f}, agreement {self.validation_agreement:.2%})"
+                    if self.validation_divergence is not None
+                    else ""
+                )
+                closeness = f"ReLU6 ranges end at the {self.range_end_percentile:g}th percentile{chosen}; {closeness}"
+        else:
+            target = f"target max |Δp| ≤ {FLOAT_TOLERANCE:.0e}"
+            closeness = (
+                f"max |Δ probability| {self.max_probability_difference:.1e}, top-1 agreement {self.top1_agreement:.2%}"
+            )
+        return (
+            f"{self.file} ({self.weights_and_activations}, {_file_size(self.bytes)}): {closeness} "
+            f"on {self.test_images} test images; {target}: {'met' if self.meets_target else 'NOT met'}"
+        )
+
+
+def _default_destination(run: Run, quantize: Quantization) -> Path:
     return run.path / EXPORTS_DIR / f"model-{'int8' if quantize == 'int8' else 'float32'}.tflite"
 
 
-def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destination: Path | None = None) -> dict:
+def export_tflite(
+    run: Run, quantize: Quantization, images: ExportImages, destination: Path | None = None
+) -> ExportRecord:
     """Writes the run's classifier as a .tflite file (atomically), measures it against the run's
     Keras model on the test images, records the figures in the run; returns that record."""
     if run.backbone.litert_model is not None:
@@ -105,7 +171,7 @@ def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destin
             f"{run.path} was trained on int8 features (--engine litert-int8); export converts the float backbone, "
             "so export a run trained on float features"
         )
-    destination = Path(destination) if destination is not None else default_destination(run, quantize)
+    destination = Path(destination) if destination is not None else _default_destination(run, quantize)
     converted, chosen = convert_classifier(run, quantize, images)
     flatbuffer = embed_labels(
         converted,
@@ -115,15 +181,14 @@ def export_tflite(run: Run, quantize: Quantization, images: ExportImages, destin
     )
     with atomic_path(destination) as temporary:
         temporary.write_bytes(flatbuffer)
-        record = {
-            "file": _as_recorded(destination, run),
-            "quantize": quantize,
-            "bytes": len(flatbuffer),
+        record = ExportRecord(
+            file=_as_recorded(destination, run),
+            quantize=quantize,
+            bytes=len(flatbuffer),
             **chosen,
             **compare_with_keras(run, TFLiteClassifier(temporary, threads=None), images, quantize),
-        }
-        record["summary"] = summary(record)
-    record_export(run, record)
+        )
+    _record_export(run, record)
     return record
 
 
@@ -244,7 +309,7 @@ def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, 
     ours, theirs, labels = np.concatenate(ours), np.concatenate(theirs), images.test_labels[used]
     accuracy = float((ours.argmax(1) == labels).mean())
     keras_accuracy = float((theirs.argmax(1) == labels).mean())
-    record = {
+    comparison = {
         "test_images": len(used),
         "max_probability_difference": float(np.abs(ours - theirs).max()),
         "top1_agreement": float((ours.argmax(1) == theirs.argmax(1)).mean()),
@@ -252,76 +317,55 @@ def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, 
         "keras_accuracy": keras_accuracy,
     }
     if quantize == "int8":
-        record["meets_target"] = (
-            record["top1_agreement"] >= INT8_AGREEMENT and keras_accuracy - accuracy <= INT8_ACCURACY_LOSS
+        comparison["meets_target"] = (
+            comparison["top1_agreement"] >= INT8_AGREEMENT and keras_accuracy - accuracy <= INT8_ACCURACY_LOSS
         )
     else:
-        record["meets_target"] = record["max_probability_difference"] <= FLOAT_TOLERANCE
-    return record
+        comparison["meets_target"] = comparison["max_probability_difference"] <= FLOAT_TOLERANCE
+    return comparison
 
 
-def summary(record: dict) -> str:
-    """One line on an export: what it is, how close it comes to the Keras model, against which target."""
-    if record["quantize"] == "int8":
-        target = f"target ≥ {INT8_AGREEMENT:.0%} agreement and ≤ {INT8_ACCURACY_LOSS * 100:.0f} pt lost"
-        closeness = (
-            f"ReLU6 ranges end at the {record['range_end_percentile']:g}th percentile"
-            + (
-                f" (closest on {record['validation_images']} validation images: "
-                f"divergence {record['validation_divergence']:.4f}, "
-                f"agreement {record['validation_agreement']:.2%})"
-                if "validation_divergence" in record
-                else ""
-            )
-            + (
-                f"; top-1 agreement {record['top1_agreement']:.2%}, accuracy {record['accuracy']:.4f} "
-                f"(Keras {record['keras_accuracy']:.4f})"
-            )
-        )
-    else:
-        target = f"target max |Δp| ≤ {FLOAT_TOLERANCE:.0e}"
-        closeness = (
-            f"max |Δ probability| {record['max_probability_difference']:.1e}, "
-            f"top-1 agreement {record['top1_agreement']:.2%}"
-        )
-    return (
-        f"{record['file']} ({'int8' if record['quantize'] == 'int8' else 'float32'}, "
-        f"{file_size(record['bytes'])}): {closeness} "
-        f"on {record['test_images']} test images; {target}: {'met' if record['meets_target'] else 'NOT met'}"
-    )
-
-
-def file_size(size: int) -> str:
+def _file_size(size: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
 
 
-def export_rows(records: list[dict]) -> list[dict]:
+def export_rows(records: list[ExportRecord]) -> list[dict]:
     """The exports as table rows, for the dashboard."""
     return [
         {
-            "file": record["file"],
-            "weights and activations": "int8" if record["quantize"] == "int8" else "float32",
-            "size": file_size(record["bytes"]),
-            "max |Δ probability|": f"{record['max_probability_difference']:.1e}",
-            "top-1 agreement": f"{record['top1_agreement']:.2%}",
-            "accuracy": round(record["accuracy"], 4),
-            "Keras accuracy": round(record["keras_accuracy"], 4),
-            "target met": record["meets_target"],
+            "file": record.file,
+            "weights and activations": record.weights_and_activations,
+            "size": _file_size(record.bytes),
+            "max |Δ probability|": f"{record.max_probability_difference:.1e}",
+            "top-1 agreement": f"{record.top1_agreement:.2%}",
+            "accuracy": round(record.accuracy, 4),
+            "Keras accuracy": round(record.keras_accuracy, 4),
+            "target met": record.meets_target,
         }
         for record in records
     ]
 
 
-def record_export(run: Run, record: dict) -> None:
-    """The export's figures into the run's metrics.json (`exports`, by quantization) and model card."""
+def _record_export(run: Run, record: ExportRecord) -> None:
+    """The export's figures into the run's metrics.json (`exports`, by quantization, each other
+    export's as it was written) and its model card."""
     metrics = run.update_metrics(
-        lambda written: {**written, "exports": {**written.get("exports", {}), record["quantize"]: record}}
+        lambda written: {**written, "exports": {**written.get("exports", {}), record.quantize: record.to_dict()}}
     )
-    card = re.split(rf"\n{re.escape(CARD_SECTION)}\n", run.model_card)[0].rstrip("\n")
-    write_bytes_atomic(run.path / MODEL_CARD_FILE, f"{card}\n\n{card_section(metrics['exports'])}".encode())
+    records = [ExportRecord.from_dict(written) for written in metrics["exports"].values()]
+    write_bytes_atomic(run.path / MODEL_CARD_FILE, card_with_exports(run.model_card, records).encode())
 
 
-def card_section(exports: dict) -> str:
+def card_with_exports(card: str, records: list[ExportRecord]) -> str:
+    """The model card with the section on `records` in place of the one it had, if any: that section
+    is the card's last, and only an export writes it; the card above it stays as training wrote it."""
+    trained = card.partition(f"\n{CARD_SECTION}\n")[0].rstrip("\n")
+    return f"{trained}\n\n{card_section(records)}"
+
+
+def card_section(records: list[ExportRecord]) -> str:
+    """The model card's section on the exports: a table, float32 first, and how the int8 file's
+    ranges were chosen."""
     lines = [
         CARD_SECTION,
         "Each file takes uint8 RGB pixels (its size square, or smaller: it enlarges them itself) and gives one "
@@ -332,23 +376,23 @@ def card_section(exports: dict) -> str:
         "| target met |",
         "|---|---|---|---|---|---|---|",
     ]
-    for quantize, record in sorted(exports.items(), key=lambda item: item[0] != "none"):  # float32 first
+    for record in sorted(records, key=lambda record: record.quantize != "none"):  # float32 first
         lines.append(
-            f"| `{Path(record['file']).name}` | {'int8' if quantize == 'int8' else 'float32'} "
-            f"| {file_size(record['bytes'])} | "
-            f"{record['max_probability_difference']:.1e} | {record['top1_agreement']:.2%} | {record['accuracy']:.4f} "
-            f"({record['keras_accuracy']:.4f}) | {'yes' if record['meets_target'] else 'no'} |"
+            f"| `{Path(record.file).name}` | {record.weights_and_activations} "
+            f"| {_file_size(record.bytes)} | "
+            f"{record.max_probability_difference:.1e} | {record.top1_agreement:.2%} | {record.accuracy:.4f} "
+            f"({record.keras_accuracy:.4f}) | {'yes' if record.meets_target else 'no'} |"
         )
-    int8 = exports.get("int8", {})
-    if "validation_divergence" in int8:
+    int8 = next((record for record in records if record.quantize == "int8"), None)
+    if int8 is not None and int8.validation_divergence is not None:
         lines += [
             "",
-            f"The int8 file's ReLU6 ranges end at the {int8['range_end_percentile']:g}th percentile "
+            f"The int8 file's ReLU6 ranges end at the {int8.range_end_percentile:g}th percentile "
             "of their calibration values, "
             f"the one of {', '.join(f'{end:g}' for end in RANGE_ENDS)} whose file's probabilities "
             "came closest to the Keras model's on "
-            f"{int8['validation_images']} validation images "
-            f"(mean Kullback–Leibler divergence {int8['validation_divergence']:.4f}; "
-            f"top-1 agreement {int8['validation_agreement']:.2%}).",
+            f"{int8.validation_images} validation images "
+            f"(mean Kullback–Leibler divergence {int8.validation_divergence:.4f}; "
+            f"top-1 agreement {int8.validation_agreement:.2%}).",
         ]
     return "\n".join(lines) + "\n"

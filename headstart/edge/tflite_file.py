@@ -23,11 +23,24 @@ LABELS_FILE = "labels.txt"
 METADATA_IDENTIFIER = b"M001"
 METADATA_PARSER_VERSION = "1.0.0"
 
-# Values of the metadata schema's enums and union tags used below.
-_TENSOR_AXIS_LABELS = 2
-_RGB = 1
-_IMAGE_PROPERTIES = 2
-_NORMALIZATION_OPTIONS = 1
+
+# The metadata schema's (metadata_schema.fbs) enum values and union tags used below, under the
+# schema's own names. Its generated module ships with tflite-support, not with LiteRT, and is not
+# installed for four numbers; tests/test_export.py checks these against the official module.
+class _AssociatedFileType:
+    TENSOR_AXIS_LABELS = 2
+
+
+class _ColorSpaceType:
+    RGB = 1
+
+
+class _ContentProperties:
+    ImageProperties = 2
+
+
+class _ProcessUnitOptions:
+    NormalizationOptions = 1
 
 
 def embed_labels(flatbuffer: bytes, class_names: list[str], image_size: int, description: str) -> bytes:
@@ -83,15 +96,15 @@ def _model_metadata(class_names: list[str], image_size: int, description: str) -
         [
             (0, "offset", string(LABELS_FILE)),
             (1, "offset", string("Class names, one per line, in the order of the output")),
-            (2, "byte", _TENSOR_AXIS_LABELS),
+            (2, "byte", _AssociatedFileType.TENSOR_AXIS_LABELS),
         ]
     )
     size = table([(0, "uint", image_size), (1, "uint", image_size)])
-    image_properties = table([(0, "byte", _RGB), (1, "offset", size)])
-    image_content = table([(0, "ubyte", _IMAGE_PROPERTIES), (1, "offset", image_properties)])
+    image_properties = table([(0, "byte", _ColorSpaceType.RGB), (1, "offset", size)])
+    image_content = table([(0, "ubyte", _ContentProperties.ImageProperties), (1, "offset", image_properties)])
     # The model takes 0–255 pixels as they are: the identity normalisation, as Model Maker states it.
     normalization = table([(0, "offset", floats([0.0])), (1, "offset", floats([1.0]))])
-    process_unit = table([(0, "ubyte", _NORMALIZATION_OPTIONS), (1, "offset", normalization)])
+    process_unit = table([(0, "ubyte", _ProcessUnitOptions.NormalizationOptions), (1, "offset", normalization)])
     stats = table([(0, "offset", floats([255.0])), (1, "offset", floats([0.0]))])
     image = table(
         [

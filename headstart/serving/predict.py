@@ -106,7 +106,7 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
 def predict_with_tflite(model_path: Path, inputs: list[Path], threads: int | None = None) -> Predictions:
     """Predictions of a .tflite classifier written by `headstart export`, run with LiteRT alone
     (no TensorFlow on this path): images decoded and shrunk as for the exported model's checks."""
-    from headstart.edge.tflite_file import TFLiteClassifier, uint8_images
+    from headstart.edge import TFLiteClassifier, uint8_images
 
     model = TFLiteClassifier(model_path, threads)
     usable, skipped = list_images(inputs)

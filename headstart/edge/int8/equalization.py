@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from ai_edge_litert.schema_py_generated import ActivationFunctionType, BuiltinOperator
 
 from headstart.edge.int8.tflite_weights import (
     buffer_holders,
@@ -36,9 +37,13 @@ from headstart.edge.int8.tflite_weights import (
     weights,
 )
 
-# tflite::ActivationFunctionType values under which a channel scaled up by s stays s times the value.
-NO_ACTIVATION = 0
-SCALE_PRESERVING_ACTIVATIONS = {NO_ACTIVATION, 1, 3}  # none, ReLU, ReLU6 (ReLU6 within the widest channel's range)
+# Fused activations under which a channel scaled up by s stays s times the value (ReLU6 within the
+# widest channel's range).
+SCALE_PRESERVING_ACTIVATIONS = {
+    ActivationFunctionType.NONE,
+    ActivationFunctionType.RELU,
+    ActivationFunctionType.RELU6,
+}
 # A channel nearly silent on the calibration images is scaled up at most this much (4 more bits), so
 # that larger values it takes on other images are not clipped at its few calibration values.
 MAXIMUM_CHANNEL_SCALE = 16.0
@@ -108,9 +113,7 @@ class _Graph:
     """Who writes and who reads each tensor of a tflite model's main graph."""
 
     def __init__(self, model):
-        from tensorflow.lite.python import schema_py_generated as schema
-
-        self.model, self.graph, self.kinds = model, model.subgraphs[0], schema.BuiltinOperator
+        self.model, self.graph, self.kinds = model, model.subgraphs[0], BuiltinOperator
         self.writer = {operator.outputs[0]: operator for operator in self.graph.operators}
         self.readers: dict[int, list] = {}
         for operator in self.graph.operators:
@@ -151,7 +154,7 @@ class _Graph:
         """Outputs of convolutions without activation joined by the sums (ADD without activation)
         over them, where every tensor of the group is written by one of those convolutions or sums
         and read only by them or as a convolution's input."""
-        linear = lambda operator: fused_activation(operator) == NO_ACTIVATION  # noqa: E731
+        linear = lambda operator: fused_activation(operator) == ActivationFunctionType.NONE  # noqa: E731
         sums = [
             operator for operator in self.graph.operators if self.kind(operator) == self.kinds.ADD and linear(operator)
         ]

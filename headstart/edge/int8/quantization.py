@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from ai_edge_litert.schema_py_generated import ActivationFunctionType, BuiltinOperator
 
 from headstart.backbone.handles import Backbone
 from headstart.data.preprocessing import decoded_batches
@@ -72,44 +73,79 @@ def full_integer(
     in `range_ends` at which ReLU6 ranges end. The input is `input_type` (float32 unless given), the
     output float32.
 
-    The converter's own steps, with ours in between: it marks the tensors to quantize in a float
-    model (its calibration, on one batch), the channels are equalized where they can be scaled
-    (headstart.edge.int8.equalization), the convolutions' weights are put on their int8 grids so that their
-    rounding errors cancel on the batches (headstart.edge.int8.rounding), the ranges are measured on that
-    model (`measured_ranges`), then the same quantizer its `convert()` calls quantizes. The converter
-    is reached through private hooks (the calibration-only switch and `mlir_quantize`), which its own
-    quantization debugger uses too; they are pinned with TensorFlow in uv.lock, and
-    tests/test_quantization.py checks the ranges on every upgrade.
+    The converter's own steps, with ours in between (`calibrate_then_quantize`): it marks the
+    tensors to quantize in a float model (its calibration, on one batch), the channels are equalized
+    where they can be scaled (headstart.edge.int8.equalization), the convolutions' weights are put on
+    their int8 grids so that their rounding errors cancel on the batches (headstart.edge.int8.rounding),
+    the ranges are measured on that model (`measured_ranges`), then the same quantizer its
+    `convert()` calls quantizes.
     """
-    from tensorflow.lite.python.convert import mlir_quantize
     from tensorflow.lite.tools import flatbuffer_utils
 
     from headstart.edge.int8.equalization import equalize, scalable_channels
     from headstart.edge.int8.rounding import round_compensating
     from headstart.infra.keras import tf
 
+    batches = list(representative())
+    if not batches:
+        raise HeadstartError("int8 conversion calibrates on images, and none could be read")
+
+    def ranged(marked: bytes) -> dict[float, bytes]:
+        model = flatbuffer_utils.convert_bytearray_to_object(marked)
+        groups = scalable_channels(model)
+        if groups:
+            equalize(
+                model,
+                groups,
+                channel_ranges(model, batches, sorted({tensor for group in groups for tensor in group.tensors})),
+            )
+        round_compensating(model, batches)
+        return measured_ranges(model, batches, range_ends)
+
+    # The converter's calibration only marks the tensors to quantize here (one batch does that):
+    # the ranges are measured on all of them.
+    return calibrate_then_quantize(converter, batches[0], ranged, input_type or tf.float32)
+
+
+def calibrate_then_quantize(
+    converter, marking_batch: np.ndarray, set_ranges: Callable[[bytes], dict], input_type
+) -> dict:
+    """The TFLite converter's full-integer quantization cut in two, with `set_ranges` in between.
+    The converter (a TFLiteConverter of a float model) calibrates on `marking_batch` and gives back
+    the float model (a flatbuffer) with every tensor it will quantize marked by a range, one value
+    each; `set_ranges` makes flatbuffers of that model with the ranges (and weights) wanted, by
+    key; each is then quantized by the quantizer `convert()` itself runs next: int8 weights per
+    output channel, int8 activations, `input_type` in and float32 out. Returns key → int8 flatbuffer.
+
+    This is the one place headstart reaches TensorFlow's private API, two hooks that TFLite's own
+    quantization debugger (tensorflow/lite/tools/optimize/debugging) uses as well:
+
+    - `TFLiteConverter._experimental_calibrate_only`: set, `convert()` returns the calibrated float
+      model instead of quantizing it;
+    - `tensorflow.lite.python.convert.mlir_quantize`: the quantizer `convert()` runs on that model.
+
+    TensorFlow is pinned in uv.lock; the day an upgrade removes or changes either hook,
+    tests/test_quantization.py::test_the_private_converter_hooks_int8_relies_on_still_behave fails
+    and names it.
+    """
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    from headstart.infra.keras import tf
+
+    if not hasattr(converter, "_experimental_calibrate_only"):
+        # Set anyway, the attribute would do nothing and convert() would quantize with its own ranges.
+        raise HeadstartError(
+            f"the TFLite converter of TensorFlow {tf.__version__} has no calibration-only switch "
+            "(_experimental_calibrate_only), which int8 conversion relies on"
+        )
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    batches = list(representative())
-    # Its calibration only marks the tensors to quantize here (one batch does that): the ranges are measured below.
-    converter.representative_dataset = lambda: iter([batches[:1]])
+    converter.representative_dataset = lambda: iter([[marking_batch]])
     converter._experimental_calibrate_only = True
-    model = flatbuffer_utils.convert_bytearray_to_object(converter.convert())
-    groups = scalable_channels(model)
-    if groups:
-        equalize(
-            model,
-            groups,
-            channel_ranges(model, batches, sorted({tensor for group in groups for tensor in group.tensors})),
-        )
-    round_compensating(model, batches)
     return {
-        end: mlir_quantize(ranged, input_data_type=input_type or tf.float32, output_data_type=tf.float32)
-        for end, ranged in measured_ranges(model, batches, range_ends).items()
+        key: mlir_quantize(ranged, input_data_type=input_type, output_data_type=tf.float32)
+        for key, ranged in set_ranges(converter.convert()).items()
     }
-
-
-RELU6 = 3  # tflite::ActivationFunctionType
 
 
 def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, ...]) -> dict[float, bytes]:
@@ -124,11 +160,10 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
     int8 a value above a range saturates, so a narrowed range clips exactly as a lower ReLU cap
     would, at no cost in operations.
     """
-    from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
     graph = model.subgraphs[0]
-    relu6_kinds = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D}
+    relu6_kinds = {BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D}
     marked = [
         index
         for index, tensor in enumerate(graph.tensors)
@@ -140,7 +175,7 @@ def measured_ranges(model, batches: list[np.ndarray], range_ends: tuple[float, .
     relu6 = {
         operator.outputs[0]
         for operator in graph.operators
-        if operator_kind(model, operator) in relu6_kinds and fused_activation(operator) == RELU6
+        if operator_kind(model, operator) in relu6_kinds and fused_activation(operator) == ActivationFunctionType.RELU6
     } & set(marked)
     least, largest = {tensor: np.inf for tensor in marked}, {tensor: -np.inf for tensor in marked}
     tops, counts = {tensor: np.empty(0, np.float32) for tensor in relu6}, dict.fromkeys(relu6, 0)

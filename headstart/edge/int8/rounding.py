@@ -17,6 +17,7 @@ on its grid and keeps it.
 from __future__ import annotations
 
 import numpy as np
+from ai_edge_litert.schema_py_generated import BuiltinOperator, Padding
 
 from headstart.edge.int8.tflite_weights import (
     buffer_holders,
@@ -92,9 +93,7 @@ def round_rows(rows: np.ndarray, products: np.ndarray) -> np.ndarray:
 def _convolutions(model) -> list:
     """The CONV_2D and depthwise operators whose float filters this can round: undilated, one output
     channel per input channel where depthwise, filters held by no other operator."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    kinds = (schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D)
+    kinds = (BuiltinOperator.CONV_2D, BuiltinOperator.DEPTHWISE_CONV_2D)
     holders, graph = buffer_holders(model), model.subgraphs[0]
     found = []
     for operator in graph.operators:
@@ -138,7 +137,7 @@ def _patches(inputs: np.ndarray, operator, height: int, width: int) -> np.ndarra
     n, rows, columns, channels = inputs.shape
     if (height, width, stride_h, stride_w) == (1, 1, 1, 1):
         return inputs[:, :, :, np.newaxis, np.newaxis, :]
-    if options.padding == 0:  # SAME
+    if options.padding == Padding.SAME:
         out_h, out_w = -(-rows // stride_h), -(-columns // stride_w)
         pad_h, pad_w = max((out_h - 1) * stride_h + height - rows, 0), max((out_w - 1) * stride_w + width - columns, 0)
         inputs = np.pad(inputs, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))

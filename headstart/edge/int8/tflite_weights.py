@@ -7,8 +7,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-
-FLOAT32 = 0  # tflite::TensorType
+from ai_edge_litert.schema_py_generated import BuiltinOperator, TensorType
 
 
 def buffer_holders(model) -> dict[int, int]:
@@ -25,7 +24,7 @@ def owns_weights(model, operators, holders: dict[int, int]) -> bool:
     graph = model.subgraphs[0]
     weights = [tensor for operator in operators for tensor in operator.inputs[1:3] if tensor >= 0]
     return all(
-        graph.tensors[tensor].type == FLOAT32
+        graph.tensors[tensor].type == TensorType.FLOAT32
         and model.buffers[graph.tensors[tensor].buffer].data is not None
         and holders[graph.tensors[tensor].buffer] == 1
         for tensor in weights
@@ -45,9 +44,7 @@ def fused_activation(operator) -> int | None:
 def is_depthwise(model, operator) -> bool:
     """Whether the operator is a depthwise convolution, whose filter [1, height, width, channels]
     has its output channels last (a CONV_2D filter [out, height, width, in] has them first)."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    return operator_kind(model, operator) == schema.BuiltinOperator.DEPTHWISE_CONV_2D
+    return operator_kind(model, operator) == BuiltinOperator.DEPTHWISE_CONV_2D
 
 
 def weights(model, tensor: int) -> np.ndarray:
