@@ -78,11 +78,12 @@ def train_head(
     them gives the same gradients without running MobileNetV2 epochs × images times.
 
     Both splits stream in chunks (a FeatureStream reads one row group at a time, the train split
-    shuffled), so memory does not grow with the dataset. Each training chunk
-    is one graph call that steps through its mini-batches: the head's step is so cheap that
-    `fit`'s per-step and per-epoch machinery cost more than the training (4–5 s vs ~1 s here).
-    Early stopping as in Keras: after `patience` epochs without a lower validation loss, keeping
-    the weights of the best epoch.
+    shuffled), so memory does not grow with the dataset. Each training chunk is one graph call
+    that steps through its mini-batches: the head's step is so cheap that `fit`'s per-step and
+    per-epoch machinery would cost more than the training, and `fit` on the same batches reached a
+    different test accuracy (both in benchmarks/results/speed-tricks.md). Early stopping as in
+    Keras: after `patience` epochs without a lower validation loss, keeping the weights of the
+    best epoch.
     """
     train, validation = (
         InMemoryFeatures(*split) if isinstance(split, tuple) else split for split in (train, validation)
@@ -100,8 +101,7 @@ def train_head(
         tf.TensorSpec([None], tf.int64),
     )
 
-    # Written as graph code (tf.while_loop) rather than converted by AutoGraph, whose conversion
-    # took 0.3 s of every run.
+    # Written as graph code (tf.while_loop), so that AutoGraph has no Python loop to convert on every run.
     @tf.function(input_signature=rows_spec, autograph=False)
     def fit_rows(features, labels, order):
         """One optimiser step per mini-batch of `order`'s rows; returns (summed loss, correct predictions)."""
