@@ -343,7 +343,8 @@ def run() -> None:
     """The `headstart` command: `main`, then an exit that skips tearing down the interpreter.
 
     Once every exit handler has run (Prefect sends its last logs and events, files are closed),
-    freeing TensorFlow's and LiteRT's objects one by one still took 1.4 s of every command.
+    freeing TensorFlow's and LiteRT's objects one by one is all that is left, and a user waits for
+    it: a large share of a one-image predict (benchmarks/results/speed-tricks.md).
     """
     status = 1  # an exception escaping main() exits with 1, as Python would
 

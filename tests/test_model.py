@@ -60,36 +60,6 @@ def test_training_learns_and_is_deterministic(setup):
     assert (results[0][1].argmax(1) == labels).mean() >= 0.9
 
 
-def test_a_split_kept_in_memory_trains_exactly_as_the_streamed_split(setup):
-    config, backbone, _ = setup
-    features = _features(
-        config, backbone, config.runtime.cache_dir / "grouped", rows_per_group=8
-    )  # several row groups per split
-    results = []
-    for resident_bytes in (10**9, 0):
-        classifier = _classifier(backbone)
-        history = train_head(
-            classifier,
-            features.stream("train"),
-            features.stream("validation"),
-            4,
-            5,
-            3e-2,
-            5,
-            seed=3,
-            resident_bytes=resident_bytes,
-        )
-        results.append((history, classifier.get_layer("head_dense").get_weights()))
-    assert len(features.stream("train").groups) >= 3
-    (in_memory_history, _), (streamed_history, _) = results
-    assert in_memory_history["loss"] == pytest.approx(
-        streamed_history["loss"], rel=1e-12, abs=0
-    )  # float64 sums, grouped differently
-    assert {**in_memory_history, "loss": None} == {**streamed_history, "loss": None}
-    for in_memory, streamed in zip(results[0][1], results[1][1]):
-        np.testing.assert_array_equal(in_memory, streamed)
-
-
 def test_early_stopping_keeps_the_best_epoch(setup):
     _, backbone, features = setup
     train_features, train_labels, _ = features.load("train")

@@ -30,8 +30,7 @@ def build_hub_module(network: keras.Model, image_size: int, mirror_average: bool
     `__call__` takes no `training` argument, which the convention allows: the network behaves
     the same either way (its BatchNorm is folded into fixed ImageNet statistics, which a small
     new dataset would only wreck), and each traced variant would be one more copy of the network
-    for every load to restore (before BatchNorm was folded, three copies took 0.8 s to load
-    and two 0.5 s).
+    for every load to restore.
 
     With `mirror_average`, the features of each image are the mean of the network's features of
     the image and of its mirror image: a head on top sees both orientations (for a linear head,
@@ -39,7 +38,7 @@ def build_hub_module(network: keras.Model, image_size: int, mirror_average: bool
     """
     module = tf.__internal__.tracking.AutoTrackable()
     # The Keras network itself is not attached: saving it would serialise (and trace) every layer,
-    # which made export, every load and hub.KerasLayer several times slower. The functions and the
+    # which export, every load and hub.KerasLayer would then read back. The functions and the
     # variable lists below are all a hub module needs.
     normalize = imagenet_normalization()
 

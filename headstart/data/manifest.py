@@ -140,28 +140,6 @@ def scan_files(resolved_paths: list[str], cache_dir: Path, show_progress: bool =
     return results
 
 
-def real_paths(paths: list[Path]) -> list[str]:
-    """Each file's path with every symlink resolved, as Path.resolve() gives it.
-
-    Each directory is resolved once; after that a file costs a system call, or three where it
-    is a symlink. Resolving each path whole took one per path component (0.45 s for 10 000 files).
-    """
-    real_directories: dict[str, str] = {}
-
-    def real_path(path: str) -> str:
-        for _ in range(40):  # the limit of symlinks the kernel follows in one path
-            directory, name = os.path.split(path)
-            if directory not in real_directories:
-                real_directories[directory] = os.path.realpath(directory)
-            path = os.path.join(real_directories[directory], name)
-            if not os.path.islink(path):
-                return path
-            path = os.path.join(real_directories[directory], os.readlink(path))
-        return os.path.realpath(path)  # a symlink loop: as Path.resolve() reports it
-
-    return [real_path(str(path)) for path in paths]
-
-
 def build_manifest(
     labelled_files: list[tuple[Path, int, str | None]],
     class_names: list[str],
@@ -173,7 +151,7 @@ def build_manifest(
     show_progress: bool = False,
 ) -> Manifest:
     """Hashes, checks and splits files into a manifest; `fixed_split` (third item) overrides the hash split."""
-    resolved = real_paths([path for path, _, _ in labelled_files])  # symlinked datasets point at their files
+    resolved = [os.path.realpath(path) for path, _, _ in labelled_files]  # symlinked datasets point at their files
     scanned = scan_files(resolved, cache_dir, show_progress)
     rows = {"path": [], "label": [], "class_name": [], "sha256": [], "split": []}
     first_seen: dict[str, tuple[Path, int]] = {}

@@ -35,8 +35,8 @@ def resize_images(images, image_size: int):
 def enlarge_images(images, image_size: int):
     """Enlarges a float batch to image_size × image_size with plain bilinear interpolation.
 
-    Where no side shrinks, antialiasing changes nothing (measured ≤ 2e-7; the tests check 1e-6)
-    and costs 2.7× the time; LiteRT has this resize and not the antialiased one.
+    Where no side shrinks, antialiasing changes nothing (the tests check 1e-6) but costs time;
+    LiteRT has this resize and not the antialiased one.
     """
     from headstart.infra.keras import tf
 

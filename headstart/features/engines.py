@@ -74,8 +74,8 @@ class LiteRTEngine:
         return _recorded_parity(self.model_path)
 
 
-# Images per invoke: as fast as one at a time (measured 244–248 vs 237–246 img/s), with a quarter
-# of the returns to Python, each of which waits for the GIL while another thread holds it.
+# Images per invoke: a few, so that the interpreter returns to Python, and waits for the GIL while
+# another thread holds it, once per few images rather than once per image.
 # Features are bit-for-bit the same whatever the batch and thread count.
 IMAGES_PER_INVOKE = 4
 
@@ -84,12 +84,12 @@ class _LiteRTRunner:
     """Feeds a converted model a few images per invoke, at their own size where they are enlarged.
 
     The model resizes its input itself (bilinear, inside the XNNPACK graph), so small images such as
-    CIFAR's are never enlarged in NumPy or TensorFlow: measured here, that resize, run beside the
-    interpreter, slowed extraction by 20 %. Images larger than the native size on any side are
+    CIFAR's are never enlarged in NumPy or TensorFlow, whose resize would run beside the
+    interpreter and compete with it for the cores. Images larger than the native size on any side are
     shrunk with antialiasing first (`decoded_batches` already does), to exactly the native size,
     where the model's own resize is the identity.
-    Consecutive images of one size go together, up to IMAGES_PER_INVOKE: small batches ran ~20 %
-    faster than batches of 64 (their activations stay in cache), and no batch ever needs padding.
+    Consecutive images of one size go together, up to IMAGES_PER_INVOKE: a small batch's
+    activations stay in the CPU's cache, and no batch ever needs padding.
     """
 
     def __init__(self, interpreter, image_size: int):

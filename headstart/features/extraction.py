@@ -25,7 +25,6 @@ from headstart.config import Engine
 from headstart.data.preprocessing import apply_to_decoded, decoded_batches
 from headstart.features.cache import FeatureCache, Shard
 from headstart.features.engines import choose_engine, litert_ready_without_tensorflow
-from headstart.infra.storage import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +189,6 @@ class ExtractionContext:
             )
             if kept:
                 FeatureCache(self.cache_dir, backbone).write_shard([hashes[index] for index in kept], features)
-        del features
-        release_freed_memory()
         return ExtractedShard(
             engine.name, len(kept), tuple((hashes[index], paths[index], reason) for index, reason in unusable)
         )

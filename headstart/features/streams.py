@@ -24,20 +24,6 @@ class FeatureStream:
     num_rows: int
     features_bytes: int  # the features' size in memory, uncompressed
 
-    def kept_in_memory(self, max_bytes: int) -> "FeatureStream | InMemoryFeatures":
-        """The split read into memory once, where it fits in max_bytes; else this stream.
-        Either way an epoch visits the same rows in the same order."""
-        if (
-            self.features_bytes > max_bytes or not self.num_rows
-        ):  # an empty split (no validation) stays a stream of nothing
-            return self
-        chunks = list(self.chunks())
-        return InMemoryFeatures(
-            np.concatenate([features for features, _ in chunks]),
-            np.concatenate([labels for _, labels in chunks]),
-            groups=tuple((group, len(labels)) for group, (_, labels) in zip(self.groups, chunks)),
-        )
-
     def chunks(self, order: np.ndarray | None = None):
         """(features, labels) of each row group, in file order or in `order`."""
         parquet = pq.ParquetFile(self.path)
@@ -59,9 +45,6 @@ class InMemoryFeatures:
 
     features: np.ndarray
     labels: np.ndarray
-    # (row group, rows) of each group the rows came from, in file order, when they are a
-    # FeatureStream's: an epoch then shuffles them exactly as that stream would.
-    groups: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -70,20 +53,6 @@ class InMemoryFeatures:
     def chunks(self):
         yield self.features, self.labels.astype(np.int64)
 
-    def shuffled_order(self, seed: int, epoch: int) -> np.ndarray:
-        """Row positions in one epoch's order, drawn as `FeatureStream.shuffled_chunks` draws them."""
-        generator = np.random.default_rng([seed, epoch])
-        if not self.groups:
-            return generator.permutation(len(self.labels))
-        start_and_rows, start = {}, 0
-        for group, rows in self.groups:
-            start_and_rows[group] = (start, rows)
-            start += rows
-        group_order = generator.permutation(np.array([group for group, _ in self.groups], dtype=np.int64)).tolist()
-        return np.concatenate(
-            [start_and_rows[group][0] + generator.permutation(start_and_rows[group][1]) for group in group_order]
-        )
-
     def shuffled_chunks(self, seed: int, epoch: int):
-        order = self.shuffled_order(seed, epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.labels))
         yield self.features[order], self.labels[order].astype(np.int64)

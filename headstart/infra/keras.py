@@ -2,8 +2,8 @@
 
 TensorFlow Hub's `KerasLayer` is a tf_keras (Keras 2) layer and breaks inside Keras 3 models, so
 every model in headstart is built with tf_keras, imported from here. TensorFlow's own `tf.keras`
-is made that same tf_keras too, instead of importing Keras 3 as well, which took 2.5 s of every
-run's start-up.
+is made that same tf_keras too, so that Keras 3 is never imported as well: that import is a large
+share of a one-image predict (benchmarks/results/speed-tricks.md).
 """
 
 import os
@@ -30,9 +30,10 @@ def _legacy_keras_for_tensorflow():
 
 
 # tensorflow_hub first tries the load context of standalone Keras 2, which Keras 3 lacks: the
-# attempt imported all of Keras 3 (and matplotlib with it), 0.3–0.5 s of every hub layer load,
-# before falling back to tf_keras's. A None entry makes that import fail at once
-# (ModuleNotFoundError, without importing `keras`); hub then uses tf_keras's, the one our models need.
+# attempt imports all of Keras 3 (and matplotlib with it) before falling back to tf_keras's, a
+# large share of a one-image predict (benchmarks/results/speed-tricks.md). A None entry makes that
+# import fail at once (ModuleNotFoundError, without importing `keras`); hub then uses tf_keras's,
+# the one our models need.
 sys.modules.setdefault("keras.saving.legacy.saved_model", None)
 
 # Before TensorFlow first logs; a level the user set is respected.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import json
@@ -105,14 +104,3 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 def file_sha256(path: Path) -> str:
     return file_digest(path, "sha256")
 
-
-def release_freed_memory() -> None:
-    """Hands memory that was freed back to the operating system (glibc keeps it otherwise).
-
-    Called between large, repeated steps such as extraction shards, so that the process's
-    resident memory reflects what it holds rather than what it once held.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

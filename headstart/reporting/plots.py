@@ -68,9 +68,9 @@ def plot_prediction_grid(
 ) -> bytes:
     """Images with 'predicted (probability) / true' captions, green when right, red when wrong.
 
-    One picture of all the thumbnails rather than an axes per image: twelve axes took 0.25 s per
-    grid to lay out and render, the montage 0.18–0.20 s; and a large photo is decoded at reduced
-    size and scaled once, by PIL, instead of by matplotlib at full size.
+    One picture of all the thumbnails rather than an axes per image, which matplotlib would lay out
+    and render one by one; and a large photo is decoded at reduced size and scaled once, by PIL,
+    instead of by matplotlib at full size.
     """
     count = max(1, len(paths))
     columns = min(6, count)

@@ -17,11 +17,6 @@ from headstart.infra.keras import keras, tf
 HEAD_DROPOUT = "head_dropout"
 HEAD_DENSE = "head_dense"
 
-# Features a split may keep in memory across epochs, rather than reading them again each epoch:
-# 10 000 images' worth (51 MB at 1280 floats each) saves ~1 s of training, and peak memory stays
-# bounded whatever the dataset size.
-RESIDENT_FEATURE_BYTES = 64 * 2**20
-
 
 @keras.utils.register_keras_serializable(package="headstart")
 class ImagePreprocessing(keras.layers.Layer):
@@ -72,7 +67,6 @@ def train_head(
     learning_rate: float,
     patience: int,
     seed: int,
-    resident_bytes: int = RESIDENT_FEATURE_BYTES,
     on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None,
 ) -> dict[str, list[float]]:
     """Trains the classifier's head on cached backbone features; returns the per-epoch history
@@ -84,14 +78,16 @@ def train_head(
     them gives the same gradients without running MobileNetV2 epochs × images times.
 
     Both splits stream in chunks (a FeatureStream reads one row group at a time, the train split
-    shuffled), so memory does not grow with the dataset. Each training chunk
-    is one graph call that steps through its mini-batches: the head's step is so cheap that
-    `fit`'s per-step and per-epoch machinery cost more than the training (4–5 s vs ~1 s here).
-    Early stopping as in Keras: after `patience` epochs without a lower validation loss, keeping
-    the weights of the best epoch. A split whose features fit in `resident_bytes` is read into
-    memory once instead of streamed: same rows, same order.
+    shuffled), so memory does not grow with the dataset. Each training chunk is one graph call
+    that steps through its mini-batches: the head's step is so cheap that `fit`'s per-step and
+    per-epoch machinery would cost more than the training, and `fit` on the same batches reached a
+    different test accuracy (both in benchmarks/results/speed-tricks.md). Early stopping as in
+    Keras: after `patience` epochs without a lower validation loss, keeping the weights of the
+    best epoch.
     """
-    train, validation = (_in_memory_where_small(split, resident_bytes) for split in (train, validation))
+    train, validation = (
+        InMemoryFeatures(*split) if isinstance(split, tuple) else split for split in (train, validation)
+    )
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     feature_dim = int(classifier.get_layer(HEAD_DENSE).input_shape[-1])
@@ -105,8 +101,7 @@ def train_head(
         tf.TensorSpec([None], tf.int64),
     )
 
-    # Written as graph code (tf.while_loop) rather than converted by AutoGraph, whose conversion
-    # took 0.3 s of every run.
+    # Written as graph code (tf.while_loop), so that AutoGraph has no Python loop to convert on every run.
     @tf.function(input_signature=rows_spec, autograph=False)
     def fit_rows(features, labels, order):
         """One optimiser step per mini-batch of `order`'s rows; returns (summed loss, correct predictions)."""
@@ -140,27 +135,10 @@ def train_head(
             labels, probabilities
         )
 
-    train_tensors = _as_tensors(train.features, train.labels) if isinstance(train, InMemoryFeatures) else None
-    validation_chunks = (
-        [_as_tensors(*chunk) for chunk in validation.chunks()] if isinstance(validation, InMemoryFeatures) else None
-    )
-
-    def epoch_parts(epoch: int):
-        """(features, labels, order) whose rows, in order, are the epoch's shuffled training rows."""
-        if isinstance(train, InMemoryFeatures):
-            # One graph call per epoch, on features handed to TensorFlow once, rather than a call
-            # per row group on freshly shuffled copies (10 epochs on 8 036 images: 1.9 s → 1.6–1.9 s).
-            return [(train_tensors[0], train_tensors[1], train.shuffled_order(seed, epoch))]
-        return (
-            (features, labels, np.arange(len(labels)))
-            for features, labels in _whole_batches(train.shuffled_chunks(seed, epoch), batch_size)
-        )
-
     def score() -> tuple[float, float]:
-        chunks = validation_chunks if validation_chunks is not None else validation.chunks()
-        sums = np.array([[float(value) for value in score_chunk(features, labels)] for features, labels in chunks]).sum(
-            0
-        )
+        sums = np.array(
+            [[float(value) for value in score_chunk(features, labels)] for features, labels in validation.chunks()]
+        ).sum(0)
         return float(sums[0] / validation.num_rows), float(sums[1] / validation.num_rows)
 
     has_validation = validation is not None and validation.num_rows > 0
@@ -170,8 +148,8 @@ def train_head(
     best_loss, best_weights, epochs_without_improvement = np.inf, None, 0
     for epoch in range(epochs):
         loss_sum = correct = 0.0
-        for features, labels, order in epoch_parts(epoch):
-            chunk_loss, chunk_correct = fit_rows(features, labels, order)
+        for features, labels in _whole_batches(train.shuffled_chunks(seed, epoch), batch_size):
+            chunk_loss, chunk_correct = fit_rows(features, labels, np.arange(len(labels)))
             loss_sum, correct = loss_sum + float(chunk_loss), correct + float(chunk_correct)
         history["loss"].append(loss_sum / train.num_rows)
         history["accuracy"].append(correct / train.num_rows)
@@ -192,16 +170,6 @@ def train_head(
     if best_weights is not None:
         head.set_weights(best_weights)
     return history
-
-
-def _in_memory_where_small(split, resident_bytes: int):
-    if isinstance(split, tuple):
-        return InMemoryFeatures(*split)
-    return split.kept_in_memory(resident_bytes) if isinstance(split, FeatureStream) else split
-
-
-def _as_tensors(features: np.ndarray, labels: np.ndarray):
-    return tf.constant(features, tf.float32), tf.constant(labels, tf.int64)
 
 
 def _correct(labels, probabilities):
