@@ -103,4 +103,3 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 def file_sha256(path: Path) -> str:
     return file_digest(path, "sha256")
-
