@@ -1,8 +1,6 @@
 """Feature extraction: the same numbers eagerly and streamed, from every engine, and from the cache."""
 
 import logging
-import threading
-import types
 
 import numpy as np
 import pyarrow as pa
@@ -86,30 +84,6 @@ def test_litert_features_are_the_same_on_one_thread_and_on_two(tiny, tmp_path):
     generator = np.random.default_rng(1)
     images = [generator.random(shape, dtype=np.float32) for shape in [(32, 32, 3)] * 6 + [(20, 24, 3), (32, 32, 3)]]
     np.testing.assert_array_equal(engine(images, threads=2), engine(images, threads=1))
-
-
-class _SlowToLoad:
-    """A backbone whose Keras layer arrives only when the test releases it."""
-
-    def __init__(self):
-        self.release = threading.Event()
-        self.layer = types.SimpleNamespace(trainable=None)
-
-    def keras_layer(self):
-        assert self.release.wait(timeout=60)
-        return self.layer
-
-
-def test_the_context_extracts_on_one_thread_while_it_loads_the_backbone_beside(tmp_path):
-    context = ExtractionContext(tmp_path, ExtractionSettings("auto", threads=2))
-    backbone = _SlowToLoad()
-    assert not context.backbone_loading and context.forward_threads() == 2
-    context.load_keras_layer_in_background(backbone)
-    assert context.backbone_loading and context.forward_threads() == 1
-    backbone.release.set()
-    assert context.keras_layer(backbone) is backbone.layer and backbone.layer.trainable is False
-    assert not context.backbone_loading and context.forward_threads() == 2
-    context.close()
 
 
 class _Progress:

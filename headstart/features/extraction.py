@@ -1,15 +1,13 @@
 """Extracting a shard of images into the feature cache, within an explicit extraction context.
 
 The context is what the flow owns for one run and passes to every extraction step: the engine
-settings, the engines it builds (kept for later shards), and the backbone being loaded into
-TensorFlow beside the extraction. Nothing here lives in a module global.
+settings and the engines it builds (kept for later shards). Nothing here lives in a module global.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,12 +48,9 @@ class ExtractionContext:
       cache and the converted LiteRT models lie.
     - The engines it builds, one per backbone, kept for later shards. One extraction uses them
       at a time (a LiteRT interpreter must not run in two threads at once).
-    - The backbone loading into TensorFlow beside the extraction
-      (`load_keras_layer_in_background`; `keras_layer` takes the result). While it loads,
-      LiteRT runs on one thread.
 
     A copy sent to another process (a Dask worker) carries its settings only and builds its own
-    engines. `close()`, or leaving a `with` block, drops the engines and stops waiting for the load.
+    engines. `close()`, or leaving a `with` block, drops the engines.
     """
 
     def __init__(self, cache_dir: Path, settings: ExtractionSettings = ExtractionSettings()):
@@ -67,8 +62,6 @@ class ExtractionContext:
         self._engines: dict[Backbone, object] = {}
         self._engines_lock = threading.Lock()
         self._forward_lock = threading.Lock()
-        self._loader: ThreadPoolExecutor | None = None
-        self._layers: dict[Backbone, Future] = {}
 
     def __getstate__(self) -> dict:
         return {"cache_dir": self.cache_dir, "settings": self.settings}
@@ -84,40 +77,8 @@ class ExtractionContext:
         self.close()
 
     def close(self) -> None:
-        if self._loader is not None:
-            self._loader.shutdown(wait=False)
-            self._loader = None
-        self._layers.clear()
         with self._engines_lock:
             self._engines.clear()
-
-    # --- the backbone in TensorFlow, loaded beside the extraction -----------------------------
-
-    def load_keras_layer_in_background(self, backbone: Backbone) -> None:
-        """Starts importing TensorFlow and loading the backbone into a Keras layer, on a thread of its own.
-
-        For while the LiteRT engine extracts features, which holds the GIL only between images:
-        the import (2–3 s) and the load (~1 s) then run beside it rather than after it. On 910
-        new images at 224 px, extraction and load took 8.9 s one after the other, 7.8–8.3 s side
-        by side. The next `keras_layer(backbone)` takes that layer.
-        """
-        if backbone in self._layers:
-            return
-        if self._loader is None:
-            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-backbone")
-        self._layers[backbone] = self._loader.submit(backbone.keras_layer)
-
-    @property
-    def backbone_loading(self) -> bool:
-        """Whether a load started by `load_keras_layer_in_background` is at work right now."""
-        return any(not layer.done() for layer in list(self._layers.values()))
-
-    def keras_layer(self, backbone: Backbone, trainable: bool = False):
-        """The layer loaded in the background for this backbone (once), or a new one."""
-        loading = self._layers.pop(backbone, None)
-        layer = loading.result() if loading is not None else backbone.keras_layer()
-        layer.trainable = trainable
-        return layer
 
     # --- the forward pass ------------------------------------------------------------------
 
@@ -133,15 +94,6 @@ class ExtractionContext:
                 self._engines[backbone] = choice.engine
             return self._engines[backbone]
 
-    def forward_threads(self) -> int | None:
-        """Threads for the next forward pass: one while the backbone loads beside it, else the settings'.
-
-        XNNPACK's threads wait for each other after every layer, so one that shares its core
-        drags the rest: while the backbone loaded into TensorFlow beside the engine, two threads
-        ran at 107 img/s and one at 124 (219 with the cores to themselves).
-        """
-        return 1 if self.backbone_loading else self.settings.threads
-
     def extract_shard(self, shard: Shard, backbone: Backbone, progress=None) -> ExtractedShard:
         """Runs the backbone over one shard's images and caches their features. Each file is decoded
         from the bytes whose hash matches the one it was scanned with: what is cached under a hash
@@ -151,7 +103,7 @@ class ExtractionContext:
             engine = self.engine(backbone)
             features, kept, unusable = apply_to_decoded(
                 decoded_batches(paths, backbone.image_size, self.settings.batch_size, hashes),
-                lambda images: engine(images, self.forward_threads()),
+                engine,
                 progress,
             )
             if kept:
