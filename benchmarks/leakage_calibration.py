@@ -94,9 +94,7 @@ MODIFICATIONS = {
 
 def _features(paths: list[str], backbone, context: ExtractionContext) -> np.ndarray:
     engine = context.engine(backbone)
-    return np.concatenate(
-        [engine(images, context.forward_threads()) for images in decoded_batches(paths, backbone.image_size, 64)]
-    )
+    return np.concatenate([engine(images) for images in decoded_batches(paths, backbone.image_size, 64)])
 
 
 def synthetic_similarities(

@@ -47,6 +47,8 @@ RESULTS = PROJECT / "benchmarks" / "results"
 DEMO = PROJECT / "examples" / "cats-vs-dogs"
 PYTHON = sys.executable
 
+STARTED = time.perf_counter()
+
 # Where the measured process reports what it timed (the trainer's seconds, child-process calls).
 REPORT_VARIABLE = "HEADSTART_SPEED_TRICKS_REPORT"
 
@@ -68,6 +70,8 @@ def _no_child_process(module) -> None:
 
 
 def _count_child_processes(module) -> None:
+    if not hasattr(module, "_extract_shard_in_child"):
+        return
     original = module._extract_shard_in_child
 
     def counted(*args, **kwargs):
@@ -121,6 +125,20 @@ def _streamed_features(module) -> None:
     module.train_head = lambda *args, **kwargs: trainer(*args, **{**kwargs, "resident_bytes": 0})
 
 
+def _timed_handlers(module) -> None:
+    """Reports when the command's work is done, before the exit: Prefect's shutdown rounds the
+    wall time to whole seconds or so, which hides smaller differences."""
+    for name in ("_train", "_predict"):
+        handler = getattr(module, name)
+
+        def timed(args, handler=handler):
+            status = handler(args)
+            _report("work_seconds", time.perf_counter() - STARTED)
+            return status
+
+        setattr(module, name, timed)
+
+
 # trick name → (module, patch applied right after that module is imported)
 SWITCHES = {
     "child-process": ("headstart.features.extraction", _no_child_process),
@@ -136,7 +154,27 @@ SWITCHES = {
 # by how the command is started.
 ENVIRONMENT_SWITCHES = {"legacy-keras-only": {"TF_USE_LEGACY_KERAS": "0"}}
 OTHER_SWITCHES = {"os-exit"}
+# Where each trick lives: one whose code is gone (removed after it was measured) is not measured again.
+MARKERS = {
+    "child-process": ("headstart/features/extraction.py", "def _extract_shard_in_child"),
+    "background-load": ("headstart/features/extraction.py", "def load_keras_layer_in_background"),
+    "background-import": ("flows/train.py", "def _import_in_background"),
+    "malloc-trim": ("headstart/infra/storage.py", "malloc_trim"),
+    "realpath": ("headstart/data/manifest.py", "def real_paths"),
+    "keras3-import-blocked": ("headstart/infra/keras.py", '"keras.saving.legacy.saved_model", None'),
+    "legacy-keras-only": ("headstart/infra/keras.py", "TF_USE_LEGACY_KERAS"),
+    "os-exit": ("flows/cli.py", "os._exit"),
+    "while-loop-trainer": ("headstart/training/head.py", "tf.while_loop"),
+    "resident-features": ("headstart/training/head.py", "RESIDENT_FEATURE_BYTES"),
+}
+
+
+def present(tricks: list[str]) -> list[str]:
+    return [name for name in tricks if MARKERS[name][1] in (PROJECT / MARKERS[name][0]).read_text()]
+
+
 ALWAYS = [
+    ("flows.cli", _timed_handlers),
     ("headstart.features.extraction", _count_child_processes),
     ("headstart.training.head", _timed_trainer),
 ]
@@ -200,19 +238,28 @@ def train_head_fit(
     learning_rate: float,
     patience: int,
     seed: int,
-    resident_bytes: int | None = None,
     on_epoch=None,
+    resident_bytes: int | None = None,
 ) -> dict[str, list[float]]:
     """`headstart.training.head.train_head` by Keras `fit`: the same mini-batches in the same order
     each epoch (the splits' own seeded shuffle, fed through tf.data), Adam, early stopping on the
     validation loss with the best epoch's weights restored."""
     import itertools
 
+    from headstart.features.streams import InMemoryFeatures
     from headstart.infra.keras import keras, tf
     from headstart.training import head as trainer
 
-    resident_bytes = trainer.RESIDENT_FEATURE_BYTES if resident_bytes is None else resident_bytes
-    train, validation = (trainer._in_memory_where_small(split, resident_bytes) for split in (train, validation))
+    def small_in_memory(split):  # as the trainer did while it kept small splits in memory
+        if isinstance(split, tuple):
+            return InMemoryFeatures(*split)
+        if resident_bytes is not None and hasattr(split, "kept_in_memory"):
+            return split.kept_in_memory(resident_bytes)
+        return split
+
+    if resident_bytes is None and hasattr(trainer, "RESIDENT_FEATURE_BYTES"):
+        resident_bytes = trainer.RESIDENT_FEATURE_BYTES
+    train, validation = small_in_memory(train), small_in_memory(validation)
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     feature_dim = int(classifier.get_layer(trainer.HEAD_DENSE).input_shape[-1])
@@ -290,6 +337,9 @@ def timed_command(argv: list[str], without: list[str], env: dict, work: Path) ->
     work.mkdir(parents=True, exist_ok=True)
     report = work / f"report-{time.monotonic_ns()}.jsonl"
     env = {**env, REPORT_VARIABLE: str(report)}
+    if BASELINE in without:  # the same command on another tree's code (the one before a change)
+        without = [name for name in without if name != BASELINE]
+        env["PYTHONPATH"] = str(BASELINE_TREE)
     for name in without:
         env.update(ENVIRONMENT_SWITCHES.get(name, {}))
     rss = report.with_suffix(".rss")
@@ -302,7 +352,7 @@ def timed_command(argv: list[str], without: list[str], env: dict, work: Path) ->
         "--",
         *argv,
     ]
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     result = subprocess.run(command, cwd=PROJECT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
@@ -313,20 +363,55 @@ def timed_command(argv: list[str], without: list[str], env: dict, work: Path) ->
             for key, value in json.loads(line).items():
                 reported[key] = reported.get(key, 0) + value if key == "child_process_shards" else value
         report.unlink()
+    last_print = _flow_last_print(result.stderr, started_at)
+    if last_print is not None:
+        reported["flow_printed_seconds"] = last_print
     if rss.exists():
         reported["peak_rss_mb"] = int(rss.read_text().split()[-1]) / 1024
         rss.unlink()
     return {"seconds": seconds, "stdout": result.stdout.strip().splitlines()[-1:] or [""], **reported}
 
 
+def _flow_last_print(stderr: str, started_at: float) -> float | None:
+    """Seconds from the command's start to the flow's last line ("headstart: test accuracy …" or
+    "… nothing trained …"), from its log timestamp: the flow's work, before Prefect finishes the
+    run, which rounds the wall time to about whole seconds."""
+    import datetime
+    import re
+
+    stamps = re.findall(r"^(\d\d:\d\d:\d\d\.\d{3}) \| INFO +\| Flow run '[^']*' - headstart: ", stderr, re.MULTILINE)
+    if not stamps:
+        return None
+    day = datetime.datetime.fromtimestamp(started_at)
+    clock = datetime.datetime.strptime(stamps[-1], "%H:%M:%S.%f").time()
+    printed = datetime.datetime.combine(day.date(), clock)
+    return (printed - day).total_seconds() % 86400
+
+
 def summary(runs: list[dict]) -> dict:
     seconds = [run["seconds"] for run in runs]
-    return {
-        "median": statistics.median(seconds),
-        "min": min(seconds),
-        "max": max(seconds),
-        "seconds": seconds,
-    }
+    result = {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "seconds": seconds}
+    for key in ("work_seconds", "flow_printed_seconds"):
+        values = [run[key] for run in runs if key in run]
+        if len(values) == len(runs):
+            name = key.removesuffix("_seconds")
+            result |= {
+                f"{name}_median": statistics.median(values),
+                f"{name}_min": min(values),
+                f"{name}_max": max(values),
+            }
+    return result
+
+
+# A configuration that runs every trick on, on the code of BASELINE_TREE (`--baseline-tree`).
+BASELINE = "@baseline"
+BASELINE_TREE: Path | None = None
+
+
+def with_baseline(configurations: dict[str, list[str]]) -> dict[str, list[str]]:
+    if BASELINE_TREE is None:
+        return configurations
+    return {f"code at {BASELINE_TREE.name}": [BASELINE], **configurations}
 
 
 def take_turns(configurations: dict[str, list[str]], repeats: int, measure) -> dict[str, list[dict]]:
@@ -346,11 +431,12 @@ def scenario_train(data: Path, work: Path, env: dict, tricks: list[str], repeats
     """`headstart train --data DATA` on a cache that is: "empty" each time (a first run); "models"
     each time, holding the backbone and its LiteRT conversion but no features (a first run on new
     images, where the child process can act); or "everything", that of one earlier run (a repeat)."""
-    configurations = {"all tricks on": [], **{f"without {name}": [name] for name in tricks}}
     counter = iter(range(10**6))
     reference = work / "reference"
     if cache != "empty":
         timed_command(train_argv(data, reference), [], env, work)
+    tricks = present(tricks)
+    configurations = {"all tricks on": [], **{f"without {name}": [name] for name in tricks}}
 
     def measure(without: list[str]) -> dict:
         if cache == "everything":
@@ -361,7 +447,7 @@ def scenario_train(data: Path, work: Path, env: dict, tricks: list[str], repeats
                 shutil.copytree(reference / "cache" / models, place / "cache" / models)
         return timed_command(train_argv(data, place), without, env, work)
 
-    runs = take_turns(configurations, repeats, measure)
+    runs = take_turns(with_baseline(configurations), repeats, measure)
     return {name: {**summary(attempts), "runs": attempts} for name, attempts in runs.items()}
 
 
@@ -393,8 +479,8 @@ def scenario_predict(paths: list[Path], work: Path, env: dict, tricks: list[str]
         str(work / "predictions.csv"),
         *map(str, paths),
     ]
-    configurations = {"all tricks on": [], **{f"without {name}": [name] for name in tricks}}
-    runs = take_turns(configurations, repeats, lambda without: timed_command(argv, without, env, work))
+    configurations = {"all tricks on": [], **{f"without {name}": [name] for name in present(tricks)}}
+    runs = take_turns(with_baseline(configurations), repeats, lambda without: timed_command(argv, without, env, work))
     return {name: {**summary(runs), "runs": runs} for name, runs in runs.items()}
 
 
@@ -410,11 +496,9 @@ def scenario_head(data: Path, cache_dir: Path, work: Path, env: dict, repeats: i
         metrics = json.loads((Path(run["stdout"][0]) / "metrics.json").read_text())
         return {**run, "accuracy": metrics["accuracy"], "n": metrics["n"]}
 
-    configurations = {
-        "while_loop trainer (current)": [],
-        "Keras fit": ["while-loop-trainer"],
-        "while_loop trainer, features streamed": ["resident-features"],
-    }
+    configurations = {"while_loop trainer (current)": [], "Keras fit": ["while-loop-trainer"]}
+    if present(["resident-features"]):
+        configurations["while_loop trainer, features streamed"] = ["resident-features"]
     runs = take_turns(configurations, repeats, measure)
     result = {}
     for name, attempts in runs.items():
@@ -449,7 +533,7 @@ FIRST_RUN_TRICKS = [
     "keras3-import-blocked",
     "while-loop-trainer",
 ]
-NEW_IMAGES_TRICKS = ["child-process", "background-load", "background-import", "malloc-trim"]
+NEW_IMAGES_TRICKS = ["child-process", "background-load", "background-import"]
 REPEAT_TRICKS = ["realpath", "os-exit", "legacy-keras-only", "keras3-import-blocked"]
 PREDICT_TRICKS = ["os-exit", "legacy-keras-only", "keras3-import-blocked"]
 
@@ -461,7 +545,18 @@ def main() -> None:
     parser.add_argument("--cifar", type=Path, default=PROJECT.parent / "shared" / "datasets" / "cifar10-catdog")
     parser.add_argument("--cifar-cache", type=Path, help="a cache holding the CIFAR features (extracted if absent)")
     parser.add_argument("--output", type=Path, default=RESULTS / "speed-tricks.json")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="a checkout of the code before a change: its command is measured too, taking turns with this one's",
+    )
+    parser.add_argument("--tricks", help="measure only these tricks (comma-separated)")
     args = parser.parse_args()
+    global BASELINE_TREE
+    BASELINE_TREE = args.baseline_tree.resolve() if args.baseline_tree else None
+    if args.tricks:
+        for tricks in (FIRST_RUN_TRICKS, NEW_IMAGES_TRICKS, REPEAT_TRICKS, PREDICT_TRICKS):
+            tricks[:] = [name for name in tricks if name in args.tricks.split(",")]
     wanted = args.only.split(",")
     work = Path(tempfile.mkdtemp(prefix="headstart-speed-tricks-"))
     env = {**os.environ, "PYTHONPATH": str(PROJECT)}

@@ -10,10 +10,6 @@ whose nearest training image is almost the same photo, and gives the test accura
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import threading
-
 from prefect import flow, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -44,17 +40,13 @@ def train(**parameters) -> str:
     shards = plan_features(manifest, backbone, cache_dir, config.backbone.shard_size)
     settings = ExtractionSettings(config.backbone.engine, config.backbone.threads, config.backbone.batch_size)
     with ExtractionContext(cache_dir, settings) as extraction:
-        if shards:
-            # While the extraction runs: TensorFlow and the backbone for build_model, matplotlib for visualize.
-            extraction.load_keras_layer_in_background(backbone)
-            _import_in_background("headstart.reporting.plots")
         features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
         reuse = config.runtime.reuse_identical_runs
         previous = find_identical_run(cache_dir, key, artifacts_root) if reuse else None
         if previous is not None:
             return _reused(config, key, previous, manifest, backbone, features)
-        classifier = build_model(config.head, backbone, manifest.class_names, extraction)
+        classifier = build_model(config.head, backbone, manifest.class_names)
         history = train_head(config.head, classifier, features)
         tuned, frozen_features, frozen_backbone, frozen_manifest = None, features, backbone, manifest
         if config.fine_tuning.enabled:
@@ -62,10 +54,9 @@ def train(**parameters) -> str:
             # From here on the fine-tuned network is the run's backbone: its features are what
             # evaluation and the gate read, as for any backbone.
             backbone = tuned.backbone
-            extraction.load_keras_layer_in_background(backbone)
             shards = plan_features(manifest, backbone, cache_dir, config.backbone.shard_size)
             features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
-            classifier = build_model(config.head, backbone, manifest.class_names, extraction, head_from=classifier)
+            classifier = build_model(config.head, backbone, manifest.class_names, head_from=classifier)
             if manifest.fingerprint != frozen_manifest.fingerprint:  # files changed meanwhile were left out
                 frozen_features, _, _ = assemble_features(manifest, report, frozen_backbone, cache_dir, [])
     metrics, probabilities = evaluate(classifier, features, manifest.class_names)
@@ -143,14 +134,3 @@ def extraction_runner(runtime: RuntimeConfig) -> TaskRunner:
             cluster_kwargs={"n_workers": runtime.dask_workers, "threads_per_worker": 1, "processes": True}
         )
     return ThreadPoolTaskRunner(max_workers=1)
-
-
-def _import_in_background(module: str) -> None:
-    """Starts importing a module (matplotlib's ~0.4 s for the plots) on a thread of its own; a
-    failure is left for the step that uses the module to report."""
-
-    def load() -> None:
-        with contextlib.suppress(Exception):
-            importlib.import_module(module)
-
-    threading.Thread(target=load, name=f"import-{module}", daemon=True).start()

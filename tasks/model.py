@@ -8,23 +8,17 @@ from prefect.cache_policies import NO_CACHE
 from headstart.backbone.handles import Backbone
 from headstart.config import HeadConfig
 from headstart.features.dataset import FeatureSet
-from headstart.features.extraction import ExtractionContext
 from tasks.progress import DashboardProgress
 
 
 @task(name="build_model", cache_policy=NO_CACHE)
-def build_model(
-    head: HeadConfig, backbone: Backbone, class_names: tuple[str, ...], context: ExtractionContext, head_from=None
-):
+def build_model(head: HeadConfig, backbone: Backbone, class_names: tuple[str, ...], head_from=None):
     """The end-to-end Functional model: images → frozen backbone → Dropout → Dense; the head's
-    weights those of `head_from` (a classifier trained before) where given.
-
-    The backbone layer is the one the extraction context loaded beside the extraction, if it did.
-    """
+    weights those of `head_from` (a classifier trained before) where given."""
     from headstart.training.head import HEAD_DENSE, build_classifier
 
     classifier = build_classifier(
-        context.keras_layer(backbone), len(class_names), backbone.image_size, head.dropout, head.seed
+        backbone.keras_layer(), len(class_names), backbone.image_size, head.dropout, head.seed
     )
     if head_from is not None:
         classifier.get_layer(HEAD_DENSE).set_weights(head_from.get_layer(HEAD_DENSE).get_weights())

@@ -26,7 +26,6 @@ from headstart.backbone.mobilenet import (
 )
 from headstart.data.preprocessing import resize_images
 from headstart.errors import HeadstartError
-from headstart.features.extraction import ExtractionContext
 from headstart.infra.downloads import DownloadPolicy
 
 TOLERANCE = 1e-4
@@ -161,27 +160,12 @@ def test_loading_a_hub_layer_does_not_import_keras_3_nor_change_the_environment(
     assert result.stdout.split() == ["tensorflow_hub.keras_layer", "False", "True", "True"], result.stderr[-2000:]
 
 
-def test_a_layer_loaded_in_the_background_serves_the_next_keras_layer_call(tiny_backbone_dir, tmp_path):
-    backbone = resolve_backbone(str(tiny_backbone_dir), 32, tmp_path)
-    with ExtractionContext(tmp_path) as context:
-        context.load_keras_layer_in_background(backbone)
-        layer = context.keras_layer(backbone)
-        assert not context.backbone_loading
-        fresh = context.keras_layer(backbone)  # the background layer is handed out once
-    assert fresh is not layer
-    images = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
-    np.testing.assert_array_equal(layer(images).numpy(), fresh(images).numpy())
-
-
 def test_a_module_that_does_not_load_is_a_one_line_error_where_the_layer_is_needed(tmp_path):
     (tmp_path / "module").mkdir()
     (tmp_path / "module" / "saved_model.pb").write_bytes(b"not a SavedModel")
     backbone = Backbone("broken", tmp_path / "module", "0" * 16, 32)
-    with ExtractionContext(tmp_path) as context:
-        context.load_keras_layer_in_background(backbone)
-        with pytest.raises(HeadstartError, match="could not load backbone broken") as raised:
-            context.keras_layer(backbone)
-        assert not context.backbone_loading
+    with pytest.raises(HeadstartError, match="could not load backbone broken") as raised:
+        backbone.keras_layer()
     assert "\n" not in str(raised.value)
 
 

@@ -1,9 +1,6 @@
 """Feature extraction: the same numbers eagerly and streamed, from every engine, and from the cache."""
 
 import logging
-import sys
-import threading
-import types
 
 import numpy as np
 import pyarrow as pa
@@ -89,30 +86,6 @@ def test_litert_features_are_the_same_on_one_thread_and_on_two(tiny, tmp_path):
     np.testing.assert_array_equal(engine(images, threads=2), engine(images, threads=1))
 
 
-class _SlowToLoad:
-    """A backbone whose Keras layer arrives only when the test releases it."""
-
-    def __init__(self):
-        self.release = threading.Event()
-        self.layer = types.SimpleNamespace(trainable=None)
-
-    def keras_layer(self):
-        assert self.release.wait(timeout=60)
-        return self.layer
-
-
-def test_the_context_extracts_on_one_thread_while_it_loads_the_backbone_beside(tmp_path):
-    context = ExtractionContext(tmp_path, ExtractionSettings("auto", threads=2))
-    backbone = _SlowToLoad()
-    assert not context.backbone_loading and context.forward_threads() == 2
-    context.load_keras_layer_in_background(backbone)
-    assert context.backbone_loading and context.forward_threads() == 1
-    backbone.release.set()
-    assert context.keras_layer(backbone) is backbone.layer and backbone.layer.trainable is False
-    assert not context.backbone_loading and context.forward_threads() == 2
-    context.close()
-
-
 class _Progress:
     def __init__(self, stop_after: int | None = None):
         self.n, self.stop_after = 0, stop_after
@@ -137,35 +110,12 @@ def _cached_features(cache_dir, tiny):
     return features_matrix(pq.read_table(shard_file))
 
 
-def test_a_converted_litert_model_extracts_in_a_child_process(colour_folder, tiny, tmp_path, caplog):
+def test_the_context_caches_a_shards_litert_features(colour_folder, tiny, tmp_path):
     shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
     progress = _Progress()
-    with (
-        caplog.at_level(logging.INFO),
-        ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4), child_process="always") as context,
-    ):
+    with ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4)) as context:
         assert context.extract_shard(shard, tiny, progress).engine == "litert"
-    assert "in a child process" in caplog.text and "extracting here instead" not in caplog.text
     assert progress.n == len(shard)
-    np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
-
-
-def test_a_failed_child_process_leaves_the_shard_to_this_process(colour_folder, tiny, tmp_path, monkeypatch, caplog):
-    shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
-    monkeypatch.setattr(sys, "executable", "/bin/false")
-    progress = _Progress()
-    with ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4), child_process="always") as context:
-        assert context.extract_shard(shard, tiny, progress).engine == "litert"
-    assert "extracting here instead" in caplog.text
-    assert progress.n == len(shard)
-    np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
-
-
-def test_without_a_load_beside_it_the_context_extracts_in_this_process(colour_folder, tiny, tmp_path, caplog):
-    shard, expected, cache_dir = _shard_and_expected_features(colour_folder, tiny, tmp_path)
-    with caplog.at_level(logging.INFO), ExtractionContext(cache_dir, ExtractionSettings("auto", 2, 4)) as context:
-        assert context.extract_shard(shard, tiny).engine == "litert"
-    assert "in a child process" not in caplog.text
     np.testing.assert_array_equal(_cached_features(cache_dir, tiny), expected)
 
 
@@ -293,10 +243,10 @@ def test_dataset_file_is_independent_of_the_cache_layout_and_streams_each_train_
 def test_a_context_sent_to_another_process_carries_its_settings_only(tiny, tmp_path):
     import pickle
 
-    context = ExtractionContext(tmp_path, ExtractionSettings("litert", 2, 4), child_process="never")
+    context = ExtractionContext(tmp_path, ExtractionSettings("litert", 2, 4))
     engine = context.engine(tiny)
     copy = pickle.loads(pickle.dumps(context))
-    assert (copy.cache_dir, copy.settings, copy.child_process) == (context.cache_dir, context.settings, "never")
+    assert (copy.cache_dir, copy.settings) == (context.cache_dir, context.settings)
     assert copy.engine(tiny) is not engine and context.engine(tiny) is engine
 
 

@@ -162,15 +162,6 @@ def _litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
     return Path(cache_dir) / "litert" / f"{backbone.fingerprint}-{backbone.image_size}px-v{LITERT_MODEL_VERSION}.tflite"
 
 
-def litert_ready_without_tensorflow(backbone: Backbone, cache_dir: Path) -> bool:
-    """Whether `choose_engine` would pick a LiteRT model converted already: one that extracts
-    features without importing TensorFlow."""
-    if backbone.litert_model is not None:
-        return Path(backbone.litert_model).is_file()
-    model = _litert_model_path(backbone, cache_dir)
-    return _is_converted(model) and _recorded_parity(model) <= PARITY_TOLERANCE
-
-
 def _is_converted(model_path: Path) -> bool:
     """Both files a finished conversion leaves: the model, then its parity record (written last)."""
     return model_path.exists() and _parity_record(model_path).exists()

@@ -94,7 +94,7 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
     paths = [str(path) for path in usable]
     features, kept, unusable = apply_to_decoded(
         decoded_batches(paths, backbone.image_size, context.settings.batch_size),
-        lambda images: engine(images, context.forward_threads()),
+        engine,
     )
     predictions.skipped.extend({"path": paths[index], "reason": reason} for index, reason in unusable)
     if kept:
