@@ -205,10 +205,6 @@ def _models(args) -> int:
     return 0
 
 
-def _comma_separated(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     """The command line; `train`'s options are TrainConfig's (or `train_config`'s), one each, and
     `predict`'s PredictConfig's."""
