@@ -5,7 +5,7 @@ both runs split their images with the same settings, content-hash splits put eve
 in the champion's test split too; where the settings differ, only the images the champion's own
 settings put in its test split count. The champion scores them from the candidate's cached
 features where both share the backbone and image size (its head alone runs), otherwise with its
-serving model on the raw images.
+classifier, rebuilt from its backbone module and head weights, on the raw images.
 """
 
 from __future__ import annotations
