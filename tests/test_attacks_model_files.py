@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_class_images
 
@@ -217,3 +218,69 @@ def test_the_gate_refuses_a_champion_whose_model_file_is_garbage(
     )
     assert str(damaged) in _one_error_line(capsys, code)
     assert registry.champion(root).path.name == run.path.name
+
+
+@pytest.fixture
+def small_bounds(monkeypatch):
+    """The huge-image bounds scaled down, so that a small file takes the path a 100-megapixel one takes."""
+    from headstart.data import images
+
+    monkeypatch.setattr(images, "HUGE_PIXELS", 100_000)
+    monkeypatch.setattr(images, "REDUCED_PIXELS", 20_000)
+    return images
+
+
+def _gradient(width: int, height: int) -> np.ndarray:
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    return np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "suffix, mode", [(".png", "RGB"), (".png", "RGBA"), (".png", "P"), (".png", "I;16"), (".jpg", "RGB")]
+)
+def test_a_huge_image_is_decoded_within_bounds(suffix, mode, small_bounds, tmp_path):
+    """Peak memory for one 100-megapixel image: a huge image is shrunk while it is decoded, to at
+    most REDUCED_PIXELS, its aspect and its colours kept."""
+    from PIL import Image
+
+    pixels = _gradient(600, 400)
+    if mode == "I;16":
+        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(pixels).convert(mode)
+    image.save(tmp_path / f"huge{suffix}")
+    decoded = small_bounds.load_image(tmp_path / f"huge{suffix}")
+    assert decoded.dtype == np.uint8 and decoded.shape[2] == 3
+    assert decoded.shape[0] * decoded.shape[1] <= 20_000 and abs(decoded.shape[1] / decoded.shape[0] - 1.5) < 0.05
+    # Block averages of a gradient are the gradient's values at the block centres.
+    expected = np.asarray(Image.fromarray(pixels).resize(decoded.shape[1::-1], Image.Resampling.BOX).convert("RGB"))
+    channels = [0] if mode == "I;16" else [0, 1, 2]
+    tolerance = 12 if mode in ("P",) or suffix == ".jpg" else 2
+    assert np.abs(decoded[..., channels].astype(int) - expected[..., channels]).mean() <= tolerance
+
+
+def test_a_huge_jpeg_keeps_its_exif_rotation(small_bounds, tmp_path):
+    """Peak memory for one 100-megapixel image: a huge JPEG decoded at a reduced scale still turns
+    as its EXIF orientation says."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned a quarter clockwise
+    Image.fromarray(_gradient(600, 400)).save(tmp_path / "turned.jpg", exif=exif)
+    decoded = small_bounds.load_image(tmp_path / "turned.jpg")
+    assert decoded.shape[0] > decoded.shape[1] and decoded.shape[0] * decoded.shape[1] <= 20_000
+    assert small_bounds.check_image(tmp_path / "turned.jpg") is None
+
+
+def test_an_image_below_the_bound_decodes_exactly_as_before(tmp_path):
+    """Peak memory for one 100-megapixel image: the bound changes nothing below it."""
+    from PIL import Image, ImageOps
+
+    from headstart.data.images import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_gradient(600, 400)).save(tmp_path / "photo.jpg", exif=exif)
+    with Image.open(tmp_path / "photo.jpg") as image:
+        expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    np.testing.assert_array_equal(load_image(tmp_path / "photo.jpg"), expected)
