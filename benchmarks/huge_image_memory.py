@@ -1,6 +1,6 @@
 """Peak memory of one huge image through the image path, in two checkouts side by side.
 
-    uv run python benchmarks/huge_image_memory.py --before DIR [--after DIR] [--megapixels 100]
+    uv run python benchmarks/huge_image_memory.py --before DIR [--before-name NAME] [--after DIR] [--megapixels 100]
 
 Writes a PNG and a JPEG of `--megapixels` (and a small PNG, the baseline), then, for each
 checkout and image, starts one process (that checkout's code on PYTHONPATH) that imports
@@ -84,6 +84,7 @@ def measure(code: Path, image: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, required=True, help="a checkout of the code before the change")
+    parser.add_argument("--before-name", default="before", help="what the before checkout is, for the table")
     parser.add_argument("--after", type=Path, default=PROJECT)
     parser.add_argument("--megapixels", type=float, default=100)
     args = parser.parse_args()
@@ -103,7 +104,8 @@ def main() -> None:
         f"`benchmarks/huge_image_memory.py --megapixels {args.megapixels:g}`: one process per image and "
         "checkout, which imports TensorFlow and the image path, then checks the file (`check_image`) and "
         f"decodes it as extraction does (`decoded_batches`, shrunk to {IMAGE_SIZE} px). Peak resident "
-        "memory (ru_maxrss) before the image and after; the image's cost is the difference.",
+        "memory (ru_maxrss) before the image and after; the image's cost is the difference. "
+        f"Before: {args.before_name}; after: this checkout.",
         "",
         "| image | file size | code | peak before the image (MiB) | peak after (MiB) | the image's cost (MiB) "
         "| decoded shape | seconds |",
