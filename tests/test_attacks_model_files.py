@@ -284,3 +284,13 @@ def test_an_image_below_the_bound_decodes_exactly_as_before(tmp_path):
     with Image.open(tmp_path / "photo.jpg") as image:
         expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     np.testing.assert_array_equal(load_image(tmp_path / "photo.jpg"), expected)
+
+
+def test_a_model_file_that_unpacks_to_more_than_any_model_is_refused_unread(trained, monkeypatch):
+    """A model.keras whose entries unpack to more than any model's weights is refused before it is read."""
+    from headstart.errors import HeadstartError
+    from headstart.registry import model_file
+
+    monkeypatch.setattr(model_file, "MAX_ENTRY_BYTES", 100)
+    with pytest.raises(HeadstartError, match="refusing to load .*model.keras: its config.json unpacks to"):
+        trained[0].head_weights()

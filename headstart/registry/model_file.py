@@ -25,6 +25,8 @@ CLASSIFIER_LAYERS = frozenset({"InputLayer", "ImagePreprocessing", "KerasLayer",
 # Where the Keras zip format keeps the one Dense layer's kernel and bias.
 DENSE_KERNEL, DENSE_BIAS = "layers/dense/vars/0", "layers/dense/vars/1"
 REDO = "train the run again or promote another version"
+# Far above any head's and backbone's weights; a larger entry is a compression bomb, not a model.
+MAX_ENTRY_BYTES = 2**30
 
 
 def read_head_weights(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +34,7 @@ def read_head_weights(path: Path) -> tuple[np.ndarray, np.ndarray]:
     wrote; any other file is refused in one line that names it."""
     path = Path(path)
     if not path.is_file():
-        raise HeadstartError(f"{path} is missing: {REDO}")
+        raise HeadstartError(f"{path} is missing or not a file: {REDO}")
     if not zipfile.is_zipfile(path):
         raise HeadstartError(
             f"refusing to load {path}: it is not the zip .keras file headstart writes "
@@ -40,6 +42,11 @@ def read_head_weights(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     try:
         with zipfile.ZipFile(path) as archive:
+            for entry in map(archive.getinfo, (CONFIG_ENTRY, WEIGHTS_ENTRY)):
+                if entry.file_size > MAX_ENTRY_BYTES:
+                    raise HeadstartError(
+                        f"refusing to load {path}: its {entry.filename} unpacks to {entry.file_size} bytes; {REDO}"
+                    )
             layers = _layer_classes(json.loads(archive.read(CONFIG_ENTRY)))
             foreign = sorted(set(layers) - CLASSIFIER_LAYERS)
             if foreign:
