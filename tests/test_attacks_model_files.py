@@ -141,12 +141,15 @@ def test_the_gate_refuses_a_champion_whose_model_file_holds_a_lambda_layer(
             "train",
             *("--data", str(colours), "--backbone", str(tiny_backbone_dir), "--image-size", "32"),
             *("--epochs", "2", "--test-fraction", "0.25", "--seed", "1"),
-            *("--artifacts-root", str(root), "--cache-dir", str(trained[1])),
+            *("--artifacts-root", str(root), "--cache-dir", str(root.parent / "fresh-cache")),
         ]
     )
     line = _one_error_line(capsys, code)
     assert str(run.path / MODEL_FILE) in line and not marker.exists()
     assert registry.champion(root).path.name == run.path.name
+    # Refused before any work: no image scanned, no feature extracted, no run written.
+    assert not list((root.parent / "fresh-cache").rglob("*.*"))
+    assert {path.name for path in root.iterdir()} == {"registry", run.path.name}
 
 
 def _damage(run: Run, damage: str) -> Path:
@@ -213,10 +216,11 @@ def test_the_gate_refuses_a_champion_whose_model_file_is_garbage(
             "train",
             *("--data", str(colours), "--backbone", str(tiny_backbone_dir), "--image-size", "32"),
             *("--epochs", "2", "--test-fraction", "0.25", "--seed", "2"),
-            *("--artifacts-root", str(root), "--cache-dir", str(trained[1])),
+            *("--artifacts-root", str(root), "--cache-dir", str(root.parent / "fresh-cache")),
         ]
     )
     assert str(damaged) in _one_error_line(capsys, code)
+    assert not list((root.parent / "fresh-cache").rglob("*.*"))
     assert registry.champion(root).path.name == run.path.name
 
 
