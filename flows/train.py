@@ -22,7 +22,7 @@ from tasks.evaluation import evaluate, visualize
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
-from tasks.gate import gate, gate_identical_run, promote
+from tasks.gate import check_champion, gate, gate_identical_run, promote
 from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
 from tasks.publish import publish, reuse_identical_run
@@ -35,6 +35,8 @@ def train(**parameters) -> str:
     The parameters are TrainConfig's options (see headstart.config)."""
     config = TrainConfig(**parameters)
     cache_dir, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
+    if config.gate.enabled:
+        check_champion(artifacts_root)
     manifest, report = download(config.data, cache_dir)
     backbone = prepare_backbone(config.backbone, manifest, cache_dir)
     shards = plan_features(manifest, backbone, cache_dir, config.backbone.shard_size)

@@ -13,11 +13,17 @@ from prefect.logging import get_run_logger
 from headstart.backbone.handles import Backbone
 from headstart.config import GateConfig
 from headstart.features.dataset import FeatureSet
-from headstart.promotion.decide import decide, decide_for_identical_run
+from headstart.promotion.decide import decide, decide_for_identical_run, scorable_champion
 from headstart.promotion.mcnemar import GateDecision
 from headstart.registry import versions
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import gate_rows
+
+
+@task(name="check champion", cache_policy=NO_CACHE)
+def check_champion(artifacts_root: Path) -> None:
+    """Stops the run before any work where the gate could not score the champion."""
+    scorable_champion(artifacts_root)
 
 
 @task(name="gate", cache_policy=NO_CACHE)

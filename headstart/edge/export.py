@@ -22,7 +22,7 @@ import numpy as np
 
 from headstart.edge.int8.quantization import RANGE_ENDS, full_integer, representative_rows
 from headstart.edge.tflite_file import TFLiteClassifier, embed_labels, uint8_images
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, first_line
 from headstart.infra.storage import atomic_path, write_bytes_atomic
 from headstart.registry.runs import BACKBONE_DIR, MODEL_CARD_FILE, Run
 
@@ -171,6 +171,7 @@ def export_tflite(
             f"{run.path} was trained on int8 features (--engine litert-int8); export converts the float backbone, "
             "so export a run trained on float features"
         )
+    run.head_weights()  # a model file headstart would not load stops the export before any work
     destination = Path(destination) if destination is not None else _default_destination(run, quantize)
     converted, chosen = convert_classifier(run, quantize, images)
     flatbuffer = embed_labels(
@@ -210,12 +211,14 @@ def convert_classifier(
     (`closest_variant`); a run without validation images takes the first range end."""
     from headstart.backbone.hub_module import litert_function
     from headstart.infra.keras import tf
-    from headstart.training.head import HEAD_DENSE
 
     size = run.image_size
-    module = tf.saved_model.load(str(run.path / BACKBONE_DIR))
+    try:
+        module = tf.saved_model.load(str(run.path / BACKBONE_DIR))
+    except Exception as error:  # SavedModel loading fails in many types; all mean a damaged module.
+        raise HeadstartError(f"could not load {run.path / BACKBONE_DIR}: {first_line(error)}") from None
     features = litert_function(module, size)
-    kernel, bias = (tf.constant(weight) for weight in run.keras_model().get_layer(HEAD_DENSE).get_weights())
+    kernel, bias = (tf.constant(weight) for weight in run.head_weights())
     # int8 converts from float pixels, and the converter puts the uint8 input in front.
     input_type = tf.float32 if quantize == "int8" else tf.uint8
 
@@ -253,7 +256,7 @@ def closest_variant(run: Run, variants: dict[float, bytes], validation: list[str
     if not pixels:
         first = next(iter(variants))
         return variants[first], {"range_end_percentile": first}
-    serving = run.serving_model()
+    serving = run.classifier()
     expected = np.concatenate([serving(image[np.newaxis].astype(np.float32)) for image in pixels])
     divergence, agreement = {}, {}
     with tempfile.TemporaryDirectory(prefix="headstart-int8-") as scratch:
@@ -293,9 +296,9 @@ def calibration_images(paths: list[str], image_size: int):
 
 
 def compare_with_keras(run: Run, model: TFLiteClassifier, images: ExportImages, quantize: Quantization) -> dict:
-    """The .tflite model against the run's Keras model (its serving signature) on the test images:
+    """The .tflite model against the run's Keras model (as headstart rebuilds it) on the test images:
     the same uint8 pixels into both."""
-    serving = run.serving_model()
+    serving = run.classifier()
     ours, theirs, used = [], [], []
     for position, pixels in uint8_images(images.test, run.image_size):
         ours.append(model([pixels]))

@@ -5,24 +5,41 @@ both runs split their images with the same settings, content-hash splits put eve
 in the champion's test split too; where the settings differ, only the images the champion's own
 settings put in its test split count. The champion scores them from the candidate's cached
 features where both share the backbone and image size (its head alone runs), otherwise with its
-serving model on the raw images.
+classifier, rebuilt from its backbone module and head weights, on the raw images.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from headstart.backbone.handles import Backbone
 from headstart.config import GateConfig
 from headstart.data.manifest import assign_split
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, first_line
 from headstart.evaluation import drift
 from headstart.features.dataset import FeatureSet
 from headstart.promotion import mcnemar as gate
+from headstart.registry import versions
 from headstart.registry.runs import Run
 from headstart.serving.inference import run_probabilities
+
+
+def scorable_champion(artifacts_root: Path) -> Run | None:
+    """The registry's champion, its head read (nothing in its model file is run), so that a
+    champion the gate could not score stops a train before any work rather than after training;
+    None before any promotion."""
+    champion = versions.champion(artifacts_root)
+    if champion is not None:
+        try:
+            champion.head_weights()
+        except HeadstartError as error:
+            raise HeadstartError(
+                f"the gate cannot score the champion: {first_line(error)} (or train with --no-gate)"
+            ) from None
+    return champion
 
 
 def decide(

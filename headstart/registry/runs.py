@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from headstart.backbone.handles import Backbone
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, first_line
 from headstart.infra.storage import write_json_atomic
 from headstart.registry.lineage import Lineage
 from headstart.training.fine_tuning import FineTuningSummary
@@ -151,33 +151,68 @@ class Run:
     def plots(self) -> list[Path]:
         return sorted((self.path / PLOTS_DIR).glob("*.png"))
 
+    def head_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The head's Dense kernel and bias, read as plain arrays from model.keras (nothing in the
+        file is run); one per class of class_names.json, or the run is refused in one line."""
+        from headstart.registry.model_file import read_head_weights
+
+        kernel, bias = read_head_weights(self.path / MODEL_FILE)
+        if kernel.shape[1] != len(self.class_names):
+            raise HeadstartError(
+                f"{self.path / CLASS_NAMES_FILE} names {len(self.class_names)} classes but "
+                f"{self.path / MODEL_FILE} predicts {kernel.shape[1]}: train the run again or promote another version"
+            )
+        return kernel, bias
+
+    def head(self):
+        """The head headstart builds (Dropout → Dense) with this run's weights, on features: what
+        scores cached or freshly extracted features, with no backbone loaded."""
+        from headstart.training.head import rebuilt_head
+
+        return rebuilt_head(*self.head_weights())
+
+    def keras_model(self):
+        """The end-to-end classifier as headstart builds it (headstart.training.head), on the run's
+        own backbone module, with the head's weights from model.keras: the file's architecture is
+        never deserialised, so no layer it names can run code."""
+        from headstart.training.head import HEAD_DENSE, build_classifier
+
+        kernel, bias = self.head_weights()
+        # Dropout is off at inference: its rate and seed change no prediction.
+        classifier = build_classifier(self.backbone.keras_layer(), kernel.shape[1], self.image_size, 0.0, 0)
+        classifier.get_layer(HEAD_DENSE).set_weights([kernel, bias])
+        return classifier
+
+    def classifier(self):
+        """keras_model as a function images (0–255, any size) → probabilities: what evaluation, the
+        gate and export run on raw pixels."""
+        from headstart.infra.keras import tf
+
+        model = self.keras_model()
+        forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+        def predict(images: np.ndarray) -> np.ndarray:
+            return forward(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+        return predict
+
     def serving_model(self):
-        """The self-contained serving SavedModel, as a function images (0–255) → probabilities."""
+        """The self-contained serving SavedModel (saved_model/), as a function images (0–255) →
+        probabilities. headstart's commands never load it (they rebuild the classifier:
+        `classifier`); it is there for whoever serves the run with TensorFlow."""
         serving = self.path / SERVING_DIR
         if not (serving / "saved_model.pb").is_file():
             raise HeadstartError(f"{self.path} has no serving model ({SERVING_DIR}/saved_model.pb)")
         from headstart.infra.keras import tf
 
-        signature = tf.saved_model.load(str(serving)).signatures["serving_default"]
+        try:
+            signature = tf.saved_model.load(str(serving)).signatures["serving_default"]
+        except Exception as error:  # SavedModel loading fails in many types; all mean a damaged model.
+            raise HeadstartError(
+                f"{serving / 'saved_model.pb'} does not load ({first_line(error)}): train the run again"
+            ) from None
 
         def predict(images: np.ndarray) -> np.ndarray:
             return signature(images=tf.convert_to_tensor(images, tf.float32))["probabilities"].numpy()
 
         return predict
-
-    def keras_model(self):
-        """The .keras model, its backbone taken from the run directory itself."""
-        from headstart.infra.keras import hub, keras
-        from headstart.training.head import ImagePreprocessing
-
-        module = str(self.path / BACKBONE_DIR)
-
-        class RunBackbone(hub.KerasLayer):
-            @classmethod
-            def from_config(cls, layer_config):
-                return hub.KerasLayer(**{**layer_config, "handle": module})
-
-        return keras.models.load_model(
-            self.path / MODEL_FILE,
-            custom_objects={"KerasLayer": RunBackbone, "ImagePreprocessing": ImagePreprocessing},
-        )

@@ -1,4 +1,4 @@
-"""Using a finished run on images: its probabilities through its serving model from raw pixels (or its
+"""Using a finished run on images: its probabilities through its classifier from raw pixels (or its
 head on features it shares), and evaluation on a labelled folder."""
 
 from __future__ import annotations
@@ -24,23 +24,24 @@ def predict_files(
     batch_size: int = 64,
     expected_hashes: list[str] | None = None,
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
-    """Probabilities [n, classes] through the run's serving model, from raw pixels, for the image
+    """Probabilities [n, classes] through the run's classifier, from raw pixels, for the image
     files that decode (the caller checks them first) and, given their content hashes, still hold
     that content; the positions in `paths` they belong to; and the other files, with their reasons."""
     backbone = run.backbone
     if backbone.litert_model is not None:
-        # The head learnt int8 features: the serving model's float backbone would feed it others.
+        # The head learnt int8 features: the classifier's float backbone would feed it others.
         from headstart.config import INT8_ENGINE
         from headstart.features.engines import choose_engine
         from headstart.training.head import predict_from_features
 
-        engine, head = choose_engine(backbone, INT8_ENGINE, run.path, threads=None).engine, run.keras_model()
+        head = run.head()
+        engine = choose_engine(backbone, INT8_ENGINE, run.path, threads=None).engine
         probabilities, kept, unusable = apply_to_decoded(
             decoded_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
             lambda images: predict_from_features(head, engine(images)),
         )
     else:
-        predict = run.serving_model()
+        predict = run.classifier()
         probabilities, kept, unusable = apply_to_decoded(
             image_batches([str(p) for p in paths], run.image_size, batch_size, expected_hashes),
             lambda images: predict(images * 255.0),
@@ -81,7 +82,7 @@ def run_probabilities(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A run's (the champion's, say) probabilities on the test images marked `fair` (of all the test
     split's `paths` and content `hashes`), and which images they are: its head on the candidate's
-    cached features where it saw the same features, else its serving model on the raw images, less
+    cached features where it saw the same features, else its classifier on the raw images, less
     any whose file no longer holds the content the candidate was scored on."""
     if not fair.any():
         return np.zeros((0, len(run.class_names)), np.float32), fair
@@ -91,7 +92,7 @@ def run_probabilities(
     if same_features:
         from headstart.training.head import predict_from_features
 
-        return predict_from_features(run.keras_model(), features.load("test")[0][fair]), fair
+        return predict_from_features(run.head(), features.load("test")[0][fair]), fair
     positions = np.flatnonzero(fair)
     probabilities, kept, _ = predict_files(
         run, [Path(paths[i]) for i in positions], expected_hashes=[hashes[i] for i in positions]

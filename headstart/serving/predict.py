@@ -89,6 +89,7 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
         return predictions
     from headstart.training.head import predict_from_features
 
+    head = run.head()
     backbone = run.backbone
     engine = context.engine(backbone)
     paths = [str(path) for path in usable]
@@ -99,7 +100,7 @@ def predict_images(run: Run, inputs: list[Path], context: ExtractionContext) -> 
     predictions.skipped.extend({"path": paths[index], "reason": reason} for index, reason in unusable)
     if kept:
         predictions.paths = [paths[index] for index in kept]
-        predictions.probabilities = predict_from_features(run.keras_model(), features)
+        predictions.probabilities = predict_from_features(head, features)
     return predictions
 
 

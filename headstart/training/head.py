@@ -58,6 +58,17 @@ def head_model(classifier: keras.Model, feature_dim: int) -> keras.Model:
     return keras.Model(features, classifier.get_layer(HEAD_DENSE)(dropped), name="head")
 
 
+def rebuilt_head(kernel: np.ndarray, bias: np.ndarray) -> keras.Model:
+    """The head `build_classifier` builds (Dropout → Dense softmax), on a features input, holding
+    the given Dense weights: a saved run's head, with nothing taken from its model file but numbers."""
+    features = keras.Input((kernel.shape[0],), name="features")
+    dropped = keras.layers.Dropout(0.0, name=HEAD_DROPOUT)(features)
+    dense = keras.layers.Dense(kernel.shape[1], activation="softmax", name=HEAD_DENSE)
+    head = keras.Model(features, dense(dropped), name="head")
+    dense.set_weights([kernel, bias])
+    return head
+
+
 def train_head(
     classifier: keras.Model,
     train: "FeatureStream | InMemoryFeatures | tuple[np.ndarray, np.ndarray]",
