@@ -6,7 +6,10 @@ the gate decided so); or, when every input matches an earlier run, reuse_identic
 run with --fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
 features replace the frozen one's. export runs with --export tflite: the run's classifier as
 .tflite files for devices, float32 and int8. near_duplicates flags test and validation images
-whose nearest training image is almost the same photo, and gives the test accuracy without them."""
+whose nearest training image is almost the same photo, and gives the test accuracy without them.
+With the gate on,
+check_champion first makes sure the champion can be read, before any work; promote switches the
+champion only if it is still the one the gate compared with."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from tasks.evaluation import evaluate, visualize
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
-from tasks.gate import gate, gate_identical_run, promote
+from tasks.gate import check_champion, gate, gate_identical_run, promote
 from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
 from tasks.publish import publish, reuse_identical_run
@@ -35,6 +38,8 @@ def train(**parameters) -> str:
     The parameters are TrainConfig's options (see headstart.config)."""
     config = TrainConfig(**parameters)
     cache_dir, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
+    if config.gate.enabled:
+        check_champion(artifacts_root)
     manifest, report = download(config.data, cache_dir)
     backbone = prepare_backbone(config.backbone, manifest, cache_dir)
     shards = plan_features(manifest, backbone, cache_dir, config.backbone.shard_size)
@@ -73,7 +78,7 @@ def train(**parameters) -> str:
     if config.export.format == "tflite":
         export(run_dir, manifest)
     if decision is not None and decision.promote:
-        promote(artifacts_root, run_dir, decision)
+        decision = promote(artifacts_root, run_dir, decision)
     print(
         f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
@@ -99,7 +104,8 @@ def _reused(config: TrainConfig, key: str, previous, manifest, backbone, feature
             manifest.class_names,
         )
     if decision is not None and decision.promote:
-        promote(config.runtime.artifacts_root, run_dir, decision)
+        # The earlier run's lineage records its own gate's decision, not this one.
+        decision = promote(config.runtime.artifacts_root, run_dir, decision, recorded_in_run=False)
     print(
         f"headstart: every input matches {previous}; nothing trained; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
