@@ -7,9 +7,8 @@ run with --fine-tune: the backbone's top stages are trained with the head, and t
 features replace the frozen one's. export runs with --export tflite: the run's classifier as
 .tflite files for devices, float32 and int8. near_duplicates flags test and validation images
 whose nearest training image is almost the same photo, and gives the test accuracy without them.
-With the gate on,
-check_champion first makes sure the champion can be read, before any work; promote switches the
-champion only if it is still the one the gate compared with."""
+With the gate on, check_champion first makes sure the champion can be read, before any work;
+promote switches the champion only if it is still the one the gate compared with."""
 
 from __future__ import annotations
 
