@@ -316,5 +316,6 @@ def resolve(artifacts_root: Path, model: str) -> Run:
             raise HeadstartError(
                 f"version {model} is not a complete run in {root}; `headstart models` lists the versions"
             )
+        run.check()
         return run
     return Run(Path(model))
