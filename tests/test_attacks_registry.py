@@ -5,8 +5,10 @@ Each ends in one `headstart: error:` line and exit 2 (or the stated behaviour), 
 and the registry's files as they were."""
 
 import json
+import logging
 import random
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -262,8 +264,36 @@ def test_one_runs_garbled_metadata(root, capsys, garbled):
     assert _snapshot(root) == before
 
 
+def _prefect_stream_handlers() -> set[logging.StreamHandler]:
+    loggers = [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]
+    return {
+        handler
+        for logger in loggers
+        for handler in logger.handlers
+        if type(handler).__module__.startswith("prefect.") and isinstance(handler, logging.StreamHandler)
+    }
+
+
+def _write_prefect_logs_to(stream) -> None:
+    for handler in _prefect_stream_handlers():
+        handler.stream = stream
+        if hasattr(handler, "console"):
+            handler.console.file = stream
+
+
+def _with_prefect_logs_captured(function, *args, **kwargs):
+    """`function`'s result, with Prefect's log handlers writing to this test's captured stderr: they keep the
+    stream they were set up with, which may be an earlier test's, closed since; afterwards they
+    write to the process's own stderr, which no test closes."""
+    _write_prefect_logs_to(sys.stderr)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _write_prefect_logs_to(sys.__stderr__)
+
+
 @pytest.mark.parametrize("alias", ["truncated", "a list", "wrong types", "champion gone"])
-def test_train_with_a_damaged_champion(prefect_harness, colour_folder, tmp_path, capfd, alias):
+def test_train_with_a_damaged_champion(prefect_harness, colour_folder, tmp_path, capsys, alias):
     """`train` with a truncated `champion.json` trains fully and only then fails at the gate."""
     root = tmp_path / "artifacts"
     registry_tests._run_dir(root, OLD, 0.8)
@@ -277,15 +307,25 @@ def test_train_with_a_damaged_champion(prefect_harness, colour_folder, tmp_path,
     before = _snapshot(root)
     cache = tmp_path / "cache"
     args = ["train", "--data", str(colour_folder), "--artifacts-root", str(root), "--cache-dir", str(cache)]
-    assert main(args) == 2
-    _one_error_line(capfd, expected)
+    assert _with_prefect_logs_captured(main, args) == 2
+    _one_error_line(capsys, expected)
     assert not cache.exists()  # no work was done: nothing was downloaded, scanned or extracted
     assert _snapshot(root) == before
 
 
-@pytest.mark.e2e
+class _Collected(logging.Handler):
+    """The messages of the log records it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_race_promote_by_hand_during_a_trains_gate_window(
-    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch, capsys
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path, monkeypatch
 ):
     """A race in the gate: `models promote V` during a real train's visualize + publish window.
 
@@ -321,13 +361,18 @@ def test_race_promote_by_hand_during_a_trains_gate_window(
         return promote_as_decided(artifacts_root, version, decision)
 
     monkeypatch.setattr(tasks.gate, "promote_as_decided", promoted_by_hand_first)
-    second = Path(train(**config.with_options(seed=7).flat()))
+    logged = _Collected()
+    logging.getLogger("prefect").addHandler(logged)
+    try:
+        second = Path(train(**config.with_options(seed=7).flat()))
+    finally:
+        logging.getLogger("prefect").removeHandler(logged)
     assert registry.champion_version(root) == by_hand
     assert [(entry["version"], entry["previous"], entry["by"]) for entry in registry.history(root)] == [
         (first.name, None, "gate"),
         (by_hand, first.name, "manual"),
     ]
-    out = capsys.readouterr().out
+    out = "\n".join(logged.messages)
     assert f"gate: not promoted: the gate compared it with champion {first.name}, but {by_hand}" in out
     recorded = mcnemar.GateDecision.from_dict(Run(second).lineage.gate)
     assert not recorded.promote and recorded.reason.startswith("not promoted") and recorded.champion == first.name
