@@ -5,6 +5,12 @@ immutable once committed; its lineage record (lineage.json) says where its model
 `registry/champion.json` holds the alias: the version it names and the history of every change,
 with its reason, in one file that is replaced atomically (temp file + rename). A switch is made
 only to a complete run, so the alias never names a missing or partial one.
+
+A version is a name, never a path: one run directory directly inside the artifacts root. The alias
+is checked against its schema whenever it is read; a damaged one is reported in one line, never
+guessed at. A promotion decided against one champion (the gate's) is made only if that champion
+is still in place under the registry's lock, so it never replaces a champion it was not compared
+with. A run whose metadata is damaged is listed as damaged and cannot be promoted or used by name.
 """
 
 from __future__ import annotations
