@@ -136,6 +136,23 @@ def test_promote_a_path_outside_the_root(root, capsys, version):
     assert _snapshot(root) == before and registry.champion_version(root) == OLD
 
 
+def test_an_outside_path_promoted_earlier_stays_history_and_is_never_rolled_back_to(root, capsys):
+    """`headstart models promote /abs/path/outside/the/root` is accepted: an alias written back then."""
+    outside = registry_tests._run_dir(root.parent, "outside", 0.99)
+    entry = {"previous": None, "reason": "x", "by": "manual", "at": "t", "rollback": False}
+    alias = {
+        "version": MIDDLE,
+        "history": [{**entry, "version": str(outside)}, {**entry, "version": MIDDLE, "previous": str(outside)}],
+    }
+    registry.alias_path(root).write_text(json.dumps(alias))
+    assert main(["models", "--artifacts-root", str(root)]) == 0
+    assert "* champion" in capsys.readouterr().out
+    before = _snapshot(root)
+    assert main(["models", "rollback", "--artifacts-root", str(root)]) == 2
+    _one_error_line(capsys, "not a complete run in")
+    assert _snapshot(root) == before
+
+
 def test_resolve_takes_names_inside_the_root_and_explicit_run_directories(root):
     """`headstart models promote /abs/path/outside/the/root` is accepted: resolve's side."""
     (root / NEW / METRICS_FILE).unlink()  # an incomplete version is not a model to use

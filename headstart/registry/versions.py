@@ -128,10 +128,9 @@ def _alias_problem(written) -> str | None:
     except ValidationError as error:
         first = error.errors()[0]
         return f"{'.'.join(map(str, first['loc'])) or 'the file'}: {first['msg']}"
-    for entry in alias.history:
-        for name in (entry.version, entry.previous):
-            if name is not None and not is_version_name(name):
-                return f"{name!r} is not a version name (a run directory's name inside the artifacts root)"
+    # Older entries may name paths (promotions once took them): history, which a rollback refuses to return to.
+    if alias.version is not None and not is_version_name(alias.version):
+        return f"{alias.version!r} is not a version name (a run directory's name inside the artifacts root)"
     if alias.version is None:
         return "it names no version but has a history" if alias.history else None
     if not alias.history or alias.history[-1].version != alias.version:
