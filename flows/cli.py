@@ -172,6 +172,7 @@ def _export(args) -> int:
 
 
 def _models(args) -> int:
+    from headstart.errors import HeadstartError
     from headstart.registry import versions as registry
 
     root = Path(args.artifacts_root)
@@ -184,25 +185,39 @@ def _models(args) -> int:
         print(f"champion: {entry['version']} (was {entry['previous']})")
         return 0
     rows = registry.versions(root)
-    if args.json:
+    # Listed first, so that whoever fixes an unusable champion sees the versions to choose from.
+    _print_versions(root, rows, args.json)
+    try:
+        champion = registry.champion(root)
+    except HeadstartError:
+        sys.stdout.flush()
+        raise
+    if champion is None and not args.json and rows:
+        print("\nno champion yet: `headstart models promote VERSION`")
+    return 0
+
+
+def _print_versions(root: Path, rows: list, as_json: bool) -> None:
+    if as_json:
         print(json.dumps([row.to_dict() for row in rows]))
-        return 0
+        return
     if not rows:
         print(f"no versions in {root}")
-        return 0
+        return
     width = max(len(row.version) for row in rows)
     print(f"  {'version':<{width}}  accuracy  test images  classes / created")
     for row in rows:
+        if row.damaged is not None:
+            print(f"{'*' if row.champion else ' '} {row.version:<{width}}  damaged: {row.damaged}")
+            continue
         accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
         print(
             f"{'*' if row.champion else ' '} {row.version:<{width}}  {accuracy:<8}  "
             f"{row.n if row.n is not None else '-':<11}  "
             f"{', '.join(row.class_names)} / {row.created_at}"
         )
-    print(
-        "\n* champion" if any(row.champion for row in rows) else "\nno champion yet: `headstart models promote VERSION`"
-    )
-    return 0
+    if any(row.champion for row in rows):
+        print("\n* champion")
 
 
 def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
