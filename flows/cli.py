@@ -201,7 +201,8 @@ def _server_lost(config, api_url: str, problem: str, flow_runs: list[str]) -> in
         print(f"headstart: error: {lost}; run directory committed, not done: {'; '.join(undone)}", file=sys.stderr)
         return EXIT_USAGE
     print(
-        f"headstart: warning: {lost}; the run is complete, only its last logs and states were not reported",
+        f"headstart: warning: {lost}; the run is complete; its last reports to Prefect were lost "
+        "(artifacts, logs, states)",
         file=sys.stderr,
     )
     return 0
