@@ -128,9 +128,9 @@ def _prefect_server(offline: bool = False):
     from flows import local_server
     from headstart.errors import HeadstartError
 
-    # Prefect's client retries a server that does not answer for about a minute per request, and
-    # a run that lost its server makes several: one retry rides out a blip, and a server gone
-    # shows in seconds.
+    # Prefect's client retries a server that does not answer with doubling waits, and a run that
+    # lost its server makes several requests: one retry rides out a blip, and a server gone shows
+    # at once instead of after a storm of retries.
     with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 1}):
         if offline:
             print("headstart: --no-prefect: this run is not reported to any Prefect server", file=sys.stderr)

@@ -71,7 +71,7 @@ def api_problem(timeout: float = 3.0) -> str | None:
 def home_problem() -> str | None:
     """Why Prefect could not write its home (PREFECT_HOME: the temporary server's database, the
     flow's persisted result), or None when it can. Checked before any work: a temporary server
-    that cannot create its database otherwise only times out, minutes later."""
+    that cannot create its database otherwise only times out, long after."""
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
