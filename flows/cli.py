@@ -147,28 +147,29 @@ def _prefect_server(offline: bool = False):
                     f"no working Prefect API at {configured} ({problem}); start its server, "
                     f"point PREFECT_API_URL at one that runs, {instead}"
                 )
-        home_problem = local_server.home_problem()
-        if home_problem is not None:
-            raise HeadstartError(
-                f"Prefect cannot write its home folder ({home_problem}); set PREFECT_HOME to a writable folder, "
-                + instead
-            )
-        if configured:
             yield configured
             return
         url = local_server.local_server_url()
-        if not local_server.is_healthy(url):
-            print(
-                "headstart: no Prefect server is running, so a temporary one starts for this run; "
-                "`uv run headstart server start` keeps one (and its dashboard) running",
-                file=sys.stderr,
-            )
-            with local_server.temporary_server() as api_url:
-                yield api_url
+        if local_server.is_healthy(url):
+            print(f"headstart: reporting to the Prefect server at {url} (dashboard there)", file=sys.stderr)
+            with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+                yield f"{url}/api"
             return
-        print(f"headstart: reporting to the Prefect server at {url} (dashboard there)", file=sys.stderr)
-        with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
-            yield f"{url}/api"
+        # A server elsewhere needs nothing of PREFECT_HOME (a result it cannot persist is a
+        # warning); the temporary server keeps its database there.
+        home_problem = local_server.home_problem()
+        if home_problem is not None:
+            raise HeadstartError(
+                f"no Prefect server is running and Prefect cannot write its home folder for a temporary one "
+                f"({home_problem}); set PREFECT_HOME to a writable folder, start a server, {instead}"
+            )
+        print(
+            "headstart: no Prefect server is running, so a temporary one starts for this run; "
+            "`uv run headstart server start` keeps one (and its dashboard) running",
+            file=sys.stderr,
+        )
+        with local_server.temporary_server() as api_url:
+            yield api_url
 
 
 def _server_lost(config, api_url: str, problem: str, flow_runs: list[str]) -> int:

@@ -69,19 +69,18 @@ def api_problem(timeout: float = 3.0) -> str | None:
 
 
 def home_problem() -> str | None:
-    """Why Prefect could not write its home (PREFECT_HOME: the temporary server's database, the
-    flow's persisted result), or None when it can. Checked before any work: a temporary server
-    that cannot create its database otherwise only times out, long after."""
+    """Why Prefect could not write its home (PREFECT_HOME, where a temporary server keeps its
+    database), or None when it can. Checked before any work: a temporary server that cannot
+    create its database otherwise only times out, long after."""
     from prefect.settings import get_current_settings
 
-    settings = get_current_settings()
-    for folder in dict.fromkeys([Path(settings.home), Path(settings.results.local_storage_path)]):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as error:
-            return f"{folder}: {error.strerror or first_line(error)}"
+    home = Path(get_current_settings().home)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as error:
+        return f"{home}: {error.strerror or first_line(error)}"
     return None
 
 
