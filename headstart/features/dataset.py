@@ -20,6 +20,7 @@ from headstart.data.manifest import SPLITS, Manifest
 from headstart.features.cache import FeatureCache, Shard, missing_shards
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, as_binary_column, features_matrix
 from headstart.features.streams import FeatureStream
+from headstart.infra.cache_files import read_or_drop
 from headstart.infra.storage import atomic_path, remove_stale_temporaries
 
 # Bump when the layout of a dataset's features file changes, so that older files are not read
@@ -38,6 +39,10 @@ class FeatureSet:
     reused: int
     engine: str
 
+    def _file(self) -> pq.ParquetFile:
+        # Damaged bytes inside a page fail its checksum here rather than train on wrong numbers.
+        return pq.ParquetFile(self.path, page_checksum_verification=True)
+
     def row_groups(self, split: str | None = None, metadata: pq.FileMetaData | None = None) -> list[int]:
         metadata = metadata or pq.read_metadata(self.path)
         column = metadata.schema.to_arrow_schema().get_field_index("split")
@@ -49,7 +54,7 @@ class FeatureSet:
 
     def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Features, labels and paths of one split (or of all rows), in memory: for the small splits."""
-        table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["features", "label", "path"])
+        table = self._file().read_row_groups(self.row_groups(split), columns=["features", "label", "path"])
         return features_matrix(table), table.column("label").to_numpy(), table.column("path").to_pylist()
 
     def content_hashes(self) -> dict[str, list[str]]:
@@ -58,10 +63,10 @@ class FeatureSet:
 
     def rows(self, split: str, columns: list[str]) -> dict[str, list]:
         """Some manifest columns of one split, in the file's row order (the order its streams read)."""
-        return pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=columns).to_pydict()
+        return self._file().read_row_groups(self.row_groups(split), columns=columns).to_pydict()
 
     def labels_and_paths(self, split: str) -> tuple[np.ndarray, list[str]]:
-        table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["label", "path"])
+        table = self._file().read_row_groups(self.row_groups(split), columns=["label", "path"])
         return table.column("label").to_numpy(), table.column("path").to_pylist()
 
     def stream(self, split: str) -> FeatureStream:
@@ -96,7 +101,7 @@ def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, sha
     remove_stale_temporaries(FeatureCache(cache_dir, backbone).directory, ".shard-*.tmp")
     for pattern in (".*.parquet.*.tmp", ".assemble-*"):
         remove_stale_temporaries(Path(cache_dir) / "datasets", pattern)
-    if dataset_features_path(manifest, backbone, cache_dir).exists():
+    if intact_dataset_features(manifest, dataset_features_path(manifest, backbone, cache_dir)):
         return []
     return missing_shards(manifest, FeatureCache(cache_dir, backbone), shard_size)
 
@@ -112,9 +117,27 @@ def assemble_features(
     """Writes the dataset's features file (manifest columns + features) from the cache, in bounded memory."""
     destination = dataset_features_path(manifest, backbone, cache_dir, rows_per_group)
     table = manifest.read()
-    if not destination.exists():
+    if not intact_dataset_features(manifest, destination):
         _write_dataset_features(table, FeatureCache(cache_dir, backbone), destination, rows_per_group)
     return FeatureSet(destination, extracted=extracted, reused=table.num_rows - extracted, engine=engine)
+
+
+def intact_dataset_features(manifest: Manifest, path: Path) -> bool:
+    """Whether the dataset's features file is there and whole; a damaged one is dropped (with one
+    warning), to be assembled again from the feature cache, whose damaged shards are extracted again.
+
+    Only the footer is read: a file cut short, overwritten or emptied has none, and one of another
+    dataset has other columns or rows. Bytes damaged inside its pages fail their checksums when read."""
+    expected = pq.read_schema(manifest.path).names + ["features"], pq.read_metadata(manifest.path).num_rows
+
+    def check(path: Path) -> bool:
+        metadata = pq.read_metadata(path)
+        found = metadata.schema.to_arrow_schema().names, metadata.num_rows
+        if found != expected:
+            raise ValueError(f"{found[1]} rows of {found[0]}, where the manifest gives {expected[1]} of {expected[0]}")
+        return True
+
+    return bool(read_or_drop(path, check, "dataset features file", "assembled again from the feature cache"))
 
 
 def _write_dataset_features(

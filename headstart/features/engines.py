@@ -18,6 +18,7 @@ from headstart.backbone.handles import Backbone
 from headstart.config import INT8_ENGINE
 from headstart.data.preprocessing import resize_batch, resize_images, shrunk_to_fit
 from headstart.errors import HeadstartError, first_line
+from headstart.infra.cache_files import read_or_drop
 from headstart.infra.native_logs import native_notices_dropped
 from headstart.infra.storage import atomic_path, write_json_atomic
 
@@ -154,7 +155,9 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
 
     with atomic_path(path) as temporary:
         temporary.write_bytes(flatbuffer)
-    write_json_atomic(_parity_record(path), {"max_difference": difference, "tensorflow": tf.__version__})
+    write_json_atomic(
+        _parity_record(path), {"max_difference": difference, "tensorflow": tf.__version__, "bytes": len(flatbuffer)}
+    )
     return path
 
 
@@ -163,12 +166,47 @@ def _litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
 
 
 def _is_converted(model_path: Path) -> bool:
-    """Both files a finished conversion leaves: the model, then its parity record (written last)."""
-    return model_path.exists() and _parity_record(model_path).exists()
+    """Both files a finished conversion leaves, intact: the model, then its parity record (written
+    last). Where either is damaged, both are dropped (with one warning) and the backbone converted again."""
+    if not model_path.exists():
+        return False
+    record_path = _parity_record(model_path)
+    again = "the backbone is converted to LiteRT again"
+    record = read_or_drop(record_path, _read_parity_record, "LiteRT parity record", again, [model_path])
+    if record is None:
+        return False
+    verified = read_or_drop(
+        model_path, lambda path: verify_litert_model(path, record.get("bytes")), "LiteRT model", again, [record_path]
+    )
+    return bool(verified)
+
+
+def verify_litert_model(path: Path, size: int | None = None) -> bool:
+    """Checks that a .tflite file is a whole LiteRT model (of `size` bytes, where known): its
+    flatbuffer identifier, then the interpreter's own verification of the flatbuffer."""
+    found = Path(path).stat().st_size
+    if size is not None and found != size:
+        raise ValueError(f"{found} bytes, where {size} were written")
+    with open(path, "rb") as handle:
+        if handle.read(8)[4:] != b"TFL3":
+            raise ValueError("not a LiteRT flatbuffer (no TFL3 identifier)")
+    from ai_edge_litert.interpreter import Interpreter
+
+    Interpreter(model_path=str(path))
+    return True
 
 
 def _parity_record(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".parity.json")
+
+
+def _read_parity_record(path: Path) -> dict:
+    record = json.loads(path.read_bytes())
+    difference = record.get("max_difference") if isinstance(record, dict) else None
+    numbers = (difference, record.get("bytes", 0) if isinstance(record, dict) else None)
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in numbers):
+        raise ValueError("not a parity record (max_difference and bytes)")
+    return record
 
 
 def _recorded_parity(model_path: Path) -> float:

@@ -26,7 +26,7 @@ class FeatureStream:
 
     def chunks(self, order: np.ndarray | None = None):
         """(features, labels) of each row group, in file order or in `order`."""
-        parquet = pq.ParquetFile(self.path)
+        parquet = pq.ParquetFile(self.path, page_checksum_verification=True)
         for group in self.groups if order is None else order:
             table = parquet.read_row_group(int(group), columns=["features", "label"])
             yield features_matrix(table), table.column("label").to_numpy().astype(np.int64)

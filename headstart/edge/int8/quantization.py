@@ -34,6 +34,8 @@ from headstart.backbone.handles import Backbone
 from headstart.data.preprocessing import decoded_batches
 from headstart.edge.int8.tflite_weights import fused_activation, operator_kind, tensor_values
 from headstart.errors import HeadstartError, first_line
+from headstart.features.engines import verify_litert_model
+from headstart.infra.cache_files import read_or_drop
 from headstart.infra.storage import atomic_path
 
 # Training images that calibrate activation ranges: a few hundred is the usual advice; more
@@ -237,7 +239,8 @@ def quantized_backbone(backbone: Backbone, calibration: list[dict], cache_dir: P
     )
     fingerprint = f"{backbone.fingerprint}-int8-{digest.hexdigest()[:12]}"
     path = Path(cache_dir) / "litert" / f"{fingerprint}-{backbone.image_size}px.tflite"
-    if not path.is_file():
+    again = "the backbone is quantized again"
+    if not read_or_drop(path, verify_litert_model, "quantized LiteRT backbone", again):
         flatbuffer = _convert_backbone(backbone, _calibration_images(calibration, backbone.image_size))
         with atomic_path(path) as temporary:
             temporary.write_bytes(flatbuffer)

@@ -1,0 +1,239 @@
+"""Attacks through the cache directory: a garbled assembled dataset, LiteRT model, reuse index or
+scan cache (truncated, overwritten with random bytes, emptied, or a well-formed file of another
+shape). Each is dropped with one warning naming it and rebuilt from its sources, and the run
+completes with the results it had before."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from configs import source_of
+from conftest import extract_dataset
+
+from headstart.backbone.handles import resolve_backbone
+from headstart.config import TrainConfig
+from headstart.features.cache import FeatureCache
+from headstart.features.dataset import dataset_features_path
+from headstart.features.engines import _litert_model_path, _parity_record, choose_engine
+from headstart.features.extraction import ExtractionContext, ExtractionSettings
+from headstart.registry.reuse import _index_entry, find_identical_run, record_run
+
+VARIANTS = ["truncated", "random bytes", "empty"]
+
+
+def garble(path: Path, variant: str, replacement: bytes = b"") -> None:
+    """Damages a file as a disk, a crash of another tool or a careless hand would."""
+    data = path.read_bytes()
+    if variant == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif variant == "random bytes":
+        path.write_bytes(np.random.default_rng(7).bytes(max(len(data), 64)))
+    elif variant == "empty":
+        path.write_bytes(b"")
+    else:  # a well-formed file of another shape
+        path.write_bytes(replacement)
+
+
+def warnings_naming(caplog, path: Path) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and str(path) in record.getMessage()
+    ]
+
+
+def _parquet_bytes(table: pa.Table, tmp_path: Path) -> bytes:
+    pq.write_table(table, tmp_path / "other.parquet")
+    return (tmp_path / "other.parquet").read_bytes()
+
+
+@pytest.fixture
+def tiny(tiny_backbone_dir, tmp_path):
+    return resolve_backbone(str(tiny_backbone_dir), 32, tmp_path / "cache")
+
+
+def _manifest(folder, tmp_path):
+    return source_of(TrainConfig(data=str(folder), cache_dir=tmp_path / "cache"))[0]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "another dataset's file", "with a damaged shard"])
+def test_garbled_assembled_dataset(variant, colour_folder, tiny, tmp_path, caplog):
+    """A garbled assembled dataset (`<cache>/datasets/*.parquet`): dropped and assembled again,
+    its damaged shards extracted again."""
+    context = ExtractionContext(tmp_path / "cache", ExtractionSettings("keras", batch_size=8))
+    manifest = _manifest(colour_folder, tmp_path)
+    first = extract_dataset(manifest, tiny, context, shard_size=16)
+    expected = first.load()
+    assert first.path == dataset_features_path(manifest, tiny, tmp_path / "cache")
+    other = _parquet_bytes(pa.table({"path": ["a"], "features": [b"x"]}), tmp_path)
+    garble(first.path, "truncated" if variant == "with a damaged shard" else variant, other)
+    shard = FeatureCache(tmp_path / "cache", tiny).shard_paths()[1]
+    if variant == "with a damaged shard":
+        garble(shard, "random bytes")
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        again = extract_dataset(manifest, tiny, context, shard_size=16)
+        again_also = extract_dataset(manifest, tiny, context, shard_size=16)  # healed: no more warnings
+
+    assert again.path == first.path and again_also.extracted == 0
+    assert (again.extracted, again.reused) == ((16, 32) if variant == "with a damaged shard" else (0, 48))
+    assert len(warnings_naming(caplog, first.path)) == 1
+    assert len(warnings_naming(caplog, shard)) == (variant == "with a damaged shard")
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1 + (variant == "with a damaged shard")
+    loaded = again.load()
+    assert loaded[2] == expected[2]
+    np.testing.assert_array_equal(loaded[0], expected[0])
+    np.testing.assert_array_equal(loaded[1], expected[1])
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "a parity record that is a list", "a parity record cut short"])
+def test_garbled_litert_model(variant, tiny, tmp_path, caplog):
+    """A garbled cached LiteRT model (`<cache>/litert/*.tflite`): verified when loaded, dropped and
+    converted again."""
+    cache_dir = tmp_path / "cache"
+    images = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    expected = choose_engine(tiny, "litert", cache_dir, threads=1).engine(images)
+    model = _litert_model_path(tiny, cache_dir)
+    record = _parity_record(model)
+    if variant == "a parity record that is a list":
+        garble(record, "other", b"[0.0]")
+        damaged = record
+    elif variant == "a parity record cut short":
+        garble(record, "truncated")
+        damaged = record
+    else:
+        garble(model, variant)
+        damaged = model
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        choice = choose_engine(tiny, "litert", cache_dir, threads=1)
+        features = choice.engine(images)
+        choose_engine(tiny, "litert", cache_dir, threads=1)  # healed: no more warnings
+
+    assert choice.engine.name == "litert"
+    assert len(warnings_naming(caplog, damaged)) == 1
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+    np.testing.assert_array_equal(features, expected)
+    assert json.loads(record.read_text())["bytes"] == model.stat().st_size
+
+
+@pytest.mark.parametrize(
+    "variant", [*VARIANTS, "a JSON list", "run_dirs not a list", "an empty object", "an earlier layout"]
+)
+def test_garbled_reuse_index(variant, tmp_path, caplog):
+    """A garbled reuse index (`<cache>/runs/*.json`): dropped with a warning, treated as no earlier run."""
+    cache_dir, key = tmp_path / "cache", "k" * 20
+    run_dir = tmp_path / "artifacts" / "20260101-000000-aaaa"
+    record_run(cache_dir, key, run_dir)
+    entry = _index_entry(cache_dir, key)
+    replacement = {
+        "a JSON list": b'["/a/run"]',
+        "run_dirs not a list": b'{"run_dirs": 5}',
+        "an empty object": b"{}",
+        "an earlier layout": json.dumps({"run_dir": str(tmp_path / "old" / "run")}).encode(),
+    }.get(variant, b"")
+    garble(entry, variant, replacement)
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        assert find_identical_run(cache_dir, key, tmp_path / "artifacts") is None
+        record_run(cache_dir, key, run_dir)
+
+    held = json.loads(entry.read_text())["run_dirs"]
+    if variant == "an earlier layout":  # still read, and kept beside the new run
+        assert held == [str(tmp_path / "old" / "run"), str(run_dir)] and not caplog.records
+    else:
+        assert held == [str(run_dir)]
+        assert len(warnings_naming(caplog, entry)) == 1 and len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "a table of other columns", "a flipped hash byte"])
+def test_garbled_scan_cache(variant, colour_folder, tmp_path, caplog):
+    """A garbled scan cache (`<cache>/scan-cache.parquet`): dropped, its files scanned again."""
+    config = TrainConfig(data=str(colour_folder), cache_dir=tmp_path / "cache")
+    manifest, report = source_of(config)
+    scan_cache = tmp_path / "cache" / "scan-cache.parquet"
+    expected = manifest.read()
+    if variant == "a flipped hash byte":  # inside a page: its checksum fails, no image takes another's hash
+        data = bytearray(scan_cache.read_bytes())
+        first_hash = expected.column("sha256")[0].as_py().encode()
+        data[data.index(first_hash) + 3] ^= 0x01
+        scan_cache.write_bytes(bytes(data))
+    else:
+        garble(scan_cache, variant, _parquet_bytes(pa.table({"path": ["x"], "sha256": [5]}), tmp_path))
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        again, again_report = source_of(config)
+        source_of(config)  # healed: no more warnings
+
+    assert len(warnings_naming(caplog, scan_cache)) == 1 and len(caplog.records) == 1
+    assert again.fingerprint == manifest.fingerprint and again.read().equals(expected)
+    assert again_report.to_dict() == report.to_dict()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _flow_config(folder, backbone_dir, tmp_path, **overrides):
+    values = dict(epochs=10, learning_rate=0.1, batch_size=8, patience=10, test_fraction=0.25, gate=False)
+    return TrainConfig.smoke(
+        data=str(folder),
+        backbone=str(backbone_dir),
+        artifacts_root=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache",
+        **{**values, **overrides},
+    )
+
+
+@pytest.mark.parametrize("variant", ["truncated", "random bytes"])
+def test_garbled_caches_in_a_train_run(variant, prefect_harness, colour_folder, tiny_backbone_dir, tmp_path):
+    """Every cache kind garbled at once (assembled dataset, a feature shard, LiteRT model, reuse
+    index, scan cache) before a train: each dropped with one warning, and the run completes with
+    the results of the run before."""
+    from flows.train import train
+
+    cache_dir = tmp_path / "cache"
+    config = _flow_config(colour_folder, tiny_backbone_dir, tmp_path)
+    first = Path(train(**config.flat()))
+    damaged = [
+        *(cache_dir / "datasets").glob("*.parquet"),
+        sorted((cache_dir / "features").glob("*/shard-*.parquet"))[0],
+        *(cache_dir / "litert").glob("*.tflite"),
+        *(cache_dir / "runs").glob("*.json"),
+        cache_dir / "scan-cache.parquet",
+    ]
+    assert len(damaged) == 5 and all(path.is_file() for path in damaged)
+    for path in damaged:
+        garble(path, variant)
+
+    # Prefect configures logging again as a flow starts, which removes caplog's handler from the root.
+    records = _Records()
+    logging.getLogger("headstart").addHandler(records)
+    try:
+        second = Path(train(**config.flat()))
+    finally:
+        logging.getLogger("headstart").removeHandler(records)
+
+    assert second != first  # the index no longer named the first run: trained again
+    for path in damaged:
+        assert len(warnings_naming(records, path)) == 1, path
+    assert len(records.records) == len(damaged) and not any(record.exc_info for record in records.records)
+
+    def result(run_dir: Path) -> dict:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        return {key: value for key, value in metrics.items() if not key.startswith(("features_", "engine"))}
+
+    assert result(second) == result(first)
+    assert json.loads((second / "history.json").read_text()) == json.loads((first / "history.json").read_text())
+    assert json.loads((second / "metrics.json").read_text())["engine"] == "litert"
