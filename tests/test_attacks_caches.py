@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,64 @@ class _Records(logging.Handler):
 
     def emit(self, record):
         self.records.append(record)
+
+
+@pytest.fixture
+def hub_url(tiny_backbone_dir, tmp_path, serve_directory) -> str:
+    """The tiny backbone as a compressed TF Hub module on a local server."""
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / "module.tar.gz", "w:gz") as tar:
+        for item in sorted(tiny_backbone_dir.iterdir()):
+            tar.add(item, arcname=item.name)
+    return serve_directory(served) + "/module.tar.gz"
+
+
+@pytest.mark.parametrize(
+    "kind, variant",
+    [
+        ("downloaded", "saved_model.pb truncated"),
+        ("downloaded", "variables overwritten with random bytes"),
+        ("downloaded", "saved_model.pb removed"),
+        ("downloaded", "a fingerprint record that is a list"),
+        ("converted", "saved_model.pb truncated"),
+        ("converted", "a fingerprint record that is a list"),
+    ],
+)
+def test_garbled_cached_backbone(kind, variant, request, tmp_path, caplog):
+    """A garbled converted or downloaded backbone (`<cache>/backbones/*`, `<cache>/tfhub/*`):
+    its fingerprint checked against the one recorded when it was made, dropped and made again."""
+    from headstart.config import BUNDLED_HANDLE
+
+    handle = BUNDLED_HANDLE if kind == "converted" else request.getfixturevalue("hub_url")
+    cache_dir = tmp_path / "cache"
+    first = resolve_backbone(handle, 32, cache_dir)
+    record = first.module_path.with_name(first.module_path.name + ".fingerprint.json")
+    assert json.loads(record.read_text()) == {"fingerprint": first.fingerprint}
+    if variant == "saved_model.pb truncated":
+        garble(first.module_path / "saved_model.pb", "truncated")
+        damaged = first.module_path
+    elif variant == "variables overwritten with random bytes":
+        garble(next((first.module_path / "variables").glob("*.data-*")), "random bytes")
+        damaged = first.module_path
+    elif variant == "saved_model.pb removed":
+        (first.module_path / "saved_model.pb").unlink()
+        damaged = first.module_path
+    else:
+        garble(record, "other", b"[]")
+        damaged = record
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        again = resolve_backbone(handle, 32, cache_dir)
+        resolve_backbone(handle, 32, cache_dir)  # healed: no more warnings
+
+    assert again.module_path == first.module_path
+    # A download is the same bytes again; a conversion writes the same weights in a graph whose
+    # ids differ from export to export.
+    assert kind == "converted" or again.fingerprint == first.fingerprint
+    assert len(warnings_naming(caplog, damaged)) == 1 and len(caplog.records) == 1
+    assert json.loads(record.read_text()) == {"fingerprint": again.fingerprint}
+    assert not list(first.module_path.parent.glob(".*"))  # nothing left aside
 
 
 def _flow_config(folder, backbone_dir, tmp_path, **overrides):
