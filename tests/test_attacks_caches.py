@@ -25,7 +25,7 @@ from headstart.features.engines import _litert_model_path, _parity_record, choos
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.registry.reuse import _index_entry, find_identical_run, record_run
 
-VARIANTS = ["truncated", "random bytes", "empty"]
+VARIANTS = ["truncated", "random bytes", "empty", "a flipped byte"]
 
 
 def garble(path: Path, variant: str, replacement: bytes = b"") -> None:
@@ -37,6 +37,10 @@ def garble(path: Path, variant: str, replacement: bytes = b"") -> None:
         path.write_bytes(np.random.default_rng(7).bytes(max(len(data), 64)))
     elif variant == "empty":
         path.write_bytes(b"")
+    elif variant == "a flipped byte":  # in the middle: inside the data, headers and footers intact
+        data = bytearray(data)
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
     else:  # a well-formed file of another shape
         path.write_bytes(replacement)
 
@@ -148,6 +152,8 @@ def test_garbled_reuse_index(variant, tmp_path, caplog):
     held = json.loads(entry.read_text())["run_dirs"]
     if variant == "an earlier layout":  # still read, and kept beside the new run
         assert held == [str(tmp_path / "old" / "run"), str(run_dir)] and not caplog.records
+    elif variant == "a flipped byte":  # well-formed, naming a run directory that is not there: no earlier run
+        assert held[-1] == str(run_dir) and not caplog.records
     else:
         assert held == [str(run_dir)]
         assert len(warnings_naming(caplog, entry)) == 1 and len(caplog.records) == 1

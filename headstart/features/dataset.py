@@ -94,14 +94,15 @@ def dataset_features_path(
 
 
 def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, shard_size: int = 1024) -> list[Shard]:
-    """The images whose features are still to extract, as shards; none where the dataset's file exists.
+    """The images whose features are still to extract, as shards; none where the dataset's file
+    exists and is intact.
 
     Temporary files that a killed run left in the feature cache are cleared on the way: they are
     never read, but would fill the disk run after run."""
     remove_stale_temporaries(FeatureCache(cache_dir, backbone).directory, ".shard-*.tmp")
     for pattern in (".*.parquet.*.tmp", ".assemble-*"):
         remove_stale_temporaries(Path(cache_dir) / "datasets", pattern)
-    if intact_dataset_features(manifest, dataset_features_path(manifest, backbone, cache_dir)):
+    if intact_dataset_features(manifest, dataset_features_path(manifest, backbone, cache_dir), pages=True):
         return []
     return missing_shards(manifest, FeatureCache(cache_dir, backbone), shard_size)
 
@@ -122,19 +123,22 @@ def assemble_features(
     return FeatureSet(destination, extracted=extracted, reused=table.num_rows - extracted, engine=engine)
 
 
-def intact_dataset_features(manifest: Manifest, path: Path) -> bool:
+def intact_dataset_features(manifest: Manifest, path: Path, pages: bool = False) -> bool:
     """Whether the dataset's features file is there and whole; a damaged one is dropped (with one
     warning), to be assembled again from the feature cache, whose damaged shards are extracted again.
 
-    Only the footer is read: a file cut short, overwritten or emptied has none, and one of another
-    dataset has other columns or rows. Bytes damaged inside its pages fail their checksums when read."""
+    The footer tells a file cut short, overwritten or emptied (it has none) and one of another
+    dataset (other columns or rows); with `pages`, every page's checksum is verified too, one row
+    group at a time, for bytes damaged inside: the planning step does, once per run."""
     expected = pq.read_schema(manifest.path).names + ["features"], pq.read_metadata(manifest.path).num_rows
 
     def check(path: Path) -> bool:
-        metadata = pq.read_metadata(path)
-        found = metadata.schema.to_arrow_schema().names, metadata.num_rows
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        found = parquet.schema_arrow.names, parquet.metadata.num_rows
         if found != expected:
             raise ValueError(f"{found[1]} rows of {found[0]}, where the manifest gives {expected[1]} of {expected[0]}")
+        for group in range(parquet.num_row_groups) if pages else ():
+            parquet.read_row_group(group)
         return True
 
     return bool(read_or_drop(path, check, "dataset features file", "assembled again from the feature cache"))

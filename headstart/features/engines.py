@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +157,13 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_bytes(flatbuffer)
     write_json_atomic(
-        _parity_record(path), {"max_difference": difference, "tensorflow": tf.__version__, "bytes": len(flatbuffer)}
+        _parity_record(path),
+        {
+            "max_difference": difference,
+            "tensorflow": tf.__version__,
+            "bytes": len(flatbuffer),
+            "crc32": zlib.crc32(flatbuffer),
+        },
     )
     return path
 
@@ -176,20 +183,32 @@ def _is_converted(model_path: Path) -> bool:
     if record is None:
         return False
     verified = read_or_drop(
-        model_path, lambda path: verify_litert_model(path, record.get("bytes")), "LiteRT model", again, [record_path]
+        model_path,
+        lambda path: verify_litert_model(path, record.get("bytes"), record.get("crc32")),
+        "LiteRT model",
+        again,
+        [record_path],
     )
     return bool(verified)
 
 
-def verify_litert_model(path: Path, size: int | None = None) -> bool:
-    """Checks that a .tflite file is a whole LiteRT model (of `size` bytes, where known): its
-    flatbuffer identifier, then the interpreter's own verification of the flatbuffer."""
+def verify_litert_model(path: Path, size: int | None = None, crc32: int | None = None) -> bool:
+    """Checks that a .tflite file is a whole LiteRT model: of `size` bytes and their `crc32`
+    where they were recorded, with its flatbuffer identifier, and passing the interpreter's own
+    verification of the flatbuffer."""
     found = Path(path).stat().st_size
     if size is not None and found != size:
         raise ValueError(f"{found} bytes, where {size} were written")
     with open(path, "rb") as handle:
         if handle.read(8)[4:] != b"TFL3":
             raise ValueError("not a LiteRT flatbuffer (no TFL3 identifier)")
+        if crc32 is not None:
+            handle.seek(0)
+            checksum = 0
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                checksum = zlib.crc32(block, checksum)
+            if checksum != crc32:
+                raise ValueError("its bytes are not those written (CRC-32 differs)")
     from ai_edge_litert.interpreter import Interpreter
 
     Interpreter(model_path=str(path))
@@ -202,10 +221,17 @@ def _parity_record(model_path: Path) -> Path:
 
 def _read_parity_record(path: Path) -> dict:
     record = json.loads(path.read_bytes())
-    difference = record.get("max_difference") if isinstance(record, dict) else None
-    numbers = (difference, record.get("bytes", 0) if isinstance(record, dict) else None)
-    if any(isinstance(value, bool) or not isinstance(value, (int, float)) for value in numbers):
-        raise ValueError("not a parity record (max_difference and bytes)")
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    # Records written before the model's size and checksum were kept have neither.
+    numbers = {
+        "max_difference": record.get("max_difference"),
+        "bytes": record.get("bytes", 0),
+        "crc32": record.get("crc32", 0),
+    }
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} is not a number")
     return record
 
 
