@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from configs import source_of
-from conftest import extract_dataset
+from conftest import extract_dataset, write_class_images
 
 from headstart.backbone.handles import resolve_backbone
 from headstart.config import TrainConfig
@@ -302,3 +302,39 @@ def test_garbled_caches_in_a_train_run(variant, prefect_harness, colour_folder, 
     assert result(second) == result(first)
     assert json.loads((second / "history.json").read_text()) == json.loads((first / "history.json").read_text())
     assert json.loads((second / "metrics.json").read_text())["engine"] == "litert"
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_harness, tiny_backbone_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A real run of the flow, and the folder it learnt from."""
+    from flows.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    folder = write_class_images(root / "data", {"red": (200, 40, 40), "blue": (40, 40, 200)}, per_class=24)
+    return Path(train(**_flow_config(folder, tiny_backbone_dir, root).flat())), folder
+
+
+@pytest.mark.parametrize("variant", ["truncated", "a flipped byte"])
+def test_garbled_litert_model_in_predict(variant, trained, tmp_path, capsys):
+    """A garbled cached LiteRT model (`<cache>/litert/*.tflite`) under `headstart predict`: converted
+    again, and the predictions are those made before."""
+    from flows.cli import main
+
+    run_dir, folder = trained
+    args = ["predict", "--model", str(run_dir), str(folder), "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    before = capsys.readouterr().out
+    (model,) = (tmp_path / "cache" / "litert").glob("*.tflite")
+    garble(model, variant)
+
+    records = _Records()
+    logging.getLogger("headstart").addHandler(records)
+    try:
+        status = main(args)
+    finally:
+        logging.getLogger("headstart").removeHandler(records)
+
+    after = capsys.readouterr()
+    assert status == 0 and after.out == before and len(before.splitlines()) == 48
+    assert "Traceback" not in after.err and "headstart: error" not in after.err
+    assert len(records.records) == 1 and len(warnings_naming(records, model)) == 1
