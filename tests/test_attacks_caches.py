@@ -128,6 +128,35 @@ def test_garbled_litert_model(variant, tiny, tmp_path, caplog):
     assert json.loads(record.read_text())["bytes"] == model.stat().st_size
 
 
+@pytest.mark.parametrize("variant", [*VARIANTS, "a record that is a list"])
+def test_garbled_quantized_litert_backbone(variant, colour_folder, tiny, tmp_path, caplog):
+    """A garbled cached int8 LiteRT backbone (`<cache>/litert/*-int8-*.tflite`): verified when
+    loaded, dropped and quantized again."""
+    import hashlib
+
+    from headstart.edge import quantized_backbone
+    from headstart.features.engines import LiteRTEngine
+
+    rows = [
+        {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "split": "train"}
+        for path in sorted(colour_folder.glob("*/*.png"))[:12]
+    ]
+    images = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    first = quantized_backbone(tiny, rows, tmp_path / "cache")
+    expected = LiteRTEngine(first, tmp_path / "cache", 1)(images)
+    record = first.litert_model.with_suffix(".json")
+    damaged = record if variant == "a record that is a list" else first.litert_model
+    garble(damaged, variant, b"[]")
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        again = quantized_backbone(tiny, rows, tmp_path / "cache")
+        quantized_backbone(tiny, rows, tmp_path / "cache")  # healed: no more warnings
+
+    assert again == first
+    assert len(warnings_naming(caplog, damaged)) == 1 and len(caplog.records) == 1
+    np.testing.assert_array_equal(LiteRTEngine(again, tmp_path / "cache", 1)(images), expected)
+
+
 @pytest.mark.parametrize(
     "variant", [*VARIANTS, "a JSON list", "run_dirs not a list", "an empty object", "an earlier layout"]
 )

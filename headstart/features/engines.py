@@ -158,12 +158,7 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
         temporary.write_bytes(flatbuffer)
     write_json_atomic(
         _parity_record(path),
-        {
-            "max_difference": difference,
-            "tensorflow": tf.__version__,
-            "bytes": len(flatbuffer),
-            "crc32": zlib.crc32(flatbuffer),
-        },
+        {"max_difference": difference, "tensorflow": tf.__version__, **model_record(flatbuffer)},
     )
     return path
 
@@ -175,21 +170,32 @@ def _litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
 def _is_converted(model_path: Path) -> bool:
     """Both files a finished conversion leaves, intact: the model, then its parity record (written
     last). Where either is damaged, both are dropped (with one warning) and the backbone converted again."""
-    if not model_path.exists():
+    return intact_litert_model(
+        model_path, _parity_record(model_path), "LiteRT model", "the backbone is converted to LiteRT again"
+    )
+
+
+def intact_litert_model(model_path: Path, record_path: Path, what: str, again: str) -> bool:
+    """Whether a cached LiteRT model and the record written after it (its size and CRC-32, where
+    kept) are both there and intact; where either is damaged, both are dropped with one warning."""
+    if not Path(model_path).exists():
         return False
-    record_path = _parity_record(model_path)
-    again = "the backbone is converted to LiteRT again"
-    record = read_or_drop(record_path, _read_parity_record, "LiteRT parity record", again, [model_path])
+    record = read_or_drop(record_path, _read_model_record, f"record of the {what}", again, [model_path])
     if record is None:
         return False
     verified = read_or_drop(
         model_path,
         lambda path: verify_litert_model(path, record.get("bytes"), record.get("crc32")),
-        "LiteRT model",
+        what,
         again,
         [record_path],
     )
     return bool(verified)
+
+
+def model_record(flatbuffer: bytes) -> dict:
+    """What `intact_litert_model` checks a model against: its size and CRC-32."""
+    return {"bytes": len(flatbuffer), "crc32": zlib.crc32(flatbuffer)}
 
 
 def verify_litert_model(path: Path, size: int | None = None, crc32: int | None = None) -> bool:
@@ -219,16 +225,15 @@ def _parity_record(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".parity.json")
 
 
-def _read_parity_record(path: Path) -> dict:
+def _read_model_record(path: Path) -> dict:
     record = json.loads(path.read_bytes())
     if not isinstance(record, dict):
         raise ValueError(f"a JSON {type(record).__name__}, not an object")
-    # Records written before the model's size and checksum were kept have neither.
-    numbers = {
-        "max_difference": record.get("max_difference"),
-        "bytes": record.get("bytes", 0),
-        "crc32": record.get("crc32", 0),
-    }
+    # A parity record holds max_difference; records written before the model's size and checksum
+    # were kept have neither.
+    numbers = {name: record.get(name, 0) for name in ("max_difference", "bytes", "crc32")}
+    if path.name.endswith(".parity.json"):
+        numbers["max_difference"] = record.get("max_difference")
     for name, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} is not a number")
