@@ -221,6 +221,34 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+@pytest.mark.parametrize("variant", [*VARIANTS, "a record that is a list", "an image removed"])
+def test_garbled_cifar10_extraction(variant, tmp_path, caplog):
+    """A garbled CIFAR-10 extraction (`<cache>/cifar10/*/`): its record damaged or an image gone,
+    dropped and extracted again from the archive."""
+    from test_data import make_cifar_archive
+
+    make_cifar_archive(tmp_path / "cifar.tar.gz")
+    archive, cache_dir = str(tmp_path / "cifar.tar.gz"), tmp_path / "cache"
+    config = TrainConfig(data="cifar10", cifar10_source=archive, classes=("cat", "dog"), cache_dir=cache_dir)
+    manifest, report = source_of(config)
+    (root,) = (tmp_path / "cache" / "cifar10").iterdir()
+    assert json.loads((root / "complete").read_text()) == {"train": 100, "test": 20}
+    if variant == "an image removed":
+        next((root / "train" / "cat").glob("*.png")).unlink()
+        damaged = root
+    else:
+        garble(root / "complete", variant, b"[100, 20]")
+        damaged = root / "complete"
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        again, again_report = source_of(config)
+        source_of(config)  # healed: no more warnings
+
+    assert len(warnings_naming(caplog, damaged)) == 1 and len(caplog.records) == 1
+    assert again.fingerprint == manifest.fingerprint and again_report.to_dict() == report.to_dict()
+    assert not list(root.parent.glob(".*"))  # nothing left aside
+
+
 @pytest.fixture
 def hub_url(tiny_backbone_dir, tmp_path, serve_directory) -> str:
     """The tiny backbone as a compressed TF Hub module on a local server."""
