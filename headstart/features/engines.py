@@ -180,6 +180,9 @@ def intact_litert_model(model_path: Path, record_path: Path, what: str, again: s
     kept) are both there and intact; where either is damaged, both are dropped with one warning."""
     if not Path(model_path).exists():
         return False
+    # Imported here, outside the check: a LiteRT missing from the environment damages no file.
+    from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+
     record = read_or_drop(record_path, _read_model_record, f"record of the {what}", again, [model_path])
     if record is None:
         return False
