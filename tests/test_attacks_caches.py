@@ -395,3 +395,29 @@ def test_garbled_litert_model_in_predict(variant, trained, tmp_path, capsys):
     assert status == 0 and after.out == before and len(before.splitlines()) == 48
     assert "Traceback" not in after.err and "headstart: error" not in after.err
     assert len(records.records) == 1 and len(warnings_naming(records, model)) == 1
+
+
+def test_a_cache_file_replaced_while_it_was_checked_is_kept(tmp_path, caplog):
+    """A garbled cache file that another run replaced while this one checked it: the replacement
+    is kept (only what was checked is dropped), and an unreadable file is an error, not damage."""
+    from headstart.infra.cache_files import read_or_drop
+
+    path = tmp_path / "entry.json"
+    path.write_bytes(b"{garbled")
+
+    def replaced_meanwhile(checked: Path):
+        replacement = tmp_path / "replacement.json"
+        replacement.write_text("{}")
+        replacement.replace(checked)
+        raise ValueError("garbled")
+
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        assert read_or_drop(path, replaced_meanwhile, "test entry", "rebuilt") is None
+    assert path.read_text() == "{}" and len(warnings_naming(caplog, path)) == 1
+
+    def unreadable(checked: Path):
+        raise PermissionError(13, "Permission denied", str(checked))
+
+    with pytest.raises(PermissionError):
+        read_or_drop(path, unreadable, "test entry", "rebuilt")
+    assert path.is_file()
