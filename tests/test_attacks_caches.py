@@ -97,6 +97,24 @@ def test_garbled_assembled_dataset(variant, colour_folder, tiny, tmp_path, caplo
     np.testing.assert_array_equal(loaded[1], expected[1])
 
 
+def test_assembled_dataset_garbled_during_a_run(colour_folder, tiny, tmp_path):
+    """A garbled assembled dataset, damaged after the run checked it: the read that meets the damage
+    stops the run in one line (no wrong numbers), the file is dropped, and the next run heals."""
+    from headstart.errors import HeadstartError
+
+    context = ExtractionContext(tmp_path / "cache", ExtractionSettings("keras", batch_size=8))
+    manifest = _manifest(colour_folder, tmp_path)
+    features = extract_dataset(manifest, tiny, context)
+    expected = features.load()
+    garble(features.path, "a flipped byte")
+    with pytest.raises(HeadstartError, match="damaged during the run .*run again") as error:
+        list(features.stream("train").chunks())
+    assert str(features.path) in str(error.value) and "\n" not in str(error.value)
+    assert not features.path.exists()
+    healed = extract_dataset(manifest, tiny, context)
+    np.testing.assert_array_equal(healed.load()[0], expected[0])
+
+
 @pytest.mark.parametrize("variant", [*VARIANTS, "a parity record that is a list", "a parity record cut short"])
 def test_garbled_litert_model(variant, tiny, tmp_path, caplog):
     """A garbled cached LiteRT model (`<cache>/litert/*.tflite`): verified when loaded, dropped and

@@ -19,7 +19,7 @@ from headstart.backbone.handles import Backbone
 from headstart.data.manifest import SPLITS, Manifest
 from headstart.features.cache import FeatureCache, Shard, missing_shards
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, as_binary_column, features_matrix
-from headstart.features.streams import FeatureStream
+from headstart.features.streams import FeatureStream, damage_stops_the_run
 from headstart.infra.cache_files import read_or_drop
 from headstart.infra.storage import atomic_path, remove_stale_temporaries
 
@@ -39,10 +39,6 @@ class FeatureSet:
     reused: int
     engine: str
 
-    def _file(self) -> pq.ParquetFile:
-        # Damaged bytes inside a page fail its checksum here rather than train on wrong numbers.
-        return pq.ParquetFile(self.path, page_checksum_verification=True)
-
     def row_groups(self, split: str | None = None, metadata: pq.FileMetaData | None = None) -> list[int]:
         metadata = metadata or pq.read_metadata(self.path)
         column = metadata.schema.to_arrow_schema().get_field_index("split")
@@ -52,9 +48,15 @@ class FeatureSet:
             if split is None or metadata.row_group(group).column(column).statistics.max == split
         ]
 
+    def _read(self, split: str | None, columns: list[str]) -> pa.Table:
+        with damage_stops_the_run(self.path):
+            # Damaged bytes inside a page fail its checksum here rather than train on wrong numbers.
+            parquet = pq.ParquetFile(self.path, page_checksum_verification=True)
+            return parquet.read_row_groups(self.row_groups(split, parquet.metadata), columns=columns)
+
     def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Features, labels and paths of one split (or of all rows), in memory: for the small splits."""
-        table = self._file().read_row_groups(self.row_groups(split), columns=["features", "label", "path"])
+        table = self._read(split, ["features", "label", "path"])
         return features_matrix(table), table.column("label").to_numpy(), table.column("path").to_pylist()
 
     def content_hashes(self) -> dict[str, list[str]]:
@@ -63,15 +65,16 @@ class FeatureSet:
 
     def rows(self, split: str, columns: list[str]) -> dict[str, list]:
         """Some manifest columns of one split, in the file's row order (the order its streams read)."""
-        return self._file().read_row_groups(self.row_groups(split), columns=columns).to_pydict()
+        return self._read(split, columns).to_pydict()
 
     def labels_and_paths(self, split: str) -> tuple[np.ndarray, list[str]]:
-        table = self._file().read_row_groups(self.row_groups(split), columns=["label", "path"])
+        table = self._read(split, ["label", "path"])
         return table.column("label").to_numpy(), table.column("path").to_pylist()
 
     def stream(self, split: str) -> FeatureStream:
         """The split as shuffled batches read one row group at a time: for the train split, whatever its size."""
-        metadata = pq.read_metadata(self.path)
+        with damage_stops_the_run(self.path):
+            metadata = pq.read_metadata(self.path)
         groups = self.row_groups(split, metadata)
         features_column = metadata.schema.to_arrow_schema().get_field_index("features")
         return FeatureStream(
