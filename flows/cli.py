@@ -483,7 +483,7 @@ def _one_line(error: Exception) -> str:
     from headstart.errors import first_line
 
     if isinstance(error, ValidationError):
-        return "; ".join(f"{_option_name(e['loc'])}: {e['msg']}" for e in error.errors())
+        return "; ".join(f"{_option_name(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
     return first_line(error)
 
 
@@ -517,8 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # whoever read the output (`| head`) stopped reading: nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as error:
-        # A full disk, a read-only mount, a file where a folder belongs: the user's to put right.
+    except Exception as error:
+        # A full disk, a read-only mount, a file where a folder belongs (an OSError, or
+        # TensorFlow's own error type for it): the user's to put right. Anything else is a bug.
         fault = file_system_fault(error)
         if fault is None:
             raise

@@ -5,6 +5,9 @@ belongs, missing permissions), turned into one line at the command's boundary.""
 from __future__ import annotations
 
 import errno
+import os
+import re
+from pathlib import PurePath
 
 
 class HeadstartError(Exception):
@@ -31,12 +34,42 @@ _FILE_SYSTEM_FAULTS = {
 
 
 def file_system_fault(error: BaseException) -> HeadstartError | None:
-    """The one-line error for an OSError a user can put right (see _FILE_SYSTEM_FAULTS), naming
-    its path; None for any other exception. A HeadstartError is returned as it is."""
+    """The one-line error for a file-system failure a user can put right (see _FILE_SYSTEM_FAULTS),
+    naming its place; None for any other exception. A HeadstartError is returned as it is."""
     if isinstance(error, HeadstartError):
         return error
-    if not isinstance(error, OSError) or error.errno not in _FILE_SYSTEM_FAULTS:
+    if isinstance(error, OSError):
+        code, paths = error.errno, [error.filename, error.filename2]
+    else:
+        code, paths = _tensorflow_fault(error)
+    if code not in _FILE_SYSTEM_FAULTS:
         return None
-    what, advice = _FILE_SYSTEM_FAULTS[error.errno]
-    where = " → ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    what, advice = _FILE_SYSTEM_FAULTS[code]
+    where = " → ".join(_place(os.fsdecode(path)) for path in paths if path is not None)
     return HeadstartError(f"{where or 'a file'}: {what}; {advice}")
+
+
+# TensorFlow's file errors carry no errno, only "<path>; <strerror>" in their message.
+_TENSORFLOW_FAULT = re.compile(
+    r"(?P<path>[^\s;{}]+); (?P<reason>" + "|".join(re.escape(os.strerror(code)) for code in _FILE_SYSTEM_FAULTS) + ")"
+)
+
+
+def _tensorflow_fault(error: BaseException) -> tuple[int | None, list]:
+    if not type(error).__module__.startswith("tensorflow"):
+        return None, []
+    found = _TENSORFLOW_FAULT.search(str(error))
+    if found is None:
+        return None, []
+    code = next(code for code in _FILE_SYSTEM_FAULTS if os.strerror(code) == found["reason"])
+    return code, [found["path"]]
+
+
+def _place(path: str) -> str:
+    """The path a user knows: a temporary file or staging folder headstart writes on the way
+    (`.NAME.*.tmp`, `.NAME.partial`, `.export-*`, TensorFlow's `*_temp`) stands for the folder it is in."""
+    parts = PurePath(path).parts
+    for index, part in enumerate(parts):
+        if (part.startswith(".") and part.endswith((".tmp", ".partial"))) or part.startswith(".export-"):
+            return str(PurePath(*parts[:index])) if index else path
+    return path

@@ -31,16 +31,23 @@ def atomic_path(destination: Path):
     os.fchmod(handle, 0o666 & ~_umask())
     os.close(handle)
     try:
-        yield Path(temporary)
-        os.replace(temporary, destination)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        if error.filename is None and error.errno is not None:
-            # A failed write (a full disk) names no file; the one-line error must say where.
-            raise OSError(error.errno, os.strerror(error.errno), str(destination)) from error
-        raise
+        with writing_under(destination):
+            yield Path(temporary)
+            os.replace(temporary, destination)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def writing_under(place: Path):
+    """A write that fails on a full disk names no file; its error names `place` instead, for the
+    one line a user sees (headstart.errors.file_system_fault)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, os.strerror(error.errno), str(place)) from error
         raise
 
 
