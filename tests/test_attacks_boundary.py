@@ -9,6 +9,7 @@ possible); they are unmounted after each test."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -20,7 +21,7 @@ from conftest import write_class_images
 
 from flows.cli import main
 from headstart.config import TrainConfig
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, file_system_fault
 from headstart.registry import versions as registry
 
 # Temporary files and staging folders of atomic writes (infra.storage, run_writer, hub_module).
@@ -313,3 +314,56 @@ def test_a_class_name_with_a_tab_or_newline_is_refused_at_scan_time(
     line = one_error_line(capfd, code)
     assert repr(str(data / f"red{character}ish")) in line and "rename the folder" in line
     assert not (tmp_path / "cache" / "features").exists()
+
+
+@pytest.mark.parametrize("holds_the_model", [False, True], ids=["empty", "holding the LiteRT model"])
+def test_predict_with_a_read_only_cache_dir_is_one_line_or_serves(holds_the_model, trained, colours, tmp_path, capfd):
+    """A read-only --cache-dir for predict: one line where it must write there, served where it holds all it needs."""
+    run, cache = trained
+    with tmpfs(tmp_path / "cache", "size=4m") as place:
+        if holds_the_model:
+            shutil.copytree(cache, place, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(place)], check=True)
+        code = main(["predict", "--model", str(run), str(colours / "red"), "--cache-dir", str(place)])
+        if holds_the_model:
+            captured = capfd.readouterr()
+            assert code == 0 and "headstart: error:" not in captured.err and len(captured.out.splitlines()) == 16
+        else:
+            line = one_error_line(capfd, code)
+            assert str(place) in line and "read-only" in line and "choose a writable place" in line
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOENT, "No such file or directory", "/gone"), ZeroDivisionError("a bug")],
+    ids=["a missing file headstart should have made", "a plain bug"],
+)
+def test_a_genuine_bug_keeps_its_traceback(error, trained, colours, monkeypatch):
+    """A genuine bug (not a file-system fault a user can fix) still escapes main with its traceback."""
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("headstart.serving.inference.evaluate_folder", fails)
+    with pytest.raises(type(error)):
+        main(["evaluate", "--model", str(trained[0]), "--data", str(colours)])
+
+
+@pytest.mark.parametrize(
+    "code, says",
+    [
+        (errno.ENOSPC, "no space left"),
+        (errno.EDQUOT, "quota exceeded"),
+        (errno.EROFS, "read-only"),
+        (errno.ENOTDIR, "a file stands where a folder is needed"),
+        (errno.EISDIR, "a folder stands where a file is needed"),
+        (errno.EACCES, "permission denied"),
+        (errno.EPERM, "not permitted"),
+    ],
+)
+def test_every_anticipated_file_system_fault_names_its_path_and_what_to_do(code, says):
+    """Each file-system fault a user can put right (no space, quota, read-only, not a directory, is a directory,
+    permission) is one line naming the path, never a temporary file's name."""
+    fault = file_system_fault(OSError(code, os.strerror(code), "/data/artifacts/.20260101-x.partial/model.keras"))
+    assert str(fault).startswith("/data/artifacts: ") and says in str(fault) and "; " in str(fault)
+    assert "\n" not in str(fault)
