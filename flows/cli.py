@@ -36,9 +36,11 @@ class _NoTracebackForUserErrors(logging.Filter):
     answering, deserves one line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from headstart.errors import HeadstartError
+        from headstart.errors import file_system_fault
 
-        if record.exc_info and (isinstance(record.exc_info[1], HeadstartError) or _unreachable_api(record.exc_info[1])):
+        if record.exc_info and (
+            file_system_fault(record.exc_info[1]) is not None or _unreachable_api(record.exc_info[1])
+        ):
             record.exc_info, record.exc_text = None, None
             message = record.getMessage().strip()
             record.msg, record.args = message.splitlines()[0] if message else "", ()
@@ -86,6 +88,7 @@ def _train(args) -> int:
             f"data folder not found: {Path(config.data.source).absolute()} "
             "(give a folder of class sub-folders, or 'cifar10')"
         )
+    _check_places(config.runtime.artifacts_root, config.runtime.cache_dir)
     from flows.train import train
 
     _install_log_filter()
@@ -113,6 +116,23 @@ def _train(args) -> int:
             return _server_lost(config, api_url, problem, flow_runs)
     print(run_dir, flush=True)
     return 0
+
+
+def _check_places(artifacts_root: Path | None = None, cache_dir: Path | None = None, output: Path | None = None):
+    """The places a command will write to, checked before any work (see check_writable_directory).
+    predict only reads the registry, and writes to its cache only what is missing there, so a
+    read-only registry or a read-only cache that already holds everything serves it."""
+    from headstart.errors import HeadstartError
+    from headstart.infra.storage import check_writable_directory
+
+    if artifacts_root is not None:
+        check_writable_directory(artifacts_root, "--artifacts-root")
+    if cache_dir is not None:
+        check_writable_directory(cache_dir, "--cache-dir")
+    if output is not None:
+        if Path(output).is_dir():
+            raise HeadstartError(f"--output {output} is a folder; give a file ending in .csv or .parquet")
+        check_writable_directory(Path(output).parent, "--output")
 
 
 @contextlib.contextmanager
@@ -240,11 +260,14 @@ def _serve(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from headstart.config import EvaluateConfig
     from headstart.evaluation.metrics import format_metrics
     from headstart.registry.runs import Run
     from headstart.serving.inference import evaluate_folder
 
-    metrics = evaluate_folder(Run(Path(args.model)), Path(args.data), args.batch_size)
+    options = EvaluateConfig.model_fields
+    config = EvaluateConfig(**{name: value for name, value in vars(args).items() if name in options})
+    metrics = evaluate_folder(Run(Path(config.model)), Path(config.data), config.batch_size)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -259,9 +282,17 @@ def _predict(args) -> int:
     from headstart.serving.predict import predict_as_configured, write_predictions
 
     config = PredictConfig(**{name: value for name, value in vars(args).items() if name in PredictConfig.model_fields})
+    _check_places(output=config.output)
     predictions, _ = predict_as_configured(config)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    if not predictions.paths:
+        from headstart.errors import HeadstartError
+
+        skipped = f" ({len(predictions.skipped)} skipped, reasons above)" if predictions.skipped else ""
+        raise HeadstartError(
+            f"no image to label in {', '.join(config.inputs)}{skipped}; give image files or folders holding images"
+        )
     if config.output:
         print(
             f"{len(predictions.paths)} predictions written to {write_predictions(predictions, config.output)}",
@@ -272,7 +303,7 @@ def _predict(args) -> int:
             print(json.dumps({**row, "probabilities": dict(zip(predictions.class_names, map(float, probabilities)))}))
         elif not config.output:
             print(f"{row['path']}\t{row['label']}\t{row['probability']:.4f}")
-    return 0 if predictions.paths else EXIT_USAGE
+    return 0
 
 
 def _export(args) -> int:
@@ -344,7 +375,7 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     """The command line; `train`'s options are TrainConfig's (or `train_config`'s), one each, and
     `predict`'s PredictConfig's."""
     from flows.parameters import add_config_options
-    from headstart.config import PredictConfig, TrainConfig
+    from headstart.config import EvaluateConfig, PredictConfig, TrainConfig
 
     train_config = train_config or TrainConfig
     parser = argparse.ArgumentParser(
@@ -368,11 +399,11 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_train)
 
-    evaluate = commands.add_parser("evaluate", help="measure a trained run on a labelled folder")
-    evaluate.add_argument("--model", required=True, help="a run directory written by 'headstart train'")
-    evaluate.add_argument("--data", required=True, help="a folder with sub-folders named like the model's classes")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate = commands.add_parser(
+        "evaluate", help="measure a trained run on a labelled folder", argument_default=argparse.SUPPRESS
+    )
+    add_config_options(evaluate, EvaluateConfig)
+    evaluate.add_argument("--json", action="store_true", default=False, help="print one JSON object")
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser(
@@ -452,8 +483,20 @@ def _one_line(error: Exception) -> str:
     from headstart.errors import first_line
 
     if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        return "; ".join(f"{_option_name(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
     return first_line(error)
+
+
+def _option_name(location: tuple) -> str:
+    """The command-line option a validation error is about (`--extraction-batch-size` for the
+    backbone section's batch_size), or its location in the config where it is no option."""
+    from headstart.config import TrainConfig
+
+    flat = {(section, name): option for option, (section, name, _) in TrainConfig.options().items()}
+    option = flat.get(tuple(location[:2])) if len(location) == 2 else (location[0] if len(location) == 1 else None)
+    if isinstance(option, str) and option != "inputs":
+        return "--" + option.replace("_", "-")
+    return ".".join(map(str, location)) or "config"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     _set_library_defaults()
     from pydantic import ValidationError
 
-    from headstart.errors import HeadstartError
+    from headstart.errors import HeadstartError, file_system_fault
 
     try:
         return args.handler(args)
@@ -474,6 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # whoever read the output (`| head`) stopped reading: nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as error:
+        # A full disk, a read-only mount, a file where a folder belongs (an OSError, or
+        # TensorFlow's own error type for it): the user's to put right. Anything else is a bug.
+        fault = file_system_fault(error)
+        if fault is None:
+            raise
+        print(f"headstart: error: {_one_line(fault)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def run() -> None:

@@ -96,6 +96,14 @@ class DataConfig(Section):
         None, ge=1, json_schema_extra=THROUGH_MANIFEST, description="cap per class, for quick runs"
     )
 
+    @field_validator("source")
+    @classmethod
+    def _source_is_named(cls, source: str) -> str:
+        # An empty path means the working directory, whose sub-folders are no classes.
+        if not source.strip():
+            raise ValueError("give a folder of class sub-folders, or 'cifar10' (an empty path is the current folder)")
+        return source
+
     @field_validator("classes")
     @classmethod
     def _classes_are_distinct(cls, classes):
@@ -159,7 +167,9 @@ class HeadConfig(Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate before the new Dense layer")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's learning rate for the head")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
-    seed: int = Field(0, description="seed of the head's initialisation, dropout and shuffling")
+    # NumPy's and TensorFlow's seeds are unsigned 32-bit numbers: a larger one fails only once
+    # the features are extracted.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the head's initialisation, dropout and shuffling")
 
 
 class FineTuningConfig(Section):
@@ -492,4 +502,14 @@ class PredictConfig(BaseModel):
         ),
     )
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")
+    batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
+
+
+class EvaluateConfig(BaseModel):
+    """What an `evaluate` run measures, on which labelled images."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(description="a run directory written by 'headstart train'")
+    data: str = Field(min_length=1, description="a folder with sub-folders named like the model's classes")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")

@@ -18,7 +18,7 @@ import numpy as np
 from headstart.backbone.handles import Backbone
 from headstart.config import INT8_ENGINE
 from headstart.data.preprocessing import resize_batch, resize_images, shrunk_to_fit
-from headstart.errors import HeadstartError, first_line
+from headstart.errors import HeadstartError, file_system_fault, first_line
 from headstart.infra.cache_files import read_or_drop
 from headstart.infra.native_logs import native_notices_dropped
 from headstart.infra.storage import atomic_path, write_json_atomic
@@ -283,6 +283,8 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
         litert_engine = LiteRTEngine(backbone, cache_dir, threads)
         difference = litert_engine.parity
     except Exception as error:  # Conversion failures come from deep inside the converter, in many types.
+        if isinstance(error, OSError) and file_system_fault(error) is not None:
+            raise  # a full or read-only cache is the user's to fix, not a reason to run slower
         if requested == "litert":
             raise HeadstartError(
                 f"the LiteRT engine is unavailable for backbone {backbone.handle}: {first_line(error)}"

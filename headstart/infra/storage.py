@@ -15,6 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from headstart.errors import HeadstartError
+
 
 @contextmanager
 def atomic_path(destination: Path):
@@ -29,10 +31,23 @@ def atomic_path(destination: Path):
     os.fchmod(handle, 0o666 & ~_umask())
     os.close(handle)
     try:
-        yield Path(temporary)
-        os.replace(temporary, destination)
+        with writing_under(destination):
+            yield Path(temporary)
+            os.replace(temporary, destination)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def writing_under(place: Path):
+    """A write that fails on a full disk names no file; its error names `place` instead, for the
+    one line a user sees (headstart.errors.file_system_fault)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, os.strerror(error.errno), str(place)) from error
         raise
 
 
@@ -103,3 +118,26 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 def file_sha256(path: Path) -> str:
     return file_digest(path, "sha256")
+
+
+def check_writable_directory(path: Path, option: str) -> None:
+    """Stops, in one line naming `option` and the path, unless `path` is a folder this process
+    can write in, or can be created as one: a file standing in its place or in its parent
+    chain, or a read-only or forbidden place, would otherwise be found only when the first
+    file is written there, after the work that made it."""
+    path = Path(path)
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HeadstartError(f"{option} {path}: {existing} is not a folder; move it away or choose another place")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "on a read-only file system" if _read_only(existing) else "not writable by this user"
+        raise HeadstartError(f"{option} {path}: {existing} is {why}; choose a writable place")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
