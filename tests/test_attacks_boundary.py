@@ -17,10 +17,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from configs import smoke_config
 from conftest import write_class_images
 
 from flows.cli import main
-from headstart.config import TrainConfig
 from headstart.errors import HeadstartError, file_system_fault
 from headstart.registry import versions as registry
 
@@ -95,11 +95,10 @@ def trained(prefect_harness, colours, tiny_backbone_dir, tmp_path_factory) -> tu
     from flows.train import train
 
     root = tmp_path_factory.mktemp("trained")
-    config = TrainConfig.smoke(
-        data=str(colours),
-        backbone=str(tiny_backbone_dir),
-        artifacts_root=root / "artifacts",
-        cache_dir=root / "cache",
+    config = smoke_config(
+        colours,
+        tiny_backbone_dir,
+        root,
         epochs=3,
         batch_size=8,
         test_fraction=0.25,
@@ -251,11 +250,10 @@ def test_a_deployment_run_checks_its_places_at_the_flow_start(prefect_harness, c
     from flows.train import train
 
     (tmp_path / "artifacts").write_text("a file\n")
-    config = TrainConfig.smoke(
-        data=str(colours),
-        backbone=str(tiny_backbone_dir),
-        artifacts_root=tmp_path / "artifacts",
-        cache_dir=tmp_path / "cache",
+    config = smoke_config(
+        colours,
+        tiny_backbone_dir,
+        tmp_path,
     )
     with pytest.raises(HeadstartError, match="not a folder"):
         train(**config.flat())

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from configs import source_of
+from configs import smoke_config, source_of
 from conftest import extract_dataset, write_class_images
 
 from headstart.backbone.handles import resolve_backbone
@@ -327,11 +327,10 @@ def test_garbled_cached_backbone(kind, variant, request, tmp_path, caplog):
 
 def _flow_config(folder, backbone_dir, tmp_path, **overrides):
     values = dict(epochs=10, learning_rate=0.1, batch_size=8, patience=10, test_fraction=0.25, gate=False)
-    return TrainConfig.smoke(
-        data=str(folder),
-        backbone=str(backbone_dir),
-        artifacts_root=tmp_path / "artifacts",
-        cache_dir=tmp_path / "cache",
+    return smoke_config(
+        folder,
+        backbone_dir,
+        tmp_path,
         **{**values, **overrides},
     )
 

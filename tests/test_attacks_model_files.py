@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from configs import smoke_config
 from conftest import write_class_images
 
 from flows.cli import main
@@ -21,11 +22,10 @@ from headstart.registry.runs import BACKBONE_DIR, CLASS_NAMES_FILE, MODEL_FILE, 
 
 def _config(folder: Path, backbone_dir: Path, root: Path, **overrides) -> TrainConfig:
     values = dict(epochs=5, batch_size=8, test_fraction=0.25, gate=False)
-    return TrainConfig.smoke(
-        data=str(folder),
-        backbone=str(backbone_dir),
-        artifacts_root=root / "artifacts",
-        cache_dir=root / "cache",
+    return smoke_config(
+        folder,
+        backbone_dir,
+        root,
         **{**values, **overrides},
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_registry as registry_tests
+from configs import smoke_config
 
 from flows.cli import main
 from headstart.errors import HeadstartError
@@ -352,13 +353,11 @@ def test_race_promote_by_hand_during_a_trains_gate_window(
 
     import tasks.gate
     from flows.train import train
-    from headstart.config import TrainConfig
 
-    config = TrainConfig.smoke(
-        data=str(colour_folder),
-        backbone=str(tiny_backbone_dir),
-        artifacts_root=tmp_path / "artifacts",
-        cache_dir=tmp_path / "cache",
+    config = smoke_config(
+        colour_folder,
+        tiny_backbone_dir,
+        tmp_path,
         epochs=40,
         learning_rate=0.1,
         batch_size=8,
