@@ -28,12 +28,13 @@ def _set_library_defaults() -> None:
 
 
 class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs failed runs with tracebacks; a user's mistake deserves one line instead."""
+    """Prefect logs failed runs with tracebacks; a user's mistake, or a full or read-only disk,
+    deserves one line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from headstart.errors import HeadstartError
+        from headstart.errors import as_user_error
 
-        if record.exc_info and isinstance(record.exc_info[1], HeadstartError):
+        if record.exc_info and as_user_error(record.exc_info[1]) is not None:
             record.exc_info, record.exc_text = None, None
             message = record.getMessage().strip()
             record.msg, record.args = message.splitlines()[0] if message else "", ()
@@ -62,6 +63,7 @@ def _train(args) -> int:
             f"data folder not found: {Path(config.data.source).absolute()} "
             "(give a folder of class sub-folders, or 'cifar10')"
         )
+    _check_places(config.runtime.artifacts_root, config.runtime.cache_dir)
     from flows.train import train
 
     _install_log_filter()
@@ -69,6 +71,15 @@ def _train(args) -> int:
         run_dir = train(**config.flat())
     print(run_dir, flush=True)
     return 0
+
+
+def _check_places(artifacts_root: Path, cache_dir: Path) -> None:
+    """The flow checks these itself (a deployment's run has no CLI); checked here too, they fail
+    before a Prefect server is started for nothing."""
+    from headstart.infra.storage import check_writable_folder
+
+    check_writable_folder(artifacts_root, "--artifacts-root")
+    check_writable_folder(cache_dir, "--cache-dir")
 
 
 def _prefect_server():
@@ -120,11 +131,14 @@ def _serve(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from headstart.config import EvaluateConfig
+
+    config = EvaluateConfig(model=args.model, data=args.data, batch_size=args.batch_size)
     from headstart.evaluation.metrics import format_metrics
     from headstart.registry.runs import Run
     from headstart.serving.inference import evaluate_folder
 
-    metrics = evaluate_folder(Run(Path(args.model)), Path(args.data), args.batch_size)
+    metrics = evaluate_folder(Run(config.model), config.data, config.batch_size)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -136,12 +150,19 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from headstart.config import PredictConfig
-    from headstart.serving.predict import predict_as_configured, write_predictions
+    from headstart.serving.predict import check_output, predict_as_configured, write_predictions
 
     config = PredictConfig(**{name: value for name, value in vars(args).items() if name in PredictConfig.model_fields})
+    if config.output:
+        check_output(config.output)
     predictions, _ = predict_as_configured(config)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    if not predictions.paths:
+        from headstart.errors import HeadstartError
+
+        skipped = f" ({len(predictions.skipped)} skipped, reasons above)" if predictions.skipped else ""
+        raise HeadstartError(f"no image to label in {', '.join(config.inputs)}{skipped}: give image files or folders")
     if config.output:
         print(
             f"{len(predictions.paths)} predictions written to {write_predictions(predictions, config.output)}",
@@ -152,7 +173,7 @@ def _predict(args) -> int:
             print(json.dumps({**row, "probabilities": dict(zip(predictions.class_names, map(float, probabilities)))}))
         elif not config.output:
             print(f"{row['path']}\t{row['label']}\t{row['probability']:.4f}")
-    return 0 if predictions.paths else EXIT_USAGE
+    return 0
 
 
 def _export(args) -> int:
@@ -320,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     _set_library_defaults()
     from pydantic import ValidationError
 
-    from headstart.errors import HeadstartError
+    from headstart.errors import HeadstartError, file_system_fault
 
     try:
         return args.handler(args)
@@ -333,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # whoever read the output (`| head`) stopped reading: nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:
+        fault = file_system_fault(error)
+        if fault is None:  # not one the user can fix: a bug, whose traceback is wanted
+            raise
+        print(f"headstart: error: {fault}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def run() -> None:

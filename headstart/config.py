@@ -96,6 +96,13 @@ class DataConfig(Section):
         None, ge=1, json_schema_extra=THROUGH_MANIFEST, description="cap per class, for quick runs"
     )
 
+    @field_validator("source")
+    @classmethod
+    def _source_is_named(cls, source: str):
+        if not source.strip():  # an empty path is the working directory, never meant as a dataset
+            raise ValueError("give a folder with one sub-folder of images per class, or 'cifar10'")
+        return source
+
     @field_validator("classes")
     @classmethod
     def _classes_are_distinct(cls, classes):
@@ -159,7 +166,9 @@ class HeadConfig(Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate before the new Dense layer")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's learning rate for the head")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
-    seed: int = Field(0, description="seed of the head's initialisation, dropout and shuffling")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="seed of the head's initialisation, dropout and shuffling (0 to 2**32-1)"
+    )
 
 
 class FineTuningConfig(Section):
@@ -492,4 +501,14 @@ class PredictConfig(BaseModel):
         ),
     )
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")
+    batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
+
+
+class EvaluateConfig(BaseModel):
+    """What an `evaluate` run measures, on what, in batches of what size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Path = Field(description="a run directory written by 'headstart train'")
+    data: Path = Field(description="a folder with sub-folders named like the model's classes")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")

@@ -31,6 +31,13 @@ def list_image_folder(
         class_names = list(classes)
     if len(class_names) < 2:
         raise HeadstartError(f"{root} needs at least two class sub-folders of images, found {len(class_names)}")
+    # A class name is a field of predict's tab-separated output; a tab or line break in it would
+    # make that output ambiguous.
+    for name in class_names:
+        if any(character in name for character in "\t\n\r"):
+            raise HeadstartError(
+                f"class folder {root / name!r} has a tab or line break in its name: rename the folder without one"
+            )
     return list_class_files(root, class_names, report), class_names
 
 

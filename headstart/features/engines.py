@@ -17,7 +17,7 @@ import numpy as np
 from headstart.backbone.handles import Backbone
 from headstart.config import INT8_ENGINE
 from headstart.data.preprocessing import resize_batch, resize_images, shrunk_to_fit
-from headstart.errors import HeadstartError, first_line
+from headstart.errors import HeadstartError, file_system_fault, first_line
 from headstart.infra.native_logs import native_notices_dropped
 from headstart.infra.storage import atomic_path, write_json_atomic
 
@@ -212,9 +212,8 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
         difference = litert_engine.parity
     except Exception as error:  # Conversion failures come from deep inside the converter, in many types.
         if requested == "litert":
-            raise HeadstartError(
-                f"the LiteRT engine is unavailable for backbone {backbone.handle}: {first_line(error)}"
-            ) from None
+            reason = file_system_fault(error) or first_line(error)  # a full cache disk names its path
+            raise HeadstartError(f"the LiteRT engine is unavailable for backbone {backbone.handle}: {reason}") from None
         return EngineChoice(KerasEngine(backbone), f"LiteRT unavailable ({type(error).__name__}), using TensorFlow")
     if difference > PARITY_TOLERANCE:
         if requested == "litert":

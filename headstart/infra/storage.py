@@ -15,24 +15,31 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from headstart.errors import HeadstartError, file_system_fault
+
 
 @contextmanager
 def atomic_path(destination: Path):
     """Yields a temporary path beside `destination`; renames it into place only on success."""
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-    )  # see temporary_pattern
-    # mkstemp makes the file its owner's alone; the finished file gets the mode any new file
-    # would, so that runs and caches written by a worker's account can be read by the team.
-    os.fchmod(handle, 0o666 & ~_umask())
-    os.close(handle)
+    temporary = None
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+        )  # see temporary_pattern
+        # mkstemp makes the file its owner's alone; the finished file gets the mode any new file
+        # would, so that runs and caches written by a worker's account can be read by the team.
+        os.fchmod(handle, 0o666 & ~_umask())
+        os.close(handle)
         yield Path(temporary)
         os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        # A failed write() names no file, and the temporary's name means nothing to a user.
+        if isinstance(error, OSError) and error.filename in (None, temporary):
+            error.filename = str(destination)
         raise
 
 
@@ -47,6 +54,28 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
+
+
+def check_writable_folder(folder: Path, option: str) -> Path:
+    """Makes sure `folder` is a folder this process can write in (created where missing), before
+    any work that would end by writing there; otherwise one line naming it and `option`."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HeadstartError(f"{option} {folder} is a file, not a folder: give a folder (one is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Permission bits do not tell (root ignores them, a read-only mount keeps them): a write does.
+        handle, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        if error.filename is None or ".write-check." in str(error.filename):  # the probe means nothing to a user
+            error.filename = str(folder)
+        fault = file_system_fault(error)
+        if fault is None:
+            raise
+        raise HeadstartError(f"{option}: {fault}") from None
+    return folder
 
 
 def temporary_pattern(destination: Path) -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from headstart import __version__
 from headstart.backbone.handles import Backbone
+from headstart.errors import os_error_at
 from headstart.evaluation.drift import data_index, feature_reference
 from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from headstart.registry.lineage import BackboneLineage, DataLineage, Lineage, Scores, SplitFingerprint, copied_lineage
@@ -93,7 +94,11 @@ class RunWriter:
 
     def _claim(self) -> None:
         """Marks the staging directory as this process's, so that no other run removes it as abandoned."""
-        (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
+        try:
+            (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
+        except OSError as error:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise os_error_at(error, self.root) or error
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -104,6 +109,9 @@ class RunWriter:
             os.replace(self.staging, self.final)
         else:
             shutil.rmtree(self.staging, ignore_errors=True)
+            fault = os_error_at(exc_value, self.root)
+            if fault is not None:  # a full or read-only disk, said of the artifacts root
+                raise fault from exc_value
 
     def write_json(self, relative: str, value) -> Path:
         write_json_atomic(self.staging / relative, value)
