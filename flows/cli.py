@@ -332,8 +332,25 @@ def _one_line(error: Exception) -> str:
     from headstart.errors import first_line
 
     if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        return "; ".join(_invalid_option(e) for e in error.errors())
     return first_line(error)
+
+
+def _invalid_option(detail: dict) -> str:
+    """One invalid value as the command line knows it: `--seed -1: ...` rather than `head.seed: ...`."""
+    from headstart.config import TrainConfig
+
+    location = tuple(map(str, detail["loc"]))
+    sections = TrainConfig.model_fields
+    if len(location) == 2 and location[0] in sections:  # a section's field: its flat name
+        field = sections[location[0]].annotation.model_fields.get(location[1])
+        location = (field.alias or location[1],) if field is not None else location
+    message = detail["msg"].removeprefix("Value error, ")
+    if len(location) == 1 and detail["type"] not in ("missing", "extra_forbidden"):
+        given = detail.get("input")
+        shown = f" {given!r}" if isinstance(given, str) else f" {given}" if isinstance(given, (int, float)) else ""
+        return f"--{location[0].replace('_', '-')}{shown}: {message}"
+    return f"{'.'.join(location) or 'config'}: {message}"
 
 
 def main(argv: list[str] | None = None) -> int:

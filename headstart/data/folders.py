@@ -36,7 +36,7 @@ def list_image_folder(
     for name in class_names:
         if any(character in name for character in "\t\n\r"):
             raise HeadstartError(
-                f"class folder {root / name!r} has a tab or line break in its name: rename the folder without one"
+                f"class folder {str(root / name)!r} has a tab or line break in its name: rename the folder without one"
             )
     return list_class_files(root, class_names, report), class_names
 
