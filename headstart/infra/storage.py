@@ -38,7 +38,7 @@ def atomic_path(destination: Path):
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
         # A failed write() names no file, and the temporary's name means nothing to a user.
-        if isinstance(error, OSError) and error.filename in (None, temporary):
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, temporary):
             error.filename = str(destination)
         raise
 
@@ -69,7 +69,8 @@ def check_writable_folder(folder: Path, option: str) -> Path:
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        if error.filename is None or ".write-check." in str(error.filename):  # the probe means nothing to a user
+        if error.errno is not None and (error.filename is None or ".write-check." in str(error.filename)):
+            # the probe's name means nothing to a user
             error.filename = str(folder)
         fault = file_system_fault(error)
         if fault is None:

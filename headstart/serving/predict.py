@@ -151,7 +151,7 @@ def check_output(destination: Path) -> None:
         raise HeadstartError(f"cannot write predictions to {destination}: give a file ending in .csv or .parquet")
     if destination.is_dir():
         raise HeadstartError(f"--output {destination} is a folder: give a file ending in .csv or .parquet")
-    check_writable_folder(destination.parent, "--output")
+    check_writable_folder(destination.parent, "the folder of --output")
 
 
 def write_predictions(predictions: Predictions, destination: Path) -> Path:
