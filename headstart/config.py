@@ -503,6 +503,13 @@ class PredictConfig(BaseModel):
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
 
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_are_named(cls, inputs):
+        if any(not given.strip() for given in inputs):  # an empty path is the working directory
+            raise ValueError("an empty input: give image files or folders")
+        return inputs
+
 
 class EvaluateConfig(BaseModel):
     """What an `evaluate` run measures, on what, in batches of what size."""
@@ -512,3 +519,10 @@ class EvaluateConfig(BaseModel):
     model: Path = Field(description="a run directory written by 'headstart train'")
     data: Path = Field(description="a folder with sub-folders named like the model's classes")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
+
+    @field_validator("model", "data", mode="before")
+    @classmethod
+    def _places_are_named(cls, place):
+        if not str(place).strip():  # an empty path is the working directory
+            raise ValueError("an empty path: give a run directory and a folder of class sub-folders")
+        return place

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import write_class_images
@@ -222,18 +223,22 @@ def _an_image(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_full_disk_under_the_registry_stops_models_promote_in_one_line_with_the_champion_kept(
-    trained, tmp_path, mount, capsys
+    fault, trained, tmp_path, mount, capsys
 ):
-    """A full disk under the registry (`models promote`): the champion and its history stay as they were."""
+    """A full disk under the registry (`models promote`), or a read-only one: the champion and its history stay."""
     root = mount(tmp_path / "artifacts", size="8m")
     for name in ("a", "b"):
         shutil.copytree(trained.path, root / name)
     registry.promote(root, "a", "the first")
-    fill(root)
+    if fault == "full":
+        fill(root)
+    elif subprocess.run(["mount", "-o", "remount,ro", str(root)], capture_output=True).returncode != 0:
+        pytest.skip("cannot remount the tmpfs read-only")
     before = listing(root)
     code = main(["models", "promote", "b", "--artifacts-root", str(root)])
-    one_error_line(code, capsys.readouterr(), root, "no space left")
+    one_error_line(code, capsys.readouterr(), root, "no space left" if fault == "full" else "read-only")
     assert listing(root) == before and leftovers(root) == []
     assert registry.champion(root).path.name == "a"
 
@@ -326,11 +331,15 @@ def test_a_read_only_or_non_folder_output_stops_predict_before_any_work(kind, tr
         (["predict", "--threads", "-1", "{data}"], "--threads -1:"),
         (["evaluate", "--model", "{run}", "--data", "{data}", "--batch-size", "-1"], "--batch-size -1:"),
         (["evaluate", "--model", "{run}", "--data", "{data}", "--batch-size", "0"], "--batch-size 0:"),
+        (["evaluate", "--model", "{run}", "--data", ""], "--data '':"),
+        (["predict", "", "--model", "{run}"], "an empty input"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else value,
 )
 def test_an_option_value_out_of_range_is_refused_before_any_work(args, named, colours, tmp_path, capsys):
-    """`--seed` outside 0…2**32−1, `--batch-size` 0 or −1, `--threads -1`, `--data ""`: one line, no work."""
+    """`--seed` outside 0…2**32−1, `--batch-size` 0 or −1, `--threads -1`, `--data ""`: one line, no work.
+
+    An empty path would be the working directory: `--data ""` would scan the project."""
     places = ["--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "cache")]
     filled = [arg.format(data=colours, run=tmp_path) for arg in args]
     code = main(filled + (places if args[0] != "evaluate" else []))
@@ -339,13 +348,19 @@ def test_an_option_value_out_of_range_is_refused_before_any_work(args, named, co
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32])
-def test_a_flow_parameter_out_of_range_is_refused_by_the_config(seed, colours):
-    """`--seed` outside 0…2**32−1 given to the flow or a deployment: the config's constraint refuses it."""
+def test_a_flow_parameter_out_of_range_is_refused_by_the_config(seed, trained, colours, tmp_path):
+    """`--seed` outside 0…2**32−1 given to the flow or a deployment: refused by the flow's parameters."""
     from pydantic import ValidationError
+
+    from flows.train import train
 
     with pytest.raises(ValidationError, match="seed"):
         TrainConfig(data=str(colours), seed=seed)
     assert TrainConfig(data=str(colours), seed=2**32 - 1).head.seed == 2**32 - 1
+    # The flow's parameters carry the config's constraints: refused before the flow body runs.
+    with pytest.raises(Exception, match="seed"):
+        train(data=str(colours), seed=seed, cache_dir=tmp_path / "cache", artifacts_root=tmp_path / "artifacts")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "artifacts").exists()
 
 
 @pytest.mark.parametrize("inputs", ["empty folder", "no image in it"])
@@ -414,3 +429,28 @@ def test_write_json_atomic_names_the_destination_when_the_disk_is_full(tmp_path,
         write_json_atomic(full / "state.json", {"a": 1})
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(full / "state.json")
     assert listing(full) == {} and json.dumps(listing(full)) == "{}"
+
+
+@pytest.mark.e2e
+def test_a_full_disk_inside_the_flow_is_one_line_in_a_real_process_with_prefect_s_own_logs(
+    colours, tiny_backbone_dir, tmp_path, mount
+):
+    """A full disk under `--cache-dir` met inside the flow (shard write), as a user runs it: Prefect's own
+    log lines carry no traceback either, and the command ends with the one line."""
+    import sys
+
+    from servers import PROJECT, prefect_env
+
+    full = mount(tmp_path / "cache" / "features", full=True)
+    args = _train_args(colours, tiny_backbone_dir, tmp_path / "artifacts", tmp_path / "cache")
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=prefect_env(tmp_path / "prefect"),
+    )
+    captured = SimpleNamespace(out=result.stdout, err=result.stderr)
+    one_error_line(result.returncode, captured, full, "no space left")
+    assert files(full) == [] and leftovers(tmp_path / "cache") == []
