@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,28 +27,49 @@ def _set_library_defaults() -> None:
     # short for that on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    # An unwritable PREFECT_HOME is reported in one line, before any work (flows/local_server.py).
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
 
 
 class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs failed runs with tracebacks; a user's mistake, or a full or read-only disk,
-    deserves one line instead."""
+    """Prefect logs failed runs with tracebacks; a user's mistake, a full or read-only disk, or a
+    Prefect server that stopped answering, deserves one line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from headstart.errors import as_user_error
 
-        if record.exc_info and as_user_error(record.exc_info[1]) is not None:
+        if record.exc_info and (as_user_error(record.exc_info[1]) is not None or _unreachable_api(record.exc_info[1])):
             record.exc_info, record.exc_text = None, None
             message = record.getMessage().strip()
             record.msg, record.args = message.splitlines()[0] if message else "", ()
         return True
 
 
+class _QuietHooks(logging.Filter):
+    """The hook that notes the flow run's id is headstart's bookkeeping, not a step of the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "note_flow_run" not in str(record.msg)
+
+
+def _unreachable_api(error: BaseException | None) -> bool:
+    """Whether an error is the Prefect API not answering (no connection, a timeout, a 5xx)."""
+    import httpx
+
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code >= 500
+    return isinstance(error, httpx.TransportError) or (
+        isinstance(error, RuntimeError) and str(error).startswith("Failed to reach API")
+    )
+
+
 def _install_log_filter() -> None:
-    user_errors = _NoTracebackForUserErrors()
+    user_errors, hooks = _NoTracebackForUserErrors(), _QuietHooks()
     for name in [None, *logging.root.manager.loggerDict]:
         logger = logging.getLogger(name)
         for handler in getattr(logger, "handlers", []):
             handler.addFilter(user_errors)
+            handler.addFilter(hooks)
 
 
 def _train(args) -> int:
@@ -67,8 +90,28 @@ def _train(args) -> int:
     from flows.train import train
 
     _install_log_filter()
-    with _prefect_server():
-        run_dir = train(**config.flat())
+    # Prefect's log sender writes its failures to a server that stopped answering straight to
+    # stderr, one per batch; the outcome is reported in one line instead (_server_lost).
+    logging.raiseExceptions = False
+    # The flow run's id finds the run directory it committed, should the server be gone before
+    # the flow returns it.
+    flow_runs: list[str] = []
+
+    def note_flow_run(flow, flow_run, state) -> None:
+        flow_runs.append(str(flow_run.id))
+
+    record_flow_run = train.with_options(on_running=[note_flow_run])
+    with _prefect_server(getattr(args, "no_prefect", False)) as api_url:
+        try:
+            run_dir = record_flow_run(**config.flat())
+        except Exception as error:
+            from flows.local_server import api_problem
+            from headstart.errors import as_user_error
+
+            problem = None if as_user_error(error) is not None else api_problem()
+            if problem is None:
+                raise
+            return _server_lost(config, api_url, problem, flow_runs)
     print(run_dir, flush=True)
     return 0
 
@@ -82,28 +125,104 @@ def _check_places(artifacts_root: Path, cache_dir: Path) -> None:
     check_writable_folder(cache_dir, "--cache-dir")
 
 
-def _prefect_server():
-    """Where the flow reports: the configured Prefect API; else a local server that is already
-    running (`headstart server start`, on Prefect's own host and port settings); else a
-    temporary server Prefect starts for this command, which costs seconds of every command."""
-    import contextlib
+@contextlib.contextmanager
+def _prefect_server(offline: bool = False):
+    """Where the flow reports, checked before any work; yields the API's URL. The configured
+    Prefect API; else a local server that is already running (`headstart server start`, on
+    Prefect's own host and port settings); else a temporary server for this command, its
+    database in PREFECT_HOME, which costs seconds of every command. With --no-prefect, a
+    temporary server in a temporary folder, deleted at the end: Prefect 3 runs no flow or task
+    without an API, so this is how nothing gets reported."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from flows import local_server
+    from headstart.errors import HeadstartError
 
-    from flows.local_server import is_healthy, local_server_url
-
-    if PREFECT_API_URL.value():
-        return contextlib.nullcontext()
-    url = local_server_url()
-    if not is_healthy(url):
+    # Prefect's client retries a server that does not answer with doubling waits, and a run that
+    # lost its server makes several requests: one retry rides out a blip, and a server gone shows
+    # at once instead of after a storm of retries.
+    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 1}):
+        if offline:
+            print("headstart: --no-prefect: this run is not reported to any Prefect server", file=sys.stderr)
+            with tempfile.TemporaryDirectory(prefix="headstart-prefect-") as home:
+                with local_server.temporary_server(Path(home)) as api_url:
+                    yield api_url
+            return
+        instead = "or add --no-prefect to train without reporting to Prefect"
+        configured = PREFECT_API_URL.value()
+        if configured:
+            problem = local_server.api_problem()
+            if problem is not None:
+                raise HeadstartError(
+                    f"no working Prefect API at {configured} ({problem}); start its server, "
+                    f"point PREFECT_API_URL at one that runs, {instead}"
+                )
+            yield configured
+            return
+        url = local_server.local_server_url()
+        if local_server.is_healthy(url):
+            print(f"headstart: reporting to the Prefect server at {url} (dashboard there)", file=sys.stderr)
+            with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+                yield f"{url}/api"
+            return
+        # A server elsewhere needs nothing of PREFECT_HOME (a result it cannot persist is a
+        # warning); the temporary server keeps its database there.
+        home_problem = local_server.home_problem()
+        if home_problem is not None:
+            raise HeadstartError(
+                f"no Prefect server is running and Prefect cannot write its home folder for a temporary one "
+                f"({home_problem}); set PREFECT_HOME to a writable folder, start a server, {instead}"
+            )
         print(
             "headstart: no Prefect server is running, so a temporary one starts for this run; "
             "`uv run headstart server start` keeps one (and its dashboard) running",
             file=sys.stderr,
         )
-        return contextlib.nullcontext()
-    print(f"headstart: reporting to the Prefect server at {url} (dashboard there)", file=sys.stderr)
-    return temporary_settings({PREFECT_API_URL: f"{url}/api"})
+        with local_server.temporary_server() as api_url:
+            yield api_url
+
+
+def _server_lost(config, api_url: str, problem: str, flow_runs: list[str]) -> int:
+    """The Prefect server stopped answering during the run: what was done all the same. The run
+    directory, where it was committed, is printed last as always; exit code 0 when every step ran
+    and only reports were lost, 2 (with what to do) when a step after the commit did not run."""
+    from headstart.registry import versions as registry
+    from headstart.registry.runs import Run
+
+    lost = f"the Prefect server at {api_url} stopped answering during the run ({problem})"
+    root = Path(config.runtime.artifacts_root)
+    paths = sorted(root.iterdir(), reverse=True) if root.is_dir() and flow_runs else []
+    committed = [run for run in map(Run.if_complete, paths) if run is not None and _flow_run_id(run) in flow_runs]
+    if not committed:
+        print(
+            f"headstart: error: {lost}; no run directory was committed: start the server again and rerun "
+            "(finished feature shards are cached), or add --no-prefect",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    run = committed[0]
+    undone = []
+    if config.export.format == "tflite" and not run.metrics.get("exports"):
+        undone.append(f"the export (`headstart export --model {run.path.name}`)")
+    gate = run.lineage.gate or {}
+    if gate.get("promote") and registry.champion_version(root) != run.path.name:
+        undone.append(f"the promotion the gate decided (`headstart models promote {run.path.name}`)")
+    print(run.path, flush=True)
+    if undone:
+        print(f"headstart: error: {lost}; run directory committed, not done: {'; '.join(undone)}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"headstart: warning: {lost}; the run is complete; its last reports to Prefect were lost "
+        "(artifacts, logs, states)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _flow_run_id(run) -> str | None:
+    with contextlib.suppress(Exception):  # a run whose lineage cannot be read is not this one
+        return run.lineage.flow_run_id
+    return None
 
 
 def _server(args) -> int:
@@ -193,6 +312,7 @@ def _export(args) -> int:
 
 
 def _models(args) -> int:
+    from headstart.errors import HeadstartError
     from headstart.registry import versions as registry
 
     root = Path(args.artifacts_root)
@@ -205,25 +325,39 @@ def _models(args) -> int:
         print(f"champion: {entry['version']} (was {entry['previous']})")
         return 0
     rows = registry.versions(root)
-    if args.json:
+    # Listed first, so that whoever fixes an unusable champion sees the versions to choose from.
+    _print_versions(root, rows, args.json)
+    try:
+        champion = registry.champion(root)
+    except HeadstartError:
+        sys.stdout.flush()
+        raise
+    if champion is None and not args.json and rows:
+        print("\nno champion yet: `headstart models promote VERSION`")
+    return 0
+
+
+def _print_versions(root: Path, rows: list, as_json: bool) -> None:
+    if as_json:
         print(json.dumps([row.to_dict() for row in rows]))
-        return 0
+        return
     if not rows:
         print(f"no versions in {root}")
-        return 0
+        return
     width = max(len(row.version) for row in rows)
     print(f"  {'version':<{width}}  accuracy  test images  classes / created")
     for row in rows:
+        if row.damaged is not None:
+            print(f"{'*' if row.champion else ' '} {row.version:<{width}}  damaged: {row.damaged}")
+            continue
         accuracy = f"{row.accuracy:.4f}" if row.accuracy is not None else "-"
         print(
             f"{'*' if row.champion else ' '} {row.version:<{width}}  {accuracy:<8}  "
             f"{row.n if row.n is not None else '-':<11}  "
             f"{', '.join(row.class_names)} / {row.created_at}"
         )
-    print(
-        "\n* champion" if any(row.champion for row in rows) else "\nno champion yet: `headstart models promote VERSION`"
-    )
-    return 0
+    if any(row.champion for row in rows):
+        print("\n* champion")
 
 
 def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
@@ -246,6 +380,12 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
         "train", help="train a classifier; prints the run directory last", argument_default=argparse.SUPPRESS
     )
     add_config_options(train, train_config)
+    train.add_argument(
+        "--no-prefect",
+        action="store_true",
+        default=False,
+        help="train without reporting to a Prefect server (the run directory is written as always)",
+    )
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="measure a trained run on a labelled folder")

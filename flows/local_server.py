@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
-from headstart.errors import HeadstartError
+from headstart.errors import HeadstartError, first_line
 
 PID_FILE = "headstart-server.pid"
 LOG_FILE = "headstart-server.log"
@@ -42,6 +45,88 @@ def is_healthy(url: str, timeout: float = 0.5) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def api_problem(timeout: float = 3.0) -> str | None:
+    """Why the Prefect API that PREFECT_API_URL names cannot take a run's reports, or None when
+    it answers its health check. Asked once, without Prefect's retries, through Prefect's own
+    client (which carries a Prefect Cloud key)."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: timeout}):
+        with get_client(sync_client=True) as client:
+            error = client.api_healthcheck()
+    if error is None:
+        return None
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"its health check answers HTTP {error.response.status_code}"
+    if isinstance(error, httpx.TimeoutException):
+        return f"no answer within {timeout:g} s"
+    cause = getattr(error, "__cause__", None) or error
+    return first_line(cause).removeprefix("[Errno 111] ").lower()
+
+
+def home_problem() -> str | None:
+    """Why Prefect could not write its home (PREFECT_HOME, where a temporary server keeps its
+    database), or None when it can. Checked before any work: a temporary server that cannot
+    create its database otherwise only times out, long after."""
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as error:
+        return f"{home}: {error.strerror or first_line(error)}"
+    return None
+
+
+@contextlib.contextmanager
+def temporary_server(home: Path | None = None, timeout: float | None = None) -> Iterator[str]:
+    """A Prefect server for this process only, as Prefect starts one when no API is configured,
+    its database in PREFECT_HOME (or in `home`); yields its API URL. Logs and events still on
+    their way are sent before it stops, so that none is sent to a stopped server."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    with temporary_settings({PREFECT_HOME: home} if home else {}, restore_defaults={PREFECT_API_URL}):
+        # On a port of its own: Prefect's default instance may be another's (a test harness).
+        server = SubprocessASGIServer(port=_free_port())
+        try:
+            server.start(timeout=timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        except Exception as error:
+            server.stop()
+            raise HeadstartError(f"the temporary Prefect server did not start: {first_line(error)[:300]}") from None
+        try:
+            with temporary_settings({PREFECT_API_URL: server.api_url}):
+                yield server.api_url
+                _send_pending_reports()
+        finally:
+            server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _send_pending_reports() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(Exception):
+        APILogWorker.drain_all()
+    with contextlib.suppress(Exception):
+        EventsWorker.drain_all()
 
 
 def _home() -> Path:

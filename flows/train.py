@@ -6,7 +6,9 @@ the gate decided so); or, when every input matches an earlier run, reuse_identic
 run with --fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
 features replace the frozen one's. export runs with --export tflite: the run's classifier as
 .tflite files for devices, float32 and int8. near_duplicates flags test and validation images
-whose nearest training image is almost the same photo, and gives the test accuracy without them."""
+whose nearest training image is almost the same photo, and gives the test accuracy without them.
+With the gate on, check_champion first makes sure the champion can be read, before any work;
+promote switches the champion only if it is still the one the gate compared with."""
 
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def train(**parameters) -> str:
     if config.export.format == "tflite":
         export(run_dir, manifest)
     if decision is not None and decision.promote:
-        promote(artifacts_root, run_dir, decision)
+        decision = promote(artifacts_root, run_dir, decision)
     print(
         f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
@@ -105,7 +107,8 @@ def _reused(config: TrainConfig, key: str, previous, manifest, backbone, feature
             manifest.class_names,
         )
     if decision is not None and decision.promote:
-        promote(config.runtime.artifacts_root, run_dir, decision)
+        # The earlier run's lineage records its own gate's decision, not this one.
+        decision = promote(config.runtime.artifacts_root, run_dir, decision, recorded_in_run=False)
     print(
         f"headstart: every input matches {previous}; nothing trained; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")

@@ -13,14 +13,14 @@ from prefect.logging import get_run_logger
 from headstart.backbone.handles import Backbone
 from headstart.config import GateConfig
 from headstart.features.dataset import FeatureSet
-from headstart.promotion.decide import decide, decide_for_identical_run, scorable_champion
+from headstart.promotion.decide import decide, decide_for_identical_run, promote_as_decided, scorable_champion
 from headstart.promotion.mcnemar import GateDecision
 from headstart.registry import versions
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import gate_rows
 
 
-@task(name="check champion", cache_policy=NO_CACHE)
+@task(name="check_champion", cache_policy=NO_CACHE)
 def check_champion(artifacts_root: Path) -> None:
     """Stops the run before any work where the gate could not score the champion."""
     scorable_champion(artifacts_root)
@@ -67,6 +67,15 @@ def _announced(decision: GateDecision) -> GateDecision:
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(artifacts_root: Path, run_dir: str, decision: GateDecision) -> None:
-    """Makes the new run the champion, as the gate decided."""
-    versions.promote(artifacts_root, Path(run_dir).name, decision.reason, by="gate")
+def promote(artifacts_root: Path, run_dir: str, decision: GateDecision, recorded_in_run: bool = True) -> GateDecision:
+    """Makes the new run the champion, as the gate decided, if the champion is still the one the
+    gate compared it with; otherwise the run stays unpromoted, and the changed decision is logged,
+    published as the gate table and (where the run records this gate's decision) written to its
+    lineage."""
+    final = promote_as_decided(artifacts_root, Path(run_dir).name, decision)
+    if final != decision:
+        get_run_logger().warning("gate: %s", final.reason)
+        create_table_artifact(key="headstart-gate", table=gate_rows(final), description=final.reason)
+        if recorded_in_run:
+            Run(run_dir).record_gate(final.to_dict())
+    return final

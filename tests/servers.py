@@ -47,8 +47,9 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]:
-    """`prefect server start` on a free 127.0.0.1 port; yields its base URL (the API is at /api)."""
+def prefect_server(home: Path, database_url: str | None = None, started: list | None = None) -> Iterator[str]:
+    """`prefect server start` on a free 127.0.0.1 port; yields its base URL (the API is at /api).
+    Its process (leader of its own process group) is appended to `started`, for a test to kill."""
     port = free_port()
     # The dashboard calls the API at PREFECT_UI_API_URL, which defaults to port 4200.
     extra = {"PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
@@ -63,6 +64,8 @@ def prefect_server(home: Path, database_url: str | None = None) -> Iterator[str]
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if started is not None:
+            started.append(server)
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_until_healthy(url, server, log_path)

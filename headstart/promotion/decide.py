@@ -145,3 +145,27 @@ def _images_the_champion_never_trained_on(source: str, champion: Run, hashes: li
         f"{int(fair.sum())} of {len(hashes)} test images: "
         "those the champion's split settings put in its own test split",
     )
+
+
+def promote_as_decided(artifacts_root: Path, version: str, decision: gate.GateDecision) -> gate.GateDecision:
+    """Carries out a decision to promote `version`: the switch is made only if the champion is still
+    the one the gate compared it with (the registry's compare-and-swap). Where the champion changed
+    in between (a promotion by hand, another run's gate), the candidate is left unpromoted: it was
+    never compared with the new champion. Returns the decision as it stands after the attempt."""
+    if not decision.promote:
+        return decision
+    try:
+        versions.promote(artifacts_root, version, decision.reason, by="gate", expected_champion=decision.champion)
+    except versions.ChampionChanged as changed:
+        compared = f"champion {changed.expected}" if changed.expected is not None else "no champion"
+        return replace(
+            decision,
+            promote=False,
+            reason=(
+                f"not promoted: the gate compared it with {compared}, but {changed.current or 'no version'} "
+                f"became champion before the switch; run train again to compare it with {changed.current}, "
+                f"or promote it by hand (`headstart models promote {version}`)"
+            ),
+            notes=[*decision.notes, f"the gate had decided: {decision.reason}"],
+        )
+    return decision

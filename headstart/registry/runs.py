@@ -52,6 +52,17 @@ RUN_FILES = (
 REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name != DATA_INDEX_FILE)
 
 
+class DamagedRun(HeadstartError):
+    """A run's metadata file that cannot be read: that run (version) is unusable, never the registry."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = Path(path), problem
+        super().__init__(
+            f"{path} {problem}: the run {Path(path).parent.name} is damaged; "
+            "restore the file, or use another version (`headstart models` lists them)"
+        )
+
+
 class Run:
     """A finished run directory, read on demand: its classes, figures, configuration and models."""
 
@@ -66,12 +77,26 @@ class Run:
         """The run at path where it holds every one of REQUIRED_RUN_FILES; else None."""
         return cls(path) if all((Path(path) / name).exists() for name in REQUIRED_RUN_FILES) else None
 
-    def _json(self, name: str):
-        return json.loads((self.path / name).read_text())
+    def _json(self, name: str, kind: type = dict):
+        """A JSON file of the run, of the given kind; a damaged one (unreadable, not JSON, or not of
+        that kind) makes the run unusable, said in one line that names the file."""
+        path = self.path / name
+        try:
+            written = json.loads(path.read_bytes())
+        except OSError as error:
+            raise DamagedRun(path, f"cannot be read ({error.strerror or error})") from None
+        except ValueError:
+            raise DamagedRun(path, "is not valid JSON") from None
+        if not isinstance(written, kind):
+            raise DamagedRun(path, f"holds a JSON {type(written).__name__}, not a {kind.__name__}")
+        return written
 
     @cached_property
     def class_names(self) -> list[str]:
-        return self._json(CLASS_NAMES_FILE)
+        names = self._json(CLASS_NAMES_FILE, list)
+        if not names or not all(isinstance(name, str) and name for name in names):
+            raise DamagedRun(self.path / CLASS_NAMES_FILE, "does not hold a list of class names")
+        return names
 
     @cached_property
     def config(self) -> dict:
@@ -81,6 +106,15 @@ class Run:
     def metrics(self) -> dict:
         return self._json(METRICS_FILE)
 
+    def check(self) -> None:
+        """Reads every metadata file the registry and the gate rely on (classes, configuration,
+        figures, lineage), raising DamagedRun for the first that is damaged."""
+        self.class_names, self.config, self.lineage
+        metrics = self.metrics
+        for figure, kind in (("accuracy", (int, float)), ("n", int)):
+            if figure in metrics and not isinstance(metrics[figure], kind):
+                raise DamagedRun(self.path / METRICS_FILE, f"holds no usable {figure}")
+
     def update_metrics(self, change: Callable[[dict], dict]) -> dict:
         """Rewrites metrics.json (atomically) as `change` makes it from what the file holds now,
         read afresh rather than from this Run's copy, since another writer (an export) may have
@@ -89,6 +123,13 @@ class Run:
         write_json_atomic(self.path / METRICS_FILE, metrics)
         self.__dict__["metrics"] = metrics
         return metrics
+
+    def record_gate(self, decision: dict) -> None:
+        """Rewrites the gate's decision in lineage.json (atomically): the decision the run was
+        published with changes where the champion changed before it could be promoted."""
+        written = self._json(LINEAGE_FILE)
+        write_json_atomic(self.path / LINEAGE_FILE, {**written, "gate": decision})
+        self.__dict__.pop("lineage", None)
 
     @property
     def fine_tuning(self) -> FineTuningSummary | None:
@@ -107,7 +148,14 @@ class Run:
     @cached_property
     def lineage(self) -> Lineage | None:
         """The lineage record; None for a run written before runs had one."""
-        return Lineage.from_dict(self._json(LINEAGE_FILE)) if (self.path / LINEAGE_FILE).is_file() else None
+        if not (self.path / LINEAGE_FILE).is_file():
+            return None
+        try:
+            return Lineage.from_dict(self._json(LINEAGE_FILE))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise DamagedRun(
+                self.path / LINEAGE_FILE, f"is not a lineage record ({type(error).__name__}: {error})"
+            ) from None
 
     def data_index(self):
         """Each training image's content hash, class and split (a pyarrow Table); None for a run
