@@ -57,25 +57,28 @@ def _umask() -> int:
 
 
 def check_writable_folder(folder: Path, option: str) -> Path:
-    """Makes sure `folder` is a folder this process can write in (created where missing), before
-    any work that would end by writing there; otherwise one line naming it and `option`."""
+    """Makes sure `folder` is, or can be created as, a folder this process can write in, before
+    any work that would end by writing there; otherwise one line naming it and `option`. Creates
+    nothing: a missing folder is judged by the nearest folder above it that exists."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise HeadstartError(f"{option} {folder} is a file, not a folder: give a folder (one is created if missing)")
+    existing = folder
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file, not a folder" if existing == folder else f"cannot be created: {existing} is a file"
+        raise HeadstartError(f"{option} {folder} {what}: give a folder (one is created if missing)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         # Permission bits do not tell (root ignores them, a read-only mount keeps them): a write does.
-        handle, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        handle, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=existing)
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
         if error.errno is not None and (error.filename is None or ".write-check." in str(error.filename)):
-            # the probe's name means nothing to a user
-            error.filename = str(folder)
+            error.filename = str(existing)  # the probe's name means nothing to a user
         fault = file_system_fault(error)
         if fault is None:
             raise
-        raise HeadstartError(f"{option}: {fault}") from None
+        raise HeadstartError(f"{option} {folder}: {fault}") from None
     return folder
 
 
