@@ -32,13 +32,15 @@ def _set_library_defaults() -> None:
 
 
 class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs failed runs with tracebacks; a user's mistake, a full or read-only disk, or a
-    Prefect server that stopped answering, deserves one line instead."""
+    """Prefect logs failed runs with tracebacks; a user's mistake, or a Prefect server that stopped
+    answering, deserves one line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from headstart.errors import as_user_error
+        from headstart.errors import file_system_fault
 
-        if record.exc_info and (as_user_error(record.exc_info[1]) is not None or _unreachable_api(record.exc_info[1])):
+        if record.exc_info and (
+            file_system_fault(record.exc_info[1]) is not None or _unreachable_api(record.exc_info[1])
+        ):
             record.exc_info, record.exc_text = None, None
             message = record.getMessage().strip()
             record.msg, record.args = message.splitlines()[0] if message else "", ()
@@ -106,9 +108,10 @@ def _train(args) -> int:
             run_dir = record_flow_run(**config.flat())
         except Exception as error:
             from flows.local_server import api_problem
-            from headstart.errors import as_user_error
+            from headstart.errors import file_system_fault
 
-            problem = None if as_user_error(error) is not None else api_problem()
+            # A user's error or a full disk is said as such, never taken for a lost server.
+            problem = None if file_system_fault(error) is not None else api_problem()
             if problem is None:
                 raise
             return _server_lost(config, api_url, problem, flow_runs)
@@ -116,13 +119,21 @@ def _train(args) -> int:
     return 0
 
 
-def _check_places(artifacts_root: Path, cache_dir: Path) -> None:
-    """The flow checks these itself (a deployment's run has no CLI); checked here too, they fail
-    before a Prefect server is started for nothing."""
-    from headstart.infra.storage import check_writable_folder
+def _check_places(artifacts_root: Path | None = None, cache_dir: Path | None = None, output: Path | None = None):
+    """The places a command will write to, checked before any work (see check_writable_directory).
+    predict only reads the registry, and writes to its cache only what is missing there, so a
+    read-only registry or a read-only cache that already holds everything serves it."""
+    from headstart.errors import HeadstartError
+    from headstart.infra.storage import check_writable_directory
 
-    check_writable_folder(artifacts_root, "--artifacts-root")
-    check_writable_folder(cache_dir, "--cache-dir")
+    if artifacts_root is not None:
+        check_writable_directory(artifacts_root, "--artifacts-root")
+    if cache_dir is not None:
+        check_writable_directory(cache_dir, "--cache-dir")
+    if output is not None:
+        if Path(output).is_dir():
+            raise HeadstartError(f"--output {output} is a folder; give a file ending in .csv or .parquet")
+        check_writable_directory(Path(output).parent, "--output")
 
 
 @contextlib.contextmanager
@@ -251,13 +262,13 @@ def _serve(args) -> int:
 
 def _evaluate(args) -> int:
     from headstart.config import EvaluateConfig
-
-    config = EvaluateConfig(model=args.model, data=args.data, batch_size=args.batch_size)
     from headstart.evaluation.metrics import format_metrics
     from headstart.registry.runs import Run
     from headstart.serving.inference import evaluate_folder
 
-    metrics = evaluate_folder(Run(config.model), config.data, config.batch_size)
+    options = EvaluateConfig.model_fields
+    config = EvaluateConfig(**{name: value for name, value in vars(args).items() if name in options})
+    metrics = evaluate_folder(Run(Path(config.model)), Path(config.data), config.batch_size)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -269,11 +280,10 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from headstart.config import PredictConfig
-    from headstart.serving.predict import check_output, predict_as_configured, write_predictions
+    from headstart.serving.predict import predict_as_configured, write_predictions
 
     config = PredictConfig(**{name: value for name, value in vars(args).items() if name in PredictConfig.model_fields})
-    if config.output:
-        check_output(config.output)
+    _check_places(output=config.output)
     predictions, _ = predict_as_configured(config)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
@@ -281,7 +291,9 @@ def _predict(args) -> int:
         from headstart.errors import HeadstartError
 
         skipped = f" ({len(predictions.skipped)} skipped, reasons above)" if predictions.skipped else ""
-        raise HeadstartError(f"no image to label in {', '.join(config.inputs)}{skipped}: give image files or folders")
+        raise HeadstartError(
+            f"no image to label in {', '.join(config.inputs)}{skipped}; give image files or folders holding images"
+        )
     if config.output:
         print(
             f"{len(predictions.paths)} predictions written to {write_predictions(predictions, config.output)}",
@@ -364,7 +376,7 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     """The command line; `train`'s options are TrainConfig's (or `train_config`'s), one each, and
     `predict`'s PredictConfig's."""
     from flows.parameters import add_config_options
-    from headstart.config import PredictConfig, TrainConfig
+    from headstart.config import EvaluateConfig, PredictConfig, TrainConfig
 
     train_config = train_config or TrainConfig
     parser = argparse.ArgumentParser(
@@ -388,11 +400,11 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_train)
 
-    evaluate = commands.add_parser("evaluate", help="measure a trained run on a labelled folder")
-    evaluate.add_argument("--model", required=True, help="a run directory written by 'headstart train'")
-    evaluate.add_argument("--data", required=True, help="a folder with sub-folders named like the model's classes")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate = commands.add_parser(
+        "evaluate", help="measure a trained run on a labelled folder", argument_default=argparse.SUPPRESS
+    )
+    add_config_options(evaluate, EvaluateConfig)
+    evaluate.add_argument("--json", action="store_true", default=False, help="print one JSON object")
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser(
@@ -472,25 +484,20 @@ def _one_line(error: Exception) -> str:
     from headstart.errors import first_line
 
     if isinstance(error, ValidationError):
-        return "; ".join(_invalid_option(e) for e in error.errors())
+        return "; ".join(f"{_option_name(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
     return first_line(error)
 
 
-def _invalid_option(detail: dict) -> str:
-    """One invalid value as the command line knows it: `--seed -1: ...` rather than `head.seed: ...`."""
+def _option_name(location: tuple) -> str:
+    """The command-line option a validation error is about (`--extraction-batch-size` for the
+    backbone section's batch_size), or its location in the config where it is no option."""
     from headstart.config import TrainConfig
 
-    location = tuple(map(str, detail["loc"]))
-    sections = TrainConfig.model_fields
-    if len(location) == 2 and location[0] in sections:  # a section's field: its flat name
-        field = sections[location[0]].annotation.model_fields.get(location[1])
-        location = (field.alias or location[1],) if field is not None else location
-    message = detail["msg"].removeprefix("Value error, ")
-    if len(location) == 1 and detail["type"] not in ("missing", "extra_forbidden"):
-        given = detail.get("input")
-        shown = f" {given!r}" if isinstance(given, str) else f" {given}" if isinstance(given, (int, float)) else ""
-        return f"--{location[0].replace('_', '-')}{shown}: {message}"
-    return f"{'.'.join(location) or 'config'}: {message}"
+    flat = {(section, name): option for option, (section, name, _) in TrainConfig.options().items()}
+    option = flat.get(tuple(location[:2])) if len(location) == 2 else (location[0] if len(location) == 1 else None)
+    if isinstance(option, str) and option != "inputs":
+        return "--" + option.replace("_", "-")
+    return ".".join(map(str, location)) or "config"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,11 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # whoever read the output (`| head`) stopped reading: nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as error:
+    except Exception as error:
+        # A full disk, a read-only mount, a file where a folder belongs (an OSError, or
+        # TensorFlow's own error type for it): the user's to put right. Anything else is a bug.
         fault = file_system_fault(error)
-        if fault is None:  # not one the user can fix: a bug, whose traceback is wanted
+        if fault is None:
             raise
-        print(f"headstart: error: {fault}", file=sys.stderr)
+        print(f"headstart: error: {_one_line(fault)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -18,7 +18,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows.parameters import parameters_from
 from headstart.config import RuntimeConfig, TrainConfig
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.infra.storage import check_writable_folder
+from headstart.infra.storage import check_writable_directory
 from headstart.registry.reuse import find_identical_run, training_key
 from tasks.data import download, prepare_backbone
 from tasks.evaluation import evaluate, visualize
@@ -38,9 +38,8 @@ def train(**parameters) -> str:
     The parameters are TrainConfig's options (see headstart.config)."""
     config = TrainConfig(**parameters)
     cache_dir, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
-    # Before any work: a run that would end unable to write its results must not start.
-    check_writable_folder(artifacts_root, "--artifacts-root")
-    check_writable_folder(cache_dir, "--cache-dir")
+    check_writable_directory(artifacts_root, "--artifacts-root")
+    check_writable_directory(cache_dir, "--cache-dir")
     if config.gate.enabled:
         check_champion(artifacts_root)
     manifest, report = download(config.data, cache_dir)

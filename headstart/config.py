@@ -98,9 +98,10 @@ class DataConfig(Section):
 
     @field_validator("source")
     @classmethod
-    def _source_is_named(cls, source: str):
-        if not source.strip():  # an empty path is the working directory, never meant as a dataset
-            raise ValueError("give a folder with one sub-folder of images per class, or 'cifar10'")
+    def _source_is_named(cls, source: str) -> str:
+        # An empty path means the working directory, whose sub-folders are no classes.
+        if not source.strip():
+            raise ValueError("give a folder of class sub-folders, or 'cifar10' (an empty path is the current folder)")
         return source
 
     @field_validator("classes")
@@ -166,9 +167,9 @@ class HeadConfig(Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate before the new Dense layer")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's learning rate for the head")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
-    seed: int = Field(
-        0, ge=0, le=2**32 - 1, description="seed of the head's initialisation, dropout and shuffling (0 to 2**32-1)"
-    )
+    # NumPy's and TensorFlow's seeds are unsigned 32-bit numbers: a larger one fails only once
+    # the features are extracted.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the head's initialisation, dropout and shuffling")
 
 
 class FineTuningConfig(Section):
@@ -505,24 +506,25 @@ class PredictConfig(BaseModel):
 
     @field_validator("inputs")
     @classmethod
-    def _inputs_are_named(cls, inputs):
-        if any(not given.strip() for given in inputs):  # an empty path is the working directory
-            raise ValueError("an empty input: give image files or folders")
+    def _inputs_are_named(cls, inputs: tuple[str, ...]) -> tuple[str, ...]:
+        # An empty path is the working directory: every image under it would be labelled.
+        if any(not given.strip() for given in inputs):
+            raise ValueError("an empty path among the inputs; give image files or folders")
         return inputs
 
 
 class EvaluateConfig(BaseModel):
-    """What an `evaluate` run measures, on what, in batches of what size."""
+    """What an `evaluate` run measures, on which labelled images."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: Path = Field(description="a run directory written by 'headstart train'")
-    data: Path = Field(description="a folder with sub-folders named like the model's classes")
+    model: str = Field(description="a run directory written by 'headstart train'")
+    data: str = Field(min_length=1, description="a folder with sub-folders named like the model's classes")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
 
-    @field_validator("model", "data", mode="before")
+    @field_validator("model", "data")
     @classmethod
-    def _places_are_named(cls, place):
-        if not str(place).strip():  # an empty path is the working directory
-            raise ValueError("an empty path: give a run directory and a folder of class sub-folders")
+    def _places_are_named(cls, place: str) -> str:
+        if not place.strip():  # an empty path is the working directory
+            raise ValueError("an empty path; give a run directory and a folder of class sub-folders")
         return place

@@ -1,10 +1,13 @@
-"""The one exception type for mistakes a user can fix: bad arguments, bad data, bad files."""
+"""The one exception type for mistakes a user can fix: bad arguments, bad data, bad files; and the
+file-system failures a user can fix too (a full disk, a read-only mount, a file where a folder
+belongs, missing permissions), turned into one line at the command's boundary."""
 
 from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
+import re
+from pathlib import PurePath
 
 
 class HeadstartError(Exception):
@@ -17,58 +20,56 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-# What the file system refuses for reasons outside the program, and what the user can do about each.
+# What went wrong and what to do, per errno a user can put right; any other OSError (a missing
+# file headstart itself should have created, say) is a bug and keeps its traceback.
 _FILE_SYSTEM_FAULTS = {
-    errno.ENOSPC: "no space left on the device holding {path}: free some space there, or give another place",
-    errno.EDQUOT: "disk quota exceeded writing {path}: free some space there, or give another place",
-    errno.EROFS: "{path} is on a read-only file system: give a writable place",
-    errno.ENOTDIR: "{path}: part of this path is a file, not a folder: give a folder, or move the file away",
-    errno.EACCES: "permission denied: {path}: give a place this user may write to, or change its permissions",
-    errno.EPERM: "operation not permitted: {path}: give a place this user may write to, or change its permissions",
-    errno.EISDIR: "{path} is a folder where a file is needed: give a file's path",
+    errno.ENOSPC: ("no space left on the device", "free some space there or choose a place on another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space there or choose a place on another disk"),
+    errno.EROFS: ("the file system is read-only", "choose a writable place"),
+    errno.ENOTDIR: ("a file stands where a folder is needed", "move the file away or choose another place"),
+    errno.EISDIR: ("a folder stands where a file is needed", "move the folder away or choose another file"),
+    errno.EACCES: ("permission denied", "give this user access or choose another place"),
+    errno.EPERM: ("operation not permitted", "give this user access or choose another place"),
 }
 
 
 def file_system_fault(error: BaseException) -> HeadstartError | None:
-    """The one-line error for an anticipated file-system failure (no space, read-only, not a
-    folder, permission), naming the path; None for any other error, which stays a bug."""
-    if not isinstance(error, OSError) or error.errno not in _FILE_SYSTEM_FAULTS:
+    """The one-line error for a file-system failure a user can put right (see _FILE_SYSTEM_FAULTS),
+    naming its place; None for any other exception. A HeadstartError is returned as it is."""
+    if isinstance(error, HeadstartError):
+        return error
+    if isinstance(error, OSError):
+        code, paths = error.errno, [error.filename, error.filename2]
+    else:
+        code, paths = _tensorflow_fault(error)
+    if code not in _FILE_SYSTEM_FAULTS:
         return None
-    path = error.filename if error.filename is not None else "?"
-    if isinstance(path, bytes):
-        path = path.decode(errors="replace")
-    message = _FILE_SYSTEM_FAULTS[error.errno].format(path=Path(path) if path != "?" else "a file")
-    return HeadstartError(message)
+    what, advice = _FILE_SYSTEM_FAULTS[code]
+    where = " → ".join(_place(os.fsdecode(path)) for path in paths if path is not None)
+    return HeadstartError(f"{where or 'a file'}: {what}; {advice}")
 
 
-def as_user_error(error: BaseException) -> HeadstartError | None:
-    """The user-facing form of an error: itself where it is one, a file-system fault's one line,
-    else None."""
-    return error if isinstance(error, HeadstartError) else file_system_fault(error)
+# TensorFlow's file errors carry no errno, only "<path>; <strerror>" in their message.
+_TENSORFLOW_FAULT = re.compile(
+    r"(?P<path>[^\s;{}]+); (?P<reason>" + "|".join(re.escape(os.strerror(code)) for code in _FILE_SYSTEM_FAULTS) + ")"
+)
 
 
-def with_path(error: OSError, path) -> OSError:
-    """The error with `path` as its filename where the failing call did not say (a write())."""
-    if error.filename is None:
-        error.filename = str(path)
-    return error
+def _tensorflow_fault(error: BaseException) -> tuple[int | None, list]:
+    if not type(error).__module__.startswith("tensorflow"):
+        return None, []
+    found = _TENSORFLOW_FAULT.search(str(error))
+    if found is None:
+        return None, []
+    code = next(code for code in _FILE_SYSTEM_FAULTS if os.strerror(code) == found["reason"])
+    return code, [found["path"]]
 
 
-def os_error_at(error: BaseException, path) -> OSError | None:
-    """An anticipated file-system failure that names no file (a failed write(), a copied tree,
-    TensorFlow's own file code) as an OSError naming `path`; None for any other error and for
-    one that names its file already."""
-    import shutil
-
-    if isinstance(error, OSError) and not isinstance(error, shutil.Error):
-        if error.errno in _FILE_SYSTEM_FAULTS and error.filename is None:
-            return OSError(error.errno, os.strerror(error.errno), str(path))
-        return None
-    # shutil.Error (a copied tree) and TensorFlow's errors keep the errno only in their text.
-    if not isinstance(error, shutil.Error) and not type(error).__module__.startswith("tensorflow"):
-        return None
-    text = str(error)
-    for number in _FILE_SYSTEM_FAULTS:
-        if os.strerror(number) in text:
-            return OSError(number, os.strerror(number), str(path))
-    return None
+def _place(path: str) -> str:
+    """The path a user knows: a temporary file or staging folder headstart writes on the way
+    (`.NAME.*.tmp`, `.NAME.partial`, `.export-*`, TensorFlow's `*_temp`) stands for the folder it is in."""
+    parts = PurePath(path).parts
+    for index, part in enumerate(parts):
+        if (part.startswith(".") and part.endswith((".tmp", ".partial"))) or part.startswith(".export-"):
+            return str(PurePath(*parts[:index])) if index else path
+    return path

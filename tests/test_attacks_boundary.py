@@ -1,123 +1,122 @@
-"""Attacks on the error boundary: a full disk, a read-only or non-folder place, option values out
-of range, class names that would make predict's output ambiguous. Each ends in one
-`headstart: error:` line naming the path and what to do, exit code 2, no traceback, and nothing
-half-written; the places and options are refused before any work starts.
+"""Attacks on the error boundary: a full disk, a read-only place, a file where a folder belongs,
+under every place headstart writes to, and option values out of range. Each ends in one
+`headstart: error:` line and exit code 2 that names the path (or the option) and what to do,
+found before any work where it can be, with nothing half-written and earlier state intact.
 
-A full or read-only disk is a tmpfs mounted for the test (root only; skipped with the reason
-otherwise), unmounted after it.
-"""
+Full and read-only places are tmpfs mounts (the tests skip, saying why, where mounting is not
+possible); they are unmounted after each test."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import json
+import hashlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import write_class_images
 
 from flows.cli import main
 from headstart.config import TrainConfig
-from headstart.errors import file_system_fault, os_error_at
+from headstart.errors import HeadstartError, file_system_fault
 from headstart.registry import versions as registry
-from headstart.registry.runs import Run
+
+# Temporary files and staging folders of atomic writes (infra.storage, run_writer, hub_module).
+LEFTOVERS = (".*.tmp", ".*.partial", ".export-*")
 
 
-@pytest.fixture
-def mount():
-    """Mounts a tmpfs on a folder: `full` fills it to the last byte, `read_only` mounts it so."""
-    mounted: list[Path] = []
-
-    def mount_tmpfs(folder: Path, size: str = "1m", read_only: bool = False, full: bool = False) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        folder.mkdir(parents=True, exist_ok=True)
-        options = f"size={size}" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-        mounted.append(folder)
-        if full:
-            fill(folder)
-        return folder
-
-    yield mount_tmpfs
-    for folder in reversed(mounted):
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-FILLER = "filler"
-
-
-def fill(folder: Path) -> None:
-    """Writes into `folder` until its file system has no byte left."""
+@contextlib.contextmanager
+def tmpfs(directory: Path, *options: str):
+    """A tmpfs mounted on `directory` with `options` (size=…, ro), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(["mode=0755", *options]), "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
-        with open(folder / FILLER, "wb", buffering=0) as handle:
-            while True:
-                handle.write(b"\0" * 65536)
-    except OSError as error:
-        assert error.errno == errno.ENOSPC
-    try:  # what is left of the last block, byte by byte
-        with open(folder / (FILLER + "-tail"), "wb", buffering=0) as handle:
-            while True:
-                handle.write(b"\0")
-    except OSError as error:
-        assert error.errno == errno.ENOSPC
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(directory)], check=True)
 
 
-def listing(folder: Path) -> dict[str, bytes | None]:
-    """Every entry under `folder` with a file's bytes (None for a folder), the fillers left out."""
+def fill(directory: Path) -> None:
+    """Takes every free byte of the file system `directory` is on."""
+    with open(directory / "filler", "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` but the filler, with its content's hash."""
     return {
-        str(path.relative_to(folder)): (None if path.is_dir() else path.read_bytes())
-        for path in sorted(Path(folder).rglob("*"))
-        if not path.name.startswith(FILLER)
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != "filler"
     }
 
 
-def files(folder: Path) -> list[str]:
-    """The files under `folder`, the fillers left out (an empty folder is no half-written state)."""
-    return [name for name, content in listing(folder).items() if content is not None]
+def leftovers(directory: Path) -> list[Path]:
+    return [path for pattern in LEFTOVERS for path in directory.rglob(pattern)]
 
 
-def leftovers(folder: Path) -> list[Path]:
-    """Temporary files and staging folders a failed write could have left."""
-    return [
-        path
-        for path in Path(folder).rglob("*")
-        if path.name.endswith((".tmp", ".partial")) or ".write-check." in path.name or path.name.startswith(".export-")
-    ]
-
-
-def one_error_line(code: int, captured, *names: object) -> str:
-    """Asserts the command's failure was one line naming each of `names`; returns the line."""
+def one_error_line(capfd, code: int) -> str:
+    """The command's only `headstart: error:` line, after checking exit code 2 and no traceback.
+    capfd, not capsys: Prefect's log handlers hold the stderr they were made with."""
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err, captured.err[-3000:]
     errors = [line for line in captured.err.splitlines() if line.startswith("headstart: error:")]
-    assert code == 2, captured.err[-3000:]
-    assert "Traceback" not in captured.err and "Traceback" not in captured.out, captured.err[-3000:]
-    assert len(errors) == 1, captured.err[-3000:]
-    for name in names:
-        assert str(name) in errors[0], errors[0]
+    assert code == 2 and len(errors) == 1, (code, captured.err[-3000:])
     return errors[0]
 
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
     return write_class_images(
-        tmp_path_factory.mktemp("colours") / "data", {"red": (200, 40, 40), "blue": (40, 40, 200)}, per_class=12
+        tmp_path_factory.mktemp("colours") / "data", {"red": (200, 40, 40), "blue": (40, 40, 200)}, per_class=16
     )
 
 
-def _train_args(data: Path, backbone: Path, artifacts_root: Path, cache_dir: Path, *more: str) -> list[str]:
+@pytest.fixture(scope="module")
+def trained(prefect_harness, colours, tiny_backbone_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A real run of the flow, and the cache it filled (scan, manifest, LiteRT model, shards)."""
+    from flows.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    config = TrainConfig.smoke(
+        data=str(colours),
+        backbone=str(tiny_backbone_dir),
+        artifacts_root=root / "artifacts",
+        cache_dir=root / "cache",
+        epochs=3,
+        batch_size=8,
+        test_fraction=0.25,
+        gate=False,
+    )
+    return Path(train(**config.flat())), config.runtime.cache_dir
+
+
+def _train(colours: Path, backbone: str, artifacts: Path, cache: Path, *more: str) -> list[str]:
+    # The trained run's data settings, so that its cached scan and manifest serve; a new
+    # training, not a reuse of it.
     return [
         "train",
         "--data",
-        str(data),
+        str(colours),
         "--backbone",
-        str(backbone),
+        backbone,
         "--image-size",
         "32",
         "--epochs",
@@ -126,330 +125,283 @@ def _train_args(data: Path, backbone: Path, artifacts_root: Path, cache_dir: Pat
         "8",
         "--test-fraction",
         "0.25",
+        "--no-reuse",
+        "--no-gate",
         "--artifacts-root",
-        str(artifacts_root),
+        str(artifacts),
         "--cache-dir",
-        str(cache_dir),
+        str(cache),
         *more,
     ]
 
 
-@pytest.fixture(scope="module")
-def trained(prefect_harness, colours, tiny_backbone_dir, tmp_path_factory) -> Run:
-    """A real run of the flow, the champion of its registry. The tests that run `train` through
-    `main` ask for it first: Prefect's logging is then set up here, outside a test's captured output
-    (a handler holding a test's closed stream would break every later log line)."""
+def test_a_full_disk_under_the_artifacts_root_is_one_line(
+    prefect_harness, trained, colours, tiny_backbone_dir, tmp_path, capfd
+):
+    """A full disk under --artifacts-root: the run is not written, the registry's earlier runs and champion stay."""
+    run, cache = trained
+    shutil.copytree(cache, tmp_path / "cache")
+    with tmpfs(tmp_path / "artifacts", "size=2m") as artifacts:
+        shutil.copytree(run, artifacts / run.name)
+        registry.promote(artifacts, run.name, "the earlier champion")
+        fill(artifacts)
+        before = snapshot(artifacts)
+        code = main(_train(colours, str(tiny_backbone_dir), artifacts, tmp_path / "cache"))
+        line = one_error_line(capfd, code)
+        assert str(artifacts) in line and "no space left" in line and "free some space" in line
+        assert snapshot(artifacts) == before
+        assert leftovers(artifacts) == [] and leftovers(tmp_path / "cache") == []
+
+
+# Where each variant's disk is full, and what it takes out of a complete cache so that the
+# train writes it again: the LiteRT model (and the features, which would spare converting it),
+# the feature shards, the bundled backbone's first conversion; or the whole cache, where the
+# data's manifest is the first write.
+CACHE_WRITES = {
+    "litert write": ("litert", ("litert", "features", "datasets")),
+    "shard write": ("features", ("features", "datasets")),
+    "backbone conversion": ("backbones", ()),
+    "manifest write": (".", ()),
+}
+
+
+@pytest.mark.parametrize("write", CACHE_WRITES)
+def test_a_full_disk_under_the_cache_dir_is_one_line(
+    write, prefect_harness, trained, colours, tiny_backbone_dir, tmp_path, capfd
+):
+    """A full disk under --cache-dir (LiteRT write, shard write, backbone conversion): nothing half-cached or lost."""
+    run, cache = trained
+    backbone = "bundled:mobilenet_v2" if write == "backbone conversion" else str(tiny_backbone_dir)
+    full, removed = CACHE_WRITES[write]
+    place = tmp_path / "cache"
+    shutil.copytree(cache, place)
+    for folder in removed:
+        shutil.rmtree(place / folder)
+    with tmpfs(place / full, "size=4m") as disk:
+        if full == ".":
+            shutil.copytree(cache, disk, dirs_exist_ok=True)
+        fill(disk)
+        before = snapshot(place)
+        code = main(_train(colours, backbone, tmp_path / "artifacts", place))
+        line = one_error_line(capfd, code)
+        assert str(disk) in line and "no space left" in line and "free some space" in line
+        assert snapshot(place) == before
+        assert leftovers(place) == []
+        assert not (tmp_path / "artifacts").exists() or list((tmp_path / "artifacts").iterdir()) == []
+
+
+def test_a_full_disk_under_the_registry_on_promote_is_one_line(trained, tmp_path, capfd):
+    """A full disk under the registry (`models promote`): the champion stays the one it was."""
+    run, _ = trained
+    with tmpfs(tmp_path / "artifacts", "size=2m") as artifacts:
+        shutil.copytree(run, artifacts / run.name)
+        shutil.copytree(run, artifacts / "another")
+        registry.promote(artifacts, run.name, "the earlier champion")
+        fill(artifacts)
+        before = snapshot(artifacts)
+        line = one_error_line(capfd, main(["models", "--artifacts-root", str(artifacts), "promote", "another"]))
+        assert str(artifacts) in line and "no space left" in line
+        assert registry.champion_version(artifacts) == run.name
+        assert snapshot(artifacts) == before and leftovers(artifacts) == []
+
+
+def test_a_full_disk_under_the_predict_output_is_one_line(trained, colours, tmp_path, capfd):
+    """A full disk under `predict --output`: no file and no temporary file is left there."""
+    run, cache = trained
+    with tmpfs(tmp_path / "out", "size=64k") as out:
+        fill(out)
+        command = ["predict", "--model", str(run), str(colours / "red"), "--cache-dir", str(cache)]
+        line = one_error_line(capfd, main([*command, "--output", str(out / "predictions.csv")]))
+        assert str(out / "predictions.csv") in line and "no space left" in line
+        assert sorted(path.name for path in out.iterdir()) == ["filler"]
+
+
+def _place(kind: str, where: Path) -> contextlib.AbstractContextManager[Path]:
+    """A read-only folder (a read-only mount: root ignores permission bits), or a file."""
+    if kind == "read-only":
+        return tmpfs(where, "ro")
+    where.write_text("a file, not a folder\n")
+    return contextlib.nullcontext(where)
+
+
+@pytest.mark.parametrize("kind", ["read-only", "not a directory"])
+@pytest.mark.parametrize("option", ["--artifacts-root", "--cache-dir", "--output"])
+def test_a_read_only_or_non_directory_place_is_refused_before_any_work(
+    option, kind, trained, colours, tiny_backbone_dir, tmp_path, capfd
+):
+    """A read-only or non-directory --artifacts-root / --cache-dir / --output: refused before any work."""
+    run, cache = trained
+    places = {"--artifacts-root": tmp_path / "artifacts", "--cache-dir": tmp_path / "cache"}
+    with _place(kind, tmp_path / "place") as place:
+        if option == "--output":
+            command = ["predict", "--model", str(run), str(colours / "red"), "--cache-dir", str(cache)]
+            code = main([*command, "--output", str(place / "predictions.csv")])
+        else:
+            places[option] = place / "sub"
+            code = main(_train(colours, str(tiny_backbone_dir), places["--artifacts-root"], places["--cache-dir"]))
+        line = one_error_line(capfd, code)
+        assert f"{option} {place}" in line
+        assert ("read-only" in line) if kind == "read-only" else ("not a folder" in line)
+    # Nothing was scanned or written: neither place was even created.
+    assert not any(path.exists() for name, path in places.items() if name != option)
+
+
+def test_a_deployment_run_checks_its_places_at_the_flow_start(prefect_harness, colours, tiny_backbone_dir, tmp_path):
+    """A non-directory artifacts root given to the flow itself (a deployment run): refused before the scan."""
     from flows.train import train
 
-    place = tmp_path_factory.mktemp("trained")
+    (tmp_path / "artifacts").write_text("a file\n")
     config = TrainConfig.smoke(
         data=str(colours),
         backbone=str(tiny_backbone_dir),
-        artifacts_root=place / "artifacts",
-        cache_dir=place / "cache",
-        epochs=2,
-        batch_size=8,
-        test_fraction=0.25,
-        gate=False,
+        artifacts_root=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache",
     )
-    run = Run(train(**config.flat()))
-    registry.promote(config.runtime.artifacts_root, run.path.name, "the first")
-    return run
-
-
-# --- A full disk -------------------------------------------------------------------------------
-
-
-def test_a_full_disk_under_the_artifacts_root_stops_train_in_one_line_with_nothing_half_written(
-    trained, colours, tiny_backbone_dir, tmp_path, mount, capsys
-):
-    """A full disk under `--artifacts-root`: train says which place is full, and no staging run is left."""
-    # Room for the check at the start, none for a run.
-    root = mount(tmp_path / "artifacts", size="64k")
-    code = main(_train_args(colours, tiny_backbone_dir, root, tmp_path / "cache", "--no-gate"))
-    one_error_line(code, capsys.readouterr(), root, "no space left")
-    assert listing(root) == {} and leftovers(root) == []
-
-
-def _full_cache_part(cache: Path, part: str, mount) -> Path:
-    return mount(cache / part, full=True)
-
-
-@pytest.mark.parametrize(
-    "part",
-    ["features", "backbones"],
-    ids=["shard write (train)", "backbone conversion (train, the bundled backbone)"],
-)
-def test_a_full_disk_under_the_cache_dir_stops_train_in_one_line_with_nothing_half_written(
-    part, trained, colours, tiny_backbone_dir, tmp_path, mount, capsys
-):
-    """A full disk under `--cache-dir` (shard write, backbone conversion): one line naming the place."""
-    cache = tmp_path / "cache"
-    full = _full_cache_part(cache, part, mount)
-    args = _train_args(colours, tiny_backbone_dir, tmp_path / "artifacts", cache, "--no-gate")
-    if part == "backbones":  # the bundled backbone is converted into the cache on first use
-        args[args.index("--backbone") + 1] = "bundled:mobilenet_v2"
-    code = main(args)
-    one_error_line(code, capsys.readouterr(), full, "no space left")
-    assert files(full) == [] and leftovers(cache) == []
-    assert not (tmp_path / "artifacts").exists() or files(tmp_path / "artifacts") == []
-
-
-def test_a_full_disk_under_the_cache_dir_stops_a_litert_predict_in_one_line(trained, tmp_path, mount, capsys):
-    """A full disk under `--cache-dir` (LiteRT write): predict --engine litert names the full place."""
-    cache = tmp_path / "cache"
-    full = mount(cache / "litert", full=True)
-    code = main(
-        [
-            "predict",
-            "--model",
-            str(trained.path),
-            "--engine",
-            "litert",
-            "--cache-dir",
-            str(cache),
-            str(_an_image(tmp_path)),
-        ]
-    )
-    one_error_line(code, capsys.readouterr(), full, "no space left")
-    assert files(full) == [] and leftovers(cache) == []
-
-
-def _an_image(folder: Path) -> Path:
-    from PIL import Image
-
-    path = folder / "one.png"
-    Image.new("RGB", (40, 40), (200, 40, 40)).save(path)
-    return path
-
-
-@pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_a_full_disk_under_the_registry_stops_models_promote_in_one_line_with_the_champion_kept(
-    fault, trained, tmp_path, mount, capsys
-):
-    """A full disk under the registry (`models promote`), or a read-only one: the champion and its history stay."""
-    root = mount(tmp_path / "artifacts", size="8m")
-    for name in ("a", "b"):
-        shutil.copytree(trained.path, root / name)
-    registry.promote(root, "a", "the first")
-    if fault == "full":
-        fill(root)
-    elif subprocess.run(["mount", "-o", "remount,ro", str(root)], capture_output=True).returncode != 0:
-        pytest.skip("cannot remount the tmpfs read-only")
-    before = listing(root)
-    code = main(["models", "promote", "b", "--artifacts-root", str(root)])
-    one_error_line(code, capsys.readouterr(), root, "no space left" if fault == "full" else "read-only")
-    assert listing(root) == before and leftovers(root) == []
-    assert registry.champion(root).path.name == "a"
-
-
-def test_a_full_disk_under_the_predict_output_stops_predict_in_one_line_with_the_old_file_kept(
-    trained, tmp_path, mount, capsys
-):
-    """A full disk under `predict --output`: one line naming the file; an earlier output stays whole."""
-    out = mount(tmp_path / "out", size="64k")
-    (out / "predictions.csv").write_text("path,label,probability\nold,red,1.0\n")
-    many = tmp_path / "images"
-    many.mkdir()
-    for index in range(200):
-        shutil.copy(_an_image(tmp_path), many / f"a-very-long-name-so-the-rows-take-room-{index:04d}.png")
-    fill(out)
-    before = listing(out)
-    code = main(["predict", "--model", str(trained.path), "--output", str(out / "predictions.csv"), str(many)])
-    one_error_line(code, capsys.readouterr(), out / "predictions.csv", "no space left")
-    assert listing(out) == before and leftovers(out) == []
-
-
-# --- A read-only place, or a file where a folder belongs -------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["read-only", "a file"])
-@pytest.mark.parametrize("option", ["--artifacts-root", "--cache-dir"])
-def test_a_read_only_or_non_folder_place_stops_train_before_any_work(
-    option, kind, trained, colours, tiny_backbone_dir, tmp_path, mount, capsys
-):
-    """A read-only or non-directory `--artifacts-root` / `--cache-dir`: refused before the scan, in one line."""
-    places = {"--artifacts-root": tmp_path / "artifacts", "--cache-dir": tmp_path / "cache"}
-    bad = places[option]
-    if kind == "read-only":
-        mount(bad, read_only=True)
-    else:
-        bad.write_text("not a folder\n")
-    code = main(_train_args(colours, tiny_backbone_dir, places["--artifacts-root"], places["--cache-dir"]))
-    line = one_error_line(code, capsys.readouterr(), option, bad)
-    assert ("read-only" in line) if kind == "read-only" else ("not a folder" in line)
-    # Refused before any work: nothing scanned, extracted or written, not even the other place's folder.
-    assert [place for place in places.values() if place != bad and place.exists()] == []
-    assert listing(bad) == {} if kind == "read-only" else bad.read_text() == "not a folder\n"
-
-
-@pytest.mark.parametrize("option", ["artifacts_root", "cache_dir"])
-def test_a_deployment_run_checks_its_places_at_the_flow_s_start(option, trained, colours, tiny_backbone_dir, tmp_path):
-    """A non-directory artifacts root or cache dir given as flow parameters (a deployment's run): refused first."""
-    from flows.train import train
-    from headstart.errors import HeadstartError
-
-    places = {"artifacts_root": tmp_path / "artifacts", "cache_dir": tmp_path / "cache"}
-    places[option].write_text("not a folder\n")
-    config = TrainConfig.smoke(data=str(colours), backbone=str(tiny_backbone_dir), **places)
     with pytest.raises(HeadstartError, match="not a folder"):
         train(**config.flat())
-    assert not places["cache_dir" if option == "artifacts_root" else "artifacts_root"].exists()
+    assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("kind", ["read-only", "its folder a file", "a folder"])
-def test_a_read_only_or_non_folder_output_stops_predict_before_any_work(kind, trained, tmp_path, mount, capsys):
-    """A read-only or non-directory `--output`: refused before predicting, in one line naming it."""
-    if kind == "read-only":
-        output = mount(tmp_path / "out", read_only=True) / "predictions.csv"
-    elif kind == "its folder a file":
-        (tmp_path / "out").write_text("not a folder\n")
-        output = tmp_path / "out" / "predictions.csv"
-    else:
-        output = tmp_path / "predictions.csv"
-        output.mkdir()
-    code = main(["predict", "--model", str(trained.path), "--output", str(output), str(_an_image(tmp_path))])
-    captured = capsys.readouterr()
-    one_error_line(code, captured, output.parent if kind != "a folder" else output)
-    assert "predictions written" not in captured.err
+BAD_OPTIONS = {
+    "--seed above 2**32-1": (["train", "--seed", str(2**32)], "--seed"),
+    "--seed below 0": (["train", "--seed", "-1"], "--seed"),
+    "train --threads -1": (["train", "--threads", "-1"], "--threads"),
+    'train --data ""': (["train", "--data", ""], "--data"),
+    "predict --batch-size 0": (["predict", "--batch-size", "0"], "--batch-size"),
+    "predict --batch-size -1": (["predict", "--batch-size", "-1"], "--batch-size"),
+    "predict --threads -1": (["predict", "--threads", "-1"], "--threads"),
+    "evaluate --batch-size -1": (["evaluate", "--batch-size", "-1"], "--batch-size"),
+    'evaluate --data " "': (["evaluate", "--data", " "], "--data"),
+    'evaluate --model ""': (["evaluate", "--model", ""], "--model"),
+}
 
 
-# --- Option values -----------------------------------------------------------------------------
+@pytest.mark.parametrize("attack", BAD_OPTIONS)
+def test_an_option_out_of_range_is_refused_before_any_work(attack, trained, colours, tmp_path, capfd):
+    """--seed outside 0…2**32−1, --batch-size 0 or -1, --threads -1, --data "": one line naming the option."""
+    run, _ = trained
+    given, option = BAD_OPTIONS[attack]
+    command, places = given[0], ["--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "c")]
+    base = {
+        "train": ["--data", str(colours), *places],
+        "predict": ["--model", str(run), str(colours / "red"), *places],
+        "evaluate": ["--model", str(run), "--data", str(colours)],
+    }[command]
+    # The option given last wins: `--data ""` replaces the base's folder.
+    line = one_error_line(capfd, main([command, *base, *given[1:]]))
+    assert line.startswith(f"headstart: error: {option}:")
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize(
-    "args, named",
-    [
-        (["train", "--data", "{data}", "--seed", "-1"], "--seed -1:"),
-        (["train", "--data", "{data}", "--seed", str(2**32)], f"--seed {2**32}:"),
-        (["train", "--data", "{data}", "--threads", "-1"], "--threads -1:"),
-        (["train", "--data", ""], "--data '':"),
-        (["train", "--data", "  "], "--data '  ':"),
-        (["predict", "--batch-size", "0", "{data}"], "--batch-size 0:"),
-        (["predict", "--batch-size", "-1", "{data}"], "--batch-size -1:"),
-        (["predict", "--threads", "-1", "{data}"], "--threads -1:"),
-        (["evaluate", "--model", "{run}", "--data", "{data}", "--batch-size", "-1"], "--batch-size -1:"),
-        (["evaluate", "--model", "{run}", "--data", "{data}", "--batch-size", "0"], "--batch-size 0:"),
-        (["evaluate", "--model", "{run}", "--data", ""], "--data '':"),
-        (["predict", "", "--model", "{run}"], "an empty input"),
-    ],
-    ids=lambda value: " ".join(value) if isinstance(value, list) else value,
-)
-def test_an_option_value_out_of_range_is_refused_before_any_work(args, named, colours, tmp_path, capsys):
-    """`--seed` outside 0…2**32−1, `--batch-size` 0 or −1, `--threads -1`, `--data ""`: one line, no work.
-
-    An empty path would be the working directory: `--data ""` would scan the project."""
-    places = ["--artifacts-root", str(tmp_path / "artifacts"), "--cache-dir", str(tmp_path / "cache")]
-    filled = [arg.format(data=colours, run=tmp_path) for arg in args]
-    code = main(filled + (places if args[0] != "evaluate" else []))
-    one_error_line(code, capsys.readouterr(), named)
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "artifacts").exists()
+def test_predict_with_an_empty_input_path_is_refused_before_any_work(trained, colours, tmp_path, capfd):
+    """`predict ""`: an empty path is the working directory, whose images nobody asked to label: one line."""
+    run, cache = trained
+    code = main(["predict", str(colours / "red"), "", "--model", str(run), "--cache-dir", str(tmp_path / "c")])
+    line = one_error_line(capfd, code)
+    assert "empty path" in line and not (tmp_path / "c").exists()
 
 
-@pytest.mark.parametrize("seed", [-1, 2**32])
-def test_a_flow_parameter_out_of_range_is_refused_by_the_config(seed, trained, colours, tmp_path):
-    """`--seed` outside 0…2**32−1 given to the flow or a deployment: refused by the flow's parameters."""
-    from pydantic import ValidationError
-
-    from flows.train import train
-
-    with pytest.raises(ValidationError, match="seed"):
-        TrainConfig(data=str(colours), seed=seed)
-    assert TrainConfig(data=str(colours), seed=2**32 - 1).head.seed == 2**32 - 1
-    # The flow's parameters carry the config's constraints: refused before the flow body runs.
-    with pytest.raises(Exception, match="seed"):
-        train(data=str(colours), seed=seed, cache_dir=tmp_path / "cache", artifacts_root=tmp_path / "artifacts")
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "artifacts").exists()
-
-
-@pytest.mark.parametrize("inputs", ["empty folder", "no image in it"])
-def test_predict_with_nothing_to_label_says_why_in_one_line(inputs, trained, tmp_path, capsys):
-    """`predict` on an empty folder: exit 2 with one line naming the folder, and no output file written."""
-    folder = tmp_path / "inputs"
-    folder.mkdir()
-    if inputs == "no image in it":
-        (folder / "notes.txt").write_text("not an image\n")
+def test_predict_on_an_empty_folder_says_why(trained, tmp_path, capfd):
+    """`predict` on an empty folder: one line saying there is no image, naming the folder."""
+    run, cache = trained
+    (tmp_path / "empty").mkdir()
     output = tmp_path / "predictions.csv"
-    code = main(["predict", "--model", str(trained.path), "--output", str(output), str(folder)])
-    one_error_line(code, capsys.readouterr(), folder, "no image to label")
+    command = ["predict", "--model", str(run), str(tmp_path / "empty"), "--cache-dir", str(cache)]
+    line = one_error_line(capfd, main([*command, "--output", str(output)]))
+    assert str(tmp_path / "empty") in line and "no image" in line
     assert not output.exists()
 
 
-# --- Class names that would make the output ambiguous -------------------------------------------
-
-
 @pytest.mark.parametrize("character", ["\t", "\n"], ids=["tab", "newline"])
-def test_a_class_folder_whose_name_holds_a_tab_or_newline_is_refused_at_scan_time(
-    character, trained, tiny_backbone_dir, tmp_path, capsys
+def test_a_class_name_with_a_tab_or_newline_is_refused_at_scan_time(
+    character, prefect_harness, tiny_backbone_dir, tmp_path, capfd
 ):
-    """Class names with a tab or newline (predict's TSV ambiguous): refused at the scan in one line."""
-    data = write_class_images(tmp_path / "data", {f"red{character}wine": (200, 40, 40), "blue": (40, 40, 200)}, 6)
-    code = main(_train_args(data, tiny_backbone_dir, tmp_path / "artifacts", tmp_path / "cache", "--no-gate"))
-    line = one_error_line(code, capsys.readouterr(), "tab or line break", repr(str(data / f"red{character}wine")))
-    assert "\n" not in line
-    assert not (tmp_path / "artifacts").exists() or listing(tmp_path / "artifacts") == {}
-
-
-# --- The boundary itself -------------------------------------------------------------------------
-
-
-def test_only_anticipated_file_system_failures_become_one_line_and_each_names_its_path():
-    """A genuine bug keeps its traceback: only the anticipated errnos are mapped, each naming its path."""
-    for number in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EISDIR):
-        fault = file_system_fault(OSError(number, os.strerror(number), "/some/place"))
-        assert fault is not None and "/some/place" in str(fault) and ":" in str(fault)
-    assert file_system_fault(FileNotFoundError(errno.ENOENT, "gone", "/x")) is None
-    assert file_system_fault(OSError(errno.EIO, "i/o", "/x")) is None
-    assert file_system_fault(ValueError("no")) is None
-    # A write() names no file; the boundary says which place instead. Other errors stay themselves.
-    assert os_error_at(OSError(errno.ENOSPC, "full"), "/root").filename == "/root"
-    assert os_error_at(shutil.Error([("a", "b", "[Errno 28] No space left on device: 'b'")]), "/r").errno == 28
-    assert os_error_at(RuntimeError("No space left on device"), "/r") is None
-
-
-def test_a_file_system_fault_raised_by_a_bug_elsewhere_keeps_its_traceback(tmp_path, monkeypatch):
-    """An OSError the boundary does not know (here ENOENT from a bug) is re-raised, not hidden."""
-    import flows.cli
-
-    def broken(args):
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "gone"))
-
-    monkeypatch.setattr(flows.cli, "_server", broken)
-    with pytest.raises(FileNotFoundError):
-        main(["server", "status"])
-
-
-def test_write_json_atomic_names_the_destination_when_the_disk_is_full(tmp_path, mount):
-    """A full disk under a JSON write: the error names the destination, never its temporary, and leaves nothing."""
-    from headstart.infra.storage import write_json_atomic
-
-    full = mount(tmp_path / "full", full=True)
-    with pytest.raises(OSError) as raised:
-        write_json_atomic(full / "state.json", {"a": 1})
-    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(full / "state.json")
-    assert listing(full) == {} and json.dumps(listing(full)) == "{}"
-
-
-@pytest.mark.e2e
-def test_a_full_disk_inside_the_flow_is_one_line_in_a_real_process_with_prefect_s_own_logs(
-    colours, tiny_backbone_dir, tmp_path, mount
-):
-    """A full disk under `--cache-dir` met inside the flow (shard write), as a user runs it: Prefect's own
-    log lines carry no traceback either, and the command ends with the one line."""
-    import sys
-
-    from servers import PROJECT, prefect_env
-
-    full = mount(tmp_path / "cache" / "features", full=True)
-    args = _train_args(colours, tiny_backbone_dir, tmp_path / "artifacts", tmp_path / "cache")
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=prefect_env(tmp_path / "prefect"),
+    """Class names with a tab or newline (predict's TSV would be ambiguous): refused at scan time, in one line."""
+    data = write_class_images(
+        tmp_path / "data", {f"red{character}ish": (200, 40, 40), "blue": (40, 40, 200)}, per_class=4
     )
-    captured = SimpleNamespace(out=result.stdout, err=result.stderr)
-    one_error_line(result.returncode, captured, full, "no space left")
-    assert files(full) == [] and leftovers(tmp_path / "cache") == []
+    code = main(_train(data, str(tiny_backbone_dir), tmp_path / "artifacts", tmp_path / "cache"))
+    line = one_error_line(capfd, code)
+    assert repr(str(data / f"red{character}ish")) in line and "rename the folder" in line
+    assert not (tmp_path / "cache" / "features").exists()
+
+
+@pytest.mark.parametrize("holds_the_model", [False, True], ids=["empty", "holding the LiteRT model"])
+def test_predict_with_a_read_only_cache_dir_is_one_line_or_serves(holds_the_model, trained, colours, tmp_path, capfd):
+    """A read-only --cache-dir for predict: one line where it must write there, served where it holds all it needs."""
+    run, cache = trained
+    with tmpfs(tmp_path / "cache", "size=4m") as place:
+        if holds_the_model:
+            shutil.copytree(cache, place, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(place)], check=True)
+        code = main(["predict", "--model", str(run), str(colours / "red"), "--cache-dir", str(place)])
+        if holds_the_model:
+            captured = capfd.readouterr()
+            assert code == 0 and "headstart: error:" not in captured.err and len(captured.out.splitlines()) == 16
+        else:
+            line = one_error_line(capfd, code)
+            assert str(place) in line and "read-only" in line and "choose a writable place" in line
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOENT, "No such file or directory", "/gone"), ZeroDivisionError("a bug")],
+    ids=["a missing file headstart should have made", "a plain bug"],
+)
+def test_a_genuine_bug_keeps_its_traceback(error, trained, colours, monkeypatch):
+    """A genuine bug (not a file-system fault a user can fix) still escapes main with its traceback."""
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("headstart.serving.inference.evaluate_folder", fails)
+    with pytest.raises(type(error)):
+        main(["evaluate", "--model", str(trained[0]), "--data", str(colours)])
+
+
+@pytest.mark.parametrize(
+    "code, says",
+    [
+        (errno.ENOSPC, "no space left"),
+        (errno.EDQUOT, "quota exceeded"),
+        (errno.EROFS, "read-only"),
+        (errno.ENOTDIR, "a file stands where a folder is needed"),
+        (errno.EISDIR, "a folder stands where a file is needed"),
+        (errno.EACCES, "permission denied"),
+        (errno.EPERM, "not permitted"),
+    ],
+)
+def test_every_anticipated_file_system_fault_names_its_path_and_what_to_do(code, says):
+    """Each file-system fault a user can put right (no space, quota, read-only, not a directory, is a directory,
+    permission) is one line naming the path, never a temporary file's name."""
+    fault = file_system_fault(OSError(code, os.strerror(code), "/data/artifacts/.20260101-x.partial/model.keras"))
+    assert str(fault).startswith("/data/artifacts: ") and says in str(fault) and "; " in str(fault)
+    assert "\n" not in str(fault)
+
+
+def test_a_deployment_predict_checks_its_output_before_predicting(trained, colours, tmp_path):
+    """A read-only `--output` given to the predict flow itself (a deployment run): refused before any image is read."""
+    from flows.predict import predict
+
+    run, cache = trained
+    with tmpfs(tmp_path / "out", "ro") as out:
+        with pytest.raises(HeadstartError, match="read-only") as refused:
+            predict(inputs=(str(colours / "red"),), model=str(run), cache_dir=cache, output=out / "predictions.csv")
+    assert f"--output {out}" in str(refused.value)
+
+
+def test_a_full_disk_inside_the_flow_is_never_taken_for_a_lost_prefect_server(
+    trained, colours, tiny_backbone_dir, tmp_path, capfd, monkeypatch
+):
+    """A full disk met inside the flow: the one line names the disk, and the Prefect API is not even asked."""
+    import flows.local_server
+
+    def api_problem():  # the server answers before the work; asked after it, it would say it is gone
+        return "not answering" if (tmp_path / "cache" / "manifests").exists() else None
+
+    monkeypatch.setattr(flows.local_server, "api_problem", api_problem)
+    with tmpfs(tmp_path / "cache" / "features", "size=64k") as features:
+        fill(features)
+        code = main(_train(colours, str(tiny_backbone_dir), tmp_path / "artifacts", tmp_path / "cache"))
+        line = one_error_line(capfd, code)
+    assert str(features) in line and "no space" in line

@@ -396,8 +396,8 @@ def test_cli_train_evaluate_predict(colour_folder, tiny_backbone_dir, tmp_path):
     "args, message",
     [
         (["train", "--data", "/no/such/folder"], "data folder not found"),
-        (["train", "--data", "x", "--image-size", "7"], "--image-size 7:"),
-        (["train", "--data", "x", "--dropout", "1.5"], "--dropout 1.5:"),
+        (["train", "--data", "x", "--image-size", "7"], "--image-size"),
+        (["train", "--data", "x", "--dropout", "1.5"], "--dropout"),
         (["train", "--data", "x", "--classes", "cat"], "at least two classes"),
         (["evaluate", "--model", "/no/such/run", "--data", "/tmp"], "not a headstart run directory"),
     ],

@@ -11,17 +11,21 @@ stays cheap.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from headstart.backbone.checkpoint import read_legacy_checkpoint
 from headstart.config import BUNDLED_HANDLE
 from headstart.errors import HeadstartError, first_line
 from headstart.infra.archives import unpack_tar
+from headstart.infra.cache_files import drop_damaged, read_or_drop
 from headstart.infra.downloads import DownloadError, DownloadPolicy, download
-from headstart.infra.storage import remove_stale_temporaries
+from headstart.infra.storage import remove_stale_temporaries, write_json_atomic
 
 CHECKPOINT_SHA256_PREFIX = "b0353104"
 # Bump when the conversion changes, so that exports cached by an older version are not reused.
@@ -36,9 +40,13 @@ def bundled_checkpoint_path() -> Path:
     return Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
 
 
+def _bundled_module_dir(cache_dir: Path, image_size: int) -> Path:
+    return Path(cache_dir) / "backbones" / f"mobilenet_v2_torchvision_v{CONVERTER_VERSION}_{image_size}px"
+
+
 def bundled_module_path(cache_dir: Path, image_size: int) -> Path:
     """Converts and exports the bundled checkpoint on first use; afterwards only returns the path."""
-    path = Path(cache_dir) / "backbones" / f"mobilenet_v2_torchvision_v{CONVERTER_VERSION}_{image_size}px"
+    path = _bundled_module_dir(cache_dir, image_size)
     if not (path / "saved_model.pb").exists():
         from headstart.backbone.hub_module import export_hub_module
         from headstart.backbone.mobilenet import build_mobilenet_v2
@@ -89,23 +97,31 @@ def resolve_backbone(
     handle: str, image_size: int, cache_dir: Path, download_policy: DownloadPolicy = DownloadPolicy()
 ) -> Backbone:
     """Turns a handle (bundled, local SavedModel, TF Hub / Kaggle URL, URL of a .tar.gz) into a Backbone."""
+    local = Path(handle).expanduser()
     if handle == BUNDLED_HANDLE:
-        module_path = bundled_module_path(cache_dir, image_size)
+        module_path, fingerprint = _verified_module(
+            _bundled_module_dir(cache_dir, image_size),
+            lambda: bundled_module_path(cache_dir, image_size),
+            "converted backbone",
+            "converted again from the bundled checkpoint",
+        )
+    elif local.exists():
+        if not (local / "saved_model.pb").exists():
+            raise HeadstartError(f"backbone {handle} is a path but not a SavedModel directory (no saved_model.pb)")
+        module_path, fingerprint = local, fingerprint_module(local)
+    elif handle.startswith(("http://", "https://")):
+        hub_cache_dir = Path(cache_dir) / "tfhub"
+        module_path, fingerprint = _verified_module(
+            _hub_module_dir(handle, hub_cache_dir),
+            lambda: download_hub_module(handle, hub_cache_dir, download_policy),
+            "downloaded backbone",
+            "downloaded again",
+        )
     else:
-        local = Path(handle).expanduser()
-        if local.exists():
-            if not (local / "saved_model.pb").exists():
-                raise HeadstartError(f"backbone {handle} is a path but not a SavedModel directory (no saved_model.pb)")
-            module_path = local
-        elif handle.startswith(("http://", "https://")):
-            module_path = download_hub_module(handle, Path(cache_dir) / "tfhub", download_policy)
-        else:
-            raise HeadstartError(
-                f"backbone {handle!r} is neither '{BUNDLED_HANDLE}', a SavedModel directory nor an http(s) URL"
-            )
-    return Backbone(
-        handle=handle, module_path=module_path, fingerprint=fingerprint_module(module_path), image_size=image_size
-    )
+        raise HeadstartError(
+            f"backbone {handle!r} is neither '{BUNDLED_HANDLE}', a SavedModel directory nor an http(s) URL"
+        )
+    return Backbone(handle=handle, module_path=module_path, fingerprint=fingerprint, image_size=image_size)
 
 
 def download_hub_module(url: str, hub_cache_dir: Path, policy: DownloadPolicy = DownloadPolicy()) -> Path:
@@ -117,7 +133,7 @@ def download_hub_module(url: str, hub_cache_dir: Path, policy: DownloadPolicy = 
     staging folder beside it, which is renamed into place only once the module is complete:
     a download or unpacking that fails leaves nothing a later call would take for the module.
     """
-    module_dir = Path(hub_cache_dir) / hashlib.sha1(url.encode("utf8")).hexdigest()
+    module_dir = _hub_module_dir(url, hub_cache_dir)
     if (module_dir / "saved_model.pb").exists():
         return module_dir
     module_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +155,38 @@ def download_hub_module(url: str, hub_cache_dir: Path, policy: DownloadPolicy = 
     except (HeadstartError, OSError) as error:
         raise HeadstartError(f"could not load backbone {url}: {first_line(error)}") from None
     return module_dir
+
+
+def _hub_module_dir(url: str, hub_cache_dir: Path) -> Path:
+    return Path(hub_cache_dir) / hashlib.sha1(url.encode("utf8")).hexdigest()
+
+
+def _verified_module(module_dir: Path, make: Callable[[], Path], what: str, again: str) -> tuple[Path, str]:
+    """A module headstart made in its cache (converted or downloaded), and its fingerprint, checked
+    against the one recorded beside it when it was made: a module whose files changed since, or
+    lost its saved_model.pb, is dropped with one warning and made again. The fingerprint is computed
+    on every run anyway; a module cached before fingerprints were recorded is trusted as it is."""
+    record = module_dir.with_name(module_dir.name + ".fingerprint.json")
+    if module_dir.is_dir() and not (module_dir / "saved_model.pb").is_file():
+        drop_damaged(module_dir, what, "no saved_model.pb", again, [record])
+    recorded = read_or_drop(record, _read_fingerprint_record, f"fingerprint record of the {what}", again, [module_dir])
+    module_dir = make()
+    fingerprint = fingerprint_module(module_dir)
+    if recorded is not None and recorded != fingerprint:
+        reason = f"its files hash to {fingerprint}, not to {recorded} as when it was made"
+        drop_damaged(module_dir, what, reason, again, [record])
+        module_dir = make()
+        fingerprint = fingerprint_module(module_dir)
+    if recorded != fingerprint:
+        write_json_atomic(record, {"fingerprint": fingerprint})
+    return module_dir, fingerprint
+
+
+def _read_fingerprint_record(path: Path) -> str:
+    fingerprint = json.loads(path.read_bytes())["fingerprint"]
+    if not isinstance(fingerprint, str) or not re.fullmatch("[0-9a-f]{16}", fingerprint):
+        raise ValueError("no fingerprint")
+    return fingerprint
 
 
 def _compressed_format_url(handle: str) -> str:

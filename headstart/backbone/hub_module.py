@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 from headstart.data.preprocessing import enlarge_images, imagenet_normalization, resize_images
-from headstart.errors import os_error_at
 from headstart.infra.keras import keras, tf
 
 # The signature of headstart's modules that LiteRT converts: images no larger than the module's
@@ -84,11 +83,8 @@ def export_hub_module(network: keras.Model, image_size: int, destination: Path, 
             shutil.rmtree(staging)
         else:
             os.replace(staging, destination)
-    except BaseException as error:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        fault = os_error_at(error, destination)
-        if fault is not None:  # a full or read-only disk, said of the backbone's place
-            raise fault from error
         raise
     return destination
 

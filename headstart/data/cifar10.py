@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -17,8 +18,9 @@ from PIL import Image
 
 from headstart.data.manifest import DataReport
 from headstart.errors import HeadstartError, first_line
+from headstart.infra.cache_files import drop_damaged, read_or_drop
 from headstart.infra.downloads import DownloadPolicy, download
-from headstart.infra.storage import atomic_path, file_digest, file_sha256
+from headstart.infra.storage import atomic_path, file_digest, file_sha256, write_json_atomic
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -125,6 +127,61 @@ def _require_cifar_members(archive: Path) -> None:
         raise HeadstartError(f"not a CIFAR-10 python archive ({', '.join(missing)} missing)")
 
 
+# Written last: how many images of each split the extraction holds.
+EXTRACTION_RECORD = "complete"
+
+
+def _intact_extraction(root: Path) -> bool:
+    """Whether the archive's images are all there, as many per split as were written; where some
+    are gone or the record is damaged, the folder is dropped (with one warning) to be extracted again."""
+    again = "extracted again from the archive"
+    record = root / EXTRACTION_RECORD
+    recorded = read_or_drop(record, _read_extraction_record, "CIFAR-10 extraction record", again, [root])
+    if recorded is None:
+        return False
+    found = {split: sum(1 for _ in (root / split).glob("*/*.png")) for split in recorded}
+    if found != recorded:
+        drop_damaged(root, "CIFAR-10 extraction", f"{found} images, where {recorded} were written", again)
+        return False
+    return True
+
+
+def _read_extraction_record(path: Path) -> dict[str, int]:
+    text = path.read_text()
+    if text == "ok\n":  # written before the counts were kept
+        return {}
+    counts = json.loads(text)
+    if not isinstance(counts, dict) or not all(
+        split in CIFAR10_BATCHES and isinstance(n, int) and not isinstance(n, bool) for split, n in counts.items()
+    ):
+        raise ValueError("not a count of images per split")
+    return counts
+
+
+def _extract(archive: Path, root: Path) -> dict[str, int]:
+    """Writes every image of both official splits as a PNG file; returns how many per split."""
+    counts = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            for split, names in CIFAR10_BATCHES.items():
+                index = 0
+                for name in names:
+                    if name not in members:
+                        raise HeadstartError(f"{archive} is not a CIFAR-10 python archive: {name} is missing")
+                    images, labels = _read_cifar_batch(tar.extractfile(members[name]).read())
+                    for image, label in zip(images, labels):
+                        target = root / split / CIFAR10_CLASSES[label] / f"{index:05d}.png"
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        with atomic_path(target) as temporary:
+                            Image.fromarray(image).save(temporary, format="PNG")
+                        index += 1
+                counts[split] = index
+    except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
+        raise HeadstartError(f"{archive} is not a readable CIFAR-10 python archive: {error}") from None
+    return counts
+
+
 def extract_cifar10(archive: Path, classes: tuple[str, ...], cache_dir: Path) -> list[tuple[Path, int, str]]:
     """Writes the chosen classes of both official splits as PNG files; returns (path, label, split)."""
     unknown = [name for name in classes if name not in CIFAR10_CLASSES]
@@ -134,26 +191,9 @@ def extract_cifar10(archive: Path, classes: tuple[str, ...], cache_dir: Path) ->
         )
     archive_key = file_sha256(archive)[:16]
     root = Path(cache_dir) / "cifar10" / archive_key
-    done_marker = root / "complete"
-    if not done_marker.exists():
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-                for split, names in CIFAR10_BATCHES.items():
-                    index = 0
-                    for name in names:
-                        if name not in members:
-                            raise HeadstartError(f"{archive} is not a CIFAR-10 python archive: {name} is missing")
-                        images, labels = _read_cifar_batch(tar.extractfile(members[name]).read())
-                        for image, label in zip(images, labels):
-                            target = root / split / CIFAR10_CLASSES[label] / f"{index:05d}.png"
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            with atomic_path(target) as temporary:
-                                Image.fromarray(image).save(temporary, format="PNG")
-                            index += 1
-        except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
-            raise HeadstartError(f"{archive} is not a readable CIFAR-10 python archive: {error}") from None
-        done_marker.write_text("ok\n")
+    if not _intact_extraction(root):
+        counts = _extract(archive, root)
+        write_json_atomic(root / EXTRACTION_RECORD, counts)
     files = []
     for split in ("train", "test"):
         for label, name in enumerate(classes):

@@ -4,6 +4,7 @@ root/CLASS/**/IMAGE. Hidden files and folders are left out; non-image files are 
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 from headstart.data.images import IMAGE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES
@@ -31,12 +32,13 @@ def list_image_folder(
         class_names = list(classes)
     if len(class_names) < 2:
         raise HeadstartError(f"{root} needs at least two class sub-folders of images, found {len(class_names)}")
-    # A class name is a field of predict's tab-separated output; a tab or line break in it would
-    # make that output ambiguous.
     for name in class_names:
-        if any(character in name for character in "\t\n\r"):
+        if any(unicodedata.category(character) == "Cc" for character in name):
+            # A label holding a tab or a line break would split predict's tab-separated lines and
+            # CSV rows wherever a reader does not expect quoting; a model's labels stay plain text.
             raise HeadstartError(
-                f"class folder {str(root / name)!r} has a tab or line break in its name: rename the folder without one"
+                f"class folder {str(root / name)!r} has a control character (tab, line break) in its name, "
+                "which a class name cannot hold; rename the folder"
             )
     return list_class_files(root, class_names, report), class_names
 

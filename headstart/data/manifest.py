@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from headstart.data.images import check_image
 from headstart.errors import HeadstartError
+from headstart.infra.cache_files import read_or_drop
 from headstart.infra.storage import file_sha256, write_parquet_atomic
 
 SPLITS = ("train", "validation", "test")
@@ -80,14 +81,28 @@ def _scan_cache_path(cache_dir: Path) -> Path:
     return Path(cache_dir) / "scan-cache.parquet"
 
 
+SCAN_CACHE_COLUMNS = {
+    "path": pa.string(),
+    "size": pa.int64(),
+    "mtime_ns": pa.int64(),
+    "sha256": pa.string(),
+    "error": pa.string(),
+}
+
+
 def _load_scan_cache(cache_dir: Path) -> dict[tuple[str, int, int], tuple[str, str]]:
-    path = _scan_cache_path(cache_dir)
-    if not path.exists():
-        return {}
-    try:
-        table = pq.read_table(path).to_pydict()
-    except Exception:  # A damaged cache is only slower, never wrong: start afresh.
-        return {}
+    """What earlier scans found; nothing where the cache is damaged (then dropped: every file is
+    hashed afresh, only slower)."""
+    return (
+        read_or_drop(_scan_cache_path(cache_dir), _read_scan_cache, "scan cache", "its files are scanned again") or {}
+    )
+
+
+def _read_scan_cache(path: Path) -> dict[tuple[str, int, int], tuple[str, str]]:
+    table = pq.read_table(path, page_checksum_verification=True)
+    if table.schema != pa.schema(SCAN_CACHE_COLUMNS):
+        raise ValueError(f"columns {table.schema.names}")
+    table = table.to_pydict()
     return {
         (p, s, m): (h, e)
         for p, s, m, h, e in zip(table["path"], table["size"], table["mtime_ns"], table["sha256"], table["error"])
@@ -99,13 +114,15 @@ def _save_scan_cache(cache_dir: Path, entries: dict[tuple[str, int, int], tuple[
     table = pa.table(
         {
             "path": [k[0] for k in keys],
-            "size": pa.array([k[1] for k in keys], pa.int64()),
-            "mtime_ns": pa.array([k[2] for k in keys], pa.int64()),
+            "size": [k[1] for k in keys],
+            "mtime_ns": [k[2] for k in keys],
             "sha256": [entries[k][0] for k in keys],
             "error": [entries[k][1] for k in keys],
-        }
+        },
+        schema=pa.schema(SCAN_CACHE_COLUMNS),
     )
-    write_parquet_atomic(_scan_cache_path(cache_dir), table)
+    # Page checksums: a hash damaged on disk must not put an image in another's place.
+    write_parquet_atomic(_scan_cache_path(cache_dir), table, write_page_checksum=True)
 
 
 def _forget_scanned(cache_dir: Path, resolved_paths: set[str]) -> None:

@@ -10,7 +10,6 @@ and its images are extracted again; it is never used.
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,12 @@ import pyarrow.parquet as pq
 
 from headstart.backbone.handles import Backbone
 from headstart.data.manifest import Manifest
-from headstart.errors import first_line
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, features_column
+from headstart.infra.cache_files import read_or_drop
 from headstart.infra.storage import write_parquet_atomic
 
 # A shard to extract: (content hash, path) of each of its images.
 Shard = list[tuple[str, str]]
-logger = logging.getLogger("headstart")
 
 
 class FeatureCache:
@@ -51,26 +49,19 @@ class FeatureCache:
 
     def read_shard(self, path: Path) -> pa.Table | None:
         """A shard's table, its page checksums verified; None, with the shard deleted, where it is damaged."""
-        try:
-            table = pq.read_table(path, page_checksum_verification=True)
-            if table.column_names != ["sha256", "features"]:
-                raise ValueError(f"columns {table.column_names}")
-            return table
-        except FileNotFoundError:
-            return None
-        except Exception as error:  # pyarrow reports damage as several error types; each means 'do not use'
-            logger.warning(
-                "feature cache shard %s is damaged (%s); dropped, its images are extracted again",
-                path,
-                first_line(error),
-            )
-            path.unlink(missing_ok=True)
-            return None
+        return read_or_drop(path, _read_shard, "feature cache shard", "its images are extracted again")
 
     def write_shard(self, hashes: list[str], features: np.ndarray) -> Path:
         name = hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
         table = pa.table({"sha256": hashes, "features": features_column(features, self.VALUE_DTYPE)})
         return write_parquet_atomic(self.directory / f"shard-{name}.parquet", table, **FEATURES_PARQUET_OPTIONS)
+
+
+def _read_shard(path: Path) -> pa.Table:
+    table = pq.read_table(path, page_checksum_verification=True)
+    if table.column_names != ["sha256", "features"]:
+        raise ValueError(f"columns {table.column_names}")
+    return table
 
 
 def missing_shards(manifest: Manifest, cache: FeatureCache, shard_size: int = 1024) -> list[Shard]:

@@ -19,7 +19,8 @@ from headstart.backbone.handles import Backbone
 from headstart.data.manifest import SPLITS, Manifest
 from headstart.features.cache import FeatureCache, Shard, missing_shards
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, as_binary_column, features_matrix
-from headstart.features.streams import FeatureStream
+from headstart.features.streams import FeatureStream, damage_stops_the_run
+from headstart.infra.cache_files import read_or_drop
 from headstart.infra.storage import atomic_path, remove_stale_temporaries
 
 # Bump when the layout of a dataset's features file changes, so that older files are not read
@@ -47,9 +48,15 @@ class FeatureSet:
             if split is None or metadata.row_group(group).column(column).statistics.max == split
         ]
 
+    def _read(self, split: str | None, columns: list[str]) -> pa.Table:
+        with damage_stops_the_run(self.path):
+            # Damaged bytes inside a page fail its checksum here rather than train on wrong numbers.
+            parquet = pq.ParquetFile(self.path, page_checksum_verification=True)
+            return parquet.read_row_groups(self.row_groups(split, parquet.metadata), columns=columns)
+
     def load(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Features, labels and paths of one split (or of all rows), in memory: for the small splits."""
-        table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["features", "label", "path"])
+        table = self._read(split, ["features", "label", "path"])
         return features_matrix(table), table.column("label").to_numpy(), table.column("path").to_pylist()
 
     def content_hashes(self) -> dict[str, list[str]]:
@@ -58,15 +65,16 @@ class FeatureSet:
 
     def rows(self, split: str, columns: list[str]) -> dict[str, list]:
         """Some manifest columns of one split, in the file's row order (the order its streams read)."""
-        return pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=columns).to_pydict()
+        return self._read(split, columns).to_pydict()
 
     def labels_and_paths(self, split: str) -> tuple[np.ndarray, list[str]]:
-        table = pq.ParquetFile(self.path).read_row_groups(self.row_groups(split), columns=["label", "path"])
+        table = self._read(split, ["label", "path"])
         return table.column("label").to_numpy(), table.column("path").to_pylist()
 
     def stream(self, split: str) -> FeatureStream:
         """The split as shuffled batches read one row group at a time: for the train split, whatever its size."""
-        metadata = pq.read_metadata(self.path)
+        with damage_stops_the_run(self.path):
+            metadata = pq.read_metadata(self.path)
         groups = self.row_groups(split, metadata)
         features_column = metadata.schema.to_arrow_schema().get_field_index("features")
         return FeatureStream(
@@ -89,14 +97,15 @@ def dataset_features_path(
 
 
 def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, shard_size: int = 1024) -> list[Shard]:
-    """The images whose features are still to extract, as shards; none where the dataset's file exists.
+    """The images whose features are still to extract, as shards; none where the dataset's file
+    exists and is intact.
 
     Temporary files that a killed run left in the feature cache are cleared on the way: they are
     never read, but would fill the disk run after run."""
     remove_stale_temporaries(FeatureCache(cache_dir, backbone).directory, ".shard-*.tmp")
     for pattern in (".*.parquet.*.tmp", ".assemble-*"):
         remove_stale_temporaries(Path(cache_dir) / "datasets", pattern)
-    if dataset_features_path(manifest, backbone, cache_dir).exists():
+    if intact_dataset_features(manifest, dataset_features_path(manifest, backbone, cache_dir), pages=True):
         return []
     return missing_shards(manifest, FeatureCache(cache_dir, backbone), shard_size)
 
@@ -112,9 +121,30 @@ def assemble_features(
     """Writes the dataset's features file (manifest columns + features) from the cache, in bounded memory."""
     destination = dataset_features_path(manifest, backbone, cache_dir, rows_per_group)
     table = manifest.read()
-    if not destination.exists():
+    if not intact_dataset_features(manifest, destination):
         _write_dataset_features(table, FeatureCache(cache_dir, backbone), destination, rows_per_group)
     return FeatureSet(destination, extracted=extracted, reused=table.num_rows - extracted, engine=engine)
+
+
+def intact_dataset_features(manifest: Manifest, path: Path, pages: bool = False) -> bool:
+    """Whether the dataset's features file is there and whole; a damaged one is dropped (with one
+    warning), to be assembled again from the feature cache, whose damaged shards are extracted again.
+
+    The footer tells a file cut short, overwritten or emptied (it has none) and one of another
+    dataset (other columns or rows); with `pages`, every page's checksum is verified too, one row
+    group at a time, for bytes damaged inside: the planning step does, once per run."""
+    expected = pq.read_schema(manifest.path).names + ["features"], pq.read_metadata(manifest.path).num_rows
+
+    def check(path: Path) -> bool:
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        found = parquet.schema_arrow.names, parquet.metadata.num_rows
+        if found != expected:
+            raise ValueError(f"{found[1]} rows of {found[0]}, where the manifest gives {expected[1]} of {expected[0]}")
+        for group in range(parquet.num_row_groups) if pages else ():
+            parquet.read_row_group(group)
+        return True
+
+    return bool(read_or_drop(path, check, "dataset features file", "assembled again from the feature cache"))
 
 
 def _write_dataset_features(

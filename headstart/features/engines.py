@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from headstart.backbone.handles import Backbone
 from headstart.config import INT8_ENGINE
 from headstart.data.preprocessing import resize_batch, resize_images, shrunk_to_fit
 from headstart.errors import HeadstartError, file_system_fault, first_line
+from headstart.infra.cache_files import read_or_drop
 from headstart.infra.native_logs import native_notices_dropped
 from headstart.infra.storage import atomic_path, write_json_atomic
 
@@ -154,7 +156,10 @@ def convert_to_litert(backbone: Backbone, cache_dir: Path) -> Path:
 
     with atomic_path(path) as temporary:
         temporary.write_bytes(flatbuffer)
-    write_json_atomic(_parity_record(path), {"max_difference": difference, "tensorflow": tf.__version__})
+    write_json_atomic(
+        _parity_record(path),
+        {"max_difference": difference, "tensorflow": tf.__version__, **model_record(flatbuffer)},
+    )
     return path
 
 
@@ -163,12 +168,79 @@ def _litert_model_path(backbone: Backbone, cache_dir: Path) -> Path:
 
 
 def _is_converted(model_path: Path) -> bool:
-    """Both files a finished conversion leaves: the model, then its parity record (written last)."""
-    return model_path.exists() and _parity_record(model_path).exists()
+    """Both files a finished conversion leaves, intact: the model, then its parity record (written
+    last). Where either is damaged, both are dropped (with one warning) and the backbone converted again."""
+    return intact_litert_model(
+        model_path, _parity_record(model_path), "LiteRT model", "the backbone is converted to LiteRT again"
+    )
+
+
+def intact_litert_model(model_path: Path, record_path: Path, what: str, again: str) -> bool:
+    """Whether a cached LiteRT model and the record written after it (its size and CRC-32, where
+    kept) are both there and intact; where either is damaged, both are dropped with one warning."""
+    if not Path(model_path).exists():
+        return False
+    # Imported here, outside the check: a LiteRT missing from the environment damages no file.
+    from ai_edge_litert.interpreter import Interpreter  # noqa: F401
+
+    record = read_or_drop(record_path, _read_model_record, f"record of the {what}", again, [model_path])
+    if record is None:
+        return False
+    verified = read_or_drop(
+        model_path,
+        lambda path: verify_litert_model(path, record.get("bytes"), record.get("crc32")),
+        what,
+        again,
+        [record_path],
+    )
+    return bool(verified)
+
+
+def model_record(flatbuffer: bytes) -> dict:
+    """What `intact_litert_model` checks a model against: its size and CRC-32."""
+    return {"bytes": len(flatbuffer), "crc32": zlib.crc32(flatbuffer)}
+
+
+def verify_litert_model(path: Path, size: int | None = None, crc32: int | None = None) -> bool:
+    """Checks that a .tflite file is a whole LiteRT model: of `size` bytes and their `crc32`
+    where they were recorded, with its flatbuffer identifier, and passing the interpreter's own
+    verification of the flatbuffer."""
+    found = Path(path).stat().st_size
+    if size is not None and found != size:
+        raise ValueError(f"{found} bytes, where {size} were written")
+    with open(path, "rb") as handle:
+        if handle.read(8)[4:] != b"TFL3":
+            raise ValueError("not a LiteRT flatbuffer (no TFL3 identifier)")
+        if crc32 is not None:
+            handle.seek(0)
+            checksum = 0
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                checksum = zlib.crc32(block, checksum)
+            if checksum != crc32:
+                raise ValueError("its bytes are not those written (CRC-32 differs)")
+    from ai_edge_litert.interpreter import Interpreter
+
+    Interpreter(model_path=str(path))
+    return True
 
 
 def _parity_record(model_path: Path) -> Path:
     return Path(model_path).with_suffix(".parity.json")
+
+
+def _read_model_record(path: Path) -> dict:
+    record = json.loads(path.read_bytes())
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    # A parity record holds max_difference; records written before the model's size and checksum
+    # were kept have neither.
+    numbers = {name: record.get(name, 0) for name in ("max_difference", "bytes", "crc32")}
+    if path.name.endswith(".parity.json"):
+        numbers["max_difference"] = record.get("max_difference")
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} is not a number")
+    return record
 
 
 def _recorded_parity(model_path: Path) -> float:
@@ -211,9 +283,12 @@ def choose_engine(backbone: Backbone, requested: str, cache_dir: Path, threads: 
         litert_engine = LiteRTEngine(backbone, cache_dir, threads)
         difference = litert_engine.parity
     except Exception as error:  # Conversion failures come from deep inside the converter, in many types.
+        if isinstance(error, OSError) and file_system_fault(error) is not None:
+            raise  # a full or read-only cache is the user's to fix, not a reason to run slower
         if requested == "litert":
-            reason = file_system_fault(error) or first_line(error)  # a full cache disk names its path
-            raise HeadstartError(f"the LiteRT engine is unavailable for backbone {backbone.handle}: {reason}") from None
+            raise HeadstartError(
+                f"the LiteRT engine is unavailable for backbone {backbone.handle}: {first_line(error)}"
+            ) from None
         return EngineChoice(KerasEngine(backbone), f"LiteRT unavailable ({type(error).__name__}), using TensorFlow")
     if difference > PARITY_TOLERANCE:
         if requested == "litert":

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from headstart.errors import HeadstartError, first_line
 from headstart.features.encoding import features_matrix
+
+
+@contextmanager
+def damage_stops_the_run(path: Path):
+    """A dataset's features file found damaged while a run reads it (its pages were verified when
+    the run planned its extraction, so damaged since): dropped, and the run stopped in one line,
+    for the next run to assemble it again, rather than go on with wrong numbers."""
+    try:
+        yield
+    except PermissionError:
+        raise
+    except (OSError, pa.ArrowException) as error:
+        Path(path).unlink(missing_ok=True)
+        raise HeadstartError(
+            f"dataset features file {path} was damaged during the run ({first_line(error)}); "
+            "it was dropped: run again to assemble it from the feature cache"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -26,10 +46,11 @@ class FeatureStream:
 
     def chunks(self, order: np.ndarray | None = None):
         """(features, labels) of each row group, in file order or in `order`."""
-        parquet = pq.ParquetFile(self.path)
-        for group in self.groups if order is None else order:
-            table = parquet.read_row_group(int(group), columns=["features", "label"])
-            yield features_matrix(table), table.column("label").to_numpy().astype(np.int64)
+        with damage_stops_the_run(self.path):
+            parquet = pq.ParquetFile(self.path, page_checksum_verification=True)
+            for group in self.groups if order is None else order:
+                table = parquet.read_row_group(int(group), columns=["features", "label"])
+                yield features_matrix(table), table.column("label").to_numpy().astype(np.int64)
 
     def shuffled_chunks(self, seed: int, epoch: int):
         """One epoch: the row groups in a seeded random order, each with its rows permuted."""

@@ -15,31 +15,39 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from headstart.errors import HeadstartError, file_system_fault
+from headstart.errors import HeadstartError
 
 
 @contextmanager
 def atomic_path(destination: Path):
     """Yields a temporary path beside `destination`; renames it into place only on success."""
     destination = Path(destination)
-    temporary = None
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
+    )  # see temporary_pattern
+    # mkstemp makes the file its owner's alone; the finished file gets the mode any new file
+    # would, so that runs and caches written by a worker's account can be read by the team.
+    os.fchmod(handle, 0o666 & ~_umask())
+    os.close(handle)
     try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(
-            prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-        )  # see temporary_pattern
-        # mkstemp makes the file its owner's alone; the finished file gets the mode any new file
-        # would, so that runs and caches written by a worker's account can be read by the team.
-        os.fchmod(handle, 0o666 & ~_umask())
-        os.close(handle)
-        yield Path(temporary)
-        os.replace(temporary, destination)
-    except BaseException as error:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
-        # A failed write() names no file, and the temporary's name means nothing to a user.
-        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, temporary):
-            error.filename = str(destination)
+        with writing_under(destination):
+            yield Path(temporary)
+            os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def writing_under(place: Path):
+    """A write that fails on a full disk names no file; its error names `place` instead, for the
+    one line a user sees (headstart.errors.file_system_fault)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, os.strerror(error.errno), str(place)) from error
         raise
 
 
@@ -54,32 +62,6 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
-
-
-def check_writable_folder(folder: Path, option: str) -> Path:
-    """Makes sure `folder` is, or can be created as, a folder this process can write in, before
-    any work that would end by writing there; otherwise one line naming it and `option`. Creates
-    nothing: a missing folder is judged by the nearest folder above it that exists."""
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "is a file, not a folder" if existing == folder else f"cannot be created: {existing} is a file"
-        raise HeadstartError(f"{option} {folder} {what}: give a folder (one is created if missing)")
-    try:
-        # Permission bits do not tell (root ignores them, a read-only mount keeps them): a write does.
-        handle, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        if error.errno is not None and (error.filename is None or ".write-check." in str(error.filename)):
-            error.filename = str(existing)  # the probe's name means nothing to a user
-        fault = file_system_fault(error)
-        if fault is None:
-            raise
-        raise HeadstartError(f"{option} {folder}: {fault}") from None
-    return folder
 
 
 def temporary_pattern(destination: Path) -> str:
@@ -136,3 +118,26 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 def file_sha256(path: Path) -> str:
     return file_digest(path, "sha256")
+
+
+def check_writable_directory(path: Path, option: str) -> None:
+    """Stops, in one line naming `option` and the path, unless `path` is a folder this process
+    can write in, or can be created as one: a file standing in its place or in its parent
+    chain, or a read-only or forbidden place, would otherwise be found only when the first
+    file is written there, after the work that made it."""
+    path = Path(path)
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise HeadstartError(f"{option} {path}: {existing} is not a folder; move it away or choose another place")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "on a read-only file system" if _read_only(existing) else "not writable by this user"
+        raise HeadstartError(f"{option} {path}: {existing} is {why}; choose a writable place")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from headstart import __version__
 from headstart.config import TrainConfig
+from headstart.infra.cache_files import read_or_drop
 from headstart.infra.storage import write_json_atomic
 from headstart.registry.runs import Run
 
@@ -43,11 +44,22 @@ def record_run(cache_dir: Path, key: str, run_dir: Path) -> None:
 
 
 def _recorded(cache_dir: Path, key: str) -> list[str]:
-    entry = _index_entry(cache_dir, key)
-    if not entry.is_file():
-        return []
-    recorded = json.loads(entry.read_text())
-    return recorded.get("run_dirs") or [recorded["run_dir"]]  # an index written before it kept one per root
+    """The run directories the index holds for the key; none where its entry is damaged (then dropped)."""
+    recorded = read_or_drop(
+        _index_entry(cache_dir, key), _read_index_entry, "reuse index entry", "treated as no earlier run"
+    )
+    return recorded or []
+
+
+def _read_index_entry(path: Path) -> list[str]:
+    recorded = json.loads(path.read_bytes())
+    if not isinstance(recorded, dict):
+        raise ValueError(f"a JSON {type(recorded).__name__}, not an object")
+    # An index written before it kept one run per root holds "run_dir".
+    run_dirs = recorded["run_dirs"] if "run_dirs" in recorded else [recorded.get("run_dir")]
+    if not isinstance(run_dirs, list) or not run_dirs or not all(isinstance(p, str) and p for p in run_dirs):
+        raise ValueError("no list of run directories")
+    return run_dirs
 
 
 def find_identical_run(cache_dir: Path, key: str, artifacts_root: Path | None = None) -> Path | None:

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Callable
 
 from headstart import __version__
 from headstart.backbone.handles import Backbone
-from headstart.errors import os_error_at
 from headstart.evaluation.drift import data_index, feature_reference
-from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic, writing_under
 from headstart.registry.lineage import BackboneLineage, DataLineage, Lineage, Scores, SplitFingerprint, copied_lineage
 from headstart.registry.model_card import model_card
 from headstart.registry.runs import (
@@ -90,15 +89,16 @@ class RunWriter:
         remove_abandoned_staging(self.root)
         self.staging = self.root / f".{self.name}{PARTIAL_SUFFIX}"
         self.staging.mkdir(parents=True, exist_ok=False)
-        self._claim()
+        try:
+            with writing_under(self.root):
+                self._claim()
+        except BaseException:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
 
     def _claim(self) -> None:
         """Marks the staging directory as this process's, so that no other run removes it as abandoned."""
-        try:
-            (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
-        except OSError as error:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            raise os_error_at(error, self.root) or error
+        (self.staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}")
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -109,9 +109,10 @@ class RunWriter:
             os.replace(self.staging, self.final)
         else:
             shutil.rmtree(self.staging, ignore_errors=True)
-            fault = os_error_at(exc_value, self.root)
-            if fault is not None:  # a full or read-only disk, said of the artifacts root
-                raise fault from exc_value
+            if isinstance(exc_value, OSError) and exc_value.filename is None and exc_value.errno is not None:
+                # A write that failed on a full disk names no file: the error names the registry.
+                with writing_under(self.root):
+                    raise exc_value
 
     def write_json(self, relative: str, value) -> Path:
         write_json_atomic(self.staging / relative, value)

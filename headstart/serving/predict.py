@@ -22,7 +22,7 @@ from headstart.data.images import check_image
 from headstart.data.preprocessing import apply_to_decoded, decoded_batches
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.infra.storage import atomic_path, check_writable_folder
+from headstart.infra.storage import atomic_path
 from headstart.registry.runs import Run
 
 # Classes listed per image, most probable first, where a model has more than two.
@@ -142,16 +142,6 @@ def predict_with_model(
     run = registry.resolve(Path(artifacts_root), model)
     with ExtractionContext(Path(cache_dir), settings) as context:
         return predict_images(run, inputs, context), run.path.name
-
-
-def check_output(destination: Path) -> None:
-    """Refuses, before any prediction, an output file that could not be written."""
-    destination = Path(destination)
-    if destination.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise HeadstartError(f"cannot write predictions to {destination}: give a file ending in .csv or .parquet")
-    if destination.is_dir():
-        raise HeadstartError(f"--output {destination} is a folder: give a file ending in .csv or .parquet")
-    check_writable_folder(destination.parent, "the folder of --output")
 
 
 def write_predictions(predictions: Predictions, destination: Path) -> Path:

@@ -34,7 +34,8 @@ from headstart.backbone.handles import Backbone
 from headstart.data.preprocessing import decoded_batches
 from headstart.edge.int8.tflite_weights import fused_activation, operator_kind, tensor_values
 from headstart.errors import HeadstartError, first_line
-from headstart.infra.storage import atomic_path
+from headstart.features.engines import intact_litert_model, model_record
+from headstart.infra.storage import atomic_path, write_json_atomic
 
 # Training images that calibrate activation ranges: a few hundred is the usual advice; more
 # lengthened the conversion without helping the classifier export (README, "On phones and boards").
@@ -237,10 +238,12 @@ def quantized_backbone(backbone: Backbone, calibration: list[dict], cache_dir: P
     )
     fingerprint = f"{backbone.fingerprint}-int8-{digest.hexdigest()[:12]}"
     path = Path(cache_dir) / "litert" / f"{fingerprint}-{backbone.image_size}px.tflite"
-    if not path.is_file():
+    record = path.with_suffix(".json")
+    if not intact_litert_model(path, record, "quantized LiteRT backbone", "the backbone is quantized again"):
         flatbuffer = _convert_backbone(backbone, _calibration_images(calibration, backbone.image_size))
         with atomic_path(path) as temporary:
             temporary.write_bytes(flatbuffer)
+        write_json_atomic(record, model_record(flatbuffer))
     return dataclasses.replace(backbone, fingerprint=fingerprint, litert_model=path)
 
 
