@@ -405,3 +405,21 @@ def test_a_full_disk_inside_the_flow_is_never_taken_for_a_lost_prefect_server(
         code = main(_train(colours, str(tiny_backbone_dir), tmp_path / "artifacts", tmp_path / "cache"))
         line = one_error_line(capfd, code)
     assert str(features) in line and "no space" in line
+
+
+def test_a_disk_that_fills_while_the_run_s_backbone_is_copied_is_one_line(
+    trained, colours, tiny_backbone_dir, tmp_path, capfd
+):
+    """A full disk under --artifacts-root met while the run's backbone is copied in (a copied tree reports its
+    failures together, each errno only in its text): one line naming the place, no staging run left."""
+    run, cache = trained
+    shutil.copytree(cache, tmp_path / "cache")
+    # Room for the check and the run's first small files, not for the backbone.
+    with tmpfs(tmp_path / "artifacts", "size=16k") as artifacts:
+        code = main(_train(colours, str(tiny_backbone_dir), artifacts, tmp_path / "cache"))
+        line = one_error_line(capfd, code)
+        assert str(artifacts) in line and "no space left" in line
+        assert [path for path in artifacts.rglob("*") if path.is_file()] == [] and leftovers(artifacts) == []
+    copied = shutil.Error([("src/a", "dst/a", "[Errno 28] No space left on device: 'src/a' -> 'dst/a'")])
+    assert "dst/a: no space left" in str(file_system_fault(copied))
+    assert file_system_fault(shutil.Error([("src/a", "dst/a", "[Errno 2] No such file")])) is None
