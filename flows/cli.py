@@ -108,9 +108,10 @@ def _train(args) -> int:
             run_dir = record_flow_run(**config.flat())
         except Exception as error:
             from flows.local_server import api_problem
-            from headstart.errors import HeadstartError
+            from headstart.errors import file_system_fault
 
-            problem = None if isinstance(error, HeadstartError) else api_problem()
+            # A user's error or a full disk is said as such, never taken for a lost server.
+            problem = None if file_system_fault(error) is not None else api_problem()
             if problem is None:
                 raise
             return _server_lost(config, api_url, problem, flow_runs)

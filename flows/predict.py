@@ -6,6 +6,7 @@ from prefect import flow
 
 from flows.parameters import parameters_from
 from headstart.config import PredictConfig
+from headstart.infra.storage import check_writable_directory
 from tasks.prediction import predict as predict_images
 
 
@@ -15,6 +16,8 @@ def predict(**parameters) -> str:
     """Labels the inputs; returns a one-line summary (the rows go to `output`). The parameters are
     PredictConfig's fields (see headstart.config)."""
     config = PredictConfig(**parameters)
+    if config.output is not None:  # a deployment's run has no CLI to check it before the work
+        check_writable_directory(config.output.parent, "--output")
     predictions = predict_images(config)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}")

@@ -504,6 +504,14 @@ class PredictConfig(BaseModel):
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
 
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_are_named(cls, inputs: tuple[str, ...]) -> tuple[str, ...]:
+        # An empty path is the working directory: every image under it would be labelled.
+        if any(not given.strip() for given in inputs):
+            raise ValueError("an empty path among the inputs; give image files or folders")
+        return inputs
+
 
 class EvaluateConfig(BaseModel):
     """What an `evaluate` run measures, on which labelled images."""
@@ -513,3 +521,10 @@ class EvaluateConfig(BaseModel):
     model: str = Field(description="a run directory written by 'headstart train'")
     data: str = Field(min_length=1, description="a folder with sub-folders named like the model's classes")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
+
+    @field_validator("model", "data")
+    @classmethod
+    def _places_are_named(cls, place: str) -> str:
+        if not place.strip():  # an empty path is the working directory
+            raise ValueError("an empty path; give a run directory and a folder of class sub-folders")
+        return place

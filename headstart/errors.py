@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 from pathlib import PurePath
 
 
@@ -38,7 +39,9 @@ def file_system_fault(error: BaseException) -> HeadstartError | None:
     naming its place; None for any other exception. A HeadstartError is returned as it is."""
     if isinstance(error, HeadstartError):
         return error
-    if isinstance(error, OSError):
+    if isinstance(error, shutil.Error):
+        code, paths = _copy_fault(error)
+    elif isinstance(error, OSError):
         code, paths = error.errno, [error.filename, error.filename2]
     else:
         code, paths = _tensorflow_fault(error)
@@ -53,6 +56,18 @@ def file_system_fault(error: BaseException) -> HeadstartError | None:
 _TENSORFLOW_FAULT = re.compile(
     r"(?P<path>[^\s;{}]+); (?P<reason>" + "|".join(re.escape(os.strerror(code)) for code in _FILE_SYSTEM_FAULTS) + ")"
 )
+
+
+def _copy_fault(error: shutil.Error) -> tuple[int | None, list]:
+    """A copied tree's failure (shutil.copytree collects one per file, the errno only in its text):
+    the first one's errno and destination."""
+    failures = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    for failure in failures:
+        if isinstance(failure, tuple) and len(failure) == 3:
+            found = re.match(r"\[Errno (\d+)\]", str(failure[2]))
+            if found is not None and int(found[1]) in _FILE_SYSTEM_FAULTS:
+                return int(found[1]), [failure[1]]
+    return None, []
 
 
 def _tensorflow_fault(error: BaseException) -> tuple[int | None, list]:

@@ -269,6 +269,8 @@ BAD_OPTIONS = {
     "predict --batch-size -1": (["predict", "--batch-size", "-1"], "--batch-size"),
     "predict --threads -1": (["predict", "--threads", "-1"], "--threads"),
     "evaluate --batch-size -1": (["evaluate", "--batch-size", "-1"], "--batch-size"),
+    'evaluate --data " "': (["evaluate", "--data", " "], "--data"),
+    'evaluate --model ""': (["evaluate", "--model", ""], "--model"),
 }
 
 
@@ -287,6 +289,14 @@ def test_an_option_out_of_range_is_refused_before_any_work(attack, trained, colo
     line = one_error_line(capfd, main([command, *base, *given[1:]]))
     assert line.startswith(f"headstart: error: {option}:")
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "c").exists()
+
+
+def test_predict_with_an_empty_input_path_is_refused_before_any_work(trained, colours, tmp_path, capfd):
+    """`predict ""`: an empty path is the working directory, whose images nobody asked to label: one line."""
+    run, cache = trained
+    code = main(["predict", str(colours / "red"), "", "--model", str(run), "--cache-dir", str(tmp_path / "c")])
+    line = one_error_line(capfd, code)
+    assert "empty path" in line and not (tmp_path / "c").exists()
 
 
 def test_predict_on_an_empty_folder_says_why(trained, tmp_path, capfd):
@@ -365,3 +375,49 @@ def test_every_anticipated_file_system_fault_names_its_path_and_what_to_do(code,
     fault = file_system_fault(OSError(code, os.strerror(code), "/data/artifacts/.20260101-x.partial/model.keras"))
     assert str(fault).startswith("/data/artifacts: ") and says in str(fault) and "; " in str(fault)
     assert "\n" not in str(fault)
+
+
+def test_a_deployment_predict_checks_its_output_before_predicting(trained, colours, tmp_path):
+    """A read-only `--output` given to the predict flow itself (a deployment run): refused before any image is read."""
+    from flows.predict import predict
+
+    run, cache = trained
+    with tmpfs(tmp_path / "out", "ro") as out:
+        with pytest.raises(HeadstartError, match="read-only") as refused:
+            predict(inputs=(str(colours / "red"),), model=str(run), cache_dir=cache, output=out / "predictions.csv")
+    assert f"--output {out}" in str(refused.value)
+
+
+def test_a_full_disk_inside_the_flow_is_never_taken_for_a_lost_prefect_server(
+    trained, colours, tiny_backbone_dir, tmp_path, capfd, monkeypatch
+):
+    """A full disk met inside the flow: the one line names the disk, and the Prefect API is not even asked."""
+    import flows.local_server
+
+    def api_problem():  # the server answers before the work; asked after it, it would say it is gone
+        return "not answering" if (tmp_path / "cache" / "manifests").exists() else None
+
+    monkeypatch.setattr(flows.local_server, "api_problem", api_problem)
+    with tmpfs(tmp_path / "cache" / "features", "size=64k") as features:
+        fill(features)
+        code = main(_train(colours, str(tiny_backbone_dir), tmp_path / "artifacts", tmp_path / "cache"))
+        line = one_error_line(capfd, code)
+    assert str(features) in line and "no space" in line
+
+
+def test_a_disk_that_fills_while_the_run_s_backbone_is_copied_is_one_line(
+    trained, colours, tiny_backbone_dir, tmp_path, capfd
+):
+    """A full disk under --artifacts-root met while the run's backbone is copied in (a copied tree reports its
+    failures together, each errno only in its text): one line naming the place, no staging run left."""
+    run, cache = trained
+    shutil.copytree(cache, tmp_path / "cache")
+    # Room for the check and the run's first small files, not for the backbone.
+    with tmpfs(tmp_path / "artifacts", "size=16k") as artifacts:
+        code = main(_train(colours, str(tiny_backbone_dir), artifacts, tmp_path / "cache"))
+        line = one_error_line(capfd, code)
+        assert str(artifacts) in line and "no space left" in line
+        assert [path for path in artifacts.rglob("*") if path.is_file()] == [] and leftovers(artifacts) == []
+    copied = shutil.Error([("src/a", "dst/a", "[Errno 28] No space left on device: 'src/a' -> 'dst/a'")])
+    assert "dst/a: no space left" in str(file_system_fault(copied))
+    assert file_system_fault(shutil.Error([("src/a", "dst/a", "[Errno 2] No such file")])) is None
