@@ -173,7 +173,9 @@ def _unchanged_images(root: Path, classes: tuple[str, ...], cache_dir: Path) -> 
     if written is None:
         return not (root / IMAGE_HASHES).exists() and (root / EXTRACTION_RECORD).exists()
     names = sorted(name for name in written if name.split("/")[1] in classes)
-    scanned = scan_files([os.path.realpath(root / name) for name in names], cache_dir)
+    # Keyed as the scan keys them (resolved paths); the folder's own files are no symlinks.
+    real_root = os.path.realpath(root)
+    scanned = scan_files([os.path.join(real_root, *name.split("/")) for name in names], cache_dir)
     changed = [name for name, (sha, _) in zip(names, scanned) if sha != written[name]]
     if changed:
         others = f" (and {len(changed) - 1} other images)" if len(changed) > 1 else ""
