@@ -17,7 +17,7 @@ import pytest
 from configs import smoke_config, source_of
 from conftest import extract_dataset, write_class_images
 
-from headstart.backbone.handles import resolve_backbone
+from headstart.backbone.handles import fingerprint_module, resolve_backbone
 from headstart.config import TrainConfig
 from headstart.features.cache import FeatureCache
 from headstart.features.dataset import dataset_features_path
@@ -206,7 +206,9 @@ def test_garbled_reuse_index(variant, tmp_path, caplog):
         assert len(warnings_naming(caplog, entry)) == 1 and len(caplog.records) == 1
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "a table of other columns", "a flipped hash byte"])
+@pytest.mark.parametrize(
+    "variant", [*VARIANTS, "a table of other columns", "a flipped hash byte", "hashes that are not SHA-256s"]
+)
 def test_garbled_scan_cache(variant, colour_folder, tmp_path, caplog):
     """A garbled scan cache (`<cache>/scan-cache.parquet`): dropped, its files scanned again."""
     config = TrainConfig(data=str(colour_folder), cache_dir=tmp_path / "cache")
@@ -218,6 +220,10 @@ def test_garbled_scan_cache(variant, colour_folder, tmp_path, caplog):
         first_hash = expected.column("sha256")[0].as_py().encode()
         data[data.index(first_hash) + 3] ^= 0x01
         scan_cache.write_bytes(bytes(data))
+    elif variant == "hashes that are not SHA-256s":  # the right columns and types, but no file's hash
+        table = pq.read_table(scan_cache)
+        hashes = pa.array(["0"] * table.num_rows)
+        garble(scan_cache, "other", _parquet_bytes(table.set_column(3, "sha256", hashes), tmp_path))
     else:
         garble(scan_cache, variant, _parquet_bytes(pa.table({"path": ["x"], "sha256": [5]}), tmp_path))
 
@@ -239,10 +245,21 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "a record that is a list", "an image removed"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        *VARIANTS,
+        "a record that is a list",
+        "an image removed",
+        *(f"an image {damage}" for damage in VARIANTS),
+        "an image replaced by another",
+        "image hashes that are a list",
+    ],
+)
 def test_garbled_cifar10_extraction(variant, tmp_path, caplog):
-    """A garbled CIFAR-10 extraction (`<cache>/cifar10/*/`): its record damaged or an image gone,
-    dropped and extracted again from the archive."""
+    """A garbled CIFAR-10 extraction (`<cache>/cifar10/*/`): its record damaged, an image gone or
+    garbled (its content hash is no longer the one written), dropped and extracted again from the
+    archive."""
     from test_data import make_cifar_archive
 
     make_cifar_archive(tmp_path / "cifar.tar.gz")
@@ -254,6 +271,13 @@ def test_garbled_cifar10_extraction(variant, tmp_path, caplog):
     if variant == "an image removed":
         next((root / "train" / "cat").glob("*.png")).unlink()
         damaged = root
+    elif variant.startswith("an image"):
+        damaged = sorted((root / "test" / "cat").glob("*.png"))[0]
+        another = sorted((root / "train" / "dog").glob("*.png"))[0].read_bytes()  # a valid image of the other class
+        garble(damaged, variant.removeprefix("an image "), another)
+    elif variant == "image hashes that are a list":
+        damaged = root / "sha256.json"
+        garble(damaged, "other", b"[]")
     else:
         garble(root / "complete", variant, b"[100, 20]")
         damaged = root / "complete"
@@ -287,18 +311,36 @@ def hub_url(tiny_backbone_dir, tmp_path, serve_directory) -> str:
         ("downloaded", "a fingerprint record that is a list"),
         ("converted", "saved_model.pb truncated"),
         ("converted", "a fingerprint record that is a list"),
+        ("fine-tuned", "saved_model.pb truncated"),
+        ("fine-tuned", "variables overwritten with random bytes"),
+        ("fine-tuned", "a fingerprint record that is a list"),
     ],
 )
 def test_garbled_cached_backbone(kind, variant, request, tmp_path, caplog):
-    """A garbled converted or downloaded backbone (`<cache>/backbones/*`, `<cache>/tfhub/*`):
-    its fingerprint checked against the one recorded when it was made, dropped and made again."""
+    """A garbled converted, downloaded or fine-tuned backbone (`<cache>/backbones/*`,
+    `<cache>/tfhub/*`): its fingerprint checked against the one recorded when it was made,
+    dropped and made again."""
     from headstart.config import BUNDLED_HANDLE
 
-    handle = BUNDLED_HANDLE if kind == "converted" else request.getfixturevalue("hub_url")
     cache_dir = tmp_path / "cache"
-    first = resolve_backbone(handle, 32, cache_dir)
+    if kind == "fine-tuned":  # exported under the run's training key, kept for an identical run
+        from headstart.training.fine_tuning import SplitBackbone
+
+        split = SplitBackbone(resolve_backbone(BUNDLED_HANDLE, 32, tmp_path / "bundled"), 14)
+
+        def make():
+            return split.export(cache_dir / "backbones" / "fine-tuned-key", "fine-tuned")
+    else:
+        handle = BUNDLED_HANDLE if kind == "converted" else request.getfixturevalue("hub_url")
+
+        def make():
+            return resolve_backbone(handle, 32, cache_dir)
+
+    first = make()
+    images = np.random.default_rng(3).random((2, 32, 32, 3), dtype=np.float32)
+    features = first.keras_layer()(images).numpy()
     record = first.module_path.with_name(first.module_path.name + ".fingerprint.json")
-    assert json.loads(record.read_text()) == {"fingerprint": first.fingerprint}
+    assert json.loads(record.read_text()) == {"fingerprint": fingerprint_module(first.module_path)}
     if variant == "saved_model.pb truncated":
         garble(first.module_path / "saved_model.pb", "truncated")
         damaged = first.module_path
@@ -313,15 +355,16 @@ def test_garbled_cached_backbone(kind, variant, request, tmp_path, caplog):
         damaged = record
 
     with caplog.at_level(logging.WARNING, logger="headstart"):
-        again = resolve_backbone(handle, 32, cache_dir)
-        resolve_backbone(handle, 32, cache_dir)  # healed: no more warnings
+        again = make()
+        make()  # healed: no more warnings
 
     assert again.module_path == first.module_path
     # A download is the same bytes again; a conversion writes the same weights in a graph whose
     # ids differ from export to export.
     assert kind == "converted" or again.fingerprint == first.fingerprint
     assert len(warnings_naming(caplog, damaged)) == 1 and len(caplog.records) == 1
-    assert json.loads(record.read_text()) == {"fingerprint": again.fingerprint}
+    assert json.loads(record.read_text()) == {"fingerprint": fingerprint_module(again.module_path)}
+    np.testing.assert_allclose(again.keras_layer()(images).numpy(), features, atol=1e-6)
     assert not list(first.module_path.parent.glob(".*"))  # nothing left aside
 
 

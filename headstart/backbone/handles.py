@@ -99,7 +99,7 @@ def resolve_backbone(
     """Turns a handle (bundled, local SavedModel, TF Hub / Kaggle URL, URL of a .tar.gz) into a Backbone."""
     local = Path(handle).expanduser()
     if handle == BUNDLED_HANDLE:
-        module_path, fingerprint = _verified_module(
+        module_path, fingerprint = verified_module(
             _bundled_module_dir(cache_dir, image_size),
             lambda: bundled_module_path(cache_dir, image_size),
             "converted backbone",
@@ -111,7 +111,7 @@ def resolve_backbone(
         module_path, fingerprint = local, fingerprint_module(local)
     elif handle.startswith(("http://", "https://")):
         hub_cache_dir = Path(cache_dir) / "tfhub"
-        module_path, fingerprint = _verified_module(
+        module_path, fingerprint = verified_module(
             _hub_module_dir(handle, hub_cache_dir),
             lambda: download_hub_module(handle, hub_cache_dir, download_policy),
             "downloaded backbone",
@@ -161,7 +161,7 @@ def _hub_module_dir(url: str, hub_cache_dir: Path) -> Path:
     return Path(hub_cache_dir) / hashlib.sha1(url.encode("utf8")).hexdigest()
 
 
-def _verified_module(module_dir: Path, make: Callable[[], Path], what: str, again: str) -> tuple[Path, str]:
+def verified_module(module_dir: Path, make: Callable[[], Path], what: str, again: str) -> tuple[Path, str]:
     """A module headstart made in its cache (converted or downloaded), and its fingerprint, checked
     against the one recorded beside it when it was made: a module whose files changed since, or
     lost its saved_model.pb, is dropped with one warning and made again. The fingerprint is computed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -16,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from headstart.data.manifest import DataReport
+from headstart.data.manifest import DataReport, scan_files
 from headstart.errors import HeadstartError, first_line
 from headstart.infra.cache_files import drop_damaged, read_or_drop
 from headstart.infra.downloads import DownloadPolicy, download
-from headstart.infra.storage import atomic_path, file_digest, file_sha256, write_json_atomic
+from headstart.infra.storage import file_digest, file_sha256, write_bytes_atomic, write_json_atomic
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -158,9 +159,45 @@ def _read_extraction_record(path: Path) -> dict[str, int]:
     return counts
 
 
+# Written before the record: the content hash of every image written, by its path under the folder.
+IMAGE_HASHES = "sha256.json"
+
+
+def _unchanged_images(root: Path, classes: tuple[str, ...], cache_dir: Path) -> bool:
+    """Whether the chosen classes' images still hold what was written, by the hashes the scan
+    computes anyway (and keeps in its cache); where one does not, or the hashes are damaged, the
+    folder is dropped (with one warning naming the image) to be extracted again. An extraction
+    made before the hashes were kept is trusted."""
+    again = "extracted again from the archive"
+    written = read_or_drop(root / IMAGE_HASHES, _read_image_hashes, "CIFAR-10 image hashes", again, [root])
+    if written is None:
+        return not (root / IMAGE_HASHES).exists() and (root / EXTRACTION_RECORD).exists()
+    names = sorted(name for name in written if name.split("/")[1] in classes)
+    # Keyed as the scan keys them (resolved paths); the folder's own files are no symlinks.
+    real_root = os.path.realpath(root)
+    scanned = scan_files([os.path.join(real_root, *name.split("/")) for name in names], cache_dir)
+    changed = [name for name, (sha, _) in zip(names, scanned) if sha != written[name]]
+    if changed:
+        others = f" (and {len(changed) - 1} other images)" if len(changed) > 1 else ""
+        reason = f"its content is not what the archive holds{others}"
+        drop_damaged(root / changed[0], "CIFAR-10 image", reason, again, [root])
+        return False
+    return True
+
+
+def _read_image_hashes(path: Path) -> dict[str, str]:
+    hashes = json.loads(path.read_bytes())
+    if not isinstance(hashes, dict) or not all(
+        isinstance(name, str) and name.count("/") == 2 and isinstance(sha, str) for name, sha in hashes.items()
+    ):
+        raise ValueError("not a content hash per image")
+    return hashes
+
+
 def _extract(archive: Path, root: Path) -> dict[str, int]:
-    """Writes every image of both official splits as a PNG file; returns how many per split."""
-    counts = {}
+    """Writes every image of both official splits as a PNG file, and their content hashes;
+    returns how many per split."""
+    counts, hashes = {}, {}
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
@@ -171,14 +208,16 @@ def _extract(archive: Path, root: Path) -> dict[str, int]:
                         raise HeadstartError(f"{archive} is not a CIFAR-10 python archive: {name} is missing")
                     images, labels = _read_cifar_batch(tar.extractfile(members[name]).read())
                     for image, label in zip(images, labels):
-                        target = root / split / CIFAR10_CLASSES[label] / f"{index:05d}.png"
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with atomic_path(target) as temporary:
-                            Image.fromarray(image).save(temporary, format="PNG")
+                        name = f"{split}/{CIFAR10_CLASSES[label]}/{index:05d}.png"
+                        png = io.BytesIO()
+                        Image.fromarray(image).save(png, format="PNG")
+                        write_bytes_atomic(root / name, png.getvalue())
+                        hashes[name] = hashlib.sha256(png.getvalue()).hexdigest()
                         index += 1
                 counts[split] = index
     except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
         raise HeadstartError(f"{archive} is not a readable CIFAR-10 python archive: {error}") from None
+    write_json_atomic(root / IMAGE_HASHES, hashes)
     return counts
 
 
@@ -191,7 +230,7 @@ def extract_cifar10(archive: Path, classes: tuple[str, ...], cache_dir: Path) ->
         )
     archive_key = file_sha256(archive)[:16]
     root = Path(cache_dir) / "cifar10" / archive_key
-    if not _intact_extraction(root):
+    if not (_intact_extraction(root) and _unchanged_images(root, classes, cache_dir)):
         counts = _extract(archive, root)
         write_json_atomic(root / EXTRACTION_RECORD, counts)
     files = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def _scan_cache_path(cache_dir: Path) -> Path:
     return Path(cache_dir) / "scan-cache.parquet"
 
 
+_HEX_SHA256 = re.compile("[0-9a-f]{64}")
 SCAN_CACHE_COLUMNS = {
     "path": pa.string(),
     "size": pa.int64(),
@@ -103,6 +105,10 @@ def _read_scan_cache(path: Path) -> dict[tuple[str, int, int], tuple[str, str]]:
     if table.schema != pa.schema(SCAN_CACHE_COLUMNS):
         raise ValueError(f"columns {table.schema.names}")
     table = table.to_pydict()
+    # Well-formed but not what a scan writes: every entry holds its file's SHA-256, which names the
+    # image in the manifest and the feature cache.
+    if not all(_HEX_SHA256.fullmatch(sha) for sha in table["sha256"]):
+        raise ValueError("a content hash that is not a SHA-256")
     return {
         (p, s, m): (h, e)
         for p, s, m, h, e in zip(table["path"], table["size"], table["mtime_ns"], table["sha256"], table["error"])

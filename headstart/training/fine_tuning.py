@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from headstart.backbone.handles import CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path
+from headstart.backbone.handles import CHECKPOINT_SHA256_PREFIX, Backbone, bundled_checkpoint_path, verified_module
 from headstart.config import BUNDLED_HANDLE, FineTuningConfig, HeadConfig
 from headstart.data.preprocessing import decoded_batches
 from headstart.errors import HeadstartError
@@ -147,7 +147,14 @@ class SplitBackbone:
         for weight in network.weights:
             digest.update(weight.name.encode())
             digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
-        export_hub_module(network, self.backbone.image_size, destination, mirror_average)
+        # The cache may hold this export from an identical earlier run (export_hub_module keeps it):
+        # it is used only while its files still hash to what was recorded when it was written.
+        verified_module(
+            Path(destination),
+            lambda: export_hub_module(network, self.backbone.image_size, destination, mirror_average),
+            "fine-tuned backbone",
+            "exported again",
+        )
         return Backbone(
             handle=handle,
             module_path=Path(destination),
