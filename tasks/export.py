@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from headstart.data.manifest import Manifest
 from headstart.edge import QUANTIZATIONS, ExportImages, export_rows, export_tflite
 from headstart.registry.runs import Run
+from tasks.reports import table_artifact
 
 
 @task(name="export", cache_policy=NO_CACHE)
@@ -25,10 +25,10 @@ def export(run_dir: str, manifest: Manifest) -> list[dict]:
     logger = get_run_logger()
     for record in records:
         (logger.info if record.meets_target else logger.warning)("export: %s", record.summary)
-    create_table_artifact(
-        key="headstart-export",
-        table=export_rows(records),
-        description="the run as .tflite files, measured against its Keras model",
+    table_artifact(
+        "headstart-export",
+        export_rows(records),
+        "the run as .tflite files, measured against its Keras model",
     )
     # The train flow persists its tasks' results as JSON: these are the records as metrics.json keeps them.
     return [record.to_dict() for record in records]

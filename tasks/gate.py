@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 from prefect import task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
@@ -18,6 +17,7 @@ from headstart.promotion.mcnemar import GateDecision
 from headstart.registry import versions
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import gate_rows
+from tasks.reports import table_artifact
 
 
 @task(name="check_champion", cache_policy=NO_CACHE)
@@ -62,7 +62,7 @@ def gate_identical_run(
 def _announced(decision: GateDecision) -> GateDecision:
     """The decision, logged and published as the run's gate table."""
     get_run_logger().info("gate: %s", decision.reason)
-    create_table_artifact(key="headstart-gate", table=gate_rows(decision), description=decision.reason)
+    table_artifact("headstart-gate", gate_rows(decision), decision.reason)
     return decision
 
 
@@ -75,7 +75,7 @@ def promote(artifacts_root: Path, run_dir: str, decision: GateDecision, recorded
     final = promote_as_decided(artifacts_root, Path(run_dir).name, decision)
     if final != decision:
         get_run_logger().warning("gate: %s", final.reason)
-        create_table_artifact(key="headstart-gate", table=gate_rows(final), description=final.reason)
+        table_artifact("headstart-gate", gate_rows(final), final.reason)
         if recorded_in_run:
             Run(run_dir).record_gate(final.to_dict())
     return final

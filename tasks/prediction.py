@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from headstart.config import PredictConfig
 from headstart.serving.predict import Predictions, predict_as_configured, write_predictions
+from tasks.reports import table_artifact
 
 
 @task(name="predict", cache_policy=NO_CACHE)
@@ -20,10 +20,10 @@ def predict(config: PredictConfig) -> Predictions:
     rows = [{"label": label, "images": count} for label, count in predictions.counts().items()] + [
         {"label": "(unreadable, skipped)", "images": len(predictions.skipped)}
     ]
-    create_table_artifact(
-        key="headstart-predictions",
-        table=rows,
-        description=f"{len(predictions.paths)} images labelled by {model}"
+    table_artifact(
+        "headstart-predictions",
+        rows,
+        f"{len(predictions.paths)} images labelled by {model}"
         + (f"; written to {Path(output).resolve()}" if output else ""),
     )
     return predictions

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import time
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm import tqdm
+
+from tasks.reports import progress_artifact, update_progress
 
 
 class DashboardProgress:
@@ -20,7 +21,7 @@ class DashboardProgress:
         self._bar = tqdm(
             total=total, desc=description, unit=unit, disable=None
         )  # None: no bar unless stderr is a terminal
-        self._artifact = create_progress_artifact(0.0, description=description)
+        self._artifact = progress_artifact(0.0, description)
 
     def update(self, n: int = 1, description: str | None = None) -> None:
         self.done += n
@@ -38,9 +39,7 @@ class DashboardProgress:
 
     def _write(self) -> None:
         self._written_at = time.monotonic()
-        update_progress_artifact(
-            self._artifact, min(100.0, 100.0 * self.done / self.total), description=self.description
-        )
+        update_progress(self._artifact, min(100.0, 100.0 * self.done / self.total), self.description)
 
     def __enter__(self) -> "DashboardProgress":
         return self

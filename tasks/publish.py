@@ -6,7 +6,6 @@ import socket
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -21,6 +20,7 @@ from headstart.registry.run_writer import copy_run, write_run
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import report_markdown, run_tables
 from headstart.training.fine_tuning import FineTuningResult
+from tasks.reports import markdown_artifact, table_artifact
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -80,11 +80,11 @@ def reuse_identical_run(runtime: RuntimeConfig, training_key: str, previous: Pat
 def publish_prefect_artifacts(run: Run) -> str:
     """The report (plots embedded) and the run's tables (metrics, data, near-duplicates) as Prefect
     artifacts; returns the run directory."""
-    create_markdown_artifact(
+    markdown_artifact(
         key="headstart-report",
         markdown=report_markdown(run, socket.gethostname(), flow_run.ui_url),
         description=f"Training report, test accuracy {run.metrics['accuracy']:.4f}",
     )
     for key, rows, description in run_tables(run):
-        create_table_artifact(key=key, table=rows, description=description)
+        table_artifact(key, rows, description)
     return str(run.path)

@@ -1,0 +1,84 @@
+"""What headstart sends the Prefect server for people to watch (tables, markdown, progress),
+sent best-effort: the work never waits long for the dashboard, and never fails because of it.
+
+A call that cannot reach the server is dropped with one warning per run, not raised; after a
+failure, further reports are skipped for a while rather than each waiting out its own timeout."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+_logger = logging.getLogger("headstart.reports")
+# After a failed report, the next ones are skipped for this long: a progress bar updated every
+# second must not stall the work it reports on while the server is away.
+QUIET_SECONDS = 30.0
+
+
+class _Reachability:
+    def __init__(self) -> None:
+        self.failed_at: float | None = None
+        self.warned = False
+
+    def skipping(self) -> bool:
+        return self.failed_at is not None and time.monotonic() - self.failed_at < QUIET_SECONDS
+
+    def failed(self, what: str, error: BaseException) -> None:
+        self.failed_at = time.monotonic()
+        if not self.warned:
+            self.warned = True
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            _logger.warning(
+                "headstart: the Prefect server did not take the %s (%s); the dashboard misses it, the work goes on",
+                what,
+                first_line,
+            )
+
+    def succeeded(self) -> None:
+        self.failed_at = None
+
+
+_state = _Reachability()
+
+
+def _best_effort(what: str, send: Callable[[], Any]) -> Any:
+    if _state.skipping():
+        return None
+    try:
+        result = send()
+    except Exception as error:  # noqa: BLE001 - a report must never fail the work
+        _state.failed(what, error)
+        return None
+    _state.succeeded()
+    return result
+
+
+def table_artifact(key: str, rows: list[dict], description: str) -> None:
+    """A table artifact of the current run (best-effort)."""
+    _best_effort(f"table {key}", lambda: create_table_artifact(key=key, table=rows, description=description))
+
+
+def markdown_artifact(key: str, markdown: str, description: str) -> None:
+    """A markdown artifact of the current run (best-effort)."""
+    _best_effort(f"report {key}", lambda: create_markdown_artifact(key=key, markdown=markdown, description=description))
+
+
+def progress_artifact(progress: float, description: str) -> UUID | None:
+    """A progress artifact of the current run (best-effort); None where the server did not take it."""
+    return _best_effort("progress", lambda: create_progress_artifact(progress, description=description))
+
+
+def update_progress(artifact: UUID | None, progress: float, description: str) -> None:
+    """Moves a progress artifact (best-effort); nothing where the server never took the bar."""
+    if artifact is None:
+        return
+    _best_effort("progress", lambda: update_progress_artifact(artifact, progress, description=description))
