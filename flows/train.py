@@ -33,6 +33,7 @@ from tasks.fine_tuning import fine_tune
 from tasks.gate import check_champion, gate, gate_identical_run, promote
 from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
+from tasks.outcome import announce
 from tasks.publish import publish, reuse_identical_run
 
 
@@ -87,6 +88,8 @@ def train(**parameters) -> str:
         export(run_dir, manifest)
     if decision is not None and decision.promote:
         decision = promote(artifacts_root, run_dir, decision)
+    if decision is not None:
+        announce(artifacts_root, run_dir, decision)
     print(
         f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
@@ -120,6 +123,8 @@ def _reused(config: TrainConfig, key: str, previous, manifest, backbone, feature
     if decision is not None and decision.promote:
         # The earlier run's lineage records its own gate's decision, not this one.
         decision = promote(config.runtime.artifacts_root, run_dir, decision, recorded_in_run=False)
+    if decision is not None:
+        announce(config.runtime.artifacts_root, run_dir, decision)
     print(
         f"headstart: every input matches {previous}; nothing trained; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
