@@ -29,7 +29,7 @@ Flow run {{ flow.name }}/{{ flow_run.name }} ended {{ flow_run.state.name }} at 
 Flow run ID: {{ flow_run.id }}
 {{ flow_run|ui_url }}
 """
-KEPT_SUBJECT = "headstart: {{ event.resource.name }} not promoted, the champion kept"
+KEPT_SUBJECT = "headstart: {{ event.resource.name }} not promoted by the gate"
 KEPT_BODY = """\
 {{ event.payload.message }}
 Run directory: {{ event.resource['headstart.run-dir'] }}
