@@ -27,18 +27,22 @@ FAILED_BODY = """\
 Flow run {{ flow.name }}/{{ flow_run.name }} ended {{ flow_run.state.name }} at {{ flow_run.state.timestamp }}.
 {{ flow_run.state.message }}
 Flow run ID: {{ flow_run.id }}
-{{ flow_run|ui_url }}
 """
 KEPT_SUBJECT = "headstart: {{ event.resource.name }} not promoted by the gate"
 KEPT_BODY = """\
 {{ event.payload.message }}
 Run directory: {{ event.resource['headstart.run-dir'] }}
-Flow run {{ flow_run.name }}: {{ flow_run|ui_url }}
+Flow run: {{ flow_run.name }}
 """
+# The flow run's page. Prefect's own `ui_url` filter renders as None on a server that is not told
+# its own address (PREFECT_UI_URL), as `prefect server start` is not: the address is written in.
+RUN_PAGE = "{dashboard}/runs/flow-run/{{{{ flow_run.id }}}}\n"
 
 
-def automations(block_id: UUID) -> list[AutomationCore]:
-    """headstart's automations, each notifying through the block `block_id`."""
+def automations(block_id: UUID, dashboard_url: str | None = None) -> list[AutomationCore]:
+    """headstart's automations, each notifying through the block `block_id`, with a link to the
+    flow run's page on the dashboard at `dashboard_url` where it is given."""
+    link = RUN_PAGE.format(dashboard=dashboard_url.rstrip("/")) if dashboard_url else ""
     failed = EventTrigger(
         expect={f"prefect.flow-run.{state}" for state in FAILED_STATES},
         match={"prefect.resource.id": "prefect.flow-run.*"},
@@ -62,13 +66,13 @@ def automations(block_id: UUID) -> list[AutomationCore]:
             description=f"Notifies when a run of the flows {', '.join(NOTIFIED_FLOWS)} ends "
             f"{' or '.join(FAILED_STATES)} (set up by `headstart notify`).",
             trigger=failed,
-            actions=[SendNotification(block_document_id=block_id, subject=FAILED_SUBJECT, body=FAILED_BODY)],
+            actions=[SendNotification(block_document_id=block_id, subject=FAILED_SUBJECT, body=FAILED_BODY + link)],
         ),
         AutomationCore(
             name=CHAMPION_KEPT,
             description=f"Notifies when the gate keeps a new model out ({MODEL_KEPT}; set up by `headstart notify`).",
             trigger=kept,
-            actions=[SendNotification(block_document_id=block_id, subject=KEPT_SUBJECT, body=KEPT_BODY)],
+            actions=[SendNotification(block_document_id=block_id, subject=KEPT_SUBJECT, body=KEPT_BODY + link)],
         ),
     ]
 
@@ -110,14 +114,14 @@ def notification_block(reference: str) -> tuple[UUID, str]:
     return document.id, f"{document.block_type.slug}/{document.name}"
 
 
-def set_up(block_id: UUID) -> list[tuple[str, str]]:
+def set_up(block_id: UUID, dashboard_url: str | None = None) -> list[tuple[str, str]]:
     """Creates headstart's automations, or replaces those of the same name; returns (name,
     "created" or "updated") for each."""
     from prefect.client.orchestration import get_client
 
     done = []
     with get_client(sync_client=True) as client:
-        for automation in automations(block_id):
+        for automation in automations(block_id, dashboard_url):
             existing = client.read_automations_by_name(automation.name)
             if existing:
                 client.update_automation(existing[0].id, automation)

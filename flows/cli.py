@@ -262,7 +262,7 @@ def _serve(args) -> int:
 
 def _notify(args) -> int:
     """Sets up (or replaces, by name) the automations that notify through a notification block."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     from flows import automations, local_server
     from headstart.errors import HeadstartError
@@ -282,7 +282,7 @@ def _notify(args) -> int:
         if problem is not None:
             raise HeadstartError(f"the Prefect server at {api_url} does not answer ({problem}); start it and retry")
         block_id, block = automations.notification_block(args.block)
-        for name, done in automations.set_up(block_id):
+        for name, done in automations.set_up(block_id, PREFECT_UI_URL.value()):
             print(f"headstart: automation {name!r} {done}; it notifies through {block}")
     return 0
 

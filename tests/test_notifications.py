@@ -120,7 +120,8 @@ def test_a_failed_deployment_run_is_notified_to_the_webhook(told):
     assert flow_run["state"]["type"] == "FAILED"
     message = receiver.wait_for(flow_run["name"])
     assert message["subject"] == f"headstart: train run {flow_run['name']} Failed"
-    assert flow_run["id"] in message["body"] and "/does-not-exist" in message["body"]
+    assert "/does-not-exist" in message["body"]
+    assert f"{deployed.url}/runs/flow-run/{flow_run['id']}" in message["body"]  # its page on the dashboard
 
 
 def test_a_kept_model_is_notified_and_a_promotion_shows_the_champion(told):
@@ -139,6 +140,7 @@ def test_a_kept_model_is_notified_and_a_promotion_shows_the_champion(told):
     notified = receiver.wait_for(version)
     assert notified["subject"] == f"headstart: {version} not promoted by the gate"
     assert kept["state"]["message"] in notified["body"] and str(work / "artifacts" / version) in notified["body"]
+    assert f"{deployed.url}/runs/flow-run/{kept['id']}" in notified["body"]
 
     promoted = _run(deployed, "train/train", data=str(good), **places)
     message = promoted["state"]["message"]

@@ -167,6 +167,7 @@ def test_notify_sets_up_the_automations_once_by_name_through_the_block_given(pre
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_UI_URL
 
     from flows.automations import CHAMPION_KEPT, RUN_FAILED
     from flows.cli import main
@@ -194,6 +195,10 @@ def test_notify_sets_up_the_automations_once_by_name_through_the_block_given(pre
         "prefect.resource.name": ["train", "predict"],
     }
     assert ours[CHAMPION_KEPT].trigger.expect == {"headstart.model.kept"}
+    assert all(
+        a.actions[0].body.endswith(f"{PREFECT_UI_URL.value()}/runs/flow-run/{{{{ flow_run.id }}}}\n")
+        for a in ours.values()
+    )
 
     assert main(["notify", "--block", "custom-webhook/nope"]) == 2
     assert "no notification block custom-webhook/nope" in capsys.readouterr().err
