@@ -273,14 +273,18 @@ def _data_changed(args) -> int:
     from tasks.watch import emit_data_changed
 
     config = WatchConfig(data=args.path, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    if not Path(config.data).is_dir():
+        raise HeadstartError(
+            f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders)"
+        )
     # The event is for the server the deployments run on: a temporary server would hear it alone.
     api_url = PREFECT_API_URL.value()
     if not api_url:
         url = local_server.local_server_url()
         if not local_server.is_healthy(url):
             raise HeadstartError(
-                f"no Prefect server to tell: none answers at {url} and PREFECT_API_URL is not set; "
-                "point PREFECT_API_URL at the server the deployments run on"
+                f"no Prefect server to tell: PREFECT_API_URL is not set and none answers at {url}; "
+                "point PREFECT_API_URL at the server the deployments run on (or `headstart server start`)"
             )
         api_url = f"{url}/api"
     with temporary_settings({PREFECT_API_URL: api_url}):
@@ -414,7 +418,7 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     """The command line; `train`'s options are TrainConfig's (or `train_config`'s), one each, and
     `predict`'s PredictConfig's."""
     from flows.parameters import add_config_options
-    from headstart.config import EvaluateConfig, PredictConfig, TrainConfig, WatchConfig
+    from headstart.config import EvaluateConfig, PredictConfig, TrainConfig
 
     train_config = train_config or TrainConfig
     parser = argparse.ArgumentParser(
@@ -512,7 +516,7 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
             "retrain on it); for scripts that copy data in"
         ),
     )
-    changed.add_argument("path", metavar="PATH", help=WatchConfig.model_fields["data"].description)
+    changed.add_argument("path", metavar="PATH", help="the folder of class sub-folders that changed")
     changed.add_argument(
         "--cache-dir",
         help="where the looks at data folders are recorded (default .cache/headstart, as in the deployments)",
