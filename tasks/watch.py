@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from headstart.data.changes import DataChange, looking_at
+from headstart.errors import HeadstartError
 from tasks.events import DATA_CHANGED, DATA_RESOURCE_PREFIX
 
 
@@ -17,8 +18,9 @@ from tasks.events import DATA_CHANGED, DATA_RESOURCE_PREFIX
 def look_at_data(data: str, cache_dir: Path) -> DataChange:
     """Fingerprints the folder; emits `headstart.data.changed` where it changed since the last look."""
     with looking_at(Path(data), cache_dir) as change:
-        if change.changed:
-            emit_data_changed(change, by="watch")
+        if change.changed and emit_data_changed(change, by="watch") is None:
+            # Not recorded, so the next look finds the change again.
+            raise HeadstartError(f"Prefect did not send the event {DATA_CHANGED} about {change.path}")
     return change
 
 

@@ -126,6 +126,14 @@ def test_the_watch_flow_emits_the_event_only_when_the_folder_changed(folder, tmp
     assert event["resource"]["headstart.data.path"] == str(folder)
     assert (event["payload"]["counts"], event["payload"]["removed"]) == ({"blue": 5, "red": 6}, 1)
 
+    # An event Prefect did not send leaves the look unrecorded: the next one reports the change.
+    (folder / "red" / "000.png").unlink()
+    monkeypatch.setattr(tasks.watch, "emit_event", lambda **event: None)
+    state = watch(data=str(folder), cache_dir=cache, return_state=True)
+    assert state.is_failed() and "did not send the event headstart.data.changed" in state.message
+    monkeypatch.setattr(tasks.watch, "emit_event", lambda **event: sent.append(event) or event)
+    assert "1 removed" in watch(data=str(folder), cache_dir=cache, return_state=True).message and len(sent) == 2
+
 
 def test_headstart_data_changed_without_a_server_is_one_line_and_records_nothing(folder, tmp_path, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
