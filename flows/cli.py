@@ -260,6 +260,48 @@ def _serve(args) -> int:
     return 0
 
 
+def _data_changed(args) -> int:
+    """Emits headstart.data.changed for a folder, always (the script that calls it knows it copied
+    data in), and records the look, so that the next `watch` does not report the same change."""
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import local_server
+    from headstart.config import WatchConfig
+    from headstart.data.changes import looking_at
+    from headstart.errors import HeadstartError
+    from tasks.watch import emit_data_changed
+
+    config = WatchConfig(data=args.path, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    if not Path(config.data).is_dir():
+        raise HeadstartError(
+            f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders)"
+        )
+    # The event is for the server the deployments run on: a temporary server would hear it alone.
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        url = local_server.local_server_url()
+        if not local_server.is_healthy(url):
+            raise HeadstartError(
+                f"no Prefect server to tell: PREFECT_API_URL is not set and none answers at {url}; "
+                "point PREFECT_API_URL at the server the deployments run on (or `headstart server start`)"
+            )
+        api_url = f"{url}/api"
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        problem = local_server.api_problem()
+        if problem is not None:
+            raise HeadstartError(
+                f"the Prefect server at {api_url} does not answer ({problem}); nothing was emitted: "
+                "start it, or point PREFECT_API_URL at the server the deployments run on"
+            )
+        with looking_at(Path(config.data), config.cache_dir) as change:
+            if emit_data_changed(change, by="headstart data changed") is None:
+                raise HeadstartError(f"Prefect did not send the event to {api_url}; nothing was recorded")
+            EventsWorker.drain_all()  # sent before this command ends
+    print(f"headstart: {change.summary()}; headstart.data.changed emitted to {api_url}")
+    return 0
+
+
 def _evaluate(args) -> int:
     from headstart.config import EvaluateConfig
     from headstart.evaluation.metrics import format_metrics
@@ -464,6 +506,22 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     )
     rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the champion's history")
     models.set_defaults(handler=_models)
+
+    data = commands.add_parser("data", help="tell the Prefect server that a data folder changed")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    changed = data_actions.add_parser(
+        "changed",
+        help=(
+            "emit the event headstart.data.changed for a folder (the `retrain` deployment's trigger starts a "
+            "retrain on it); for scripts that copy data in"
+        ),
+    )
+    changed.add_argument("path", metavar="PATH", help="the folder of class sub-folders that changed")
+    changed.add_argument(
+        "--cache-dir",
+        help="where the looks at data folders are recorded (default .cache/headstart, as in the deployments)",
+    )
+    changed.set_defaults(handler=_data_changed)
 
     server = commands.add_parser(
         "server", help="keep a local Prefect server (and its dashboard) running between commands"

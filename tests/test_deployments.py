@@ -110,6 +110,9 @@ def deployed(request, tmp_path_factory):
             setup.prefect("work-pool", "create", "headstart", "--type", "process")
             setup.prefect("work-queue", "create", "training", "--pool", "headstart", "--limit", "1")
             setup.prefect("deploy", "--all", timeout=300)
+            # The watch's schedule would look at the bundled demo set meanwhile (tests/test_watch.py runs looks).
+            watch = next(d for d in _api(url, "/deployments/filter", {}) if d["name"] == "watch")
+            setup.prefect("deployment", "schedule", "pause", "watch/watch", watch["schedules"][0]["id"])
             with process_worker(home, f"{url}/api", "headstart", setup.worker_log):
                 yield setup
 

@@ -100,6 +100,11 @@ def _load_scan_cache(cache_dir: Path) -> dict[tuple[str, int, int], tuple[str, s
     )
 
 
+def cached_scans(cache_dir: Path) -> dict[tuple[str, int, int], tuple[str, str]]:
+    """What earlier scans found: (resolved path, size, mtime_ns) → (sha256, error)."""
+    return _load_scan_cache(cache_dir)
+
+
 def _read_scan_cache(path: Path) -> dict[tuple[str, int, int], tuple[str, str]]:
     table = pq.read_table(path, page_checksum_verification=True)
     if table.schema != pa.schema(SCAN_CACHE_COLUMNS):
