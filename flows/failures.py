@@ -3,8 +3,8 @@ and a worker's flow run alike.
 
 An expected failure (a HeadstartError, a file-system fault a user can fix, a parameter the config
 rejects) ends a flow run Failed with the one line as its state message, logged once at ERROR and
-without a traceback; Prefect's own reports of it (the task's and the engine's, each with some 75
-frames of traceback) are left out. A genuine bug keeps its traceback everywhere.
+without a traceback; Prefect's own reports of it (the task's, the flow's and the engine's, each
+with its traceback) are left out. A genuine bug keeps its traceback everywhere.
 """
 
 from __future__ import annotations
