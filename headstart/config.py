@@ -490,7 +490,11 @@ class PredictConfig(BaseModel):
         ),
     )
     output: Optional[Path] = Field(
-        None, description="a .csv or .parquet file for path, label, probability (and the top classes)"
+        None,
+        description=(
+            "a .csv or .parquet file for path, label, probability (and the top classes); without it the command "
+            "prints them, and a flow run writes a new CSV under artifacts_root/predictions"
+        ),
     )
     artifacts_root: Path = Field(Path("artifacts"), description="where the registry's versions are")
     cache_dir: Path = Field(Path(".cache/headstart"), description="where the converted LiteRT model is cached")
