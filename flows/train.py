@@ -8,7 +8,9 @@ features replace the frozen one's. export runs with --export tflite: the run's c
 .tflite files for devices, float32 and int8. near_duplicates flags test and validation images
 whose nearest training image is almost the same photo, and gives the test accuracy without them.
 With the gate on, check_champion first makes sure the champion can be read, before any work;
-promote switches the champion only if it is still the one the gate compared with."""
+promote switches the champion only if it is still the one the gate compared with.
+A mistake a user can put right (a missing folder, a rejected parameter) ends the run Failed with
+its one line as the state message (flows/failures.py)."""
 
 from __future__ import annotations
 
@@ -18,14 +20,16 @@ from prefect import flow, unmapped
 from prefect.states import Completed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.failures import one_line_failures
 from flows.parameters import parameters_from
 from headstart.config import RuntimeConfig, TrainConfig
+from headstart.data.sources import check_source
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.infra.storage import check_writable_directory
 from headstart.registry.reuse import find_identical_run, training_key
 from headstart.registry.runs import Run
 from headstart.reporting.outcome import state_message
-from tasks.data import download, prepare_backbone
+from tasks.data import download, prepare_backbone, warn_skipped
 from tasks.evaluation import evaluate, visualize
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
@@ -39,11 +43,13 @@ from tasks.publish import publish, reuse_identical_run
 
 @flow(name="train", log_prints=True, persist_result=True, result_serializer="json")
 @parameters_from(TrainConfig)
+@one_line_failures
 def train(**parameters) -> str:
     """Trains a new classification head on a frozen ImageNet backbone; returns the run directory
     (the flow run's result), the gate's outcome in one line as the run's state message. The
     parameters are TrainConfig's options (see headstart.config)."""
     config = TrainConfig(**parameters)
+    check_source(config.data)
     cache_dir, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
     check_writable_directory(artifacts_root, "--artifacts-root")
     check_writable_directory(cache_dir, "--cache-dir")
@@ -55,6 +61,7 @@ def train(**parameters) -> str:
     settings = ExtractionSettings(config.backbone.engine, config.backbone.threads, config.backbone.batch_size)
     with ExtractionContext(cache_dir, settings) as extraction:
         features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
+        warn_skipped(report.skipped)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
         reuse = config.runtime.reuse_identical_runs
         previous = find_identical_run(cache_dir, key, artifacts_root) if reuse else None
