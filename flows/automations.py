@@ -1,5 +1,5 @@
-"""The automations that tell people what a scheduled run cannot: a train, retrain or predict run
-that failed or crashed, and a training run whose model the gate kept out. Each sends a
+"""The automations that tell people what a scheduled run cannot: a train, retrain, predict or
+watch run that failed or crashed, and a training run whose model the gate kept out. Each sends a
 notification through one notification block (Slack, e-mail, a webhook: any block that can
 notify), and is created or replaced by its name, so that setting them up again changes nothing
 but the block."""
@@ -15,11 +15,12 @@ from prefect.events.schemas.automations import AutomationCore, EventTrigger, Pos
 from headstart.errors import HeadstartError
 from tasks.events import MODEL_KEPT, MODEL_RESOURCE_PREFIX
 
-# Every deployment of these flows is covered: retrain-nightly (and any retrain) runs `train`.
-NOTIFIED_FLOWS = ("train", "predict")
+# Every deployment of these flows is covered: retrain-nightly and retrain run `train`; a watch
+# that fails means that no retrain starts.
+NOTIFIED_FLOWS = ("train", "predict", "watch")
 # Prefect's flow-run states that mean the run did not do its work (TimedOut is a Failed state).
 FAILED_STATES = ("Failed", "Crashed", "TimedOut")
-RUN_FAILED = "headstart: a train or predict run failed"
+RUN_FAILED = "headstart: a train, predict or watch run failed"
 CHAMPION_KEPT = "headstart: the gate kept the champion"
 
 FAILED_SUBJECT = "headstart: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"

@@ -545,8 +545,8 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     notify = commands.add_parser(
         "notify",
         help=(
-            "set up the automations that send a notification when a train, retrain or predict run fails or "
-            "crashes, and when the gate keeps the champion (again: replaces them)"
+            "set up the automations that send a notification when a train, retrain, predict or watch run fails "
+            "or crashes, and when the gate keeps the champion (again: replaces them)"
         ),
     )
     notify.add_argument(

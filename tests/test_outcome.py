@@ -192,7 +192,7 @@ def test_notify_sets_up_the_automations_once_by_name_through_the_block_given(pre
     assert failed.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
     assert failed.match_related.model_dump() == {
         "prefect.resource.role": "flow",
-        "prefect.resource.name": ["train", "predict"],
+        "prefect.resource.name": ["train", "predict", "watch"],
     }
     assert ours[CHAMPION_KEPT].trigger.expect == {"headstart.model.kept"}
     assert all(
