@@ -81,6 +81,9 @@ def told(tmp_path_factory):
         setup.prefect("work-pool", "create", "headstart", "--type", "process")
         setup.prefect("work-queue", "create", "training", "--pool", "headstart", "--limit", "1")
         setup.prefect("deploy", "--all", timeout=300)
+        # The watch's schedule would look at the bundled demo set meanwhile, and start a retrain on it.
+        watch = next(d for d in _api(url, "/deployments/filter", {}) if d["name"] == "watch")
+        setup.prefect("deployment", "schedule", "pause", "watch/watch", watch["schedules"][0]["id"])
         _save_webhook_block(home, f"{url}/api", receiver.url)
         print(setup.headstart("notify", "--block", f"custom-webhook/{BLOCK}"))
         with process_worker(home, f"{url}/api", "headstart", setup.worker_log):
