@@ -330,11 +330,13 @@ def _models(args) -> int:
     root = Path(args.artifacts_root)
     if args.action == "promote":
         entry = registry.promote(root, args.version, args.reason)
-        print(f"champion: {entry['version']} (was {entry['previous'] or 'none'})")
+        print(f"champion: {entry['version']} (was {entry['previous'] or 'none'})", flush=True)
+        _publish_champion(root)
         return 0
     if args.action == "rollback":
         entry = registry.rollback(root, args.reason)
-        print(f"champion: {entry['version']} (was {entry['previous']})")
+        print(f"champion: {entry['version']} (was {entry['previous']})", flush=True)
+        _publish_champion(root)
         return 0
     rows = registry.versions(root)
     # Listed first, so that whoever fixes an unusable champion sees the versions to choose from.
@@ -347,6 +349,40 @@ def _models(args) -> int:
     if champion is None and not args.json and rows:
         print("\nno champion yet: `headstart models promote VERSION`")
     return 0
+
+
+def _publish_champion(root: Path) -> None:
+    """The new champion on the dashboard (the variable headstart_champion, the artifact
+    headstart-champion), where a Prefect server answers: the configured one, else a local one that
+    runs. Best-effort: the registry's switch is made, and the command succeeds, whatever happens here."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from flows import local_server
+    from tasks.events import CHAMPION_VARIABLE
+    from tasks.outcome import publish_champion
+
+    not_shown = f"the dashboard's champion ({CHAMPION_VARIABLE}) is updated at the next promotion or rollback"
+    try:
+        api_url = PREFECT_API_URL.value()
+        if not api_url:
+            url = local_server.local_server_url()
+            api_url = f"{url}/api" if local_server.is_healthy(url) else None
+        if api_url is None:
+            print(f"headstart: no Prefect server is running; {not_shown} made while one runs", file=sys.stderr)
+            return
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+            problem = local_server.api_problem()
+            if problem is not None:
+                print(
+                    f"headstart: warning: the Prefect server at {api_url} does not answer ({problem}); {not_shown}",
+                    file=sys.stderr,
+                )
+                return
+            publish_champion(root)
+    except Exception as error:  # noqa: BLE001 - the switch is made; the dashboard is a courtesy
+        from headstart.errors import first_line
+
+        print(f"headstart: warning: the dashboard's champion was not updated ({first_line(error)})", file=sys.stderr)
 
 
 def _print_versions(root: Path, rows: list, as_json: bool) -> None:

@@ -17,11 +17,12 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str:
+def report_markdown(run: Run, host: str, flow_run_url: str | None = None, headline: str = "") -> str:
     """The run's figures, plots (as data URIs, which the Prefect UI renders), gate decision, where
     its files are and its model card. The files stay on `host`, the machine that ran the flow: a
     dashboard in a browser cannot open them, so they are named, not linked; the link goes to
-    the flow run's own page, with every artifact of the run."""
+    the flow run's own page, with every artifact of the run. `headline` goes first (whether the run
+    is the champion: headstart.reporting.outcome)."""
     metrics = run.metrics
     images = "\n\n".join(
         f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots()
@@ -44,7 +45,7 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)
     this_run = f" All of this run's artifacts: [its flow run]({flow_run_url})." if flow_run_url else ""
     return (
-        f"# headstart run `{run.path.name}`\n\n"
+        f"{headline}# headstart run `{run.path.name}`\n\n"
         f"Test accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
         f"{fine_tuning}{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
         f"`headstart models` lists this run as version `{run.path.name}`; "
