@@ -27,7 +27,8 @@ from servers import PROJECT, free_port, prefect_env, process_worker
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# A failed worker run's log says its reason once, without a traceback, where flows/failures.py is.
+# A failed worker run's log says its reason in one ERROR line, without a traceback, where
+# flows/failures.py is.
 ONE_LINE_FAILURES = (PROJECT / "flows" / "failures.py").exists()
 
 
@@ -326,14 +327,17 @@ def test_the_dashboard_shows_a_kept_champion_the_champion_and_a_failure(
         page.goto(f"{url}/variables", wait_until="networkidle", timeout=120_000)
         page.get_by_text("headstart_champion").first.wait_for(state="visible", timeout=60_000)
         page.get_by_text("click to view").first.click()
-        page.get_by_text(champion["version"], exact=False).first.wait_for(state="visible", timeout=60_000)
+        page.get_by_role("button", name="Format").click()
+        page.get_by_text(f'"run_dir": "{champion["run_dir"]}"').first.wait_for(state="visible", timeout=60_000)
         page.screenshot(path=str(_screenshot_path(request, tmp_path, "dashboard-champion-variable.png")))
 
+        # Tall enough for the whole log of a run that failed in one line.
+        page.set_viewport_size({"width": 1280, "height": 1100})
         page.goto(f"{url}/runs/flow-run/{failed_run['id']}", wait_until="networkidle", timeout=120_000)
         reason = "data folder not found"
         page.get_by_text(reason, exact=False).first.wait_for(state="visible", timeout=60_000)
         if ONE_LINE_FAILURES:
             logs = page.inner_text("body")
-            assert logs.count(reason) == 1 and "Traceback" not in logs
-        page.screenshot(path=str(_screenshot_path(request, tmp_path, "dashboard-failed-run.png")), full_page=True)
+            assert logs.count("\nERROR\n") == 1 and f"\nERROR\n{reason}" in logs and "Traceback" not in logs
+        page.screenshot(path=str(_screenshot_path(request, tmp_path, "dashboard-failed-run.png")))
         browser.close()
