@@ -260,6 +260,33 @@ def _serve(args) -> int:
     return 0
 
 
+def _notify(args) -> int:
+    """Sets up (or replaces, by name) the automations that notify through a notification block."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from flows import automations, local_server
+    from headstart.errors import HeadstartError
+
+    # The automations belong on the server the deployments run on, never on a temporary one.
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        url = local_server.local_server_url()
+        if not local_server.is_healthy(url):
+            raise HeadstartError(
+                f"no Prefect server to set automations up on: none answers at {url} and PREFECT_API_URL is not set; "
+                "point PREFECT_API_URL at the server the deployments run on"
+            )
+        api_url = f"{url}/api"
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        problem = local_server.api_problem()
+        if problem is not None:
+            raise HeadstartError(f"the Prefect server at {api_url} does not answer ({problem}); start it and retry")
+        block_id, block = automations.notification_block(args.block)
+        for name, done in automations.set_up(block_id, PREFECT_UI_URL.value()):
+            print(f"headstart: automation {name!r} {done}; it notifies through {block}")
+    return 0
+
+
 def _evaluate(args) -> int:
     from headstart.config import EvaluateConfig
     from headstart.evaluation.metrics import format_metrics
@@ -500,6 +527,21 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     )
     rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the champion's history")
     models.set_defaults(handler=_models)
+
+    notify = commands.add_parser(
+        "notify",
+        help=(
+            "set up the automations that send a notification when a train, retrain or predict run fails or "
+            "crashes, and when the gate keeps the champion (again: replaces them)"
+        ),
+    )
+    notify.add_argument(
+        "--block",
+        required=True,
+        metavar="TYPE/NAME",
+        help="the notification block to send through, as `prefect block ls` lists it (slack-webhook/alerts)",
+    )
+    notify.set_defaults(handler=_notify)
 
     server = commands.add_parser(
         "server", help="keep a local Prefect server (and its dashboard) running between commands"

@@ -48,6 +48,18 @@ def publish_champion(artifacts_root: Path) -> dict | None:
     return record
 
 
+def _champion_now(artifacts_root: Path, decision: GateDecision) -> tuple[str | None, float | None]:
+    """The registry's champion and its accuracy after the decision (another run or a person may
+    have switched it meanwhile); the one the gate compared with where the registry cannot be read."""
+    try:
+        champion = versions.champion(artifacts_root)
+    except HeadstartError:
+        return decision.champion, decision.champion_accuracy
+    if champion is None:
+        return None, None
+    return champion.path.name, champion.metrics["accuracy"]
+
+
 def _flow_run_url(run: Run) -> str | None:
     """The dashboard's page of the flow run that trained `run`, where it is known."""
     from prefect.settings import PREFECT_UI_URL
@@ -68,8 +80,7 @@ def announce(artifacts_root: Path, run_dir: str, decision: GateDecision) -> None
     if happened is None:
         return
     promoted = happened == PROMOTED
-    champion = version if promoted else decision.champion
-    champion_accuracy = accuracy if promoted else decision.champion_accuracy
+    champion, champion_accuracy = _champion_now(artifacts_root, decision)
     resource = {
         "prefect.resource.id": f"{MODEL_RESOURCE_PREFIX}{version}",
         "prefect.resource.name": version,

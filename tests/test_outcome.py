@@ -161,3 +161,46 @@ def test_a_switch_by_hand_is_made_when_no_prefect_server_answers(tmp_path):
     assert (
         switched.stderr.startswith("headstart: warning: the Prefect server at") and "Traceback" not in switched.stderr
     )
+
+
+def test_notify_sets_up_the_automations_once_by_name_through_the_block_given(prefect_harness, capsys):
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_UI_URL
+
+    from flows.automations import CHAMPION_KEPT, RUN_FAILED
+    from flows.cli import main
+
+    first = CustomWebhookNotificationBlock(name="team", url="http://127.0.0.1:9/hook", json_data={"text": "{{body}}"})
+    first_id = first.save("headstart-test-first", overwrite=True)
+    second_id = CustomWebhookNotificationBlock(name="team", url="http://127.0.0.1:9/other").save(
+        "headstart-test-second", overwrite=True
+    )
+    Secret(value="not a notifier").save("headstart-test-secret", overwrite=True)
+
+    assert main(["notify", "--block", "custom-webhook/headstart-test-first"]) == 0
+    assert capsys.readouterr().out.count("created; it notifies through custom-webhook/headstart-test-first") == 2
+    assert main(["notify", "--block", "headstart-test-second"]) == 0
+    assert capsys.readouterr().out.count("updated; it notifies through custom-webhook/headstart-test-second") == 2
+    with get_client(sync_client=True) as client:
+        ours = {a.name: a for a in client.read_automations() if a.name.startswith("headstart: ")}
+    assert sorted(ours) == sorted([RUN_FAILED, CHAMPION_KEPT])
+    assert all([action.block_document_id for action in a.actions] == [second_id] for a in ours.values())
+    assert first_id != second_id
+    failed = ours[RUN_FAILED].trigger
+    assert failed.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
+    assert failed.match_related.model_dump() == {
+        "prefect.resource.role": "flow",
+        "prefect.resource.name": ["train", "predict"],
+    }
+    assert ours[CHAMPION_KEPT].trigger.expect == {"headstart.model.kept"}
+    assert all(
+        a.actions[0].body.endswith(f"{PREFECT_UI_URL.value()}/runs/flow-run/{{{{ flow_run.id }}}}\n")
+        for a in ours.values()
+    )
+
+    assert main(["notify", "--block", "custom-webhook/nope"]) == 2
+    assert "no notification block custom-webhook/nope" in capsys.readouterr().err
+    assert main(["notify", "--block", "secret/headstart-test-secret"]) == 2
+    assert "cannot send notifications" in capsys.readouterr().err
