@@ -63,7 +63,7 @@ def gate_identical_run(
 def _announced(decision: GateDecision) -> GateDecision:
     """The decision, logged and published as the run's gate table."""
     get_run_logger().info("gate: %s", decision.reason)
-    table_artifact("headstart-gate", gate_rows(decision), decision.reason)
+    table_artifact("headstart-gate", *gate_rows(decision))
     return decision
 
 
@@ -79,7 +79,7 @@ def promote(artifacts_root: Path, run_dir: str, decision: GateDecision, recorded
         publish_champion(artifacts_root)
     if final != decision:
         get_run_logger().warning("gate: %s", final.reason)
-        table_artifact("headstart-gate", gate_rows(final), final.reason)
+        table_artifact("headstart-gate", *gate_rows(final))
         if recorded_in_run:
             Run(run_dir).record_gate(final.to_dict())
     return final

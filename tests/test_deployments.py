@@ -173,7 +173,7 @@ def test_train_then_a_worse_retrain_then_predict(deployed):
     assert _champion(deployed, work)["version"] == champion["version"]
     gate = next(a for a in deployed.artifacts(second) if a["key"] == "headstart-gate")
     figures = {row["figure"]: row["value"] for row in json.loads(gate["data"])}
-    assert figures["decision"] == "keep the champion" and figures["reason"].startswith(
+    assert figures["decision"] == "keep the champion" and gate["description"].startswith(
         f"kept champion {champion['version']}"
     )
     assert figures["champion_accuracy"] == 1.0 and figures["candidate_accuracy"] < 0.5

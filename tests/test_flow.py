@@ -172,7 +172,9 @@ def test_the_drift_note_counts_new_images_and_how_far_their_mean_feature_moved(
     # Pale red images lie far from the champion's training mean; the whole set moves less, but more than chance.
     assert drift["new_images_mean_feature_shift"] > 3 * drift["new_images_shift_by_chance"]
     assert drift["new_images_mean_feature_shift"] > drift["mean_feature_shift"] > drift["mean_feature_shift_by_chance"]
-    assert "12 new images, 0 gone since champion" in Artifact.get("headstart-gate").data
+    gate = Artifact.get("headstart-gate")
+    assert "12 new images, 0 gone since champion" in gate.description
+    assert '"drift: new_images", "value": 12' in gate.data
 
 
 def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(

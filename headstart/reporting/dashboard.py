@@ -147,30 +147,29 @@ def near_duplicate_rows(near_duplicates: dict) -> list[dict]:
     ]
 
 
-def gate_rows(decision: GateDecision) -> list[dict]:
-    """The gate's decision as a two-column table: one row per figure, the reason first."""
+def gate_rows(decision: GateDecision) -> tuple[list[dict], str]:
+    """The gate's table artifact as (rows, description). The rows are two columns of short figures,
+    the decision first, so that the table fits the dashboard's pane; the sentences (the reason,
+    the notes, the drift note) go to the description, which the dashboard wraps."""
     figures = {
         "decision": "promote" if decision.promote else "keep the champion",
-        "reason": decision.reason,
         **{
             name: value
             for name, value in decision.to_dict().items()
             if name not in ("promote", "reason", "notes", "drift") and value is not None
         },
     }
+    if decision.drift is not None:
+        figures |= {
+            f"drift: {name}": decision.drift[name] for name in DRIFT_FIGURES if decision.drift.get(name) is not None
+        }
     rows = [
         {"figure": name, "value": round(value, 6) if isinstance(value, float) else value}
         for name, value in figures.items()
     ]
-    rows += [{"figure": "note", "value": note} for note in decision.notes]
-    if decision.drift is not None:
-        rows.append({"figure": "drift", "value": drift.summary(decision.drift)})
-        rows += [
-            {"figure": f"drift: {name}", "value": decision.drift[name]}
-            for name in DRIFT_FIGURES
-            if decision.drift.get(name) is not None
-        ]
-    return rows
+    sentences = [*decision.notes, *([f"drift: {drift.summary(decision.drift)}"] if decision.drift is not None else [])]
+    description = decision.reason + "".join(f"\n- {sentence}" for sentence in sentences)
+    return rows, description
 
 
 DRIFT_FIGURES = (
