@@ -27,9 +27,6 @@ from servers import PROJECT, free_port, prefect_env, process_worker
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# A failed worker run's log says its reason in one ERROR line, without a traceback, where
-# flows/failures.py is.
-ONE_LINE_FAILURES = (PROJECT / "flows" / "failures.py").exists()
 
 
 def _api(url: str, path: str, body: dict | None = None, method: str | None = None) -> list | dict | None:
@@ -336,8 +333,7 @@ def test_the_dashboard_shows_a_kept_champion_the_champion_and_a_failure(
         page.goto(f"{url}/runs/flow-run/{failed_run['id']}", wait_until="networkidle", timeout=120_000)
         reason = "data folder not found"
         page.get_by_text(reason, exact=False).first.wait_for(state="visible", timeout=60_000)
-        if ONE_LINE_FAILURES:
-            logs = page.inner_text("body")
-            assert logs.count("\nERROR\n") == 1 and f"\nERROR\n{reason}" in logs and "Traceback" not in logs
+        logs = page.inner_text("body")
+        assert logs.count("\nERROR\n") == 1 and f"\nERROR\n{reason}" in logs and "Traceback" not in logs
         page.screenshot(path=str(_screenshot_path(request, tmp_path, "dashboard-failed-run.png")))
         browser.close()
