@@ -225,9 +225,7 @@ def _data_changed(args) -> int:
     """Emits headstart.data.changed for a folder, always (the script that calls it knows it copied
     data in), and records the look, so that the next `watch` does not report the same change."""
     from prefect.events.worker import EventsWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import local_server
     from headstart.config import WatchConfig
     from headstart.data.changes import looking_at
     from headstart.errors import HeadstartError
@@ -238,23 +236,7 @@ def _data_changed(args) -> int:
         raise HeadstartError(
             f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders)"
         )
-    # The event is for the server the deployments run on: a temporary server would hear it alone.
-    api_url = PREFECT_API_URL.value()
-    if not api_url:
-        url = local_server.local_server_url()
-        if not local_server.is_healthy(url):
-            raise HeadstartError(
-                f"no Prefect server to tell: PREFECT_API_URL is not set and none answers at {url}; "
-                "point PREFECT_API_URL at the server the deployments run on (or `headstart server start`)"
-            )
-        api_url = f"{url}/api"
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        problem = local_server.api_problem()
-        if problem is not None:
-            raise HeadstartError(
-                f"the Prefect server at {api_url} does not answer ({problem}); nothing was emitted: "
-                "start it, or point PREFECT_API_URL at the server the deployments run on"
-            )
+    with _deployments_server("nothing was emitted") as api_url:
         with looking_at(Path(config.data), config.cache_dir) as change:
             if emit_data_changed(change, by="headstart data changed") is None:
                 raise HeadstartError(f"Prefect did not send the event to {api_url}; nothing was recorded")
@@ -263,27 +245,38 @@ def _data_changed(args) -> int:
     return 0
 
 
-def _notify(args) -> int:
-    """Sets up (or replaces, by name) the automations that notify through a notification block."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+@contextlib.contextmanager
+def _deployments_server(nothing_done: str):
+    """Prefect's settings pointed at the server the deployments run on (never a temporary one),
+    once it answers; yields its API URL. `nothing_done` says what was not done where none answers."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import automations, local_server
+    from flows import local_server
     from headstart.errors import HeadstartError
 
-    # The automations belong on the server the deployments run on, never on a temporary one.
-    api_url = PREFECT_API_URL.value()
-    if not api_url:
-        url = local_server.local_server_url()
-        if not local_server.is_healthy(url):
-            raise HeadstartError(
-                f"no Prefect server to set automations up on: none answers at {url} and PREFECT_API_URL is not set; "
-                "point PREFECT_API_URL at the server the deployments run on"
-            )
-        api_url = f"{url}/api"
+    api_url = local_server.deployments_api_url()
+    if api_url is None:
+        raise HeadstartError(
+            f"no Prefect server answers at {local_server.local_server_url()} and PREFECT_API_URL is not set; "
+            f"{nothing_done}: point PREFECT_API_URL at the server the deployments run on (or `headstart server start`)"
+        )
     with temporary_settings({PREFECT_API_URL: api_url}):
         problem = local_server.api_problem()
         if problem is not None:
-            raise HeadstartError(f"the Prefect server at {api_url} does not answer ({problem}); start it and retry")
+            raise HeadstartError(
+                f"the Prefect server at {api_url} does not answer ({problem}); {nothing_done}: "
+                "start it, or point PREFECT_API_URL at the server the deployments run on"
+            )
+        yield api_url
+
+
+def _notify(args) -> int:
+    """Sets up (or replaces, by name) the automations that notify through a notification block."""
+    from prefect.settings import PREFECT_UI_URL
+
+    from flows import automations
+
+    with _deployments_server("no automation was set up"):
         block_id, block = automations.notification_block(args.block)
         for name, done in automations.set_up(block_id, PREFECT_UI_URL.value()):
             print(f"headstart: automation {name!r} {done}; it notifies through {block}")
@@ -388,10 +381,7 @@ def _publish_champion(root: Path) -> None:
 
     not_shown = f"the dashboard's champion ({CHAMPION_VARIABLE}) is updated at the next promotion or rollback"
     try:
-        api_url = PREFECT_API_URL.value()
-        if not api_url:
-            url = local_server.local_server_url()
-            api_url = f"{url}/api" if local_server.is_healthy(url) else None
+        api_url = local_server.deployments_api_url()
         if api_url is None:
             print(f"headstart: no Prefect server is running; {not_shown} made while one runs", file=sys.stderr)
             return

@@ -47,6 +47,18 @@ def is_healthy(url: str, timeout: float = 0.5) -> bool:
         return False
 
 
+def deployments_api_url() -> str | None:
+    """The API of the server the deployments run on: PREFECT_API_URL, else a local server that
+    answers (`headstart server start`); None where neither is there. Never a temporary server:
+    what is sent to one reaches no worker and no dashboard."""
+    from prefect.settings import PREFECT_API_URL
+
+    if api_url := PREFECT_API_URL.value():
+        return api_url
+    url = local_server_url()
+    return f"{url}/api" if is_healthy(url) else None
+
+
 def api_problem(timeout: float = 3.0) -> str | None:
     """Why the Prefect API that PREFECT_API_URL names cannot take a run's reports, or None when
     it answers its health check. Asked once, without Prefect's retries, through Prefect's own

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -183,3 +185,16 @@ def postgres_database() -> Iterator[str]:
             run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def api(url: str, path: str, body: dict | None = None, method: str | None = None) -> list | dict | None:
+    """One request to the Prefect server at `url` (its API under /api); the answer as JSON."""
+    request = urllib.request.Request(
+        f"{url}/api{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method=method,
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = response.read()
+    return json.loads(answer) if answer else None

@@ -19,26 +19,14 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 from servers import PROJECT, free_port, prefect_env, process_worker
+from servers import api as _api
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _api(url: str, path: str, body: dict | None = None, method: str | None = None) -> list | dict | None:
-    request = urllib.request.Request(
-        f"{url}/api{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method=method,
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        answer = response.read()
-    return json.loads(answer) if answer else None
 
 
 @pytest.fixture(scope="module")

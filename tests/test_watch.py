@@ -15,28 +15,16 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from conftest import write_class_images
 from servers import PROJECT, prefect_env, prefect_server, process_worker
+from servers import api as _api
 
 pytestmark = pytest.mark.e2e
 COLOURS = {"day": (230, 200, 40), "night": (20, 30, 90)}
-
-
-def _api(url: str, path: str, body: dict | None = None, method: str | None = None):
-    request = urllib.request.Request(
-        f"{url}/api{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method=method,
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        text = response.read()
-    return json.loads(text) if text else None
 
 
 class Deployed:
