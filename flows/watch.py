@@ -1,13 +1,15 @@
 """The `watch` flow: look_at_data, which fingerprints a data folder and emits
 `headstart.data.changed` when it changed since the last look (the `retrain` deployment's trigger
 starts a retrain on it). Cheap enough to run every few minutes: an unchanged folder costs a
-listing and a stat per file."""
+listing and a stat per file. A folder that is not there fails the run in one line
+(flows/failures.py)."""
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.states import Completed
 
+from flows.failures import one_line_failures
 from flows.parameters import parameters_from
 from headstart.config import WatchConfig
 from tasks.watch import look_at_data
@@ -15,6 +17,7 @@ from tasks.watch import look_at_data
 
 @flow(name="watch", log_prints=True)
 @parameters_from(WatchConfig)
+@one_line_failures
 def watch(**parameters):
     """Looks at a data folder; emits headstart.data.changed where it changed. The parameters are
     WatchConfig's fields (see headstart.config)."""

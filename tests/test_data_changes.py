@@ -135,6 +135,14 @@ def test_the_watch_flow_emits_the_event_only_when_the_folder_changed(folder, tmp
     assert "1 removed" in watch(data=str(folder), cache_dir=cache, return_state=True).message and len(sent) == 2
 
 
+def test_the_watch_flow_on_a_missing_folder_fails_in_one_line(tmp_path, prefect_harness):
+    from flows.watch import watch
+
+    state = watch(data=str(tmp_path / "nowhere"), cache_dir=tmp_path / "cache", return_state=True)
+    assert state.is_failed() and state.message.startswith("data folder not found:")
+    assert "\n" not in state.message and "Traceback" not in state.message
+
+
 def test_headstart_data_changed_without_a_server_is_one_line_and_records_nothing(folder, tmp_path, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from servers import free_port
