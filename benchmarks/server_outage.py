@@ -33,8 +33,13 @@ from conftest import write_class_images  # noqa: E402
 from servers import free_port, prefect_env, prefect_server, process_worker  # noqa: E402
 
 RESULTS = PROJECT / "benchmarks" / "results" / "server-outage.md"
-# The task whose running state marks each stage.
-STAGES = {"extraction": "extract_features", "training": "train_head", "publish": "publish", "gate": "gate"}
+# The line of the run's log after which each stage begins: the task before it finished.
+STAGES = {
+    "extraction": "Task run 'plan_extraction-",
+    "training": "Task run 'build_model-",
+    "publish": "Task run 'visualize-",
+    "gate": "Task run 'near_duplicates-",
+}
 COLOURS = {"day": (230, 200, 40), "night": (20, 30, 90)}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -78,18 +83,26 @@ def start_run(home: Path, url: str, job_env: dict | None = None, **parameters) -
     return re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
 
 
-def wait_for_task(url: str, flow_run_id: str, task: str, timeout: float = 900) -> str:
-    """Waits until a task run of `task` in the flow run is running (or the run ended); returns its state."""
+def wait_for_line(log: Path, offset: int, marker: str, timeout: float = 900) -> str:
+    """Waits until `marker` is in the worker's log after `offset`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
-        states = {run["state_type"] for run in runs if run["name"].startswith(task)}
-        if "RUNNING" in states:
-            return "RUNNING"
-        if api(url, f"/flow_runs/{flow_run_id}")["state_type"] in TERMINAL:
-            return "run ended"
-        time.sleep(0.2)
-    raise TimeoutError(f"{task} never ran")
+        with open(log, "rb") as file:
+            file.seek(offset)
+            if marker.encode() in file.read():
+                return "as it began"
+        time.sleep(0.02)
+    raise TimeoutError(f"{marker!r} never came")
+
+
+def wait_for_exit(worker, timeout: float = 300) -> float | None:
+    """Seconds until the worker has no flow run process left (None: still there after `timeout`)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if not subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True).stdout.strip():
+            return time.monotonic() - started
+        time.sleep(1)
+    return None
 
 
 def wait_for_end(url: str, flow_run_id: str, timeout: float) -> dict:
@@ -117,14 +130,17 @@ def measure(
     started: list,
     job_env: dict | None = None,
     rerun: bool = False,
+    worker=None,
+    worker_log: Path | None = None,
 ) -> dict:
     """One outage; returns what happened. The server in `started[-1]` is killed; the one started
     again stays up (it is appended to `started`). With `rerun`, the same run is started again
     once the first has ended (or is seen to be lost), as a nightly schedule would."""
     places = {"artifacts_root": str(work / "artifacts"), "cache_dir": str(work / "cache")}
     parameters = {"data": str(data), "image_size": 224, "extraction_shard_size": 25, "gate": True, **places}
+    offset = worker_log.stat().st_size
     flow_run_id = start_run(home, url, job_env, **parameters)
-    seen = wait_for_task(url, flow_run_id, STAGES[stage])
+    seen = wait_for_line(worker_log, offset, STAGES[stage])
     os.killpg(started[-1].pid, signal.SIGKILL)
     started[-1].wait()
     killed_at = time.monotonic()
@@ -134,6 +150,8 @@ def measure(
     back_after = time.monotonic() - killed_at
     run = wait_for_end(url, flow_run_id, timeout=240 if rerun else 900)
     ended_after = round(time.monotonic() - killed_at - back_after)
+    exited = wait_for_exit(worker)
+    exited_after = None if exited is None else round(time.monotonic() - killed_at - back_after)
     runs = [path for path in (work / "artifacts").glob("2*") if path.is_dir()]
     unfinished = _unfinished_tasks(url, flow_run_id)
     again = None
@@ -149,6 +167,7 @@ def measure(
         "run_dirs": len(runs),
         "tasks_left_unfinished": unfinished,
         "ended_after_restart_s": ended_after,
+        "process_gone_after_restart_s": exited_after,
         "rerun": again,
         "flow_run_id": flow_run_id,
         "_restart": restart,
@@ -196,11 +215,14 @@ def main() -> None:
     try:
         with prefect_server(home, started=started, port=port) as url:
             deploy(home, url)
-            with process_worker(home, f"{url}/api", "headstart", root / "worker.log") as worker:
+            log = root / "worker.log"
+            with process_worker(home, f"{url}/api", "headstart", log) as worker:
                 for outage in [float(value) for value in args.outages.split(",")]:
                     for stage in args.stages.split(","):
                         work = root / f"{stage}-{int(outage)}"
-                        row = measure(home, port, url, data, work, stage, outage, started)
+                        row = measure(
+                            home, port, url, data, work, stage, outage, started, worker=worker, worker_log=log
+                        )
                         restarts.append(row.pop("_restart"))
                         row["worker_alive"] = worker.poll() is None
                         rows.append(row)
@@ -208,11 +230,11 @@ def main() -> None:
                 if args.past_the_retries:
                     work = root / "past-the-retries"
                     retries = {"PREFECT_CLIENT_MAX_RETRIES": "2"}
-                    row = measure(home, port, url, data, work, "publish", 60, started, retries, rerun=True)
+                    row = measure(home, port, url, data, work, "publish", 60, started, retries, True, worker, log)
                     restarts.append(row.pop("_restart"))
                     row["stage"] = "publish, the run's retries cut to 2"
                     row["worker_alive"] = worker.poll() is None
-                    row["reused"] = "every input matches" in (root / "worker.log").read_text()
+                    row["reused"] = "every input matches" in log.read_text()
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     finally:
@@ -221,13 +243,15 @@ def main() -> None:
     print(f"logs in {root}")
     table = [
         "| stage the server was killed in | outage (s) | run's end state | ended (s after the restart) "
-        "| run directories | tasks left unfinished | worker alive | the same run again | state message |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| its process gone (s after the restart) | run directories | tasks left unfinished | worker alive "
+        "| the same run again | state message |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         message = row["message"].replace("|", "/").splitlines()[0][:120] if row["message"] else ""
         table.append(
             f"| {row['stage']} | {row['outage_s']} | {row['state']} | {row['ended_after_restart_s']} | "
+            f"{row['process_gone_after_restart_s']} | "
             f"{row['run_dirs']} | {row['tasks_left_unfinished']} | {row['worker_alive']} | {_again(row)} | {message} |"
         )
     print("\n".join(table))

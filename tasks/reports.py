@@ -21,6 +21,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import SettingsContext, get_settings_context
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
 _logger = logging.getLogger("headstart.reports")
@@ -29,6 +31,15 @@ _logger = logging.getLogger("headstart.reports")
 QUIET_SECONDS = 30.0
 # Retries of one report (Prefect's client backs off 2 s, 4 s, … between them).
 REPORT_RETRIES = 1
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger where there is a run (its log reaches the dashboard once the server is
+    back: the run retries it), else headstart's own."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return _logger
 
 
 class _Reachability:
@@ -44,7 +55,7 @@ class _Reachability:
         if not self.warned:
             self.warned = True
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            _logger.warning(
+            _run_logger().warning(
                 "headstart: the Prefect server did not take the %s (%s); the dashboard misses it, the work goes on",
                 what,
                 first_line,
@@ -52,7 +63,7 @@ class _Reachability:
 
     def succeeded(self) -> None:
         if self.failed_at is not None:
-            _logger.info("headstart: the Prefect server takes reports again")
+            _run_logger().info("headstart: the Prefect server takes reports again")
         self.failed_at = None
 
 

@@ -227,6 +227,16 @@ def test_a_train_run_outlives_a_two_minute_server_outage_during_extraction(tmp_p
                 assert warning < log.index("Task run 'assemble_features")
                 run_dir = Path(json.loads(Path(flow_run["state"]["data"]["storage_key"]).read_text()))
                 assert (run_dir / "metrics.json").is_file()
+                # The run's log holds the warning: the run's logs, like its task states, were sent
+                # once the server was back.
+                _poll(
+                    "the warning in the run's log",
+                    lambda: any(
+                        "did not take the progress" in line["message"]
+                        for line in _api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}})
+                    ),
+                    timeout=120,
+                )
                 # The task states sent while the server was away reached it once it was back.
                 _poll(
                     "every task run's final state",
