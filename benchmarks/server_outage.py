@@ -256,7 +256,19 @@ def main() -> None:
         )
     print("\n".join(table))
     if args.output:
-        args.output.write_text("\n".join(table) + "\n")
+        header = [
+            "# A train deployment run against a Prefect server outage, by stage",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d')} with `benchmarks/server_outage.py --outages {args.outages}"
+            + (" --past-the-retries" if args.past_the_retries else "")
+            + "`: a real `prefect server start` (SQLite), the project's deployments and a process worker; a "
+            f"`train/train` run (gate on, {2 * args.images_per_class} generated images at 224 px, shards of 25) "
+            "with the server killed (SIGKILL to its process group) as the stage began, started again on the same "
+            "port and PREFECT_HOME after the outage. 'Tasks left unfinished': task runs the server still shows "
+            "running a minute after the run ended.",
+            "",
+        ]
+        args.output.write_text("\n".join(header + table) + "\n")
 
 
 if __name__ == "__main__":
