@@ -31,47 +31,11 @@ def _set_library_defaults() -> None:
     warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
 
 
-class _NoTracebackForUserErrors(logging.Filter):
-    """Prefect logs failed runs with tracebacks; a user's mistake, or a Prefect server that stopped
-    answering, deserves one line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from headstart.errors import file_system_fault
-
-        if record.exc_info and (
-            file_system_fault(record.exc_info[1]) is not None or _unreachable_api(record.exc_info[1])
-        ):
-            record.exc_info, record.exc_text = None, None
-            message = record.getMessage().strip()
-            record.msg, record.args = message.splitlines()[0] if message else "", ()
-        return True
-
-
 class _QuietHooks(logging.Filter):
     """The hook that notes the flow run's id is headstart's bookkeeping, not a step of the run."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "note_flow_run" not in str(record.msg)
-
-
-def _unreachable_api(error: BaseException | None) -> bool:
-    """Whether an error is the Prefect API not answering (no connection, a timeout, a 5xx)."""
-    import httpx
-
-    if isinstance(error, httpx.HTTPStatusError):
-        return error.response.status_code >= 500
-    return isinstance(error, httpx.TransportError) or (
-        isinstance(error, RuntimeError) and str(error).startswith("Failed to reach API")
-    )
-
-
-def _install_log_filter() -> None:
-    user_errors, hooks = _NoTracebackForUserErrors(), _QuietHooks()
-    for name in [None, *logging.root.manager.loggerDict]:
-        logger = logging.getLogger(name)
-        for handler in getattr(logger, "handlers", []):
-            handler.addFilter(user_errors)
-            handler.addFilter(hooks)
 
 
 def _train(args) -> int:
@@ -81,17 +45,14 @@ def _train(args) -> int:
     # own defaults apply; argparse dest names are the config's field names.
     values = {name: value for name, value in vars(args).items() if name in TrainConfig.options()}
     config = TrainConfig(**values)
-    if config.data.source != "cifar10" and not Path(config.data.source).is_dir():
-        from headstart.errors import HeadstartError
+    from headstart.data.sources import check_source
 
-        raise HeadstartError(
-            f"data folder not found: {Path(config.data.source).absolute()} "
-            "(give a folder of class sub-folders, or 'cifar10')"
-        )
+    check_source(config.data)
     _check_places(config.runtime.artifacts_root, config.runtime.cache_dir)
+    from flows.failures import install_log_filter
     from flows.train import train
 
-    _install_log_filter()
+    install_log_filter(_QuietHooks())
     # Prefect's log sender writes its failures to a server that stopped answering straight to
     # stderr, one per batch; the outcome is reported in one line instead (_server_lost).
     logging.raiseExceptions = False
@@ -260,6 +221,75 @@ def _serve(args) -> int:
     return 0
 
 
+def _data_changed(args) -> int:
+    """Emits headstart.data.changed for a folder, always (the script that calls it knows it copied
+    data in), and records the look, so that the next `watch` does not report the same change."""
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import local_server
+    from headstart.config import WatchConfig
+    from headstart.data.changes import looking_at
+    from headstart.errors import HeadstartError
+    from tasks.watch import emit_data_changed
+
+    config = WatchConfig(data=args.path, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    if not Path(config.data).is_dir():
+        raise HeadstartError(
+            f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders)"
+        )
+    # The event is for the server the deployments run on: a temporary server would hear it alone.
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        url = local_server.local_server_url()
+        if not local_server.is_healthy(url):
+            raise HeadstartError(
+                f"no Prefect server to tell: PREFECT_API_URL is not set and none answers at {url}; "
+                "point PREFECT_API_URL at the server the deployments run on (or `headstart server start`)"
+            )
+        api_url = f"{url}/api"
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        problem = local_server.api_problem()
+        if problem is not None:
+            raise HeadstartError(
+                f"the Prefect server at {api_url} does not answer ({problem}); nothing was emitted: "
+                "start it, or point PREFECT_API_URL at the server the deployments run on"
+            )
+        with looking_at(Path(config.data), config.cache_dir) as change:
+            if emit_data_changed(change, by="headstart data changed") is None:
+                raise HeadstartError(f"Prefect did not send the event to {api_url}; nothing was recorded")
+            EventsWorker.drain_all()  # sent before this command ends
+    print(f"headstart: {change.summary()}; headstart.data.changed emitted to {api_url}")
+    return 0
+
+
+def _notify(args) -> int:
+    """Sets up (or replaces, by name) the automations that notify through a notification block."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    from flows import automations, local_server
+    from headstart.errors import HeadstartError
+
+    # The automations belong on the server the deployments run on, never on a temporary one.
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        url = local_server.local_server_url()
+        if not local_server.is_healthy(url):
+            raise HeadstartError(
+                f"no Prefect server to set automations up on: none answers at {url} and PREFECT_API_URL is not set; "
+                "point PREFECT_API_URL at the server the deployments run on"
+            )
+        api_url = f"{url}/api"
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        problem = local_server.api_problem()
+        if problem is not None:
+            raise HeadstartError(f"the Prefect server at {api_url} does not answer ({problem}); start it and retry")
+        block_id, block = automations.notification_block(args.block)
+        for name, done in automations.set_up(block_id, PREFECT_UI_URL.value()):
+            print(f"headstart: automation {name!r} {done}; it notifies through {block}")
+    return 0
+
+
 def _evaluate(args) -> int:
     from headstart.config import EvaluateConfig
     from headstart.evaluation.metrics import format_metrics
@@ -280,20 +310,15 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from headstart.config import PredictConfig
-    from headstart.serving.predict import predict_as_configured, write_predictions
+    from headstart.serving.predict import check_inputs, predict_as_configured, require_images, write_predictions
 
     config = PredictConfig(**{name: value for name, value in vars(args).items() if name in PredictConfig.model_fields})
     _check_places(output=config.output)
+    check_inputs(config.inputs)
     predictions, _ = predict_as_configured(config)
     for entry in predictions.skipped:
         print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
-    if not predictions.paths:
-        from headstart.errors import HeadstartError
-
-        skipped = f" ({len(predictions.skipped)} skipped, reasons above)" if predictions.skipped else ""
-        raise HeadstartError(
-            f"no image to label in {', '.join(config.inputs)}{skipped}; give image files or folders holding images"
-        )
+    require_images(predictions, config.inputs)
     if config.output:
         print(
             f"{len(predictions.paths)} predictions written to {write_predictions(predictions, config.output)}",
@@ -330,11 +355,13 @@ def _models(args) -> int:
     root = Path(args.artifacts_root)
     if args.action == "promote":
         entry = registry.promote(root, args.version, args.reason)
-        print(f"champion: {entry['version']} (was {entry['previous'] or 'none'})")
+        print(f"champion: {entry['version']} (was {entry['previous'] or 'none'})", flush=True)
+        _publish_champion(root)
         return 0
     if args.action == "rollback":
         entry = registry.rollback(root, args.reason)
-        print(f"champion: {entry['version']} (was {entry['previous']})")
+        print(f"champion: {entry['version']} (was {entry['previous']})", flush=True)
+        _publish_champion(root)
         return 0
     rows = registry.versions(root)
     # Listed first, so that whoever fixes an unusable champion sees the versions to choose from.
@@ -347,6 +374,40 @@ def _models(args) -> int:
     if champion is None and not args.json and rows:
         print("\nno champion yet: `headstart models promote VERSION`")
     return 0
+
+
+def _publish_champion(root: Path) -> None:
+    """The new champion on the dashboard (the variable headstart_champion, the artifact
+    headstart-champion), where a Prefect server answers: the configured one, else a local one that
+    runs. Best-effort: the registry's switch is made, and the command succeeds, whatever happens here."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from flows import local_server
+    from tasks.events import CHAMPION_VARIABLE
+    from tasks.outcome import publish_champion
+
+    not_shown = f"the dashboard's champion ({CHAMPION_VARIABLE}) is updated at the next promotion or rollback"
+    try:
+        api_url = PREFECT_API_URL.value()
+        if not api_url:
+            url = local_server.local_server_url()
+            api_url = f"{url}/api" if local_server.is_healthy(url) else None
+        if api_url is None:
+            print(f"headstart: no Prefect server is running; {not_shown} made while one runs", file=sys.stderr)
+            return
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+            problem = local_server.api_problem()
+            if problem is not None:
+                print(
+                    f"headstart: warning: the Prefect server at {api_url} does not answer ({problem}); {not_shown}",
+                    file=sys.stderr,
+                )
+                return
+            publish_champion(root)
+    except Exception as error:  # noqa: BLE001 - the switch is made; the dashboard is a courtesy
+        from headstart.errors import first_line
+
+        print(f"headstart: warning: the dashboard's champion was not updated ({first_line(error)})", file=sys.stderr)
 
 
 def _print_versions(root: Path, rows: list, as_json: bool) -> None:
@@ -465,6 +526,37 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the champion's history")
     models.set_defaults(handler=_models)
 
+    data = commands.add_parser("data", help="tell the Prefect server that a data folder changed")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    changed = data_actions.add_parser(
+        "changed",
+        help=(
+            "emit the event headstart.data.changed for a folder (the `retrain` deployment's trigger starts a "
+            "retrain on it); for scripts that copy data in"
+        ),
+    )
+    changed.add_argument("path", metavar="PATH", help="the folder of class sub-folders that changed")
+    changed.add_argument(
+        "--cache-dir",
+        help="where the looks at data folders are recorded (default .cache/headstart, as in the deployments)",
+    )
+    changed.set_defaults(handler=_data_changed)
+
+    notify = commands.add_parser(
+        "notify",
+        help=(
+            "set up the automations that send a notification when a train, retrain, predict or watch run fails "
+            "or crashes, and when the gate keeps the champion (again: replaces them)"
+        ),
+    )
+    notify.add_argument(
+        "--block",
+        required=True,
+        metavar="TYPE/NAME",
+        help="the notification block to send through, as `prefect block ls` lists it (slack-webhook/alerts)",
+    )
+    notify.set_defaults(handler=_notify)
+
     server = commands.add_parser(
         "server", help="keep a local Prefect server (and its dashboard) running between commands"
     )
@@ -479,25 +571,10 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
 
 
 def _one_line(error: Exception) -> str:
-    from pydantic import ValidationError
-
+    from flows.failures import expected_failure
     from headstart.errors import first_line
 
-    if isinstance(error, ValidationError):
-        return "; ".join(f"{_option_name(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors())
-    return first_line(error)
-
-
-def _option_name(location: tuple) -> str:
-    """The command-line option a validation error is about (`--extraction-batch-size` for the
-    backbone section's batch_size), or its location in the config where it is no option."""
-    from headstart.config import TrainConfig
-
-    flat = {(section, name): option for option, (section, name, _) in TrainConfig.options().items()}
-    option = flat.get(tuple(location[:2])) if len(location) == 2 else (location[0] if len(location) == 1 else None)
-    if isinstance(option, str) and option != "inputs":
-        return "--" + option.replace("_", "-")
-    return ".".join(map(str, location)) or "config"
+    return expected_failure(error, flags=True) or first_line(error)
 
 
 def main(argv: list[str] | None = None) -> int:

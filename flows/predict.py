@@ -1,27 +1,45 @@
-"""The `predict` flow: label image files and folders with the champion, a version or a run directory."""
+"""The `predict` flow: label image files and folders with the champion, a version or a run directory.
+
+A run given no `output` keeps its labels all the same, in a CSV under the artifacts root
+(headstart.serving.predict.default_output): a deployment's run has no terminal to print them to.
+Inputs with no image to label end the run Failed, in one line (flows/failures.py)."""
 
 from __future__ import annotations
 
 from prefect import flow
+from prefect.runtime import flow_run
 
+from flows.failures import one_line_failures
 from flows.parameters import parameters_from
 from headstart.config import PredictConfig
 from headstart.infra.storage import check_writable_directory
+from headstart.serving.predict import check_inputs, default_output
+from tasks.data import warn_skipped
 from tasks.prediction import predict as predict_images
 
 
 @flow(name="predict", log_prints=True, persist_result=True, result_serializer="json")
 @parameters_from(PredictConfig)
+@one_line_failures
 def predict(**parameters) -> str:
-    """Labels the inputs; returns a one-line summary (the rows go to `output`). The parameters are
-    PredictConfig's fields (see headstart.config)."""
+    """Labels the inputs; returns a one-line summary naming the file the rows went to (`output`,
+    else a new CSV under the artifacts root). The parameters are PredictConfig's fields (see
+    headstart.config)."""
     config = PredictConfig(**parameters)
-    if config.output is not None:  # a deployment's run has no CLI to check it before the work
-        check_writable_directory(config.output.parent, "--output")
+    check_inputs(config.inputs)
+    place = "--output"
+    if config.output is None:
+        name = flow_run.get_name() or "predict"
+        config = config.model_copy(update={"output": default_output(config.artifacts_root, name)})
+        place = "the predictions folder (or give an output)"
+    # A deployment's run has no CLI to check the place before the work.
+    check_writable_directory(config.output.parent, place)
     predictions = predict_images(config)
-    for entry in predictions.skipped:
-        print(f"headstart: skipped {entry['path']}: {entry['reason']}")
+    warn_skipped(predictions.skipped)
     counts = ", ".join(f"{label} {count}" for label, count in predictions.counts().items())
-    summary = f"{len(predictions.paths)} images labelled ({counts}), {len(predictions.skipped)} skipped"
-    print(f"headstart: {summary}" + (f"; predictions in {config.output}" if config.output else ""))
+    summary = (
+        f"{len(predictions.paths)} images labelled ({counts}), {len(predictions.skipped)} skipped; "
+        f"predictions in {config.output.resolve()}"
+    )
+    print(f"headstart: {summary}")
     return summary

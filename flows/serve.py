@@ -1,6 +1,6 @@
 """`headstart serve`: the deployments of prefect.yaml, served from one process (Prefect's
 `serve`) for a user without a work pool and a worker. prefect.yaml stays their one description:
-names, entry points, parameters, schedules and tags are read from it."""
+names, entry points, parameters, schedules, triggers and tags are read from it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def project_deployments(project_file: Path = PROJECT / "prefect.yaml") -> list:
     """Prefect RunnerDeployments for every deployment of the project file."""
+    from prefect.events import DeploymentEventTrigger
     from prefect.flows import load_flow_from_entrypoint
-    from prefect.schedules import Cron
+    from prefect.schedules import Cron, Interval
 
     deployments = []
     for entry in yaml.safe_load(project_file.read_text())["deployments"]:
@@ -23,6 +24,8 @@ def project_deployments(project_file: Path = PROJECT / "prefect.yaml") -> list:
         flow = load_flow_from_entrypoint(f"{project_file.parent / path}:{function}")
         schedules = [
             Cron(schedule["cron"], timezone=schedule.get("timezone"), active=schedule.get("active", True))
+            if "cron" in schedule
+            else Interval(schedule["interval"], active=schedule.get("active", True))
             for schedule in entry.get("schedules") or []
         ]
         deployments.append(
@@ -32,6 +35,7 @@ def project_deployments(project_file: Path = PROJECT / "prefect.yaml") -> list:
                 tags=entry.get("tags"),
                 parameters=entry.get("parameters") or {},
                 schedules=schedules,
+                triggers=[DeploymentEventTrigger(**trigger) for trigger in entry.get("triggers") or []],
             )
         )
     return deployments

@@ -8,19 +8,28 @@ features replace the frozen one's. export runs with --export tflite: the run's c
 .tflite files for devices, float32 and int8. near_duplicates flags test and validation images
 whose nearest training image is almost the same photo, and gives the test accuracy without them.
 With the gate on, check_champion first makes sure the champion can be read, before any work;
-promote switches the champion only if it is still the one the gate compared with."""
+promote switches the champion only if it is still the one the gate compared with.
+A mistake a user can put right (a missing folder, a rejected parameter) ends the run Failed with
+its one line as the state message (flows/failures.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, unmapped
+from prefect.states import Completed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.failures import one_line_failures
 from flows.parameters import parameters_from
 from headstart.config import RuntimeConfig, TrainConfig
+from headstart.data.sources import check_source
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.infra.storage import check_writable_directory
 from headstart.registry.reuse import find_identical_run, training_key
-from tasks.data import download, prepare_backbone
+from headstart.registry.runs import Run
+from headstart.reporting.outcome import state_message
+from tasks.data import download, prepare_backbone, warn_skipped
 from tasks.evaluation import evaluate, visualize
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
@@ -28,15 +37,19 @@ from tasks.fine_tuning import fine_tune
 from tasks.gate import check_champion, gate, gate_identical_run, promote
 from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
+from tasks.outcome import announce
 from tasks.publish import publish, reuse_identical_run
 
 
 @flow(name="train", log_prints=True, persist_result=True, result_serializer="json")
 @parameters_from(TrainConfig)
+@one_line_failures
 def train(**parameters) -> str:
-    """Trains a new classification head on a frozen ImageNet backbone; returns the run directory.
-    The parameters are TrainConfig's options (see headstart.config)."""
+    """Trains a new classification head on a frozen ImageNet backbone; returns the run directory
+    (the flow run's result), the gate's outcome in one line as the run's state message. The
+    parameters are TrainConfig's options (see headstart.config)."""
     config = TrainConfig(**parameters)
+    check_source(config.data)
     cache_dir, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
     check_writable_directory(artifacts_root, "--artifacts-root")
     check_writable_directory(cache_dir, "--cache-dir")
@@ -48,6 +61,7 @@ def train(**parameters) -> str:
     settings = ExtractionSettings(config.backbone.engine, config.backbone.threads, config.backbone.batch_size)
     with ExtractionContext(cache_dir, settings) as extraction:
         features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
+        warn_skipped(report.skipped)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
         reuse = config.runtime.reuse_identical_runs
         previous = find_identical_run(cache_dir, key, artifacts_root) if reuse else None
@@ -81,14 +95,22 @@ def train(**parameters) -> str:
         export(run_dir, manifest)
     if decision is not None and decision.promote:
         decision = promote(artifacts_root, run_dir, decision)
+    if decision is not None:
+        announce(artifacts_root, run_dir, decision)
     print(
         f"headstart: test accuracy {metrics['accuracy']:.4f} on {metrics['n']} images; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
     )
-    return run_dir
+    return _finished(run_dir, metrics["accuracy"], decision)
 
 
-def _reused(config: TrainConfig, key: str, previous, manifest, backbone, features) -> str:
+def _finished(run_dir: str, accuracy: float, decision) -> State:
+    """Completed, with the run directory as its result, and the gate's outcome (promoted, or the
+    champion kept, and the figures) as the message the dashboard shows beside the state."""
+    return Completed(message=state_message(Path(run_dir).name, accuracy, decision), data=run_dir)
+
+
+def _reused(config: TrainConfig, key: str, previous, manifest, backbone, features) -> State:
     """The steps after assemble_features where an earlier run with identical inputs stands for
     this one: it is exported where asked, and gated like a new model."""
     run_dir = reuse_identical_run(config.runtime, key, previous)
@@ -108,11 +130,13 @@ def _reused(config: TrainConfig, key: str, previous, manifest, backbone, feature
     if decision is not None and decision.promote:
         # The earlier run's lineage records its own gate's decision, not this one.
         decision = promote(config.runtime.artifacts_root, run_dir, decision, recorded_in_run=False)
+    if decision is not None:
+        announce(config.runtime.artifacts_root, run_dir, decision)
     print(
         f"headstart: every input matches {previous}; nothing trained; run directory {run_dir}"
         + (f"; gate: {decision.reason}" if decision is not None else "; gate off")
     )
-    return run_dir
+    return _finished(run_dir, Run(run_dir).metrics["accuracy"], decision)
 
 
 def _features(config: TrainConfig, manifest, report, backbone, shards, extraction: ExtractionContext):

@@ -490,7 +490,11 @@ class PredictConfig(BaseModel):
         ),
     )
     output: Optional[Path] = Field(
-        None, description="a .csv or .parquet file for path, label, probability (and the top classes)"
+        None,
+        description=(
+            "a .csv or .parquet file for path, label, probability (and the top classes); without it the command "
+            "prints them, and a flow run writes a new CSV under artifacts_root/predictions"
+        ),
     )
     artifacts_root: Path = Field(Path("artifacts"), description="where the registry's versions are")
     cache_dir: Path = Field(Path(".cache/headstart"), description="where the converted LiteRT model is cached")
@@ -528,3 +532,28 @@ class EvaluateConfig(BaseModel):
         if not place.strip():  # an empty path is the working directory
             raise ValueError("an empty path; give a run directory and a folder of class sub-folders")
         return place
+
+
+class WatchConfig(BaseModel):
+    """Which data folder a `watch` run looks at, and where its looks are recorded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str = Field(
+        min_length=1,
+        description="the folder of class sub-folders to watch (the one a retrain trains on)",
+    )
+    cache_dir: Path = Field(
+        Path(".cache/headstart"),
+        description="the training runs' cache directory: its scan cache saves reading unchanged files; the looks "
+        "are recorded there",
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _folder_is_named(cls, data: str) -> str:
+        if not data.strip():  # an empty path is the working directory
+            raise ValueError("an empty path; give a folder of class sub-folders")
+        if data == "cifar10":
+            raise ValueError("the CIFAR-10 archive does not change; give a folder of class sub-folders")
+        return data

@@ -1,15 +1,16 @@
-"""Prefect tasks around headstart.data and the backbone: download, prepare_backbone."""
+"""Prefect tasks around headstart.data and the backbone: download, prepare_backbone; and the
+skipped files said in the run's log."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from headstart.backbone.handles import Backbone, resolve_backbone
 from headstart.config import INT8_ENGINE, BackboneConfig, DataConfig
-from headstart.data.manifest import DataReport, Manifest
+from headstart.data.manifest import DataReport, Manifest, skipped_summary
 from headstart.data.sources import prepare_source
 from headstart.edge import quantized_backbone, representative_rows
 
@@ -33,3 +34,11 @@ def prepare_backbone(settings: BackboneConfig, manifest: Manifest, cache_dir: Pa
     if settings.engine == INT8_ENGINE:
         backbone = quantized_backbone(backbone, representative_rows(manifest.read().to_pylist()), Path(cache_dir))
     return backbone
+
+
+def warn_skipped(skipped: list[dict[str, str]]) -> None:
+    """Files left out of a run, in one WARNING of the run's log (the level the dashboard shows by
+    default): the count and the first few; every one is in the data report or the predictions."""
+    summary = skipped_summary(skipped)
+    if summary is not None:
+        get_run_logger().warning(summary)

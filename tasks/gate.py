@@ -17,6 +17,7 @@ from headstart.promotion.mcnemar import GateDecision
 from headstart.registry import versions
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import gate_rows
+from tasks.outcome import publish_champion
 from tasks.reports import table_artifact
 
 
@@ -62,7 +63,7 @@ def gate_identical_run(
 def _announced(decision: GateDecision) -> GateDecision:
     """The decision, logged and published as the run's gate table."""
     get_run_logger().info("gate: %s", decision.reason)
-    table_artifact("headstart-gate", gate_rows(decision), decision.reason)
+    table_artifact("headstart-gate", *gate_rows(decision))
     return decision
 
 
@@ -71,11 +72,14 @@ def promote(artifacts_root: Path, run_dir: str, decision: GateDecision, recorded
     """Makes the new run the champion, as the gate decided, if the champion is still the one the
     gate compared it with; otherwise the run stays unpromoted, and the changed decision is logged,
     published as the gate table and (where the run records this gate's decision) written to its
-    lineage."""
+    lineage. A new champion is published as such (the variable headstart_champion, the artifact
+    headstart-champion)."""
     final = promote_as_decided(artifacts_root, Path(run_dir).name, decision)
+    if final.promote:
+        publish_champion(artifacts_root)
     if final != decision:
         get_run_logger().warning("gate: %s", final.reason)
-        table_artifact("headstart-gate", gate_rows(final), final.reason)
+        table_artifact("headstart-gate", *gate_rows(final))
         if recorded_in_run:
             Run(run_dir).record_gate(final.to_dict())
     return final

@@ -19,6 +19,7 @@ from headstart.registry.reuse import in_registry, record_run
 from headstart.registry.run_writer import copy_run, write_run
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import report_markdown, run_tables
+from headstart.reporting.outcome import report_headline
 from headstart.training.fine_tuning import FineTuningResult
 from tasks.reports import markdown_artifact, table_artifact
 
@@ -56,7 +57,7 @@ def publish(
         fine_tuning=fine_tuning,
     )
     record_run(config.runtime.cache_dir, training_key, run_dir)
-    return publish_prefect_artifacts(Run(run_dir))
+    return publish_prefect_artifacts(Run(run_dir), report_headline(Path(run_dir).name, decision))
 
 
 @task(name="reuse_identical_run", cache_policy=NO_CACHE)
@@ -77,12 +78,12 @@ def reuse_identical_run(runtime: RuntimeConfig, training_key: str, previous: Pat
     return publish_prefect_artifacts(Run(copied))
 
 
-def publish_prefect_artifacts(run: Run) -> str:
-    """The report (plots embedded) and the run's tables (metrics, data, near-duplicates) as Prefect
-    artifacts; returns the run directory."""
+def publish_prefect_artifacts(run: Run, headline: str = "") -> str:
+    """The report (plots embedded; `headline` first) and the run's tables (metrics, data,
+    near-duplicates) as Prefect artifacts; returns the run directory."""
     markdown_artifact(
         key="headstart-report",
-        markdown=report_markdown(run, socket.gethostname(), flow_run.ui_url),
+        markdown=report_markdown(run, socket.gethostname(), flow_run.ui_url, headline),
         description=f"Training report, test accuracy {run.metrics['accuracy']:.4f}",
     )
     for key, rows, description in run_tables(run):

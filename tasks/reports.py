@@ -115,3 +115,18 @@ def update_progress(artifact: UUID | None, progress: float, description: str) ->
     if artifact is None:
         return
     _best_effort("progress", lambda: update_progress_artifact(artifact, progress, description=description))
+
+
+def variable(name: str, value: dict) -> None:
+    """Sets a Prefect variable to a JSON value, replacing the one there (best-effort)."""
+    from prefect.variables import Variable
+
+    _best_effort(f"variable {name}", lambda: Variable.set(name, value, overwrite=True))
+
+
+def event(name: str, resource: dict[str, str], payload: dict) -> None:
+    """Emits a Prefect event (best-effort); inside a run, Prefect relates it to the flow run,
+    its flow and deployment."""
+    from prefect.events import emit_event
+
+    _best_effort(f"event {name}", lambda: emit_event(event=name, resource=resource, payload=payload))

@@ -22,7 +22,7 @@ def pytest_addoption(parser):
     parser.addoption(
         "--refresh-docs",
         action="store_true",
-        help="keep the end-to-end test's dashboard screenshot as docs/dashboard-report.png (docs/operations.md)",
+        help="keep the end-to-end test's dashboard screenshots in docs/ (dashboard-*.png)",
     )
 
 

@@ -7,6 +7,7 @@ and exit code 2. Nothing raises a traceback, nothing is dropped silently."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,10 @@ def test_train_evaluate_and_predict_on_the_corpus_end_without_a_traceback(corpus
         *places,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
+    # The files left out, at WARNING in one line: how many, and the first five.
+    (skipped,) = [line for line in trained.stderr.splitlines() if "WARNING" in line and " files skipped: " in line]
+    count = int(re.search(r"headstart: (\d+) files skipped: ", skipped)[1])
+    assert count > 5 and skipped.endswith(f"; and {count - 5} more")
     run = trained.stdout.strip().splitlines()[-1]
     evaluated = headstart("evaluate", "--model", run, "--data", str(corpus))
     assert evaluated.returncode == 0 and "files skipped" in evaluated.stdout

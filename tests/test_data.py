@@ -52,6 +52,17 @@ def test_bad_files_are_skipped_and_reported(colour_folder, tmp_path):
     assert manifest.read().num_rows == 48
 
 
+def test_skipped_files_are_one_line_with_the_count_and_the_first_five():
+    from headstart.data.manifest import skipped_summary
+
+    assert skipped_summary([]) is None
+    one = skipped_summary([{"path": "/d/a.jpg", "reason": "not an image file"}])
+    assert one == "headstart: 1 file skipped: /d/a.jpg (not an image file)"
+    many = skipped_summary([{"path": f"/d/{index}.jpg", "reason": "cannot decode"} for index in range(8)])
+    assert many.startswith("headstart: 8 files skipped: /d/0.jpg (cannot decode); /d/1.jpg")
+    assert "/d/4.jpg" in many and "/d/5.jpg" not in many and many.endswith("; and 3 more") and "\n" not in many
+
+
 def test_listing_agrees_with_rglob(tmp_path):
     root = tmp_path / "data"
     for relative in (

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_class_images
 
 from headstart.config import TrainConfig
 from headstart.promotion.mcnemar import GateDecision
@@ -171,7 +172,9 @@ def test_the_drift_note_counts_new_images_and_how_far_their_mean_feature_moved(
     # Pale red images lie far from the champion's training mean; the whole set moves less, but more than chance.
     assert drift["new_images_mean_feature_shift"] > 3 * drift["new_images_shift_by_chance"]
     assert drift["new_images_mean_feature_shift"] > drift["mean_feature_shift"] > drift["mean_feature_shift_by_chance"]
-    assert "12 new images, 0 gone since champion" in Artifact.get("headstart-gate").data
+    gate = Artifact.get("headstart-gate")
+    assert "12 new images, 0 gone since champion" in gate.description
+    assert '"drift: new_images", "value": 12' in gate.data
 
 
 def test_a_champion_scores_the_same_from_cached_features_as_from_raw_images(
@@ -228,7 +231,7 @@ def test_predictions_through_the_fast_engine_equal_the_serving_models(
         cache_dir=tmp_path / "cache",
         engine="litert",
     )
-    assert summary.startswith("48 images labelled") and summary.endswith("1 skipped")
+    assert summary.startswith("48 images labelled") and summary.endswith(f"1 skipped; predictions in {output}")
     table = pq.read_table(output).to_pydict()
     paths = sorted(str(path) for path in colour_folder.glob("*/*.png"))
     assert sorted(table["path"]) == paths
@@ -237,7 +240,15 @@ def test_predictions_through_the_fast_engine_equal_the_serving_models(
     np.testing.assert_allclose(np.array(table["probability"])[order], serving.max(axis=1), atol=1e-4)
     assert [table["label"][i] for i in order] == [run.class_names[i] for i in serving.argmax(axis=1)]
     artifact = Artifact.get("headstart-predictions")
-    assert artifact is not None and "(unreadable, skipped)" in artifact.data and str(output) in artifact.description
+    table = {row["path"]: row for row in json.loads(artifact.data)}
+    assert table[str(tmp_path / "broken.png")]["label"].startswith("(skipped: cannot decode")
+    assert sorted(table) == sorted(paths + [str(tmp_path / "broken.png")]) and str(output) in artifact.description
+    # Given no output, the labels are kept all the same: a deployment's run has no terminal to print them to.
+    places = dict(artifacts_root=tmp_path / "artifacts", cache_dir=tmp_path / "cache")
+    summary = predict(inputs=[str(colour_folder / "red")], **places)
+    (kept,) = (tmp_path / "artifacts" / "predictions").iterdir()
+    assert summary.endswith(f"predictions in {kept}") and kept.suffix == ".csv"
+    assert len(kept.read_text().splitlines()) == 25  # a header and the 24 red images
 
 
 def test_rerun_with_identical_inputs_reuses_or_retrains_to_identical_metrics(
@@ -310,6 +321,95 @@ def test_a_failed_run_leaves_no_run_directory(prefect_harness, colour_folder, ti
     with pytest.raises(OSError, match="disk full"):
         train(**_smoke_config(colour_folder, tiny_backbone_dir, tmp_path).flat())
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+# --- failures in one line -------------------------------------------------------------------------
+
+
+def _run_logs(flow_run_id) -> str:
+    """The run's log as the dashboard shows it: every message the API holds for it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(f"{log.level} {log.message}" for log in logs)
+
+
+def test_an_expected_failure_ends_the_flow_run_failed_with_its_one_line_and_no_traceback(prefect_harness, tmp_path):
+    from flows.predict import predict
+    from flows.train import train
+    from headstart.errors import HeadstartError
+
+    one_class = write_class_images(tmp_path / "data", {"red": (200, 40, 40)}, per_class=3)
+    places = dict(cache_dir=tmp_path / "cache", artifacts_root=tmp_path / "artifacts")
+    state = train(data=str(one_class), **places, return_state=True)
+    line = f"{one_class} needs at least two class sub-folders of images, found 1"
+    assert state.is_failed() and state.message == line
+    logs = _run_logs(state.state_details.flow_run_id)
+    assert f"40 {line}" in logs and "Traceback" not in logs and "exited with unexpected exception" not in logs
+    with pytest.raises(HeadstartError, match="needs at least two class"):  # the command gets the error back
+        train(data=str(one_class), **places)
+    state = predict(inputs=[str(tmp_path / "nope")], **places, return_state=True)
+    assert state.is_failed() and state.message.startswith(f"no image to label: {tmp_path / 'nope'} not found")
+    assert "Traceback" not in _run_logs(state.state_details.flow_run_id)
+    state = train(data=str(one_class), classes=["red"], **places, return_state=True)
+    assert state.is_failed() and state.message == "classes: at least two classes are needed"
+
+
+def test_a_bug_in_a_flow_run_keeps_its_traceback(prefect_harness):
+    from prefect import flow
+
+    from flows.failures import one_line_failures
+
+    @flow(name="buggy")
+    @one_line_failures
+    def buggy():
+        return 1 / 0
+
+    state = buggy(return_state=True)
+    assert state.is_failed() and "ZeroDivisionError" in state.message
+    assert "Traceback" in _run_logs(state.state_details.flow_run_id)
+
+
+def test_prefect_s_reports_of_an_expected_failure_are_left_out_and_a_bug_s_kept():
+    import errno
+    import logging
+
+    import httpx
+
+    from flows.failures import NoTracebackForExpectedFailures
+    from headstart.errors import HeadstartError
+
+    def record(logger: str, error: BaseException):
+        try:
+            raise error
+        except BaseException:
+            exc_info = sys.exc_info()
+        return logging.LogRecord(logger, logging.ERROR, __file__, 1, "Task run failed\nmore", (), exc_info)
+
+    keep = NoTracebackForExpectedFailures().filter
+    assert not keep(record("prefect.task_runs", HeadstartError("data folder not found: /x")))
+    assert not keep(record("prefect.engine", OSError(errno.ENOSPC, "No space left on device", "/artifacts")))
+    for said_in_one_line in (record("headstart.x", HeadstartError("bad")), record("prefect", httpx.ConnectError("no"))):
+        assert keep(said_in_one_line) and said_in_one_line.exc_info is None
+        assert said_in_one_line.getMessage() == "Task run failed"
+    bug = record("prefect.flow_runs", ZeroDivisionError("division by zero"))
+    assert keep(bug) and bug.exc_info[0] is ZeroDivisionError
+
+
+def test_a_rejected_parameter_is_named_as_the_flow_and_as_the_command_spell_it():
+    from pydantic import ValidationError
+
+    from flows.failures import expected_failure
+
+    with pytest.raises(ValidationError) as rejected:
+        TrainConfig(data="x", classes=("cat",))
+    assert expected_failure(rejected.value) == "classes: at least two classes are needed"
+    assert expected_failure(rejected.value, flags=True) == "--classes: at least two classes are needed"
+    assert expected_failure(ZeroDivisionError("division by zero")) is None
 
 
 # --- the command line -------------------------------------------------------------------------------

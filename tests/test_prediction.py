@@ -45,3 +45,40 @@ def test_predictions_are_written_as_csv_or_parquet_and_nothing_else(tmp_path):
     with pytest.raises(HeadstartError, match=".csv or .parquet"):
         write_predictions(_three_classes(), tmp_path / "p.xlsx")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["p.csv", "p.parquet"]
+
+
+def test_inputs_with_nothing_to_label_are_one_line():
+    from headstart.serving.predict import check_inputs, require_images
+
+    with pytest.raises(HeadstartError, match=r"^no image to label: /no/such, /nor/this not found; give image"):
+        check_inputs(("/no/such", "/nor/this"))
+    check_inputs(("/no/such", "/"))  # one of them is there: its images are labelled, the other listed as skipped
+    nothing = Predictions(["cat", "dog"], skipped=[{"path": "/x/a.txt", "reason": "not an image file"}])
+    with pytest.raises(HeadstartError, match=r"^no image to label in /x \(/x/a.txt: not an image file\); give"):
+        require_images(nothing, ["/x"])
+    require_images(Predictions(["cat", "dog"], ["x.jpg"], np.array([[0.4, 0.6]], np.float32)), ["/x"])
+
+
+def test_a_run_given_no_output_keeps_its_labels_under_the_artifacts_root_without_overwriting(tmp_path):
+    from datetime import datetime, timezone
+
+    from headstart.serving.predict import default_output
+
+    first = default_output(tmp_path, "calm-fox", datetime(2026, 12, 4, 3, 0, 5, tzinfo=timezone.utc))
+    assert first == tmp_path / "predictions" / "20261204-030005-calm-fox.csv"
+    assert default_output(tmp_path, "calm-fox", datetime(2026, 12, 4, 3, 0, 6, tzinfo=timezone.utc)) != first
+
+
+def test_the_dashboard_table_lists_each_image_then_the_skipped_ones_capped():
+    from tasks.prediction import prediction_rows
+
+    predictions = _three_classes()
+    predictions.skipped = [{"path": "z.jpg", "reason": "file not found"}]
+    rows, left_out = prediction_rows(predictions)
+    assert left_out == 0 and rows == [
+        {"path": "x.jpg", "label": "fox", "probability": 0.5},
+        {"path": "y.jpg", "label": "cat", "probability": 0.7},
+        {"path": "z.jpg", "label": "(skipped: file not found)", "probability": None},
+    ]
+    rows, left_out = prediction_rows(predictions, limit=2)
+    assert [row["path"] for row in rows] == ["x.jpg", "y.jpg"] and left_out == 1

@@ -25,23 +25,52 @@ def test_the_terminal_report_keeps_its_columns_apart_for_short_class_names():
     assert lines[3].startswith("cat    1.0000")
 
 
-def test_the_gate_table_has_one_figure_per_row():
-    decision = GateDecision(
-        False, "kept champion v1: …", 12, 0.5, 1.0, "v1", 6, 0, 1 / 64, 0.0, 0.05, notes=["all 12 test images"]
-    )
-    rows = gate_rows(decision)
-    assert rows[0] == {"figure": "decision", "value": "keep the champion"} and rows[-1] == {
-        "figure": "note",
-        "value": "all 12 test images",
+def test_the_gate_table_holds_short_figures_and_its_description_the_sentences():
+    drift_note = {
+        "champion": "v1",
+        "new_images": 12,
+        "images_gone": 0,
+        "per_class": {"cat": {"images": 30, "champion_images": 24}},
+        "mean_feature_shift": 0.42,
+        "mean_feature_shift_by_chance": 0.2,
     }
+    decision = GateDecision(
+        False,
+        "kept champion v1: …",
+        12,
+        0.5,
+        1.0,
+        "v1",
+        6,
+        0,
+        1 / 64,
+        0.0,
+        0.05,
+        notes=["all 12 test images"],
+        drift=drift_note,
+    )
+    rows, description = gate_rows(decision)
+    assert rows[0] == {"figure": "decision", "value": "keep the champion"}
     assert {row["figure"] for row in rows} >= {
-        "reason",
         "candidate_accuracy",
         "champion_accuracy",
         "candidate_only_wrong",
         "p_value",
+        "drift: new_images",
+        "drift: mean_feature_shift",
     }
     assert all(list(row) == ["figure", "value"] for row in rows)
+    # Sentences would stretch the table wider than the dashboard's pane.
+    assert all(len(str(row["value"])) <= 20 for row in rows)
+    assert description.splitlines() == [
+        "kept champion v1: …",
+        "- all 12 test images",
+        "- drift: 12 new images, 0 gone since champion v1; per class: cat 30 (was 24); "
+        "mean feature moved 0.42 spreads (chance: 0.2)",
+    ]
+    assert gate_rows(GateDecision(True, "first model: accuracy 0.9000 ≥ floor", 4, 0.9, floor=0.4))[1] == (
+        "first model: accuracy 0.9000 ≥ floor"
+    )
 
 
 def test_the_data_table_lists_each_file_left_out_with_its_reason_and_counts_the_rest():

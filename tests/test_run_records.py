@@ -269,6 +269,26 @@ def test_a_run_without_fine_tuning_or_gate_writes_them_as_before(write):
     assert Run(run).fine_tuning is None and Run(run).lineage.gate is None
 
 
+def _continued_lines(markdown: str) -> list[str]:
+    """Lines that carry on the line above them, which the dashboard's markdown shows as a line break
+    in the middle of a sentence: any text line right after a paragraph or list item."""
+    lines = markdown.splitlines()
+    starts_a_block = ("#", "- ", "|")
+    return [
+        line
+        for above, line in zip(lines, lines[1:])
+        if line.strip() and above.strip() and not above.startswith(("#", "|")) and not line.startswith(starts_a_block)
+    ]
+
+
+def test_every_paragraph_and_list_item_of_the_model_card_is_one_line(write):
+    frozen = (write() / "MODEL_CARD.md").read_text()
+    fine_tuned = (FIXTURES / "model_card_fine_tuned.md").read_text()
+    assert _continued_lines(frozen) == _continued_lines(fine_tuned) == []
+    assert _continued_lines("A sentence cut\nin two.\n\n- an item\n  carried on\n") == ["in two.", "  carried on"]
+    assert "drawings, tiny thumbnails upscaled from" in frozen
+
+
 def test_records_written_by_earlier_versions_read_with_the_newer_keys_at_their_defaults():
     summary = FineTuningSummary.from_dict(FIRST_FINE_TUNING)
     assert (summary.shift_cells, summary.mixup, summary.cutmix, summary.mirror_average) == (None, 0.0, 0.0, False)

@@ -46,6 +46,19 @@ class DataReport:
         }
 
 
+# Files named in a skipped-files line; the rest are counted (all are in the data report).
+SKIPPED_SHOWN = 5
+
+
+def skipped_summary(skipped: list[dict[str, str]], shown: int = SKIPPED_SHOWN) -> str | None:
+    """One line for files left out: how many, and the first few with their reasons; None for none."""
+    if not skipped:
+        return None
+    named = "; ".join(f"{entry['path']} ({entry['reason']})" for entry in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"headstart: {len(skipped)} file{'s' if len(skipped) != 1 else ''} skipped: {named}{more}"
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A small handle to a manifest file: what crosses task boundaries instead of the images."""
@@ -98,6 +111,11 @@ def _load_scan_cache(cache_dir: Path) -> dict[tuple[str, int, int], tuple[str, s
     return (
         read_or_drop(_scan_cache_path(cache_dir), _read_scan_cache, "scan cache", "its files are scanned again") or {}
     )
+
+
+def cached_scans(cache_dir: Path) -> dict[tuple[str, int, int], tuple[str, str]]:
+    """What earlier scans found: (resolved path, size, mtime_ns) → (sha256, error)."""
+    return _load_scan_cache(cache_dir)
 
 
 def _read_scan_cache(path: Path) -> dict[tuple[str, int, int], tuple[str, str]]:

@@ -9,6 +9,15 @@ from headstart.config import DEFAULT_CIFAR10_CLASSES, DataConfig
 from headstart.data.cifar10 import extract_cifar10, fetch_cifar10_archive
 from headstart.data.folders import list_image_folder
 from headstart.data.manifest import DataReport, Manifest, build_manifest
+from headstart.errors import HeadstartError
+
+
+def check_source(data: DataConfig) -> None:
+    """A data folder that is not there, said in one line before any work."""
+    if data.source != "cifar10" and not Path(data.source).is_dir():
+        raise HeadstartError(
+            f"data folder not found: {Path(data.source).absolute()} (give a folder of class sub-folders, or 'cifar10')"
+        )
 
 
 def prepare_source(data: DataConfig, cache_dir: Path, show_progress: bool = False) -> tuple[Manifest, DataReport]:

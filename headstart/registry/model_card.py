@@ -108,8 +108,8 @@ An image classifier for {", ".join(data_report["class_names"])}, trained by head
 ## Model
 - Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), {state}, ImageNet-pretrained; \
 input {side}×{side} px.
-- Head: Dropout({config["dropout"]}) → Dense({classes}, softmax), trained for {epochs} epochs
-  ({training}), on features from the {engine} engine.{tuned}
+- Head: Dropout({config["dropout"]}) → Dense({classes}, softmax), trained for {epochs} epochs \
+({training}), on features from the {engine} engine.{tuned}
 - Input: RGB images of any size, pixel values 0–255; output: one probability per class in the order of \
 `{CLASS_NAMES_FILE}`.
 
@@ -133,7 +133,7 @@ Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metri
 {near_duplicates_summary(data_report.get("near_duplicates"))}
 
 ## Limits
-The backbone saw ImageNet photos; images far from that (medical scans, drawings, tiny
-thumbnails upscaled from {backbone.image_size} px or less) may classify worse than these figures.
+The backbone saw ImageNet photos; images far from that (medical scans, drawings, tiny \
+thumbnails upscaled from {backbone.image_size} px or less) may classify worse than these figures. \
 Accuracy is measured on held-out images of the same source, not on the world at large.
 """

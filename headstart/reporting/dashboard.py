@@ -17,11 +17,12 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str:
+def report_markdown(run: Run, host: str, flow_run_url: str | None = None, headline: str = "") -> str:
     """The run's figures, plots (as data URIs, which the Prefect UI renders), gate decision, where
     its files are and its model card. The files stay on `host`, the machine that ran the flow: a
     dashboard in a browser cannot open them, so they are named, not linked; the link goes to
-    the flow run's own page, with every artifact of the run."""
+    the flow run's own page, with every artifact of the run. `headline` goes first (whether the run
+    is the champion: headstart.reporting.outcome)."""
     metrics = run.metrics
     images = "\n\n".join(
         f"### {png.stem.replace('_', ' ')}\n\n![{png.name}]({png_data_uri(png.read_bytes())})" for png in run.plots()
@@ -44,7 +45,7 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None) -> str
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)
     this_run = f" All of this run's artifacts: [its flow run]({flow_run_url})." if flow_run_url else ""
     return (
-        f"# headstart run `{run.path.name}`\n\n"
+        f"{headline}# headstart run `{run.path.name}`\n\n"
         f"Test accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
         f"{fine_tuning}{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
         f"`headstart models` lists this run as version `{run.path.name}`; "
@@ -146,30 +147,29 @@ def near_duplicate_rows(near_duplicates: dict) -> list[dict]:
     ]
 
 
-def gate_rows(decision: GateDecision) -> list[dict]:
-    """The gate's decision as a two-column table: one row per figure, the reason first."""
+def gate_rows(decision: GateDecision) -> tuple[list[dict], str]:
+    """The gate's table artifact as (rows, description). The rows are two columns of short figures,
+    the decision first, so that the table fits the dashboard's pane; the sentences (the reason,
+    the notes, the drift note) go to the description, which the dashboard wraps."""
     figures = {
         "decision": "promote" if decision.promote else "keep the champion",
-        "reason": decision.reason,
         **{
             name: value
             for name, value in decision.to_dict().items()
             if name not in ("promote", "reason", "notes", "drift") and value is not None
         },
     }
+    if decision.drift is not None:
+        figures |= {
+            f"drift: {name}": decision.drift[name] for name in DRIFT_FIGURES if decision.drift.get(name) is not None
+        }
     rows = [
         {"figure": name, "value": round(value, 6) if isinstance(value, float) else value}
         for name, value in figures.items()
     ]
-    rows += [{"figure": "note", "value": note} for note in decision.notes]
-    if decision.drift is not None:
-        rows.append({"figure": "drift", "value": drift.summary(decision.drift)})
-        rows += [
-            {"figure": f"drift: {name}", "value": decision.drift[name]}
-            for name in DRIFT_FIGURES
-            if decision.drift.get(name) is not None
-        ]
-    return rows
+    sentences = [*decision.notes, *([f"drift: {drift.summary(decision.drift)}"] if decision.drift is not None else [])]
+    description = decision.reason + "".join(f"\n- {sentence}" for sentence in sentences)
+    return rows, description
 
 
 DRIFT_FIGURES = (

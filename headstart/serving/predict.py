@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ from headstart.registry.runs import Run
 # Classes listed per image, most probable first, where a model has more than two.
 TOP_K = 3
 OUTPUT_SUFFIXES = (".csv", ".parquet")
+# Under the artifacts root: the labels of predict runs given no output (default_output).
+PREDICTIONS_FOLDER = "predictions"
 
 
 @dataclass
@@ -142,6 +145,36 @@ def predict_with_model(
     run = registry.resolve(Path(artifacts_root), model)
     with ExtractionContext(Path(cache_dir), settings) as context:
         return predict_images(run, inputs, context), run.path.name
+
+
+def check_inputs(inputs) -> None:
+    """Inputs of which none is there, said in one line before the model is even loaded."""
+    if not any(Path(given).exists() for given in inputs):
+        raise HeadstartError(
+            f"no image to label: {', '.join(map(str, inputs))} not found; give image files or folders holding images"
+        )
+
+
+def require_images(predictions: Predictions, inputs) -> None:
+    """Inputs with no image to label (a path that is not there, a folder of other files) are a
+    mistake to say in one line, not an empty result."""
+    if predictions.paths:
+        return
+    skipped = predictions.skipped
+    if len(skipped) == 1:
+        why = f" ({skipped[0]['path']}: {skipped[0]['reason']})"
+    else:
+        why = f" ({len(skipped)} skipped, the first {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+    raise HeadstartError(
+        f"no image to label in {', '.join(map(str, inputs))}{why}; give image files or folders holding images"
+    )
+
+
+def default_output(artifacts_root: Path, name: str, now: datetime | None = None) -> Path:
+    """Where a predict run given no `output` keeps its labels: a CSV under the artifacts root,
+    named by the time (UTC) and the run, so that runs sort in order and never overwrite each other."""
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    return Path(artifacts_root) / PREDICTIONS_FOLDER / f"{stamp}-{name}.csv"
 
 
 def write_predictions(predictions: Predictions, destination: Path) -> Path:
