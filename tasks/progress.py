@@ -39,7 +39,11 @@ class DashboardProgress:
 
     def _write(self) -> None:
         self._written_at = time.monotonic()
-        update_progress(self._artifact, min(100.0, 100.0 * self.done / self.total), self.description)
+        progress = min(100.0, 100.0 * self.done / self.total)
+        if self._artifact is None:  # the server did not take the bar when the work began: it may now
+            self._artifact = progress_artifact(progress, self.description)
+        else:
+            update_progress(self._artifact, progress, self.description)
 
     def __enter__(self) -> "DashboardProgress":
         return self

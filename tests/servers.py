@@ -49,16 +49,19 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, database_url: str | None = None, started: list | None = None) -> Iterator[str]:
-    """`prefect server start` on a free 127.0.0.1 port; yields its base URL (the API is at /api).
-    Its process (leader of its own process group) is appended to `started`, for a test to kill."""
-    port = free_port()
+def prefect_server(
+    home: Path, database_url: str | None = None, started: list | None = None, port: int | None = None
+) -> Iterator[str]:
+    """`prefect server start` on `port` (default: a free 127.0.0.1 port); yields its base URL (the
+    API is at /api). Its process (leader of its own process group) is appended to `started`, for a
+    test to kill; a server started again on the same port and PREFECT_HOME is the same server."""
+    port = port or free_port()
     # The dashboard calls the API at PREFECT_UI_API_URL, which defaults to port 4200.
     extra = {"PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     if database_url:
         extra["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     log_path = home / "server.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=prefect_env(home, **extra),

@@ -174,17 +174,16 @@ def test_no_prefect_trains_without_reporting_when_neither_server_nor_home_works(
 KILLED = {
     "after the run directory is committed, the gate promoting": ("Task run 'visualize-", ()),
     "after the run directory is committed, gate off": ("Task run 'visualize-", ("--no-gate",)),
-    "as the flow begins, before anything is committed": ("Beginning flow run", ()),
+    "as the flow begins": ("Beginning flow run", ()),
 }
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("when", list(KILLED))
 def test_a_server_killed_mid_run_never_hides_the_committed_run(when, data, tiny_backbone_dir, tmp_path):
-    """Prefect unreachable: a server killed mid-run. The committed run directory is printed last
-    (stdout), complete; one line says the server was lost and what was not done, with the command
-    that does it: exit 2 where a step did not run (the promotion), 0 where only reports were
-    lost; before a commit, exit 2 and no run. In seconds, never a traceback."""
+    """Prefect unreachable: a server killed mid-run. Only reports are lost (they are best-effort):
+    the work goes on, the gate's promotion included; the committed run directory is printed last
+    (stdout), complete; exit 0 and one line that says what was lost. In seconds, never a traceback."""
     from headstart.registry import versions as registry
     from headstart.registry.runs import Run
 
@@ -219,22 +218,11 @@ def test_a_server_killed_mid_run_never_hides_the_committed_run(when, data, tiny_
     assert after_kill < 60, f"{after_kill:.0f} s after the server died"
     lost = f"the Prefect server at {url}/api stopped answering during the run"
     artifacts = tmp_path / "artifacts"
-    if marker == "Beginning flow run":
-        error = _one_error(err)
-        assert train.returncode == 2 and out == "" and lost in error and "no run directory was committed" in error
-        assert not artifacts.exists() or not any(map(Run.if_complete, artifacts.iterdir()))
-        return
     run_dir = Path(out.strip().splitlines()[-1])
     assert run_dir.parent == artifacts and Run.if_complete(run_dir) is not None
-    if extra:
-        assert train.returncode == 0 and "headstart: error" not in err
-        (warning,) = [line for line in err.splitlines() if line.startswith("headstart: warning:")]
-        assert lost in warning and "the run is complete; its last reports to Prefect were lost" in warning
-        return
-    assert Run(run_dir).lineage.gate["promote"], "the gate was to promote this run"
-    error = _one_error(err)
-    promote = f"headstart models promote {run_dir.name}"
-    assert train.returncode == 2 and lost in error and promote in error
-    assert registry.champion_version(artifacts) is None
-    registry.promote(artifacts, run_dir.name, "the gate decided so; the server was lost first")
-    assert registry.champion_version(artifacts) == run_dir.name
+    assert train.returncode == 0 and "headstart: error" not in err
+    (warning,) = [line for line in err.splitlines() if line.startswith("headstart: warning:")]
+    assert lost in warning and "the run is complete; its last reports to Prefect were lost" in warning
+    if not extra:
+        assert Run(run_dir).lineage.gate["promote"], "the gate was to promote this run"
+        assert registry.champion_version(artifacts) == run_dir.name
