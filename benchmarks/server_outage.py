@@ -23,14 +23,13 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(PROJECT), str(PROJECT / "tests")]
 
 from conftest import write_class_images  # noqa: E402
-from servers import free_port, prefect_env, prefect_server, process_worker  # noqa: E402
+from servers import api, free_port, prefect_env, prefect_server, process_worker  # noqa: E402
 
 RESULTS = PROJECT / "benchmarks" / "results" / "server-outage.md"
 # The line of the run's log after which each stage begins: the task before it finished.
@@ -42,16 +41,6 @@ STAGES = {
 }
 COLOURS = {"day": (230, 200, 40), "night": (20, 30, 90)}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def api(url: str, path: str, body: dict | None = None, timeout: float = 10):
-    request = urllib.request.Request(
-        f"{url}/api{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
 
 
 def prefect(home: Path, url: str, *args: str, timeout: float = 300) -> str:
@@ -109,7 +98,7 @@ def wait_for_end(url: str, flow_run_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            run = api(url, f"/flow_runs/{flow_run_id}")
+            run = api(url, f"/flow_runs/{flow_run_id}", timeout=10)
         except (urllib.error.URLError, OSError):
             run = None
         if run and run["state_type"] in TERMINAL:
@@ -179,7 +168,7 @@ def _unfinished_tasks(url: str, flow_run_id: str, wait: float = 60) -> int:
     state events lost), after giving it `wait` seconds to take the events sent late."""
     deadline = time.monotonic() + wait
     while True:
-        runs = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+        runs = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=10)
         unfinished = sum(run["state_type"] not in TERMINAL for run in runs)
         if unfinished == 0 or time.monotonic() > deadline:
             return unfinished

@@ -17,27 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from servers import PROJECT, prefect_env, prefect_server, process_worker  # noqa: E402
+from servers import PROJECT, api, prefect_env, prefect_server, process_worker  # noqa: E402
 
 HELD_BACK = 50
-
-
-def api(url: str, path: str, body=None, method=None):
-    request = urllib.request.Request(
-        f"{url}/api{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method=method,
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        text = response.read()
-    return json.loads(text) if text else None
 
 
 def when(text: str) -> float:

@@ -227,15 +227,12 @@ def _data_changed(args) -> int:
     from prefect.events.worker import EventsWorker
 
     from headstart.config import WatchConfig
-    from headstart.data.changes import looking_at
+    from headstart.data.changes import looking_at, watched_folder
     from headstart.errors import HeadstartError
     from tasks.watch import emit_data_changed
 
     config = WatchConfig(data=args.path, **({"cache_dir": args.cache_dir} if args.cache_dir else {}))
-    if not Path(config.data).is_dir():
-        raise HeadstartError(
-            f"data folder not found: {Path(config.data).absolute()} (give a folder of class sub-folders)"
-        )
+    watched_folder(config.data)  # before asking any server
     with _deployments_server("nothing was emitted") as api_url:
         with looking_at(Path(config.data), config.cache_dir) as change:
             if emit_data_changed(change, by="headstart data changed") is None:

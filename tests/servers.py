@@ -190,7 +190,9 @@ def postgres_database() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def api(url: str, path: str, body: dict | None = None, method: str | None = None) -> list | dict | None:
+def api(
+    url: str, path: str, body: dict | None = None, method: str | None = None, timeout: float = 30
+) -> list | dict | None:
     """One request to the Prefect server at `url` (its API under /api); the answer as JSON."""
     request = urllib.request.Request(
         f"{url}/api{path}",
@@ -198,6 +200,6 @@ def api(url: str, path: str, body: dict | None = None, method: str | None = None
         headers={"Content-Type": "application/json"},
         method=method,
     )
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         answer = response.read()
     return json.loads(answer) if answer else None

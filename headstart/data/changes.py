@@ -100,13 +100,19 @@ def state_path(cache_dir: Path, root: Path) -> Path:
     return Path(cache_dir) / "watch" / f"{key}.json"
 
 
+def watched_folder(root: Path) -> Path:
+    """The folder to look at, as an absolute path; one line where it is not there."""
+    root = Path(root).absolute()
+    if not root.is_dir():
+        raise HeadstartError(f"data folder not found: {root} (give a folder of class sub-folders)")
+    return root
+
+
 @contextmanager
 def looking_at(root: Path, cache_dir: Path) -> Iterator[DataChange]:
     """Looks at the folder and yields what changed since the last look; records this look when
     the block ends without an exception. Looks at one folder are taken one at a time."""
-    root = Path(root).absolute()
-    if not root.is_dir():
-        raise HeadstartError(f"data folder not found: {root} (give a folder of class sub-folders)")
+    root = watched_folder(root)
     place = state_path(cache_dir, root)
     place.parent.mkdir(parents=True, exist_ok=True)
     with open(place.with_suffix(".lock"), "a") as lock:
