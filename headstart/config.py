@@ -19,10 +19,11 @@ counts until someone decides it does not.
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -39,6 +40,36 @@ DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.88
 # = the backbone quantized to int8 on the training images.
 Engine = Literal["auto", "litert", "keras", "litert-int8"]
 INT8_ENGINE = "litert-int8"
+
+# The URL schemes taken as an object store; any other `scheme://` is refused in one line.
+STORE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "memory")
+
+
+def is_url(place: Place | None) -> bool:
+    """Whether the place is a store URL (a str `scheme://…`), not a local folder."""
+    return isinstance(place, str) and "://" in place
+
+
+def as_place(value) -> Place:
+    """A place as headstart keeps it: a store URL as a str without its trailing slash, a
+    `file://` URL or any other text as a local Path."""
+    if isinstance(value, Path):
+        return value
+    text = str(value)
+    if "://" not in text:
+        return Path(text)
+    scheme, rest = text.split("://", 1)
+    if scheme == "file":
+        return Path(urllib.parse.unquote(rest) or "/")
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(f"{text}: {scheme}:// is not a store headstart knows (use one of {', '.join(STORE_SCHEMES)})")
+    if not rest.strip("/"):
+        raise ValueError(f"{text} names no bucket")
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+# A local folder (a Path) or a store URL kept as text (s3://bucket/prefix; file:// is a Path).
+Place = Annotated[Union[Path, str], BeforeValidator(as_place)]
 
 # Marks for the fields that do not count towards the training key by their own value.
 # What such a field changes, the manifest's fingerprint shows: the images, labels, splits.
@@ -344,15 +375,21 @@ class ExportConfig(Section):
 class RuntimeConfig(Section):
     """Where things go and where the work runs; never changes a result."""
 
-    artifacts_root: Path = Field(
+    artifacts_root: Place = Field(
         Path("artifacts"),
         json_schema_extra=RESULT_NEUTRAL,
-        description="where run directories and the registry go (relative: to the working directory)",
+        description=(
+            "where run directories and the registry go (relative: to the working directory), or a store URL "
+            "(s3://bucket/prefix) a team shares"
+        ),
     )
-    cache_dir: Path = Field(
+    cache_dir: Place = Field(
         Path(".cache/headstart"),
         json_schema_extra=RESULT_NEUTRAL,
-        description="where downloads, backbones and features are cached",
+        description=(
+            "where downloads, backbones and features are cached, or a store URL whose feature cache a team "
+            "shares (this machine's copies then go to ~/.cache/headstart)"
+        ),
     )
     reuse_identical_runs: bool = Field(
         True,
@@ -496,8 +533,10 @@ class PredictConfig(BaseModel):
             "prints them, and a flow run writes a new CSV under artifacts_root/predictions"
         ),
     )
-    artifacts_root: Path = Field(Path("artifacts"), description="where the registry's versions are")
-    cache_dir: Path = Field(Path(".cache/headstart"), description="where the converted LiteRT model is cached")
+    artifacts_root: Place = Field(
+        Path("artifacts"), description="where the registry's versions are: a folder, or a store URL"
+    )
+    cache_dir: Place = Field(Path(".cache/headstart"), description="where the converted LiteRT model is cached")
     engine: Engine = Field(
         "auto",
         description=(

@@ -116,3 +116,28 @@ def extract_dataset(manifest, backbone, context, shard_size: int = 1024, progres
     for shard in shards:
         engine = context.extract_shard(shard, backbone, progress).engine
     return assemble_features(manifest, backbone, context.cache_dir, sum(map(len, shards)), engine, **assemble_options)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory):
+    """moto's S3 server, one for the session (tests.object_stores)."""
+    from tests.object_stores import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch, tmp_path, request) -> str:
+    """A new bucket on the moto server, reachable through the standard AWS variables, with this
+    machine's cache (copies of what is read from a store) in a temporary folder; its s3:// URL."""
+    import re
+    import secrets
+
+    from tests.object_stores import make_bucket, store_env
+
+    for name, value in store_env(moto_endpoint).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-cache"))
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + secrets.token_hex(3)
+    return make_bucket(moto_endpoint, name)
