@@ -85,12 +85,13 @@ def _check_places(artifacts_root: Path | None = None, cache_dir: Path | None = N
     predict only reads the registry, and writes to its cache only what is missing there, so a
     read-only registry or a read-only cache that already holds everything serves it."""
     from headstart.errors import HeadstartError
+    from headstart.infra.object_store import check_place
     from headstart.infra.storage import check_writable_directory
 
     if artifacts_root is not None:
-        check_writable_directory(artifacts_root, "--artifacts-root")
+        check_place(artifacts_root, "--artifacts-root")
     if cache_dir is not None:
-        check_writable_directory(cache_dir, "--cache-dir")
+        check_place(cache_dir, "--cache-dir")
     if output is not None:
         if Path(output).is_dir():
             raise HeadstartError(f"--output {output} is a folder; give a file ending in .csv or .parquet")
@@ -158,12 +159,14 @@ def _server_lost(config, api_url: str, problem: str, flow_runs: list[str]) -> in
     """The Prefect server stopped answering during the run: what was done all the same. The run
     directory, where it was committed, is printed last as always; exit code 0 when every step ran
     and only reports were lost, 2 (with what to do) when a step after the commit did not run."""
+    from headstart.infra.object_store import local_copy
     from headstart.registry import versions as registry
     from headstart.registry.runs import Run
 
     lost = f"the Prefect server at {api_url} stopped answering during the run ({problem})"
-    root = Path(config.runtime.artifacts_root)
-    paths = sorted(root.iterdir(), reverse=True) if root.is_dir() and flow_runs else []
+    root = config.runtime.artifacts_root
+    # A run committed to a registry on a store was committed in this machine's copy first.
+    paths = sorted(local_copy(root).iterdir(), reverse=True) if local_copy(root).is_dir() and flow_runs else []
     committed = [run for run in map(Run.if_complete, paths) if run is not None and _flow_run_id(run) in flow_runs]
     if not committed:
         print(
@@ -323,10 +326,11 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
+    from headstart.config import as_place
     from headstart.edge import export_images, export_tflite
     from headstart.registry import versions as registry
 
-    run = registry.resolve(Path(args.artifacts_root), args.model)
+    run = registry.resolve(as_place(args.artifacts_root), args.model)
     record = export_tflite(
         run,
         args.quantize,
@@ -339,10 +343,11 @@ def _export(args) -> int:
 
 
 def _models(args) -> int:
+    from headstart.config import as_place
     from headstart.errors import HeadstartError
     from headstart.registry import versions as registry
 
-    root = Path(args.artifacts_root)
+    root = as_place(args.artifacts_root)
     if args.action == "promote":
         entry = registry.promote(root, args.version, args.reason)
         print(f"champion: {entry['version']} (was {entry['previous'] or 'none'})", flush=True)

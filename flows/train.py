@@ -22,10 +22,11 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.failures import one_line_failures
 from flows.parameters import parameters_from
+from flows.results import keep_results_in
 from headstart.config import RuntimeConfig, TrainConfig
 from headstart.data.sources import check_source
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.infra.storage import check_writable_directory
+from headstart.infra.object_store import check_place
 from headstart.registry.reuse import find_identical_run, training_key
 from headstart.registry.runs import Run
 from headstart.reporting.outcome import state_message
@@ -51,8 +52,9 @@ def train(**parameters) -> str:
     config = TrainConfig(**parameters)
     check_source(config.data)
     cache_dir, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
-    check_writable_directory(artifacts_root, "--artifacts-root")
-    check_writable_directory(cache_dir, "--cache-dir")
+    check_place(artifacts_root, "--artifacts-root")
+    check_place(cache_dir, "--cache-dir")
+    keep_results_in(artifacts_root)
     if config.gate.enabled:
         check_champion(artifacts_root)
     manifest, report = download(config.data, cache_dir)

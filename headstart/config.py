@@ -68,6 +68,11 @@ def as_place(value) -> Place:
     return f"{scheme}://{rest.rstrip('/')}"
 
 
+def shown(place) -> str:
+    """A place as people read it: a store URL as it is, a folder as its absolute path."""
+    return place if is_url(place) else str(Path(place).absolute())
+
+
 # A local folder (a Path) or a store URL kept as text (s3://bucket/prefix; file:// is a Path).
 Place = Annotated[Union[Path, str], BeforeValidator(as_place)]
 

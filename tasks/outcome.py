@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from headstart.config import shown
 from headstart.errors import HeadstartError
 from headstart.promotion.mcnemar import GateDecision
 from headstart.registry import versions
@@ -88,7 +89,7 @@ def announce(artifacts_root: Path, run_dir: str, decision: GateDecision) -> None
         "headstart.accuracy": f"{accuracy:.4f}",
         "headstart.champion": champion or "",
         "headstart.champion-accuracy": f"{champion_accuracy:.4f}" if champion_accuracy is not None else "",
-        "headstart.artifacts-root": str(Path(artifacts_root).absolute()),
+        "headstart.artifacts-root": shown(artifacts_root),
     }
     figures = {name: value for name, value in decision.to_dict().items() if name != "drift"}
     payload = {"message": state_message(version, accuracy, decision), "gate": figures}

@@ -134,10 +134,9 @@ def s3_bucket(moto_endpoint, monkeypatch, tmp_path, request) -> str:
     import re
     import secrets
 
-    from tests.object_stores import make_bucket, store_env
+    from tests.object_stores import make_bucket, use_store
 
-    for name, value in store_env(moto_endpoint).items():
-        monkeypatch.setenv(name, value)
+    use_store(monkeypatch, moto_endpoint)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-cache"))
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + secrets.token_hex(3)
     return make_bucket(moto_endpoint, name)

@@ -20,6 +20,16 @@ from tests.servers import _stop, free_port
 ACCESS_KEY, SECRET_KEY = "headstart-test", "headstart-test-secret"
 
 
+def use_store(monkeypatch, endpoint: str) -> None:
+    """Points this process at the test store: its variables set, and no S3 client made for
+    another store reused (fsspec keeps one per set of arguments, which the variables are not)."""
+    import s3fs
+
+    for name, value in store_env(endpoint).items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def store_env(endpoint: str) -> dict[str, str]:
     """What a process needs to reach the test store: the standard AWS variables."""
     return {

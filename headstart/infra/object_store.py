@@ -16,7 +16,7 @@ from pathlib import Path
 
 from headstart.config import Place, is_url
 from headstart.errors import HeadstartError, first_line
-from headstart.infra.storage import atomic_path, writing_under
+from headstart.infra.storage import atomic_path, check_writable_directory, writing_under
 
 
 def machine_cache() -> Path:
@@ -128,14 +128,24 @@ class ObjectStore:
             self.fs.put_file(str(source), self.key(name))
 
     def create(self, name: str, data: bytes) -> bool:
-        """Writes the object only where none is there yet (If-None-Match: *); False where one was."""
+        """Writes the object only where none is there yet (If-None-Match: *); False where one was.
+        On a store without conditional writes, a look first (enough for objects written once
+        under a name no one else writes)."""
+        if not self._conditional_writes():
+            if self.exists(name):
+                return False
+            self.write_bytes(name, data)
+            return True
         return self.replace_if(name, data, None)
+
+    def _conditional_writes(self) -> bool:
+        return "s3" in tuple(self.fs.protocol)
 
     def replace_if(self, name: str, data: bytes, tag: str | None) -> bool:
         """Compare-and-swap: writes the object only while its ETag is still `tag` (None: while it
         is absent); False where another writer got there first. The store's conditional PUT
         decides, so two machines never both win."""
-        if self.fs.protocol not in ("s3", "s3a") and "s3" not in tuple(self.fs.protocol):
+        if not self._conditional_writes():
             raise HeadstartError(
                 f"{self.url}: switching the champion needs conditional writes, which headstart makes on s3:// "
                 "stores (and S3-compatible servers); keep the registry on one"
@@ -159,14 +169,34 @@ class ObjectStore:
 
     def check(self, option: str) -> None:
         """Stops, in one line naming `option`, unless the store answers and its bucket exists:
-        found before any work, not when the first result is written."""
+        found before any work, not when the first result is written. A store that does not
+        answer is given seconds, not the client's minutes of retries."""
+        import fsspec
+
         bucket = self.root.split("/", 1)[0]
+        options = {}
+        if "s3" in tuple(self.fs.protocol):
+            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 10, "retries": {"max_attempts": 1}}}
         try:
-            found = self.fs.exists(bucket)
+            impatient = fsspec.filesystem(self.fs.protocol[0], skip_instance_cache=True, **options)
+            impatient.retries = 1
+            impatient.ls(bucket, detail=False)  # unlike exists(), says why it cannot look
+            found = True
+        except FileNotFoundError:
+            found = False
         except Exception as error:  # the clients fail in many types (no credentials, refused, timeout)
             raise HeadstartError(f"{option} {self.url}: the store does not answer ({first_line(error)})") from None
         if not found:
             raise HeadstartError(f"{option} {self.url}: there is no bucket {bucket}; create it, or choose another")
+
+
+def check_place(place: Place, option: str) -> None:
+    """A place a command will write to, checked before any work, in one line naming `option`: a
+    local folder writable by this process; a store that answers, with its bucket, and this
+    machine's copy of it writable."""
+    if is_url(place):
+        ObjectStore(place).check(option)
+    check_writable_directory(local_copy(place), option)
 
 
 def _precondition_failed(error: OSError) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from headstart import __version__
 from headstart.config import TrainConfig
 from headstart.infra.cache_files import read_or_drop
+from headstart.infra.object_store import local_copy
 from headstart.infra.storage import write_json_atomic
 from headstart.registry.runs import Run
 
@@ -75,6 +76,7 @@ def find_identical_run(cache_dir: Path, key: str, artifacts_root: Path | None = 
     return chosen[0].path if chosen else None
 
 
-def in_registry(artifacts_root: Path, run_dir: Path) -> bool:
-    """Whether the run directory is a version of the registry under `artifacts_root`."""
-    return Path(run_dir).resolve().parent == Path(artifacts_root).resolve()
+def in_registry(artifacts_root: Path | str, run_dir: Path) -> bool:
+    """Whether the run directory is a version of the registry under `artifacts_root` (of this
+    machine's copy of it, for a registry on a store)."""
+    return Path(run_dir).resolve().parent == local_copy(artifacts_root).resolve()

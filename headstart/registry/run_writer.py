@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING, Callable
 
 from headstart import __version__
 from headstart.backbone.handles import Backbone
+from headstart.config import is_url
 from headstart.evaluation.drift import data_index, feature_reference
+from headstart.infra.object_store import local_copy
 from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic, writing_under
+from headstart.registry import published
 from headstart.registry.lineage import BackboneLineage, DataLineage, Lineage, Scores, SplitFingerprint, copied_lineage
 from headstart.registry.model_card import model_card
 from headstart.registry.runs import (
@@ -79,14 +82,19 @@ class RunWriter:
     directory to its final name when the block succeeds, and removes it when the block fails.
 
     The name is the run's version in the registry: its UTC creation time and a random suffix.
+    In a registry on a store, the run is committed in this machine's copy of it, then published
+    (headstart.registry.published).
     """
 
-    def __init__(self, artifacts_root: Path):
+    def __init__(self, artifacts_root: Path | str):
         self.created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
         self.name = self.created_at.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        self.root = Path(artifacts_root)
+        self.store_root = artifacts_root if is_url(artifacts_root) else None
+        self.root = local_copy(artifacts_root)
         self.final = (self.root / self.name).resolve()
         remove_abandoned_staging(self.root)
+        if self.store_root is not None:
+            published.remove_abandoned(self.store_root)
         self.staging = self.root / f".{self.name}{PARTIAL_SUFFIX}"
         self.staging.mkdir(parents=True, exist_ok=False)
         try:
@@ -107,6 +115,8 @@ class RunWriter:
         if exc_type is None:
             (self.staging / OWNER_FILE).unlink(missing_ok=True)
             os.replace(self.staging, self.final)
+            if self.store_root is not None:
+                published.publish(self.store_root, self.final)
         else:
             shutil.rmtree(self.staging, ignore_errors=True)
             if isinstance(exc_value, OSError) and exc_value.filename is None and exc_value.errno is not None:
@@ -203,7 +213,7 @@ class RunWriter:
 
 
 def write_run(
-    artifacts_root: Path,
+    artifacts_root: Path | str,
     *,
     config: "TrainConfig",
     training_key: str,
@@ -276,7 +286,7 @@ def write_run(
     return writer.final
 
 
-def copy_run(artifacts_root: Path, previous: Path, flow_run_id: str | None = None) -> Path:
+def copy_run(artifacts_root: Path | str, previous: Path, flow_run_id: str | None = None) -> Path:
     """A new run directory holding an earlier run's files, its config and lineage marked `reused_from`."""
     with RunWriter(artifacts_root) as writer:
         writer.copy_run(previous, flow_run_id)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from headstart.backbone.handles import Backbone
 from headstart.errors import HeadstartError, first_line
 from headstart.infra.storage import write_json_atomic
+from headstart.registry import published
 from headstart.registry.lineage import Lineage
 from headstart.training.fine_tuning import FineTuningSummary
 
@@ -122,6 +123,7 @@ class Run:
         metrics = change(self._json(METRICS_FILE))
         write_json_atomic(self.path / METRICS_FILE, metrics)
         self.__dict__["metrics"] = metrics
+        self._republish()
         return metrics
 
     def record_gate(self, decision: dict) -> None:
@@ -130,6 +132,14 @@ class Run:
         written = self._json(LINEAGE_FILE)
         write_json_atomic(self.path / LINEAGE_FILE, {**written, "gate": decision})
         self.__dict__.pop("lineage", None)
+        self._republish()
+
+    def _republish(self) -> None:
+        """A run of a registry on a store is this machine's copy of it: what changed here is
+        published again, so that every machine reads the run as it is now."""
+        store = published.store_of(self.path)
+        if store is not None:
+            published.publish(store, self.path)
 
     @property
     def fine_tuning(self) -> FineTuningSummary | None:

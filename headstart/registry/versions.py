@@ -24,8 +24,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from headstart.config import is_url
 from headstart.errors import HeadstartError
 from headstart.infra.storage import write_json_atomic
+from headstart.registry import published
 from headstart.registry.runs import DamagedRun, Run
 
 CHAMPION = "champion"
@@ -55,6 +57,8 @@ class Version:
 def versions(artifacts_root: Path) -> list[Version]:
     """Every complete run under the artifacts root, newest first, the champion marked; a run whose
     metadata is damaged is listed as such, with the reason."""
+    if is_url(artifacts_root):
+        return _published_versions(artifacts_root)
     root = Path(artifacts_root)
     champion = champion_version(root)
     paths = (
@@ -99,6 +103,26 @@ def versions(artifacts_root: Path) -> list[Version]:
     return rows
 
 
+def _published_versions(root: str) -> list[Version]:
+    """The versions of a registry in a store, from their markers alone (no run is downloaded)."""
+    champion = champion_version(root)
+    rows = []
+    for name, marker in sorted(published.markers(root).items(), reverse=True):
+        summary = marker.get("summary", {})
+        rows.append(
+            Version(
+                version=name,
+                path=f"{root}/{name}",
+                accuracy=summary.get("accuracy"),
+                n=summary.get("n"),
+                class_names=summary.get("class_names", []),
+                created_at=summary.get("created_at", ""),
+                champion=name == champion,
+            )
+        )
+    return rows
+
+
 class _HistoryEntry(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -138,22 +162,40 @@ def _alias_problem(written) -> str | None:
     return None
 
 
-def _read_alias(artifacts_root: Path) -> dict:
+WHAT_TO_DO_WITH_A_DAMAGED_ALIAS = (
+    "restore it from a backup, or move it aside and promote a version (`headstart models promote VERSION`)"
+)
+
+
+def _read_alias(artifacts_root: Path | str) -> dict:
+    if is_url(artifacts_root):
+        data, _ = published.read_alias(artifacts_root)
+        return _parsed_alias(data, published.alias_location(artifacts_root))
     path = alias_path(artifacts_root)
     if not path.exists():
-        return {"version": None, "history": []}
-    what_to_do = "restore it from a backup, or move it aside and promote a version (`headstart models promote VERSION`)"
+        return _parsed_alias(None, path)
     try:
-        written = json.loads(path.read_bytes())
+        data = path.read_bytes()
     except OSError as error:
         raise HeadstartError(
-            f"the champion alias {path} cannot be read ({error.strerror or error}); {what_to_do}"
+            f"the champion alias {path} cannot be read ({error.strerror or error}); {WHAT_TO_DO_WITH_A_DAMAGED_ALIAS}"
         ) from None
+    return _parsed_alias(data, path)
+
+
+def _parsed_alias(data: bytes | None, where) -> dict:
+    """The alias a champion.json holds (None: no promotion yet), checked against its schema."""
+    if data is None:
+        return {"version": None, "history": []}
+    try:
+        written = json.loads(data)
     except ValueError:
-        raise HeadstartError(f"the champion alias {path} is not valid JSON; {what_to_do}") from None
+        raise HeadstartError(
+            f"the champion alias {where} is not valid JSON; {WHAT_TO_DO_WITH_A_DAMAGED_ALIAS}"
+        ) from None
     problem = _alias_problem(written)
     if problem is not None:
-        raise HeadstartError(f"the champion alias {path} is damaged ({problem}); {what_to_do}")
+        raise HeadstartError(f"the champion alias {where} is damaged ({problem}); {WHAT_TO_DO_WITH_A_DAMAGED_ALIAS}")
     return written
 
 
@@ -174,7 +216,7 @@ def champion(artifacts_root: Path) -> Run | None:
     version = champion_version(artifacts_root)
     if version is None:
         return None
-    root = Path(artifacts_root)
+    root = artifacts_root if is_url(artifacts_root) else Path(artifacts_root)
     what_to_do = (
         "promote another version (`headstart models promote VERSION`) or roll back (`headstart models rollback`)"
     )
@@ -193,10 +235,14 @@ def champion(artifacts_root: Path) -> Run | None:
     return run
 
 
-def _complete_run(root: Path, version: str) -> Run | None:
-    """The complete run named `version` directly under root (not through a link to elsewhere), or None."""
+def _complete_run(root: Path | str, version: str) -> Run | None:
+    """The complete run named `version` directly under root (not through a link to elsewhere), or
+    None; in a store, this machine's copy of the published version."""
     if not is_version_name(version):
         return None
+    if is_url(root):
+        path = published.fetch(root, version)
+        return Run.if_complete(path) if path is not None else None
     path = root / version
     if path.is_symlink() or not path.is_dir():
         return None
@@ -227,21 +273,52 @@ def promote(
     `expected_champion` (None: no champion), the switch is made only if the champion is still that
     one when the registry's lock is held, else ChampionChanged: a decision taken against one
     champion never replaces another."""
-    with _exclusive(artifacts_root):
-        if expected_champion is not ANY:
-            current = _read_alias(Path(artifacts_root))["version"]
-            if current != expected_champion:
-                raise ChampionChanged(expected_champion, current)
-        return _switch_holding_the_lock(artifacts_root, version, reason, by, rollback=False)
+
+    def switched(alias: dict) -> tuple[str, bool]:
+        if expected_champion is not ANY and alias["version"] != expected_champion:
+            raise ChampionChanged(expected_champion, alias["version"])
+        return version, False
+
+    return _switch(artifacts_root, switched, reason, by)
 
 
 def rollback(artifacts_root: Path, reason: str = "rolled back", by: str = "manual") -> dict:
     """Makes the champion before the current one champion again; repeated, it walks further back."""
-    with _exclusive(artifacts_root):
-        lineage = _champion_lineage(_read_alias(Path(artifacts_root))["history"])
+
+    def switched(alias: dict) -> tuple[str, bool]:
+        lineage = _champion_lineage(alias["history"])
         if len(lineage) < 2:
             raise HeadstartError("there is no earlier champion to roll back to")
-        return _switch_holding_the_lock(artifacts_root, lineage[-2], reason, by, rollback=True)
+        return lineage[-2], True
+
+    return _switch(artifacts_root, switched, reason, by)
+
+
+def _switch(artifacts_root: Path | str, switched, reason: str, by: str) -> dict:
+    """Switches the alias to the version `switched(alias now)` names (with whether that is a
+    rollback); returns the history entry. A local registry holds its lock meanwhile; a store's
+    alias is replaced only while no other machine has replaced it (read again, decided again
+    where one has)."""
+    if not is_url(artifacts_root):
+        with _exclusive(artifacts_root):
+            version, rollback = switched(_read_alias(Path(artifacts_root)))
+            return _switch_holding_the_lock(artifacts_root, version, reason, by, rollback)
+    entry: dict = {}
+    checked: set[str] = set()
+
+    def change(data: bytes | None) -> bytes:
+        alias = _parsed_alias(data, published.alias_location(artifacts_root))
+        version, rollback = switched(alias)
+        if version not in checked:
+            _usable_run(artifacts_root, version)
+            checked.add(version)
+        entry.clear()
+        entry.update(_history_entry(alias, version, reason, by, rollback))
+        new = {"version": version, "history": [*alias["history"], entry]}
+        return (json.dumps(new, indent=2, sort_keys=True) + "\n").encode()
+
+    published.switch_alias(artifacts_root, change)
+    return dict(entry)
 
 
 @contextmanager
@@ -271,6 +348,26 @@ def _champion_lineage(entries: list[dict]) -> list[str]:
 
 def _switch_holding_the_lock(artifacts_root: Path, version: str, reason: str, by: str, rollback: bool) -> dict:
     root = Path(artifacts_root)
+    _usable_run(root, version)
+    alias = _read_alias(root)
+    entry = _history_entry(alias, version, reason, by, rollback)
+    write_json_atomic(alias_path(root), {"version": version, "history": [*alias["history"], entry]})
+    return entry
+
+
+def _history_entry(alias: dict, version: str, reason: str, by: str, rollback: bool) -> dict:
+    return {
+        "version": version,
+        "previous": alias["version"],
+        "reason": reason,
+        "by": by,
+        "at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "rollback": rollback,
+    }
+
+
+def _usable_run(root: Path | str, version: str) -> Run:
+    """The complete, undamaged run `version` names; else a one-line HeadstartError."""
     if not is_version_name(version):
         raise HeadstartError(
             f"{version!r} is not a complete run in {root}: a version is the name of a run directory "
@@ -290,29 +387,19 @@ def _switch_holding_the_lock(artifacts_root: Path, version: str, reason: str, by
         raise HeadstartError(
             f"version {version} is damaged ({damage.path.name} {damage.problem}); promote another version"
         ) from None
-    alias = _read_alias(root)
-    entry = {
-        "version": version,
-        "previous": alias["version"],
-        "reason": reason,
-        "by": by,
-        "at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "rollback": rollback,
-    }
-    write_json_atomic(alias_path(root), {"version": version, "history": [*alias["history"], entry]})
-    return entry
+    return run
 
 
 def resolve(artifacts_root: Path, model: str) -> Run:
     """A model named as `champion`, a version under the artifacts root, or a run directory (a path
     the user gives explicitly)."""
-    root = Path(artifacts_root)
+    root = artifacts_root if is_url(artifacts_root) else Path(artifacts_root)
     if model == CHAMPION:
         run = champion(root)
         if run is None:
             raise HeadstartError(f"no champion in {root} yet; promote a version (`headstart models promote VERSION`)")
         return run
-    if is_version_name(model) and (root / model).is_dir():
+    if is_version_name(model) and (is_url(root) or (root / model).is_dir()):
         try:
             run = _complete_run(root, model)
         except HeadstartError:
@@ -323,4 +410,7 @@ def resolve(artifacts_root: Path, model: str) -> Run:
             )
         run.check()
         return run
+    if is_url(model):  # a version named by its URL, as a store's runs are shown
+        store_root, _, version = model.rstrip("/").rpartition("/")
+        return resolve(store_root, version)
     return Run(Path(model))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from headstart.config import shown
 from headstart.promotion.mcnemar import GateDecision
 from headstart.registry.runs import Run
 
@@ -73,7 +74,7 @@ def champion_record(run: Run, artifacts_root: Path, entry: dict | None = None) -
         "accuracy": run.metrics["accuracy"],
         "test_images": run.metrics["n"],
         "run_dir": str(run.path),
-        "artifacts_root": str(Path(artifacts_root).absolute()),
+        "artifacts_root": shown(artifacts_root),
     }
     if entry is not None:
         record.update(since=entry["at"], reason=entry["reason"], by=entry["by"], previous=entry["previous"])

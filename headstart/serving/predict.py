@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from headstart.config import PredictConfig
+from headstart.config import Place, PredictConfig, is_url
 from headstart.data.folders import image_files
 from headstart.data.images import check_image
 from headstart.data.preprocessing import apply_to_decoded, decoded_batches
 from headstart.errors import HeadstartError
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
+from headstart.infra.object_store import ObjectStore, local_copy
 from headstart.infra.storage import atomic_path
 from headstart.registry.runs import Run
 
@@ -142,8 +143,9 @@ def predict_with_model(
         return predict_with_tflite(Path(model), inputs, settings.threads), Path(model).name
     from headstart.registry import versions as registry
 
-    run = registry.resolve(Path(artifacts_root), model)
-    with ExtractionContext(Path(cache_dir), settings) as context:
+    run = registry.resolve(artifacts_root, model)
+    # Predicting reads no shared feature: the converted models stay in this machine's own cache.
+    with ExtractionContext(local_copy(cache_dir), settings) as context:
         return predict_images(run, inputs, context), run.path.name
 
 
@@ -170,11 +172,24 @@ def require_images(predictions: Predictions, inputs) -> None:
     )
 
 
-def default_output(artifacts_root: Path, name: str, now: datetime | None = None) -> Path:
-    """Where a predict run given no `output` keeps its labels: a CSV under the artifacts root,
-    named by the time (UTC) and the run, so that runs sort in order and never overwrite each other."""
+def default_output(artifacts_root: Place, name: str, now: datetime | None = None) -> Path:
+    """Where a predict run given no `output` keeps its labels: a CSV under the artifacts root (this
+    machine's copy of it, for a registry on a store: `keep_in_store` publishes it), named by the
+    time (UTC) and the run, so that runs sort in order and never overwrite each other."""
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
-    return Path(artifacts_root) / PREDICTIONS_FOLDER / f"{stamp}-{name}.csv"
+    return local_copy(artifacts_root) / PREDICTIONS_FOLDER / f"{stamp}-{name}.csv"
+
+
+def keep_in_store(artifacts_root: Place, output: Path) -> str:
+    """The predictions file where people find it: for a registry on a store, uploaded beside it
+    (once: a name already there is never overwritten) and named by its URL; else its path."""
+    if not is_url(artifacts_root):
+        return str(Path(output).resolve())
+    name = f"{PREDICTIONS_FOLDER}/{Path(output).name}"
+    store = ObjectStore(artifacts_root)
+    if not store.create(name, Path(output).read_bytes()):
+        raise HeadstartError(f"{store.location(name)} is already there; run the prediction again")
+    return store.location(name)
 
 
 def write_predictions(predictions: Predictions, destination: Path) -> Path:
