@@ -195,6 +195,7 @@ def test_a_dask_worker_with_its_own_disk_extracts_a_shard_to_the_store(
     env = {**base, **store_env(moto_endpoint), "PYTHONPATH": str(root)}
     dask = str(Path(sys.executable).parent / "dask")
     processes = []
+    logs = [open(tmp_path / "scheduler.log", "w"), open(tmp_path / "worker.log", "w")]
     try:
         processes.append(
             subprocess.Popen(
@@ -202,7 +203,7 @@ def test_a_dask_worker_with_its_own_disk_extracts_a_shard_to_the_store(
                 cwd=tmp_path,
                 env={**env, "HOME": str(tmp_path / "scheduler")},
                 stdout=subprocess.DEVNULL,
-                stderr=open(tmp_path / "scheduler.log", "w"),
+                stderr=logs[0],
                 start_new_session=True,
             )
         )
@@ -212,7 +213,7 @@ def test_a_dask_worker_with_its_own_disk_extracts_a_shard_to_the_store(
                 cwd=worker_home / "cwd",
                 env={**env, "HOME": str(worker_home), "XDG_CACHE_HOME": str(worker_home / "cache")},
                 stdout=subprocess.DEVNULL,
-                stderr=open(tmp_path / "worker.log", "w"),
+                stderr=logs[1],
                 start_new_session=True,
             )
         )
@@ -226,6 +227,8 @@ def test_a_dask_worker_with_its_own_disk_extracts_a_shard_to_the_store(
     finally:
         for process in reversed(processes):
             _stop(process)
+        for log in logs:
+            log.close()
 
     assert result.extracted == 8 and result.left_out == ()
     (name,) = FeatureCache(cache, tiny).store.listing()
@@ -247,3 +250,38 @@ def _connect(distributed, address: str, processes: list[subprocess.Popen]):
             if time.monotonic() > deadline or any(process.poll() is not None for process in processes):
                 raise
             time.sleep(0.5)
+
+
+def test_the_train_flow_on_store_images_with_a_store_cache_reuses_another_machines_features(
+    prefect_harness, s3_bucket, tiny_backbone_dir, tmp_path, monkeypatch, downloads
+):
+    from configs import smoke_config
+
+    from flows.train import train
+    from headstart.registry.runs import Run
+
+    url, cache = f"{s3_bucket}/photos", f"{s3_bucket}/cache"
+    _upload_photos(url, write_class_images(tmp_path / "photos", COLOURS, per_class=12))
+    monkeypatch.chdir(tmp_path)
+    extractions = []
+    original = ExtractionContext.extract_shard
+
+    def counting(self, shard, backbone, progress=None):
+        extractions.append(len(shard))
+        return original(self, shard, backbone, progress)
+
+    monkeypatch.setattr(ExtractionContext, "extract_shard", counting)
+    runs = {}
+    for machine in ("a", "b"):
+        _machine(monkeypatch, tmp_path, machine)
+        config = smoke_config(url, tiny_backbone_dir, tmp_path / machine, gate=False, epochs=2, test_fraction=0.25)
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"cache_dir": cache})})
+        runs[machine] = Run(Path(train(**config.flat())))
+        if machine == "a":
+            assert sum(extractions) == 24
+            shards = FeatureCache(cache, resolve_backbone(str(tiny_backbone_dir), 32, tmp_path / "bb")).store.listing()
+            downloads.clear()
+    assert sum(extractions) == 24  # machine B extracted nothing
+    assert sorted(name for name in downloads if name.startswith("shard-")) == sorted(shards)
+    assert runs["a"].lineage.training_key == runs["b"].lineage.training_key
+    assert not (tmp_path / "a" / "cache").exists()  # the cache was the store's, in each machine's copy
