@@ -285,3 +285,9 @@ def test_the_train_flow_on_store_images_with_a_store_cache_reuses_another_machin
     assert sorted(name for name in downloads if name.startswith("shard-")) == sorted(shards)
     assert runs["a"].lineage.training_key == runs["b"].lineage.training_key
     assert not (tmp_path / "a" / "cache").exists()  # the cache was the store's, in each machine's copy
+
+
+def test_a_data_url_of_an_unknown_scheme_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="http:// is not a store headstart knows"):
+        TrainConfig(data="http://example.com/photos")
+    assert TrainConfig(data="s3://bucket/photos/").data.source == "s3://bucket/photos"
