@@ -26,7 +26,7 @@ from flows.results import keep_results_in
 from headstart.config import RuntimeConfig, TrainConfig
 from headstart.data.sources import check_source
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.infra.object_store import check_place
+from headstart.infra.object_store import check_place, local_copy
 from headstart.registry.reuse import find_identical_run, training_key
 from headstart.registry.runs import Run
 from headstart.reporting.outcome import state_message
@@ -51,17 +51,20 @@ def train(**parameters) -> str:
     parameters are TrainConfig's options (see headstart.config)."""
     config = TrainConfig(**parameters)
     check_source(config.data)
-    cache_dir, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
+    cache, artifacts_root = config.runtime.cache_dir, config.runtime.artifacts_root
     check_place(artifacts_root, "--artifacts-root")
-    check_place(cache_dir, "--cache-dir")
+    check_place(cache, "--cache-dir")
     keep_results_in(artifacts_root)
     if config.gate.enabled:
         check_champion(artifacts_root)
+    # The feature steps take the cache as a place (a store URL's shards are shared); every other
+    # step works in this machine's own copy of it.
+    cache_dir = local_copy(cache)
     manifest, report = download(config.data, cache_dir)
-    backbone = prepare_backbone(config.backbone, manifest, cache_dir)
-    shards = plan_features(manifest, backbone, cache_dir, config.backbone.shard_size)
+    backbone = prepare_backbone(config.backbone, manifest, cache)
+    shards = plan_features(manifest, backbone, cache, config.backbone.shard_size)
     settings = ExtractionSettings(config.backbone.engine, config.backbone.threads, config.backbone.batch_size)
-    with ExtractionContext(cache_dir, settings) as extraction:
+    with ExtractionContext(cache, settings) as extraction:
         features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
         warn_skipped(report.skipped)
         key = training_key(config, manifest.fingerprint, backbone.fingerprint)
@@ -77,11 +80,11 @@ def train(**parameters) -> str:
             # From here on the fine-tuned network is the run's backbone: its features are what
             # evaluation and the gate read, as for any backbone.
             backbone = tuned.backbone
-            shards = plan_features(manifest, backbone, cache_dir, config.backbone.shard_size)
+            shards = plan_features(manifest, backbone, cache, config.backbone.shard_size)
             features, manifest, report = _features(config, manifest, report, backbone, shards, extraction)
             classifier = build_model(config.head, backbone, manifest.class_names, head_from=classifier)
             if manifest.fingerprint != frozen_manifest.fingerprint:  # files changed meanwhile were left out
-                frozen_features, _, _ = assemble_features(manifest, report, frozen_backbone, cache_dir, [])
+                frozen_features, _, _ = assemble_features(manifest, report, frozen_backbone, cache, [])
     metrics, probabilities = evaluate(classifier, features, manifest.class_names)
     # Near-duplicates are judged on the frozen backbone's features, for which the threshold is calibrated.
     leakage = near_duplicates(config.evaluation, frozen_features, probabilities, manifest.class_names)
@@ -152,7 +155,7 @@ def _features(config: TrainConfig, manifest, report, backbone, shards, extractio
                 extract_features,
                 {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels},
             ).result()
-    return assemble_features(manifest, report, backbone, config.runtime.cache_dir, extracted)
+    return assemble_features(manifest, report, backbone, extraction.cache, extracted)
 
 
 def extraction_runner(runtime: RuntimeConfig) -> TaskRunner:

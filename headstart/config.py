@@ -104,7 +104,7 @@ class DataConfig(Section):
     source: str = Field(
         alias="data",
         json_schema_extra=THROUGH_MANIFEST,
-        description="'cifar10', or a folder with one sub-folder of images per class",
+        description="'cifar10', or a folder with one sub-folder of images per class (local, or on a store: s3://bucket/photos)",
     )
     classes: Optional[tuple[str, ...]] = Field(
         None,
@@ -138,6 +138,9 @@ class DataConfig(Section):
         # An empty path means the working directory, whose sub-folders are no classes.
         if not source.strip():
             raise ValueError("give a folder of class sub-folders, or 'cifar10' (an empty path is the current folder)")
+        if "://" in source:  # a folder on a store: its scheme must be one headstart knows
+            place = as_place(source)
+            return place if is_url(place) else str(place)
         return source
 
     @field_validator("classes")

@@ -8,11 +8,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from headstart.backbone.handles import Backbone, resolve_backbone
-from headstart.config import INT8_ENGINE, BackboneConfig, DataConfig
+from headstart.backbone.handles import Backbone, publish_backbone, resolve_backbone
+from headstart.config import INT8_ENGINE, BackboneConfig, DataConfig, Place, is_url
 from headstart.data.manifest import DataReport, Manifest, skipped_summary
 from headstart.data.sources import prepare_source
 from headstart.edge import quantized_backbone, representative_rows
+from headstart.infra.object_store import local_copy
 
 
 # Caching is by content, inside headstart itself (hashes of every image, of the backbone's
@@ -27,12 +28,16 @@ def download(data: DataConfig, cache_dir: Path) -> tuple[Manifest, DataReport]:
 
 
 @task(name="prepare_backbone", retries=0, cache_policy=NO_CACHE)
-def prepare_backbone(settings: BackboneConfig, manifest: Manifest, cache_dir: Path) -> Backbone:
+def prepare_backbone(settings: BackboneConfig, manifest: Manifest, cache: Place) -> Backbone:
     """Resolves the backbone (downloaded or converted once, then cached), quantized to int8 on the
-    training images for the litert-int8 engine."""
-    backbone = resolve_backbone(settings.handle, settings.image_size, Path(cache_dir))
+    training images for the litert-int8 engine; with a store cache, also published there by its
+    fingerprint, for the extraction workers that have no copy of it."""
+    cache_dir = local_copy(cache)
+    backbone = resolve_backbone(settings.handle, settings.image_size, cache_dir)
     if settings.engine == INT8_ENGINE:
-        backbone = quantized_backbone(backbone, representative_rows(manifest.read().to_pylist()), Path(cache_dir))
+        backbone = quantized_backbone(backbone, representative_rows(manifest.read().to_pylist()), cache_dir)
+    if is_url(cache):
+        publish_backbone(backbone, cache)
     return backbone
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 from headstart.backbone.checkpoint import read_legacy_checkpoint
-from headstart.config import BUNDLED_HANDLE
+from headstart.config import BUNDLED_HANDLE, Place
 from headstart.errors import HeadstartError, first_line
 from headstart.infra.archives import unpack_tar
 from headstart.infra.cache_files import drop_damaged, read_or_drop
 from headstart.infra.downloads import DownloadError, DownloadPolicy, download
+from headstart.infra.object_store import ObjectStore, joined, local_copy
 from headstart.infra.storage import remove_stale_temporaries, write_json_atomic
 
 CHECKPOINT_SHA256_PREFIX = "b0353104"
@@ -194,3 +196,84 @@ def _compressed_format_url(handle: str) -> str:
     parts = list(urllib.parse.urlparse(handle))
     parts[4] = urllib.parse.urlencode([*urllib.parse.parse_qsl(parts[4]), ("tf-hub-format", "compressed")])
     return urllib.parse.urlunparse(parts)
+
+
+# --- backbones shared through a store cache ---------------------------------------------------
+
+# Written last under <cache>/backbones/<fingerprint>/: a reader takes the module only once it is there.
+SHARED_MARKER = "PUBLISHED.json"
+
+
+def _shared_store(cache: Place, fingerprint: str) -> ObjectStore:
+    return ObjectStore(joined(cache, "backbones", fingerprint))
+
+
+def publish_backbone(backbone: Backbone, cache: Place) -> None:
+    """Uploads the resolved module (and an int8 backbone's LiteRT model) to
+    `<cache>/backbones/<fingerprint>/`, once: its files first, the marker last, so that machines
+    with no copy of the module (Dask workers) fetch it by fingerprint."""
+    store = _shared_store(cache, backbone.fingerprint)
+    if store.exists(SHARED_MARKER):
+        return
+    module = Path(backbone.module_path)
+    files = {}
+    for file in sorted(p for p in module.rglob("*") if p.is_file()):
+        name = file.relative_to(module).as_posix()
+        store.upload(file, f"module/{name}")
+        files[name] = file.stat().st_size
+    record = {"handle": backbone.handle, "image_size": backbone.image_size, "files": files}
+    if backbone.litert_model is not None:
+        store.upload(Path(backbone.litert_model), "litert.tflite")
+        record["litert_model"] = "litert.tflite"
+    store.write_bytes(SHARED_MARKER, json.dumps(record, indent=1).encode())
+
+
+def shared_backbone(backbone: Backbone, cache: Place) -> Backbone:
+    """The backbone as this machine's own copy of the module published under the store cache,
+    fetched once by fingerprint and verified (its files must hash to the fingerprint): what a
+    machine that cannot see the flow machine's module_path runs. Where the module was never
+    published, the backbone's own module_path serves, if it is here and hashes to the fingerprint."""
+    directory = local_copy(cache) / "backbones" / backbone.fingerprint
+    module, litert = directory / "module", directory / "litert.tflite"
+    if not ((module / "saved_model.pb").is_file() and fingerprint_module(module) == backbone.fingerprint):
+        if not _fetch_shared(backbone, cache, directory):
+            return backbone
+    litert_model = litert if backbone.litert_model is not None else None
+    return Backbone(backbone.handle, module, backbone.fingerprint, backbone.image_size, litert_model)
+
+
+def _fetch_shared(backbone: Backbone, cache: Place, directory: Path) -> bool:
+    """Downloads the published module into `directory`, verified; False where it was never
+    published and the backbone's own module is here and whole."""
+    store = _shared_store(cache, backbone.fingerprint)
+    marker = store.read_bytes(SHARED_MARKER)
+    if marker is None:
+        module = Path(backbone.module_path)
+        if (module / "saved_model.pb").is_file() and fingerprint_module(module) == backbone.fingerprint:
+            return False
+        raise HeadstartError(
+            f"backbone {backbone.fingerprint} is not on {store.url} (no {SHARED_MARKER}); "
+            "the training flow publishes it there when it prepares the backbone"
+        )
+    record = json.loads(marker)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory.parent, f"{directory.name}.*.tmp")
+    with tempfile.TemporaryDirectory(prefix=f"{directory.name}.", suffix=".tmp", dir=directory.parent) as staging:
+        copy = Path(staging) / "copy"
+        for name in record["files"]:
+            store.download(f"module/{name}", copy / "module" / name)
+        found = fingerprint_module(copy / "module")
+        if found != backbone.fingerprint:
+            raise HeadstartError(
+                f"backbone {store.url}: its files hash to {found}, not to {backbone.fingerprint}; "
+                "remove that folder from the store, and the next training run publishes it again"
+            )
+        if record.get("litert_model"):
+            store.download(record["litert_model"], copy / "litert.tflite")
+        shutil.rmtree(directory, ignore_errors=True)
+        try:
+            copy.rename(directory)
+        except OSError:
+            if not (directory / "module" / "saved_model.pb").is_file():  # else another process finished it first
+                raise
+    return True

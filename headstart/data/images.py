@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from headstart.config import is_url
 from headstart.errors import first_line
+from headstart.infra.object_store import local_copy
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Image formats people have that Pillow cannot decode without plug-ins: named as such, not as "not an image".
@@ -42,7 +44,12 @@ _ORIENTATIONS = {
 }
 
 
-def load_image(path: Path, draft_size: int | None = None, expected_sha256: str | None = None) -> np.ndarray:
+def image_file(path: Path | str) -> Path:
+    """Where this machine reads an image: its path, or for a store URL, this machine's copy of it."""
+    return local_copy(path) if is_url(path) else Path(path)
+
+
+def load_image(path: Path | str, draft_size: int | None = None, expected_sha256: str | None = None) -> np.ndarray:
     """Decodes any common image file to RGB uint8 [height, width, 3], honouring EXIF rotation.
 
     With draft_size, a JPEG may decode at a reduced scale that still covers draft_size on each side.
@@ -51,7 +58,9 @@ def load_image(path: Path, draft_size: int | None = None, expected_sha256: str |
     With expected_sha256, the bytes are read once, checked against that content hash and decoded
     from memory, so what is decoded is exactly what was hashed: a file rewritten since it was
     scanned raises ImageChanged rather than lending its new pixels to the old content's hash.
+    A store URL (an image of a manifest of a store folder) is read from this machine's copy of it.
     """
+    path = image_file(path)
     source = path
     if expected_sha256 is not None:
         data = Path(path).read_bytes()

@@ -190,14 +190,23 @@ def build_manifest(
     test_fraction: float,
     max_images_per_class: int | None = None,
     show_progress: bool = False,
+    copy_of: tuple[Path, str] | None = None,
 ) -> Manifest:
-    """Hashes, checks and splits files into a manifest; `fixed_split` (third item) overrides the hash split."""
+    """Hashes, checks and splits files into a manifest; `fixed_split` (third item) overrides the hash split.
+
+    With `copy_of` (a local copy of a store folder, and that folder's URL), the manifest names each
+    file by its URL, so that the same images make the same manifest on every machine."""
     resolved = [os.path.realpath(path) for path, _, _ in labelled_files]  # symlinked datasets point at their files
     scanned = scan_files(resolved, cache_dir, show_progress)
+    if copy_of is not None:
+        copy_root, url = os.path.realpath(copy_of[0]), copy_of[1]
+        named = [f"{url}/{Path(os.path.relpath(path, copy_root)).as_posix()}" for path in resolved]
+    else:
+        named = resolved
     rows = {"path": [], "label": [], "class_name": [], "sha256": [], "split": []}
     first_seen: dict[str, tuple[Path, int]] = {}
     per_class = [0] * len(class_names)
-    for (path, label, fixed_split), resolved_path, (sha256, error) in zip(labelled_files, resolved, scanned):
+    for (path, label, fixed_split), resolved_path, (sha256, error) in zip(labelled_files, named, scanned):
         if error:
             report.skipped.append({"path": str(path), "reason": error})
             continue

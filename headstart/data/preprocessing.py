@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -103,9 +102,7 @@ def _decode(paths: list[str], first_index: int, image_size: int, expected_hashes
     batch = DecodedBatch()
     for offset, path in enumerate(paths):
         try:
-            pixels = load_image(
-                Path(path), expected_sha256=expected_hashes[offset] if expected_hashes is not None else None
-            )
+            pixels = load_image(path, expected_sha256=expected_hashes[offset] if expected_hashes is not None else None)
         except ImageChanged as change:
             batch.unusable.append((first_index + offset, str(change)))
             continue

@@ -242,7 +242,7 @@ def uint8_image(path: Path, image_size: int) -> np.ndarray:
 
     from headstart.data.images import load_image
 
-    pixels = load_image(Path(path))
+    pixels = load_image(path)
     if max(pixels.shape[:2]) <= image_size:
         return pixels
     return np.asarray(Image.fromarray(pixels).resize((image_size, image_size), Image.BILINEAR))

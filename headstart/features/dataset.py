@@ -16,11 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from headstart.backbone.handles import Backbone
+from headstart.config import Place
 from headstart.data.manifest import SPLITS, Manifest
 from headstart.features.cache import FeatureCache, Shard, missing_shards
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS, as_binary_column, features_matrix
 from headstart.features.streams import FeatureStream, damage_stops_the_run
 from headstart.infra.cache_files import read_or_drop
+from headstart.infra.object_store import local_copy
 from headstart.infra.storage import atomic_path, remove_stale_temporaries
 
 # Bump when the layout of a dataset's features file changes, so that older files are not read
@@ -96,33 +98,36 @@ def dataset_features_path(
     return Path(cache_dir) / "datasets" / name
 
 
-def plan_extraction(manifest: Manifest, backbone: Backbone, cache_dir: Path, shard_size: int = 1024) -> list[Shard]:
+def plan_extraction(manifest: Manifest, backbone: Backbone, cache: Place, shard_size: int = 1024) -> list[Shard]:
     """The images whose features are still to extract, as shards; none where the dataset's file
-    exists and is intact.
+    exists and is intact. `cache` is a local folder or a store URL (its shards read through this
+    machine's copy); the dataset's file is this machine's own, in local_copy(cache).
 
     Temporary files that a killed run left in the feature cache are cleared on the way: they are
     never read, but would fill the disk run after run."""
-    remove_stale_temporaries(FeatureCache(cache_dir, backbone).directory, ".shard-*.tmp")
+    cache_dir = local_copy(cache)
+    remove_stale_temporaries(FeatureCache(cache, backbone).directory, ".shard-*.tmp")
     for pattern in (".*.parquet.*.tmp", ".assemble-*"):
-        remove_stale_temporaries(Path(cache_dir) / "datasets", pattern)
+        remove_stale_temporaries(cache_dir / "datasets", pattern)
     if intact_dataset_features(manifest, dataset_features_path(manifest, backbone, cache_dir), pages=True):
         return []
-    return missing_shards(manifest, FeatureCache(cache_dir, backbone), shard_size)
+    return missing_shards(manifest, FeatureCache(cache, backbone), shard_size)
 
 
 def assemble_features(
     manifest: Manifest,
     backbone: Backbone,
-    cache_dir: Path,
+    cache: Place,
     extracted: int = 0,
     engine: str = "cache",
     rows_per_group: int = ROWS_PER_GROUP,
 ) -> FeatureSet:
-    """Writes the dataset's features file (manifest columns + features) from the cache, in bounded memory."""
-    destination = dataset_features_path(manifest, backbone, cache_dir, rows_per_group)
+    """Writes the dataset's features file (manifest columns + features) from the cache, in bounded
+    memory, into local_copy(cache); a store cache's shards extracted elsewhere are fetched first."""
+    destination = dataset_features_path(manifest, backbone, local_copy(cache), rows_per_group)
     table = manifest.read()
     if not intact_dataset_features(manifest, destination):
-        _write_dataset_features(table, FeatureCache(cache_dir, backbone), destination, rows_per_group)
+        _write_dataset_features(table, FeatureCache(cache, backbone), destination, rows_per_group)
     return FeatureSet(destination, extracted=extracted, reused=table.num_rows - extracted, engine=engine)
 
 

@@ -35,7 +35,8 @@ def training_key(config: TrainConfig, manifest_fingerprint: str, backbone_finger
 
 
 def _index_entry(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / "runs" / f"{key}.json"
+    # The index is this machine's: with a cache on a store, it lies in this machine's copy.
+    return local_copy(cache_dir) / "runs" / f"{key}.json"
 
 
 def record_run(cache_dir: Path, key: str, run_dir: Path) -> None:
