@@ -26,7 +26,7 @@ from typing import Iterator
 from prefect import flow
 from prefect.states import Completed
 
-from tests.object_stores import make_bucket, seaweed_server, store_env
+from tests.object_stores import ACCESS_KEY, SECRET_KEY, make_bucket, seaweed_server, store_env
 from tests.servers import PROJECT, _stop, api, free_port, prefect_server
 
 BUCKET = "team"
@@ -160,6 +160,26 @@ class Team:
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", output).group(1)
         return api(self.url, f"/flow_runs/{flow_run_id}")
 
+    def store(self):
+        """The store as the test sees it (an s3fs file system), to look at what the machines left there."""
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True
+        )
+
+    @contextlib.contextmanager
+    def away(self, machine: str) -> Iterator[None]:
+        """A machine's disk out of reach (renamed) meanwhile: on one host, that is what makes sure no
+        other machine reads a file through the machine's own paths. Its processes keep running."""
+        disk = self.machines[machine].disk
+        hidden = disk.with_name(f"{disk.name}.away")
+        disk.rename(hidden)
+        try:
+            yield
+        finally:
+            hidden.rename(disk)
+
     def worker_logs(self, tail: int = 3000) -> str:
         return "\n".join(
             f"--- {log.name}:\n{log.read_text(errors='replace')[-tail:]}" for log in sorted(self.logs.glob("*.log"))
@@ -192,6 +212,33 @@ def _wait_for_dask_workers(address: str, count: int, processes: list[subprocess.
 
 def _tails(logs: Path, prefix: str) -> str:
     return "\n".join(f"--- {log.name}:\n{log.read_text()[-2000:]}" for log in sorted(logs.glob(f"{prefix}*.log")))
+
+
+@contextlib.contextmanager
+def dask_cluster(scheduler: Machine, workers: list[Machine], url: str, endpoint: str, logs: Path) -> Iterator[str]:
+    """`dask scheduler` on one machine and a `dask worker` process (one thread) on each of the
+    others; yields the scheduler's address once every worker has joined."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            _process(
+                [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port)]
+                + ["--no-dashboard"],
+                scheduler,
+                scheduler.env(url, endpoint),
+                logs / f"{scheduler.name}.log",
+            )
+        )
+        started = []
+        for machine in workers:
+            command = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", machine.name]
+            command += ["--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--local-directory", str(machine.work)]
+            # The project's code is this machine's checkout: the extraction tasks import it.
+            env = machine.env(url, endpoint, PYTHONPATH=str(PROJECT))
+            started.append(stack.enter_context(_process(command, machine, env, logs / f"{machine.name}.log")))
+        _wait_for_dask_workers(address, len(workers), started, logs)
+        yield address
 
 
 def _prefect_yaml(path: Path) -> Path:
@@ -232,27 +279,8 @@ def team(root: Path) -> Iterator[Team]:
         prefect_home.mkdir()
         url = stack.enter_context(prefect_server(prefect_home))
 
-        port = free_port()
-        scheduler = f"tcp://127.0.0.1:{port}"
-        machine = machines["dask-scheduler"]
-        stack.enter_context(
-            _process(
-                [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port)]
-                + ["--no-dashboard"],
-                machine,
-                machine.env(url, endpoint),
-                logs / "dask-scheduler.log",
-            )
-        )
-        dask_workers = []
-        for name in ("dask-1", "dask-2"):
-            machine = machines[name]
-            command = [sys.executable, "-m", "distributed.cli.dask_worker", scheduler, "--name", name]
-            command += ["--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--local-directory", str(machine.work)]
-            # The project's code is this machine's checkout: the extraction tasks import it.
-            env = machine.env(url, endpoint, PYTHONPATH=str(PROJECT))
-            dask_workers.append(stack.enter_context(_process(command, machine, env, logs / f"dask-{name}.log")))
-        _wait_for_dask_workers(scheduler, 2, dask_workers, logs)
+        workers = [machines["dask-1"], machines["dask-2"]]
+        scheduler = stack.enter_context(dask_cluster(machines["dask-scheduler"], workers, url, endpoint, logs))
 
         setup = Team(root, url, endpoint, bucket, scheduler, machines, logs)
         for pool in POOLS.values():
