@@ -178,6 +178,7 @@ def main() -> None:
     def each(values: list[float]) -> str:
         return ", ".join(f"{value:.1f}" for value in values)
 
+    ratio = statistics.median(times["store"]) / statistics.median(times["local"])
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines += [
         "# A team's runs on an object store, against local paths",
@@ -197,7 +198,7 @@ def main() -> None:
         f"| store URLs, a new machine each time (empty disk) | | {each(times['new machine'])} | "
         f"{median(times['new machine'])} |",
         "",
-        f"Store against local, median repeat: {statistics.median(times['store']) / statistics.median(times['local']):.2f}×.",
+        f"Store against local, median repeat: {ratio:.2f}×.",
         "",
         "## The first run's extraction on a Dask cluster (one thread per worker process)",
         "",

@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_class_images
+
 from tests.object_stores import seaweed_unavailable
 from tests.servers import PROJECT
 from tests.team import team
