@@ -10,7 +10,8 @@ own code (PYTHONPATH) and this interpreter, on the same copy of a subset of the 
 per class, the first ones by name), with the same options and seed, `--no-prefect`, each run in
 fresh artifacts root, cache and XDG_CACHE_HOME of its own. Taking turns, round after round:
 1. a first run: empty cache and artifacts root (backbone converted, features extracted, head trained);
-2. a repeat run of the same command: every input cached, the earlier run reused.
+2. a repeat run of the same command: every input cached, the earlier run reused;
+3. a retrain with `--no-reuse`: the features read from the cache, the head trained again.
 
 Then every baseline round's artifacts root (both runs) is compared, file by file, with the
 candidate's of the same round: the same set of files (run directories named by their order), and
@@ -43,7 +44,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 RESULTS = PROJECT / "benchmarks" / "results"
 DEFAULT_DATA = PROJECT.parent / "shared" / "datasets" / "cifar10-catdog"
 OPTIONS = ["--image-size", "96", "--epochs", "3", "--seed", "0", "--no-prefect"]
-RUNS = ("first run", "repeat run")
+# Packages only a store URL needs; a local-path run should not import them.
+STORE_PACKAGES = {"s3fs", "aiobotocore", "botocore", "boto3", "gcsfs", "adlfs"}
+# Each run's extra options; in this order, in the same folders, so each later one finds the cache filled.
+RUNS = {"first run": [], "repeat run": [], "retrain, features cached": ["--no-reuse"]}
 # JSON keys whose values differ between two runs of the same inputs by design: when a run was
 # made, by which flow run, when Keras saved the model, when the champion was switched.
 VOLATILE_KEYS = {"created_at", "flow_run_id", "date_saved", "at"}
@@ -88,18 +92,31 @@ def _subset(source: Path, per_class: int, target: Path) -> Path:
     return target
 
 
-def _train(code: Path, data: Path, work: Path) -> tuple[float, str]:
-    """One `headstart train` from `code` in `work`; its wall time and the run directory it printed."""
+def _train(code: Path, data: Path, work: Path, extra: list[str], flags: tuple[str, ...] = ()) -> tuple[float, str]:
+    """One `headstart train` from `code` in `work`; its wall time and its stderr."""
     environment = {**os.environ, "PYTHONPATH": str(code), "XDG_CACHE_HOME": str(work / "xdg-cache")}
     environment.pop("PREFECT_API_URL", None)
-    command = [sys.executable, "-m", "flows.cli", "train", "--data", str(data), *OPTIONS]
+    command = [sys.executable, *flags, "-m", "flows.cli", "train", "--data", str(data), *OPTIONS, *extra]
     command += ["--artifacts-root", str(work / "artifacts"), "--cache-dir", str(work / "cache")]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=work, env=environment, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{code}: train failed ({done.returncode}): {done.stderr[-3000:]}")
-    return seconds, done.stdout.strip().splitlines()[-1]
+    return seconds, done.stderr
+
+
+def _store_modules(code: Path, data: Path, work: Path) -> list[str]:
+    """The object-store modules a local-path retrain imports (python -X importtime): none is
+    expected where every store code path is entered only for a store URL."""
+    _, stderr = _train(code, data, work, ["--no-reuse"], ("-X", "importtime"))
+    found = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            module = line.rsplit("|", 1)[1].strip()
+            if module.split(".")[0] in STORE_PACKAGES or module == "headstart.infra.object_store":
+                found.add(module.split(".")[0] if module.split(".")[0] in STORE_PACKAGES else module)
+    return sorted(found)
 
 
 # --- comparison ---------------------------------------------------------------------------------
@@ -260,10 +277,13 @@ def _describe(title: str, report: dict) -> list[str]:
     return lines + [""]
 
 
-def _write(commits, times, reports, control, args, elapsed) -> None:
+def _write(commits, times, reports, control, imports, args, elapsed) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "local-parity.json").write_text(
-        json.dumps({"commits": commits, "seconds": times, "comparisons": reports, "control": control}, indent=1)
+        json.dumps(
+            {"commits": commits, "seconds": times, "comparisons": reports, "control": control, "imports": imports},
+            indent=1,
+        )
     )
     ok = all(r["ok"] for r in reports)
     lines = [
@@ -278,12 +298,13 @@ def _write(commits, times, reports, control, args, elapsed) -> None:
         "--artifacts-root A --cache-dir C`, DATA the first "
         f"{args.images} images per class (by name) of `{args.data.name}` copied once to a temporary folder, "
         "A, C and XDG_CACHE_HOME new and empty for each round and checkout. The first run starts from an empty "
-        "cache; the repeat run is the same command again (every input cached, the earlier run reused).",
+        "cache; the repeat run is the same command again (every input cached, the earlier run reused); the "
+        "retrain adds `--no-reuse` (features read from the cache, the head trained again: a second run directory).",
         "",
         "## Files",
         "",
-        f"**Result: {'every round PASS' if ok else 'FAIL'}.** Each round's artifacts root (the first run's and the "
-        "repeat run's directories, and the registry if the gate promoted) is compared, file by file, with the "
+        f"**Result: {'every round PASS' if ok else 'FAIL'}.** Each round's artifacts root (every run directory, and "
+        "the registry if the gate promoted) is compared, file by file, with the "
         "other checkout's of the same round; run directories are matched by their order. A file that is not "
         "byte-identical passes only if it is identical once exactly these are set aside: the version's name, "
         "`created_at`, `flow_run_id`, the champion history's `at`, the artifacts root's and the cache's paths "
@@ -300,6 +321,13 @@ def _write(commits, times, reports, control, args, elapsed) -> None:
     if control is not None:
         lines += _describe("Control, baseline round 1 vs baseline round 2", control)
     lines += [
+        "## Store code on a local path",
+        "",
+        "Object-store modules (" + ", ".join(sorted(STORE_PACKAGES)) + ", headstart.infra.object_store) imported by "
+        "one more local-path retrain (`--no-reuse`, untimed, `python -X importtime`): "
+        + "; ".join(f"{name}: {', '.join(found) or 'none'}" for name, found in imports.items())
+        + ".",
+        "",
         "## Wall time",
         "",
         "| run | baseline: median (rounds) | candidate: median (rounds) | candidate / baseline |",
@@ -344,15 +372,17 @@ def main() -> None:
                 for name, (code, _) in checkouts.items():
                     work = scratch / f"{name}-{round_}"
                     work.mkdir()
-                    for run in RUNS:
-                        seconds, _ = _train(code, data, work)
+                    for run, extra in RUNS.items():
+                        seconds, _ = _train(code, data, work, extra)
                         times[name][run].append(seconds)
                         print(f"round {round_ + 1} {name} {run}: {seconds:.1f} s", flush=True)
             reports = [
                 compare(Side(scratch / f"baseline-{i}"), Side(scratch / f"candidate-{i}")) for i in range(args.rounds)
             ]
             control = compare(Side(scratch / "baseline-0"), Side(scratch / "baseline-1")) if args.rounds > 1 else None
-        _write(commits, times, reports, control, args, time.perf_counter() - started)
+            # After the comparisons: this run adds a run directory.
+            imports = {name: _store_modules(code, data, scratch / f"{name}-0") for name, (code, _) in checkouts.items()}
+        _write(commits, times, reports, control, imports, args, time.perf_counter() - started)
     if not all(r["ok"] for r in reports):
         sys.exit(1)
 
