@@ -8,7 +8,7 @@ The baseline and the candidate (commits of --repo checked out into temporary git
 two folders given with --baseline-dir / --candidate-dir) each run `headstart train` with their
 own code (PYTHONPATH) and this interpreter, on the same copy of a subset of the data (--images
 per class, the first ones by name), with the same options and seed, `--no-prefect`, each run in
-fresh artifacts root, cache and XDG_CACHE_HOME of its own. Taking turns, round after round:
+fresh artifacts root, cache and XDG_CACHE_HOME of its own. Taking turns, round after round (who goes first alternates):
 1. a first run: empty cache and artifacts root (backbone converted, features extracted, head trained);
 2. a repeat run of the same command: every input cached, the earlier run reused;
 3. a retrain with `--no-reuse`: the features read from the cache, the head trained again.
@@ -167,6 +167,14 @@ class Side:
             text = text.replace(name, placeholder)
         return text
 
+    def files(self) -> dict[str, Path]:
+        """Every file, named neutrally: artifacts/<run-1>/…, cache/…, xdg-cache/…"""
+        found = {f"artifacts/{_renamed(k, self.versions)}": v for k, v in _files(self.artifacts).items()}
+        for folder in ("cache", "xdg-cache"):
+            if (self.work / folder).is_dir():
+                found.update({f"{folder}/{self.neutral(k)}": v for k, v in _files(self.work / folder).items()})
+        return found
+
 
 def _compare_json(a: bytes, b: bytes, left: Side, right: Side) -> tuple[bool, list[str]]:
     """Whether two JSON files agree once the expected fields are set aside; the fields that differed."""
@@ -177,7 +185,26 @@ def _compare_json(a: bytes, b: bytes, left: Side, right: Side) -> tuple[bool, li
         for field in _leaf_differences(neutral_a, neutral_b)
         if field.rsplit(".", 1)[-1].split("[")[0] not in VOLATILE_KEYS
     ]
-    return not remaining, (remaining or raw)
+    if remaining:
+        return False, remaining
+    # The same values, and the same text: a change of layout (indent, key order, number format) shows.
+    texts = [side.neutral(x.decode()) for side, x in ((left, a), (right, b))]
+    for i, parsed in enumerate((neutral_a, neutral_b)):
+        for value in _volatile_values(parsed):
+            texts[i] = texts[i].replace(json.dumps(value), '"<VOLATILE>"')
+    if texts[0] != texts[1]:
+        return False, ["the text's layout (same values)"]
+    return True, raw
+
+
+def _volatile_values(value) -> list:
+    """The values under VOLATILE_KEYS, anywhere in a parsed JSON document."""
+    if isinstance(value, dict):
+        found = [v for k, v in value.items() if k in VOLATILE_KEYS and isinstance(v, (str, int, float))]
+        return found + [x for v in value.values() for x in _volatile_values(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _volatile_values(v)]
+    return []
 
 
 def _compare_keras(a: bytes, b: bytes, left: Side, right: Side) -> tuple[bool, list[str]]:
@@ -213,9 +240,9 @@ def _compare_fingerprint(a: bytes, b: bytes) -> tuple[bool, list[str]]:
 
 
 def compare(left: Side, right: Side) -> dict:
-    """Every file of two artifacts roots: identical, same-once-normalised (with the fields), or different."""
-    files_a = {_renamed(k, left.versions): v for k, v in _files(left.artifacts).items()}
-    files_b = {_renamed(k, right.versions): v for k, v in _files(right.artifacts).items()}
+    """Every file of two runs' artifacts roots, caches and XDG_CACHE_HOME: identical, identical once
+    normalised (with the fields that differed), or different."""
+    files_a, files_b = left.files(), right.files()
     report = {
         "only_baseline": sorted(set(files_a) - set(files_b)),
         "only_candidate": sorted(set(files_b) - set(files_a)),
@@ -256,6 +283,11 @@ def compare(left: Side, right: Side) -> dict:
 # --- report -------------------------------------------------------------------------------------
 
 
+def _by_design(field: str) -> bool:
+    """A field that differs between any two runs (a time, an id), not through a name or a path."""
+    return field in ("zip entry times", "uuid") or field.rsplit(".", 1)[-1].split(":")[-1] in VOLATILE_KEYS
+
+
 def _describe(title: str, report: dict) -> list[str]:
     total = len(report["identical"]) + len(report["normalised"]) + len(report["different"])
     lines = [
@@ -267,7 +299,12 @@ def _describe(title: str, report: dict) -> list[str]:
         "",
     ]
     for name, fields in report["normalised"].items():
-        lines.append(f"- `{name}`: differs only in {', '.join(f'`{f}`' for f in fields)}")
+        by_design = [f for f in fields if _by_design(f)]
+        named = [f for f in fields if not _by_design(f)]
+        parts = [", ".join(f"`{f}`" for f in by_design)] if by_design else []
+        if named:
+            parts.append("the version names / paths within " + ", ".join(f"`{f}`" for f in named))
+        lines.append(f"- `{name}`: differs only in {'; and '.join(parts)}")
     for name, fields in report["different"].items():
         lines.append(f"- **`{name}` differs**: {', '.join(f'`{f}`' for f in fields[:12])}")
     for name in report["only_baseline"]:
@@ -290,7 +327,8 @@ def _write(commits, times, reports, control, imports, args, elapsed) -> None:
         "# A local-path run before and after: the same files, and no slower",
         "",
         f"Written by `benchmarks/local_parity.py`: baseline = {commits['baseline']}, candidate = "
-        f"{commits['candidate']}; {args.rounds} rounds, taking turns (baseline, candidate, …); "
+        f"{commits['candidate']}; {args.rounds} rounds, taking turns (baseline first in odd rounds, candidate "
+        "first in even ones); "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"{elapsed / 60:.0f} min in all.",
         "",
@@ -304,7 +342,8 @@ def _write(commits, times, reports, control, imports, args, elapsed) -> None:
         "## Files",
         "",
         f"**Result: {'every round PASS' if ok else 'FAIL'}.** Each round's artifacts root (every run directory, and "
-        "the registry if the gate promoted) is compared, file by file, with the "
+        "the registry if the gate promoted), its cache and its XDG_CACHE_HOME (where a store's local copies "
+        "would go) are compared, file by file, with the "
         "other checkout's of the same round; run directories are matched by their order. A file that is not "
         "byte-identical passes only if it is identical once exactly these are set aside: the version's name, "
         "`created_at`, `flow_run_id`, the champion history's `at`, the artifacts root's and the cache's paths "
@@ -369,7 +408,8 @@ def main() -> None:
             commits = {name: state for name, (_, state) in checkouts.items()}
             times = {name: {run: [] for run in RUNS} for name in checkouts}
             for round_ in range(args.rounds):
-                for name, (code, _) in checkouts.items():
+                # Who goes first alternates, so neither always runs on a machine the other just warmed.
+                for name, (code, _) in list(checkouts.items())[:: 1 if round_ % 2 == 0 else -1]:
                     work = scratch / f"{name}-{round_}"
                     work.mkdir()
                     for run, extra in RUNS.items():
