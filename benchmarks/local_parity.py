@@ -352,7 +352,7 @@ def _write(commits, times, reports, control, imports, args, elapsed) -> None:
         "`fingerprint.pb`. The training key must be the same; weights (`model.weights.h5` inside `model.keras`, "
         "`saved_model/variables`) must be byte-identical.",
         "",
-        f"Run directories per root after both runs: {sorted({r['runs'] for r in reports})}.",
+        f"Run directories per artifacts root after the runs: {sorted({r['runs'] for r in reports})}.",
         "",
     ]
     for i, report in enumerate(reports):
