@@ -170,7 +170,8 @@ class Side:
     def files(self) -> dict[str, Path]:
         """Every file, named neutrally: artifacts/<run-1>/…, cache/…, xdg-cache/…"""
         found = {f"artifacts/{_renamed(k, self.versions)}": v for k, v in _files(self.artifacts).items()}
-        for folder in ("cache", "xdg-cache"):
+        # Only headstart's part of XDG_CACHE_HOME (matplotlib's font list there is in no fixed order).
+        for folder in ("cache", "xdg-cache/headstart"):
             if (self.work / folder).is_dir():
                 found.update({f"{folder}/{self.neutral(k)}": v for k, v in _files(self.work / folder).items()})
         return found
