@@ -14,6 +14,7 @@ its one line as the state message (flows/failures.py)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from prefect import flow, unmapped
@@ -165,9 +166,21 @@ def extraction_runner(runtime: RuntimeConfig) -> TaskRunner:
     if runtime.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
+        _sent_by_value()
+
         if runtime.dask_address:
             return DaskTaskRunner(address=runtime.dask_address)
         return DaskTaskRunner(
             cluster_kwargs={"n_workers": runtime.dask_workers, "threads_per_worker": 1, "processes": True}
         )
     return ThreadPoolTaskRunner(max_workers=1)
+
+
+def _sent_by_value() -> None:
+    """A deployment's run loads this file as a script, under a module name a Dask worker cannot
+    import; what of it travels with the extraction tasks (the flow in their context) then travels
+    by value."""
+    if __name__ != "flows.train":
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -26,9 +26,11 @@ from tests.team import team
 
 pytestmark = pytest.mark.e2e
 COLOURS = {"red": (200, 40, 40), "blue": (40, 40, 200)}
-PER_CLASS = 24
-# Small and quick: five extraction shards over the two Dask workers.
-SETTINGS = {"image_size": 64, "extraction_shard_size": 10, "epochs": 2}
+PER_CLASS = 40
+# Small and quick: eight extraction shards over the two Dask workers; enough images and epochs for
+# a first model that beats always answering the majority class, so that the gate promotes it.
+SETTINGS = {"image_size": 64, "extraction_shard_size": 10, "epochs": 8}
+SHARDS = 2 * PER_CLASS // SETTINGS["extraction_shard_size"]
 PROMOTIONS = 8
 
 
@@ -85,6 +87,7 @@ def first(setup, places) -> dict:
     """`train` on worker a, its extraction on the Dask cluster: the flow run, with the version."""
     flow_run = setup.run("train/train-a", **places, **SETTINGS, task_runner="dask", dask_address=setup.scheduler)
     assert flow_run["state"]["type"] == "COMPLETED", setup.worker_logs()
+    assert flow_run["state"]["message"].startswith("promoted"), (flow_run["state"]["message"], setup.worker_logs())
     return {**flow_run, "version": _champion(setup, places)["version"]}
 
 
@@ -100,6 +103,7 @@ def predicted(setup, places, first):
             inputs=[str(inbox)],
             model="champion",
             artifacts_root=places["artifacts_root"],
+            cache_dir=places["cache_dir"],
             output=str(output),
         )
     return flow_run, output
@@ -143,11 +147,11 @@ def test_train_on_a_extracts_on_the_dask_workers_and_publishes_to_the_store(setu
     root = places["artifacts_root"]
     metrics = _read_json(setup, f"{root}/{first['version']}/metrics.json")
     assert (metrics["features_extracted"], metrics["features_reused"]) == (2 * PER_CLASS, 0)
-    # Five shards, each extracted by one of the Dask workers, and both took some.
+    # Every shard extracted by one of the Dask workers, and both took some.
     executed = _executed(setup)
-    assert sum(executed.values()) == 5 and all(executed.values()), executed
+    assert sum(executed.values()) == SHARDS and all(executed.values()), executed
     shards = setup.store().glob(f"{places['cache_dir'].removeprefix('s3://')}/features/*/shard-*.parquet")
-    assert len(shards) == 5
+    assert len(shards) == SHARDS
     # Each Dask worker has its own copy of the backbone, on its own disk.
     for name in ("dask-1", "dask-2"):
         assert list(setup.machines[name].disk.rglob("saved_model.pb")), f"no backbone on {name}'s disk"
@@ -168,7 +172,7 @@ def test_a_retrain_on_b_reuses_the_features_a_extracted(setup, places, first, re
     )
     assert setup.store().exists(f"{places['artifacts_root']}/{retrained['version']}/PUBLISHED.json")
     # b read the shards through its own copies; a's disk has nothing of b's.
-    assert len(list(setup.machines["b"].cache.rglob("shard-*.parquet"))) == 5
+    assert len(list(setup.machines["b"].cache.rglob("shard-*.parquet"))) == SHARDS
     assert not [path for path in setup.machines["a"].files() if retrained["version"] in str(path)]
 
 
