@@ -181,7 +181,8 @@ def test_train_then_a_worse_retrain_then_predict(deployed):
     assert [row["path"] for row in skipped] == [str(inbox / "broken.jpg")]
 
     worker_log = deployed.worker_log.read_text()
-    for noise in ("pkg_resources is deprecated", "cuda", "img/s]"):
+    # TensorFlow's GPU probing notices, not the word: a run's random name may hold it ('barracuda').
+    for noise in ("pkg_resources is deprecated", "cuda drivers", "cudart", "cuInit", "img/s]"):
         assert noise not in worker_log, f"worker log carries {noise!r}"
 
 
