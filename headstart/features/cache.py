@@ -95,10 +95,7 @@ class FeatureCache:
     def _upload(self, path: Path) -> None:
         """Writes the shard to the store once: where another machine wrote one of the same name first,
         theirs stays (the same images' features)."""
-        if self.store.fs.protocol in ("s3", "s3a") or "s3" in tuple(self.store.fs.protocol):
-            self.store.create(path.name, path.read_bytes())
-        elif not self.store.exists(path.name):
-            self.store.upload(path, path.name)
+        self.store.create(path.name, path.read_bytes())
 
 
 def _read_shard(path: Path) -> pa.Table:
