@@ -1,0 +1,106 @@
+"""Wrong labels in the training data: out-of-fold probabilities, confident learning, the ranked
+table, leaving the flagged images out, and `headstart review`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from feature_sets import sha, write_feature_set
+
+from headstart.config import HeadConfig
+from headstart.evaluation.label_issues import (
+    assign_folds,
+    confident_joint,
+    find_label_issues,
+    label_issue_table,
+    out_of_fold_probabilities,
+)
+from headstart.features.streams import SelectedRows
+
+CLASSES = ("cat", "dog", "fox")
+FLIPPED = 12  # of 240 training images: 5 %
+
+
+def _noisy_feature_set(path, seed: int = 0):
+    """Three classes of 16 features around their own centre, clearly apart but overlapping a
+    little; FLIPPED training images carry another class's label. Returns the set and their hashes."""
+    generator = np.random.default_rng(seed)
+    centres = generator.normal(0, 1.0, (len(CLASSES), 16))
+    rows, flipped = [], set()
+    for split, per_class in (("train", 80), ("validation", 20), ("test", 20)):
+        for label in range(len(CLASSES)):
+            for index in range(per_class):
+                name = f"{split}-{label}-{index}"
+                vector = centres[label] + generator.normal(0, 0.6, 16)
+                rows.append([sha(name), split, label, vector.tolist()])
+    train = [row for row in rows if row[1] == "train"]
+    for row in (train[i] for i in generator.choice(len(train), FLIPPED, replace=False)):
+        row[2] = (row[2] + int(generator.integers(1, len(CLASSES)))) % len(CLASSES)
+        flipped.add(row[0])
+    return write_feature_set(path, [tuple(row) for row in rows], CLASSES), flipped
+
+
+HEAD = HeadConfig(epochs=30, batch_size=32, learning_rate=0.02, patience=5)
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    features, flipped = _noisy_feature_set(tmp_path_factory.mktemp("label-issues") / "features.parquet")
+    out_of_fold = out_of_fold_probabilities(features, len(CLASSES), HEAD, folds=5)
+    return features, flipped, out_of_fold
+
+
+def test_flipped_labels_are_ranked_first(noisy):
+    features, flipped, out_of_fold = noisy
+    table = label_issue_table(out_of_fold, CLASSES)
+    ranked = table.column("sha256").to_pylist()
+    top = ranked[:FLIPPED]
+    assert len(set(top) & flipped) >= FLIPPED - 2  # precision of the top k
+    assert len(set(ranked) & flipped) >= FLIPPED - 1  # recall of the flagged set
+    assert len(ranked) <= 2 * FLIPPED  # and the flagged set is not everything
+    assert table.column("rank").to_pylist() == list(range(1, len(ranked) + 1))
+    scores = table.column("score").to_numpy()
+    assert (np.diff(scores) <= 0).all() and scores[0] > 0.5
+    # The suggested label of a flipped image is the class it was taken from.
+    rows = features.rows("train", ["sha256", "label"])
+    assert table.column("given_label").to_pylist()[0] != table.column("suggested_label").to_pylist()[0]
+    assert set(rows["sha256"]) >= set(ranked)
+
+
+def test_out_of_fold_probabilities_are_deterministic_and_folds_are_stratified(noisy):
+    features, _, out_of_fold = noisy
+    assert out_of_fold.probabilities.shape == (240, 3)
+    assert np.allclose(out_of_fold.probabilities.sum(axis=1), 1, atol=1e-5)
+    again = out_of_fold_probabilities(features, len(CLASSES), HEAD, folds=5)
+    assert np.array_equal(again.probabilities, out_of_fold.probabilities)
+    folds = assign_folds(out_of_fold.hashes, out_of_fold.labels, 5, HEAD.seed)
+    # Every fold holds each class in the same share, and the folds depend on the images, not on row order.
+    counts = np.array([[np.sum((folds == f) & (out_of_fold.labels == c)) for c in range(3)] for f in range(5)])
+    assert (counts.max(axis=0) - counts.min(axis=0) <= 1).all()
+    order = np.random.default_rng(1).permutation(240)
+    shuffled = assign_folds([out_of_fold.hashes[i] for i in order], out_of_fold.labels[order], 5, HEAD.seed)
+    assert np.array_equal(shuffled, folds[order])
+
+
+def test_confident_joint_and_noise_rate_pruning_on_known_probabilities():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probabilities = np.array(
+        [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.2, 0.8], [0.1, 0.9], [0.2, 0.8], [0.25, 0.75], [0.6, 0.4]]
+    )
+    thresholds, joint = confident_joint(labels, probabilities)
+    assert np.allclose(thresholds, [0.65, 0.7125])
+    # Image 3 (labelled 0) is confidently 1; image 7 (labelled 1) reaches neither threshold.
+    assert joint.tolist() == [[3, 1], [0, 3]]
+    assert find_label_issues(labels, probabilities).tolist() == [3]
+
+
+def test_selected_rows_stream_leaves_out_the_given_images(noisy):
+    features, flipped, _ = noisy
+    train = features.stream("train")
+    kept = SelectedRows(train, frozenset(flipped), keep=False)
+    only = SelectedRows(train, frozenset(flipped), keep=True)
+    assert (kept.num_rows, only.num_rows) == (240 - FLIPPED, FLIPPED)
+    assert sum(len(labels) for _, labels in kept.shuffled_chunks(0, 0)) == 240 - FLIPPED
+    rows = features.rows("train", ["sha256", "label"])
+    flipped_labels = sorted(label for sha256, label in zip(rows["sha256"], rows["label"]) if sha256 in flipped)
+    assert sorted(np.concatenate([labels for _, labels in only.chunks()]).tolist()) == flipped_labels
