@@ -1,12 +1,15 @@
 """The `train` flow: download → prepare_backbone → plan_extraction → extract_features (per shard) → assemble_features →
-build_model → train_head → [fine_tune → plan_extraction → extract_features → assemble_features →
+build_model → train_head → [label_issues → [build_model → train_head]]
+→ [fine_tune → plan_extraction → extract_features → assemble_features →
 build_model] → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
 the gate decided so); or, when every input matches an earlier run, reuse_identical_run →
-[export] → gate → promote in place of the steps after assemble_features. The first bracketed steps
+[export] → gate → promote in place of the steps after assemble_features. The fine_tune steps
 run with --fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
 features replace the frozen one's. export runs with --export tflite: the run's classifier as
 .tflite files for devices, float32 and int8. near_duplicates flags test and validation images
 whose nearest training image is almost the same photo, and gives the test accuracy without them.
+label_issues (unless --no-label-issues) ranks the training images whose label is probably wrong,
+from out-of-fold heads; with --drop-label-issues, build_model → train_head again without them.
 With the gate on, check_champion first makes sure the champion can be read, before any work;
 promote switches the champion only if it is still the one the gate compared with.
 A mistake a user can put right (a missing folder, a rejected parameter) ends the run Failed with
@@ -37,6 +40,7 @@ from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
 from tasks.gate import check_champion, gate, gate_identical_run, promote
+from tasks.label_issues import label_issues
 from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
 from tasks.outcome import announce
@@ -75,6 +79,12 @@ def train(**parameters) -> str:
             return _reused(config, key, previous, manifest, backbone, features)
         classifier = build_model(config.head, backbone, manifest.class_names)
         history = train_head(config.head, classifier, features)
+        issues = None
+        if config.evaluation.label_issues:
+            issues = label_issues(config.evaluation, config.head, features, manifest.class_names)
+            if config.evaluation.drop_label_issues and issues.summary["left_out"]:
+                classifier = build_model(config.head, backbone, manifest.class_names)
+                history = train_head(config.head, classifier, features, leave_out=issues.hashes)
         tuned, frozen_features, frozen_backbone, frozen_manifest = None, features, backbone, manifest
         if config.fine_tuning.enabled:
             tuned = fine_tune(config.fine_tuning, config.head, cache_dir, key, backbone, classifier, features)
@@ -95,7 +105,7 @@ def train(**parameters) -> str:
         decision = gate(config.gate, artifacts_root, source, backbone, features, probabilities, manifest.class_names)
     figures = visualize(config.head.seed, history, metrics, probabilities, features, leakage, tuned)
     run_dir = publish(
-        config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned
+        config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned, issues
     )
     if config.export.format == "tflite":
         export(run_dir, manifest)

@@ -26,8 +26,12 @@ def build_model(head: HeadConfig, backbone: Backbone, class_names: tuple[str, ..
 
 
 @task(name="train_head", cache_policy=NO_CACHE)
-def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[str, list[float]]:
-    """Fits the classifier's head on the cached features of the train split (see headstart.training.head)."""
+def train_head(
+    settings: HeadConfig, classifier, features: FeatureSet, leave_out: frozenset[str] = frozenset()
+) -> dict[str, list[float]]:
+    """Fits the classifier's head on the cached features of the train split (see headstart.training.head),
+    without the images whose content hashes are in `leave_out`."""
+    from headstart.features.streams import SelectedRows
     from headstart.training.head import train_head as fit_head
 
     with DashboardProgress(settings.epochs, f"train head: at most {settings.epochs} epochs", unit="epoch") as progress:
@@ -38,7 +42,7 @@ def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[s
 
         history = fit_head(
             classifier,
-            features.stream("train"),
+            SelectedRows(features.stream("train"), leave_out) if leave_out else features.stream("train"),
             features.stream("validation"),
             epochs=settings.epochs,
             batch_size=settings.batch_size,

@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from headstart.backbone.handles import Backbone
 from headstart.config import RuntimeConfig, TrainConfig
 from headstart.data.manifest import DataReport
+from headstart.evaluation.label_issues import LabelIssues
 from headstart.features.dataset import FeatureSet
 from headstart.promotion.mcnemar import GateDecision
 from headstart.registry.reuse import in_registry, record_run
@@ -38,6 +39,7 @@ def publish(
     decision: GateDecision | None = None,
     near_duplicates: dict | None = None,
     fine_tuning: FineTuningResult | None = None,
+    label_issues: LabelIssues | None = None,
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
     run_dir = write_run(
@@ -55,6 +57,7 @@ def publish(
         gate=decision.to_dict() if decision is not None else None,
         near_duplicates=near_duplicates,
         fine_tuning=fine_tuning,
+        label_issues=label_issues,
     )
     record_run(config.runtime.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir), report_headline(Path(run_dir).name, decision))

@@ -3,8 +3,12 @@ table, leaving the flagged images out, and `headstart review`."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import write_class_images
 from feature_sets import sha, write_feature_set
 
 from headstart.config import HeadConfig
@@ -104,3 +108,57 @@ def test_selected_rows_stream_leaves_out_the_given_images(noisy):
     rows = features.rows("train", ["sha256", "label"])
     flipped_labels = sorted(label for sha256, label in zip(rows["sha256"], rows["label"]) if sha256 in flipped)
     assert sorted(np.concatenate([labels for _, labels in only.chunks()]).tolist()) == flipped_labels
+
+
+def test_the_train_flow_ranks_moved_images_and_drop_label_issues_trains_without_them(
+    prefect_harness, tiny_backbone_dir, tmp_path, monkeypatch
+):
+    """Six red images filed under blue: the run's label_issues.parquet names some of those that
+    are training images, and nothing else; with --drop-label-issues the run's head is trained on
+    the other training images."""
+    import headstart.training.head
+    from flows.train import train
+    from headstart.config import TrainConfig
+    from headstart.registry.runs import Run
+
+    folder = write_class_images(tmp_path / "data", {"red": (200, 40, 40), "blue": (40, 40, 200)}, per_class=30)
+    moved = []
+    for index in range(6):
+        source = folder / "red" / f"{index:03d}.png"
+        moved.append(source.rename(folder / "blue" / f"was-red-{index}.png"))
+    trained_on = []
+    fit = headstart.training.head.train_head
+
+    def recording(classifier, train_rows, *args, **kwargs):
+        trained_on.append(train_rows.num_rows)
+        return fit(classifier, train_rows, *args, **kwargs)
+
+    monkeypatch.setattr(headstart.training.head, "train_head", recording)
+    config = TrainConfig.smoke(
+        data=str(folder),
+        backbone=str(tiny_backbone_dir),
+        artifacts_root=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache",
+        epochs=40,
+        learning_rate=0.1,
+        batch_size=8,
+        patience=40,
+        gate=False,
+        near_duplicate_threshold=1.0,
+        drop_label_issues=True,
+    )
+    run = Run(Path(train(**config.flat())))
+    issues = run.label_issues()
+    index = run.data_index()
+    in_train = {sha for sha, split in zip(index["sha256"].to_pylist(), index["split"].to_pylist()) if split == "train"}
+    flagged = issues.column("path").to_pylist()
+    summary = run.metrics["label_issues"]
+    assert summary["flagged"] == len(flagged) == summary["left_out"] > 0
+    assert summary["folds"] == 5 and summary["train_images"] == trained_on[0]
+    # The first head, five fold heads, and the run's head: on every training image but the flagged ones.
+    assert len(trained_on) == 7 and trained_on[-1] == trained_on[0] - len(flagged)
+    moved_in_train = [path for path in moved if hashlib.sha256(path.read_bytes()).hexdigest() in in_train]
+    # Each flagged image is one of them (the generated feature sets above measure the recall).
+    assert {str(Path(path)) for path in flagged} <= {str(path) for path in moved_in_train}
+    assert set(issues.column("given_label").to_pylist()) == {"blue"}
+    assert set(issues.column("suggested_label").to_pylist()) == {"red"}

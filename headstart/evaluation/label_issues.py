@@ -222,3 +222,31 @@ def label_issue_summary(out_of_fold: OutOfFold, table: pa.Table, left_out: bool)
         "left_out": int(table.num_rows) if left_out else 0,
         "out_of_fold_accuracy": float((predictions == out_of_fold.labels).mean()) if len(predictions) else None,
     }
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    """What a run keeps of the check: the flagged images (label_issues.parquet) and its summary
+    (metrics.json's `label_issues`)."""
+
+    table: pa.Table
+    summary: dict
+
+    @property
+    def hashes(self) -> frozenset[str]:
+        """The flagged images' content hashes: what a retrain without them leaves out."""
+        return frozenset(self.table.column("sha256").to_pylist())
+
+
+def find_training_label_issues(
+    features: "FeatureSet",
+    class_names: list[str] | tuple[str, ...],
+    head: "HeadConfig",
+    folds: int = 5,
+    left_out: bool = False,
+) -> LabelIssues:
+    """The train split's probably mislabelled images, from `folds` heads trained with the run's head
+    settings; `left_out` records that the run's model is trained without them."""
+    out_of_fold = out_of_fold_probabilities(features, len(class_names), head, folds)
+    table = label_issue_table(out_of_fold, class_names)
+    return LabelIssues(table, label_issue_summary(out_of_fold, table, left_out))

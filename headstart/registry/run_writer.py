@@ -34,6 +34,7 @@ from headstart.registry.runs import (
     DATA_REPORT_FILE,
     HISTORY_FILE,
     INT8_BACKBONE_FILE,
+    LABEL_ISSUES_FILE,
     LINEAGE_FILE,
     METRICS_FILE,
     MODEL_CARD_FILE,
@@ -44,6 +45,7 @@ from headstart.registry.runs import (
 
 if TYPE_CHECKING:
     from headstart.config import TrainConfig
+    from headstart.evaluation.label_issues import LabelIssues
     from headstart.features.dataset import FeatureSet
     from headstart.training.fine_tuning import FineTuningResult
 
@@ -228,11 +230,13 @@ def write_run(
     gate: dict | None = None,
     near_duplicates: dict | None = None,
     fine_tuning: "FineTuningResult | None" = None,
+    label_issues: "LabelIssues | None" = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
     `near_duplicates` (headstart.evaluation.near_duplicates.near_duplicate_report) goes into the data report, its
     test-split figures into metrics.json and the model card. `fine_tuning`, where the backbone was
-    fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary)."""
+    fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary).
+    `label_issues`, where the run looked for wrong labels, is label_issues.parquet, its summary in metrics.json."""
     config_values = config.flat()
     if near_duplicates is not None:
         data_report = {**data_report, "near_duplicates": near_duplicates}
@@ -240,6 +244,8 @@ def write_run(
     if fine_tuning is not None:
         history = {**history, "fine_tuning": fine_tuning.history}
         metrics = {**metrics, "fine_tuning": fine_tuning.summary.to_dict()}
+    if label_issues is not None:
+        metrics = {**metrics, "label_issues": label_issues.summary}
     with RunWriter(artifacts_root) as writer:
         lineage = writer.lineage(
             config_values=config_values,
@@ -254,6 +260,8 @@ def write_run(
         writer.write_json(LINEAGE_FILE, lineage.to_dict())
         writer.save_classifier(classifier, backbone)
         write_parquet_atomic(writer.staging / DATA_INDEX_FILE, data_index(features, metrics["class_names"]))
+        if label_issues is not None:
+            write_parquet_atomic(writer.staging / LABEL_ISSUES_FILE, label_issues.table)
         writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
         writer.write_json(
             METRICS_FILE,

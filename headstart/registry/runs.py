@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from headstart.backbone.handles import Backbone
@@ -33,6 +34,9 @@ CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 LINEAGE_FILE = "lineage.json"
 DATA_INDEX_FILE = "data_index.parquet"
+# The training images flagged as probably mislabelled (headstart.evaluation.label_issues); a run
+# trained with the check off has none.
+LABEL_ISSUES_FILE = "label_issues.parquet"
 PLOTS_DIR = "plots"
 # Everything a run holds.
 RUN_FILES = (
@@ -48,9 +52,10 @@ RUN_FILES = (
     LINEAGE_FILE,
     DATA_INDEX_FILE,
     PLOTS_DIR,
+    LABEL_ISSUES_FILE,
 )
 # What a complete run holds: runs written before the data index existed are complete too.
-REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name != DATA_INDEX_FILE)
+REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name not in (DATA_INDEX_FILE, LABEL_ISSUES_FILE))
 
 
 class DamagedRun(HeadstartError):
@@ -172,6 +177,17 @@ class Run:
         written before runs kept one."""
         path = self.path / DATA_INDEX_FILE
         return pq.read_table(path) if path.is_file() else None
+
+    def label_issues(self):
+        """The training images flagged as probably mislabelled, most likely first (a pyarrow Table);
+        None for a run trained without the check."""
+        path = self.path / LABEL_ISSUES_FILE
+        if not path.is_file():
+            return None
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as error:
+            raise DamagedRun(path, f"cannot be read ({first_line(error)})") from None
 
     def split_hashes(self, split: str) -> set[str] | None:
         """Content hashes of the images the run had in a split (from its data index); None for a
