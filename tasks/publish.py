@@ -20,6 +20,7 @@ from headstart.registry.reuse import in_registry, record_run
 from headstart.registry.run_writer import copy_run, write_run
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import report_markdown, run_tables
+from headstart.reporting.label_issues import label_issues_markdown
 from headstart.reporting.outcome import report_headline
 from headstart.training.fine_tuning import FineTuningResult
 from tasks.reports import markdown_artifact, table_artifact
@@ -83,7 +84,7 @@ def reuse_identical_run(runtime: RuntimeConfig, training_key: str, previous: Pat
 
 def publish_prefect_artifacts(run: Run, headline: str = "") -> str:
     """The report (plots embedded; `headline` first) and the run's tables (metrics, data,
-    near-duplicates) as Prefect artifacts; returns the run directory."""
+    near-duplicates, label issues with thumbnails) as Prefect artifacts; returns the run directory."""
     markdown_artifact(
         key="headstart-report",
         markdown=report_markdown(run, socket.gethostname(), flow_run.ui_url, headline),
@@ -91,4 +92,7 @@ def publish_prefect_artifacts(run: Run, headline: str = "") -> str:
     )
     for key, rows, description in run_tables(run):
         table_artifact(key, rows, description)
+    label_issues = label_issues_markdown(run)
+    if label_issues is not None:
+        markdown_artifact("headstart-label-issues", *label_issues)
     return str(run.path)

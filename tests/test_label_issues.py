@@ -4,6 +4,7 @@ table, leaving the flagged images out, and `headstart review`."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,17 +111,17 @@ def test_selected_rows_stream_leaves_out_the_given_images(noisy):
     assert sorted(np.concatenate([labels for _, labels in only.chunks()]).tolist()) == flipped_labels
 
 
-def test_the_train_flow_ranks_moved_images_and_drop_label_issues_trains_without_them(
-    prefect_harness, tiny_backbone_dir, tmp_path, monkeypatch
-):
-    """Six red images filed under blue: the run's label_issues.parquet names some of those that
-    are training images, and nothing else; with --drop-label-issues the run's head is trained on
-    the other training images."""
+@pytest.fixture(scope="module")
+def dropped_run(prefect_harness, tiny_backbone_dir, tmp_path_factory):
+    """A train flow run with --drop-label-issues on red and blue images, six red ones filed under
+    blue; returns the run, the moved images that landed in the train split, and the number of rows
+    each head training saw (in call order)."""
     import headstart.training.head
     from flows.train import train
     from headstart.config import TrainConfig
     from headstart.registry.runs import Run
 
+    tmp_path = tmp_path_factory.mktemp("dropped-run")
     folder = write_class_images(tmp_path / "data", {"red": (200, 40, 40), "blue": (40, 40, 200)}, per_class=30)
     moved = []
     for index in range(6):
@@ -133,7 +134,6 @@ def test_the_train_flow_ranks_moved_images_and_drop_label_issues_trains_without_
         trained_on.append(train_rows.num_rows)
         return fit(classifier, train_rows, *args, **kwargs)
 
-    monkeypatch.setattr(headstart.training.head, "train_head", recording)
     config = TrainConfig.smoke(
         data=str(folder),
         backbone=str(tiny_backbone_dir),
@@ -147,18 +147,79 @@ def test_the_train_flow_ranks_moved_images_and_drop_label_issues_trains_without_
         near_duplicate_threshold=1.0,
         drop_label_issues=True,
     )
-    run = Run(Path(train(**config.flat())))
-    issues = run.label_issues()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(headstart.training.head, "train_head", recording)
+        run = Run(Path(train(**config.flat())))
     index = run.data_index()
     in_train = {sha for sha, split in zip(index["sha256"].to_pylist(), index["split"].to_pylist()) if split == "train"}
+    moved_in_train = [path for path in moved if hashlib.sha256(path.read_bytes()).hexdigest() in in_train]
+    return run, moved_in_train, trained_on
+
+
+def test_the_train_flow_flags_moved_images_and_drop_label_issues_trains_without_them(dropped_run):
+    """The run's label_issues.parquet names some of the moved images that are training images, and
+    nothing else; with --drop-label-issues the run's head is trained on the other training images."""
+    run, moved_in_train, trained_on = dropped_run
+    issues = run.label_issues()
     flagged = issues.column("path").to_pylist()
     summary = run.metrics["label_issues"]
     assert summary["flagged"] == len(flagged) == summary["left_out"] > 0
     assert summary["folds"] == 5 and summary["train_images"] == trained_on[0]
     # The first head, five fold heads, and the run's head: on every training image but the flagged ones.
     assert len(trained_on) == 7 and trained_on[-1] == trained_on[0] - len(flagged)
-    moved_in_train = [path for path in moved if hashlib.sha256(path.read_bytes()).hexdigest() in in_train]
     # Each flagged image is one of them (the generated feature sets above measure the recall).
     assert {str(Path(path)) for path in flagged} <= {str(path) for path in moved_in_train}
     assert set(issues.column("given_label").to_pylist()) == {"blue"}
     assert set(issues.column("suggested_label").to_pylist()) == {"red"}
+
+
+def test_the_dashboard_shows_the_flagged_images_with_thumbnails(dropped_run):
+    from prefect.artifacts import Artifact
+
+    run, _, _ = dropped_run
+    flagged = run.label_issues().num_rows
+    dashboard = Artifact.get("headstart-label-issues")
+    assert dashboard.data.count("data:image/png;base64,") == flagged and "was-red-" in dashboard.data
+    assert dashboard.description.startswith(f"{flagged} of 48 training images flagged")
+    assert dashboard.description.endswith("left out of the model's training")
+
+
+def test_review_prints_the_ranking_and_says_when_a_run_has_none(dropped_run, tmp_path):
+    """`headstart review RUN`: a run directory's flagged images, most likely first; one line for a
+    run without the check."""
+    import contextlib
+    import io
+    import shutil
+
+    from flows.cli import main
+
+    run, _, _ = dropped_run
+    flagged = run.label_issues().column("path").to_pylist()
+
+    def review(*args) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(["review", *args])
+        return status, out.getvalue(), err.getvalue()
+
+    status, out, _ = review(str(run.path))
+    lines = out.splitlines()
+    assert status == 0 and lines[0].startswith(f"run {run.path.name}: {len(flagged)} of 48 training images flagged")
+    assert "left out of the model's training" in lines[0]
+    assert lines[1].split() == ["rank", "score", "given", "suggested", "path"]
+    assert [line.split()[-1] for line in lines[2:]] == flagged
+    assert lines[2].split()[:4] == ["1", lines[2].split()[1], "blue", "red"]
+    status, out, _ = review(str(run.path), "--top", "1", "--json")
+    assert status == 0 and [row["path"] for row in json.loads(out)] == flagged[:1]
+
+    unchecked = tmp_path / "unchecked"
+    shutil.copytree(run.path, unchecked)
+    (unchecked / "label_issues.parquet").unlink()
+    status, out, err = review(str(unchecked))
+    assert status == 2 and out == ""
+    assert err == (
+        "headstart: error: run unchecked has no label_issues.parquet: it was trained with --no-label-issues or "
+        "before headstart looked for wrong labels; train again to review its labels\n"
+    )
+    status, _, err = review(str(run.path), "--top", "0")
+    assert status == 2 and err.count("\n") == 1 and "--top 0" in err
