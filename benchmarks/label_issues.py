@@ -35,6 +35,7 @@ from headstart.backbone.handles import resolve_backbone
 from headstart.config import HeadConfig, TrainConfig
 from headstart.data.sources import prepare_source
 from headstart.evaluation.label_issues import (
+    FILTERS,
     find_label_issues,
     fold_head,
     issue_scores,
@@ -158,12 +159,20 @@ def main() -> None:
             noisy, flipped = with_flipped_labels(features, copy, args.flip, seed, classes)
             started = time.perf_counter()
             out_of_fold = out_of_fold_probabilities(noisy, classes, head, args.folds)
-            flagged_rows = find_label_issues(out_of_fold.labels, out_of_fold.probabilities)
-            seconds = time.perf_counter() - started
             table = label_issue_table(out_of_fold, class_names)
-            assert table.column("sha256").to_pylist() == [out_of_fold.hashes[row] for row in flagged_rows]
+            seconds = time.perf_counter() - started
             ranking = np.argsort(-issue_scores(out_of_fold.labels, out_of_fold.probabilities), kind="stable")
             flagged = frozenset(table.column("sha256").to_pylist())
+            filters = {}
+            for filter_by in FILTERS:
+                rows = find_label_issues(out_of_fold.labels, out_of_fold.probabilities, filter_by)
+                chosen = frozenset(out_of_fold.hashes[row] for row in rows)
+                filters[filter_by] = {
+                    "flagged": len(chosen),
+                    "precision": len(chosen & flipped) / len(chosen) if chosen else None,
+                    "recall": len(chosen & flipped) / len(flipped),
+                    "test_accuracy_without_flagged": head_test_accuracy(noisy, classes, head, chosen),
+                }
             run = {
                 "seed": seed,
                 "flipped": len(flipped),
@@ -172,9 +181,10 @@ def main() -> None:
                 "flagged_flipped": len(flagged & flipped),
                 "out_of_fold_accuracy": float((out_of_fold.probabilities.argmax(1) == out_of_fold.labels).mean()),
                 **ranking_quality(out_of_fold.hashes, ranking, len(flagged), flipped),
+                "filters": filters,
                 "test_accuracy": {
                     "noisy": head_test_accuracy(noisy, classes, head),
-                    "noisy_without_flagged": head_test_accuracy(noisy, classes, head, flagged),
+                    "noisy_without_flagged": filters[FILTERS[0]]["test_accuracy_without_flagged"],
                     "noisy_without_flipped": head_test_accuracy(noisy, classes, head, frozenset(flipped)),
                     "clean": results["clean"]["test_accuracy"],
                 },
@@ -241,6 +251,21 @@ def report(results: dict) -> str:
         f"{spread(run['test_accuracy']['noisy_without_flagged'] for run in runs)} |",
         f"| noisy labels without exactly the flipped images (reference) | "
         f"{spread(run['test_accuracy']['noisy_without_flipped'] for run in runs)} |",
+        "",
+        "## How the flagged set is chosen",
+        "",
+        "The same out-of-fold probabilities, three ways of choosing from the confident joint "
+        "(headstart.evaluation.label_issues.FILTERS; the first is what a run uses):",
+        "",
+        "| filter | flagged | precision | recall | test accuracy without them |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {mean(run['filters'][name]['flagged'] for run in runs):.0f} | "
+            f"{spread(run['filters'][name]['precision'] or 0.0 for run in runs)} | "
+            f"{spread(run['filters'][name]['recall'] for run in runs)} | "
+            f"{spread(run['filters'][name]['test_accuracy_without_flagged'] for run in runs)} |"
+            for name in runs[0]["filters"]
+        ),
         "",
         f"Cost of the check (5 heads on the cached features, then confident learning): "
         f"{spread((run['check_seconds'] for run in runs), 0)} s on this machine (2 shared cores); "

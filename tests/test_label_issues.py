@@ -171,6 +171,11 @@ def test_the_train_flow_flags_moved_images_and_drop_label_issues_trains_without_
     assert {str(Path(path)) for path in flagged} <= {str(path) for path in moved_in_train}
     assert set(issues.column("given_label").to_pylist()) == {"blue"}
     assert set(issues.column("suggested_label").to_pylist()) == {"red"}
+    assert (
+        f"**{len(flagged)}** of {summary['train_images']} training images are flagged as probably mislabelled"
+        in run.model_card
+        and "the head was trained without them." in run.model_card
+    )
 
 
 def test_the_dashboard_shows_the_flagged_images_with_thumbnails(dropped_run):

@@ -145,36 +145,57 @@ def fold_head(feature_dim: int, num_classes: int, dropout: float, seed: int):
     return keras.Model(inputs, dense(dropped), name="fold_head")
 
 
-def confident_joint(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The per-class thresholds (mean self-confidence) and the confident joint C[given, confident]."""
+def confident_labels(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-class thresholds (mean self-confidence), and each row's confident class: the most
+    probable of those whose probability reaches their threshold; −1 where none does."""
     labels, probabilities = np.asarray(labels, np.int64), np.asarray(probabilities, np.float64)
-    num_classes = probabilities.shape[1]
     thresholds = np.array(
-        [probabilities[labels == j, j].mean() if (labels == j).any() else 1.0 for j in range(num_classes)]
+        [probabilities[labels == j, j].mean() if (labels == j).any() else 1.0 for j in range(probabilities.shape[1])]
     )
     above = probabilities >= thresholds
-    confident = np.where(above, probabilities, -1.0).argmax(axis=1)
-    counted = above.any(axis=1)
-    joint = np.zeros((num_classes, num_classes), np.int64)
+    return thresholds, np.where(above.any(axis=1), np.where(above, probabilities, -1.0).argmax(axis=1), -1)
+
+
+def confident_joint(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-class thresholds and the confident joint C[given, confident]."""
+    labels = np.asarray(labels, np.int64)
+    thresholds, confident = confident_labels(labels, probabilities)
+    joint = np.zeros((len(thresholds), len(thresholds)), np.int64)
+    counted = confident >= 0
     np.add.at(joint, (labels[counted], confident[counted]), 1)
     return thresholds, joint
 
 
-def find_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """The rows flagged by confident learning (prune by noise rate), most likely wrong first."""
+# How the flagged set is chosen from the confident joint (the paper's names): prune_by_noise_rate
+# takes as many images from each off-diagonal cell as the calibrated joint estimates, by margin;
+# confident_joint takes the images counted off the diagonal; both takes those in both sets.
+FILTERS = ("prune_by_noise_rate", "confident_joint", "both")
+
+
+def find_label_issues(
+    labels: np.ndarray, probabilities: np.ndarray, filter_by: str = "prune_by_noise_rate"
+) -> np.ndarray:
+    """The rows flagged by confident learning, most likely wrong first."""
     labels, probabilities = np.asarray(labels, np.int64), np.asarray(probabilities, np.float64)
     _, joint = confident_joint(labels, probabilities)
     given_counts = np.bincount(labels, minlength=joint.shape[0])
     row_sums = joint.sum(axis=1, keepdims=True)
     calibrated = np.divide(joint, row_sums, out=np.zeros(joint.shape), where=row_sums > 0) * given_counts[:, None]
-    flagged = np.zeros(len(labels), bool)
+    by_noise_rate = np.zeros(len(labels), bool)
     for i, j in zip(*np.nonzero(~np.eye(len(joint), dtype=bool))):
         count = int(round(calibrated[i, j]))
         if count:
             members = np.flatnonzero(labels == i)
             margins = probabilities[members, j] - probabilities[members, i]
-            flagged[members[np.argsort(-margins, kind="stable")[:count]]] = True
-    rows = np.flatnonzero(flagged)
+            by_noise_rate[members[np.argsort(-margins, kind="stable")[:count]]] = True
+    _, confident = confident_labels(labels, probabilities)
+    off_diagonal = (confident >= 0) & (confident != labels)
+    flagged = {
+        "prune_by_noise_rate": by_noise_rate,
+        "confident_joint": off_diagonal,
+        "both": by_noise_rate & off_diagonal,
+    }
+    rows = np.flatnonzero(flagged[filter_by])
     return rows[np.argsort(-issue_scores(labels, probabilities)[rows], kind="stable")]
 
 

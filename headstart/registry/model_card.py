@@ -4,7 +4,7 @@ in words, from the run's records and configuration values."""
 from __future__ import annotations
 
 from headstart.backbone.handles import Backbone
-from headstart.registry.runs import CLASS_NAMES_FILE, DATA_REPORT_FILE
+from headstart.registry.runs import CLASS_NAMES_FILE, DATA_REPORT_FILE, LABEL_ISSUES_FILE
 from headstart.training.fine_tuning import FineTuningSummary
 
 
@@ -38,6 +38,24 @@ def near_duplicates_summary(near_duplicates: dict | None) -> str:
         validation = splits["validation"]
         text += f" Validation (early stopping): {validation['flagged']} of {validation['images']} images flagged."
     return text
+
+
+def label_issues_summary(summary: dict | None) -> str:
+    """One paragraph on the training images flagged as probably mislabelled, for the card."""
+    if summary is None:
+        return "Not checked."
+    if not summary["flagged"]:
+        return f"None of the {summary['train_images']} training images is flagged as probably mislabelled."
+    return (
+        f"**{summary['flagged']}** of {summary['train_images']} training images are flagged as probably mislabelled "
+        f"(out-of-fold heads in {summary['folds']} folds, then confident learning; listed in `{LABEL_ISSUES_FILE}`, "
+        "most likely first): "
+        + (
+            "the head was trained without them."
+            if summary["left_out"]
+            else "they were kept in training (`--drop-label-issues` leaves them out)."
+        )
+    )
 
 
 def fine_tuning_line(config: dict, summary: FineTuningSummary | None) -> str:
@@ -131,6 +149,9 @@ Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metri
 
 ## Near-duplicates of training images
 {near_duplicates_summary(data_report.get("near_duplicates"))}
+
+## Wrong labels in the training data
+{label_issues_summary(metrics.get("label_issues"))}
 
 ## Limits
 The backbone saw ImageNet photos; images far from that (medical scans, drawings, tiny \
