@@ -40,12 +40,20 @@ def near_duplicates_summary(near_duplicates: dict | None) -> str:
     return text
 
 
-def label_issues_summary(summary: dict | None) -> str:
-    """One paragraph on the training images flagged as probably mislabelled, for the card."""
+def label_issues_section(summary: dict | None) -> str:
+    """The card's section on the training images flagged as probably mislabelled; none where the
+    run did not look for them."""
     if summary is None:
-        return "Not checked."
+        return ""
     if not summary["flagged"]:
-        return f"None of the {summary['train_images']} training images is flagged as probably mislabelled."
+        text = f"None of the {summary['train_images']} training images is flagged as probably mislabelled."
+    else:
+        text = label_issues_summary(summary)
+    return f"\n## Wrong labels in the training data\n{text}\n"
+
+
+def label_issues_summary(summary: dict) -> str:
+    """One paragraph on the flagged training images (some were flagged)."""
     return (
         f"**{summary['flagged']}** of {summary['train_images']} training images are flagged as probably mislabelled "
         f"(out-of-fold heads in {summary['folds']} folds, then confident learning; listed in `{LABEL_ISSUES_FILE}`, "
@@ -149,10 +157,7 @@ Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metri
 
 ## Near-duplicates of training images
 {near_duplicates_summary(data_report.get("near_duplicates"))}
-
-## Wrong labels in the training data
-{label_issues_summary(metrics.get("label_issues"))}
-
+{label_issues_section(metrics.get("label_issues"))}
 ## Limits
 The backbone saw ImageNet photos; images far from that (medical scans, drawings, tiny \
 thumbnails upscaled from {backbone.image_size} px or less) may classify worse than these figures. \
