@@ -1,6 +1,6 @@
 """The `train` flow: download → prepare_backbone → plan_extraction → extract_features (per shard) → assemble_features →
 build_model → train_head → [fine_tune → plan_extraction → extract_features → assemble_features →
-build_model] → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
+build_model] → calibrate → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
 the gate decided so); or, when every input matches an earlier run, reuse_identical_run →
 [export] → gate → promote in place of the steps after assemble_features. The first bracketed steps
 run with --fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
@@ -32,7 +32,7 @@ from headstart.registry.reuse import find_identical_run, training_key
 from headstart.registry.runs import Run
 from headstart.reporting.outcome import state_message
 from tasks.data import download, prepare_backbone, warn_skipped
-from tasks.evaluation import evaluate, visualize
+from tasks.evaluation import calibrate, evaluate, visualize
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
@@ -86,7 +86,8 @@ def train(**parameters) -> str:
             classifier = build_model(config.head, backbone, manifest.class_names, head_from=classifier)
             if manifest.fingerprint != frozen_manifest.fingerprint:  # files changed meanwhile were left out
                 frozen_features, _, _ = assemble_features(manifest, report, frozen_backbone, cache, [])
-    metrics, probabilities = evaluate(classifier, features, manifest.class_names)
+    calibration = calibrate(config.head.calibrate, classifier, features)
+    metrics, probabilities = evaluate(classifier, features, manifest.class_names, calibration, config.evaluation)
     # Near-duplicates are judged on the frozen backbone's features, for which the threshold is calibrated.
     leakage = near_duplicates(config.evaluation, frozen_features, probabilities, manifest.class_names)
     decision = None

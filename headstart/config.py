@@ -209,6 +209,13 @@ class HeadConfig(Section):
     # NumPy's and TensorFlow's seeds are unsigned 32-bit numbers: a larger one fails only once
     # the features are extracted.
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the head's initialisation, dropout and shuffling")
+    calibrate: bool = Field(
+        True,
+        description=(
+            "fit a temperature on the validation split so that the probabilities mean what they say "
+            "(labels and accuracy unchanged; see docs/trust.md)"
+        ),
+    )
 
 
 class FineTuningConfig(Section):
@@ -327,6 +334,16 @@ class EvaluationConfig(Section):
             "cosine similarity of backbone features at or above which a test or validation image counts as a "
             "near-duplicate of its nearest training image (0.88: calibrated for the bundled MobileNetV2 at 160 px, "
             "see benchmarks/results/leakage-calibration.md)"
+        ),
+    )
+    # Counts by value: it decides the threshold the run records, which its predictions then use.
+    target_accuracy: Optional[float] = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "choose on the validation split the confidence below which the run's predictions say 'unsure', so that "
+            "the images it labels reach this accuracy (e.g. 0.97); default: every image labelled"
         ),
     )
 
@@ -554,6 +571,27 @@ class PredictConfig(BaseModel):
     )
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
+    min_confidence: Optional[float] = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="label 'unsure' every image whose most probable class has a lower probability than this",
+    )
+    target_accuracy: Optional[float] = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "label 'unsure' the images below the confidence that reached this accuracy on the model's validation "
+            "split; default: the threshold the model was trained with (train --target-accuracy), if any"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "PredictConfig":
+        if self.min_confidence is not None and self.target_accuracy is not None:
+            raise ValueError("give --min-confidence or --target-accuracy, not both")
+        return self
 
     @field_validator("inputs")
     @classmethod

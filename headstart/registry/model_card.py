@@ -74,6 +74,52 @@ def fine_tuning_line(config: dict, summary: FineTuningSummary | None) -> str:
     )
 
 
+def calibration_line(metrics: dict) -> str:
+    """How far the probabilities can be taken at their word, in one sentence; empty for a run from
+    before calibration."""
+    calibration = metrics.get("calibration")
+    if calibration is None:
+        return ""
+    errors = f"expected calibration error on the test split {calibration['ece_before']:.4f}"
+    if calibration.get("off"):
+        return f"Not calibrated (--no-calibrate): {errors}."
+    if not calibration.get("validation_images"):
+        return f"Not calibrated (no validation images): {errors}."
+    return (
+        f"Temperature scaling (T = {calibration['temperature']:.3f}, fitted on the validation split): {errors} "
+        f"before, {calibration['ece_after']:.4f} after."
+    )
+
+
+def unsure_summary(metrics: dict) -> str:
+    """The "unsure" threshold the run's predictions use, and the coverage / accuracy trade-off as a table."""
+    unsure = metrics.get("unsure")
+    if unsure is None:
+        return ""
+    target = unsure["target_accuracy"]
+    if target is None:
+        chosen = "Predictions label every image (train with --target-accuracy, or predict with it, to say 'unsure')."
+    elif unsure.get("threshold") is None:
+        chosen = f"No threshold reached accuracy {target} on the validation split: predictions label every image."
+    else:
+        chosen = (
+            f"Predictions say 'unsure' below confidence {unsure['threshold']:.4f}, chosen on the validation split "
+            f"for accuracy {target} (there: {unsure['validation_coverage']:.1%} of images labelled, accuracy "
+            f"{unsure['validation_accuracy']:.4f})."
+        )
+    rows = "\n".join(
+        f"| {row['target_accuracy']} | {row['threshold']:.4f} | {row['test_coverage']:.1%} "
+        f"| {row['test_accuracy']:.4f} |"
+        if row["threshold"] is not None
+        else f"| {row['target_accuracy']} | not reached | | |"
+        for row in unsure["rows"]
+    )
+    return (
+        f"{chosen}\n\n| target accuracy | threshold (validation) | test coverage | test accuracy |\n"
+        f"|---|---|---|---|\n{rows}"
+    )
+
+
 def model_card(
     config: dict,
     metrics: dict,
@@ -128,6 +174,11 @@ Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metri
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|
 {per_class}
+
+## Probabilities
+{calibration_line(metrics) or "Not calibrated (trained before calibration)."}
+
+{unsure_summary(metrics)}
 
 ## Near-duplicates of training images
 {near_duplicates_summary(data_report.get("near_duplicates"))}

@@ -201,6 +201,22 @@ def _whole_batches(chunks, batch_size: int):
         yield leftover
 
 
+def head_logits(classifier: keras.Model, features: np.ndarray) -> np.ndarray:
+    """The head's logits (its Dense layer before the softmax) on features, in float64: what
+    calibration fits, free of the softmax's rounding near 0 and 1."""
+    kernel, bias = classifier.get_layer(HEAD_DENSE).get_weights()
+    return np.asarray(features, np.float64) @ kernel.astype(np.float64) + bias.astype(np.float64)
+
+
+def scale_head(classifier: keras.Model, temperature: float) -> None:
+    """Divides the head's logits by `temperature` for good: softmax(z / T) is softmax of a Dense
+    layer whose kernel and bias are divided by T, so the model and every file written from it
+    give the calibrated probabilities with no layer added."""
+    dense = classifier.get_layer(HEAD_DENSE)
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel / np.float32(temperature), bias / np.float32(temperature)])
+
+
 def predict_from_features(classifier: keras.Model, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Class probabilities from cached features: the classifier's output without rerunning the backbone.
     Called batch by batch rather than through `predict`, whose tf.data pipeline costs more than
