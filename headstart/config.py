@@ -196,6 +196,12 @@ class BackboneConfig(Section):
     )
 
 
+# Where the train split's largest class has at least this many times the images of its smallest,
+# the classes count as imbalanced: class weights turn on (class_weights=auto) and the gate compares
+# balanced accuracy. Below it, weighting changes little and accuracy says what people expect.
+IMBALANCE_RATIO = 3.0
+
+
 class HeadConfig(Section):
     """The new Dropout + Dense head, trained on the cached features."""
 
@@ -209,6 +215,13 @@ class HeadConfig(Section):
     # NumPy's and TensorFlow's seeds are unsigned 32-bit numbers: a larger one fails only once
     # the features are extracted.
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the head's initialisation, dropout and shuffling")
+    class_weights: Literal["auto", "balanced", "none"] = Field(
+        "auto",
+        description=(
+            "weigh each class's images in the loss by total / (classes × its count): 'balanced' always, 'auto' where "
+            f"the largest class has {IMBALANCE_RATIO:g}× the images of the smallest or more"
+        ),
+    )
     calibrate: bool = Field(
         True,
         description=(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
 
 from headstart.backbone.handles import Backbone
 from headstart.config import HeadConfig
 from headstart.features.dataset import FeatureSet
+from headstart.training.class_weights import class_weights
 from tasks.progress import DashboardProgress
 
 
@@ -27,8 +29,12 @@ def build_model(head: HeadConfig, backbone: Backbone, class_names: tuple[str, ..
 
 @task(name="train_head", cache_policy=NO_CACHE)
 def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[str, list[float]]:
-    """Fits the classifier's head on the cached features of the train split (see headstart.training.head)."""
+    """Fits the classifier's head on the cached features of the train split (see headstart.training.head),
+    its classes weighed as `settings.class_weights` says (the weights then in the history)."""
     from headstart.training.head import train_head as fit_head
+
+    num_classes = int(classifier.output_shape[-1])
+    weights = class_weights(settings.class_weights, features.labels_and_paths("train")[0], num_classes)
 
     with DashboardProgress(settings.epochs, f"train head: at most {settings.epochs} epochs", unit="epoch") as progress:
 
@@ -46,6 +52,7 @@ def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[s
             patience=settings.patience,
             seed=settings.seed,
             on_epoch=epoch_done,
+            class_weights=weights,
         )
         progress.finish(
             f"train head: {len(history['loss'])} epochs"
@@ -55,4 +62,7 @@ def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[s
                 else ""
             )
         )
+    if weights is not None:
+        get_run_logger().info("Classes weighed in the loss: %s", ", ".join(f"{w:.3f}" for w in weights))
+        history["class_weights"] = [float(w) for w in weights]
     return history

@@ -43,11 +43,21 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
     return {
         "accuracy": float((predictions == labels).mean()) if count else 0.0,
         "n": count,
+        "balanced_accuracy": balanced_accuracy(labels, predictions, len(class_names)),
         "macro_f1": float(np.mean([values["f1"] for values in per_class.values()])),
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),
         "class_names": list(class_names),
     }
+
+
+def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """The mean of the per-class recalls over the classes present: what always predicting the most
+    common class scores 1 / classes on, however imbalanced the split."""
+    matrix = confusion_matrix(labels, predictions, num_classes)
+    support = matrix.sum(axis=1)
+    present = support > 0
+    return float((np.diag(matrix)[present] / support[present]).mean()) if present.any() else 0.0
 
 
 def evaluate_split(classifier, features: FeatureSet, split: str, class_names: list[str]) -> tuple[dict, np.ndarray]:
@@ -137,7 +147,11 @@ def unsure_threshold(confidence: np.ndarray, correct: np.ndarray, target_accurac
 
 def format_metrics(metrics: dict) -> str:
     """A plain-text report for the terminal."""
-    lines = [f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} images (macro F1 {metrics['macro_f1']:.4f})", ""]
+    balanced = f", balanced accuracy {metrics['balanced_accuracy']:.4f}" if "balanced_accuracy" in metrics else ""
+    lines = [
+        f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} images (macro F1 {metrics['macro_f1']:.4f}{balanced})",
+        "",
+    ]
     width = max(len("class"), *(len(name) for name in metrics["class_names"])) + 2
     lines.append(f"{'class':<{width}}precision  recall  f1      support")
     for name, values in metrics["per_class"].items():

@@ -74,6 +74,17 @@ def fine_tuning_line(config: dict, summary: FineTuningSummary | None) -> str:
     )
 
 
+def balance_line(metrics: dict) -> str:
+    """Balanced accuracy and the class weights the head was trained with, where the run has them."""
+    if "balanced_accuracy" not in metrics:
+        return ""
+    line = f", balanced accuracy {metrics['balanced_accuracy']:.4f}"
+    weights = metrics.get("class_weights")
+    if weights:
+        line += " (head trained with class weights " + ", ".join(f"{name} {w:.3f}" for name, w in weights.items()) + ")"
+    return line
+
+
 def calibration_line(metrics: dict) -> str:
     """How far the probabilities can be taken at their word, in one sentence; empty for a run from
     before calibration."""
@@ -169,7 +180,8 @@ Source: `{data_report["source"]}`. Splits are assigned by image content hash and
 {len(data_report["skipped"])} files were skipped (see `{DATA_REPORT_FILE}`).{notes}
 
 ## Evaluation on the test split
-Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metrics["macro_f1"]:.4f}.
+Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metrics["macro_f1"]:.4f}\
+{balance_line(metrics)}.
 
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|

@@ -239,6 +239,8 @@ def write_run(
     test-split figures into metrics.json and the model card. `fine_tuning`, where the backbone was
     fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary)."""
     config_values = config.flat()
+    if "class_weights" in history:
+        metrics = {**metrics, "class_weights": dict(zip(metrics["class_names"], history["class_weights"]))}
     if near_duplicates is not None:
         data_report = {**data_report, "near_duplicates": near_duplicates}
         metrics = {**metrics, "near_duplicates": near_duplicate_metrics(near_duplicates)}

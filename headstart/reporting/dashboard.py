@@ -94,6 +94,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
             "f1": round(values["f1"], 4),
             "support": values["support"],
             "accuracy": None,
+            "balanced_accuracy": None,
         }
         for name, values in metrics["per_class"].items()
     ]
@@ -105,6 +106,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
             "f1": round(metrics["macro_f1"], 4),
             "support": metrics["n"],
             "accuracy": round(metrics["accuracy"], 4),
+            "balanced_accuracy": round(metrics["balanced_accuracy"], 4) if "balanced_accuracy" in metrics else None,
         }
     )
     return rows

@@ -79,6 +79,7 @@ def train_head(
     patience: int,
     seed: int,
     on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None,
+    class_weights: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """Trains the classifier's head on cached backbone features; returns the per-epoch history
     (given, after each epoch, to `on_epoch` with the epoch's index).
@@ -94,7 +95,8 @@ def train_head(
     per-epoch machinery would cost more than the training, and `fit` on the same batches reached a
     different test accuracy (both in benchmarks/results/speed-tricks.md). Early stopping as in
     Keras: after `patience` epochs without a lower validation loss, keeping the weights of the
-    best epoch.
+    best epoch. With `class_weights` (headstart.training.class_weights), each image's loss, in
+    training and in the validation loss that stops it, is weighted by its class's weight.
     """
     train, validation = (
         InMemoryFeatures(*split) if isinstance(split, tuple) else split for split in (train, validation)
@@ -105,7 +107,14 @@ def train_head(
     head = head_model(classifier, feature_dim)
     optimizer = keras.optimizers.Adam(learning_rate)
     optimizer.build(head.trainable_variables)
-    cross_entropy = keras.losses.SparseCategoricalCrossentropy()
+    unweighted = keras.losses.SparseCategoricalCrossentropy()
+    weights = None if class_weights is None else tf.constant(np.asarray(class_weights, np.float32))
+
+    def cross_entropy(labels, probabilities):
+        if weights is None:
+            return unweighted(labels, probabilities)
+        return unweighted(labels, probabilities, sample_weight=tf.gather(weights, labels))
+
     rows_spec = (
         tf.TensorSpec([None, feature_dim], tf.float32),
         tf.TensorSpec([None], tf.int64),
