@@ -107,3 +107,53 @@ def test_a_target_accuracy_needs_a_run_and_a_reachable_threshold(tmp_path):
     with pytest.raises(HeadstartError, match="--target-accuracy needs a run's validation split"):
         Threshold(target_accuracy=0.9).for_file(Path("model.tflite"))
     assert Threshold(min_confidence=0.6).for_file(Path("model.tflite")) == 0.6
+
+
+def test_a_trained_run_is_calibrated_and_its_predictions_say_unsure(
+    prefect_harness, colour_folder, tiny_backbone_dir, tmp_path
+):
+    """The train flow calibrates, records the threshold for --target-accuracy and the figures;
+    predict labels with it, or with --min-confidence, and says how many are unsure."""
+    import pyarrow.parquet as pq
+
+    from flows.train import train
+    from headstart.config import TrainConfig
+    from headstart.features.extraction import ExtractionSettings
+    from headstart.registry.runs import CONFIDENCE_FILE, Run
+    from headstart.serving.predict import predict_with_model
+
+    config = TrainConfig.smoke(
+        data=str(colour_folder),
+        backbone=str(tiny_backbone_dir),
+        artifacts_root=tmp_path / "artifacts",
+        cache_dir=tmp_path / "cache",
+        epochs=3,
+        learning_rate=0.05,
+        batch_size=8,
+        test_fraction=0.25,
+        validation_fraction=0.25,
+        target_accuracy=0.9,
+    )
+    run = Run(train(**config.flat()))
+    calibration, unsure = run.metrics["calibration"], run.metrics["unsure"]
+    assert calibration["temperature"] != 1.0 and calibration["validation_images"] > 0
+    assert {"ece_before", "ece_after", "reliability_before", "reliability_after"} <= set(calibration)
+    assert unsure["target_accuracy"] == 0.9 and unsure["validation_accuracy"] >= 0.9
+    assert run.unsure_threshold == unsure["threshold"]
+    assert "## Probabilities" in run.model_card and "Temperature scaling" in run.model_card
+    assert {"reliability.png", "coverage.png"} <= {png.name for png in run.plots()}
+    # The saved head is the calibrated one: it gives the confidences the run recorded.
+    confidences = pq.read_table(run.path / CONFIDENCE_FILE).to_pydict()
+    assert set(confidences["split"]) == {"validation", "test"}
+    confidence, _ = run.confidences("validation")
+    assert len(confidence) == calibration["validation_images"]
+
+    settings = ExtractionSettings("tensorflow", 1, 16)
+    images = [colour_folder / "red", colour_folder / "blue"]
+    everything, _ = predict_with_model(
+        str(run.path), images, tmp_path / "artifacts", tmp_path / "cache", settings, Threshold(min_confidence=1.0)
+    )
+    assert everything.counts()[UNSURE] == len(everything.paths) == 48
+    chosen, _ = predict_with_model(str(run.path), images, tmp_path / "artifacts", tmp_path / "cache", settings)
+    assert chosen.threshold == run.unsure_threshold
+    assert chosen.counts()[UNSURE] == int((chosen.probabilities.max(axis=1) < chosen.threshold).sum())

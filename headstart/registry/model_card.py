@@ -131,6 +131,13 @@ def unsure_summary(metrics: dict) -> str:
     )
 
 
+def probabilities_section(metrics: dict) -> str:
+    """The card's section on calibration and the unsure threshold; none for a run from before them."""
+    if "calibration" not in metrics:
+        return ""
+    return f"## Probabilities\n{calibration_line(metrics)}\n\n{unsure_summary(metrics)}\n\n"
+
+
 def model_card(
     config: dict,
     metrics: dict,
@@ -187,12 +194,7 @@ Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metri
 |---|---|---|---|---|
 {per_class}
 
-## Probabilities
-{calibration_line(metrics) or "Not calibrated (trained before calibration)."}
-
-{unsure_summary(metrics)}
-
-## Near-duplicates of training images
+{probabilities_section(metrics)}## Near-duplicates of training images
 {near_duplicates_summary(data_report.get("near_duplicates"))}
 
 ## Limits
