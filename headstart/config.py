@@ -212,6 +212,23 @@ class HeadConfig(Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate before the new Dense layer")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's learning rate for the head")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=1.0, description="decoupled weight decay of the head's optimiser (AdamW); 0: plain Adam"
+    )
+    solver: Literal["adam", "lbfgs"] = Field(
+        "adam",
+        description=(
+            "how the head is fitted: mini-batch Adam with dropout and early stopping, or a logistic regression "
+            "by L-BFGS on the whole train split (L2 as scikit-learn's default, C = 1; dropout and epochs unused)"
+        ),
+    )
+    sweep: bool = Field(
+        False,
+        description=(
+            "first try a grid of head settings (learning rate × dropout × weight decay, and the L-BFGS logistic "
+            "regression) on the cached features, and train with the best on the validation split (docs/trust.md)"
+        ),
+    )
     # NumPy's and TensorFlow's seeds are unsigned 32-bit numbers: a larger one fails only once
     # the features are extracted.
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the head's initialisation, dropout and shuffling")

@@ -6,7 +6,7 @@ import pytest
 
 from headstart.evaluation.metrics import classification_metrics
 from headstart.promotion.mcnemar import against_champion, balanced_comparison, first_model, mcnemar_worse_p_value
-from headstart.training.class_weights import class_weights
+from headstart.training.imbalance import class_weights
 
 
 def test_class_weights_turn_on_at_the_documented_ratio_or_on_request():

@@ -17,6 +17,7 @@ from headstart.evaluation.calibration import (
     threshold_for_accuracy,
 )
 from headstart.features.dataset import FeatureSet
+from headstart.training.imbalance import balanced_accuracy
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -49,15 +50,6 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
         "confusion_matrix": matrix.tolist(),
         "class_names": list(class_names),
     }
-
-
-def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
-    """The mean of the per-class recalls over the classes present: what always predicting the most
-    common class scores 1 / classes on, however imbalanced the split."""
-    matrix = confusion_matrix(labels, predictions, num_classes)
-    support = matrix.sum(axis=1)
-    present = support > 0
-    return float((np.diag(matrix)[present] / support[present]).mean()) if present.any() else 0.0
 
 
 def evaluate_split(classifier, features: FeatureSet, split: str, class_names: list[str]) -> tuple[dict, np.ndarray]:

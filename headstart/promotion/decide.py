@@ -25,7 +25,7 @@ from headstart.promotion import mcnemar as gate
 from headstart.registry import versions
 from headstart.registry.runs import Run
 from headstart.serving.inference import run_probabilities
-from headstart.training.class_weights import is_imbalanced
+from headstart.training.imbalance import is_imbalanced
 
 
 def scorable_champion(artifacts_root: Path) -> Run | None:

@@ -74,6 +74,21 @@ def fine_tuning_line(config: dict, summary: FineTuningSummary | None) -> str:
     )
 
 
+def head_training_line(config: dict, metrics: dict, epochs: int) -> str:
+    """How the head was fitted, with which settings, and whether a sweep chose them."""
+    if config.get("solver") == "lbfgs":
+        line = "fitted as a logistic regression by L-BFGS (L2, C = 1)"
+    else:
+        decay = f", weight decay {config['weight_decay']}" if config.get("weight_decay") else ""
+        line = (
+            f"trained for {epochs} epochs (learning rate {config['learning_rate']}{decay}, "
+            f"batch size {config['batch_size']}, seed {config['seed']})"
+        )
+    if "sweep" in metrics:
+        line += f", the best on the validation split of the {len(metrics['sweep'])} settings a sweep tried"
+    return line
+
+
 def balance_line(metrics: dict) -> str:
     """Balanced accuracy and the class weights the head was trained with, where the run has them."""
     if "balanced_accuracy" not in metrics:
@@ -162,7 +177,7 @@ def model_card(
     )
     state = "fine-tuned" if fine_tuning is not None else "frozen"
     side, classes, epochs = backbone.image_size, len(data_report["class_names"]), len(history.get("loss", []))
-    training = f"learning rate {config['learning_rate']}, batch size {config['batch_size']}, seed {config['seed']}"
+    training = head_training_line(config, metrics, epochs)
     tuned = fine_tuning_line(config, fine_tuning)
     notes = "".join(f"\n- {note}" for note in data_report["notes"])
     return f"""# Model card
@@ -172,8 +187,8 @@ An image classifier for {", ".join(data_report["class_names"])}, trained by head
 ## Model
 - Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), {state}, ImageNet-pretrained; \
 input {side}×{side} px.
-- Head: Dropout({config["dropout"]}) → Dense({classes}, softmax), trained for {epochs} epochs \
-({training}), on features from the {engine} engine.{tuned}
+- Head: Dropout({config["dropout"]}) → Dense({classes}, softmax), {training}, on features from the \
+{engine} engine.{tuned}
 - Input: RGB images of any size, pixel values 0–255; output: one probability per class in the order of \
 `{CLASS_NAMES_FILE}`.
 

@@ -233,12 +233,16 @@ def write_run(
     gate: dict | None = None,
     near_duplicates: dict | None = None,
     fine_tuning: "FineTuningResult | None" = None,
+    sweep: list[dict] | None = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
     `near_duplicates` (headstart.evaluation.near_duplicates.near_duplicate_report) goes into the data report, its
     test-split figures into metrics.json and the model card. `fine_tuning`, where the backbone was
-    fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary)."""
+    fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary);
+    `sweep` (every head setting tried, headstart.training.sweep) into metrics.json."""
     config_values = config.flat()
+    if sweep is not None:
+        metrics = {**metrics, "sweep": sweep}
     if "class_weights" in history:
         metrics = {**metrics, "class_weights": dict(zip(metrics["class_names"], history["class_weights"]))}
     if near_duplicates is not None:

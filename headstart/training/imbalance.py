@@ -1,6 +1,7 @@
-"""Class weights for imbalanced data: each class's images weigh total / (classes × its count) in
-the loss, so that every class counts as much as if the classes were balanced (scikit-learn's
-"balanced" weights, Keras' `class_weight`)."""
+"""Imbalanced classes: when they count as imbalanced, class weights for the head's loss (each
+class's images weigh total / (classes × its count), so that every class counts as much as if the
+classes were balanced: scikit-learn's "balanced" weights, Keras' `class_weight`), and balanced
+accuracy, what the gate and the sweep judge imbalanced classes by."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def class_weights(setting: str, train_labels: np.ndarray, num_classes: int) -> n
     weights = np.zeros(num_classes, np.float64)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return weights.astype(np.float32)
+
+
+def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
+    """The mean of the per-class recalls over the classes present: what always predicting the most
+    common class scores 1 / classes on, however imbalanced the split."""
+    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+    support = np.bincount(labels, minlength=num_classes)
+    right = np.bincount(labels[labels == predictions], minlength=num_classes)
+    present = support > 0
+    return float((right[present] / support[present]).mean()) if present.any() else 0.0
