@@ -171,9 +171,14 @@ def _features(config: TrainConfig, manifest, report, backbone, shards, extractio
 
 def _swept(config: TrainConfig, features, num_classes: int) -> tuple[TrainConfig, list[dict]]:
     """The configuration with the head settings that scored best on validation among the sweep's
-    (one task each, spread like the extraction tasks), and the sweep's rows."""
+    (one task each, spread over a local Dask cluster where that is the task runner), and the
+    sweep's rows. The tasks read the features file by its path, which the workers of a cluster
+    given by address may not see: there, they run in this process."""
     settings = head_settings(config.head)
-    with extraction_runner(config.runtime) as runner:
+    runtime = (
+        config.runtime.model_copy(update={"task_runner": "local"}) if config.runtime.dask_address else config.runtime
+    )
+    with extraction_runner(runtime) as runner:
         tried = runner.map(
             try_head_setting,
             {

@@ -140,6 +140,8 @@ def unsure_threshold(confidence: np.ndarray, correct: np.ndarray, target_accurac
 def format_metrics(metrics: dict) -> str:
     """A plain-text report for the terminal."""
     balanced = f", balanced accuracy {metrics['balanced_accuracy']:.4f}" if "balanced_accuracy" in metrics else ""
+    if "expected_calibration_error" in metrics:
+        balanced += f", expected calibration error {metrics['expected_calibration_error']:.4f}"
     lines = [
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} images (macro F1 {metrics['macro_f1']:.4f}{balanced})",
         "",
