@@ -46,7 +46,6 @@ from headstart.evaluation.label_issues import (
 from headstart.features.dataset import FeatureSet, assemble_features, plan_extraction
 from headstart.features.encoding import FEATURES_PARQUET_OPTIONS
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
-from headstart.features.streams import SelectedRows
 
 RESULTS = Path(__file__).parent / "results"
 AT_K = (50, 100, 200, 300, 400, 600, 800, 1200, 1600)
@@ -96,21 +95,11 @@ def with_flipped_labels(features: FeatureSet, destination: Path, fraction: float
 
 def head_test_accuracy(features: FeatureSet, classes: int, head: HeadConfig, leave_out: frozenset[str] = frozenset()):
     """The head trained as a run trains it (on the train split without `leave_out`), on the test split."""
-    from headstart.training.head import predict_from_features, train_head
+    from headstart.training.head import fit_configured_head, predict_from_features
 
     test_features, test_labels, _ = features.load("test")
     classifier = fold_head(test_features.shape[1], classes, head.dropout, head.seed)
-    train = features.stream("train")
-    train_head(
-        classifier,
-        SelectedRows(train, leave_out) if leave_out else train,
-        features.stream("validation"),
-        epochs=head.epochs,
-        batch_size=head.batch_size,
-        learning_rate=head.learning_rate,
-        patience=head.patience,
-        seed=head.seed,
-    )
+    fit_configured_head(head, classifier, features, leave_out=leave_out)
     return float((predict_from_features(classifier, test_features).argmax(axis=1) == test_labels).mean())
 
 

@@ -40,6 +40,7 @@ def publish(
     decision: GateDecision | None = None,
     near_duplicates: dict | None = None,
     fine_tuning: FineTuningResult | None = None,
+    sweep: list[dict] | None = None,
     label_issues: LabelIssues | None = None,
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
@@ -58,6 +59,7 @@ def publish(
         gate=decision.to_dict() if decision is not None else None,
         near_duplicates=near_duplicates,
         fine_tuning=fine_tuning,
+        sweep=sweep,
         label_issues=label_issues,
     )
     record_run(config.runtime.cache_dir, training_key, run_dir)

@@ -15,8 +15,10 @@ def _metrics():
 
 def test_every_row_of_the_metrics_table_has_the_same_columns_and_the_last_one_the_accuracy():
     rows = metrics_rows(_metrics())
-    assert [list(row) for row in rows] == [["class", "precision", "recall", "f1", "support", "accuracy"]] * 3
+    columns = ["class", "precision", "recall", "f1", "support", "accuracy", "balanced_accuracy"]
+    assert [list(row) for row in rows] == [columns] * 3
     assert rows[-1]["class"] == "(all)" and rows[-1]["accuracy"] == 0.75 and rows[-1]["support"] == 4
+    assert rows[-1]["balanced_accuracy"] == _metrics()["balanced_accuracy"]
 
 
 def test_the_terminal_report_keeps_its_columns_apart_for_short_class_names():

@@ -2,8 +2,8 @@
 
 Every training image gets class probabilities from a head that never saw it: the train split is
 cut into k folds (by class, seeded, by content hash), and for each fold the head headstart trains
-(Dropout → Dense softmax, Adam, early stopping on the validation split: headstart.training.head)
-is fitted on the other folds' cached features and scores this fold. The backbone does not run.
+(Dropout → Dense softmax, fitted as the run's head settings say: headstart.training.head) is
+fitted on the other folds' cached features and scores this fold. The backbone does not run.
 
 Confident learning (C. G. Northcutt, L. Jiang, I. L. Chuang, "Confident Learning: Estimating
 Uncertainty in Dataset Labels", JAIR 70, 2021; the method of cleanlab's find_label_issues) then
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from headstart.features.encoding import features_matrix
-from headstart.features.streams import SelectedRows, damage_stops_the_run
+from headstart.features.streams import damage_stops_the_run
 
 if TYPE_CHECKING:
     from headstart.config import HeadConfig
@@ -83,31 +83,23 @@ def assign_folds(hashes: list[str], labels: np.ndarray, folds: int, seed: int) -
 def out_of_fold_probabilities(
     features: "FeatureSet", num_classes: int, head: "HeadConfig", folds: int = 5
 ) -> OutOfFold:
-    """Trains `folds` heads with the run's head settings, each on the train split without one fold
-    (streamed: memory holds a row group at a time), and scores the fold it left out."""
-    from headstart.training.head import predict_from_features, train_head
+    """Trains `folds` heads as the run's head settings say (headstart.training.head.fit_configured_head:
+    solver, class weights, weight decay), each on the train split without one fold (streamed: memory
+    holds a row group at a time, except for the L-BFGS solver), and scores the fold it left out."""
+    from headstart.training.head import fit_configured_head, predict_from_features
 
     rows = features.rows("train", ["path", "sha256", "label"])
     hashes, labels = rows["sha256"], np.asarray(rows["label"], np.int64)
     fold_of = assign_folds(hashes, labels, folds, head.seed)
     probabilities = np.zeros((len(hashes), num_classes), np.float32)
     row_of = {sha: row for row, sha in enumerate(hashes)}
-    train, validation = features.stream("train"), features.stream("validation")
+    train = features.stream("train")
     for fold in range(folds):
         held_out = frozenset(sha for sha, f in zip(hashes, fold_of) if f == fold)
         if not held_out or len(held_out) == len(hashes):
             continue
         classifier = fold_head(features_dim(features), num_classes, head.dropout, head.seed)
-        train_head(
-            classifier,
-            SelectedRows(train, held_out, keep=False),
-            validation,
-            epochs=head.epochs,
-            batch_size=head.batch_size,
-            learning_rate=head.learning_rate,
-            patience=head.patience,
-            seed=head.seed,
-        )
+        fit_configured_head(head, classifier, features, leave_out=held_out)
         for table in _row_groups(features, train.groups, ["features", "sha256"]):
             chosen = np.array([sha in held_out for sha in table.column("sha256").to_pylist()], bool)
             if chosen.any():

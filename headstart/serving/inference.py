@@ -12,6 +12,7 @@ from headstart.data.folders import list_class_files
 from headstart.data.manifest import DataReport
 from headstart.data.preprocessing import apply_to_decoded, decoded_batches, image_batches
 from headstart.errors import HeadstartError
+from headstart.evaluation.calibration import expected_calibration_error
 from headstart.evaluation.metrics import classification_metrics
 from headstart.features.dataset import FeatureSet
 from headstart.registry.runs import Run
@@ -68,6 +69,7 @@ def evaluate_folder(run: Run, folder: Path, batch_size: int = 64) -> dict:
     probabilities, kept, unusable = predict_files(run, usable, batch_size)
     labels = np.array([label_of[usable[index]] for index in kept], np.int64)
     metrics = classification_metrics(labels, probabilities, class_names)
+    metrics["expected_calibration_error"] = expected_calibration_error(probabilities, labels)
     metrics["skipped"] = report.skipped + skipped + unusable
     return metrics
 
