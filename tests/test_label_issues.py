@@ -87,6 +87,15 @@ def test_out_of_fold_probabilities_are_deterministic_and_folds_are_stratified(no
     assert np.array_equal(shuffled, folds[order])
 
 
+def test_the_fold_heads_are_fitted_as_the_run_s_head_settings_say(noisy):
+    """With the L-BFGS logistic regression as the head's solver, the fold heads are logistic
+    regressions too, and find the flipped labels as well."""
+    features, flipped, _ = noisy
+    out_of_fold = out_of_fold_probabilities(features, len(CLASSES), HeadConfig(solver="lbfgs"), folds=5)
+    top = label_issue_table(out_of_fold, CLASSES).column("sha256").to_pylist()[:FLIPPED]
+    assert len(set(top) & flipped) >= FLIPPED - 2
+
+
 def test_confident_joint_and_noise_rate_pruning_on_known_probabilities():
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     probabilities = np.array(
@@ -228,3 +237,15 @@ def test_review_prints_the_ranking_and_says_when_a_run_has_none(dropped_run, tmp
     )
     status, _, err = review(str(run.path), "--top", "0")
     assert status == 2 and err.count("\n") == 1 and "--top 0" in err
+
+
+def test_drop_label_issues_needs_the_check_and_refuses_fine_tuning():
+    from pydantic import ValidationError
+
+    from headstart.config import TrainConfig
+
+    assert TrainConfig(data="photos").evaluation.label_issues
+    with pytest.raises(ValidationError, match="--drop-label-issues leaves out the images the label-issue check"):
+        TrainConfig(data="photos", label_issues=False, drop_label_issues=True)
+    with pytest.raises(ValidationError, match="not out of fine-tuning"):
+        TrainConfig(data="photos", drop_label_issues=True, fine_tune=True)
