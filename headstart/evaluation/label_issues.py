@@ -65,18 +65,23 @@ class OutOfFold:
     paths: list[str]
     hashes: list[str]
     folds: int
+    # False for an image no fold head could score: a train split of one image has no other to learn from.
+    scored: np.ndarray
 
 
 def assign_folds(hashes: list[str], labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Each image's fold, 0…folds−1: each class's images, in content-hash order, shuffled with the
-    seed and dealt out in turn, so that every fold holds each class in the same share. Only the
-    images, labels and seed decide it, never the order of the rows in a file."""
+    seed and dealt out in turn (each class going on from the fold where the last one stopped), so
+    that every fold holds each class in the same share and the folds differ in size by one at most.
+    Only the images, labels and seed decide it, never the order of the rows in a file."""
     fold_of = np.zeros(len(hashes), np.int64)
     generator = np.random.default_rng(seed)
+    dealt = 0
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         members = members[np.argsort([hashes[i] for i in members], kind="stable")]
-        fold_of[generator.permutation(members)] = np.arange(len(members)) % folds
+        fold_of[generator.permutation(members)] = (dealt + np.arange(len(members))) % folds
+        dealt += len(members)
     return fold_of
 
 
@@ -92,6 +97,7 @@ def out_of_fold_probabilities(
     hashes, labels = rows["sha256"], np.asarray(rows["label"], np.int64)
     fold_of = assign_folds(hashes, labels, folds, head.seed)
     probabilities = np.zeros((len(hashes), num_classes), np.float32)
+    scored = np.zeros(len(hashes), bool)
     row_of = {sha: row for row, sha in enumerate(hashes)}
     train = features.stream("train")
     for fold in range(folds):
@@ -104,9 +110,10 @@ def out_of_fold_probabilities(
             chosen = np.array([sha in held_out for sha in table.column("sha256").to_pylist()], bool)
             if chosen.any():
                 table = table.filter(pa.array(chosen))
-                scored = predict_from_features(classifier, features_matrix(table))
-                probabilities[[row_of[sha] for sha in table.column("sha256").to_pylist()]] = scored
-    return OutOfFold(probabilities, labels, rows["path"], hashes, folds)
+                found = [row_of[sha] for sha in table.column("sha256").to_pylist()]
+                probabilities[found] = predict_from_features(classifier, features_matrix(table))
+                scored[found] = True
+    return OutOfFold(probabilities, labels, rows["path"], hashes, folds, scored)
 
 
 def _row_groups(features: "FeatureSet", groups, columns: list[str]):
@@ -210,7 +217,8 @@ def best_other(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarra
 def label_issue_table(out_of_fold: OutOfFold, class_names: list[str] | tuple[str, ...]) -> pa.Table:
     """The flagged training images, most likely wrong first: what label_issues.parquet holds."""
     labels, probabilities = out_of_fold.labels, out_of_fold.probabilities
-    rows = find_label_issues(labels, probabilities) if len(labels) else np.zeros(0, np.int64)
+    checked = np.flatnonzero(out_of_fold.scored)
+    rows = checked[find_label_issues(labels[checked], probabilities[checked])] if len(checked) else checked
     suggested, _ = best_other(labels, probabilities)
     return pa.table(
         {
@@ -229,13 +237,14 @@ def label_issue_table(out_of_fold: OutOfFold, class_names: list[str] | tuple[str
 def label_issue_summary(out_of_fold: OutOfFold, table: pa.Table, left_out: bool) -> dict:
     """What metrics.json records: how many training images were checked and flagged, in how many
     folds, the out-of-fold accuracy, and how many were left out of the model's training."""
-    predictions = out_of_fold.probabilities.argmax(axis=1) if len(out_of_fold.labels) else out_of_fold.labels
+    scored = out_of_fold.scored
+    correct = out_of_fold.probabilities[scored].argmax(axis=1) == out_of_fold.labels[scored]
     return {
-        "train_images": int(len(out_of_fold.labels)),
+        "train_images": int(scored.sum()),
         "folds": out_of_fold.folds,
         "flagged": int(table.num_rows),
         "left_out": int(table.num_rows) if left_out else 0,
-        "out_of_fold_accuracy": float((predictions == out_of_fold.labels).mean()) if len(predictions) else None,
+        "out_of_fold_accuracy": float(correct.mean()) if len(correct) else None,
     }
 
 
