@@ -30,7 +30,7 @@ def build_model(head: HeadConfig, backbone: Backbone, class_names: tuple[str, ..
 def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[str, list[float]]:
     """Fits the classifier's head on the cached features of the train split, as the settings say
     (headstart.training.head.fit_configured_head)."""
-    from headstart.training.head import fit_configured_head
+    from headstart.training.fitting import fit_configured_head
 
     adam = settings.solver == "adam"
     epochs = settings.epochs if adam else 1
