@@ -45,6 +45,9 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
         "class_weights": "balanced",
         "calibrate": False,
         "target_accuracy": 0.97,
+        "weight_decay": 0.01,
+        "solver": "lbfgs",
+        "sweep": True,
     }
     assert set(changed) == set(TrainConfig.counted_by_value())
     for name, value in changed.items():
@@ -101,7 +104,7 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
     config = TrainConfig(data="photos", image_size=96, epochs=12, seed=4)
     # The near-duplicate threshold joined the key with the check itself, so that runs indexed before
     # it (which have no near-duplicate report) are retrained rather than copied; so did calibration,
-    # class weights and the target accuracy, so that runs from before them (uncalibrated) are too.
+    # class weights, the target accuracy and the head's sweep options, so that runs from before them (uncalibrated) are too.
     written_by_earlier_versions = {
         "manifest": "m" * 16,
         "backbone": "b" * 16,
@@ -117,6 +120,9 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
         "class_weights": "auto",
         "calibrate": True,
         "target_accuracy": None,
+        "weight_decay": 0.0,
+        "solver": "adam",
+        "sweep": False,
     }
     assert (
         _key(config)
