@@ -32,7 +32,7 @@ from headstart.registry.reuse import find_identical_run, training_key
 from headstart.registry.runs import Run
 from headstart.reporting.outcome import state_message
 from tasks.data import download, prepare_backbone, warn_skipped
-from tasks.evaluation import evaluate, visualize
+from tasks.evaluation import evaluate, visualize, where_the_model_looked
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
@@ -94,6 +94,8 @@ def train(**parameters) -> str:
         source = config.data.source
         decision = gate(config.gate, artifacts_root, source, backbone, features, probabilities, manifest.class_names)
     figures = visualize(config.head.seed, history, metrics, probabilities, features, leakage, tuned)
+    names = manifest.class_names
+    figures |= where_the_model_looked(config.head.seed, backbone, classifier, features, probabilities, names)
     run_dir = publish(
         config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned
     )
