@@ -69,6 +69,23 @@ def test_the_feature_map_averages_to_the_pooled_features(tiny_backbone_dir, mirr
         assert np.abs(flipped - maps[:, :, ::-1]).max() > 1e-2
 
 
+def test_a_fine_tuned_backbone_exposes_its_last_feature_map(tmp_path):
+    """MobileNetV2's map before pooling (1280 channels, 1/32 of the side) in the module fine-tuning
+    exports, mirror-averaged (the bundled module is exported by the same function, unmirrored)."""
+    from headstart.backbone.handles import BUNDLED_HANDLE
+    from headstart.infra.keras import tf
+    from headstart.training.fine_tuning import SplitBackbone
+
+    # Cutting needs only the bundled checkpoint: the converted module itself is never read.
+    split = SplitBackbone(Backbone(BUNDLED_HANDLE, tmp_path / "unused", "0" * 16, 64), 16)
+    tuned = split.export(tmp_path / "tuned", "tuned", mirror_average=True)
+    images = np.random.default_rng(1).random((2, 50, 70, 3)).astype(np.float32)
+    maps = feature_map_function(tuned)(images)
+    assert maps.shape == (2, 2, 2, 1280)
+    pooled = tf.saved_model.load(str(tuned.module_path))(tf.constant(images)).numpy()
+    np.testing.assert_allclose(maps.mean(axis=(1, 2)), pooled, atol=1e-5 * np.abs(pooled).max())
+
+
 def test_a_module_without_a_feature_map_is_a_one_line_error(tmp_path):
     from headstart.backbone.hub_module import export_hub_module
     from headstart.infra.keras import keras
