@@ -204,13 +204,13 @@ def overlay_grid_png(
     explanations: list[Explanation], labels: list[int] | np.ndarray, class_names: list[str], title: str
 ) -> bytes:
     """Overlays with 'predicted (probability) / true' captions, green when right, red when wrong,
-    six to a row; 'none' for no image."""
+    four to a row; 'none' for no image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = max(1, min(6, len(explanations)))
+    columns = max(1, min(4, len(explanations)))
     rows = max(1, -(-len(explanations) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + 0.3), squeeze=False)
     for axis in axes.flat:
