@@ -254,6 +254,17 @@ def test_explain_says_in_one_line_what_it_cannot_explain(patch_run, tmp_path, ca
     assert "headstart: error: a .tflite file" in capsys.readouterr().err
     images, _, _ = _patch_images(1, seed=6)
     Image.fromarray(np.round(images[0] * 255).astype(np.uint8)).save(tmp_path / "fine.png")
+    (tmp_path / "a-file").write_text("")
+    assert (
+        main(["explain", str(tmp_path / "fine.png"), "--model", str(patch_run), "--output", str(tmp_path / "a-file")])
+        == 2
+    )
+    assert "headstart: error: --output" in capsys.readouterr().err
+    model_file = (patch_run / "model.keras").read_bytes()
+    (patch_run / "model.keras").write_bytes(b"not the zip headstart writes")
+    assert main(["explain", str(tmp_path / "fine.png"), "--model", str(patch_run)]) == 2
+    assert "refusing to load" in capsys.readouterr().err
+    (patch_run / "model.keras").write_bytes(model_file)
     shutil.rmtree(patch_run / "backbone")
     from headstart.backbone.hub_module import export_hub_module
     from headstart.infra.keras import keras

@@ -42,8 +42,10 @@ def explain_files(run: Run, inputs: list[Path], output: Path) -> Explained:
         raise HeadstartError(
             f"no image to explain in {', '.join(map(str, inputs))}{why}; give image files or folders holding images"
         )
-    feature_map = feature_map_function(run.backbone)
+    # The head first: model.keras is only read as numbers, and a file headstart did not write is
+    # refused before any backbone loads.
     kernel, bias = run.head_weights()
+    feature_map = feature_map_function(run.backbone)
     explained = Explained(skipped=skipped)
     output = Path(output)
     taken: set[str] = set()
