@@ -1,12 +1,16 @@
-"""The `train` flow: download → prepare_backbone → plan_extraction → extract_features (per shard) → assemble_features →
-build_model → train_head → [fine_tune → plan_extraction → extract_features → assemble_features →
-build_model] → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
+"""The `train` flow: download → prepare_backbone → plan_extraction → extract_features (per shard) →
+assemble_features → [try_head_setting (per setting) → choose_head_setting] → build_model →
+train_head → [fine_tune → plan_extraction → extract_features → assemble_features → build_model] →
+calibrate → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
 the gate decided so); or, when every input matches an earlier run, reuse_identical_run →
-[export] → gate → promote in place of the steps after assemble_features. The first bracketed steps
-run with --fine-tune: the backbone's top stages are trained with the head, and the fine-tuned backbone's
-features replace the frozen one's. export runs with --export tflite: the run's classifier as
-.tflite files for devices, float32 and int8. near_duplicates flags test and validation images
-whose nearest training image is almost the same photo, and gives the test accuracy without them.
+[export] → gate → promote in place of the steps after assemble_features. The first bracketed
+steps run with --sweep: a grid of head settings is tried on the cached features and the best on
+validation trains the head. The second run with --fine-tune: the backbone's top stages are
+trained with the head, and the fine-tuned backbone's features replace the frozen one's. export
+runs with --export tflite: the run's classifier as .tflite files for devices, float32 and int8.
+calibrate folds a temperature fitted on validation into the head (headstart.evaluation.calibration).
+near_duplicates flags test and validation images whose nearest training image is almost the same
+photo, and gives the test accuracy without them.
 With the gate on, check_champion first makes sure the champion can be read, before any work;
 promote switches the champion only if it is still the one the gate compared with.
 A mistake a user can put right (a missing folder, a rejected parameter) ends the run Failed with
@@ -31,8 +35,9 @@ from headstart.infra.object_store import check_place, local_copy
 from headstart.registry.reuse import find_identical_run, training_key
 from headstart.registry.runs import Run
 from headstart.reporting.outcome import state_message
+from headstart.training.sweep import head_settings
 from tasks.data import download, prepare_backbone, warn_skipped
-from tasks.evaluation import evaluate, visualize, where_the_model_looked
+from tasks.evaluation import calibrate, evaluate, visualize, where_the_model_looked
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
@@ -41,6 +46,7 @@ from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
 from tasks.outcome import announce
 from tasks.publish import publish, reuse_identical_run
+from tasks.sweep import choose_head_setting, try_head_setting
 
 
 @flow(name="train", log_prints=True, persist_result=True, result_serializer="json")
@@ -73,6 +79,9 @@ def train(**parameters) -> str:
         previous = find_identical_run(cache_dir, key, artifacts_root) if reuse else None
         if previous is not None:
             return _reused(config, key, previous, manifest, backbone, features)
+        sweep = None
+        if config.head.sweep:
+            config, sweep = _swept(config, features, len(manifest.class_names))
         classifier = build_model(config.head, backbone, manifest.class_names)
         history = train_head(config.head, classifier, features)
         tuned, frozen_features, frozen_backbone, frozen_manifest = None, features, backbone, manifest
@@ -86,7 +95,8 @@ def train(**parameters) -> str:
             classifier = build_model(config.head, backbone, manifest.class_names, head_from=classifier)
             if manifest.fingerprint != frozen_manifest.fingerprint:  # files changed meanwhile were left out
                 frozen_features, _, _ = assemble_features(manifest, report, frozen_backbone, cache, [])
-    metrics, probabilities = evaluate(classifier, features, manifest.class_names)
+    calibration = calibrate(config.head.calibrate, classifier, features)
+    metrics, probabilities = evaluate(classifier, features, manifest.class_names, calibration, config.evaluation)
     # Near-duplicates are judged on the frozen backbone's features, for which the threshold is calibrated.
     leakage = near_duplicates(config.evaluation, frozen_features, probabilities, manifest.class_names)
     decision = None
@@ -97,7 +107,7 @@ def train(**parameters) -> str:
     names = manifest.class_names
     figures |= where_the_model_looked(config.head.seed, backbone, classifier, features, probabilities, names)
     run_dir = publish(
-        config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned
+        config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned, sweep
     )
     if config.export.format == "tflite":
         export(run_dir, manifest)
@@ -159,6 +169,25 @@ def _features(config: TrainConfig, manifest, report, backbone, shards, extractio
                 {"shard": shards, "backbone": unmapped(backbone), "context": unmapped(extraction), "label": labels},
             ).result()
     return assemble_features(manifest, report, backbone, extraction.cache, extracted)
+
+
+def _swept(config: TrainConfig, features, num_classes: int) -> tuple[TrainConfig, list[dict]]:
+    """The configuration with the head settings that scored best on validation among the sweep's
+    (one task each, spread like the extraction tasks), and the sweep's rows."""
+    settings = head_settings(config.head)
+    with extraction_runner(config.runtime) as runner:
+        tried = runner.map(
+            try_head_setting,
+            {
+                "setting": settings,
+                "head": unmapped(config.head),
+                "features": unmapped(features),
+                "num_classes": unmapped(num_classes),
+                "label": [setting.label for setting in settings],
+            },
+        ).result()
+    chosen, rows = choose_head_setting(tried)
+    return config.with_options(**chosen.options()), rows
 
 
 def extraction_runner(runtime: RuntimeConfig) -> TaskRunner:

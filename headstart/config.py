@@ -196,6 +196,12 @@ class BackboneConfig(Section):
     )
 
 
+# Where the train split's largest class has at least this many times the images of its smallest,
+# the classes count as imbalanced: class weights turn on (class_weights=auto) and the gate compares
+# balanced accuracy. Below it, weighting changes little and accuracy says what people expect.
+IMBALANCE_RATIO = 3.0
+
+
 class HeadConfig(Section):
     """The new Dropout + Dense head, trained on the cached features."""
 
@@ -206,9 +212,40 @@ class HeadConfig(Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout rate before the new Dense layer")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Adam's learning rate for the head")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before early stopping")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=1.0, description="decoupled weight decay of the head's optimiser (AdamW); 0: plain Adam"
+    )
+    solver: Literal["adam", "lbfgs"] = Field(
+        "adam",
+        description=(
+            "how the head is fitted: mini-batch Adam with dropout and early stopping, or a logistic regression "
+            "by L-BFGS on the whole train split (L2 as scikit-learn's default, C = 1; dropout and epochs unused)"
+        ),
+    )
+    sweep: bool = Field(
+        False,
+        description=(
+            "first try a grid of head settings (learning rate × dropout × weight decay, and the L-BFGS logistic "
+            "regression) on the cached features, and train with the best on the validation split (docs/trust.md)"
+        ),
+    )
     # NumPy's and TensorFlow's seeds are unsigned 32-bit numbers: a larger one fails only once
     # the features are extracted.
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the head's initialisation, dropout and shuffling")
+    class_weights: Literal["auto", "balanced", "none"] = Field(
+        "auto",
+        description=(
+            "weigh each class's images in the loss by total / (classes × its count): 'balanced' always, 'auto' where "
+            f"the largest class has {IMBALANCE_RATIO:g}× the images of the smallest or more"
+        ),
+    )
+    calibrate: bool = Field(
+        True,
+        description=(
+            "fit a temperature on the validation split so that the probabilities mean what they say "
+            "(labels and accuracy unchanged; see docs/trust.md)"
+        ),
+    )
 
 
 class FineTuningConfig(Section):
@@ -327,6 +364,16 @@ class EvaluationConfig(Section):
             "cosine similarity of backbone features at or above which a test or validation image counts as a "
             "near-duplicate of its nearest training image (0.88: calibrated for the bundled MobileNetV2 at 160 px, "
             "see benchmarks/results/leakage-calibration.md)"
+        ),
+    )
+    # Counts by value: it decides the threshold the run records, which its predictions then use.
+    target_accuracy: Optional[float] = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "choose on the validation split the confidence below which the run's predictions say 'unsure', so that "
+            "the images it labels reach this accuracy (e.g. 0.97); default: every image labelled"
         ),
     )
 
@@ -554,6 +601,27 @@ class PredictConfig(BaseModel):
     )
     threads: Optional[int] = Field(None, ge=1, description="threads for the forward pass; default: all cores")
     batch_size: int = Field(64, ge=1, le=1024, description="images per forward pass")
+    min_confidence: Optional[float] = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="label 'unsure' every image whose most probable class has a lower probability than this",
+    )
+    target_accuracy: Optional[float] = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "label 'unsure' the images below the confidence that reached this accuracy on the model's validation "
+            "split; default: the threshold the model was trained with (train --target-accuracy), if any"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "PredictConfig":
+        if self.min_confidence is not None and self.target_accuracy is not None:
+            raise ValueError("give --min-confidence or --target-accuracy, not both")
+        return self
 
     @field_validator("inputs")
     @classmethod

@@ -7,16 +7,36 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from headstart.backbone.handles import Backbone
+from headstart.config import EvaluationConfig
 from headstart.errors import HeadstartError, first_line
-from headstart.evaluation.metrics import evaluate_split
+from headstart.evaluation.metrics import calibrate_classifier, evaluate_split, trust_metrics
 from headstart.features.dataset import FeatureSet
 from headstart.training.fine_tuning import FineTuningResult
 
 
+@task(name="calibrate", cache_policy=NO_CACHE)
+def calibrate(enabled: bool, classifier, features: FeatureSet) -> dict:
+    """Temperature scaling on the validation split, folded into the classifier's head; or, where
+    it is off, the record of a temperature of 1."""
+    if not enabled:
+        return {"temperature": 1.0, "off": True}
+    return calibrate_classifier(classifier, features)
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(classifier, features: FeatureSet, class_names: tuple[str, ...]) -> tuple[dict, np.ndarray]:
-    """Metrics on the test split; also returns the test probabilities for the plots."""
-    return evaluate_split(classifier, features, "test", list(class_names))
+def evaluate(
+    classifier,
+    features: FeatureSet,
+    class_names: tuple[str, ...],
+    calibration: dict | None = None,
+    settings: EvaluationConfig = EvaluationConfig(),
+) -> tuple[dict, np.ndarray]:
+    """Metrics on the test split, with the calibration error and the "unsure" coverage where the
+    calibration step's record is given; also returns the test probabilities for the plots."""
+    metrics, probabilities = evaluate_split(classifier, features, "test", list(class_names))
+    if calibration is not None:
+        metrics |= trust_metrics(classifier, features, calibration, settings.target_accuracy)
+    return metrics, probabilities
 
 
 @task(name="visualize", cache_policy=NO_CACHE)

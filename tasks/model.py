@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
 
 from headstart.backbone.handles import Backbone
 from headstart.config import HeadConfig
@@ -27,32 +28,26 @@ def build_model(head: HeadConfig, backbone: Backbone, class_names: tuple[str, ..
 
 @task(name="train_head", cache_policy=NO_CACHE)
 def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[str, list[float]]:
-    """Fits the classifier's head on the cached features of the train split (see headstart.training.head)."""
-    from headstart.training.head import train_head as fit_head
+    """Fits the classifier's head on the cached features of the train split, as the settings say
+    (headstart.training.head.fit_configured_head)."""
+    from headstart.training.head import fit_configured_head
 
-    with DashboardProgress(settings.epochs, f"train head: at most {settings.epochs} epochs", unit="epoch") as progress:
+    adam = settings.solver == "adam"
+    epochs = settings.epochs if adam else 1
+    with DashboardProgress(epochs, f"train head: at most {epochs} epochs", unit="epoch") as progress:
 
         def epoch_done(epoch: int, history: dict[str, list[float]]) -> None:
             scores = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items())
-            progress.update(1, f"train head: epoch {epoch + 1} of at most {settings.epochs}; {scores}")
+            progress.update(1, f"train head: epoch {epoch + 1} of at most {epochs}; {scores}")
 
-        history = fit_head(
-            classifier,
-            features.stream("train"),
-            features.stream("validation"),
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            patience=settings.patience,
-            seed=settings.seed,
-            on_epoch=epoch_done,
-        )
+        history = fit_configured_head(settings, classifier, features, on_epoch=epoch_done)
+        stalled = adam and len(history["loss"]) < epochs
         progress.finish(
-            f"train head: {len(history['loss'])} epochs"
-            + (
-                f" (stopped early: validation loss stalled for {settings.patience})"
-                if len(history["loss"]) < settings.epochs
-                else ""
-            )
+            (f"train head: {len(history['loss'])} epochs" if adam else "train head: L-BFGS logistic regression")
+            + (f" (stopped early: validation loss stalled for {settings.patience})" if stalled else "")
+        )
+    if "class_weights" in history:
+        get_run_logger().info(
+            "Classes weighed in the loss: %s", ", ".join(f"{w:.3f}" for w in history["class_weights"])
         )
     return history

@@ -24,6 +24,8 @@ def predict(config: PredictConfig) -> Predictions:
     output = Path(write_predictions(predictions, config.output)).resolve()
     rows, left_out = prediction_rows(predictions)
     counts = ", ".join(f"{label} {count}" for label, count in predictions.counts().items())
+    if predictions.threshold is not None:
+        counts += f"; unsure: top probability below {predictions.threshold:.4f}"
     table_artifact(
         "headstart-predictions",
         rows,

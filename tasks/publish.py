@@ -38,6 +38,7 @@ def publish(
     decision: GateDecision | None = None,
     near_duplicates: dict | None = None,
     fine_tuning: FineTuningResult | None = None,
+    sweep: list[dict] | None = None,
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
     run_dir = write_run(
@@ -55,6 +56,7 @@ def publish(
         gate=decision.to_dict() if decision is not None else None,
         near_duplicates=near_duplicates,
         fine_tuning=fine_tuning,
+        sweep=sweep,
     )
     record_run(config.runtime.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir), report_headline(Path(run_dir).name, decision))

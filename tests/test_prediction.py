@@ -34,7 +34,7 @@ def test_more_than_two_classes_list_the_top_ones(tmp_path):
     assert rows[1]["top2_probability"] == pytest.approx(0.2)
     assert _three_classes().counts() == {"cat": 1, "dog": 0, "fox": 1}
     two = Predictions(["cat", "dog"], ["x.jpg"], np.array([[0.4, 0.6]], np.float32)).rows()
-    assert list(two[0]) == ["path", "label", "probability"]
+    assert list(two[0]) == ["path", "label", "probability", "unsure", "guess"]
 
 
 def test_predictions_are_written_as_csv_or_parquet_and_nothing_else(tmp_path):

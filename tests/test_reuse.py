@@ -42,6 +42,9 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
         "patience": 2,
         "seed": 3,
         "near_duplicate_threshold": 0.95,
+        "class_weights": "balanced",
+        "calibrate": False,
+        "target_accuracy": 0.97,
     }
     assert set(changed) == set(TrainConfig.counted_by_value())
     for name, value in changed.items():
@@ -97,7 +100,8 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
 def test_the_key_is_the_one_existing_run_indexes_were_written_with():
     config = TrainConfig(data="photos", image_size=96, epochs=12, seed=4)
     # The near-duplicate threshold joined the key with the check itself, so that runs indexed before
-    # it (which have no near-duplicate report) are retrained rather than copied.
+    # it (which have no near-duplicate report) are retrained rather than copied; so did calibration,
+    # class weights and the target accuracy, so that runs from before them (uncalibrated) are too.
     written_by_earlier_versions = {
         "manifest": "m" * 16,
         "backbone": "b" * 16,
@@ -110,6 +114,9 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
         "patience": 5,
         "seed": 4,
         "near_duplicate_threshold": 0.88,
+        "class_weights": "auto",
+        "calibrate": True,
+        "target_accuracy": None,
     }
     assert (
         _key(config)

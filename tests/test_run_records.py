@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from headstart import __version__
@@ -162,6 +163,7 @@ LINEAGE_WRITTEN = {
         "floor": 0.4,
         "notes": ["all 2 test images"],
         "drift": None,
+        "measure": "accuracy",
     },
     "feature_reference": {
         "backbone_fingerprint": "0123456789abcdef",
@@ -195,6 +197,7 @@ def _as_written(value) -> str:
 def write(tmp_path, monkeypatch):
     """write_run with the fixture's inputs, its models left out (they are not records)."""
     monkeypatch.setattr(run_writer.RunWriter, "save_classifier", lambda writer, classifier, backbone: None)
+    monkeypatch.setattr(run_writer, "confidence_table", lambda classifier, features: pa.table({"confidence": [0.5]}))
 
     def written(**options) -> Path:
         return run_writer.write_run(

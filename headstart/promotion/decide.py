@@ -25,6 +25,7 @@ from headstart.promotion import mcnemar as gate
 from headstart.registry import versions
 from headstart.registry.runs import Run
 from headstart.serving.inference import run_probabilities
+from headstart.training.imbalance import is_imbalanced
 
 
 def scorable_champion(artifacts_root: Path) -> Run | None:
@@ -56,8 +57,9 @@ def decide(
     test = features.rows("test", ["sha256", "label", "path"])
     labels = np.asarray(test["label"], np.int64)
     candidate_correct = probabilities.argmax(axis=1) == labels
+    balanced = is_imbalanced(labels, len(class_names))
     if champion is None:
-        return gate.first_model(candidate_correct, labels, settings.floor)
+        return gate.first_model(candidate_correct, labels, settings.floor, balanced)
     changes = drift.compare(
         champion.path.name,
         champion.data_index(),
@@ -84,6 +86,7 @@ def decide(
         champion.path.name,
         settings.tolerance,
         settings.alpha,
+        labels[scored] if balanced else None,
     )
     return replace(decision, notes=notes, drift=changes)
 

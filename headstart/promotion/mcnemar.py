@@ -15,6 +15,9 @@ from math import comb
 
 import numpy as np
 
+# Seeded draws of the balanced-accuracy test: the p-value's sampling error is below 0.001 near 0.05.
+BALANCED_TEST_DRAWS = 200_000
+
 
 @dataclass(frozen=True)
 class GateDecision:
@@ -36,6 +39,8 @@ class GateDecision:
     notes: list[str] = field(default_factory=list)
     # What changed in the data since the champion was trained (headstart.evaluation.drift), where there is one.
     drift: dict | None = None
+    # What the accuracies above are: "balanced accuracy" where the test split's classes are imbalanced.
+    measure: str = "accuracy"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,26 +63,60 @@ def mcnemar_worse_p_value(candidate_only_wrong: int, candidate_only_right: int) 
     return sum(comb(n, k) for k in range(b, n + 1)) / 2**n
 
 
+def balanced_comparison(
+    candidate_correct: np.ndarray, champion_correct: np.ndarray, labels: np.ndarray
+) -> tuple[float, float, float]:
+    """Both models' balanced accuracy on the same images, and McNemar's question asked of it: each
+    image weighs 1 / (classes × its class's count), so the candidate's balanced accuracy minus the
+    champion's is the weighed sum of the images only one of them gets right (+ the candidate, −
+    the champion). Were both equally good, each class's such images would split like fair coin
+    flips; the p-value is the chance of a sum as low as the one seen, from seeded draws of those
+    flips (with every class the same size, it is McNemar's exact test)."""
+    classes, labels = np.unique(labels, return_inverse=True)
+    support = np.bincount(labels).astype(np.float64)
+    weights = 1.0 / (len(classes) * support)
+    only_candidate = np.bincount(labels, candidate_correct & ~champion_correct, len(classes))
+    only_champion = np.bincount(labels, ~candidate_correct & champion_correct, len(classes))
+    candidate = float((np.bincount(labels, candidate_correct, len(classes)) / support).mean())
+    champion = float((np.bincount(labels, champion_correct, len(classes)) / support).mean())
+    discordant = (only_candidate + only_champion).astype(np.int64)
+    if discordant.sum() == 0:
+        return candidate, champion, 1.0
+    draws = np.random.default_rng(0).binomial(discordant, 0.5, size=(BALANCED_TEST_DRAWS, len(classes)))
+    differences = ((2 * draws - discordant) * weights).sum(axis=1)
+    # The rounding slack keeps a tie with the observed sum a tie.
+    return candidate, champion, float(np.mean(differences <= candidate - champion + 1e-12))
+
+
 def against_champion(
     candidate_correct: np.ndarray,
     champion_correct: np.ndarray,
     champion: str,
     tolerance: float = 0.0,
     alpha: float = 0.05,
+    labels: np.ndarray | None = None,
 ) -> GateDecision:
     """Paired decision on the same images: promote when accuracy ≥ champion − tolerance and the
-    McNemar test does not show the candidate worse at level alpha."""
+    McNemar test does not show the candidate worse at level alpha. Given the images' `labels`
+    (where the classes are imbalanced), balanced accuracy stands for accuracy in both."""
     candidate_correct, champion_correct = np.asarray(candidate_correct, bool), np.asarray(champion_correct, bool)
     images = len(candidate_correct)
     if images == 0:
         return GateDecision(
             False, f"no images both models can be scored on fairly; champion {champion} kept", 0, 0.0, champion=champion
         )
-    candidate_accuracy, champion_accuracy = float(candidate_correct.mean()), float(champion_correct.mean())
     b = int((~candidate_correct & champion_correct).sum())
     c = int((candidate_correct & ~champion_correct).sum())
-    p_value = mcnemar_worse_p_value(b, c)
+    if labels is None:
+        candidate_accuracy, champion_accuracy = float(candidate_correct.mean()), float(champion_correct.mean())
+        p_value, measure, test = mcnemar_worse_p_value(b, c), "accuracy", "McNemar"
+    else:
+        candidate_accuracy, champion_accuracy, p_value = balanced_comparison(
+            candidate_correct, champion_correct, np.asarray(labels, np.int64)
+        )
+        measure, test = "balanced accuracy", "McNemar weighed by class"
     figures = dict(
+        measure=measure,
         images=images,
         candidate_accuracy=candidate_accuracy,
         champion_accuracy=champion_accuracy,
@@ -90,7 +129,7 @@ def against_champion(
     )
     if candidate_accuracy < champion_accuracy - tolerance:
         reason = (
-            f"kept champion {champion}: candidate accuracy {candidate_accuracy:.4f} "
+            f"kept champion {champion}: candidate {measure} {candidate_accuracy:.4f} "
             f"is below the champion's {champion_accuracy:.4f}"
             + (f" minus tolerance {tolerance}" if tolerance else "")
             + f" on {images} images"
@@ -99,48 +138,61 @@ def against_champion(
     if p_value < alpha:
         return GateDecision(
             False,
-            f"kept champion {champion}: McNemar shows the candidate worse (p = {p_value:.3g} < {alpha}; "
+            f"kept champion {champion}: {test} shows the candidate worse (p = {p_value:.3g} < {alpha}; "
             f"{b} images only the champion gets right, {c} only the candidate)",
             **figures,
         )
     return GateDecision(
         True,
-        f"promoted over {champion}: accuracy {candidate_accuracy:.4f} vs {champion_accuracy:.4f} on {images} images, "
-        f"not shown worse (McNemar p = {p_value:.3g} ≥ {alpha})",
+        f"promoted over {champion}: {measure} {candidate_accuracy:.4f} vs {champion_accuracy:.4f} "
+        f"on {images} images, not shown worse ({test} p = {p_value:.3g} ≥ {alpha})",
         **figures,
     )
 
 
-def first_model(candidate_correct: np.ndarray, labels: np.ndarray, floor: float | None = None) -> GateDecision:
-    """With no champion yet: promote when accuracy beats the floor (default: always predicting
-    the test split's most common class)."""
-    candidate_correct, labels = np.asarray(candidate_correct, bool), np.asarray(labels)
+def first_model(
+    candidate_correct: np.ndarray, labels: np.ndarray, floor: float | None = None, balanced: bool = False
+) -> GateDecision:
+    """With no champion yet: promote when accuracy (balanced accuracy where `balanced`) beats the
+    floor (default: always predicting the test split's most common class)."""
+    candidate_correct, labels = np.asarray(candidate_correct, bool), np.asarray(labels, np.int64)
     images = len(labels)
-    accuracy = float(candidate_correct.mean()) if images else 0.0
+    measure = "balanced accuracy" if balanced else "accuracy"
+    if not images:
+        accuracy = 0.0
+    elif balanced:
+        support = np.bincount(labels)
+        accuracy = float((np.bincount(labels, candidate_correct)[support > 0] / support[support > 0]).mean())
+    else:
+        accuracy = float(candidate_correct.mean())
     if floor is None:
-        floor = float(np.bincount(labels).max() / images) if images else 1.0
+        # Always predicting one class: right on that class alone.
+        present = int((np.bincount(labels) > 0).sum()) if images else 1
+        floor = (1.0 / present if balanced else float(np.bincount(labels).max() / images)) if images else 1.0
         what = "always predicting the most common class"
     else:
         what = "the configured floor"
     if accuracy > floor:
         return GateDecision(
             True,
-            f"first model promoted: accuracy {accuracy:.4f} beats {what} ({floor:.4f}) on {images} images",
+            f"first model promoted: {measure} {accuracy:.4f} beats {what} ({floor:.4f}) on {images} images",
             images,
             accuracy,
             floor=floor,
+            measure=measure,
         )
     hint = (
         " (every test image is of one class, so no model can; a larger test split would tell)" if floor >= 1.0 else ""
     )
     return GateDecision(
         False,
-        f"first model not promoted: accuracy {accuracy:.4f} does not beat {what} ({floor:.4f}) "
+        f"first model not promoted: {measure} {accuracy:.4f} does not beat {what} ({floor:.4f}) "
         f"on {images} images{hint}; "
         "promote it by hand (`headstart models promote VERSION`) if that is meant",
         images,
         accuracy,
         floor=floor,
+        measure=measure,
     )
 
 

@@ -74,6 +74,85 @@ def fine_tuning_line(config: dict, summary: FineTuningSummary | None) -> str:
     )
 
 
+def head_training_line(config: dict, metrics: dict, epochs: int) -> str:
+    """How the head was fitted, with which settings, and whether a sweep chose them."""
+    if config.get("solver") == "lbfgs":
+        line = "fitted as a logistic regression by L-BFGS (L2, C = 1)"
+    else:
+        decay = f", weight decay {config['weight_decay']}" if config.get("weight_decay") else ""
+        line = (
+            f"trained for {epochs} epochs (learning rate {config['learning_rate']}{decay}, "
+            f"batch size {config['batch_size']}, seed {config['seed']})"
+        )
+    if "sweep" in metrics:
+        line += f", the best on the validation split of the {len(metrics['sweep'])} settings a sweep tried"
+    return line
+
+
+def balance_line(metrics: dict) -> str:
+    """Balanced accuracy and the class weights the head was trained with, where the run has them."""
+    if "balanced_accuracy" not in metrics:
+        return ""
+    line = f", balanced accuracy {metrics['balanced_accuracy']:.4f}"
+    weights = metrics.get("class_weights")
+    if weights:
+        line += " (head trained with class weights " + ", ".join(f"{name} {w:.3f}" for name, w in weights.items()) + ")"
+    return line
+
+
+def calibration_line(metrics: dict) -> str:
+    """How far the probabilities can be taken at their word, in one sentence; empty for a run from
+    before calibration."""
+    calibration = metrics.get("calibration")
+    if calibration is None:
+        return ""
+    errors = f"expected calibration error on the test split {calibration['ece_before']:.4f}"
+    if calibration.get("off"):
+        return f"Not calibrated (--no-calibrate): {errors}."
+    if not calibration.get("validation_images"):
+        return f"Not calibrated (no validation images): {errors}."
+    return (
+        f"Temperature scaling (T = {calibration['temperature']:.3f}, fitted on the validation split): {errors} "
+        f"before, {calibration['ece_after']:.4f} after."
+    )
+
+
+def unsure_summary(metrics: dict) -> str:
+    """The "unsure" threshold the run's predictions use, and the coverage / accuracy trade-off as a table."""
+    unsure = metrics.get("unsure")
+    if unsure is None:
+        return ""
+    target = unsure["target_accuracy"]
+    if target is None:
+        chosen = "Predictions label every image (train with --target-accuracy, or predict with it, to say 'unsure')."
+    elif unsure.get("threshold") is None:
+        chosen = f"No threshold reached accuracy {target} on the validation split: predictions label every image."
+    else:
+        chosen = (
+            f"Predictions say 'unsure' below confidence {unsure['threshold']:.4f}, chosen on the validation split "
+            f"for accuracy {target} (there: {unsure['validation_coverage']:.1%} of images labelled, accuracy "
+            f"{unsure['validation_accuracy']:.4f})."
+        )
+    rows = "\n".join(
+        f"| {row['target_accuracy']} | {row['threshold']:.4f} | {row['test_coverage']:.1%} "
+        f"| {row['test_accuracy']:.4f} |"
+        if row["threshold"] is not None
+        else f"| {row['target_accuracy']} | not reached | | |"
+        for row in unsure["rows"]
+    )
+    return (
+        f"{chosen}\n\n| target accuracy | threshold (validation) | test coverage | test accuracy |\n"
+        f"|---|---|---|---|\n{rows}"
+    )
+
+
+def probabilities_section(metrics: dict) -> str:
+    """The card's section on calibration and the unsure threshold; none for a run from before them."""
+    if "calibration" not in metrics:
+        return ""
+    return f"## Probabilities\n{calibration_line(metrics)}\n\n{unsure_summary(metrics)}\n\n"
+
+
 def model_card(
     config: dict,
     metrics: dict,
@@ -98,7 +177,7 @@ def model_card(
     )
     state = "fine-tuned" if fine_tuning is not None else "frozen"
     side, classes, epochs = backbone.image_size, len(data_report["class_names"]), len(history.get("loss", []))
-    training = f"learning rate {config['learning_rate']}, batch size {config['batch_size']}, seed {config['seed']}"
+    training = head_training_line(config, metrics, epochs)
     tuned = fine_tuning_line(config, fine_tuning)
     notes = "".join(f"\n- {note}" for note in data_report["notes"])
     return f"""# Model card
@@ -108,8 +187,8 @@ An image classifier for {", ".join(data_report["class_names"])}, trained by head
 ## Model
 - Backbone: `{backbone.handle}` (fingerprint `{backbone.fingerprint}`), {state}, ImageNet-pretrained; \
 input {side}×{side} px.
-- Head: Dropout({config["dropout"]}) → Dense({classes}, softmax), trained for {epochs} epochs \
-({training}), on features from the {engine} engine.{tuned}
+- Head: Dropout({config["dropout"]}) → Dense({classes}, softmax), {training}, on features from the \
+{engine} engine.{tuned}
 - Input: RGB images of any size, pixel values 0–255; output: one probability per class in the order of \
 `{CLASS_NAMES_FILE}`.
 
@@ -123,13 +202,14 @@ Source: `{data_report["source"]}`. Splits are assigned by image content hash and
 {len(data_report["skipped"])} files were skipped (see `{DATA_REPORT_FILE}`).{notes}
 
 ## Evaluation on the test split
-Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metrics["macro_f1"]:.4f}.
+Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metrics["macro_f1"]:.4f}\
+{balance_line(metrics)}.
 
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|
 {per_class}
 
-## Near-duplicates of training images
+{probabilities_section(metrics)}## Near-duplicates of training images
 {near_duplicates_summary(data_report.get("near_duplicates"))}
 
 ## Limits

@@ -17,10 +17,14 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+import pyarrow as pa
+
 from headstart import __version__
 from headstart.backbone.handles import Backbone
 from headstart.config import is_url
 from headstart.evaluation.drift import data_index, feature_reference
+from headstart.evaluation.metrics import split_confidences
 from headstart.infra.object_store import local_copy
 from headstart.infra.storage import write_bytes_atomic, write_json_atomic, write_parquet_atomic, writing_under
 from headstart.registry import published
@@ -29,6 +33,7 @@ from headstart.registry.model_card import model_card
 from headstart.registry.runs import (
     BACKBONE_DIR,
     CLASS_NAMES_FILE,
+    CONFIDENCE_FILE,
     CONFIG_FILE,
     DATA_INDEX_FILE,
     DATA_REPORT_FILE,
@@ -228,12 +233,18 @@ def write_run(
     gate: dict | None = None,
     near_duplicates: dict | None = None,
     fine_tuning: "FineTuningResult | None" = None,
+    sweep: list[dict] | None = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
     `near_duplicates` (headstart.evaluation.near_duplicates.near_duplicate_report) goes into the data report, its
     test-split figures into metrics.json and the model card. `fine_tuning`, where the backbone was
-    fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary)."""
+    fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary);
+    `sweep` (every head setting tried, headstart.training.sweep) into metrics.json."""
     config_values = config.flat()
+    if sweep is not None:
+        metrics = {**metrics, "sweep": sweep}
+    if "class_weights" in history:
+        metrics = {**metrics, "class_weights": dict(zip(metrics["class_names"], history["class_weights"]))}
     if near_duplicates is not None:
         data_report = {**data_report, "near_duplicates": near_duplicates}
         metrics = {**metrics, "near_duplicates": near_duplicate_metrics(near_duplicates)}
@@ -254,6 +265,7 @@ def write_run(
         writer.write_json(LINEAGE_FILE, lineage.to_dict())
         writer.save_classifier(classifier, backbone)
         write_parquet_atomic(writer.staging / DATA_INDEX_FILE, data_index(features, metrics["class_names"]))
+        write_parquet_atomic(writer.staging / CONFIDENCE_FILE, confidence_table(classifier, features))
         writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
         writer.write_json(
             METRICS_FILE,
@@ -291,6 +303,19 @@ def copy_run(artifacts_root: Path | str, previous: Path, flow_run_id: str | None
     with RunWriter(artifacts_root) as writer:
         writer.copy_run(previous, flow_run_id)
     return writer.final
+
+
+def confidence_table(classifier, features: "FeatureSet") -> pa.Table:
+    """The validation and test images' top probabilities under the run's (calibrated) model, and
+    whether each was right (CONFIDENCE_FILE)."""
+    confidences = split_confidences(classifier, features)
+    return pa.table(
+        {
+            "split": [split for split, (confidence, _) in confidences.items() for _ in confidence],
+            "confidence": np.concatenate([confidence for confidence, _ in confidences.values()]),
+            "correct": np.concatenate([correct for _, correct in confidences.values()]).astype(bool),
+        }
+    )
 
 
 def near_duplicate_metrics(near_duplicates: dict) -> dict:

@@ -33,6 +33,9 @@ CONFIG_FILE = "config.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 LINEAGE_FILE = "lineage.json"
 DATA_INDEX_FILE = "data_index.parquet"
+# Each validation and test image's top probability and whether it was right: what a threshold for a
+# target accuracy is chosen from (headstart.evaluation.calibration).
+CONFIDENCE_FILE = "confidence.parquet"
 PLOTS_DIR = "plots"
 # Everything a run holds.
 RUN_FILES = (
@@ -47,10 +50,11 @@ RUN_FILES = (
     MODEL_CARD_FILE,
     LINEAGE_FILE,
     DATA_INDEX_FILE,
+    CONFIDENCE_FILE,
     PLOTS_DIR,
 )
-# What a complete run holds: runs written before the data index existed are complete too.
-REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name != DATA_INDEX_FILE)
+# What a complete run holds: runs written before the data index or the confidences existed are complete too.
+REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name not in (DATA_INDEX_FILE, CONFIDENCE_FILE))
 
 
 class DamagedRun(HeadstartError):
@@ -172,6 +176,24 @@ class Run:
         written before runs kept one."""
         path = self.path / DATA_INDEX_FILE
         return pq.read_table(path) if path.is_file() else None
+
+    def confidences(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's (validation or test) top probabilities and whether each was right, as the
+        run's own model gave them; a run written before runs kept them is refused in one line."""
+        path = self.path / CONFIDENCE_FILE
+        if not path.is_file():
+            raise HeadstartError(
+                f"{self.path.name} was trained before runs kept their confidences ({CONFIDENCE_FILE}): "
+                "give --min-confidence, or train it again"
+            )
+        table = pq.read_table(path, filters=[("split", "=", split)])
+        return table.column("confidence").to_numpy(), table.column("correct").to_numpy()
+
+    @property
+    def unsure_threshold(self) -> float | None:
+        """The confidence below which the run's predictions say 'unsure', chosen when it was
+        trained (train --target-accuracy); None where it labels every image."""
+        return self.metrics.get("unsure", {}).get("threshold")
 
     def split_hashes(self, split: str) -> set[str] | None:
         """Content hashes of the images the run had in a split (from its data index); None for a

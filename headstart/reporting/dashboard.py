@@ -6,7 +6,7 @@ import base64
 
 from headstart.evaluation import drift
 from headstart.promotion.mcnemar import GateDecision
-from headstart.registry.model_card import near_duplicates_summary
+from headstart.registry.model_card import calibration_line, near_duplicates_summary
 from headstart.registry.runs import DATA_REPORT_FILE, RUN_FILES, Run
 
 # Files listed one by one in the data table; the rest are counted in one row (all are in the data report).
@@ -42,12 +42,14 @@ def report_markdown(run: Run, host: str, flow_run_url: str | None = None, headli
         if tuned is not None
         else ""
     )
+    calibration = f"**Probabilities:** {calibration_line(metrics)}\n\n" if "calibration" in metrics else ""
     files = "\n".join(f"- `{name}`" for name in RUN_FILES)
     this_run = f" All of this run's artifacts: [its flow run]({flow_run_url})." if flow_run_url else ""
     return (
         f"{headline}# headstart run `{run.path.name}`\n\n"
         f"Test accuracy **{metrics['accuracy']:.4f}** on {metrics['n']} images.{this_run}\n\n"
-        f"{fine_tuning}{decision}{leakage}{images}\n\n## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
+        f"{fine_tuning}{calibration}{decision}{leakage}{images}\n\n"
+        f"## Files\n\nOn `{host}`, in `{run.path}`:\n\n{files}\n\n"
         f"`headstart models` lists this run as version `{run.path.name}`; "
         f"`headstart predict --model {run.path.name} FOLDER` labels images with it.\n\n"
         f"{run.model_card}"
@@ -92,6 +94,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
             "f1": round(values["f1"], 4),
             "support": values["support"],
             "accuracy": None,
+            "balanced_accuracy": None,
         }
         for name, values in metrics["per_class"].items()
     ]
@@ -103,6 +106,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
             "f1": round(metrics["macro_f1"], 4),
             "support": metrics["n"],
             "accuracy": round(metrics["accuracy"], 4),
+            "balanced_accuracy": round(metrics["balanced_accuracy"], 4) if "balanced_accuracy" in metrics else None,
         }
     )
     return rows

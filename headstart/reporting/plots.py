@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from headstart.data.images import load_image  # noqa: E402
+from headstart.evaluation.calibration import confidence_and_correct, coverage_curve  # noqa: E402
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
@@ -160,9 +161,66 @@ def plot_near_duplicates(pairs: list[dict], limit: int = 4) -> bytes:
     return _to_png(figure)
 
 
+def plot_reliability(calibration: dict) -> bytes:
+    """The reliability diagram of the test split before and after temperature scaling: each
+    confidence bin's accuracy against its mean confidence (the diagonal is a calibrated model)."""
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for key, name, style in (("reliability_before", "before", "o-"), ("reliability_after", "after", "s-")):
+        rows = calibration[key]
+        ece = calibration[f"ece_{name}"]
+        label = f"{name} (T = {calibration['temperature']:.2f})" if name == "after" else name
+        axis.plot(
+            [row["confidence"] for row in rows],
+            [row["accuracy"] for row in rows],
+            style,
+            label=f"{label}, ECE {ece:.3f}",
+        )
+    axis.set_xlabel("confidence (top probability)")
+    axis.set_ylabel("accuracy")
+    axis.set_xlim(0, 1.02)
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left")
+    axis.set_title("Reliability (test split)")
+    return _to_png(figure)
+
+
+def plot_coverage(confidence: np.ndarray, correct: np.ndarray, unsure: dict) -> bytes:
+    """Accuracy of the images kept against the share kept, as the confidence threshold slides
+    (test split), with the thresholds chosen on validation for the reported target accuracies."""
+    curve = coverage_curve(confidence, correct)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([point["coverage"] for point in curve], [point["accuracy"] for point in curve], "-")
+    for row in unsure["rows"]:
+        if row["threshold"] is not None:
+            axis.plot(row["test_coverage"], row["test_accuracy"], "o", color=WRONG)
+            axis.annotate(
+                f"{row['target_accuracy']:g}",
+                (row["test_coverage"], row["test_accuracy"]),
+                textcoords="offset points",
+                xytext=(4, -12),
+            )
+    axis.set_xlabel("coverage (share of images labelled)")
+    axis.set_ylabel("accuracy of the labelled images")
+    axis.set_xlim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.set_title(
+        "Unsure below a threshold: coverage and accuracy (test split;\ndots: thresholds chosen on validation)"
+    )
+    return _to_png(figure)
+
+
 # The plots of a run, by file name, in the order the report shows them; NEAR_DUPLICATES_PLOT only
 # where the test split has near-duplicates of training images, FINE_TUNING_PLOT where it ran.
-PLOT_FILES = ("training_curves.png", "confusion_matrix.png", "sample_predictions.png", "confident_mistakes.png")
+PLOT_FILES = (
+    "training_curves.png",
+    "confusion_matrix.png",
+    "reliability.png",
+    "coverage.png",
+    "sample_predictions.png",
+    "confident_mistakes.png",
+)
 NEAR_DUPLICATES_PLOT = "near_duplicates.png"
 FINE_TUNING_PLOT = "fine_tuning_curves.png"
 
@@ -194,7 +252,10 @@ def plot_run(
             [paths[i] for i in mistakes], labels[mistakes], probabilities[mistakes], names, "Most confident mistakes"
         ),
     }
-    ordered = {name: figures[name] for name in PLOT_FILES}
+    if "calibration" in metrics:  # metrics of the evaluate step with the calibration step's record
+        figures["reliability.png"] = plot_reliability(metrics["calibration"])
+        figures["coverage.png"] = plot_coverage(*confidence_and_correct(probabilities, labels), metrics["unsure"])
+    ordered = {name: figures[name] for name in PLOT_FILES if name in figures}
     if fine_tuning is not None:
         ordered = {
             "training_curves.png": ordered.pop("training_curves.png"),

@@ -8,7 +8,7 @@ A file that cannot be used is listed with its reason, never fatal.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from headstart.data.folders import image_files
 from headstart.data.images import check_image
 from headstart.data.preprocessing import apply_to_decoded, decoded_batches
 from headstart.errors import HeadstartError
+from headstart.evaluation.calibration import threshold_for_accuracy
 from headstart.features.extraction import ExtractionContext, ExtractionSettings
 from headstart.infra.object_store import ObjectStore, local_copy
 from headstart.infra.storage import atomic_path
@@ -32,6 +33,8 @@ TOP_K = 3
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 # Under the artifacts root: the labels of predict runs given no output (default_output).
 PREDICTIONS_FOLDER = "predictions"
+# The label of an image whose most probable class is below the confidence threshold.
+UNSURE = "unsure"
 
 
 @dataclass
@@ -40,13 +43,29 @@ class Predictions:
     paths: list[str] = field(default_factory=list)
     probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # Images whose top probability is below it are labelled UNSURE; None: every image gets its class.
+    threshold: float | None = None
+
+    def unsure(self) -> np.ndarray:
+        if self.threshold is None or not len(self.paths):
+            return np.zeros(len(self.paths), bool)
+        return self.probabilities.max(axis=1) < self.threshold
 
     def rows(self) -> list[dict]:
-        """path, label, probability; and the top classes with theirs where there are more than two."""
+        """path, label (UNSURE below the threshold), the most probable class's probability, whether
+        it is unsure and that class (its best guess); and the top classes with theirs where there
+        are more than two."""
         rows = []
-        for path, probabilities in zip(self.paths, self.probabilities):
+        for path, probabilities, unsure in zip(self.paths, self.probabilities, self.unsure()):
             order = np.argsort(-probabilities, kind="stable")
-            row = {"path": path, "label": self.class_names[order[0]], "probability": float(probabilities[order[0]])}
+            guess = self.class_names[order[0]]
+            row = {
+                "path": path,
+                "label": UNSURE if unsure else guess,
+                "probability": float(probabilities[order[0]]),
+                "unsure": bool(unsure),
+                "guess": guess,
+            }
             if len(self.class_names) > 2:
                 for rank, index in enumerate(order[:TOP_K], start=1):
                     row[f"top{rank}_label"], row[f"top{rank}_probability"] = (
@@ -57,13 +76,11 @@ class Predictions:
         return rows
 
     def counts(self) -> dict[str, int]:
-        """Images per predicted label, every class listed."""
-        predicted = (
-            Counter(self.class_names[index] for index in self.probabilities.argmax(axis=1))
-            if len(self.paths)
-            else Counter()
+        """Images per label, every class listed, and the unsure ones where there is a threshold."""
+        predicted = Counter(row["label"] for row in self.rows())
+        return {name: predicted.get(name, 0) for name in self.class_names} | (
+            {UNSURE: predicted.get(UNSURE, 0)} if self.threshold is not None else {}
         )
-        return {name: predicted.get(name, 0) for name in self.class_names}
 
 
 def list_images(inputs: list[Path]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -130,23 +147,65 @@ def predict_as_configured(config: PredictConfig) -> tuple[Predictions, str]:
     """Predictions on a predict command's or flow's inputs, with the name of the model that made them."""
     settings = ExtractionSettings(config.engine, config.threads, config.batch_size)
     inputs = [Path(path) for path in config.inputs]
-    return predict_with_model(config.model, inputs, config.artifacts_root, config.cache_dir, settings)
+    threshold = Threshold(config.min_confidence, config.target_accuracy)
+    return predict_with_model(config.model, inputs, config.artifacts_root, config.cache_dir, settings, threshold)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """How the confidence below which an image is UNSURE is set: given as is, chosen on the model's
+    validation split for a target accuracy, or (neither given) the one the run was trained with."""
+
+    min_confidence: float | None = None
+    target_accuracy: float | None = None
+
+    def for_run(self, run: Run) -> float | None:
+        if self.min_confidence is not None:
+            return self.min_confidence
+        if self.target_accuracy is None:
+            return run.unsure_threshold
+        confidence, correct = run.confidences("validation")
+        threshold = threshold_for_accuracy(confidence, correct, self.target_accuracy)
+        if threshold is None:
+            reached = float(correct.mean()) if len(correct) else 0.0
+            raise HeadstartError(
+                f"no confidence threshold reaches accuracy {self.target_accuracy} on the validation split of "
+                f"{run.path.name} (its most confident image alone is wrong, or it has none; accuracy of all: "
+                f"{reached:.4f}): give a lower --target-accuracy"
+            )
+        return threshold
+
+    def for_file(self, model: Path) -> float | None:
+        if self.target_accuracy is not None:
+            raise HeadstartError(
+                f"--target-accuracy needs a run's validation split, which {model.name} does not hold: "
+                "give --min-confidence, or --model a version"
+            )
+        return self.min_confidence
 
 
 def predict_with_model(
-    model: str, inputs: list[Path], artifacts_root: Path, cache_dir: Path, settings: ExtractionSettings
+    model: str,
+    inputs: list[Path],
+    artifacts_root: Path,
+    cache_dir: Path,
+    settings: ExtractionSettings,
+    threshold: Threshold = Threshold(),
 ) -> tuple[Predictions, str]:
     """Predictions by `model`, with its name: a .tflite file written by `headstart export` (run with
     LiteRT alone: TensorFlow is never imported on that path), or 'champion', a version or a run
-    directory of the registry under `artifacts_root`."""
+    directory of the registry under `artifacts_root`; images below the threshold are UNSURE."""
     if model.lower().endswith(".tflite"):
-        return predict_with_tflite(Path(model), inputs, settings.threads), Path(model).name
+        minimum = threshold.for_file(Path(model))
+        predictions = predict_with_tflite(Path(model), inputs, settings.threads)
+        return replace(predictions, threshold=minimum), Path(model).name
     from headstart.registry import versions as registry
 
     run = registry.resolve(artifacts_root, model)
+    minimum = threshold.for_run(run)
     # Predicting reads no shared feature: the converted models stay in this machine's own cache.
     with ExtractionContext(local_copy(cache_dir), settings) as context:
-        return predict_images(run, inputs, context), run.path.name
+        return replace(predict_images(run, inputs, context), threshold=minimum), run.path.name
 
 
 def check_inputs(inputs) -> None:
@@ -198,7 +257,7 @@ def write_predictions(predictions: Predictions, destination: Path) -> Path:
     if destination.suffix.lower() not in OUTPUT_SUFFIXES:
         raise HeadstartError(f"cannot write predictions to {destination}: give a file ending in .csv or .parquet")
     rows = predictions.rows()
-    columns = list(rows[0]) if rows else ["path", "label", "probability"]
+    columns = list(rows[0]) if rows else ["path", "label", "probability", "unsure", "guess"]
     table = (
         pa.table({name: [row[name] for row in rows] for name in columns})
         if rows

@@ -10,9 +10,12 @@ from typing import Callable
 
 import numpy as np
 
+from headstart.config import HeadConfig
 from headstart.data.preprocessing import resize_images
+from headstart.features.dataset import FeatureSet
 from headstart.features.streams import FeatureStream, InMemoryFeatures
 from headstart.infra.keras import keras, tf
+from headstart.training.imbalance import class_weights
 
 HEAD_DROPOUT = "head_dropout"
 HEAD_DENSE = "head_dense"
@@ -41,14 +44,27 @@ def build_classifier(
     images = keras.Input((None, None, 3), name="images")
     pixels = ImagePreprocessing(image_size, name="preprocessing")(images)
     features = backbone_layer(pixels, training=False)
-    dropped = keras.layers.Dropout(dropout, seed=seed, name=HEAD_DROPOUT)(features)
-    probabilities = keras.layers.Dense(
+    dropout_layer, dense = _new_head_layers(num_classes, dropout, seed)
+    return keras.Model(images, dense(dropout_layer(features)), name="headstart_classifier")
+
+
+def _new_head_layers(num_classes: int, dropout: float, seed: int) -> tuple[keras.layers.Layer, keras.layers.Layer]:
+    dropout_layer = keras.layers.Dropout(dropout, seed=seed, name=HEAD_DROPOUT)
+    dense = keras.layers.Dense(
         num_classes,
         activation="softmax",
         name=HEAD_DENSE,
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
-    )(dropped)
-    return keras.Model(images, probabilities, name="headstart_classifier")
+    )
+    return dropout_layer, dense
+
+
+def new_head(feature_dim: int, num_classes: int, dropout: float, seed: int) -> keras.Model:
+    """The head `build_classifier` adds (Dropout → Dense softmax, initialised alike), alone on a
+    features input: what a sweep trains for each setting it tries."""
+    features = keras.Input((feature_dim,), name="features")
+    dropout_layer, dense = _new_head_layers(num_classes, dropout, seed)
+    return keras.Model(features, dense(dropout_layer(features)), name="head")
 
 
 def head_model(classifier: keras.Model, feature_dim: int) -> keras.Model:
@@ -79,6 +95,8 @@ def train_head(
     patience: int,
     seed: int,
     on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None,
+    class_weights: np.ndarray | None = None,
+    weight_decay: float = 0.0,
 ) -> dict[str, list[float]]:
     """Trains the classifier's head on cached backbone features; returns the per-epoch history
     (given, after each epoch, to `on_epoch` with the epoch's index).
@@ -94,7 +112,9 @@ def train_head(
     per-epoch machinery would cost more than the training, and `fit` on the same batches reached a
     different test accuracy (both in benchmarks/results/speed-tricks.md). Early stopping as in
     Keras: after `patience` epochs without a lower validation loss, keeping the weights of the
-    best epoch.
+    best epoch. With `class_weights` (headstart.training.imbalance), each image's loss, in
+    training and in the validation loss that stops it, is weighted by its class's weight. A
+    `weight_decay` above 0 makes the optimiser AdamW (decoupled weight decay) instead of Adam.
     """
     train, validation = (
         InMemoryFeatures(*split) if isinstance(split, tuple) else split for split in (train, validation)
@@ -103,9 +123,20 @@ def train_head(
     tf.config.experimental.enable_op_determinism()
     feature_dim = int(classifier.get_layer(HEAD_DENSE).input_shape[-1])
     head = head_model(classifier, feature_dim)
-    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer = (
+        keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
+        if weight_decay
+        else keras.optimizers.Adam(learning_rate)
+    )
     optimizer.build(head.trainable_variables)
-    cross_entropy = keras.losses.SparseCategoricalCrossentropy()
+    unweighted = keras.losses.SparseCategoricalCrossentropy()
+    weights = None if class_weights is None else tf.constant(np.asarray(class_weights, np.float32))
+
+    def cross_entropy(labels, probabilities):
+        if weights is None:
+            return unweighted(labels, probabilities)
+        return unweighted(labels, probabilities, sample_weight=tf.gather(weights, labels))
+
     rows_spec = (
         tf.TensorSpec([None, feature_dim], tf.float32),
         tf.TensorSpec([None], tf.int64),
@@ -183,6 +214,41 @@ def train_head(
     return history
 
 
+def fit_configured_head(
+    settings: HeadConfig,
+    classifier: keras.Model,
+    features: FeatureSet,
+    on_epoch: Callable[[int, dict[str, list[float]]], None] | None = None,
+) -> dict[str, list[float]]:
+    """Fits the classifier's head on a features file's train split as `settings` say: by Adam
+    (`train_head`) or L-BFGS (headstart.training.logistic), its classes weighed as
+    `settings.class_weights` says (the weights then in the history, as `class_weights`)."""
+    from headstart.training.logistic import fit_logistic_regression
+
+    num_classes = int(classifier.get_layer(HEAD_DENSE).get_weights()[1].shape[0])
+    weights = class_weights(settings.class_weights, features.labels_and_paths("train")[0], num_classes)
+    train, validation = features.stream("train"), features.stream("validation")
+    if settings.solver == "lbfgs":
+        history = fit_logistic_regression(classifier, train, validation, weights)
+    else:
+        history = train_head(
+            classifier,
+            train,
+            validation,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            patience=settings.patience,
+            seed=settings.seed,
+            on_epoch=on_epoch,
+            class_weights=weights,
+            weight_decay=settings.weight_decay,
+        )
+    if weights is not None:
+        history["class_weights"] = [float(weight) for weight in weights]
+    return history
+
+
 def _correct(labels, probabilities):
     return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, axis=-1), labels), tf.float32))
 
@@ -199,6 +265,22 @@ def _whole_batches(chunks, batch_size: int):
         leftover = (features[whole:], labels[whole:])
     if leftover is not None and len(leftover[1]):
         yield leftover
+
+
+def head_logits(classifier: keras.Model, features: np.ndarray) -> np.ndarray:
+    """The head's logits (its Dense layer before the softmax) on features, in float64: what
+    calibration fits, free of the softmax's rounding near 0 and 1."""
+    kernel, bias = classifier.get_layer(HEAD_DENSE).get_weights()
+    return np.asarray(features, np.float64) @ kernel.astype(np.float64) + bias.astype(np.float64)
+
+
+def scale_head(classifier: keras.Model, temperature: float) -> None:
+    """Divides the head's logits by `temperature` for good: softmax(z / T) is softmax of a Dense
+    layer whose kernel and bias are divided by T, so the model and every file written from it
+    give the calibrated probabilities with no layer added."""
+    dense = classifier.get_layer(HEAD_DENSE)
+    kernel, bias = dense.get_weights()
+    dense.set_weights([kernel / np.float32(temperature), bias / np.float32(temperature)])
 
 
 def predict_from_features(classifier: keras.Model, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
