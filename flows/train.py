@@ -3,9 +3,9 @@ assemble_features → [try_head_setting (per setting) → choose_head_setting] �
 train_head → [fine_tune → plan_extraction → extract_features → assemble_features → build_model] →
 calibrate → evaluate → near_duplicates → gate → visualize → where_the_model_looked → publish →
 [export] → promote (where the gate decided so); or, when every input matches an earlier run,
-reuse_identical_run → [export] → gate → promote in place of the steps after assemble_features. The first bracketed
-steps run with --sweep: a grid of head settings is tried on the cached features and the best on
-validation trains the head. The second run with --fine-tune: the backbone's top stages are
+reuse_identical_run → [export] → gate → promote in place of the steps after assemble_features.
+The first bracketed steps run with --sweep: a grid of head settings is tried on the cached
+features and the best on validation trains the head. The second run with --fine-tune: the backbone's top stages are
 trained with the head, and the fine-tuned backbone's features replace the frozen one's. export
 runs with --export tflite: the run's classifier as .tflite files for devices, float32 and int8.
 calibrate folds a temperature fitted on validation into the head (headstart.evaluation.calibration).
