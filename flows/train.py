@@ -1,17 +1,16 @@
 """The `train` flow: download → prepare_backbone → plan_extraction → extract_features (per shard) →
 assemble_features → [try_head_setting (per setting) → choose_head_setting] → build_model →
 train_head → [fine_tune → plan_extraction → extract_features → assemble_features → build_model] →
-calibrate → evaluate → near_duplicates → gate → visualize → where_the_model_looked → publish →
-[export] → promote (where the gate decided so); or, when every input matches an earlier run,
-reuse_identical_run → [export] → gate → promote in place of the steps after assemble_features.
-The first bracketed steps run with --sweep: a grid of head settings is tried on the cached
-features and the best on validation trains the head. The second run with --fine-tune: the backbone's top stages are
+calibrate → evaluate → near_duplicates → gate → visualize → where_the_model_looked → publish → [export] → promote (where
+the gate decided so); or, when every input matches an earlier run, reuse_identical_run →
+[export] → gate → promote in place of the steps after assemble_features. The first bracketed
+steps run with --sweep: a grid of head settings is tried on the cached features and the best on
+validation trains the head. The second run with --fine-tune: the backbone's top stages are
 trained with the head, and the fine-tuned backbone's features replace the frozen one's. export
 runs with --export tflite: the run's classifier as .tflite files for devices, float32 and int8.
 calibrate folds a temperature fitted on validation into the head (headstart.evaluation.calibration).
 near_duplicates flags test and validation images whose nearest training image is almost the same
-photo, and gives the test accuracy without them. where_the_model_looked draws the head's class
-activation maps over test images, mistakes and correct ones (headstart.evaluation.attention).
+photo, and gives the test accuracy without them.
 With the gate on, check_champion first makes sure the champion can be read, before any work;
 promote switches the champion only if it is still the one the gate compared with.
 A mistake a user can put right (a missing folder, a rejected parameter) ends the run Failed with
