@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -120,12 +122,15 @@ def main() -> None:
     image.save(EXAMPLE, optimize=True)
 
     drop_hot, drop_random = np.array(drop_hot), np.array(drop_random)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         "# Where the model looked: measured",
         "",
         f"Run `{run.path.name}` ({run.config['backbone']}, {run.image_size} px, map "
         f"{cells} × {cells}), {len(chosen)} test images drawn with seed {args.seed}; "
-        "`benchmarks/where_the_model_looked.py`.",
+        f"`benchmarks/where_the_model_looked.py` at commit {commit or 'unknown'}, {os.cpu_count()} CPU cores.",
         "",
         "| figure | value |",
         "|---|---|",
