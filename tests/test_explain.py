@@ -216,7 +216,8 @@ def patch_run(patch_model, tmp_path):
     run.mkdir(parents=True)
     shutil.copytree(backbone.module_path, run / "backbone")
     classifier.save(run / "model.keras")
-    (run / "class_names.json").write_text(json.dumps(["red", "blue"]))
+    (run / "class_names.json").write_text(json.dumps(["plain", "patch"]))
+    (run / "metrics.json").write_text("{}")
     (run / "config.json").write_text(
         json.dumps({"image_size": SIZE, "backbone": "test", "backbone_fingerprint": backbone.fingerprint})
     )
@@ -240,8 +241,15 @@ def test_explain_writes_one_overlay_per_image_titled_with_the_prediction(patch_r
     out, err = capsys.readouterr()
     assert f"headstart: skipped {tmp_path / 'broken.jpg'}: cannot decode" in err
     lines = [line.split("\t") for line in out.splitlines()]
-    assert [line[0] for line in lines] == given[:2] and {line[1] for line in lines} <= {"red", "blue"}
+    assert [line[0] for line in lines] == given[:2] and {line[1] for line in lines} <= {"plain", "patch"}
     assert [line[3] for line in lines] == [str(output / "same.cam.png"), str(output / "same-2.cam.png")]
+    # A run trained with a confidence threshold: below it, the label is 'unsure', as predict says it.
+    first, second = sorted(float(line[2]) for line in lines)
+    assert first < second
+    (patch_run / "metrics.json").write_text(json.dumps({"unsure": {"threshold": (first + second) / 2}}))
+    assert main(["explain", *given[:2], "--model", str(patch_run), "--output", str(output)]) == 0
+    labels = {float(line.split("\t")[2]): line.split("\t")[1] for line in capsys.readouterr().out.splitlines()}
+    assert labels[first] == "unsure" and labels[second] != "unsure"
 
 
 def test_explain_says_in_one_line_what_it_cannot_explain(patch_run, tmp_path, capsys):

@@ -181,8 +181,9 @@ def _figure_png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def overlay_png(explanation: Explanation, class_names: list[str]) -> bytes:
-    """One image's overlay as a PNG, titled with the predicted class and its probability."""
+def overlay_png(explanation: Explanation, class_names: list[str], unsure: bool = False) -> bytes:
+    """One image's overlay as a PNG, titled with the predicted class and its probability (marked
+    unsure where the model's confidence threshold says so: the map is then of its best guess)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +195,8 @@ def overlay_png(explanation: Explanation, class_names: list[str]) -> bytes:
     axis.axis("off")
     axis.imshow(overlay(explanation.image, explanation.heat), interpolation="nearest")
     axis.set_title(
-        f"{class_names[predicted]} ({explanation.probabilities[predicted]:.2f})\n{Path(explanation.path).name}",
+        f"{class_names[predicted]} ({explanation.probabilities[predicted]:.2f}{', unsure' if unsure else ''})\n"
+        f"{Path(explanation.path).name}",
         fontsize=10,
     )
     return _figure_png(figure)

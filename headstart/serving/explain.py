@@ -9,7 +9,7 @@ from headstart.errors import HeadstartError
 from headstart.evaluation.attention import explain_images, feature_map_function, overlay_png
 from headstart.infra.storage import write_bytes_atomic
 from headstart.registry.runs import Run
-from headstart.serving.predict import list_images
+from headstart.serving.predict import UNSURE, list_images
 
 OVERLAY_SUFFIX = ".cam.png"
 
@@ -35,7 +35,9 @@ def check_explainable(model: str) -> None:
 def explain_files(run: Run, inputs: list[Path], output: Path) -> Explained:
     """One overlay per usable image among the inputs (files or folders), written to `output` as
     <image name>.cam.png (-2, -3, … where names repeat), each titled with the predicted class and
-    its probability. Unusable inputs are listed with their reason; none usable is a one-line error."""
+    its probability; labelled UNSURE, as `predict` labels it, below the confidence threshold the
+    run was trained with (the map is then of its best guess). Unusable inputs are listed with their
+    reason; none usable is a one-line error."""
     usable, skipped = list_images(inputs)
     if not usable:
         why = f" ({skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
@@ -46,6 +48,7 @@ def explain_files(run: Run, inputs: list[Path], output: Path) -> Explained:
     # refused before any backbone loads.
     kernel, bias = run.head_weights()
     feature_map = feature_map_function(run.backbone)
+    threshold = run.unsure_threshold
     explained = Explained(skipped=skipped)
     output = Path(output)
     taken: set[str] = set()
@@ -55,14 +58,10 @@ def explain_files(run: Run, inputs: list[Path], output: Path) -> Explained:
             count += 1
         file_name = f"{name}{'' if count == 1 else f'-{count}'}{OVERLAY_SUFFIX}"
         taken.add(file_name)
-        destination = write_bytes_atomic(output / file_name, overlay_png(explanation, run.class_names))
         predicted = explanation.predicted
-        explained.rows.append(
-            (
-                explanation.path,
-                run.class_names[predicted],
-                float(explanation.probabilities[predicted]),
-                destination,
-            )
-        )
+        probability = float(explanation.probabilities[predicted])
+        unsure = threshold is not None and probability < threshold
+        destination = write_bytes_atomic(output / file_name, overlay_png(explanation, run.class_names, unsure))
+        label = UNSURE if unsure else run.class_names[predicted]
+        explained.rows.append((explanation.path, label, probability, destination))
     return explained
