@@ -104,7 +104,8 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
     config = TrainConfig(data="photos", image_size=96, epochs=12, seed=4)
     # The near-duplicate threshold joined the key with the check itself, so that runs indexed before
     # it (which have no near-duplicate report) are retrained rather than copied; so did calibration,
-    # class weights, the target accuracy and the head's sweep options, so that runs from before them (uncalibrated) are too.
+    # class weights, the target accuracy and the sweep's options, so that runs from before them
+    # (uncalibrated) are too.
     written_by_earlier_versions = {
         "manifest": "m" * 16,
         "backbone": "b" * 16,
