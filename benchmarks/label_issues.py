@@ -95,7 +95,8 @@ def with_flipped_labels(features: FeatureSet, destination: Path, fraction: float
 
 def head_test_accuracy(features: FeatureSet, classes: int, head: HeadConfig, leave_out: frozenset[str] = frozenset()):
     """The head trained as a run trains it (on the train split without `leave_out`), on the test split."""
-    from headstart.training.head import fit_configured_head, predict_from_features
+    from headstart.training.fitting import fit_configured_head
+    from headstart.training.head import predict_from_features
 
     test_features, test_labels, _ = features.load("test")
     classifier = fold_head(test_features.shape[1], classes, head.dropout, head.seed)

@@ -325,6 +325,23 @@ def _predict(args) -> int:
     return 0
 
 
+def _explain(args) -> int:
+    from headstart.config import as_place
+    from headstart.infra.storage import check_writable_directory
+    from headstart.registry import versions as registry
+    from headstart.serving.explain import check_explainable, explain_files
+
+    check_explainable(args.model)
+    check_writable_directory(Path(args.output), "--output")
+    run = registry.resolve(as_place(args.artifacts_root), args.model)
+    explained = explain_files(run, [Path(path) for path in args.inputs], Path(args.output))
+    for entry in explained.skipped:
+        print(f"headstart: skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
+    for path, label, probability, overlay in explained.rows:
+        print(f"{path}\t{label}\t{probability:.4f}\t{overlay}")
+    return 0
+
+
 def _export(args) -> int:
     from headstart.config import as_place
     from headstart.edge import export_images, export_tflite
@@ -482,6 +499,21 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     add_config_options(predict, PredictConfig, positional=("inputs",))
     predict.add_argument("--json", action="store_true", default=False, help="print one JSON object per image")
     predict.set_defaults(handler=_predict)
+
+    explain = commands.add_parser(
+        "explain", help="show where a trained model looked in each image: one heatmap overlay PNG per image"
+    )
+    explain.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders holding images")
+    explain.add_argument(
+        "--model",
+        default="champion",
+        help="'champion' (default), a version listed by 'headstart models', or a run directory",
+    )
+    explain.add_argument("--output", default="explained", help="the folder the overlays go to (default ./explained)")
+    explain.add_argument(
+        "--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)"
+    )
+    explain.set_defaults(handler=_explain)
 
     export = commands.add_parser(
         "export", help="write a trained model as one .tflite file for phones and boards, class names inside"

@@ -2,7 +2,7 @@
 assemble_features → [try_head_setting (per setting) → choose_head_setting] → build_model →
 train_head → [label_issues → [build_model → train_head]]
 → [fine_tune → plan_extraction → extract_features → assemble_features → build_model] →
-calibrate → evaluate → near_duplicates → gate → visualize → publish → [export] → promote (where
+calibrate → evaluate → near_duplicates → gate → visualize → where_the_model_looked → publish → [export] → promote (where
 the gate decided so); or, when every input matches an earlier run, reuse_identical_run →
 [export] → gate → promote in place of the steps after assemble_features. The first bracketed
 steps run with --sweep: a grid of head settings is tried on the cached features and the best on
@@ -40,7 +40,7 @@ from headstart.registry.runs import Run
 from headstart.reporting.outcome import state_message
 from headstart.training.sweep import head_settings
 from tasks.data import download, prepare_backbone, warn_skipped
-from tasks.evaluation import calibrate, evaluate, visualize
+from tasks.evaluation import calibrate, evaluate, visualize, where_the_model_looked
 from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
@@ -114,6 +114,8 @@ def train(**parameters) -> str:
         source = config.data.source
         decision = gate(config.gate, artifacts_root, source, backbone, features, probabilities, manifest.class_names)
     figures = visualize(config.head.seed, history, metrics, probabilities, features, leakage, tuned)
+    names = manifest.class_names
+    figures |= where_the_model_looked(config.head.seed, backbone, classifier, features, probabilities, names)
     run_dir = publish(
         config,
         key,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from headstart.backbone.handles import Backbone
 from headstart.config import EvaluationConfig
+from headstart.errors import HeadstartError, first_line
 from headstart.evaluation.metrics import calibrate_classifier, evaluate_split, trust_metrics
 from headstart.features.dataset import FeatureSet
 from headstart.training.fine_tuning import FineTuningResult
@@ -62,3 +64,29 @@ def visualize(
         pairs,
         fine_tuning.history if fine_tuning is not None else None,
     )
+
+
+@task(name="where_the_model_looked", cache_policy=NO_CACHE)
+def where_the_model_looked(
+    seed: int,
+    backbone: Backbone,
+    classifier,
+    features: FeatureSet,
+    probabilities: np.ndarray,
+    class_names: tuple[str, ...],
+) -> dict[str, bytes]:
+    """Heatmap overlays (class activation maps of the head) of the test split's most confident
+    mistakes and of a sample of its correct predictions, as PNG bytes by file name; none, with a
+    warning, where the backbone exposes no feature map or an image cannot be read any more."""
+    from headstart.reporting.attention_plots import plot_where_the_model_looked
+    from headstart.training.head import HEAD_DENSE
+
+    kernel, bias = classifier.get_layer(HEAD_DENSE).get_weights()
+    labels, paths = features.labels_and_paths("test")
+    try:
+        return plot_where_the_model_looked(
+            backbone, kernel, bias, labels, paths, probabilities, list(class_names), seed
+        )
+    except (HeadstartError, OSError) as error:
+        get_run_logger().warning("headstart: no heatmaps of where the model looked: %s", first_line(error))
+        return {}

@@ -31,9 +31,9 @@ def train_head(
     settings: HeadConfig, classifier, features: FeatureSet, leave_out: frozenset[str] = frozenset()
 ) -> dict[str, list[float]]:
     """Fits the classifier's head on the cached features of the train split, as the settings say
-    (headstart.training.head.fit_configured_head), without the images whose content hashes are in
+    (headstart.training.fitting.fit_configured_head), without the images whose content hashes are in
     `leave_out`."""
-    from headstart.training.head import fit_configured_head
+    from headstart.training.fitting import fit_configured_head
 
     adam = settings.solver == "adam"
     epochs = settings.epochs if adam else 1

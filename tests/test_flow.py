@@ -33,6 +33,7 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     from prefect.artifacts import Artifact
 
     from flows.train import train
+    from headstart.reporting.attention_plots import ATTENTION_PLOTS
     from headstart.reporting.plots import PLOT_FILES
 
     # A threshold no two different images reach: the tiny backbone's 16 features make every
@@ -43,7 +44,7 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert run_dir.parent == (tmp_path / "artifacts").resolve()
     assert {p.name for p in run_dir.iterdir()} == set(RUN_FILES)
     run = Run.if_complete(run_dir)
-    assert [png.name for png in run.plots()] == sorted(PLOT_FILES)
+    assert [png.name for png in run.plots()] == sorted(PLOT_FILES + ATTENTION_PLOTS)
     assert run.data_report["near_duplicates"]["splits"]["test"]["flagged"] == 0
     assert "No test image has a near-duplicate in the training split" in run.model_card
     assert all(png.read_bytes().startswith(b"\x89PNG") for png in run.plots())
@@ -60,7 +61,7 @@ def test_train_flow_writes_a_complete_run(prefect_harness, colour_folder, tiny_b
     assert lineage.backbone.fingerprint == run.config["backbone_fingerprint"] and lineage.parameters["epochs"] == 40
 
     report = Artifact.get("headstart-report")
-    assert report is not None and report.data.count("data:image/png;base64,") == len(PLOT_FILES)
+    assert report is not None and report.data.count("data:image/png;base64,") == len(PLOT_FILES + ATTENTION_PLOTS)
     table = Artifact.get("headstart-metrics")
     assert table is not None and "blue" in table.data
     assert "no near-duplicates at or above 1.0" in Artifact.get("headstart-near-duplicates").data

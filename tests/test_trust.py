@@ -66,6 +66,21 @@ def test_calibration_lowers_the_error_of_an_over_confident_head_and_keeps_its_la
     assert trust["unsure"]["validation_accuracy"] >= 0.95 and 0 < trust["unsure"]["validation_coverage"] < 1
 
 
+def test_a_split_without_validation_images_is_left_uncalibrated(tmp_path):
+    from headstart.evaluation.metrics import calibrate_classifier, trust_metrics
+    from headstart.training.head import rebuilt_head
+
+    rows = [(sha(f"i{index}"), ("train", "test")[index % 2], index % 2, [index % 2, 1.0]) for index in range(20)]
+    features = write_feature_set(tmp_path / "features.parquet", rows, ["cat", "dog"])
+    classifier = rebuilt_head(np.array([[-3.0, 3.0], [0, 0]], np.float32), np.zeros(2, np.float32))
+    record = calibrate_classifier(classifier, features)
+    assert record == {"temperature": 1.0, "validation_images": 0}
+    trust = trust_metrics(classifier, features, record, target_accuracy=0.9)
+    assert (
+        trust["unsure"]["threshold"] is None and trust["calibration"]["ece_before"] == trust["calibration"]["ece_after"]
+    )
+
+
 def test_the_threshold_keeps_as_many_images_as_reach_the_target_accuracy():
     generator = np.random.default_rng(5)
     confidence = np.round(generator.uniform(0.5, 1.0, size=3000), 3)  # ties, as a real model's rounding makes

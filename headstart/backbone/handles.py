@@ -31,7 +31,7 @@ from headstart.infra.storage import remove_stale_temporaries, write_json_atomic
 
 CHECKPOINT_SHA256_PREFIX = "b0353104"
 # Bump when the conversion changes, so that exports cached by an older version are not reused.
-CONVERTER_VERSION = "7"
+CONVERTER_VERSION = "8"
 
 
 def bundled_checkpoint_path() -> Path:

@@ -19,6 +19,9 @@ from headstart.infra.keras import keras, tf
 # size, enlarged with a plain bilinear resize (all that antialiasing amounts to when no side
 # shrinks), which LiteRT has.
 LITERT_SIGNATURE = "litert"
+# The signature (and function) of headstart's modules that returns the network's last feature map,
+# [batch, h, w, channels] before global pooling: what class activation maps are computed on.
+FEATURE_MAP_SIGNATURE = "feature_map"
 
 
 def build_hub_module(network: keras.Model, image_size: int, mirror_average: bool = False):
@@ -35,6 +38,11 @@ def build_hub_module(network: keras.Model, image_size: int, mirror_average: bool
     With `mirror_average`, the features of each image are the mean of the network's features of
     the image and of its mirror image: a head on top sees both orientations (for a linear head,
     the mean of its two logits), at twice the network's work per image.
+
+    Where the network ends in global average pooling, the module also exports `feature_map` (a
+    function and a signature of that name): the same images → the map that pooling averages,
+    [batch, h, w, channels]; with `mirror_average`, the mean of the image's map and of its
+    mirror image's map flipped back, so that the map's spatial mean is `__call__`'s features.
     """
     module = tf.__internal__.tracking.AutoTrackable()
     # The Keras network itself is not attached: saving it would serialise (and trace) every layer,
@@ -59,6 +67,10 @@ def build_hub_module(network: keras.Model, image_size: int, mirror_average: bool
 
     images_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
     call.get_concrete_function(images_spec)
+    feature_map = _feature_map_function(network, image_size, normalize, mirror_average)
+    if feature_map is not None:
+        feature_map.get_concrete_function(images_spec)
+        module.feature_map = feature_map
     module.__call__ = call
     module.image_size = tf.Variable(image_size, trainable=False, name="image_size")
     module.variables = list(network.variables)
@@ -68,7 +80,30 @@ def build_hub_module(network: keras.Model, image_size: int, mirror_average: bool
         "serving_default": call.get_concrete_function(images_spec),
         LITERT_SIGNATURE: call_for_litert.get_concrete_function(images_spec),
     }
+    if feature_map is not None:
+        module.signatures_to_export[FEATURE_MAP_SIGNATURE] = feature_map.get_concrete_function(images_spec)
     return module
+
+
+def _feature_map_function(network: keras.Model, image_size: int, normalize, mirror_average: bool):
+    """A tf.function images in [0, 1] → the network's last map before its global average pooling
+    (resized and normalised as `__call__` does it); None for a network that does not end in one."""
+    pooling = network.layers[-1]
+    if not isinstance(pooling, keras.layers.GlobalAveragePooling2D) or pooling.data_format != "channels_last":
+        return None
+    # The same layers, so the same variables: the module saves them once.
+    unpooled = keras.Model(network.inputs, pooling.input, name=f"{network.name}_feature_map")
+
+    @tf.function
+    def feature_map(images):
+        normalized = normalize(resize_images(images, image_size))
+        maps = unpooled(normalized, training=False)
+        if not mirror_average:
+            return maps
+        mirrored = unpooled(tf.reverse(normalized, axis=[2]), training=False)
+        return (maps + tf.reverse(mirrored, axis=[2])) / 2
+
+    return feature_map
 
 
 def export_hub_module(network: keras.Model, image_size: int, destination: Path, mirror_average: bool = False) -> Path:

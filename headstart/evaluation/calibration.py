@@ -23,6 +23,8 @@ _LOWEST_TEMPERATURE, _HIGHEST_TEMPERATURE = 0.05, 50.0
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, np.float64)
+    if logits.size == 0:
+        return logits
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 

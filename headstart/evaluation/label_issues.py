@@ -2,7 +2,7 @@
 
 Every training image gets class probabilities from a head that never saw it: the train split is
 cut into k folds (by class, seeded, by content hash), and for each fold the head headstart trains
-(Dropout → Dense softmax, fitted as the run's head settings say: headstart.training.head) is
+(Dropout → Dense softmax, fitted as the run's head settings say: headstart.training.fitting) is
 fitted on the other folds' cached features and scores this fold. The backbone does not run.
 
 Confident learning (C. G. Northcutt, L. Jiang, I. L. Chuang, "Confident Learning: Estimating
@@ -88,10 +88,11 @@ def assign_folds(hashes: list[str], labels: np.ndarray, folds: int, seed: int) -
 def out_of_fold_probabilities(
     features: "FeatureSet", num_classes: int, head: "HeadConfig", folds: int = 5
 ) -> OutOfFold:
-    """Trains `folds` heads as the run's head settings say (headstart.training.head.fit_configured_head:
+    """Trains `folds` heads as the run's head settings say (headstart.training.fitting.fit_configured_head:
     solver, class weights, weight decay), each on the train split without one fold (streamed: memory
     holds a row group at a time, except for the L-BFGS solver), and scores the fold it left out."""
-    from headstart.training.head import fit_configured_head, predict_from_features
+    from headstart.training.fitting import fit_configured_head
+    from headstart.training.head import predict_from_features
 
     rows = features.rows("train", ["path", "sha256", "label"])
     hashes, labels = rows["sha256"], np.asarray(rows["label"], np.int64)

@@ -78,7 +78,8 @@ def head_settings(head: HeadConfig) -> list[HeadSetting]:
 
 def try_setting(setting: HeadSetting, head: HeadConfig, features: FeatureSet, num_classes: int) -> TriedSetting:
     """Trains a new head with the setting (the rest as `head` says) and scores it on validation."""
-    from headstart.training.head import fit_configured_head, head_logits, new_head
+    from headstart.training.fitting import fit_configured_head
+    from headstart.training.head import head_logits, new_head
     from headstart.training.logistic import in_memory
 
     started = time.perf_counter()
