@@ -388,6 +388,22 @@ def _models(args) -> int:
     return 0
 
 
+def _review(args) -> int:
+    from headstart.config import as_place
+    from headstart.errors import HeadstartError
+    from headstart.registry import versions as registry
+    from headstart.reporting.label_issues import review_lines, run_label_issues
+
+    if args.top is not None and args.top < 1:
+        raise HeadstartError(f"--top {args.top}: give a number of images from 1 up")
+    run = registry.resolve(as_place(args.artifacts_root), args.run)
+    if args.json:
+        print(json.dumps(run_label_issues(run).slice(0, args.top).to_pylist()))
+        return 0
+    print("\n".join(review_lines(run, args.top)))
+    return 0
+
+
 def _publish_champion(root: Path) -> None:
     """The new champion on the dashboard (the variable headstart_champion, the artifact
     headstart-champion), where a Prefect server answers: the configured one, else a local one that
@@ -549,6 +565,19 @@ def build_parser(train_config: type | None = None) -> argparse.ArgumentParser:
     )
     rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the champion's history")
     models.set_defaults(handler=_models)
+
+    review = commands.add_parser(
+        "review", help="list a run's training images whose label is probably wrong, most likely first"
+    )
+    review.add_argument(
+        "run", metavar="RUN", help="'champion', a version listed by 'headstart models', or a run directory"
+    )
+    review.add_argument("--top", type=int, help="only the N most likely (default: every flagged image)")
+    review.add_argument(
+        "--artifacts-root", default="artifacts", help="where the registry's versions are (default ./artifacts)"
+    )
+    review.add_argument("--json", action="store_true", help="print one JSON list")
+    review.set_defaults(handler=_review)
 
     data = commands.add_parser("data", help="tell the Prefect server that a data folder changed")
     data_actions = data.add_subparsers(dest="action", required=True)

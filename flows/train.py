@@ -1,11 +1,14 @@
 """The `train` flow: download → prepare_backbone → plan_extraction → extract_features (per shard) →
 assemble_features → [try_head_setting (per setting) → choose_head_setting] → build_model →
-train_head → [fine_tune → plan_extraction → extract_features → assemble_features → build_model] →
+train_head → [label_issues → [build_model → train_head]]
+→ [fine_tune → plan_extraction → extract_features → assemble_features → build_model] →
 calibrate → evaluate → near_duplicates → gate → visualize → where_the_model_looked → publish → [export] → promote (where
 the gate decided so); or, when every input matches an earlier run, reuse_identical_run →
 [export] → gate → promote in place of the steps after assemble_features. The first bracketed
 steps run with --sweep: a grid of head settings is tried on the cached features and the best on
-validation trains the head. The second run with --fine-tune: the backbone's top stages are
+validation trains the head. label_issues (unless --no-label-issues) ranks the training images
+whose label is probably wrong, from out-of-fold heads; with --drop-label-issues, build_model →
+train_head again without them. The fine_tune steps run with --fine-tune: the backbone's top stages are
 trained with the head, and the fine-tuned backbone's features replace the frozen one's. export
 runs with --export tflite: the run's classifier as .tflite files for devices, float32 and int8.
 calibrate folds a temperature fitted on validation into the head (headstart.evaluation.calibration).
@@ -42,6 +45,7 @@ from tasks.export import export
 from tasks.features import assemble_features, extract_features, plan_features
 from tasks.fine_tuning import fine_tune
 from tasks.gate import check_champion, gate, gate_identical_run, promote
+from tasks.label_issues import label_issues
 from tasks.leakage import near_duplicates
 from tasks.model import build_model, train_head
 from tasks.outcome import announce
@@ -84,6 +88,12 @@ def train(**parameters) -> str:
             config, sweep = _swept(config, features, len(manifest.class_names))
         classifier = build_model(config.head, backbone, manifest.class_names)
         history = train_head(config.head, classifier, features)
+        issues = None
+        if config.evaluation.label_issues:
+            issues = label_issues(config.evaluation, config.head, features, manifest.class_names)
+            if config.evaluation.drop_label_issues and issues.summary["left_out"]:
+                classifier = build_model(config.head, backbone, manifest.class_names)
+                history = train_head(config.head, classifier, features, leave_out=issues.hashes)
         tuned, frozen_features, frozen_backbone, frozen_manifest = None, features, backbone, manifest
         if config.fine_tuning.enabled:
             tuned = fine_tune(config.fine_tuning, config.head, cache_dir, key, backbone, classifier, features)
@@ -107,7 +117,20 @@ def train(**parameters) -> str:
     names = manifest.class_names
     figures |= where_the_model_looked(config.head.seed, backbone, classifier, features, probabilities, names)
     run_dir = publish(
-        config, key, classifier, backbone, features, report, history, metrics, figures, decision, leakage, tuned, sweep
+        config,
+        key,
+        classifier,
+        backbone,
+        features,
+        report,
+        history,
+        metrics,
+        figures,
+        decision,
+        leakage,
+        tuned,
+        sweep,
+        issues,
     )
     if config.export.format == "tflite":
         export(run_dir, manifest)

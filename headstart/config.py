@@ -376,6 +376,30 @@ class EvaluationConfig(Section):
             "the images it labels reach this accuracy (e.g. 0.97); default: every image labelled"
         ),
     )
+    # These count by value: they decide label_issues.parquet, and drop_label_issues the model itself.
+    label_issues: bool = Field(
+        True,
+        description=(
+            "rank the training images whose label is probably wrong (out-of-fold heads and confident learning) "
+            "into the run's label_issues.parquet; see docs/trust.md"
+        ),
+    )
+    label_issue_folds: int = Field(
+        5, ge=2, le=20, description="folds of the train split, one head each, that score the images they left out"
+    )
+    drop_label_issues: bool = Field(
+        False,
+        description=(
+            "train the head a second time without the images flagged as probably mislabelled; that head is the "
+            "run's model"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _label_issues_found_to_be_dropped(self):
+        if self.drop_label_issues and not self.label_issues:
+            raise ValueError("--drop-label-issues leaves out the images the label-issue check flags: keep it on")
+        return self
 
 
 class GateConfig(Section):
@@ -554,6 +578,11 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 "fine-tuning trains the float backbone; the litert-int8 engine's features come from a frozen int8 "
                 "one: choose one of them"
+            )
+        if self.evaluation.drop_label_issues:
+            raise ValueError(
+                "--drop-label-issues leaves the flagged images out of the head's training, not out of fine-tuning: "
+                "choose one of them"
             )
         if self.backbone.handle != BUNDLED_HANDLE:
             raise ValueError(

@@ -27,9 +27,12 @@ def build_model(head: HeadConfig, backbone: Backbone, class_names: tuple[str, ..
 
 
 @task(name="train_head", cache_policy=NO_CACHE)
-def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[str, list[float]]:
+def train_head(
+    settings: HeadConfig, classifier, features: FeatureSet, leave_out: frozenset[str] = frozenset()
+) -> dict[str, list[float]]:
     """Fits the classifier's head on the cached features of the train split, as the settings say
-    (headstart.training.head.fit_configured_head)."""
+    (headstart.training.fitting.fit_configured_head), without the images whose content hashes are in
+    `leave_out`."""
     from headstart.training.fitting import fit_configured_head
 
     adam = settings.solver == "adam"
@@ -40,7 +43,7 @@ def train_head(settings: HeadConfig, classifier, features: FeatureSet) -> dict[s
             scores = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items())
             progress.update(1, f"train head: epoch {epoch + 1} of at most {epochs}; {scores}")
 
-        history = fit_configured_head(settings, classifier, features, on_epoch=epoch_done)
+        history = fit_configured_head(settings, classifier, features, on_epoch=epoch_done, leave_out=leave_out)
         stalled = adam and len(history["loss"]) < epochs
         progress.finish(
             (f"train head: {len(history['loss'])} epochs" if adam else "train head: L-BFGS logistic regression")

@@ -13,12 +13,14 @@ from prefect.runtime import flow_run
 from headstart.backbone.handles import Backbone
 from headstart.config import RuntimeConfig, TrainConfig
 from headstart.data.manifest import DataReport
+from headstart.evaluation.label_issues import LabelIssues
 from headstart.features.dataset import FeatureSet
 from headstart.promotion.mcnemar import GateDecision
 from headstart.registry.reuse import in_registry, record_run
 from headstart.registry.run_writer import copy_run, write_run
 from headstart.registry.runs import Run
 from headstart.reporting.dashboard import report_markdown, run_tables
+from headstart.reporting.label_issues import label_issues_markdown
 from headstart.reporting.outcome import report_headline
 from headstart.training.fine_tuning import FineTuningResult
 from tasks.reports import markdown_artifact, table_artifact
@@ -39,6 +41,7 @@ def publish(
     near_duplicates: dict | None = None,
     fine_tuning: FineTuningResult | None = None,
     sweep: list[dict] | None = None,
+    label_issues: LabelIssues | None = None,
 ) -> str:
     """Writes the run directory atomically and publishes its report to Prefect."""
     run_dir = write_run(
@@ -57,6 +60,7 @@ def publish(
         near_duplicates=near_duplicates,
         fine_tuning=fine_tuning,
         sweep=sweep,
+        label_issues=label_issues,
     )
     record_run(config.runtime.cache_dir, training_key, run_dir)
     return publish_prefect_artifacts(Run(run_dir), report_headline(Path(run_dir).name, decision))
@@ -82,7 +86,7 @@ def reuse_identical_run(runtime: RuntimeConfig, training_key: str, previous: Pat
 
 def publish_prefect_artifacts(run: Run, headline: str = "") -> str:
     """The report (plots embedded; `headline` first) and the run's tables (metrics, data,
-    near-duplicates) as Prefect artifacts; returns the run directory."""
+    near-duplicates, label issues with thumbnails) as Prefect artifacts; returns the run directory."""
     markdown_artifact(
         key="headstart-report",
         markdown=report_markdown(run, socket.gethostname(), flow_run.ui_url, headline),
@@ -90,4 +94,7 @@ def publish_prefect_artifacts(run: Run, headline: str = "") -> str:
     )
     for key, rows, description in run_tables(run):
         table_artifact(key, rows, description)
+    label_issues = label_issues_markdown(run)
+    if label_issues is not None:
+        markdown_artifact("headstart-label-issues", *label_issues)
     return str(run.path)

@@ -48,6 +48,9 @@ def test_every_counted_field_changes_the_key_and_no_marked_one_does():
         "weight_decay": 0.01,
         "solver": "lbfgs",
         "sweep": True,
+        "label_issues": False,
+        "label_issue_folds": 3,
+        "drop_label_issues": True,
     }
     assert set(changed) == set(TrainConfig.counted_by_value())
     for name, value in changed.items():
@@ -105,7 +108,8 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
     # The near-duplicate threshold joined the key with the check itself, so that runs indexed before
     # it (which have no near-duplicate report) are retrained rather than copied; so did calibration,
     # class weights, the target accuracy and the sweep's options, so that runs from before them
-    # (uncalibrated) are too.
+    # (uncalibrated) are too; and the label-issue options (runs indexed before them have no
+    # label_issues.parquet).
     written_by_earlier_versions = {
         "manifest": "m" * 16,
         "backbone": "b" * 16,
@@ -124,6 +128,9 @@ def test_the_key_is_the_one_existing_run_indexes_were_written_with():
         "weight_decay": 0.0,
         "solver": "adam",
         "sweep": False,
+        "label_issues": True,
+        "label_issue_folds": 5,
+        "drop_label_issues": False,
     }
     assert (
         _key(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,42 @@ class InMemoryFeatures:
     def shuffled_chunks(self, seed: int, epoch: int):
         order = np.random.default_rng([seed, epoch]).permutation(len(self.labels))
         yield self.features[order], self.labels[order].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class SelectedRows:
+    """The FeatureStream interface over some of a stream's rows, chosen by content hash: only those
+    in `hashes` (`keep`), or every row but those (one fold of the train split, or the train split
+    without the images a run leaves out). Memory holds one row group at a time, as the stream's."""
+
+    stream: FeatureStream
+    hashes: frozenset[str]
+    keep: bool = False
+
+    @cached_property
+    def num_rows(self) -> int:
+        with damage_stops_the_run(self.stream.path):
+            parquet = pq.ParquetFile(self.stream.path)
+            return sum(
+                int(self._chosen(parquet.read_row_group(group, columns=["sha256"])).sum())
+                for group in self.stream.groups
+            )
+
+    def _chosen(self, table: pa.Table) -> np.ndarray:
+        return np.array([sha in self.hashes for sha in table.column("sha256").to_pylist()], bool) == self.keep
+
+    def chunks(self, order: np.ndarray | None = None):
+        """(features, labels) of each row group's chosen rows, in file order or in `order`."""
+        with damage_stops_the_run(self.stream.path):
+            parquet = pq.ParquetFile(self.stream.path, page_checksum_verification=True)
+            for group in self.stream.groups if order is None else order:
+                table = parquet.read_row_group(int(group), columns=["features", "label", "sha256"])
+                table = table.filter(pa.array(self._chosen(table)))
+                yield features_matrix(table), table.column("label").to_numpy().astype(np.int64)
+
+    def shuffled_chunks(self, seed: int, epoch: int):
+        """One epoch, shuffled as FeatureStream.shuffled_chunks shuffles its rows."""
+        generator = np.random.default_rng([seed, epoch])
+        for features, labels in self.chunks(generator.permutation(np.array(self.stream.groups, dtype=np.int64))):
+            order = generator.permutation(len(labels))
+            yield features[order], labels[order]

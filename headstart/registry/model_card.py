@@ -4,7 +4,7 @@ in words, from the run's records and configuration values."""
 from __future__ import annotations
 
 from headstart.backbone.handles import Backbone
-from headstart.registry.runs import CLASS_NAMES_FILE, DATA_REPORT_FILE
+from headstart.registry.runs import CLASS_NAMES_FILE, DATA_REPORT_FILE, LABEL_ISSUES_FILE
 from headstart.training.fine_tuning import FineTuningSummary
 
 
@@ -38,6 +38,32 @@ def near_duplicates_summary(near_duplicates: dict | None) -> str:
         validation = splits["validation"]
         text += f" Validation (early stopping): {validation['flagged']} of {validation['images']} images flagged."
     return text
+
+
+def label_issues_section(summary: dict | None) -> str:
+    """The card's section on the training images flagged as probably mislabelled; none where the
+    run did not look for them."""
+    if summary is None:
+        return ""
+    if not summary["flagged"]:
+        text = f"None of the {summary['train_images']} training images is flagged as probably mislabelled."
+    else:
+        text = label_issues_summary(summary)
+    return f"\n## Wrong labels in the training data\n{text}\n"
+
+
+def label_issues_summary(summary: dict) -> str:
+    """One paragraph on the flagged training images (some were flagged)."""
+    return (
+        f"**{summary['flagged']}** of {summary['train_images']} training images are flagged as probably mislabelled "
+        f"(out-of-fold heads in {summary['folds']} folds, then confident learning; listed in `{LABEL_ISSUES_FILE}`, "
+        "most likely first): "
+        + (
+            "the head was trained without them."
+            if summary["left_out"]
+            else "they were kept in training (`--drop-label-issues` leaves them out)."
+        )
+    )
 
 
 def fine_tuning_line(config: dict, summary: FineTuningSummary | None) -> str:
@@ -211,7 +237,7 @@ Accuracy **{metrics["accuracy"]:.4f}** on {metrics["n"]} images, macro F1 {metri
 
 {probabilities_section(metrics)}## Near-duplicates of training images
 {near_duplicates_summary(data_report.get("near_duplicates"))}
-
+{label_issues_section(metrics.get("label_issues"))}
 ## Limits
 The backbone saw ImageNet photos; images far from that (medical scans, drawings, tiny \
 thumbnails upscaled from {backbone.image_size} px or less) may classify worse than these figures. \

@@ -39,6 +39,7 @@ from headstart.registry.runs import (
     DATA_REPORT_FILE,
     HISTORY_FILE,
     INT8_BACKBONE_FILE,
+    LABEL_ISSUES_FILE,
     LINEAGE_FILE,
     METRICS_FILE,
     MODEL_CARD_FILE,
@@ -49,6 +50,7 @@ from headstart.registry.runs import (
 
 if TYPE_CHECKING:
     from headstart.config import TrainConfig
+    from headstart.evaluation.label_issues import LabelIssues
     from headstart.features.dataset import FeatureSet
     from headstart.training.fine_tuning import FineTuningResult
 
@@ -234,12 +236,14 @@ def write_run(
     near_duplicates: dict | None = None,
     fine_tuning: "FineTuningResult | None" = None,
     sweep: list[dict] | None = None,
+    label_issues: "LabelIssues | None" = None,
 ) -> Path:
     """Writes a trained run's directory (every one of RUN_FILES) atomically; returns its path.
     `near_duplicates` (headstart.evaluation.near_duplicates.near_duplicate_report) goes into the data report, its
     test-split figures into metrics.json and the model card. `fine_tuning`, where the backbone was
     fine-tuned, goes into history.json (its history) and metrics.json and the model card (its summary);
-    `sweep` (every head setting tried, headstart.training.sweep) into metrics.json."""
+    `sweep` (every head setting tried, headstart.training.sweep) into metrics.json;
+    `label_issues`, where the run looked for wrong labels, is label_issues.parquet, its summary in metrics.json."""
     config_values = config.flat()
     if sweep is not None:
         metrics = {**metrics, "sweep": sweep}
@@ -251,6 +255,8 @@ def write_run(
     if fine_tuning is not None:
         history = {**history, "fine_tuning": fine_tuning.history}
         metrics = {**metrics, "fine_tuning": fine_tuning.summary.to_dict()}
+    if label_issues is not None:
+        metrics = {**metrics, "label_issues": label_issues.summary}
     with RunWriter(artifacts_root) as writer:
         lineage = writer.lineage(
             config_values=config_values,
@@ -266,6 +272,8 @@ def write_run(
         writer.save_classifier(classifier, backbone)
         write_parquet_atomic(writer.staging / DATA_INDEX_FILE, data_index(features, metrics["class_names"]))
         write_parquet_atomic(writer.staging / CONFIDENCE_FILE, confidence_table(classifier, features))
+        if label_issues is not None:
+            write_parquet_atomic(writer.staging / LABEL_ISSUES_FILE, label_issues.table)
         writer.write_json(CLASS_NAMES_FILE, metrics["class_names"])
         writer.write_json(
             METRICS_FILE,

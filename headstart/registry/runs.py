@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from headstart.backbone.handles import Backbone
@@ -36,6 +37,9 @@ DATA_INDEX_FILE = "data_index.parquet"
 # Each validation and test image's top probability and whether it was right: what a threshold for a
 # target accuracy is chosen from (headstart.evaluation.calibration).
 CONFIDENCE_FILE = "confidence.parquet"
+# The training images flagged as probably mislabelled (headstart.evaluation.label_issues); a run
+# trained with the check off has none.
+LABEL_ISSUES_FILE = "label_issues.parquet"
 PLOTS_DIR = "plots"
 # Everything a run holds.
 RUN_FILES = (
@@ -52,9 +56,13 @@ RUN_FILES = (
     DATA_INDEX_FILE,
     CONFIDENCE_FILE,
     PLOTS_DIR,
+    LABEL_ISSUES_FILE,
 )
-# What a complete run holds: runs written before the data index or the confidences existed are complete too.
-REQUIRED_RUN_FILES = tuple(name for name in RUN_FILES if name not in (DATA_INDEX_FILE, CONFIDENCE_FILE))
+# What a complete run holds: runs written before the data index or the confidences existed are
+# complete too, and a run trained without the label-issue check has no label_issues.parquet.
+REQUIRED_RUN_FILES = tuple(
+    name for name in RUN_FILES if name not in (DATA_INDEX_FILE, CONFIDENCE_FILE, LABEL_ISSUES_FILE)
+)
 
 
 class DamagedRun(HeadstartError):
@@ -194,6 +202,17 @@ class Run:
         """The confidence below which the run's predictions say 'unsure', chosen when it was
         trained (train --target-accuracy); None where it labels every image."""
         return self.metrics.get("unsure", {}).get("threshold")
+
+    def label_issues(self):
+        """The training images flagged as probably mislabelled, most likely first (a pyarrow Table);
+        None for a run trained without the check."""
+        path = self.path / LABEL_ISSUES_FILE
+        if not path.is_file():
+            return None
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as error:
+            raise DamagedRun(path, f"cannot be read ({first_line(error)})") from None
 
     def split_hashes(self, split: str) -> set[str] | None:
         """Content hashes of the images the run had in a split (from its data index); None for a
