@@ -38,7 +38,6 @@ from headstart.data.sources import prepare_source
 from headstart.evaluation.label_issues import (
     FILTERS,
     find_label_issues,
-    fold_head,
     issue_scores,
     label_issue_table,
     out_of_fold_probabilities,
@@ -96,10 +95,10 @@ def with_flipped_labels(features: FeatureSet, destination: Path, fraction: float
 def head_test_accuracy(features: FeatureSet, classes: int, head: HeadConfig, leave_out: frozenset[str] = frozenset()):
     """The head trained as a run trains it (on the train split without `leave_out`), on the test split."""
     from headstart.training.fitting import fit_configured_head
-    from headstart.training.head import predict_from_features
+    from headstart.training.head import new_head, predict_from_features
 
     test_features, test_labels, _ = features.load("test")
-    classifier = fold_head(test_features.shape[1], classes, head.dropout, head.seed)
+    classifier = new_head(test_features.shape[1], classes, head.dropout, head.seed)
     fit_configured_head(head, classifier, features, leave_out=leave_out)
     return float((predict_from_features(classifier, test_features).argmax(axis=1) == test_labels).mean())
 

@@ -92,7 +92,7 @@ def out_of_fold_probabilities(
     solver, class weights, weight decay), each on the train split without one fold (streamed: memory
     holds a row group at a time, except for the L-BFGS solver), and scores the fold it left out."""
     from headstart.training.fitting import fit_configured_head
-    from headstart.training.head import predict_from_features
+    from headstart.training.head import new_head, predict_from_features
 
     rows = features.rows("train", ["path", "sha256", "label"])
     hashes, labels = rows["sha256"], np.asarray(rows["label"], np.int64)
@@ -105,7 +105,7 @@ def out_of_fold_probabilities(
         held_out = frozenset(sha for sha, f in zip(hashes, fold_of) if f == fold)
         if not held_out or len(held_out) == len(hashes):
             continue
-        classifier = fold_head(features_dim(features), num_classes, head.dropout, head.seed)
+        classifier = new_head(features_dim(features), num_classes, head.dropout, head.seed)
         fit_configured_head(head, classifier, features, leave_out=held_out)
         for table in _row_groups(features, train.groups, ["features", "sha256"]):
             chosen = np.array([sha in held_out for sha in table.column("sha256").to_pylist()], bool)
@@ -129,23 +129,6 @@ def features_dim(features: "FeatureSet") -> int:
     with damage_stops_the_run(features.path):
         width = pq.read_schema(features.path).field("features").type.byte_width
     return width // np.dtype("<f4").itemsize
-
-
-def fold_head(feature_dim: int, num_classes: int, dropout: float, seed: int):
-    """The head build_classifier puts on the backbone (Dropout → Dense softmax, the same layer
-    names and initialiser), on a features input: what train_head fits."""
-    from headstart.infra.keras import keras
-    from headstart.training.head import HEAD_DENSE, HEAD_DROPOUT
-
-    inputs = keras.Input((feature_dim,), name="features")
-    dropped = keras.layers.Dropout(dropout, seed=seed, name=HEAD_DROPOUT)(inputs)
-    dense = keras.layers.Dense(
-        num_classes,
-        activation="softmax",
-        name=HEAD_DENSE,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
-    )
-    return keras.Model(inputs, dense(dropped), name="fold_head")
 
 
 def confident_labels(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
