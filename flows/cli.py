@@ -164,6 +164,7 @@ def _server_lost(config, api_url: str, problem: str, flow_runs: list[str]) -> in
     from headstart.registry.runs import Run
 
     lost = f"the Prefect server at {api_url} stopped answering during the run ({problem})"
+    _drop_queued_events()
     root = config.runtime.artifacts_root
     # A run committed to a registry on a store was committed in this machine's copy first.
     paths = sorted(local_copy(root).iterdir(), reverse=True) if local_copy(root).is_dir() and flow_runs else []
@@ -192,6 +193,22 @@ def _server_lost(config, api_url: str, problem: str, flow_runs: list[str]) -> in
         file=sys.stderr,
     )
     return 0
+
+
+def _drop_queued_events() -> None:
+    """The events Prefect still holds for a server that is gone (the reports the warning says were
+    lost): each would wait out ten websocket reconnections, seconds apiece, before the command may
+    end. Prefect has no public way to drop them; should its queue change, they are waited out."""
+    from prefect.events.worker import EventsWorker
+
+    with contextlib.suppress(Exception):
+        for worker in list(EventsWorker._instances.values()):
+            while not worker._queue.empty():
+                item = worker._queue.get_nowait()
+                worker._queue.task_done()
+                if item is None:  # the worker's own stop signal stays
+                    worker._queue.put_nowait(None)
+                    break
 
 
 def _flow_run_id(run) -> str | None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import io
 
 import pyarrow as pa
-from PIL import Image, ImageOps
 
-from headstart.data.images import load_image
 from headstart.errors import HeadstartError
 from headstart.registry.runs import LABEL_ISSUES_FILE, Run
+from headstart.reporting.plots import thumbnail_image
 
 # Rows of the dashboard's table: each carries a thumbnail inside the artifact.
 DASHBOARD_ROWS = 20
@@ -93,13 +92,9 @@ def label_issues_markdown(run: Run, limit: int = DASHBOARD_ROWS) -> tuple[str, s
 def _thumbnail(path: str) -> bytes | None:
     """The image within THUMBNAIL × THUMBNAIL as PNG bytes; None where it cannot be read any more."""
     try:
-        image = Image.fromarray(load_image(path, draft_size=THUMBNAIL))
+        image = thumbnail_image(path, THUMBNAIL)
     except (OSError, ValueError):
         return None
-    enlarging = max(image.size) < THUMBNAIL
-    image = ImageOps.contain(
-        image, (THUMBNAIL, THUMBNAIL), Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS
-    )
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()

@@ -106,15 +106,22 @@ def plot_prediction_grid(
 
 def _thumbnail(path: str) -> np.ndarray:
     """The image scaled to fit THUMBNAIL × THUMBNAIL, upright (EXIF), RGB."""
-    image = Image.fromarray(load_image(path, draft_size=THUMBNAIL))
+    return np.asarray(thumbnail_image(path, THUMBNAIL))
+
+
+def thumbnail_image(path: str, side: int) -> Image.Image:
+    """The image scaled to fit side × side, upright (EXIF), RGB; a side of at least one pixel
+    however long and thin the image."""
+    image = Image.fromarray(load_image(path, draft_size=side))
     # Small images are enlarged pixel by pixel, as matplotlib shows them: smoothing them would
     # invent detail, and made the PNG six times larger.
-    enlarging = max(image.size) < THUMBNAIL
-    return np.asarray(
-        ImageOps.contain(
-            image, (THUMBNAIL, THUMBNAIL), Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS
-        )
-    )
+    enlarging = max(image.size) < side
+    resampling = Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS
+    width, height = image.size
+    if min(width, height) * side < max(width, height):  # contain would round its short side to 0
+        scale = side / max(width, height)
+        return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), resampling)
+    return ImageOps.contain(image, (side, side), resampling)
 
 
 def sample_indices(count: int, sample_size: int, seed: int) -> np.ndarray:
