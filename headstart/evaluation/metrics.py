@@ -111,9 +111,11 @@ def trust_metrics(classifier, features: FeatureSet, calibration: dict, target_ac
     split's calibration error before and after temperature scaling with the reliability diagram's
     bins, and the "unsure" threshold: the one chosen on validation for `target_accuracy` where
     asked, and the test coverage and accuracy of those chosen for the reported targets."""
-    confidences = split_confidences(classifier, features)
+    logits, labels = split_logits(classifier, features, "validation")
+    confidences = {"validation": confidence_and_correct(softmax(logits), labels)}
     logits, labels = split_logits(classifier, features, "test")
     before, after = softmax(logits * calibration["temperature"]), softmax(logits)
+    confidences["test"] = confidence_and_correct(after, labels)
     unsure = {"target_accuracy": target_accuracy, "rows": coverage_rows(confidences["validation"], confidences["test"])}
     if target_accuracy is not None:
         unsure |= unsure_threshold(*confidences["validation"], target_accuracy)

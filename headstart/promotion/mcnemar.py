@@ -15,6 +15,8 @@ from math import comb
 
 import numpy as np
 
+from headstart.training.imbalance import mean_recall
+
 # Seeded draws of the balanced-accuracy test: the p-value's sampling error is below 0.001 near 0.05.
 BALANCED_TEST_DRAWS = 200_000
 
@@ -77,8 +79,7 @@ def balanced_comparison(
     weights = 1.0 / (len(classes) * support)
     only_candidate = np.bincount(labels, candidate_correct & ~champion_correct, len(classes))
     only_champion = np.bincount(labels, ~candidate_correct & champion_correct, len(classes))
-    candidate = float((np.bincount(labels, candidate_correct, len(classes)) / support).mean())
-    champion = float((np.bincount(labels, champion_correct, len(classes)) / support).mean())
+    candidate, champion = mean_recall(labels, candidate_correct), mean_recall(labels, champion_correct)
     discordant = (only_candidate + only_champion).astype(np.int64)
     if discordant.sum() == 0:
         return candidate, champion, 1.0
@@ -160,11 +161,8 @@ def first_model(
     measure = "balanced accuracy" if balanced else "accuracy"
     if not images:
         accuracy = 0.0
-    elif balanced:
-        support = np.bincount(labels)
-        accuracy = float((np.bincount(labels, candidate_correct)[support > 0] / support[support > 0]).mean())
     else:
-        accuracy = float(candidate_correct.mean())
+        accuracy = mean_recall(labels, candidate_correct) if balanced else float(candidate_correct.mean())
     if floor is None:
         # Always predicting one class: right on that class alone.
         present = int((np.bincount(labels) > 0).sum()) if images else 1

@@ -36,8 +36,16 @@ def class_weights(setting: str, train_labels: np.ndarray, num_classes: int) -> n
 def balanced_accuracy(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> float:
     """The mean of the per-class recalls over the classes present: what always predicting the most
     common class scores 1 / classes on, however imbalanced the split."""
-    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
-    support = np.bincount(labels, minlength=num_classes)
-    right = np.bincount(labels[labels == predictions], minlength=num_classes)
+    labels = np.asarray(labels, np.int64)
+    return mean_recall(labels, labels == np.asarray(predictions, np.int64))
+
+
+def mean_recall(labels: np.ndarray, correct: np.ndarray) -> float:
+    """Balanced accuracy from whether each image was right: the mean over the classes present of
+    the share of their images that were."""
+    labels, correct = np.asarray(labels, np.int64), np.asarray(correct, bool)
+    if not len(labels):
+        return 0.0
+    support = np.bincount(labels)
     present = support > 0
-    return float((right[present] / support[present]).mean()) if present.any() else 0.0
+    return float((np.bincount(labels, correct, len(support))[present] / support[present]).mean())
